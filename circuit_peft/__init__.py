@@ -1,1 +1,18 @@
+"""circuit-peft: find the circuit inside a language model that does a task, and train only it.
 
+Importing this package registers the ``CIRCUIT`` PEFT type (idempotent), so ``get_peft_model``,
+``PeftModel.from_pretrained`` and ``AutoPeftModelForCausalLM`` know ``CircuitConfig``.
+"""
+
+__version__ = "0.1.0"
+
+from .arch import Component, ModelArch, UnsupportedArchitectureError, get_arch, supported_families  # noqa: F401
+from .models import load_model, load_tokenizer, tiny_model  # noqa: F401
+
+# --- adapter (tuner/) ---
+
+# --- locate (circuit.py, locate/) ---
+
+# --- CCA (cca/, evaluate/) ---
+
+# --- CircuitSeer (select/) ---

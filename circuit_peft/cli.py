@@ -1,1 +1,50 @@
-def main():\n    pass
+"""The ``circuit-peft`` console script: one subcommand per pipeline step.
+
+Each subcommand lives in ``circuit_peft/commands/<name>.py`` and exposes
+``add_parser(subparsers)`` (which sets ``func``) ; this file only dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+SUBCOMMANDS: tuple[str, ...] = ("info", "locate", "mine", "amplify", "eval", "select", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="circuit-peft",
+        description="Find the circuit inside a language model that does a task, and train only that circuit.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"circuit_peft.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"circuit_peft.commands.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"circuit-peft {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
