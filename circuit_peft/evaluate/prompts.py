@@ -1,0 +1,111 @@
+"""Prompts for math problems: a chat-template prompt or a plain few-shot prompt.
+
+Shared by evaluation (``accuracy``) and pivotal-token mining (``cca.mining``) so that a model is
+mined and measured with the same prompt.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from transformers import PreTrainedTokenizerBase
+
+PromptStyle = Literal["chat", "fewshot"]
+PROMPT_STYLES: tuple[str, ...] = ("chat", "fewshot")
+
+# Our choice: two short worked problems whose solutions end with "The answer is N." (the phrase
+# ``extract_model_answer`` looks for first).
+DEFAULT_SHOTS: tuple[dict[str, str], ...] = (
+    {
+        "question": "Tom has 3 apples and buys 5 more. How many apples does he have now?",
+        "answer": "Tom has 3 + 5 = 8 apples. The answer is 8.",
+    },
+    {
+        "question": "A box holds 12 pens. Sara takes out 4 pens. How many pens are left in the box?",
+        "answer": "There are 12 - 4 = 8 pens left. The answer is 8.",
+    },
+)
+
+_CALCULATOR_RE = re.compile(r"<<[^>]*>>")
+_GSM8K_FINAL_RE = re.compile(r"\n?####\s*(.+?)\s*$")
+
+
+def format_gsm8k_solution(answer: str) -> str:
+    """A GSM8K answer as a plain solution: calculator notes ``<<3*4=12>>`` removed and the final
+    ``#### n`` line written as ``The answer is n.`` (the form ``extract_model_answer`` reads)."""
+    text = _CALCULATOR_RE.sub("", answer)
+    return _GSM8K_FINAL_RE.sub(lambda m: f"\nThe answer is {m.group(1)}.", text).strip()
+
+
+def _shot_pair(shot: Any) -> tuple[str, str]:
+    if isinstance(shot, Mapping):
+        if "question" not in shot or "answer" not in shot:
+            raise ValueError(f"a shot needs 'question' and 'answer' fields, got {sorted(shot)}")
+        question, answer = shot["question"], shot["answer"]
+    elif isinstance(shot, Sequence) and not isinstance(shot, str) and len(shot) == 2:
+        question, answer = shot
+    else:
+        raise ValueError(f"a shot is a {{'question', 'answer'}} dict or a (question, answer) pair, got {shot!r}")
+    answer = str(answer)
+    return str(question), format_gsm8k_solution(answer) if "####" in answer else answer
+
+
+def build_prompt(
+    tokenizer: PreTrainedTokenizerBase | None,
+    question: str,
+    style: PromptStyle = "chat",
+    shots: Sequence[Any] | None = None,
+    system: str | None = None,
+    instruction: str | None = None,
+) -> str:
+    """The prompt text for one ``question``.
+
+    - ``style="chat"``: the tokenizer's chat template with the generation prompt; ``shots`` (default
+      none) become earlier user/assistant turns; ``system`` replaces the template's default system
+      message if given.
+    - ``style="fewshot"``: ``"Question: ...\\nAnswer: ...\\n\\n"`` per shot (default
+      :data:`DEFAULT_SHOTS`), then ``"Question: {question}\\nAnswer:"``. ``tokenizer`` may be None.
+
+    Shots are ``{"question", "answer"}`` dicts (GSM8K ``#### n`` answers are reformatted) or pairs.
+    ``instruction`` (e.g. ``"End with 'The answer is N.'"``) is appended to the question.
+    Tokenize the result with :func:`encode_prompts` (chat templates already hold special tokens).
+    """
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"style must be one of {PROMPT_STYLES}, got {style!r}")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("question must be a non-empty string")
+    text = question.strip() if instruction is None else f"{question.strip()} {instruction.strip()}"
+    if style == "fewshot":
+        pairs = [_shot_pair(s) for s in (DEFAULT_SHOTS if shots is None else shots)]
+        blocks = [f"Question: {q.strip()}\nAnswer: {a.strip()}\n\n" for q, a in pairs]
+        return "".join(blocks) + f"Question: {text}\nAnswer:"
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("style='chat' needs a tokenizer with a chat template; use style='fewshot' for base models")
+    messages: list[dict[str, str]] = [] if system is None else [{"role": "system", "content": system}]
+    for q, a in (_shot_pair(s) for s in (shots or ())):
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    messages.append({"role": "user", "content": text})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], style: PromptStyle) -> list[list[int]]:
+    """Token ids of prompts made by :func:`build_prompt` (no padding).
+
+    Chat prompts already carry the template's special tokens, so none are added; few-shot
+    prompts get the tokenizer's usual ones (e.g. a BOS token).
+    """
+    enc = tokenizer(list(prompts), add_special_tokens=(style == "fewshot"))
+    return [list(ids) for ids in enc["input_ids"]]
+
+
+def build_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    question: str,
+    style: PromptStyle = "chat",
+    shots: Sequence[Any] | None = None,
+    **kwargs: Any,
+) -> list[int]:
+    """:func:`build_prompt` followed by :func:`encode_prompts` for one question."""
+    return encode_prompts(tokenizer, [build_prompt(tokenizer, question, style, shots, **kwargs)], style)[0]
