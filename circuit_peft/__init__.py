@@ -10,6 +10,7 @@ from .arch import Component, ModelArch, UnsupportedArchitectureError, get_arch, 
 from .models import load_model, load_tokenizer, tiny_model  # noqa: F401
 
 # --- adapter (tuner/) ---
+from .tuner import CircuitConfig, CircuitModel, circuit_size  # noqa: F401  (registers the CIRCUIT PEFT type)
 
 # --- locate (circuit.py, locate/) ---
 

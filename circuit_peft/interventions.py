@@ -380,3 +380,38 @@ def forward_until(model: nn.Module, layer: int, arch: ModelArch | None = None, *
         except StopForward:
             pass
     return store["hidden"]
+
+
+# ----- training: cut the backward pass below the lowest trained layer (used by the circuit tuner) ----
+
+
+def stop_gradient_below(
+    model: nn.Module, layer: int, watch: Iterable[nn.Parameter] = (), arch: ModelArch | None = None
+) -> torch.utils.hooks.RemovableHandle:
+    """Detach the residual stream entering ``layer`` so no gradient is computed below it.
+
+    Installed persistently (returns the handle; call ``.remove()``), not as a context manager.
+    ``watch``: parameters below ``layer`` (embeddings, lower layers); if any of them requires grad
+    at forward time the hook does nothing, so unfreezing them later still trains them.
+    With gradient checkpointing the detached input is marked ``requires_grad`` again: reentrant
+    checkpointing needs a grad-requiring input to backpropagate into ``layer``'s own parameters.
+    """
+    arch = arch or get_arch(model)
+    block = arch.layers(model)[layer]
+    watched = list(watch)
+
+    def pre_hook(module, args, kwargs):
+        if not torch.is_grad_enabled() or any(p.requires_grad for p in watched):
+            return None
+        hidden = _hidden_arg(args, kwargs)
+        if not hidden.requires_grad:
+            return None
+        cut = hidden.detach()
+        if module.training and getattr(module, "gradient_checkpointing", False):
+            cut.requires_grad_(True)
+        if args:
+            return (cut, *args[1:]), kwargs
+        kwargs["hidden_states"] = cut
+        return args, kwargs
+
+    return block.register_forward_pre_hook(pre_hook, with_kwargs=True)

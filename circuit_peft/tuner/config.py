@@ -1,0 +1,216 @@
+"""``CircuitConfig``: which heads and neurons a circuit adapter trains (a ``PeftConfig``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+from ..arch import COMPONENT_KINDS, PROJECTION_PRESETS, PROJECTIONS, Component
+
+PEFT_TYPE_NAME = "CIRCUIT"
+
+
+def ensure_peft_type() -> None:
+    """Add ``CIRCUIT`` to PEFT's closed ``PeftType`` enum (idempotent)."""
+    if PEFT_TYPE_NAME not in PeftType.__members__:
+        from aenum import extend_enum
+
+        extend_enum(PeftType, PEFT_TYPE_NAME, PEFT_TYPE_NAME)
+
+
+ensure_peft_type()
+
+
+def _normalize_components(components: Any) -> dict[str, dict[str, list[int]]]:
+    """``kind -> {str(layer): sorted unique indices}``; raises ``ValueError`` on malformed input."""
+    if not isinstance(components, dict):
+        raise ValueError(
+            "CircuitConfig.components must be a dict kind -> {layer: [indices]}, e.g. "
+            "{'q': {'3': [0, 5]}, 'mlp': {'4': [17]}}; use CircuitConfig.from_components for a list of components"
+        )
+    out: dict[str, dict[str, list[int]]] = {}
+    for kind, layers in components.items():
+        if kind not in COMPONENT_KINDS:
+            raise ValueError(f"unknown component kind {kind!r} in CircuitConfig.components; use one of {COMPONENT_KINDS}")
+        if not isinstance(layers, dict):
+            raise ValueError(f"components[{kind!r}] must be a dict layer -> [indices], got {type(layers).__name__}")
+        per_kind: dict[str, list[int]] = {}
+        for layer, indices in layers.items():
+            try:
+                layer_int = int(layer)
+            except (TypeError, ValueError):
+                raise ValueError(f"components[{kind!r}] has a non-integer layer key {layer!r}") from None
+            if layer_int < 0:
+                raise ValueError(f"layer {layer_int} (kind {kind!r}) is out of range: layers count from 0")
+            if isinstance(indices, int) or not isinstance(indices, Iterable):
+                raise ValueError(f"components[{kind!r}][{layer!r}] must be a list of indices, got {indices!r}")
+            idx = sorted({int(i) for i in indices})
+            if any(i < 0 for i in idx):
+                raise ValueError(f"negative index in components[{kind!r}][{layer!r}]: {idx}")
+            if idx:
+                per_kind[str(layer_int)] = idx
+        if per_kind:
+            out[kind] = dict(sorted(per_kind.items(), key=lambda kv: int(kv[0])))
+    return out
+
+
+def _normalize_projections(projections: Any) -> Union[str, dict[str, list[str]]]:
+    if isinstance(projections, str):
+        if projections not in PROJECTION_PRESETS:
+            raise ValueError(
+                f"unknown projections preset {projections!r}; use one of {sorted(PROJECTION_PRESETS)} "
+                "or a dict kind -> list of projection names"
+            )
+        return projections
+    if not isinstance(projections, dict):
+        raise ValueError("projections must be a preset name ('all' or 'paper') or a dict kind -> [projection names]")
+    out = {}
+    for kind, names in projections.items():
+        if kind not in COMPONENT_KINDS:
+            raise ValueError(f"unknown component kind {kind!r} in projections; use one of {COMPONENT_KINDS}")
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            if n not in PROJECTIONS:
+                raise ValueError(f"unknown projection {n!r} for kind {kind!r}; use names from {PROJECTIONS}")
+        out[kind] = names
+    return out
+
+
+@dataclass
+class CircuitConfig(PeftConfig):
+    """Configuration of a circuit adapter: train only chosen attention heads and MLP neurons.
+
+    Args:
+        components: ``kind -> {str(layer): [indices]}`` with kinds ``q`` (query head), ``k``/``v``
+            (key/value head; with grouped-query attention shared by a group of query heads), ``o`` (a
+            query head's input columns of the output projection) and ``mlp`` (an MLP neuron).
+        projections: which weight slices each kind trains. ``"all"`` (default): every slice of the
+            component (query head: its q rows and its o columns; neuron: gate/up rows and down column);
+            ``"paper"``: q/k/v rows of heads and ``up_proj`` rows of neurons (the CCA paper); or a dict
+            ``kind -> [projection names]`` (kinds left out use ``"all"``).
+        r: rank of the optional LoRA branch inside the same adapter layers (0 = no LoRA branch).
+        lora_alpha: LoRA scaling numerator (scaling = ``lora_alpha / r``); None means ``r``.
+        lora_dropout: dropout on the LoRA branch's input.
+        lora_target_modules: None puts the LoRA branch on every module the circuit touches; a list of
+            logical projection names (``q_proj`` ... ``down_proj``) or ``"all"`` puts it on those
+            projections in every layer.
+        init_weights: True: zero deltas (and zero LoRA B), the adapter starts as the identity;
+            False: small random deltas (std 0.02), useful in tests.
+        modules_to_save, trainable_token_indices: as in PEFT (full trainable copies / trainable embedding rows).
+        base_model_fingerprint: family and sizes of the base model; filled in by ``get_peft_model`` and
+            checked when the adapter is loaded.
+        target_modules: derived from ``components`` when the adapter is injected (do not set by hand).
+    """
+
+    components: dict[str, dict[str, list[int]]] = field(
+        default_factory=dict, metadata={"help": "kind -> {str(layer): sorted indices} of the trainable components"}
+    )
+    projections: Union[str, dict[str, list[str]]] = field(
+        default="all", metadata={"help": "'all', 'paper', or kind -> [projection names]"}
+    )
+    r: int = field(default=0, metadata={"help": "rank of the optional LoRA branch (0 = off)"})
+    lora_alpha: Optional[float] = field(default=None, metadata={"help": "LoRA alpha (default: r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch input"})
+    lora_target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "logical projections for the LoRA branch in every layer (None: circuit modules)"}
+    )
+    init_weights: bool = field(default=True, metadata={"help": "True: zero deltas; False: small random deltas"})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "modules trained in full and saved with the adapter"}
+    )
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None, metadata={"help": "embedding rows to train (PEFT's TrainableTokens)"}
+    )
+    base_model_fingerprint: Optional[dict[str, Any]] = field(
+        default=None, metadata={"help": "family and sizes of the base model (filled in at get_peft_model)"}
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "derived from components at injection time"}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "not used"})
+    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "not used"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ensure_peft_type()
+        self.peft_type = PeftType.CIRCUIT
+        self.components = _normalize_components(self.components)
+        if not self.components:
+            raise ValueError(
+                "the circuit is empty: CircuitConfig needs at least one component, e.g. "
+                "components={'q': {'3': [0]}} or CircuitConfig.from_components([('q', 3, 0)])"
+            )
+        self.projections = _normalize_projections(self.projections)
+        if isinstance(self.r, bool) or not isinstance(self.r, int):
+            raise ValueError(f"r must be an integer (0 = no LoRA branch), got {self.r!r}")
+        if self.r < 0:
+            raise ValueError(f"the LoRA branch needs r >= 1 (or r=0 for no LoRA branch), got r={self.r}")
+        if self.r == 0 and (self.lora_target_modules is not None or self.lora_alpha is not None):
+            raise ValueError(
+                "a LoRA branch was requested (lora_target_modules or lora_alpha set) but r < 1; set r >= 1"
+            )
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_target_modules is not None:
+            names = [self.lora_target_modules] if isinstance(self.lora_target_modules, str) else list(
+                self.lora_target_modules
+            )
+            if names == ["all"]:
+                self.lora_target_modules = "all"
+            else:
+                for n in names:
+                    if n not in PROJECTIONS:
+                        raise ValueError(f"unknown lora_target_modules entry {n!r}; use 'all' or names from {PROJECTIONS}")
+                self.lora_target_modules = names
+        if isinstance(self.target_modules, set):
+            self.target_modules = sorted(self.target_modules)
+
+    # ----- construction and views ------------------------------------------------------------
+    @classmethod
+    def from_components(
+        cls,
+        components: Iterable[Union[Component, tuple[str, int, int]]],
+        projections: Union[str, dict[str, list[str]]] = "all",
+        **kwargs: Any,
+    ) -> "CircuitConfig":
+        """Build a config from ``(kind, layer, index)`` components (e.g. a located circuit)."""
+        table: dict[str, dict[str, list[int]]] = {}
+        for c in components:
+            try:
+                kind, layer, index = c
+            except (TypeError, ValueError):
+                raise ValueError(f"a component must be (kind, layer, index), got {c!r}") from None
+            table.setdefault(str(kind), {}).setdefault(str(int(layer)), []).append(int(index))
+        return cls(components=table, projections=projections, **kwargs)
+
+    def component_list(self) -> list[Component]:
+        """Every chosen component, sorted by (layer, kind order, index)."""
+        order = {k: i for i, k in enumerate(COMPONENT_KINDS)}
+        out = [
+            Component(kind, int(layer), i)
+            for kind, layers in self.components.items()
+            for layer, indices in layers.items()
+            for i in indices
+        ]
+        return sorted(out, key=lambda c: (c.layer, order[c.kind], c.index))
+
+    def projections_for_kind(self, kind: str) -> Optional[tuple[str, ...]]:
+        """Projections a kind touches under this config (None = the architecture default, "all")."""
+        if isinstance(self.projections, str):
+            return tuple(PROJECTION_PRESETS[self.projections][kind])
+        names = self.projections.get(kind)
+        return None if names is None else tuple(names)
+
+    @property
+    def lora_scaling(self) -> float:
+        """``lora_alpha / r`` (1.0 when ``lora_alpha`` is None)."""
+        if self.r <= 0:
+            return 0.0
+        return float(self.lora_alpha if self.lora_alpha is not None else self.r) / self.r
+
+    def layers(self) -> list[int]:
+        """Sorted layers that hold at least one component."""
+        return sorted({int(l) for layers in self.components.values() for l in layers})

@@ -1,0 +1,223 @@
+"""The circuit adapter layer: trainable deltas on chosen rows/columns of one linear weight.
+
+Orientation: every delta is stored in ``nn.Linear`` orientation, whatever the base module
+(a GPT-2 ``Conv1D`` keeps its weight transposed; only merge and ``get_delta_weight`` care).
+
+* ``circuit_rows[a]``: (k_out, in) delta for output features ``circuit_row_index[a]`` (q/k/v heads,
+  gate/up neurons); forward adds ``x @ delta.T`` into those outputs with ``index_add``.
+* ``circuit_cols[a]``: (out, k_in) delta for input features ``circuit_col_index[a]`` (o_proj head
+  columns, down_proj neuron columns); forward adds ``x[..., idx] @ delta.T``.
+* ``circuit_lora_A[a]`` (r, in) / ``circuit_lora_B[a]`` (out, r): the optional LoRA branch,
+  scaled by ``circuit_scaling[a] = lora_alpha / r``.
+
+No full-size delta and no gradient mask: the frozen entries of the base weight are never touched,
+so weight decay cannot move them and optimizer state is the size of the slices.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from ..arch import ModelArch
+
+INIT_STD = 0.02  # std of the random deltas when init_weights=False
+
+
+class CircuitLayer(BaseTunerLayer):
+    """Mixin holding the per-adapter circuit deltas of one (possibly fused) projection module."""
+
+    adapter_layer_names: tuple[str, ...] = ("circuit_rows", "circuit_cols", "circuit_lora_A", "circuit_lora_B")
+    other_param_names: tuple[str, ...] = (
+        "circuit_row_index",
+        "circuit_col_index",
+        "circuit_scaling",
+        "circuit_lora_dropout",
+    )
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.circuit_rows = nn.ParameterDict({})
+        self.circuit_cols = nn.ParameterDict({})
+        self.circuit_lora_A = nn.ParameterDict({})
+        self.circuit_lora_B = nn.ParameterDict({})
+        # Indices are rebuilt from the config at load time, so they are not saved.
+        self.circuit_row_index = BufferDict({}, persistent=False)
+        self.circuit_col_index = BufferDict({}, persistent=False)
+        self.circuit_scaling: dict[str, float] = {}
+        self.circuit_lora_dropout = nn.ModuleDict({})
+        self._merge_snapshots: dict[str, dict[str, torch.Tensor]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.is_conv1d = ModelArch.weight_dim(base_layer, "out") == 1
+        weight = base_layer.weight
+        self.out_features = weight.shape[ModelArch.weight_dim(base_layer, "out")]
+        self.in_features = weight.shape[ModelArch.weight_dim(base_layer, "in")]
+        self.kwargs = kwargs
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        rows: list[int],
+        cols: list[int],
+        r: int = 0,
+        lora_alpha: Optional[float] = None,
+        lora_dropout: float = 0.0,
+        init_weights: bool = True,
+        inference_mode: bool = False,
+    ) -> None:
+        """Create adapter ``adapter_name``: deltas for output features ``rows`` and input features ``cols``."""
+        if any(not 0 <= i < self.out_features for i in rows) or any(not 0 <= i < self.in_features for i in cols):
+            raise ValueError(
+                f"circuit slice out of range for a module with {self.out_features} outputs and {self.in_features} inputs"
+            )
+        weight = self.get_base_layer().weight
+        device = weight.device
+        if rows:
+            self.circuit_row_index[adapter_name] = torch.tensor(rows, dtype=torch.long, device=device)
+            self.circuit_rows[adapter_name] = nn.Parameter(torch.zeros(len(rows), self.in_features, device=device))
+        if cols:
+            self.circuit_col_index[adapter_name] = torch.tensor(cols, dtype=torch.long, device=device)
+            self.circuit_cols[adapter_name] = nn.Parameter(torch.zeros(self.out_features, len(cols), device=device))
+        if r > 0:
+            self.circuit_lora_A[adapter_name] = nn.Parameter(torch.zeros(r, self.in_features, device=device))
+            self.circuit_lora_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r, device=device))
+            self.circuit_scaling[adapter_name] = float(lora_alpha if lora_alpha is not None else r) / r
+            self.circuit_lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.reset_circuit_parameters(adapter_name, init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @torch.no_grad()
+    def reset_circuit_parameters(self, adapter_name: str, init_weights: bool) -> None:
+        """Zero deltas (identity) if ``init_weights`` else small random ones; LoRA A is Kaiming-uniform."""
+        for table in (self.circuit_rows, self.circuit_cols):
+            if adapter_name in table:
+                p = table[adapter_name]
+                p.zero_() if init_weights else p.normal_(0.0, INIT_STD)
+        if adapter_name in self.circuit_lora_A:
+            nn.init.kaiming_uniform_(self.circuit_lora_A[adapter_name], a=math.sqrt(5))
+            b = self.circuit_lora_B[adapter_name]
+            b.zero_() if init_weights else b.normal_(0.0, INIT_STD)
+
+    # ----- deltas -------------------------------------------------------------------------------
+    def _linear_delta(self, adapter: str) -> torch.Tensor:
+        """Dense (out, in) delta of ``adapter`` in ``nn.Linear`` orientation."""
+        ref = next(
+            t[adapter] for t in (self.circuit_rows, self.circuit_cols, self.circuit_lora_A) if adapter in t
+        )
+        delta = torch.zeros(self.out_features, self.in_features, device=ref.device, dtype=ref.dtype)
+        if adapter in self.circuit_rows:
+            delta.index_add_(0, self.circuit_row_index[adapter], self.circuit_rows[adapter])
+        if adapter in self.circuit_cols:
+            delta.index_add_(1, self.circuit_col_index[adapter], self.circuit_cols[adapter])
+        if adapter in self.circuit_lora_A:
+            delta = delta + self.circuit_scaling[adapter] * (self.circuit_lora_B[adapter] @ self.circuit_lora_A[adapter])
+        return delta
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """Dense delta of ``adapter`` shaped like the base weight (transposed for ``Conv1D``)."""
+        delta = self._linear_delta(adapter)
+        return delta.T if self.is_conv1d else delta
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        # A head/neuron slice delta has rank <= slice width: an SVD at that rank is exact.
+        return True
+
+    def _has_adapter(self, adapter: str) -> bool:
+        return any(adapter in t for t in (self.circuit_rows, self.circuit_cols, self.circuit_lora_A))
+
+    # ----- merge ---------------------------------------------------------------------------------
+    def _linear_view(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.is_conv1d else weight
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the deltas into the base weight; only the chosen slices change (plus LoRA if on)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base = self.get_base_layer()
+        for adapter in adapter_names:
+            if not self._has_adapter(adapter):
+                continue
+            with torch.no_grad():
+                w = self._linear_view(base.weight.data)
+                snap = {}
+                if adapter in self.circuit_rows:
+                    snap["rows"] = w.index_select(0, self.circuit_row_index[adapter]).clone()
+                if adapter in self.circuit_cols:
+                    snap["cols"] = w.index_select(1, self.circuit_col_index[adapter]).clone()
+                new = w.clone() if safe_merge else w
+                if adapter in self.circuit_rows:
+                    new.index_add_(0, self.circuit_row_index[adapter], self.circuit_rows[adapter].to(w.dtype))
+                if adapter in self.circuit_cols:
+                    new.index_add_(1, self.circuit_col_index[adapter], self.circuit_cols[adapter].to(w.dtype))
+                if adapter in self.circuit_lora_A:
+                    new += self._lora_delta(adapter).to(w.dtype)
+                if safe_merge:
+                    if not torch.isfinite(new).all():
+                        raise ValueError(f"NaNs or infs detected in the merged weights of adapter {adapter!r}")
+                    w.copy_(new)
+            self._merge_snapshots[adapter] = snap
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`; the chosen slices are restored bit-exactly from a snapshot."""
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            snap = self._merge_snapshots.pop(adapter, {})
+            with torch.no_grad():
+                w = self._linear_view(base.weight.data)
+                if adapter in self.circuit_lora_A:
+                    w -= self._lora_delta(adapter).to(w.dtype)
+                if "cols" in snap:
+                    w.index_copy_(1, self.circuit_col_index[adapter], snap["cols"])
+                if "rows" in snap:
+                    w.index_copy_(0, self.circuit_row_index[adapter], snap["rows"])
+
+    def _lora_delta(self, adapter: str) -> torch.Tensor:
+        return self.circuit_scaling[adapter] * (self.circuit_lora_B[adapter] @ self.circuit_lora_A[adapter])
+
+
+class CircuitLinear(nn.Module, CircuitLayer):
+    """Wraps an ``nn.Linear`` or GPT-2 ``Conv1D`` with circuit deltas (and an optional LoRA branch)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__()
+        CircuitLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        out_dtype = result.dtype
+        for adapter in self.active_adapters:
+            if adapter in self.circuit_rows:
+                delta = self.circuit_rows[adapter]
+                upd = self._cast_input_dtype(x, delta.dtype) @ delta.T  # (..., k_out)
+                result = result.index_add(-1, self.circuit_row_index[adapter], upd.to(out_dtype))
+            if adapter in self.circuit_cols:
+                delta = self.circuit_cols[adapter]
+                xs = self._cast_input_dtype(x.index_select(-1, self.circuit_col_index[adapter]), delta.dtype)
+                result = result + (xs @ delta.T).to(out_dtype)
+            if adapter in self.circuit_lora_A:
+                a, b = self.circuit_lora_A[adapter], self.circuit_lora_B[adapter]
+                h = self.circuit_lora_dropout[adapter](self._cast_input_dtype(x, a.dtype))
+                result = result + (F.linear(F.linear(h, a), b) * self.circuit_scaling[adapter]).to(out_dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "circuit." + super().__repr__()

@@ -1,0 +1,262 @@
+"""``CircuitModel``: the PEFT tuner that injects :class:`CircuitLinear` layers where a circuit lives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..arch import PROJECTIONS, fingerprint_diff, get_arch, unwrap_model
+from ..interventions import stop_gradient_below
+from .config import CircuitConfig
+from .layer import CircuitLayer, CircuitLinear
+
+
+@dataclass
+class ModulePlan:
+    """What one adapter puts on one module: output features ``rows``, input features ``cols``, LoRA or not."""
+
+    layer: int
+    rows: set[int] = field(default_factory=set)
+    cols: set[int] = field(default_factory=set)
+    lora: bool = False
+
+
+def build_plan(config: CircuitConfig, model: nn.Module) -> dict[str, ModulePlan]:
+    """Module path (from the transformers model root) -> :class:`ModulePlan` for ``config`` on ``model``.
+
+    Raises ``ValueError`` for an unsupported family or a component/layer index out of range.
+    """
+    arch = get_arch(model)
+    plan: dict[str, ModulePlan] = {}
+    for comp in config.component_list():
+        for s in arch.component_slices(comp, config.projections_for_kind(comp.kind), model):
+            entry = plan.setdefault(s.module, ModulePlan(layer=comp.layer))
+            (entry.rows if s.axis == "out" else entry.cols).update(range(s.start, s.stop))
+    if config.r > 0:
+        if config.lora_target_modules is None:
+            for entry in plan.values():
+                entry.lora = True
+        else:
+            names = PROJECTIONS if config.lora_target_modules == "all" else config.lora_target_modules
+            names = [p for p in names if arch.has_projection(p)]
+            for layer in range(arch.dims.n_layers):
+                for p in names:
+                    plan.setdefault(arch.module_path(model, layer, p), ModulePlan(layer=layer)).lora = True
+    return plan
+
+
+def _lowest_trained_layer(configs: list[CircuitConfig], plans: list[dict[str, ModulePlan]]) -> int:
+    """Lowest layer any adapter trains (0 when something below the layers, e.g. an embedding, trains)."""
+    if any(c.modules_to_save or c.trainable_token_indices for c in configs):
+        return 0
+    layers = [e.layer for plan in plans for e in plan.values()]
+    return min(layers) if layers else 0
+
+
+def _adapter_param_ids(model: nn.Module) -> set[int]:
+    ids = set()
+    for m in model.modules():
+        if isinstance(m, BaseTunerLayer):
+            for name in m.adapter_layer_names:
+                ids.update(id(p) for p in getattr(m, name).parameters())
+        if isinstance(m, AuxiliaryTrainingWrapper) and hasattr(m, "modules_to_save"):
+            ids.update(id(p) for p in m.modules_to_save.parameters())
+    return ids
+
+
+def _base_param_count(model: nn.Module) -> int:
+    base = unwrap_model(model)
+    skip = _adapter_param_ids(base)
+    return sum(p.numel() for p in base.parameters() if id(p) not in skip)
+
+
+def _module_shape(root: nn.Module, path: str) -> tuple[int, int]:
+    """(out_features, in_features) of the module at ``path`` (unwrapping a tuner layer)."""
+    module = root.get_submodule(path)
+    if isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
+    arch_out = 1 if isinstance(module, Conv1D) else 0
+    shape = module.weight.shape
+    return shape[arch_out], shape[1 - arch_out]
+
+
+def circuit_size(config: CircuitConfig, model: nn.Module) -> dict[str, Any]:
+    """How big a circuit is on ``model`` (a base model or a PEFT model).
+
+    Returns ``components`` (chosen q + k + v heads + MLP neurons, as in the paper),
+    ``total_components`` (all of them in the model), ``component_fraction``,
+    ``trainable_params`` (circuit slice entries plus the LoRA branch; not ``modules_to_save``),
+    ``total_params`` (base model parameters) and ``param_fraction``.
+    """
+    arch = get_arch(model)
+    base = unwrap_model(model)
+    plan = build_plan(config, base)
+    counted = [c for c in config.component_list() if c.kind in ("q", "k", "v", "mlp")]
+    total_components = sum(arch.num_components(k) for k in ("q", "k", "v", "mlp")) * arch.dims.n_layers
+    trainable = 0
+    for path, entry in plan.items():
+        out_f, in_f = _module_shape(base, path)
+        trainable += len(entry.rows) * in_f + len(entry.cols) * out_f
+        if entry.lora:
+            trainable += config.r * (in_f + out_f)
+    total = _base_param_count(base)
+    return {
+        "components": len(counted),
+        "total_components": total_components,
+        "component_fraction": len(counted) / total_components,
+        "trainable_params": trainable,
+        "total_params": total,
+        "param_fraction": trainable / total,
+    }
+
+
+def model_card_section(config: CircuitConfig, adapter_name: str = "default") -> str:
+    """Markdown describing a circuit adapter: method, base fingerprint, trained components."""
+    lines = [
+        f"## Circuit adapter (`{adapter_name}`)",
+        "",
+        "Method: **circuit-peft `CircuitConfig`** (PEFT type `CIRCUIT`): only the listed attention heads and MLP "
+        "neurons are trained; every other weight is frozen. Load with `import circuit_peft` before "
+        "`PeftModel.from_pretrained`.",
+        "",
+        f"- projections: `{config.projections}`",
+    ]
+    if config.r > 0:
+        lines.append(
+            f"- LoRA branch: r={config.r}, lora_alpha={config.lora_alpha}, "
+            f"on {config.lora_target_modules or 'the circuit modules'}"
+        )
+    if config.base_model_fingerprint:
+        fp = config.base_model_fingerprint
+        lines.append("- base model: " + ", ".join(f"{k}={v}" for k, v in fp.items()))
+    lines += ["", "| kind | layer | indices |", "| --- | --- | --- |"]
+    names = {"q": "query head", "k": "key head", "v": "value head", "o": "output slice", "mlp": "MLP neuron"}
+    for kind, layers in config.components.items():
+        for layer, indices in layers.items():
+            lines.append(f"| {names[kind]} | {layer} | {', '.join(map(str, indices))} |")
+    return "\n".join(lines) + "\n"
+
+
+class CircuitModel(BaseTuner):
+    """Trains only the chosen heads and neurons of a transformers model (see :class:`CircuitConfig`).
+
+    One :class:`CircuitLinear` wraps every module the circuit touches; a fused module (Phi-3
+    ``qkv_proj``, GPT-2 ``c_attn``) holds the slices of all its logical projections. When nothing
+    trainable sits below layer L, the residual entering layer L is detached so no backward work is
+    done below it.
+    """
+
+    prefix: str = "circuit_"
+    tuner_layer_cls = CircuitLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    # ----- config and plan ------------------------------------------------------------------------
+    def _plans(self) -> dict[str, dict[str, ModulePlan]]:
+        plans = self.__dict__.get("_circuit_plans")
+        if plans is None:
+            plans = {}
+            self.__dict__["_circuit_plans"] = plans
+        return plans
+
+    def _prepare_adapter_config(self, peft_config: CircuitConfig, model_config: dict) -> CircuitConfig:
+        return peft_config  # target_modules are derived from the model in _prepare_model
+
+    def _prepare_model(self, peft_config: CircuitConfig, model: nn.Module) -> None:
+        arch = get_arch(model)
+        fingerprint = arch.fingerprint()
+        if peft_config.base_model_fingerprint is None:
+            peft_config.base_model_fingerprint = fingerprint
+        else:
+            diffs = fingerprint_diff(peft_config.base_model_fingerprint, fingerprint)
+            if diffs:
+                raise ValueError(
+                    "this circuit adapter was made for a different base model (" + "; ".join(diffs) + "). "
+                    "Load it onto the model it was trained on."
+                )
+        plan = build_plan(peft_config, model)
+        adapter_name = next(name for name, c in self.peft_config.items() if c is peft_config)
+        self._plans()[adapter_name] = plan
+        peft_config.target_modules = sorted(plan)
+
+    def _create_and_replace(
+        self,
+        peft_config: CircuitConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: Optional[str] = None,
+    ) -> None:
+        entry = self._plans()[adapter_name].get(current_key)
+        if entry is None:
+            raise ValueError(f"module {current_key!r} matched the circuit's target_modules but is not in its plan")
+        kwargs = dict(
+            rows=sorted(entry.rows),
+            cols=sorted(entry.cols),
+            r=peft_config.r if entry.lora else 0,
+            lora_alpha=peft_config.lora_alpha,
+            lora_dropout=peft_config.lora_dropout,
+            init_weights=peft_config.init_weights,
+        )
+        if isinstance(target, CircuitLayer):
+            target.update_layer(adapter_name, inference_mode=peft_config.inference_mode, **kwargs)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, (nn.Linear, Conv1D)):
+            raise TypeError(f"circuit adapters support nn.Linear and Conv1D modules, not {type(base).__name__}")
+        new_module = CircuitLinear(target, adapter_name, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    # ----- speed: no backward below the lowest trained layer ---------------------------------------
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._update_gradient_stop()
+
+    def _update_gradient_stop(self) -> None:
+        handle = self.__dict__.pop("_gradient_stop", None)
+        if handle is not None:
+            handle.remove()
+        plans = self._plans()
+        names = [n for n in self.peft_config if n in plans]
+        if not names:
+            return
+        lowest = _lowest_trained_layer([self.peft_config[n] for n in names], [plans[n] for n in names])
+        if lowest <= 0:
+            return
+        arch = get_arch(self.model)
+        layers = arch.layers(self.model)
+        watch = [p for i in range(lowest) for p in layers[i].parameters()]
+        embeddings = self.model.get_input_embeddings()
+        if embeddings is not None:
+            watch += list(embeddings.parameters())
+        self.__dict__["_gradient_stop"] = stop_gradient_below(self.model, lowest, watch=watch, arch=arch)
+
+    @property
+    def lowest_trained_layer(self) -> Optional[int]:
+        """Layer whose input is detached during training (None: gradients reach the embeddings)."""
+        handle = self.__dict__.get("_gradient_stop")
+        if handle is None:
+            return None
+        plans = self._plans()
+        names = [n for n in self.peft_config if n in plans]
+        return _lowest_trained_layer([self.peft_config[n] for n in names], [plans[n] for n in names])
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._plans().pop(adapter_name, None)
+        self._update_gradient_stop()
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        handle = self.__dict__.pop("_gradient_stop", None)
+        if handle is not None:
+            handle.remove()
+        return super()._unload_and_optionally_merge(*args, **kwargs)
