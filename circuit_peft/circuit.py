@@ -1,0 +1,364 @@
+"""A located circuit: the kept components of a model, with the score of every scanned component.
+
+A :class:`Circuit` is what every locating method returns (DCM masks, head ablation scans,
+attribution) and what the adapter consumes (:meth:`Circuit.to_config`). It remembers the
+fingerprint of the model it was located on, so that it is never applied to another one.
+
+Component counting follows the paper: the components of a model are its query heads, key
+heads, value heads and MLP neurons (``"o"`` slices are not counted separately).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from torch import nn
+
+from .arch import COMPONENT_KINDS, Component, fingerprint_diff, get_arch
+
+CIRCUIT_FORMAT_VERSION = 1
+# The kinds that count as "components" when reporting fractions (q + k + v heads + MLP neurons).
+COUNTED_KINDS: tuple[str, ...] = ("q", "k", "v", "mlp")
+_HEAD_KINDS = ("q", "k", "v", "o")
+
+
+def _as_component(c: Component | tuple | list) -> Component:
+    if isinstance(c, Component):
+        return c
+    if len(c) != 3:
+        raise ValueError(f"a component is (kind, layer, index); got {c!r}")
+    kind, layer, index = c
+    if kind not in COMPONENT_KINDS:
+        raise ValueError(f"unknown component kind {kind!r} in {c!r}; use one of {COMPONENT_KINDS}")
+    return Component(str(kind), int(layer), int(index))
+
+
+def _per_layer_count(fp: Mapping[str, Any], kind: str) -> int:
+    return {"q": fp["n_heads"], "o": fp["n_heads"], "k": fp["n_kv_heads"], "v": fp["n_kv_heads"],
+            "mlp": fp["n_neurons"]}[kind]
+
+
+class Circuit:
+    """Kept components of one model plus the scores of all scanned components.
+
+    Args:
+        components: the kept components, ``(kind, layer, index)`` tuples or :class:`Component`.
+        scores: ``{component: score}`` for every scanned component (higher = more important);
+            kept components without a score are allowed.
+        fingerprint: ``get_arch(model).fingerprint()`` of the model the circuit was located on.
+        method: how it was located (``"dcm"``, ``"ablation"``, ``"attribution"``, ...).
+        meta: any JSON-able details (settings, losses, ...).
+    """
+
+    def __init__(
+        self,
+        components: Iterable[Component | tuple],
+        scores: Mapping[Component | tuple, float] | None = None,
+        fingerprint: dict[str, Any] | None = None,
+        method: str | None = None,
+        meta: dict[str, Any] | None = None,
+    ):
+        self.components: list[Component] = sorted({_as_component(c) for c in components}, key=_sort_key)
+        self.scores: dict[Component, float] = {_as_component(c): float(s) for c, s in (scores or {}).items()}
+        self.fingerprint = dict(fingerprint) if fingerprint is not None else None
+        self.method = method
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    @classmethod
+    def from_scores(
+        cls, model: nn.Module | None, scores: Mapping[Component | tuple, float], method: str | None = None,
+        meta: dict[str, Any] | None = None, **top_kwargs: Any,
+    ) -> "Circuit":
+        """A circuit keeping the top scored components (``top_kwargs``: ``k=``, ``fraction=`` or ``z=``;
+        none keeps every scored component)."""
+        fp = get_arch(model).fingerprint() if model is not None else None
+        circuit = cls(scores.keys(), scores, fingerprint=fp, method=method, meta=meta)
+        return circuit.top(**top_kwargs) if top_kwargs else circuit
+
+    # ----- basic protocol --------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.components)
+
+    def __iter__(self):
+        return iter(self.components)
+
+    def __contains__(self, component: object) -> bool:
+        try:
+            return _as_component(component) in set(self.components)  # type: ignore[arg-type]
+        except (ValueError, TypeError):
+            return False
+
+    def __repr__(self) -> str:
+        kinds = Counter(c.kind for c in self.components)
+        return f"Circuit(method={self.method!r}, kept={dict(kinds)}, scored={len(self.scores)})"
+
+    def kinds(self) -> list[str]:
+        """Kinds present among the kept or scored components, in canonical order."""
+        present = {c.kind for c in self.components} | {c.kind for c in self.scores}
+        return [k for k in COMPONENT_KINDS if k in present]
+
+    def ranked(self, kinds: Iterable[str] | None = None) -> list[tuple[Component, float]]:
+        """Scored components, best first (ties broken by position in the model)."""
+        wanted = set(kinds) if kinds is not None else None
+        items = [(c, s) for c, s in self.scores.items() if wanted is None or c.kind in wanted]
+        return sorted(items, key=lambda cs: (-_finite(cs[1]), _sort_key(cs[0])))
+
+    # ----- selection -------------------------------------------------------------------------
+    def top(
+        self, k: int | None = None, fraction: float | None = None, z: float | None = None,
+        kinds: Iterable[str] | None = None,
+    ) -> "Circuit":
+        """A new circuit keeping the best scored components.
+
+        Exactly one of: ``k`` (count), ``fraction`` (share of the scored components, rounded up,
+        at least 1) or ``z`` (keep components whose z-score of the score, over the scored
+        components, is >= ``z``). ``kinds`` restricts the choice to some kinds (e.g. ``["q"]``).
+        """
+        chosen = [x for x in (k, fraction, z) if x is not None]
+        if len(chosen) != 1:
+            raise ValueError("give exactly one of k=, fraction= or z= to Circuit.top")
+        ranked = self.ranked(kinds)
+        if not ranked:
+            raise ValueError("this circuit has no scores to rank (scores are empty for the requested kinds)")
+        n = len(ranked)
+        if k is not None:
+            if isinstance(k, bool) or int(k) != k or k < 1:
+                raise ValueError(f"k must be a positive integer, got {k!r}")
+            if k > n:
+                raise ValueError(f"top k={k} is larger than the number of scored components ({n}); use k <= {n}")
+            keep = ranked[: int(k)]
+        elif fraction is not None:
+            if not 0 < fraction <= 1:
+                raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+            keep = ranked[: max(1, math.ceil(fraction * n - 1e-9))]
+        else:
+            vals = [_finite(s) for _, s in ranked]
+            mean = sum(vals) / n
+            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / n)
+            if std == 0:
+                raise ValueError("all scores are equal, so z-scores are undefined; use k= or fraction=")
+            keep = [(c, s) for c, s in ranked if (_finite(s) - mean) / std >= z]
+        meta = dict(self.meta, selection={"k": k, "fraction": fraction, "z": z,
+                                          "kinds": sorted(kinds) if kinds is not None else None})
+        return Circuit([c for c, _ in keep], self.scores, self.fingerprint, self.method, meta)
+
+    # ----- counting --------------------------------------------------------------------------
+    def _require_fingerprint(self, what: str) -> dict[str, Any]:
+        if self.fingerprint is None:
+            raise ValueError(f"{what} needs the model's sizes: build the circuit with a model "
+                             "(or set circuit.fingerprint = get_arch(model).fingerprint())")
+        return self.fingerprint
+
+    def total_components(self) -> int:
+        """q + k + v heads + MLP neurons of the whole model (the paper's denominator)."""
+        fp = self._require_fingerprint("total_components")
+        return fp["n_layers"] * sum(_per_layer_count(fp, k) for k in COUNTED_KINDS)
+
+    def counts(self) -> dict[str, int]:
+        """Kept components per kind."""
+        c = Counter(x.kind for x in self.components)
+        return {k: c[k] for k in COMPONENT_KINDS if c[k]}
+
+    def component_fraction(self) -> float:
+        """Kept q/k/v heads + MLP neurons over all of them."""
+        kept = sum(1 for c in self.components if c.kind in COUNTED_KINDS)
+        return kept / self.total_components()
+
+    def summary(self) -> str:
+        """Text summary: kept counts per kind (with share of that kind), per layer, and overall fraction."""
+        fp = self.fingerprint
+        lines = [f"Circuit ({self.method or 'unknown method'}): {len(self.components)} kept components"
+                 + (f", {len(self.scores)} scored" if self.scores else "")]
+        if fp is not None:
+            lines[0] += f" on a {fp.get('family')} model with {fp['n_layers']} layers"
+        counts = self.counts()
+        lines.append("per kind:")
+        for kind in COMPONENT_KINDS:
+            if kind not in counts and not (fp and kind in COUNTED_KINDS):
+                continue
+            n = counts.get(kind, 0)
+            if fp is not None:
+                total = fp["n_layers"] * _per_layer_count(fp, kind)
+                lines.append(f"  {kind:>3}: {n:6d} / {total:<7d} ({100 * n / total:.2f} %)")
+            else:
+                lines.append(f"  {kind:>3}: {n:6d}")
+        lines.append("per layer (" + " ".join(k for k in COMPONENT_KINDS if k in counts) + "):")
+        n_layers = fp["n_layers"] if fp else (max((c.layer for c in self.components), default=-1) + 1)
+        by_layer = Counter((c.layer, c.kind) for c in self.components)
+        for layer in range(n_layers):
+            row = " ".join(f"{k}={by_layer[(layer, k)]}" for k in COMPONENT_KINDS if k in counts)
+            lines.append(f"  layer {layer:3d}: {row if row else '-'}")
+        if fp is not None:
+            frac = self.component_fraction()
+            kept = sum(1 for c in self.components if c.kind in COUNTED_KINDS)
+            lines.append(f"fraction of all components (q+k+v heads + MLP neurons): "
+                         f"{kept} / {self.total_components()} = {100 * frac:.3f} %")
+        return "\n".join(lines)
+
+    # ----- model checks ----------------------------------------------------------------------
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` naming each differing field if ``model`` is not the circuit's model."""
+        actual = get_arch(model).fingerprint()
+        if self.fingerprint is None:
+            return
+        diffs = fingerprint_diff(self.fingerprint, actual)
+        if diffs:
+            raise ValueError("this circuit was located on a different model: "
+                             + "; ".join(d.replace("adapter", "circuit") for d in diffs)
+                             + ". Locate the circuit again on this model.")
+
+    # ----- adapter ---------------------------------------------------------------------------
+    def to_config(self, projections: str | dict[str, list[str]] = "all", **kwargs: Any):
+        """A :class:`circuit_peft.tuner.CircuitConfig` training exactly the kept components.
+
+        ``projections``: ``"all"`` (every slice of each component), ``"paper"`` (q/k/v rows and
+        ``up_proj`` rows) or per-kind lists. Other keyword arguments go to the config
+        (``r``, ``lora_alpha``, ``modules_to_save``, ...).
+        """
+        if not self.components:
+            raise ValueError("this circuit keeps no components; an adapter over it would train nothing")
+        from .tuner import CircuitConfig  # lazy: the tuner imports peft
+
+        if self.fingerprint is not None:
+            kwargs.setdefault("base_model_fingerprint", self.fingerprint)
+        return CircuitConfig.from_components(self.components, projections=projections, **kwargs)
+
+    # ----- JSON ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "circuit-peft circuit",
+            "version": CIRCUIT_FORMAT_VERSION,
+            "method": self.method,
+            "fingerprint": self.fingerprint,
+            "components": [list(c) for c in self.components],
+            "scores": [[*c, s] for c, s in sorted(self.scores.items(), key=lambda cs: _sort_key(cs[0]))],
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Circuit":
+        if not isinstance(data, Mapping) or "components" not in data:
+            raise ValueError("not a circuit-peft circuit: the JSON has no 'components' list")
+        if data.get("version", 1) > CIRCUIT_FORMAT_VERSION:
+            raise ValueError(f"circuit format version {data['version']} is newer than this circuit-peft "
+                             f"understands ({CIRCUIT_FORMAT_VERSION}); upgrade circuit-peft")
+        scores = {}
+        for row in data.get("scores", []):
+            if len(row) != 4:
+                raise ValueError(f"a score row is [kind, layer, index, score]; got {row!r}")
+            scores[_as_component(row[:3])] = float(row[3]) if row[3] is not None else float("nan")
+        return cls(data["components"], scores, data.get("fingerprint"), data.get("method"), data.get("meta"))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the circuit as JSON atomically (temporary file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=1, allow_nan=True)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "Circuit":
+        """Read a circuit saved by :meth:`save`; with ``model``, check it is the circuit's model
+        (``ValueError`` naming the differing fields otherwise)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no circuit file at {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); is it a circuit saved by Circuit.save?") from err
+        circuit = cls.from_dict(data)
+        if model is not None:
+            circuit.check_model(model)
+        return circuit
+
+    # ----- picture ---------------------------------------------------------------------------
+    def plot(self, path: str | os.PathLike, title: str | None = None) -> Path:
+        """Write a PNG: a layers x heads heatmap per head kind present (score if scored, else 1 for
+        kept; kept cells outlined) and the kept-neuron count per layer."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+        from matplotlib.ticker import MaxNLocator
+
+        fp = self._require_fingerprint("plot")
+        head_kinds = [k for k in _HEAD_KINDS if k in self.kinds()]
+        panels = head_kinds + ["mlp"]
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, max(3.0, 0.18 * fp["n_layers"] + 1.5)),
+                                 squeeze=False)
+        kept = set(self.components)
+        for ax, kind in zip(axes[0], panels):
+            if kind == "mlp":
+                counts = np.zeros(fp["n_layers"])
+                for c in self.components:
+                    if c.kind == "mlp":
+                        counts[c.layer] += 1
+                ax.barh(np.arange(fp["n_layers"]), counts, color="tab:blue")
+                ax.set_xlabel(f"kept neurons (of {fp['n_neurons']})")
+                ax.set_ylim(fp["n_layers"] - 0.5, -0.5)
+                ax.set_xlim(0, max(1.0, counts.max() * 1.05))
+                ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.set_ylabel("layer")
+                ax.set_title("MLP")
+                continue
+            n = _per_layer_count(fp, kind)
+            grid = np.full((fp["n_layers"], n), np.nan)
+            scored = any(c.kind == kind for c in self.scores)
+            for c, s in self.scores.items():
+                if c.kind == kind:
+                    grid[c.layer, c.index] = s
+            if not scored:
+                grid[:] = 0.0
+                for c in kept:
+                    if c.kind == kind:
+                        grid[c.layer, c.index] = 1.0
+            im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="score" if scored else "kept")
+            for c in kept:
+                if c.kind == kind:
+                    ax.add_patch(plt.Rectangle((c.index - 0.5, c.layer - 0.5), 1, 1, fill=False,
+                                               edgecolor="red", linewidth=1.2))
+            ax.set_xlabel("head")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel("layer")
+            ax.set_title({"q": "query heads", "k": "key heads", "v": "value heads", "o": "head outputs"}[kind]
+                         + f" ({sum(1 for c in kept if c.kind == kind)} kept)")
+        fig.suptitle(title or f"circuit ({self.method or 'located'}): "
+                     f"{100 * self.component_fraction():.2f} % of components kept")
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".png", dir=path.parent)
+        os.close(fd)
+        try:
+            fig.savefig(tmp, dpi=110, format="png")
+            os.replace(tmp, path)
+        finally:
+            plt.close(fig)
+            Path(tmp).unlink(missing_ok=True)
+        return path
+
+
+def _sort_key(c: Component) -> tuple[int, int, int]:
+    return (c.layer, COMPONENT_KINDS.index(c.kind), c.index)
+
+
+def _finite(s: float) -> float:
+    """NaN scores rank last."""
+    return -math.inf if s != s else s

@@ -1,0 +1,250 @@
+"""Turning locate inputs into padded batches.
+
+* Probe rows ``{"prompt": str, "solution": str}`` (ablation scans, ablation attribution): the
+  loss is measured on the solution tokens only.
+* Contrastive records ``{"context_ids", "desired_id", "undesired_id", "problem_id"}`` (DCM,
+  logit-difference attribution): the logit difference at the last context position.
+
+Batches are left-padded, so every row ends at the last position, and carry ``position_ids``
+counted from each row's first real token (a padded row computes what it would alone).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+
+RECORD_FIELDS = ("context_ids", "desired_id", "undesired_id")
+
+
+# ----- shared --------------------------------------------------------------------------------
+
+
+def _rows(data: Any) -> list[dict[str, Any]]:
+    """A list of dicts from a list, a ``datasets.Dataset`` or any iterable of mappings."""
+    if data is None:
+        raise ValueError("no data given: pass a list of dicts or a datasets.Dataset")
+    rows = [dict(r) for r in data]
+    if not rows:
+        raise ValueError("the data set is empty: give at least one row")
+    return rows
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` and ``position_ids`` (B, T) for left-padded ``seqs``."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, T - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[i, T - len(s):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+
+
+def pad_token_id(model: Any, tokenizer: Any = None) -> int:
+    """The pad id to use: the tokenizer's, else the model config's, else its eos, else 0."""
+    for src in (tokenizer, getattr(model, "config", None)):
+        if src is None:
+            continue
+        for attr in ("pad_token_id", "eos_token_id"):
+            v = getattr(src, attr, None)
+            if isinstance(v, (list, tuple)):
+                v = v[0] if v else None
+            if v is not None:
+                return int(v)
+    return 0
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Row indices grouped into batches of similar length (less padding); deterministic."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# ----- contrastive records -------------------------------------------------------------------
+
+
+def validate_records(data: Any, vocab_size: int) -> list[dict[str, Any]]:
+    """Check contrastive records; return them as a list of dicts.
+
+    Raises ``ValueError`` (naming the row and problem) for a missing field, an empty context,
+    equal desired and undesired tokens, or an id outside ``[0, vocab_size)``.
+    """
+    rows = _rows(data)
+    out = []
+    for i, r in enumerate(rows):
+        where = f"record {i}" + (f" (problem_id {r['problem_id']!r})" if r.get("problem_id") is not None else "")
+        missing = [f for f in RECORD_FIELDS if f not in r]
+        if missing:
+            raise ValueError(f"{where} lacks {missing}; a contrastive record is "
+                             "{'context_ids': [...], 'desired_id': int, 'undesired_id': int, 'problem_id': str}")
+        ctx = [int(t) for t in r["context_ids"]]
+        if not ctx:
+            raise ValueError(f"{where} has an empty context_ids list")
+        d, u = int(r["desired_id"]), int(r["undesired_id"])
+        if d == u:
+            raise ValueError(f"{where}: desired_id and undesired_id are both {d}; a record must contrast two "
+                             "different tokens (drop it)")
+        bad = [t for t in (d, u, *ctx) if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"{where}: token id {bad[0]} is outside the model's vocabulary [0, {vocab_size}); "
+                             "were the records mined with another tokenizer?")
+        out.append({"context_ids": ctx, "desired_id": d, "undesired_id": u, "problem_id": r.get("problem_id")})
+    return out
+
+
+def collate_records(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """A left-padded batch plus ``desired``/``undesired`` (B,) id tensors."""
+    batch = left_pad([r["context_ids"] for r in rows], pad_id)
+    batch["desired"] = torch.tensor([r["desired_id"] for r in rows], dtype=torch.long)
+    batch["undesired"] = torch.tensor([r["undesired_id"] for r in rows], dtype=torch.long)
+    return batch
+
+
+# ----- probe rows ----------------------------------------------------------------------------
+
+
+@dataclass
+class EncodedProbe:
+    """A probe row as token ids: ``ids`` = prompt + solution, the last ``n_solution`` are scored."""
+
+    ids: list[int]
+    n_solution: int
+
+
+def encode_probe(
+    tokenizer: Any,
+    data: Any,
+    prompt_field: str = "prompt",
+    solution_field: str = "solution",
+    chat_template: bool | None = None,
+    max_length: int = 1024,
+) -> list[EncodedProbe]:
+    """Tokenise probe rows (prompt, solution); rows with ``prompt_ids``/``solution_ids`` are used as given.
+
+    ``chat_template``: wrap the prompt as a user turn with the tokenizer's chat template
+    (None: if the tokenizer has one). The solution tokens follow the prompt tokens directly and
+    end with EOS. Rows longer than ``max_length`` lose the end of their solution.
+    Raises ``ValueError`` for an empty data set or a row without prompt or solution text.
+    """
+    rows = _rows(data)
+    use_chat = getattr(tokenizer, "chat_template", None) is not None if chat_template is None else chat_template
+    out = []
+    for i, r in enumerate(rows):
+        if "prompt_ids" in r and "solution_ids" in r:  # already tokenised
+            prompt_ids, sol_ids = [int(t) for t in r["prompt_ids"]], [int(t) for t in r["solution_ids"]]
+            if not prompt_ids or not sol_ids:
+                raise ValueError(f"probe row {i} has an empty prompt_ids or solution_ids list")
+            ids = (prompt_ids + sol_ids)[:max_length]
+            if len(ids) <= len(prompt_ids):
+                raise ValueError(f"probe row {i}: the prompt alone fills max_length={max_length}; raise max_length")
+            out.append(EncodedProbe(ids, len(ids) - len(prompt_ids)))
+            continue
+        if tokenizer is None:
+            raise ValueError("probe rows (prompt, solution) are text: pass the model's tokenizer "
+                             "(or give token ids as prompt_ids / solution_ids)")
+        for field, what in ((prompt_field, "prompt"), (solution_field, "solution")):
+            v = r.get(field)
+            if not isinstance(v, str) or not v.strip():
+                have = ", ".join(sorted(r)) or "nothing"
+                raise ValueError(f"probe row {i} has no {what} text in field {field!r} (it has: {have}); "
+                                 f"choose the field with {what}_field= / --{what}-field")
+        if use_chat:
+            prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": r[prompt_field]}],
+                                                       add_generation_prompt=True, tokenize=True)
+            if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
+                prompt_ids = prompt_ids["input_ids"]
+            prompt_ids = list(prompt_ids)
+        else:
+            prompt_ids = tokenizer(r[prompt_field] + "\n")["input_ids"]
+        sol_ids = tokenizer(r[solution_field], add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            sol_ids = sol_ids + [tokenizer.eos_token_id]
+        ids = (prompt_ids + sol_ids)[:max_length]
+        n_sol = len(ids) - len(prompt_ids)
+        if n_sol < 1:
+            raise ValueError(f"probe row {i}: the prompt alone fills max_length={max_length}; raise max_length")
+        out.append(EncodedProbe(ids, n_sol))
+    return out
+
+
+def collate_probe(rows: Sequence[EncodedProbe], pad_id: int) -> dict[str, torch.Tensor]:
+    """A left-padded batch plus ``labels`` (B, T): next-token targets, -100 off the solution.
+
+    ``labels[b, t]`` is the token at ``t + 1`` when that token is a solution token, so the
+    cross-entropy of ``logits[:, t]`` against ``labels[:, t]`` is the solution loss.
+    ``n_keep``: how many final positions carry logits that matter (for ``logits_to_keep``).
+    """
+    batch = left_pad([r.ids for r in rows], pad_id)
+    T = batch["input_ids"].shape[1]
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        labels[i, T - 1 - r.n_solution : T - 1] = batch["input_ids"][i, T - r.n_solution :]
+    batch["labels"] = labels
+    batch["n_keep"] = torch.tensor(max(r.n_solution for r in rows) + 1)
+    return batch
+
+
+def model_inputs(batch: dict[str, torch.Tensor], repeat: int = 1) -> dict[str, torch.Tensor]:
+    """The tensors a model forward takes, optionally repeated ``repeat`` times along the batch."""
+    out = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    if repeat > 1:
+        out = {k: v.repeat(repeat, *([1] * (v.dim() - 1))) for k, v in out.items()}
+    return out
+
+
+def solution_token_count(batches: Iterable[dict[str, torch.Tensor]]) -> int:
+    return int(sum(int((b["labels"] != -100).sum()) for b in batches))
+
+
+def check_finite(value: torch.Tensor, what: str) -> None:
+    if not math.isfinite(float(value)):
+        raise FloatingPointError(what)
+
+
+# ----- forward helpers -------------------------------------------------------------------------
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    import inspect
+
+    from ..arch import unwrap_model
+
+    try:
+        return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def last_logits(model: Any, inputs: dict[str, torch.Tensor], keep: int, **kwargs: Any) -> torch.Tensor:
+    """Logits (B, keep, V) of the last ``keep`` positions (the LM head runs only there when the
+    model supports ``logits_to_keep``)."""
+    if _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = int(keep)
+    logits = model(**inputs, use_cache=False, **kwargs).logits
+    return logits[:, -int(keep):]
+
+
+def solution_loss_sums(logits: torch.Tensor, labels: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Summed cross-entropy over solution tokens, per group of rows: (groups,).
+
+    ``logits`` (groups*B, K, V) are the last K positions; ``labels`` (B, T) from
+    :func:`collate_probe` (the same for every group).
+    """
+    K = logits.shape[1]
+    lab = labels[:, -K:]
+    valid = lab != -100
+    G = groups
+    B = lab.shape[0]
+    sel = logits.view(G, B, K, -1)[:, valid]  # (G, n_valid, V)
+    target = lab[valid]
+    logp = torch.log_softmax(sel.float(), dim=-1)
+    nll = -logp.gather(-1, target[None, :, None].expand(G, -1, 1)).squeeze(-1)
+    return nll.sum(-1)
