@@ -94,9 +94,9 @@ class CircuitConfig(PeftConfig):
         r: rank of the optional LoRA branch inside the same adapter layers (0 = no LoRA branch).
         lora_alpha: LoRA scaling numerator (scaling = ``lora_alpha / r``); None means ``r``.
         lora_dropout: dropout on the LoRA branch's input.
-        lora_target_modules: None puts the LoRA branch on every module the circuit touches; a list of
-            logical projection names (``q_proj`` ... ``down_proj``) or ``"all"`` puts it on those
-            projections in every layer.
+        lora_target_modules: the LoRA branch always sits on every module the circuit touches; a list
+            of logical projection names (``q_proj`` ... ``down_proj``) or ``"all"`` adds it to those
+            projections in every layer as well.
         init_weights: True: zero deltas (and zero LoRA B), the adapter starts as the identity;
             False: small random deltas (std 0.02), useful in tests.
         modules_to_save, trainable_token_indices: as in PEFT (full trainable copies / trainable embedding rows).
@@ -115,7 +115,7 @@ class CircuitConfig(PeftConfig):
     lora_alpha: Optional[float] = field(default=None, metadata={"help": "LoRA alpha (default: r)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch input"})
     lora_target_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "logical projections for the LoRA branch in every layer (None: circuit modules)"}
+        default=None, metadata={"help": "extra logical projections that get the LoRA branch in every layer"}
     )
     init_weights: bool = field(default=True, metadata={"help": "True: zero deltas; False: small random deltas"})
     modules_to_save: Optional[list[str]] = field(

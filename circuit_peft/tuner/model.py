@@ -39,10 +39,9 @@ def build_plan(config: CircuitConfig, model: nn.Module) -> dict[str, ModulePlan]
             entry = plan.setdefault(s.module, ModulePlan(layer=comp.layer))
             (entry.rows if s.axis == "out" else entry.cols).update(range(s.start, s.stop))
     if config.r > 0:
-        if config.lora_target_modules is None:
-            for entry in plan.values():
-                entry.lora = True
-        else:
+        for entry in plan.values():
+            entry.lora = True
+        if config.lora_target_modules is not None:
             names = PROJECTIONS if config.lora_target_modules == "all" else config.lora_target_modules
             names = [p for p in names if arch.has_projection(p)]
             for layer in range(arch.dims.n_layers):
@@ -130,7 +129,8 @@ def model_card_section(config: CircuitConfig, adapter_name: str = "default") -> 
     if config.r > 0:
         lines.append(
             f"- LoRA branch: r={config.r}, lora_alpha={config.lora_alpha}, "
-            f"on {config.lora_target_modules or 'the circuit modules'}"
+            "on the circuit modules"
+            + (f" and on {config.lora_target_modules} in every layer" if config.lora_target_modules else "")
         )
     if config.base_model_fingerprint:
         fp = config.base_model_fingerprint

@@ -1,0 +1,345 @@
+"""The CircuitConfig PEFT adapter on tiny random models of every supported family."""
+
+import json
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model, save_as_lora
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import circuit_peft
+from circuit_peft.arch import DEFAULT_PROJECTIONS, PAPER_PROJECTIONS, Component, get_arch
+from circuit_peft.models import tiny_model
+from circuit_peft.tuner import CircuitConfig, circuit_size
+
+# q/k/v/o heads and neurons over two layers; several share a fused module on phi3/gpt2.
+COMPONENTS = {"q": {"1": [0, 3]}, "k": {"1": [1]}, "v": {"2": [0]}, "o": {"2": [2]}, "mlp": {"1": [5], "2": [0, 95]}}
+
+
+def _inputs(seed=0, batch=2, length=12):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (batch, length), generator=g)
+
+
+def expected_masks(model, config):
+    """Independent of the tuner: module path -> bool mask of the weight entries the circuit owns."""
+    arch = get_arch(model)
+    masks = {}
+    for comp in config.component_list():
+        projections = config.projections_for_kind(comp.kind)
+        for s in arch.component_slices(comp, projections, model):
+            w = model.get_submodule(s.module).weight
+            m = masks.setdefault(s.module, torch.zeros_like(w, dtype=torch.bool))
+            m.narrow(arch.weight_dim(model.get_submodule(s.module), s.axis), s.start, s.stop - s.start).fill_(True)
+    return masks
+
+
+def _train(model, steps=3, lr=1e-2, weight_decay=0.1, seed=0):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    for step in range(steps):
+        x = _inputs(seed + step)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return model
+
+
+def test_merged_weights_differ_exactly_on_chosen_slices(tiny):
+    family, base = tiny
+    reference = {k: v.clone() for k, v in base.state_dict().items()}
+    config = CircuitConfig(components=COMPONENTS)
+    masks = expected_masks(base, config)
+    model = _train(get_peft_model(base, config))
+    merged = model.merge_and_unload()
+    changed_modules = set()
+    for name, w in merged.state_dict().items():
+        diff = w != reference[name]
+        module = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and module in masks:
+            assert torch.equal(diff, masks[module]), f"{family}: {name} changed outside/inside the wrong entries"
+            changed_modules.add(module)
+        else:
+            assert not diff.any(), f"{family}: {name} should be frozen"
+    assert changed_modules == set(masks)
+
+
+@pytest.mark.parametrize("r", [0, 4])
+def test_trainable_params_equal_slice_entries(tiny, r):
+    family, base = tiny
+    config = CircuitConfig(components=COMPONENTS, r=r)
+    masks = expected_masks(base, config)
+    model = get_peft_model(base, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    arch = get_arch(base)
+    # rows and columns of one module are separate parameters, so count each axis' entries separately
+    expected = 0
+    for path, mask in masks.items():
+        module = base.get_submodule(path).get_base_layer()
+        out_dim = arch.weight_dim(module, "out")
+        out_f, in_f = mask.shape[out_dim], mask.shape[1 - out_dim]
+        rows = mask.all(dim=1 - out_dim).sum().item()
+        cols = mask.all(dim=out_dim).sum().item()
+        expected += rows * in_f + cols * out_f + r * (in_f + out_f)
+    assert trainable == expected
+    assert circuit_size(config, model)["trainable_params"] == expected
+
+
+def test_outputs_after_save_load_merge_unmerge_and_disable(tiny, tmp_path):
+    family, base = tiny
+    x = _inputs()
+    with torch.no_grad():
+        y_base = base(x).logits
+    model = get_peft_model(base, CircuitConfig(components=COMPONENTS, init_weights=False, r=2))
+    model.eval()
+    with torch.no_grad():
+        y = model(x).logits
+        assert (y - y_base).abs().max() > 1e-3  # the adapter acts
+        with model.disable_adapter():
+            assert torch.equal(model(x).logits, y_base)
+        model.save_pretrained(tmp_path)
+        loaded = PeftModel.from_pretrained(tiny_model(family), tmp_path)
+        assert (loaded(x).logits - y).abs().max() < 1e-5
+        model.merge_adapter()
+        assert (model(x).logits - y).abs().max() < 1e-5
+        model.unmerge_adapter()
+        assert (model(x).logits - y).abs().max() < 1e-5
+        assert torch.equal(model.get_base_model()(x).logits, model(x).logits)
+
+
+def test_unmerge_restores_base_weights_bit_exactly():
+    base = tiny_model("gpt2")
+    reference = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, CircuitConfig(components=COMPONENTS, init_weights=False))
+    model.merge_adapter()
+    model.unmerge_adapter()
+    state = model.get_base_model().state_dict()
+    for name, w in reference.items():
+        key = name if name in state else name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        assert torch.equal(state[key], w), name
+
+
+def test_exported_lora_reproduces_outputs(tiny, tmp_path):
+    family, base = tiny
+    x = _inputs()
+    model = get_peft_model(base, CircuitConfig(components=COMPONENTS, init_weights=False))
+    model.eval()
+    assert model.supports_lora_conversion()
+    with torch.no_grad():
+        y = model(x).logits
+    save_as_lora(tmp_path, model, rank=1.0)  # energy threshold 1.0: each module keeps its full (slice) rank
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    lora = PeftModel.from_pretrained(tiny_model(family), tmp_path)
+    with torch.no_grad():
+        assert (lora(x).logits - y).abs().max() < 1e-4
+
+
+def test_several_named_adapters_set_and_delete():
+    x = _inputs()
+    cfg_a = dict(components={"q": {"0": [1]}}, init_weights=False)
+    cfg_b = dict(components={"mlp": {"2": [7, 8]}}, init_weights=False)
+    torch.manual_seed(1)
+    single_a = get_peft_model(tiny_model("llama"), CircuitConfig(**cfg_a)).eval()
+    torch.manual_seed(2)
+    single_b = get_peft_model(tiny_model("llama"), CircuitConfig(**cfg_b)).eval()
+
+    model = get_peft_model(tiny_model("llama"), CircuitConfig(**cfg_a), adapter_name="first").eval()
+    model.add_adapter("second", CircuitConfig(**cfg_b))
+    model.load_state_dict(
+        {k.replace(".default", ".first"): v for k, v in single_a.state_dict().items() if "circuit_" in k}, strict=False
+    )
+    model.load_state_dict(
+        {k.replace(".default", ".second"): v for k, v in single_b.state_dict().items() if "circuit_" in k}, strict=False
+    )
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, single_a(x).logits)
+        model.set_adapter("second")
+        assert torch.equal(model(x).logits, single_b(x).logits)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all(".second" in n for n in trainable)
+        model.base_model.set_adapter(["first", "second"])
+        both = model(x).logits
+        assert (both - single_a(x).logits).abs().max() > 1e-4 and (both - single_b(x).logits).abs().max() > 1e-4
+        model.delete_adapter("first")
+        assert list(model.peft_config) == ["second"]
+        assert not any(".first" in n for n, _ in model.named_parameters())
+        assert torch.equal(model(x).logits, single_b(x).logits)
+
+
+def test_lora_branch_on_extra_projections_trains_and_reloads(tmp_path):
+    base = tiny_model("qwen2")
+    config = CircuitConfig(components={"mlp": {"2": [1, 2]}}, r=4, lora_alpha=8, lora_target_modules=["v_proj"],
+                           init_weights=False)
+    model = get_peft_model(base, config)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert sum("v_proj.circuit_lora_A" in n for n in names) == 3  # every layer's v_proj
+    assert any("up_proj.circuit_lora_B" in n for n in names)  # the circuit modules too
+    assert model.base_model.lowest_trained_layer is None  # LoRA in layer 0: gradients everywhere
+    _train(model, steps=2)
+    x = _inputs()
+    with torch.no_grad():
+        y = model(x).logits
+        model.save_pretrained(tmp_path)
+        loaded = PeftModel.from_pretrained(tiny_model("qwen2"), tmp_path)
+        assert (loaded(x).logits - y).abs().max() < 1e-5
+        merged = loaded.merge_and_unload()
+        assert (merged(x).logits - y).abs().max() < 1e-5
+
+
+def test_config_round_trip_and_helpers(tmp_path):
+    comps = [Component("mlp", 2, 9), ("q", 1, 3), ("q", 1, 0), ("k", 1, 1), ("q", 1, 0)]
+    config = CircuitConfig.from_components(comps, projections="paper")
+    assert config.components == {"mlp": {"2": [9]}, "q": {"1": [0, 3]}, "k": {"1": [1]}}
+    assert config.component_list() == [("q", 1, 0), ("q", 1, 3), ("k", 1, 1), ("mlp", 2, 9)]
+    assert config.projections_for_kind("mlp") == PAPER_PROJECTIONS["mlp"]
+    assert CircuitConfig(components={"q": {1: [2]}}).projections_for_kind("q") == DEFAULT_PROJECTIONS["q"]
+    config.save_pretrained(tmp_path)
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, CircuitConfig) and loaded.components == config.components
+    assert loaded.peft_type == "CIRCUIT"
+
+
+def test_circuit_size_counts_components_as_in_the_paper():
+    model = tiny_model("llama")  # 3 layers, 4 q heads, 2 kv heads, 96 neurons
+    size = circuit_size(CircuitConfig(components={"q": {"0": [0, 1]}, "o": {"0": [3]}, "mlp": {"1": [4]}}), model)
+    assert size["components"] == 3  # o slices are not counted as components
+    assert size["total_components"] == 3 * (4 + 2 + 2 + 96)
+    assert size["total_params"] == sum(p.numel() for p in model.parameters())
+    # q rows 2*16 x 64 in, o cols 64 out x 3*16, mlp: gate+up row 64 each, down col 64
+    assert size["trainable_params"] == 32 * 64 + 64 * 48 + 3 * 64
+    assert size["param_fraction"] == pytest.approx(size["trainable_params"] / size["total_params"])
+
+
+def test_registration_is_idempotent_and_auto_model_loads(tmp_path):
+    circuit_peft.tuner.register()
+    circuit_peft.tuner.register()
+    tiny_model("mistral").save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    config = CircuitConfig(components={"v": {"2": [1]}}, init_weights=False)
+    model = get_peft_model(base, config).eval()
+    model.save_pretrained(tmp_path / "adapter")
+    auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    x = _inputs()
+    with torch.no_grad():
+        assert (auto(x).logits - model(x).logits).abs().max() < 1e-5
+
+
+def test_model_card_names_method_and_components(tmp_path):
+    model = get_peft_model(tiny_model("llama"), CircuitConfig(components={"q": {"1": [0, 2]}, "mlp": {"2": [7]}}))
+    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)  # saving twice keeps one section
+    card = (tmp_path / "README.md").read_text()
+    assert "CircuitConfig" in card and "CIRCUIT" in card
+    assert "| query head | 1 | 0, 2 |" in card and "| MLP neuron | 2 | 7 |" in card
+    assert card.count("## Circuit adapter (`default`)") == 1
+    assert "circuit-peft" in card.split("---")[1]  # tag in the YAML header
+
+
+# ----- no backward work below the lowest trained layer ------------------------------------------
+
+
+@pytest.mark.parametrize("checkpointing", [None, True, False])
+def test_no_gradient_below_lowest_trained_layer(checkpointing):
+    base = tiny_model("llama")
+    model = get_peft_model(base, CircuitConfig(components={"q": {"2": [1]}, "mlp": {"2": [3]}}, init_weights=False))
+    assert model.base_model.lowest_trained_layer == 2
+    model.train()
+    model.enable_input_require_grads()  # what Trainer/SFTTrainer do with gradient checkpointing
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+    layers = get_arch(base).layers(base)
+    calls = {i: 0 for i in range(3)}
+    for i, layer in enumerate(layers):
+        layer.register_full_backward_hook(lambda m, gi, go, i=i: calls.__setitem__(i, calls[i] + 1))
+    x = _inputs()
+    model(input_ids=x, labels=x).loss.backward()
+    assert calls[0] == 0 and calls[1] == 0
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g.abs().sum() > 0 for g in grads.values())
+
+    # the cut changes no gradient: compare with the hook removed
+    model.zero_grad()
+    model.base_model.__dict__.pop("_gradient_stop").remove()
+    model(input_ids=x, labels=x).loss.backward()
+    assert calls[0] > 0
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, grads[n], atol=1e-6), n
+
+
+def test_modules_to_save_keeps_gradients_everywhere():
+    model = get_peft_model(tiny_model("llama"), CircuitConfig(components={"q": {"2": [1]}}, modules_to_save=["lm_head"]))
+    assert model.base_model.lowest_trained_layer is None
+
+
+def test_trainable_tokens_and_modules_to_save_round_trip(tmp_path):
+    config = CircuitConfig(components={"k": {"1": [0]}}, init_weights=False, trainable_token_indices=[3, 5],
+                           modules_to_save=["model.norm"])
+    model = _train(get_peft_model(tiny_model("olmo2"), config), steps=2)
+    x = _inputs()
+    with torch.no_grad():
+        y = model(x).logits
+        model.save_pretrained(tmp_path)
+        loaded = PeftModel.from_pretrained(tiny_model("olmo2"), tmp_path)
+        assert (loaded(x).logits - y).abs().max() < 1e-5
+
+
+# ----- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "components, message",
+    [
+        ({"q": {"0": [4]}}, "query head index 4"),
+        ({"k": {"1": [2]}}, "key/value head index 2"),
+        ({"v": {"2": [5]}}, "key/value head index 5"),
+        ({"mlp": {"0": [96]}}, "MLP neuron index 96"),
+        ({"q": {"3": [0]}}, "layer 3 is out of range"),
+    ],
+)
+def test_out_of_range_components_raise_before_injection(components, message):
+    base = tiny_model("llama")
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(base, CircuitConfig(components=components))
+    assert not any("circuit_" in n for n, _ in base.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(components={}), "circuit is empty"),
+        (dict(components={"q": {"0": []}}), "circuit is empty"),
+        (dict(components={"head": {"0": [1]}}), "unknown component kind"),
+        (dict(components={"q": {"0": [-1]}}), "negative index"),
+        (dict(components={"q": {"x": [1]}}), "non-integer layer"),
+        (dict(components={"q": {"0": [1]}}, r=-1), "r >= 1"),
+        (dict(components={"q": {"0": [1]}}, r=0, lora_target_modules=["q_proj"]), "r >= 1"),
+        (dict(components={"q": {"0": [1]}}, projections="some"), "unknown projections preset"),
+        (dict(components={"q": {"0": [1]}}, projections={"q": ["w_proj"]}), "unknown projection"),
+    ],
+)
+def test_bad_config_raises_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CircuitConfig(**kwargs)
+
+
+def test_disallowed_projection_for_kind_raises():
+    with pytest.raises(ValueError, match="cannot touch"):
+        get_peft_model(tiny_model("llama"), CircuitConfig(components={"k": {"0": [0]}}, projections={"k": ["q_proj"]}))
+
+
+def test_unsupported_family_raises():
+    cfg = AutoConfig.for_model("opt", vocab_size=64, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                               num_attention_heads=2, word_embed_proj_dim=32)
+    with pytest.raises(ValueError, match="Supported families"):
+        get_peft_model(AutoModelForCausalLM.from_config(cfg), CircuitConfig(components={"q": {"0": [0]}}))
+
+
+@pytest.mark.parametrize("other, field", [(dict(family="llama", n_layers=4), "n_layers"), (dict(family="qwen2"), "family")])
+def test_loading_onto_a_different_base_model_names_the_field(tmp_path, other, field):
+    get_peft_model(tiny_model("llama"), CircuitConfig(components={"q": {"0": [0]}})).save_pretrained(tmp_path)
+    family = other.pop("family")
+    with pytest.raises(ValueError, match=rf"different base model \({field}: adapter was made for"):
+        PeftModel.from_pretrained(tiny_model(family, **other), tmp_path)
