@@ -17,3 +17,7 @@ from .tuner import CircuitConfig, CircuitModel, circuit_size  # noqa: F401  (reg
 # --- CCA (cca/, evaluate/) ---
 
 # --- CircuitSeer (select/) ---
+from .select import (  # noqa: F401
+    CircuitSeerSampler, CircuitSeerScorer, ReasoningHeads, find_reasoning_heads, select_indices, select_subset,
+    use_sampler,
+)

@@ -1,0 +1,223 @@
+"""Reasoning heads: the query heads whose ablation hurts math solutions most (CircuitSeer stage 1).
+
+A :class:`ReasoningHeads` is a sorted list of ``(layer, head)`` query heads plus the base-model
+fingerprint it was made for. Build one from
+
+* an explicit list: ``ReasoningHeads.from_list([(3, 1), (7, 4)], model)``,
+* any :class:`circuit_peft.circuit.Circuit` (or object with ``.scores`` {Component: float}):
+  ``ReasoningHeads.from_circuit(circuit, fraction=0.05)``,
+* a fresh scan: :func:`find_reasoning_heads` (head ablation scan by default, or attribution).
+
+Save/load as JSON; loading checks the model fingerprint so a heads file made for another model
+is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from torch import nn
+
+from ..arch import fingerprint_diff, get_arch
+
+HEADS_FORMAT = "circuit-peft/reasoning-heads"
+DEFAULT_HEAD_FRACTION = 0.05
+_HEAD_KINDS = ("q", "o")  # a query head is named "q" (its weights) or "o" (its output) by locate scans
+
+
+@dataclass
+class ReasoningHeads:
+    """Query heads ``[(layer, head), ...]`` (sorted, unique) for one base model.
+
+    ``scores``: optional {(layer, head): importance} (e.g. loss increase under ablation);
+    ``model_fingerprint``: :meth:`ModelArch.fingerprint` of the model they belong to.
+    """
+
+    heads: list[tuple[int, int]]
+    model_fingerprint: dict[str, Any] | None = None
+    scores: dict[tuple[int, int], float] = field(default_factory=dict)
+    source: str = "list"
+
+    def __post_init__(self) -> None:
+        self.heads = sorted({(int(l), int(h)) for l, h in self.heads})
+        if not self.heads:
+            raise ValueError("no reasoning heads given: pass at least one (layer, head)")
+
+    # ----- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_list(cls, heads: Iterable[tuple[int, int]], model: nn.Module | None = None) -> "ReasoningHeads":
+        """Wrap an explicit list; with ``model``, every head is validated and the fingerprint recorded."""
+        out = cls(list(heads), source="list")
+        if model is not None:
+            out.check_model(model, record=True)
+        return out
+
+    @classmethod
+    def from_circuit(
+        cls,
+        circuit: Any,
+        fraction: float | None = DEFAULT_HEAD_FRACTION,
+        k: int | None = None,
+        z: float | None = None,
+        model: nn.Module | None = None,
+    ) -> "ReasoningHeads":
+        """The top query heads of a scored circuit.
+
+        Ranks the circuit's query-head scores (kinds ``q`` / ``o``) and keeps the top ``k``, or the
+        top ``fraction`` of all scored heads (default 5 %, at least one), or those with a z-score
+        above ``z``. A circuit without head scores falls back to its kept query heads.
+        """
+        scores: dict[tuple[int, int], float] = {}
+        for comp, s in (getattr(circuit, "scores", None) or {}).items():
+            kind, layer, index = comp
+            if kind in _HEAD_KINDS:
+                key = (int(layer), int(index))
+                scores[key] = max(float(s), scores.get(key, -math.inf))
+        fp = getattr(circuit, "model_fingerprint", None) or getattr(circuit, "fingerprint", None)
+        fp = fp if isinstance(fp, dict) else None
+        if not scores:
+            kept = [(c[1], c[2]) for c in getattr(circuit, "components", []) if c[0] in _HEAD_KINDS]
+            if not kept:
+                raise ValueError("the circuit has no query heads (kinds 'q' or 'o') to use as reasoning heads")
+            out = cls(kept, fp, source="circuit")
+        else:
+            out = cls(top_heads(scores, fraction=fraction, k=k, z=z), fp, scores, source="circuit")
+        if model is not None:
+            out.check_model(model, record=True)
+        return out
+
+    # ----- checks and grouping -------------------------------------------------------------------
+    def check_model(self, model: nn.Module, record: bool = False) -> None:
+        """Raise ``ValueError`` if these heads were made for another model or do not exist in it."""
+        arch = get_arch(model)
+        if self.model_fingerprint is not None:
+            diffs = fingerprint_diff(self.model_fingerprint, arch.fingerprint())
+            if diffs:
+                raise ValueError(
+                    "these reasoning heads were made for another model: " + "; ".join(diffs).replace("adapter", "heads")
+                    + ". Recompute them for this model (circuit_peft.select.find_reasoning_heads)."
+                )
+        for layer, head in self.heads:
+            arch.validate("q", layer, head)
+        if record or self.model_fingerprint is None:
+            self.model_fingerprint = arch.fingerprint()
+
+    def by_layer(self) -> dict[int, list[int]]:
+        """{layer: [heads]} in ascending order."""
+        out: dict[int, list[int]] = {}
+        for layer, head in self.heads:
+            out.setdefault(layer, []).append(head)
+        return out
+
+    @property
+    def deepest_layer(self) -> int:
+        return max(l for l, _ in self.heads)
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def __iter__(self):
+        return iter(self.heads)
+
+    # ----- JSON -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": HEADS_FORMAT,
+            "heads": [list(h) for h in self.heads],
+            "model_fingerprint": self.model_fingerprint,
+            "scores": {f"{l}.{h}": s for (l, h), s in sorted(self.scores.items())},
+            "source": self.source,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON atomically (temp file + ``os.replace``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "ReasoningHeads":
+        """Read a heads file (or a saved ``Circuit``); with ``model``, refuse one made for another model."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"heads file {path} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not a JSON heads file: {err}") from None
+        if isinstance(data, dict) and data.get("format") == HEADS_FORMAT:
+            scores = {tuple(int(x) for x in k.split(".")): float(v) for k, v in (data.get("scores") or {}).items()}
+            out = cls([tuple(h) for h in data["heads"]], data.get("model_fingerprint"), scores,
+                      data.get("source", "file"))
+        else:
+            from ..circuit import Circuit  # a saved Circuit from circuit-peft locate
+
+            out = cls.from_circuit(Circuit.load(path))
+        if model is not None:
+            out.check_model(model)
+        return out
+
+
+def top_heads(
+    scores: dict[tuple[int, int], float], fraction: float | None = DEFAULT_HEAD_FRACTION, k: int | None = None,
+    z: float | None = None,
+) -> list[tuple[int, int]]:
+    """Heads with the highest scores: top ``k``, top ``fraction`` (at least 1), or z-score > ``z``."""
+    if not scores:
+        raise ValueError("no head scores to rank")
+    ranked = sorted(scores, key=lambda h: (-scores[h], h))
+    if k is not None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        return ranked[:k]
+    if z is not None:
+        vals = list(scores.values())
+        mean = sum(vals) / len(vals)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / max(len(vals) - 1, 1)) or 1.0
+        kept = [h for h in ranked if (scores[h] - mean) / sd > z]
+        return kept or ranked[:1]
+    if fraction is None or not 0 < fraction <= 1:
+        raise ValueError(f"head fraction must be in (0, 1], got {fraction}")
+    return ranked[: max(1, math.ceil(fraction * len(ranked) - 1e-9))]
+
+
+def find_reasoning_heads(
+    model: nn.Module,
+    tokenizer: Any,
+    probe: Any,
+    method: str = "ablation",
+    fraction: float | None = DEFAULT_HEAD_FRACTION,
+    k: int | None = None,
+    z: float | None = None,
+    **scan_kwargs: Any,
+) -> ReasoningHeads:
+    """Scan every query head on ``probe`` rows ``{"prompt", "solution"}`` and keep the top ones.
+
+    Rows with other field names: pass ``prompt_field=`` / ``solution_field=`` (e.g. GSM8K's
+    ``"question"`` / ``"answer"``).
+    ``method="ablation"``: :func:`circuit_peft.locate.ablation.head_ablation_scan` (loss increase on
+    solution tokens when the head is ablated, uniform ablation by default);
+    ``method="attribution"``: :func:`circuit_peft.locate.attribution.attribution_scan` (first-order
+    estimate, one backward pass). Extra keyword arguments go to the scan.
+    """
+    if method == "ablation":
+        from ..locate.ablation import head_ablation_scan
+
+        circuit = head_ablation_scan(model, tokenizer, probe, **{"keep_fraction": None, **scan_kwargs})
+    elif method == "attribution":
+        from ..locate.attribution import attribution_scan
+
+        circuit = attribution_scan(model, tokenizer, probe, **{"kinds": ("q",), "keep_fraction": None, **scan_kwargs})
+    else:
+        raise ValueError(f"unknown reasoning-head method {method!r}; use 'ablation' or 'attribution'")
+    out = ReasoningHeads.from_circuit(circuit, fraction=fraction, k=k, z=z, model=model)
+    out.source = f"{method} scan"
+    return out
