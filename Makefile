@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x --durations=15
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest -q --durations=15
 
 demo: $(STAMP)
-	$(BIN)/circuit-peft demo
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/circuit-peft demo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/adapter_step.py
