@@ -1,0 +1,97 @@
+"""A seeded generator of small arithmetic problems with GSM8K-style gold answers.
+
+The family is chosen so that a small instruct model (SmolLM2-135M) is weak but sometimes right:
+two-digit addition and subtraction, bare (``"What is 47 + 38?"``) or as one-sentence word
+problems. Each row is ``{"id", "question", "answer", "kind", "a", "b", "op"}`` where ``answer`` is
+a GSM8K solution ending in ``#### n`` (e.g. ``"47 + 38 = 85\\n#### 85"``).
+
+Train and held-out problems are disjoint by construction: a problem's split is a hash of its
+arithmetic ``(op, a, b)``, so the same sum never lands in both splits, whatever the seed, the
+wording or the sizes asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Literal
+
+Split = Literal["train", "test"]
+PROBLEM_KINDS: tuple[str, ...] = ("add", "sub", "word_add", "word_sub")
+
+# Our choice: one in five (op, a, b) triples is held out.
+_TEST_SHARE = 5
+
+_NAMES = ("Tom", "Sara", "Ali", "Mia", "Ben", "Lena", "Omar", "Kim", "Ivan", "Zoe")
+_THINGS = ("apples", "marbles", "books", "stickers", "coins", "shells", "pencils", "cards")
+_WORD_ADD = (
+    "{n} has {a} {t} and gets {b} more. How many {t} does {n} have now?",
+    "A box holds {a} {t}. {n} puts in {b} more {t}. How many {t} are in the box?",
+    "{n} collected {a} {t} on Monday and {b} {t} on Tuesday. How many {t} did {n} collect in all?",
+)
+_WORD_SUB = (
+    "{n} has {a} {t} and gives away {b}. How many {t} does {n} have left?",
+    "A box holds {a} {t}. {n} takes out {b} {t}. How many {t} are left in the box?",
+    "{n} had {a} {t} and lost {b} of them. How many {t} does {n} have now?",
+)
+
+
+def problem_split(op: str, a: int, b: int) -> Split:
+    """Which split the arithmetic ``a op b`` belongs to (a stable hash; independent of seeds)."""
+    digest = hashlib.sha256(f"{op}:{a}:{b}".encode()).digest()
+    return "test" if digest[0] % _TEST_SHARE == 0 else "train"
+
+
+def _render(kind: str, a: int, b: int, rng: random.Random) -> tuple[str, str]:
+    op = "+" if kind.endswith("add") else "-"
+    if kind in ("add", "sub"):
+        question = f"What is {a} {op} {b}?"
+    else:
+        template = rng.choice(_WORD_ADD if op == "+" else _WORD_SUB)
+        question = template.format(n=rng.choice(_NAMES), t=rng.choice(_THINGS), a=a, b=b)
+    result = a + b if op == "+" else a - b
+    return question, f"{a} {op} {b} = {result}\n#### {result}"
+
+
+def make_problems(
+    n: int,
+    split: Split = "train",
+    seed: int = 0,
+    kinds: tuple[str, ...] = PROBLEM_KINDS,
+    low: int = 10,
+    high: int = 99,
+) -> list[dict]:
+    """``n`` distinct problems of ``split`` (``"train"`` or ``"test"``), reproducible from ``seed``.
+
+    Kinds cycle through ``kinds`` (``add``, ``sub``, ``word_add``, ``word_sub``); operands are
+    integers in ``[low, high]``, and subtraction never goes below zero. Ids look like
+    ``"train-add-47-38"`` so they are unique across splits.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    unknown = [k for k in kinds if k not in PROBLEM_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"kinds must be a non-empty subset of {PROBLEM_KINDS}, got {kinds!r}")
+    if not 0 <= low <= high:
+        raise ValueError(f"need 0 <= low <= high, got low={low}, high={high}")
+    rng = random.Random(f"{seed}:{split}")
+    rows: list[dict] = []
+    seen: set[tuple[str, int, int]] = set()
+    attempts = 0
+    while len(rows) < n:
+        attempts += 1
+        if attempts > 50 * n + 10_000:
+            raise ValueError(f"could not draw {n} distinct {split} problems of kinds {kinds} from [{low}, {high}]; "
+                             "ask for fewer or widen the range")
+        kind = kinds[len(rows) % len(kinds)]
+        a, b = rng.randint(low, high), rng.randint(low, high)
+        op = "+" if kind.endswith("add") else "-"
+        if op == "-" and a < b:
+            a, b = b, a
+        if (op, a, b) in seen or problem_split(op, a, b) != split:
+            continue
+        seen.add((op, a, b))
+        question, answer = _render(kind, a, b, rng)
+        rows.append({"id": f"{split}-{kind}-{a}-{b}", "question": question, "answer": answer,
+                     "kind": kind, "a": a, "b": b, "op": op})
+    return rows
