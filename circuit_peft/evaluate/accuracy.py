@@ -1,0 +1,115 @@
+"""Accuracy on held-out problems: greedy, batched generation, final-answer checking."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .answers import AnswerFormat, NumberAnswer
+from .generation import generate_batched
+from .prompts import PromptStyle, build_prompt, encode_prompts
+
+logger = logging.getLogger(__name__)
+
+# few-shot prompts: a model that starts the next example has finished its answer
+FEWSHOT_STOP = "\nQuestion:"
+
+
+@dataclass
+class AccuracyResult:
+    """``accuracy`` = ``correct / count``; ``stderr`` = sqrt(p(1-p)/n) (binomial standard error).
+
+    ``records``: one dict per scored problem (``index``, ``question``, ``gold``, ``prediction``,
+    ``completion``, ``correct``); ``skipped``: problems without a parsable gold answer.
+    """
+
+    accuracy: float
+    count: int
+    correct: int
+    stderr: float
+    records: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self, with_records: bool = True) -> dict[str, Any]:
+        out = asdict(self)
+        if not with_records:
+            out.pop("records")
+        return out
+
+
+def binomial_stderr(p: float, n: int) -> float:
+    """Standard error of a proportion ``p`` measured on ``n`` items."""
+    return math.sqrt(p * (1.0 - p) / n) if n > 0 else float("nan")
+
+
+def evaluate_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: Iterable[dict[str, Any]],
+    style: PromptStyle = "chat",
+    shots: Sequence[Any] | None = None,
+    answer_format: AnswerFormat | None = None,
+    question_field: str = "question",
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    limit: int | None = None,
+    system: str | None = None,
+    instruction: str | None = None,
+    progress: bool = True,
+) -> AccuracyResult:
+    """Greedy accuracy of ``model`` on ``problems`` (dicts or a ``datasets.Dataset``).
+
+    Each problem's prompt comes from :func:`~circuit_peft.evaluate.prompts.build_prompt`
+    (``style``, ``shots``, ``system``, ``instruction``); the completion's final answer is compared
+    with the gold answer read by ``answer_format`` (default :class:`NumberAnswer`: the
+    ``answer`` field, GSM8K ``#### n`` or a bare number). Problems whose gold answer cannot be
+    parsed are reported (logged, and listed in ``skipped``) and not scored.
+    """
+    fmt = answer_format or NumberAnswer()
+    rows = [dict(r) for r in problems]
+    if limit is not None:
+        rows = rows[:limit]
+    if not rows:
+        raise ValueError("no problems to evaluate: the evaluation set is empty")
+    kept, skipped = [], []
+    for i, row in enumerate(rows):
+        if question_field not in row:
+            raise ValueError(f"problem {i} has no {question_field!r} field (fields: {sorted(row)}); "
+                             "pass question_field=...")
+        gold = fmt.gold(row)
+        (kept if gold is not None else skipped).append((i, row, gold))
+    if skipped:
+        logger.warning("%d of %d problems have no parsable gold answer and are skipped; first: %s",
+                       len(skipped), len(rows), [r[question_field][:60] for _, r, _ in skipped[:3]])
+    if not kept:
+        raise ValueError(f"none of the {len(rows)} problems has a parsable gold answer "
+                         f"(first: {rows[0]!r:.200}); check answer_format / the answer field")
+    prompts = [build_prompt(tokenizer, r[question_field], style, shots, system=system, instruction=instruction)
+               for _, r, _ in kept]
+    completions = generate_batched(
+        model, tokenizer, encode_prompts(tokenizer, prompts, style), max_new_tokens=max_new_tokens,
+        batch_size=batch_size, stop_strings=[FEWSHOT_STOP] if style == "fewshot" else None,
+        progress=progress, desc="accuracy",
+    )
+    records = []
+    for (i, row, gold), ids in zip(kept, completions):
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if style == "fewshot":
+            text = text.split(FEWSHOT_STOP)[0]
+        pred = fmt.extract(text)
+        record = {"index": i, "question": row[question_field], "gold": gold, "prediction": pred,
+                  "completion": text, "correct": pred is not None and pred == gold}
+        if "problem_id" in row:
+            record["problem_id"] = row["problem_id"]
+        records.append(record)
+    correct = sum(r["correct"] for r in records)
+    acc = correct / len(records)
+    return AccuracyResult(
+        accuracy=acc, count=len(records), correct=correct, stderr=binomial_stderr(acc, len(records)),
+        records=records, skipped=[{"index": i, "question": r[question_field]} for i, r, _ in skipped],
+    )

@@ -1,0 +1,173 @@
+"""Batched generation and batched log-likelihood scoring (shared by accuracy, side effects and mining)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Put ``model`` in eval mode (no dropout) for the block; restore its mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int]], pad_id: int, side: str = "left"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of shape ``(B, max_len)`` padded on ``side``."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if not s:
+            raise ValueError(f"sequence {i} is empty; every prompt needs at least one token")
+        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, sl] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+    return int(pad)
+
+
+@torch.no_grad()
+def generate_batched(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    stop_strings: Sequence[str] | None = None,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[list[int]]:
+    """New token ids for each prompt (greedy unless ``do_sample``), in the input order.
+
+    Prompts are sorted by length and left-padded in batches of ``batch_size``; the returned
+    completions stop at (and exclude) EOS/pad, and at the end of any ``stop_strings`` match.
+    """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError("batch_size and max_new_tokens must be >= 1")
+    pad_id = _pad_id(tokenizer)
+    eos = tokenizer.eos_token_id
+    stops = {pad_id} | ({eos} if eos is not None else set())
+    gen_cfg = getattr(model, "generation_config", None)
+    if gen_cfg is not None and gen_cfg.eos_token_id is not None:
+        extra = gen_cfg.eos_token_id
+        stops |= set(extra if isinstance(extra, list) else [extra])
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    out: list[list[int]] = [[] for _ in prompt_ids]
+    device = model_device(model)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_id)
+    if do_sample:
+        kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+    else:
+        kwargs.update(temperature=None, top_k=None, top_p=None)
+    if stop_strings:
+        kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
+    with eval_mode(model):
+        bar = tqdm(total=len(order), desc=desc, disable=not progress, leave=False)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = pad_batch([prompt_ids[i] for i in idx], pad_id, side="left")
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+            new = gen[:, ids.shape[1] :].tolist()
+            for i, row in zip(idx, new):
+                cut = next((j for j, t in enumerate(row) if t in stops), len(row))
+                out[i] = row[:cut]
+            bar.update(len(idx))
+        bar.close()
+    return out
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    contexts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "score",
+    shared_prefix: Sequence[int] | None = None,
+) -> list[float]:
+    """Sum of ``log p(continuation | context)`` (nats) for each pair of token-id lists.
+
+    Pairs that share a context and whose continuations are all one token are scored with one
+    forward of the context (its next-token distribution); other pairs run context+continuation.
+    Batches are left-padded with explicit position ids (so padding changes nothing) and only the
+    needed last positions go through the LM head. ``shared_prefix``: ids that every context starts
+    with (e.g. few-shot examples); they run once and their KV cache is reused for every batch.
+    """
+    if len(contexts) != len(continuations):
+        raise ValueError("contexts and continuations must have the same length")
+    prefix = list(shared_prefix or [])
+    pad_id = _pad_id(tokenizer)
+    device = model_device(model)
+    scores = [0.0] * len(contexts)
+    single: dict[tuple[int, ...], list[int]] = {}
+    jobs: list[tuple[list[int], list[int]]] = []  # (sequence after the prefix, pair indices scored from it)
+    for i, (ctx, cont) in enumerate(zip(contexts, continuations)):
+        if not cont or len(ctx) <= len(prefix):
+            raise ValueError(f"pair {i}: the continuation and the context after the shared prefix must be non-empty")
+        if prefix and list(ctx[: len(prefix)]) != prefix:
+            raise ValueError(f"pair {i}: context does not start with shared_prefix")
+        if len(cont) == 1:
+            single.setdefault(tuple(ctx[len(prefix) :]), []).append(i)
+        else:
+            jobs.append((list(ctx[len(prefix) :]) + list(cont), [i]))
+    jobs += [(list(ctx), idx) for ctx, idx in single.items()]
+    jobs.sort(key=lambda j: -len(j[0]))
+    with eval_mode(model):
+        prefix_cache = None
+        if prefix:
+            prefix_cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+        bar = tqdm(total=len(contexts), desc=desc, disable=not progress, leave=False)
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start : start + batch_size]
+            ids, mask = pad_batch([seq for seq, _ in chunk], pad_id, side="left")
+            ids, mask = ids.to(device), mask.to(device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0) + len(prefix)
+            kwargs: dict = {"use_cache": False}
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(chunk))
+                mask = torch.cat([torch.ones(len(chunk), len(prefix), dtype=mask.dtype, device=device), mask], 1)
+                kwargs = {"past_key_values": cache, "use_cache": True}
+            keep = max(len(continuations[idx[0]]) + 1 if len(seq) > len(contexts[idx[0]]) - len(prefix) else 1
+                       for seq, idx in chunk)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep,
+                           **kwargs).logits
+            logp = torch.log_softmax(logits[:, -keep:].float(), dim=-1)  # position -1 = last real token
+            for row, (seq, idx) in enumerate(chunk):
+                for i in idx:
+                    cont = list(continuations[i])
+                    if len(cont) == 1 and len(seq) == len(contexts[i]) - len(prefix):
+                        scores[i] = float(logp[row, -1, cont[0]])
+                    else:  # logits at -len(cont)-1 .. -2 predict the continuation tokens
+                        pos = torch.arange(keep - len(cont) - 1, keep - 1, device=logp.device)
+                        scores[i] = float(logp[row, pos, torch.tensor(cont, device=logp.device)].sum())
+                bar.update(len(idx))
+        bar.close()
+    return scores
