@@ -1,0 +1,334 @@
+"""The amplification update: train only the located circuit on the contrastive logit difference.
+
+Loss at the last context position of each record (``margin = z[desired] - z[undesired]``):
+
+* ``"logit_diff"`` (the paper's): ``-mean(margin)``; unbounded, so pair it with validation.
+* ``"logsigmoid"`` (our bounded variant): ``mean(-log sigmoid(margin))``.
+* ``"capped"`` (our bounded variant): ``-mean(min(margin, margin_cap))``.
+
+Paper defaults: full-batch gradient descent (``optimizer="sgd"``, gradients accumulated over
+micro-batches, so the step is the full-batch one), lr 1e-4, up to 100 steps, keep the step with
+the best validation score (step 0 = the unchanged model is a candidate too). ``optimizer="adam"``
+and ``patience`` (early stopping after that many evaluations without improvement) are options.
+
+Speed: the records are fixed and every layer below the lowest trained component is frozen, so the
+hidden states entering that layer are computed once
+(:func:`~circuit_peft.interventions.capture_layer_input`) and each step runs only the layers above
+(:func:`~circuit_peft.interventions.start_at_layer`); ``cache_lower_layers=False`` runs the plain
+loop (same losses, see :func:`measure_update_speedup`).
+
+``mask=False`` is the paper's "without mask" ablation: the same update on every component of the
+same kinds and projections (every row of those projections in every layer).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..arch import get_arch, unwrap_model
+from ..circuit import Circuit
+from ..interventions import capture_layer_input, forward_until, start_at_layer
+from ..locate.data import collate_records, last_logits, length_batches, pad_token_id, validate_records
+from ..tuner import CircuitConfig, circuit_size
+
+logger = logging.getLogger(__name__)
+
+UPDATE_LOSSES: tuple[str, ...] = ("logit_diff", "logsigmoid", "capped")
+UPDATE_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+Validator = Callable[[nn.Module], float]
+
+
+@dataclass
+class UpdateConfig:
+    """Settings of :func:`amplify_update` (paper defaults unless marked "our choice")."""
+
+    steps: int = 100
+    lr: float = 1e-4
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    loss: Literal["logit_diff", "logsigmoid", "capped"] = "logit_diff"
+    margin_cap: float = 5.0  # our choice, for loss="capped" (logits)
+    eval_every: int = 10  # our choice: validation every 10 steps (and at step 0 and the last step)
+    patience: int | None = None  # evaluations without improvement before stopping; None: run all steps
+    keep_best: bool = True
+    micro_batch_size: int = 16  # memory only: gradients are accumulated to the full-batch gradient
+    cache_lower_layers: bool = True
+    projections: str | dict[str, list[str]] = "paper"  # used when a Circuit (not a config) is given
+
+    def __post_init__(self) -> None:
+        if self.loss not in UPDATE_LOSSES:
+            raise ValueError(f"loss must be one of {UPDATE_LOSSES}, got {self.loss!r}")
+        if self.optimizer not in UPDATE_OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {UPDATE_OPTIMIZERS}, got {self.optimizer!r}")
+        if self.steps < 1 or self.eval_every < 1 or self.micro_batch_size < 1:
+            raise ValueError("steps, eval_every and micro_batch_size must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
+
+
+@dataclass
+class UpdateResult:
+    """The trained PEFT model and how the run went.
+
+    ``history``: one dict per step (``step``, ``loss``, ``margin`` = mean logit difference on the
+    training records before that step's update, ``val`` when validated, ``seconds``).
+    ``best_step``: the step whose weights the model holds (0 = unchanged). ``size``:
+    :func:`~circuit_peft.tuner.circuit_size` of the trained config.
+    """
+
+    model: PeftModel
+    config: CircuitConfig
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_step: int = 0
+    best_val: float | None = None
+    initial_margin: float = float("nan")
+    final_margin: float = float("nan")
+    size: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "best_step": self.best_step, "best_val": self.best_val,
+                "initial_margin": self.initial_margin, "final_margin": self.final_margin, "size": self.size,
+                "seconds": self.seconds, "components": self.config.components}
+
+
+def margin_loss(margin: torch.Tensor, loss: str, margin_cap: float = 5.0) -> torch.Tensor:
+    """Per-record loss (B,) from margins ``z_desired - z_undesired`` (B,)."""
+    if loss == "logit_diff":
+        return -margin
+    if loss == "logsigmoid":
+        return -torch.nn.functional.logsigmoid(margin)
+    if loss == "capped":
+        return -margin.clamp(max=margin_cap)
+    raise ValueError(f"loss must be one of {UPDATE_LOSSES}, got {loss!r}")
+
+
+def circuit_config_for(
+    model: nn.Module, circuit: Circuit | CircuitConfig, mask: bool = True, projections: Any = "paper"
+) -> CircuitConfig:
+    """The adapter config the update trains: the circuit's (``mask=True``) or every component of
+    the circuit's kinds in every layer (``mask=False``, the "without mask" ablation)."""
+    if isinstance(circuit, Circuit):
+        if not circuit.components:
+            raise ValueError("the circuit is empty: locate with a weaker sparsity penalty or keep more components")
+        config = circuit.to_config(projections=projections)
+    elif isinstance(circuit, CircuitConfig):
+        config = copy.deepcopy(circuit)  # get_peft_model fills in fields; leave the caller's config alone
+    else:
+        raise ValueError(f"circuit must be a Circuit or a CircuitConfig, got {type(circuit).__name__}")
+    if mask:
+        return config
+    kinds = tuple(sorted({c.kind for c in config.component_list()}))
+    every = get_arch(model).all_components(kinds)
+    return CircuitConfig.from_components(every, projections=config.projections)
+
+
+class _Objective:
+    """Full-batch loss and gradient on fixed records, optionally from cached lower-layer states."""
+
+    def __init__(self, model: PeftModel, rows: list[dict], lowest: int, cfg: UpdateConfig, pad: int):
+        self.model, self.cfg = model, cfg
+        self.base = unwrap_model(model)
+        self.arch = get_arch(self.base)
+        self.n = len(rows)
+        groups = length_batches([len(r["context_ids"]) for r in rows], cfg.micro_batch_size)
+        self.batches = [collate_records([rows[i] for i in g], pad) for g in groups]
+        self.lowest = lowest if cfg.cache_lower_layers else 0
+        self.hidden: list[torch.Tensor | None] = [None] * len(self.batches)
+        device = next(model.parameters()).device
+        self.batches = [{k: v.to(device) for k, v in b.items()} for b in self.batches]
+        if self.lowest > 0:
+            with torch.no_grad():
+                for i, b in enumerate(self.batches):
+                    with capture_layer_input(self.base, self.lowest, self.arch) as store:
+                        forward_until(self.base, self.lowest, self.arch, **self._inputs(b))
+                    self.hidden[i] = store["hidden"]
+
+    @staticmethod
+    def _inputs(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: b[k] for k in ("input_ids", "attention_mask", "position_ids")}
+
+    def margins(self, i: int) -> torch.Tensor:
+        b = self.batches[i]
+        ctx = start_at_layer(self.base, self.lowest, self.hidden[i], self.arch) if self.lowest > 0 else nullcontext()
+        with ctx:
+            logits = last_logits(self.model, self._inputs(b), 1)[:, -1].float()
+        rows = torch.arange(len(b["desired"]), device=logits.device)
+        return logits[rows, b["desired"]] - logits[rows, b["undesired"]]
+
+    def backward(self) -> tuple[float, float]:
+        """Accumulate the full-batch gradient; return (mean loss, mean margin)."""
+        total_loss, total_margin = 0.0, 0.0
+        for i in range(len(self.batches)):
+            m = self.margins(i)
+            loss = margin_loss(m, self.cfg.loss, self.cfg.margin_cap).sum() / self.n
+            loss.backward()
+            total_loss += float(loss.detach())
+            total_margin += float(m.detach().sum())
+        return total_loss, total_margin / self.n
+
+    @torch.no_grad()
+    def mean_margin(self) -> float:
+        return sum(float(self.margins(i).sum()) for i in range(len(self.batches))) / self.n
+
+
+def amplify_update(
+    model: nn.Module,
+    records: Any,
+    circuit: Circuit | CircuitConfig,
+    validate: Validator | None = None,
+    config: UpdateConfig | None = None,
+    mask: bool = True,
+    tokenizer: Any = None,
+    adapter_name: str = "default",
+    progress: bool = True,
+    **overrides: Any,
+) -> UpdateResult:
+    """Train a circuit adapter on contrastive records; return the PEFT model holding the best step.
+
+    Args:
+        model: the base model (it is wrapped in place by ``get_peft_model``).
+        records: ``{"context_ids", "desired_id", "undesired_id", "problem_id"}`` rows (list or Dataset).
+        circuit: a located :class:`~circuit_peft.circuit.Circuit` (turned into a config with
+            ``config.projections``, default ``"paper"``: q/k/v rows and up_proj rows) or a ready
+            :class:`CircuitConfig`.
+        validate: ``model -> score`` (higher is better), e.g. :func:`accuracy_validator`; None keeps
+            the last step (no selection).
+        mask: False runs the "without mask" ablation.
+        overrides: :class:`UpdateConfig` fields.
+
+    Raises ``ValueError`` for an empty circuit, empty or malformed records.
+    """
+    cfg = config or UpdateConfig()
+    if overrides:
+        cfg = UpdateConfig(**{**asdict(cfg), **overrides})
+    if isinstance(model, PeftModel):
+        raise ValueError("pass the base model, not a PeftModel: amplify_update adds its own adapter")
+    arch = get_arch(model)
+    rows = validate_records(records, arch.dims.vocab_size)
+    peft_config = circuit_config_for(model, circuit, mask=mask, projections=cfg.projections)
+    size = circuit_size(peft_config, model)
+    lowest = min(peft_config.layers())
+    start = time.perf_counter()
+    peft_model = get_peft_model(model, peft_config, adapter_name=adapter_name)
+    peft_model.eval()  # no dropout; gradients still flow
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the adapter has no trainable parameters; check the circuit and projections")
+    objective = _Objective(peft_model, rows, lowest, cfg, pad_token_id(model, tokenizer))
+    opt = (torch.optim.SGD(params, lr=cfg.lr) if cfg.optimizer == "sgd" else torch.optim.Adam(params, lr=cfg.lr))
+
+    def snapshot() -> list[torch.Tensor]:
+        return [p.detach().clone() for p in params]
+
+    history: list[dict[str, Any]] = []
+    best_val, best_step, best_state = None, 0, snapshot()
+    since_best = 0
+    bar = tqdm(range(cfg.steps + 1), desc="amplify update", disable=not progress)
+    for step in bar:
+        t0 = time.perf_counter()
+        entry: dict[str, Any] = {"step": step}
+        if validate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            val = float(validate(peft_model))
+            entry["val"] = val
+            if best_val is None or val > best_val:
+                best_val, best_step, best_state, since_best = val, step, snapshot(), 0
+            else:
+                since_best += 1
+        if step == cfg.steps or (cfg.patience is not None and since_best >= cfg.patience):
+            entry["margin"] = objective.mean_margin()
+            history.append(entry)
+            break
+        opt.zero_grad(set_to_none=True)
+        loss, margin = objective.backward()
+        if not torch.isfinite(torch.tensor(loss)):
+            raise FloatingPointError(f"the update loss became {loss} at step {step}; lower lr or use loss='logsigmoid'")
+        opt.step()
+        entry.update(loss=loss, margin=margin, seconds=time.perf_counter() - t0)
+        history.append(entry)
+        bar.set_postfix(margin=f"{margin:.2f}", **({"val": f"{entry['val']:.3f}"} if "val" in entry else {}))
+    bar.close()
+    if validate is None or not cfg.keep_best:
+        best_step = history[-1]["step"]
+    else:
+        with torch.no_grad():
+            for p, saved in zip(params, best_state):
+                p.copy_(saved)
+    final_margin = objective.mean_margin() if best_step != history[-1]["step"] else history[-1]["margin"]
+    return UpdateResult(
+        model=peft_model, config=peft_config, history=history, best_step=best_step, best_val=best_val,
+        initial_margin=history[0]["margin"], final_margin=final_margin, size=size,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def measure_update_speedup(
+    model: nn.Module, records: Any, circuit: Circuit | CircuitConfig, steps: int = 3, tokenizer: Any = None,
+    **overrides: Any,
+) -> dict[str, float]:
+    """Seconds per update step with and without the lower-layer cache (and their ratio).
+
+    Runs ``steps`` steps each way (lr as configured) on ``model`` and removes the adapter
+    afterwards, so ``model`` is returned to its original weights. Includes the one-off caching
+    pass in the cached time (``cache_s``).
+    """
+    times = {}
+    for cached in (False, True):
+        t0 = time.perf_counter()
+        result = amplify_update(model, records, circuit, None, tokenizer=tokenizer, progress=False, steps=steps,
+                                cache_lower_layers=cached, **overrides)
+        total = time.perf_counter() - t0
+        per_step = sum(h.get("seconds", 0.0) for h in result.history) / steps
+        times["cached_step_s" if cached else "plain_step_s"] = per_step
+        if cached:
+            times["cache_s"] = total - per_step * steps
+        result.model.unload()
+    times["speedup"] = times["plain_step_s"] / times["cached_step_s"]
+    return times
+
+
+def accuracy_validator(tokenizer: Any, problems: Sequence[dict[str, Any]], **eval_kwargs: Any) -> Validator:
+    """A ``model -> accuracy`` function on held-out ``problems`` (greedy, batched), for ``validate=``.
+
+    ``eval_kwargs`` go to :func:`~circuit_peft.evaluate.accuracy.evaluate_accuracy` (``style``,
+    ``shots``, ``max_new_tokens``, ...). Raises ``ValueError`` if ``problems`` is empty.
+    """
+    from ..evaluate.accuracy import evaluate_accuracy
+
+    problems = list(problems)
+    if not problems:
+        raise ValueError("the validation set is empty: give a few held-out problems (e.g. 32) to pick the best step")
+    eval_kwargs.setdefault("progress", False)
+
+    def validate(model: nn.Module) -> float:
+        return evaluate_accuracy(model, tokenizer, problems, **eval_kwargs).accuracy
+
+    return validate
+
+
+def margin_validator(records: Any, micro_batch_size: int = 16, tokenizer: Any = None) -> Validator:
+    """A cheap ``model -> mean logit difference`` on held-out contrastive records, for ``validate=``."""
+    rows = list(records)
+    if not rows:
+        raise ValueError("the validation set is empty: give held-out contrastive records")
+
+    @torch.no_grad()
+    def validate(model: nn.Module) -> float:
+        base = unwrap_model(model)
+        checked = validate_records(rows, get_arch(base).dims.vocab_size)
+        objective = _Objective(model, checked, 0, UpdateConfig(micro_batch_size=micro_batch_size),
+                               pad_token_id(base, tokenizer))
+        return objective.mean_margin()
+
+    return validate
