@@ -1,12 +1,18 @@
 """CircuitSeer data selection: reasoning heads, attention-variance scores, soft-sampled subsets,
 a training sampler, and the baselines (random, length-matched random, max-loss, IFD)."""
 
+from .baselines import (
+    METHODS, ResponseLossScorer, ifd_indices, ifd_subset, length_matched_indices, length_matched_subset,
+    max_loss_indices, max_loss_subset, prompt_lengths, random_indices, random_subset,
+)
 from .heads import DEFAULT_HEAD_FRACTION, ReasoningHeads, find_reasoning_heads, top_heads
 from .sampler import CircuitSeerSampler, use_sampler
 from .sampling import DEFAULT_TAU, gumbel_top_k, select_indices, select_subset, subset_size, zscore
 from .scoring import SCORE_COLUMN, CircuitSeerScorer, attention_variance, length_spearman
 
 __all__ = [
+    "METHODS", "ResponseLossScorer", "ifd_indices", "ifd_subset", "length_matched_indices", "length_matched_subset",
+    "max_loss_indices", "max_loss_subset", "prompt_lengths", "random_indices", "random_subset",
     "DEFAULT_HEAD_FRACTION", "DEFAULT_TAU", "SCORE_COLUMN", "CircuitSeerSampler", "CircuitSeerScorer",
     "ReasoningHeads", "attention_variance", "find_reasoning_heads", "gumbel_top_k", "length_spearman",
     "select_indices", "select_subset", "subset_size", "top_heads", "use_sampler", "zscore",
