@@ -171,3 +171,30 @@ def continuation_logprobs(
                 bar.update(len(idx))
         bar.close()
     return scores
+
+
+@torch.no_grad()
+def last_token_logits(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    contexts: Sequence[Sequence[int]],
+    batch_size: int = 16,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Next-token logits after each context, shape ``(len(contexts), vocab)`` (float32, CPU).
+
+    Left-padded batches with explicit position ids; only the last position goes through the LM head.
+    """
+    if not contexts:
+        raise ValueError("no contexts to score")
+    pad_id = _pad_id(tokenizer)
+    device = model_device(model)
+    rows: list[torch.Tensor] = []
+    with eval_mode(model):
+        for start in tqdm(range(0, len(contexts), batch_size), desc="logits", disable=not progress, leave=False):
+            ids, mask = pad_batch(contexts[start : start + batch_size], pad_id, side="left")
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                        logits_to_keep=1, use_cache=False)
+            rows.append(out.logits[:, -1].float().cpu())
+    return torch.cat(rows)
