@@ -28,7 +28,7 @@ from ..arch import Component, ModelArch, get_arch
 from ..circuit import Circuit
 from ..interventions import ABLATION_METHODS, _uniform_attention_output, capture_components, head_output_means
 from .ablation import DEFAULT_KEEP_FRACTION, probe_batches
-from .data import collate_records, last_logits, length_batches, model_inputs, pad_token_id, solution_loss_sums, \
+from .data import at_least_float32, collate_records, last_logits, length_batches, model_inputs, pad_token_id, solution_loss_sums, \
     validate_records
 
 TARGETS = ("ablation", "logit_diff")
@@ -148,21 +148,21 @@ def _ablation_attribution(model, arch, tokenizer, data, method, kinds, batch_siz
         base += float(loss.detach())
         flat = [(k, l) for k in kinds for l in layers]
         grads = torch.autograd.grad(loss, [acts[k][l] for k, l in flat], allow_unused=True)
-        real = b["attention_mask"][:, :, None, None].to(torch.float32)
+        real = b["attention_mask"][:, :, None, None]
         for (k, l), g in zip(flat, grads):
             if g is None:
                 continue
-            a = acts[k][l].detach().float()
+            a = at_least_float32(acts[k][l].detach())
             if k == "mlp":
                 replaced = torch.zeros_like(a)
             elif method == "zero":
                 replaced = torch.zeros_like(a)
             elif method == "mean":
-                replaced = means[l].float()[None, None].expand_as(a)
+                replaced = at_least_float32(means[l])[None, None].expand_as(a)
             else:
-                uniform = _uniform_attention_output(values[l].float(), b["attention_mask"])
+                uniform = _uniform_attention_output(at_least_float32(values[l]), b["attention_mask"])
                 replaced = uniform.repeat_interleave(arch.dims.group_size, dim=2)
-            totals[k][l] += ((replaced - a) * g.float() * real).sum((0, 1, 3)).double()
+            totals[k][l] += ((replaced - a) * at_least_float32(g) * real).sum((0, 1, 3)).double()
     meta = {"base_loss": base, "ablation": method, "solution_tokens": n_tokens,
             "score": "estimated loss increase (nats per solution token)"}
     return _scores_dict(arch, totals), meta
@@ -182,7 +182,7 @@ def _logit_diff_attribution(model, arch, tokenizer, data, kinds, batch_size, pro
                     for k in kinds}
             logits = _forward_with_grad_inputs(model, model_inputs(b), 1)[:, -1]
         rows = torch.arange(len(idx))
-        diff = (logits[rows, b["desired"]] - logits[rows, b["undesired"]]).float()
+        diff = at_least_float32(logits[rows, b["desired"]] - logits[rows, b["undesired"]])
         total = diff.sum() / len(records)
         margin += float(total.detach())
         flat = [(k, l) for k in kinds for l in layers]
@@ -190,8 +190,8 @@ def _logit_diff_attribution(model, arch, tokenizer, data, kinds, batch_size, pro
         for (k, l), g in zip(flat, grads):
             if g is None:
                 continue
-            a = acts[k][l].detach()[:, -1].float()  # last position: (B, n, w)
-            totals[k][l] += (a * g[:, -1].float()).sum((0, 2)).double()
+            a = at_least_float32(acts[k][l].detach()[:, -1])  # last position: (B, n, w)
+            totals[k][l] += (a * at_least_float32(g[:, -1])).sum((0, 2)).double()
     meta = {"mean_logit_diff": margin, "records": len(records),
             "score": "activation x gradient of logit[desired] - logit[undesired] at the last position"}
     return _scores_dict(arch, totals), meta

@@ -11,7 +11,6 @@ counted from each row's first real token (a padded row computes what it would al
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -204,9 +203,9 @@ def solution_token_count(batches: Iterable[dict[str, torch.Tensor]]) -> int:
     return int(sum(int((b["labels"] != -100).sum()) for b in batches))
 
 
-def check_finite(value: torch.Tensor, what: str) -> None:
-    if not math.isfinite(float(value)):
-        raise FloatingPointError(what)
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or in its own dtype when that is wider (float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 # ----- forward helpers -------------------------------------------------------------------------
@@ -245,6 +244,6 @@ def solution_loss_sums(logits: torch.Tensor, labels: torch.Tensor, groups: int =
     B = lab.shape[0]
     sel = logits.view(G, B, K, -1)[:, valid]  # (G, n_valid, V)
     target = lab[valid]
-    logp = torch.log_softmax(sel.float(), dim=-1)
+    logp = torch.log_softmax(at_least_float32(sel), dim=-1)
     nll = -logp.gather(-1, target[None, :, None].expand(G, -1, 1)).squeeze(-1)
     return nll.sum(-1)

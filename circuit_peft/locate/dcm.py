@@ -124,7 +124,7 @@ def learn_masks(
                     if not torch.isfinite(loss):
                         ids = [r_["problem_id"] for r_ in batch_rows]
                         raise NaNLossError(
-                            f"DCM loss is {float(loss)} at epoch {epoch}, step {step} (batch {bi} of the epoch, "
+                            f"DCM loss is {float(loss.detach())} at epoch {epoch}, step {step} (batch {bi} of the epoch, "
                             f"records {order[start : start + batch_size]}, problem ids {ids}); check those records "
                             "and the model (a lower lr or the 'logsigmoid' objective may help)")
                     optimizer.zero_grad(set_to_none=True)

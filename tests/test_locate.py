@@ -1,0 +1,307 @@
+"""Locating circuits: exact ablation scan, attribution, DCM on tiny models (incl. GQA), a planted
+circuit, and the real SmolLM2."""
+
+import json
+
+import pytest
+import torch
+
+from circuit_peft.arch import Component, get_arch
+from circuit_peft.interventions import edit_components
+from circuit_peft.locate import attribution_scan, head_ablation_scan, learn_masks, solution_losses
+from circuit_peft.locate.ablation import probe_batches
+from circuit_peft.locate.dcm import NaNLossError
+from circuit_peft.models import tiny_model
+
+DES, UND, BOS = 5, 7, 1
+PLANTED_LAYER, PLANTED_HEAD = 1, 2
+
+
+def planted_model():
+    """Tiny GQA llama where query head 2 of layer 1 alone carries the answer.
+
+    Every token has a constant feature (dim 0), the first token (BOS) a marker (dim 2). The
+    planted head's query reads the constant and its key the marker in a slowly rotating RoPE
+    dimension, so it attends to BOS; its value reads the marker and its output writes dim 1,
+    which the LM head turns into logit[DES] - logit[UND]. Ablating it (uniform, zero) or
+    shrinking its query at the last position lowers the margin.
+    """
+    m = tiny_model("llama")
+    arch = get_arch(m)
+    hd = arch.dims.head_dim
+    kv = arch.kv_head_of(PLANTED_HEAD)
+    with torch.no_grad():
+        emb = m.get_input_embeddings().weight
+        emb[:, 0], emb[:, 2] = 1.0, 0.0
+        emb[BOS, 2] = 1.0
+        q, k, v, o = (arch.projection_module(m, PLANTED_LAYER, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        for mod, row in ((q, PLANTED_HEAD * hd), (k, kv * hd), (v, kv * hd)):
+            mod.weight[row : row + hd] = 0
+        q.weight[PLANTED_HEAD * hd + 7, 0] = 0.4
+        k.weight[kv * hd + 7, 2] = 0.4
+        v.weight[kv * hd, 2] = 1.0
+        o.weight[:, PLANTED_HEAD * hd : (PLANTED_HEAD + 1) * hd] = 0
+        for other in range(arch.dims.n_heads):  # GQA: the other query head of this kv group ignores the marker
+            if other != PLANTED_HEAD and arch.kv_head_of(other) == kv:
+                o.weight[:, other * hd] = 0
+        o.weight[1, PLANTED_HEAD * hd] = 1.0
+        unemb = m.get_output_embeddings().weight
+        unemb[:, 1] = 0
+        unemb[DES, 1], unemb[UND, 1] = 0.5, -0.5
+    return m
+
+
+def _records(n=32, seed=0, vocab=120):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 8, (n,), generator=g).tolist()
+    return [{"context_ids": [BOS] + torch.randint(10, vocab, (L,), generator=g).tolist(), "desired_id": DES,
+             "undesired_id": UND, "problem_id": f"p{i}"} for i, L in enumerate(lengths)]
+
+
+def _probe(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt_ids": [BOS] + torch.randint(10, 120, (int(L),), generator=g).tolist(),
+             "solution_ids": [DES] + torch.randint(10, 120, (int(S),), generator=g).tolist()}
+            for L, S in zip(torch.randint(3, 9, (n,), generator=g), torch.randint(1, 6, (n,), generator=g))]
+
+
+def _planted_probe(n=8):
+    """Probe rows whose solutions are the answer token the planted head pushes."""
+    return [{"prompt_ids": r["context_ids"], "solution_ids": [DES, DES]} for r in _records(n, seed=2)]
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return planted_model()
+
+
+# ----- ablation scan ---------------------------------------------------------------------------
+
+
+def test_cached_batched_scan_equals_naive_scan(tiny):
+    family, model = tiny
+    probe = _probe()
+    fast = head_ablation_scan(model, None, probe, batch_size=4, heads_per_pass=3, progress=False)
+    slow = head_ablation_scan(model, None, probe, batch_size=4, naive=True, progress=False)
+    assert set(fast.scores) == {Component("q", l, h) for l in range(3) for h in range(4)}
+    assert max(abs(fast.scores[c] - slow.scores[c]) for c in fast.scores) < 1e-5
+    assert max(abs(v) for v in fast.scores.values()) > 1e-5  # ablation did something
+    assert fast.meta["base_loss"] == pytest.approx(slow.meta["base_loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["zero", "mean"])
+def test_scan_methods_match_naive_and_direct_loss(method):
+    model = tiny_model("qwen2")
+    probe = _probe()
+    fast = head_ablation_scan(model, None, probe, method=method, batch_size=2, progress=False, keep_fraction=None)
+    slow = head_ablation_scan(model, None, probe, method=method, batch_size=2, naive=True, progress=False)
+    assert max(abs(fast.scores[c] - slow.scores[c]) for c in fast.scores) < 1e-5
+    # independent check of one score: loss with the head ablated minus plain loss
+    batches = probe_batches(model, None, probe, batch_size=3)
+    means = None
+    if method == "mean":
+        from circuit_peft.interventions import head_output_means
+        from circuit_peft.locate.data import model_inputs
+        means = head_output_means(model, [model_inputs(b) for b in batches])
+    direct = solution_losses(model, batches, [(2, 1)], method, means) - solution_losses(model, batches)
+    assert fast.scores[Component("q", 2, 1)] == pytest.approx(direct, abs=1e-5)
+
+
+def test_scan_keeps_top_fraction_and_subsets(planted):
+    c = head_ablation_scan(planted, None, _planted_probe(), layers=[1, 2], progress=False)
+    assert {x.layer for x in c.scores} == {1, 2} and len(c.components) == 1
+    assert c.components == [Component("q", PLANTED_LAYER, PLANTED_HEAD)]  # uniform ablation finds the planted head
+    only = head_ablation_scan(planted, None, _probe(), heads=[(0, 1), (1, 2)], keep_fraction=None, progress=False)
+    assert set(only.scores) == {Component("q", 0, 1), Component("q", 1, 2)}
+
+
+def test_scan_bad_input():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="empty"):
+        head_ablation_scan(model, None, [], progress=False)
+    with pytest.raises(ValueError, match="no solution text in field 'solution'"):
+        head_ablation_scan(model, _FakeTok(), [{"prompt": "a b", "answer": "c"}], progress=False)
+    with pytest.raises(ValueError, match="pass the model's tokenizer"):
+        head_ablation_scan(model, None, [{"prompt": "a b", "solution": "c"}], progress=False)
+    with pytest.raises(ValueError, match="unknown ablation method"):
+        head_ablation_scan(model, None, _probe(), method="resample", progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        head_ablation_scan(model, None, _probe(), heads=[(0, 9)], progress=False)
+
+
+class _FakeTok:
+    """Whitespace tokenizer over a tiny vocabulary (for the tiny models)."""
+
+    eos_token_id = 2
+    pad_token_id = 0
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [10 + (sum(map(ord, w)) % 100) for w in text.split()]
+        return {"input_ids": ([BOS] if add_special_tokens else []) + ids}
+
+
+def test_text_probe_rows_with_custom_fields():
+    model = tiny_model("gpt2")
+    rows = [{"question": "one two three", "answer": "four five #### 9"}, {"question": "six", "answer": "seven"}]
+    c = head_ablation_scan(model, _FakeTok(), rows, prompt_field="question", solution_field="answer",
+                           progress=False)
+    assert c.meta["solution_tokens"] == (4 + 1) + (1 + 1)  # words + EOS
+
+
+# ----- attribution -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_attribution_is_the_first_order_term_of_partial_ablation(family):
+    """(L(a + eps (a' - a)) - L(a - eps (a' - a))) / 2 eps is the attribution score (zero ablation).
+
+    float64; GPT-2 is float64 throughout, Llama's RMSNorm computes in float32 (looser tolerance).
+    """
+    model = tiny_model(family).double()
+    probe = _probe()
+    c = attribution_scan(model, None, probe, method="zero", keep_fraction=None, progress=False)
+    batches = probe_batches(model, None, probe, batch_size=4)
+    eps, rel, abs_ = (1e-5, 1e-4, 1e-8) if family == "gpt2" else (1e-2, 2e-2, 5e-5)
+    for kind, layer, idx in (("q", 1, 3), ("q", 0, 0), ("mlp", 2, 10), ("mlp", 0, 50)):
+        site = "o" if kind == "q" else "mlp"
+        losses = []
+        for sign in (1, -1):
+            def shrink(block, idx=idx, f=1 - sign * eps):
+                block = block.clone()
+                block[:, :, idx] *= f
+                return block
+
+            with edit_components(model, site, layer, shrink):
+                losses.append(solution_losses(model, batches))
+        assert c.scores[Component(kind, layer, idx)] == pytest.approx((losses[0] - losses[1]) / (2 * eps),
+                                                                      rel=rel, abs=abs_)
+
+
+def test_attribution_runs_on_every_family(tiny):
+    family, model = tiny
+    c = attribution_scan(model, None, _probe(), progress=False)
+    arch = get_arch(model)
+    assert len(c.scores) == arch.dims.n_layers * (arch.dims.n_heads + arch.dims.n_neurons)
+    d = attribution_scan(model, None, _records(8, vocab=arch.dims.vocab_size), target="logit_diff", progress=False)
+    assert {x.kind for x in d.scores} == {"q", "k", "v", "mlp"}
+    assert all(v == v for v in d.scores.values())
+
+
+def test_attribution_ranks_the_planted_head_first(planted):
+    # (mean ablation would barely touch it: the planted head's output is nearly constant)
+    for method in ("uniform", "zero"):
+        c = attribution_scan(planted, None, _planted_probe(), method=method, progress=False)
+        exact = head_ablation_scan(planted, None, _planted_probe(), method=method, progress=False)
+        assert exact.components == [Component("q", PLANTED_LAYER, PLANTED_HEAD)], method
+        assert c.ranked(["q"])[0][0] == Component("q", PLANTED_LAYER, PLANTED_HEAD), method
+        assert Component("q", PLANTED_LAYER, PLANTED_HEAD) in c.components
+    d = attribution_scan(planted, None, _records(), target="logit_diff", progress=False)
+    assert d.ranked()[0][0] == Component("q", PLANTED_LAYER, PLANTED_HEAD)
+
+
+def test_attribution_bad_input(planted):
+    with pytest.raises(ValueError, match="unknown attribution target"):
+        attribution_scan(planted, None, _probe(), target="kl", progress=False)
+    with pytest.raises(ValueError, match="scores kinds"):
+        attribution_scan(planted, None, _probe(), kinds=["k"], progress=False)
+    with pytest.raises(ValueError, match="both 5"):
+        attribution_scan(planted, None, [dict(_records(1)[0], undesired_id=DES)], target="logit_diff", progress=False)
+
+
+def test_attribution_leaves_requires_grad_alone(planted):
+    flags = [p.requires_grad for p in planted.parameters()]
+    attribution_scan(planted, None, _records(4), target="logit_diff", progress=False)
+    assert [p.requires_grad for p in planted.parameters()] == flags
+    assert all(p.grad is None for p in planted.parameters())
+
+
+# ----- DCM -------------------------------------------------------------------------------------
+
+
+def test_dcm_defaults_keep_the_planted_head_and_drop_the_rest(planted):
+    c = learn_masks(planted, _records(), progress=False)  # lambda 0.01, Adam 5e-3, StepLR, batch 8
+    arch = get_arch(planted)
+    total = len(arch.all_components())
+    assert Component("q", PLANTED_LAYER, PLANTED_HEAD) in c.components
+    assert len(c.components) <= 0.02 * total
+    assert len(c.scores) == total and c.method == "dcm"
+    assert c.meta["stopped_early"] and c.meta["epochs_run"] < 50
+    assert c.meta["history"][-1]["lr"] < 5e-3  # StepLR decayed
+
+
+def test_dcm_is_deterministic_and_seeded(planted):
+    kw = dict(lr=0.05, epochs=3, progress=False)
+    a = learn_masks(planted, _records(16), **kw)
+    b = learn_masks(planted, _records(16), **kw)
+    assert a.scores == b.scores
+    c = learn_masks(planted, _records(16), seed=1, **kw)
+    assert c.scores != a.scores  # other shuffling order
+
+
+def test_dcm_does_not_change_the_model(planted):
+    before = {n: p.detach().clone() for n, p in planted.named_parameters()}
+    learn_masks(planted, _records(8), lr=0.05, epochs=2, progress=False)
+    assert all(torch.equal(before[n], p) for n, p in planted.named_parameters())
+
+
+def test_dcm_bad_records(planted):
+    good = _records(3)
+    with pytest.raises(ValueError, match="desired_id and undesired_id are both 5"):
+        learn_masks(planted, [good[0], dict(good[1], undesired_id=DES)], progress=False)
+    with pytest.raises(ValueError, match="token id 500 is outside the model's vocabulary"):
+        learn_masks(planted, [dict(good[0], desired_id=500)], progress=False)
+    with pytest.raises(ValueError, match="token id -1"):
+        learn_masks(planted, [dict(good[0], context_ids=[1, -1, 3])], progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        learn_masks(planted, [], progress=False)
+    with pytest.raises(ValueError, match="lacks"):
+        learn_masks(planted, [{"context_ids": [1, 2]}], progress=False)
+
+
+def test_dcm_nan_loss_names_step_and_batch():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        get_arch(model).projection_module(model, 2, "down_proj").weight[0, 0] = float("nan")
+    with pytest.raises(NaNLossError, match=r"epoch 0, step 0 \(batch 0 of the epoch.*problem ids \['p"):
+        learn_masks(model, _records(10), progress=False)
+
+
+def test_dcm_accepts_a_datasets_dataset(planted):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list(_records(8))
+    c = learn_masks(planted, ds, lr=0.05, epochs=1, kinds=("q", "v"), progress=False)
+    assert {x.kind for x in c.scores} == {"q", "v"}
+
+
+# ----- the real SmolLM2 ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_scan_matches_naive_and_attribution_agrees(smollm2):
+    model, tok = smollm2
+    rows = [json.loads(line) for line in open("tests/data/gsm8k/train.jsonl")][:2]
+    heads = [(0, 0), (10, 4), (29, 8), (29, 2)]
+    kw = dict(prompt_field="question", solution_field="answer", heads=heads, keep_fraction=None, progress=False)
+    fast = head_ablation_scan(model, tok, rows, batch_size=2, **kw)
+    slow = head_ablation_scan(model, tok, rows, batch_size=2, naive=True, **kw)
+    assert max(abs(fast.scores[c] - slow.scores[c]) for c in fast.scores) < 1e-4
+    assert 0.2 < fast.meta["base_loss"] < 3.0  # the model knows GSM8K-style solutions
+    att = attribution_scan(model, tok, rows, prompt_field="question", solution_field="answer", batch_size=2,
+                           keep_fraction=None, progress=False)
+    assert len(att.scores) == 30 * (9 + 1536)
+    assert att.meta["base_loss"] == pytest.approx(fast.meta["base_loss"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_smollm2_dcm_runs_a_few_steps(smollm2):
+    model, tok = smollm2
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 12 + 35?"}], add_generation_prompt=True)
+    if not isinstance(prompt, list):
+        prompt = prompt["input_ids"]
+    ctx = list(prompt) + tok("12 + 35 = ", add_special_tokens=False)["input_ids"]
+    four, three = tok("4", add_special_tokens=False)["input_ids"][0], tok("3", add_special_tokens=False)["input_ids"][0]
+    recs = [{"context_ids": ctx, "desired_id": four, "undesired_id": three, "problem_id": "add"}] * 2
+    c = learn_masks(model, recs, epochs=2, batch_size=2, progress=False)
+    assert c.meta["steps"] == 2 and len(c.scores) == 30 * (9 + 3 + 3 + 1536)
+    assert all(0 <= v <= 1 for v in c.scores.values()) and min(c.scores.values()) < 1  # masks moved
