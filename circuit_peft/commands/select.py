@@ -1,0 +1,129 @@
+"""``circuit-peft select``: choose a training subset by CircuitSeer or a baseline.
+
+    circuit-peft select --model smollm2 --data train.jsonl --fraction 0.1 --method circuitseer \\
+        --heads heads.json --out subset.jsonl --plot scores.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_rows(path: str, split: str = "train") -> Any:
+    """A ``datasets.Dataset`` from a .jsonl/.json/.csv/.parquet file (or a hub data set name)."""
+    import datasets
+
+    p = Path(path)
+    if p.suffix in DATA_SUFFIXES:
+        if not p.exists():
+            raise FileNotFoundError(f"data file {p} does not exist")
+        return datasets.load_dataset(DATA_SUFFIXES[p.suffix], data_files=str(p), split="train")
+    if p.exists():
+        raise ValueError(f"cannot read {p}: use a .jsonl, .json, .csv or .parquet file")
+    return datasets.load_dataset(path, split=split)
+
+
+def _write_jsonl(dataset: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        for row in dataset:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..models import load_model, load_tokenizer
+    from ..select.api import plot_scores, select_data
+    from ..select.data import row_texts
+    from ..select.heads import ReasoningHeads, find_reasoning_heads
+    from ..select.sampling import subset_size
+
+    if args.fraction is None or not 0 < args.fraction <= 1:
+        raise ValueError(f"--fraction must be in (0, 1] (e.g. 0.1 for 10 %), got {args.fraction}")
+    dataset = load_rows(args.data, args.split)
+    subset_size(len(dataset), args.fraction)
+    # check the fields before loading a model, so a bad file fails in a second
+    row_texts(dataset, args.question_field, None, what="question")
+    if args.method in ("max-loss", "ifd"):
+        row_texts(dataset, args.answer_field, None, what="answer")
+    model = tokenizer = heads = None
+    if args.method != "random":
+        model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    if args.method in ("circuitseer", "length-matched"):
+        if args.heads:
+            heads = ReasoningHeads.load(args.heads, model=model)
+        else:
+            probe = dataset.select(range(min(args.probe_rows, len(dataset))))
+            if args.answer_field not in dataset.column_names:
+                raise ValueError(f"finding reasoning heads needs solutions: row 0 has no answer field "
+                                 f"{args.answer_field!r}; pass --heads FILE or --answer-field")
+            print(f"no --heads given: scanning every head ({args.head_method}) on the first {len(probe)} rows")
+            heads = find_reasoning_heads(model, tokenizer, probe, method=args.head_method,
+                                         fraction=args.head_fraction, prompt_field=args.question_field,
+                                         solution_field=args.answer_field)
+            saved = heads.save(args.save_heads or Path(args.out).with_suffix(".heads.json"))
+            print(f"reasoning heads {heads.heads} saved to {saved}")
+    result = select_data(
+        dataset, args.method, args.fraction, model, tokenizer, heads, tau=args.tau, seed=args.seed,
+        question_field=args.question_field, answer_field=args.answer_field, score_column=args.score_column,
+        batch_size=args.batch_size, max_length=args.max_length, on_long=args.on_long, cache_dir=args.cache_dir,
+        **({"query": args.query, "exclude_sink": not args.keep_sink, "length_normalized": args.length_normalized}
+           if args.method in ("circuitseer", "length-matched") else {}),
+    )
+    out = Path(args.out)
+    _write_jsonl(result.subset, out)
+    info = result.info
+    msg = (f"{args.method}: kept {info['selected']} of {info['pool']} rows -> {out} "
+           f"({info['seconds']:.1f} s, {info['examples_per_s']:.1f} examples/s)")
+    if info.get("score_length_spearman") is not None:
+        msg += f"; score vs question length Spearman {info['score_length_spearman']:.2f}"
+    print(msg)
+    if args.plot:
+        if result.scores is None:
+            print("--plot: the random method has no scores to plot; skipped")
+        else:
+            print(f"histogram written to {plot_scores(result.scores, result.indices, args.plot, f'{args.method} score')}")
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "select", help="choose a training subset (CircuitSeer, random, length-matched, max-loss, IFD)",
+        description="Score a pool of training rows and keep a fraction of it: CircuitSeer (attention variance "
+                    "of the reasoning heads over the question, soft-sampled), or a baseline.",
+    )
+    p.add_argument("--model", default="smollm2", help="reference model: 'smollm2', a hub id or a folder")
+    p.add_argument("--data", required=True, help=".jsonl/.json/.csv/.parquet file (or a hub data set name)")
+    p.add_argument("--split", default="train", help="split of a hub data set")
+    p.add_argument("--fraction", type=float, default=0.1, help="share of the pool to keep, in (0, 1]")
+    p.add_argument("--method", default="circuitseer",
+                   choices=["circuitseer", "random", "length-matched", "max-loss", "ifd"])
+    p.add_argument("--out", required=True, help="where to write the subset (.jsonl; adds pool_index and score)")
+    p.add_argument("--plot", help="PNG histogram of the scores, selected vs not")
+    p.add_argument("--heads", help="reasoning heads file (circuit-peft select/locate output) for circuitseer")
+    p.add_argument("--head-method", default="ablation", choices=["ablation", "attribution"],
+                   help="how to find reasoning heads when --heads is not given")
+    p.add_argument("--head-fraction", type=float, default=0.05, help="share of heads kept as reasoning heads")
+    p.add_argument("--probe-rows", type=int, default=16, help="rows of --data used to find the heads")
+    p.add_argument("--save-heads", help="where to save heads found here (default: OUT.heads.json)")
+    p.add_argument("--question-field", default="question")
+    p.add_argument("--answer-field", default="answer")
+    p.add_argument("--score-column", default="score")
+    p.add_argument("--tau", type=float, default=0.5, help="soft-sampling temperature (0 = top-k)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--query", default="last", choices=["last", "mean"], help="attention row(s) scored")
+    p.add_argument("--keep-sink", action="store_true", help="paper's raw variance (keep the first/BOS token)")
+    p.add_argument("--length-normalized", action="store_true", help="score Var(n*a) instead of Var(a)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, help="token limit (default: the model's context)")
+    p.add_argument("--on-long", default="truncate", choices=["truncate", "error"],
+                   help="what to do with rows longer than the context")
+    p.add_argument("--cache-dir", help="folder for resumable score caches")
+    p.set_defaults(func=run)

@@ -1,0 +1,121 @@
+"""One call from a pool to a subset, for every method: :func:`select_data` (used by the CLI)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .baselines import (
+    METHODS, ResponseLossScorer, ifd_indices, length_matched_indices, max_loss_indices, prompt_lengths, random_indices,
+)
+from .heads import ReasoningHeads
+from .sampling import DEFAULT_TAU, select_indices, subset_size
+from .scoring import CircuitSeerScorer, length_spearman
+
+
+@dataclass
+class SelectionResult:
+    """``subset`` (``datasets.Dataset``), sorted pool ``indices``, per-row ``scores`` (None for random)
+    and ``info`` (method, seconds, examples/s, length correlation, ...)."""
+
+    subset: Any
+    indices: np.ndarray
+    scores: np.ndarray | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def select_data(
+    dataset: Any,
+    method: str = "circuitseer",
+    fraction: float = 0.1,
+    model: Any = None,
+    tokenizer: Any = None,
+    heads: ReasoningHeads | list | str | None = None,
+    tau: float = DEFAULT_TAU,
+    seed: int = 0,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    score_column: str = "score",
+    **scorer_kwargs: Any,
+) -> SelectionResult:
+    """Score ``dataset`` with ``method`` and keep ``fraction`` of it.
+
+    ``circuitseer``: Gumbel-top-k (``tau``, ``seed``) over :class:`CircuitSeerScorer` scores
+    (needs ``heads``); ``random``: uniform (``seed``); ``length-matched``: random with the length
+    profile of the CircuitSeer subset; ``max-loss``: top ``L(answer|question)``; ``ifd``: top
+    ``L(answer|question)/L(answer)`` among IFD <= 1. ``scorer_kwargs`` go to the scorer
+    (``batch_size``, ``max_length``, ``on_long``, ``cache_dir``, ``query``, ``exclude_sink``, ...).
+    The subset gets a ``score_column`` and a ``pool_index`` column.
+    """
+    import datasets
+
+    if method not in METHODS:
+        raise ValueError(f"unknown selection method {method!r}; use one of {METHODS}")
+    if not isinstance(dataset, datasets.Dataset):
+        dataset = datasets.Dataset.from_list(list(dataset))
+    k = subset_size(len(dataset), fraction)
+    if method != "random" and (model is None or tokenizer is None):
+        raise ValueError(f"method {method!r} needs the reference model and its tokenizer")
+    t0 = time.perf_counter()
+    info: dict[str, Any] = {"method": method, "pool": len(dataset), "selected": k}
+    scores = None
+    if method == "random":
+        idx = random_indices(len(dataset), k=k, seed=seed)
+    elif method in ("circuitseer", "length-matched"):
+        if heads is None:
+            raise ValueError("CircuitSeer needs reasoning heads: pass a heads file (--heads) or a list of (layer, head)")
+        scorer = CircuitSeerScorer(model, tokenizer, heads, question_field=question_field, **scorer_kwargs)
+        scores = scorer.score(dataset)
+        idx = select_indices(scores, k=k, tau=tau, seed=seed)
+        info["score_length_spearman"] = scorer.length_spearman
+        info["heads"] = [list(h) for h in scorer.heads.heads]
+        if method == "length-matched":
+            idx = length_matched_indices(scorer.lengths, idx, seed=seed + 1)
+    else:
+        loss = ResponseLossScorer(model, tokenizer, question_field=question_field, answer_field=answer_field,
+                                  **{k_: v for k_, v in scorer_kwargs.items()
+                                     if k_ in ("batch_size", "max_length", "on_long", "cache_dir", "progress")})
+        cond = loss.conditional(dataset)
+        if method == "max-loss":
+            scores, idx = cond, max_loss_indices(cond, k=k)
+        else:
+            scores = loss.ifd(dataset, conditional=cond)
+            idx = ifd_indices(scores, k=k)
+        info["score_length_spearman"] = length_spearman(scores, prompt_lengths(tokenizer, dataset, question_field))
+    seconds = time.perf_counter() - t0
+    info.update(seconds=round(seconds, 2), examples_per_s=round(len(dataset) / max(seconds, 1e-9), 2))
+    subset = dataset.select(idx.tolist())
+    subset = subset.add_column("pool_index", idx.tolist())
+    if scores is not None:
+        subset = subset.add_column(score_column, [float(scores[i]) for i in idx])
+    return SelectionResult(subset, idx, scores, info)
+
+
+def plot_scores(scores: np.ndarray, indices: np.ndarray, path: str | Path, title: str = "scores") -> Path:
+    """Histogram of the pool's scores, selected vs not selected, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = np.asarray(scores, dtype=float)
+    chosen = np.zeros(len(scores), dtype=bool)
+    chosen[np.asarray(indices, dtype=int)] = True
+    finite = np.isfinite(scores)
+    bins = np.histogram_bin_edges(scores[finite], bins=40)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(scores[finite & ~chosen], bins=bins, alpha=0.6, label=f"not selected ({(~chosen).sum()})")
+    ax.hist(scores[finite & chosen], bins=bins, alpha=0.8, label=f"selected ({chosen.sum()})")
+    ax.set_xlabel(title)
+    ax.set_ylabel("examples")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
