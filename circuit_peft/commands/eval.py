@@ -1,0 +1,153 @@
+"""``circuit-peft eval``: held-out accuracy (GSM8K-style) and side effects (MMLU, TruthfulQA, KL)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+EVAL_TASKS: tuple[str, ...] = ("gsm8k", "mmlu", "truthfulqa", "kl")
+
+
+def _write_json(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, path)  # atomic: a reader never sees half a report
+
+
+def parse_tasks(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in EVAL_TASKS]
+    if not tasks or unknown:
+        raise ValueError(f"--tasks must be a comma-separated subset of {','.join(EVAL_TASKS)}; got {text!r}")
+    return tasks
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import circuit_peft  # noqa: F401  (registers the CIRCUIT PEFT type before loading adapters)
+
+    from ..evaluate.accuracy import evaluate_accuracy
+    from ..evaluate.data import load_gsm8k, load_mmlu, load_text, load_truthfulqa
+    from ..evaluate.side_effects import mmlu_accuracy, side_effects, truthfulqa_mc1
+    from ..models import load_model, load_tokenizer
+
+    tasks = parse_tasks(args.tasks)
+    if args.adapter and args.base_model:
+        raise ValueError("give either --adapter (base = the model without it) or --base-model, not both")
+    if "kl" in tasks and not (args.adapter or args.base_model):
+        raise ValueError("the kl task compares against a base: pass --adapter DIR or --base-model M")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data_dir = args.data_dir
+    # read every data set first: a missing file fails before the model is loaded
+    problems = load_gsm8k(data_dir, args.split, args.limit) if "gsm8k" in tasks else None
+    shots = None
+    if problems is not None and args.style == "fewshot" and args.shots is not None:
+        shots = load_gsm8k(data_dir, "train", args.shots) if args.shots else []
+    subjects = [s for s in args.mmlu_subjects.split(",") if s] if args.mmlu_subjects else None
+    if "mmlu" in tasks:
+        load_mmlu(data_dir, subjects)
+    if "truthfulqa" in tasks:
+        load_truthfulqa(data_dir, args.limit)
+    if "kl" in tasks:
+        if data_dir is None and args.text is None:
+            raise ValueError("kl needs --text FILE or --data-dir with text/tinyshakespeare.txt")
+        load_text(args.text or data_dir)
+
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model)
+    base = None
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter).eval()
+    elif args.base_model:
+        base = load_model(args.base_model)
+    report: dict[str, Any] = {"model": args.model, "adapter": args.adapter, "base_model": args.base_model,
+                              "data_dir": data_dir, "tasks": tasks, "limit": args.limit}
+    started = time.time()
+    progress = not args.quiet
+    if problems is not None:
+        kw = dict(style=args.style, shots=shots, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                  instruction=args.instruction, progress=progress)
+        res = evaluate_accuracy(model, tokenizer, problems, **kw)
+        report["gsm8k"] = res.to_dict(with_records=not args.no_records)
+        print(f"gsm8k       accuracy {res.accuracy:.3f} +- {res.stderr:.3f} ({res.correct}/{res.count}, "
+              f"{len(res.skipped)} skipped)")
+        if args.with_base and (args.adapter or base is not None):
+            if base is not None:
+                base_res = evaluate_accuracy(base, tokenizer, problems, **kw)
+            else:
+                with model.disable_adapter():
+                    base_res = evaluate_accuracy(model, tokenizer, problems, **kw)
+            report["gsm8k_base"] = base_res.to_dict(with_records=not args.no_records)
+            print(f"gsm8k base  accuracy {base_res.accuracy:.3f} +- {base_res.stderr:.3f}")
+    side_tasks = [t for t in tasks if t != "gsm8k"]
+    if side_tasks and (args.adapter or base is not None):
+        se = side_effects(base, model, tokenizer, data_dir=data_dir, tasks=side_tasks, mmlu_subjects=subjects,
+                          mmlu_shots=args.mmlu_shots, mmlu_limit=args.limit, truthfulqa_limit=args.limit,
+                          text=load_text(args.text) if args.text else None, kl_chunk_length=args.kl_chunk_length,
+                          kl_chunks=args.kl_chunks, batch_size=args.batch_size, progress=progress)
+        report["side_effects"] = se
+        for t in ("mmlu", "truthfulqa"):
+            if t in se:
+                print(f"{t:<11} {se[t]:.3f} (base {se[t + '_base']:.3f}, delta {se[t + '_delta']:+.3f}, "
+                      f"n={se[t + '_count']})")
+        if "kl" in se:
+            print(f"kl          {se['kl']:.5f} nats/token vs base")
+    elif side_tasks:  # no base: score the model alone
+        if "mmlu" in side_tasks:
+            res = mmlu_accuracy(model, tokenizer, load_mmlu(data_dir, subjects), args.mmlu_shots,
+                                limit_per_subject=args.limit, batch_size=args.batch_size, progress=progress)
+            report["mmlu"] = {k: v for k, v in res.items() if k != "records"}
+            print(f"mmlu        {res['accuracy']:.3f} +- {res['stderr']:.3f} (n={res['count']})")
+        if "truthfulqa" in side_tasks:
+            res = truthfulqa_mc1(model, tokenizer, load_truthfulqa(data_dir, args.limit), args.batch_size, progress)
+            report["truthfulqa"] = {k: v for k, v in res.items() if k != "records"}
+            print(f"truthfulqa  {res['accuracy']:.3f} +- {res['stderr']:.3f} (n={res['count']})")
+    report["seconds"] = round(time.time() - started, 1)
+    if args.out:
+        _write_json(Path(args.out), report)
+        print(f"report written to {args.out}")
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "eval", help="accuracy on held-out problems and side effects (MMLU, TruthfulQA, KL)",
+        description="Greedy accuracy on GSM8K-style problems and the side effects of an adapter: MMLU (5-shot, "
+                    "log-likelihood), TruthfulQA (MC1 by log-likelihood), KL(base || model) on general text.",
+    )
+    p.add_argument("--model", required=True, help="'smollm2', a hub id or a local folder (the base model)")
+    p.add_argument("--adapter", help="a PEFT adapter folder (CircuitConfig, LoRA, ...); base = adapter disabled")
+    p.add_argument("--base-model", help="compare a fully fine-tuned --model against this base model")
+    p.add_argument("--data-dir", help="data folder (gsm8k/, mmlu/test/, truthfulqa/, text/); default: the HF hub")
+    p.add_argument("--tasks", default="gsm8k,mmlu,truthfulqa,kl", help="comma-separated subset of "
+                   + ",".join(EVAL_TASKS) + " (default: all)")
+    p.add_argument("--limit", type=int, help="first N problems / MMLU rows per subject / TruthfulQA rows")
+    p.add_argument("--out", help="write the JSON report here (atomically)")
+    p.add_argument("--split", default="test", help="GSM8K split (default test)")
+    p.add_argument("--style", choices=("chat", "fewshot"), default="chat", help="prompt style (default chat)")
+    p.add_argument("--shots", type=int, help="fewshot: use the first K GSM8K train rows as shots "
+                   "(default: two built-in examples)")
+    p.add_argument("--instruction", help="text appended to each question, e.g. \"End with 'The answer is N.'\"")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--with-base", action="store_true", help="also score GSM8K accuracy of the base model")
+    p.add_argument("--mmlu-subjects", help="comma-separated MMLU subjects (default: a fixed set of 6)")
+    p.add_argument("--mmlu-shots", type=int, default=5)
+    p.add_argument("--text", help="plain-text file for KL (default: <data-dir>/text/tinyshakespeare.txt)")
+    p.add_argument("--kl-chunks", type=int, default=32, help="number of text chunks for KL (default 32)")
+    p.add_argument("--kl-chunk-length", type=int, default=128, help="tokens per KL chunk (default 128)")
+    p.add_argument("--no-records", action="store_true", help="leave per-problem records out of the report")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)

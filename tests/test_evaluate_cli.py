@@ -1,0 +1,41 @@
+"""``circuit-peft eval`` end to end on a tiny saved model + LoRA adapter and the vendored data."""
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from circuit_peft.cli import main
+from circuit_peft.models import load_tokenizer, tiny_model
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_eval_cli_report(tmp_path, capsys):
+    tok = load_tokenizer("smollm2")
+    model_dir, adapter_dir, out = tmp_path / "model", tmp_path / "adapter", tmp_path / "report.json"
+    model = tiny_model("llama", vocab_size=len(tok))
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft.save_pretrained(adapter_dir)
+    argv = ["eval", "--model", str(model_dir), "--adapter", str(adapter_dir), "--data-dir", str(DATA),
+            "--tasks", "gsm8k,mmlu,truthfulqa,kl", "--limit", "2", "--mmlu-subjects", "elementary_mathematics",
+            "--mmlu-shots", "1", "--kl-chunks", "2", "--kl-chunk-length", "32", "--max-new-tokens", "4",
+            "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["gsm8k"]["count"] == 2 and len(report["gsm8k"]["records"]) == 2
+    se = report["side_effects"]
+    assert se["mmlu_count"] == 2 and se["truthfulqa_count"] == 2 and se["kl"] > 0
+    assert "kl" in capsys.readouterr().out
+    # bad input: a clear error and exit code 2, before any model is loaded
+    assert main(["eval", "--model", str(model_dir), "--tasks", "gsm8k,trivia"]) == 2
+    assert main(["eval", "--model", str(model_dir), "--data-dir", str(DATA), "--tasks", "kl"]) == 2
+    assert main(["eval", "--model", str(model_dir), "--data-dir", str(tmp_path), "--tasks", "gsm8k"]) == 2
+    assert "trivia" in capsys.readouterr().err
