@@ -33,11 +33,11 @@ def _examples(tok):
     return [
         {"prompt": "What is 17 + 25?", "completion": completion,
          "pivotal_spans": [[completion.index("42"), completion.index("42") + 2]],
-         "undesired_ids": [tok(" 41", add_special_tokens=False)["input_ids"][0]]},
+         "undesired_ids": [tok("5", add_special_tokens=False)["input_ids"][0]]},
         {"prompt": "Add 3 and 4.", "completion": "3 + 4 = 7. The answer is 7."},
-        {"context_ids": tok("What is 5 + 6? 5 + 6 =", add_special_tokens=False)["input_ids"],
-         "desired_id": tok(" 11", add_special_tokens=False)["input_ids"][0],
-         "undesired_id": tok(" 12", add_special_tokens=False)["input_ids"][0], "problem_id": "p3"},
+        {"context_ids": tok("What is 25 + 6? 25 + 6 = ", add_special_tokens=False)["input_ids"],
+         "desired_id": tok("3", add_special_tokens=False)["input_ids"][0],
+         "undesired_id": tok("4", add_special_tokens=False)["input_ids"][0], "problem_id": "p3"},
     ]
 
 
@@ -74,7 +74,8 @@ def test_dataset_alignment(tok):
     r0 = ds[0]
     pivots = [t for t, w in enumerate(r0["token_weights"]) if w == 5.0]
     assert pivots and tok.decode([r0["input_ids"][t] for t in pivots]).strip() == "42"
-    assert r0["undesired_ids"][pivots[0]] == tok(" 41", add_special_tokens=False)["input_ids"][0]
+    assert r0["undesired_ids"][pivots[0]] == tok("5", add_special_tokens=False)["input_ids"][0]
+    assert sum(u != IGNORE_INDEX for u in r0["undesired_ids"]) == 1  # only on the span's first token
     assert r0["input_ids"][-1] == tok.eos_token_id  # add_eos
     assert all(m == 0 for m in r0["completion_mask"][: len(tok("What is 17 + 25?")["input_ids"])])
     r2 = ds[2]  # contrastive record: only the desired token is trained, with the pivotal weight

@@ -72,7 +72,7 @@ def _encode_with_spans(tokenizer: PreTrainedTokenizerBase, text: str, spans: Seq
 
 
 def _row_from_record(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None, pivotal_weight: float,
-                     add_eos: bool) -> dict[str, list]:
+                     add_eos: bool, special: bool) -> dict[str, list]:
     """One example as ``input_ids``, ``completion_mask``, ``token_weights``, ``undesired_ids``."""
     if "context_ids" in row:  # contrastive record: train the desired token after the context
         for key in ("desired_id", "undesired_id"):
@@ -114,13 +114,13 @@ def _row_from_record(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase | N
     if und_in and len(und_in) != len(spans):
         raise ValueError("undesired_ids must give one token id per pivotal span")
     if "prompt" in row and "completion" in row:
-        p_ids = list(tokenizer(row["prompt"], add_special_tokens=True)["input_ids"])
+        p_ids = list(tokenizer(row["prompt"], add_special_tokens=special)["input_ids"])
         c_ids, hits = _encode_with_spans(tokenizer, row["completion"], spans, special=False)
         if add_eos and tokenizer.eos_token_id is not None:
             c_ids, hits = c_ids + [tokenizer.eos_token_id], hits + [None]
         ids, mask, hits = p_ids + c_ids, [0] * len(p_ids) + [1] * len(c_ids), [None] * len(p_ids) + hits
     elif "text" in row:
-        ids, hits = _encode_with_spans(tokenizer, row["text"], spans, special=True)
+        ids, hits = _encode_with_spans(tokenizer, row["text"], spans, special=special)
         mask = [1] * len(ids)
     else:
         raise ValueError("an example needs 'context_ids' (contrastive record), 'input_ids' (+ 'pivotal_positions'), "
@@ -147,6 +147,7 @@ def build_pivotal_dataset(
     pivotal_weight: float = DEFAULT_PIVOTAL_WEIGHT,
     add_eos: bool = True,
     labels: bool = True,
+    add_special_tokens: bool = True,
 ):
     """A pre-tokenized ``datasets.Dataset`` with aligned ``input_ids``, ``completion_mask``,
     ``token_weights`` (1, or ``pivotal_weight`` on pivotal tokens) and ``undesired_ids``
@@ -165,12 +166,14 @@ def build_pivotal_dataset(
     token). ``labels`` (default) adds a ``labels`` column (``-100`` outside the completion):
     ``SFTTrainer`` takes it as is (it would ignore ``completion_mask`` on pre-tokenized data unless
     ``completion_only_loss=True``) and truncates it with ``input_ids``; plain ``Trainer`` needs it.
+    ``add_special_tokens``: whether the tokenizer adds its special tokens (e.g. BOS) to prompts /
+    texts; use False for chat-template prompts, which hold them already.
     """
     from datasets import Dataset
 
     if pivotal_weight < 0:
         raise ValueError("pivotal_weight must be >= 0")
-    rows = [_row_from_record(dict(r), tokenizer, pivotal_weight, add_eos) for r in examples]
+    rows = [_row_from_record(dict(r), tokenizer, pivotal_weight, add_eos, add_special_tokens) for r in examples]
     if not rows:
         raise ValueError("no examples: the pivotal dataset would be empty")
     if labels:
