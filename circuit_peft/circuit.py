@@ -263,6 +263,7 @@ class Circuit:
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(self.to_dict(), f, indent=1, allow_nan=True)
+            _default_permissions(tmp)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -348,11 +349,19 @@ class Circuit:
         os.close(fd)
         try:
             fig.savefig(tmp, dpi=110, format="png")
+            _default_permissions(tmp)
             os.replace(tmp, path)
         finally:
             plt.close(fig)
             Path(tmp).unlink(missing_ok=True)
         return path
+
+
+def _default_permissions(path: str) -> None:
+    """mkstemp makes 0600 files; give the final file the usual umask-based mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _sort_key(c: Component) -> tuple[int, int, int]:

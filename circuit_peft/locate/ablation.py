@@ -81,7 +81,7 @@ def head_ablation_scan(
     layers: Iterable[int] | None = None,
     heads: Iterable[tuple[int, int]] | None = None,
     heads_per_pass: int | None = None,
-    max_pass_tokens: int = 16384,
+    max_pass_tokens: int = 8192,
     naive: bool = False,
     keep_fraction: float | None = DEFAULT_KEEP_FRACTION,
     prompt_field: str = "prompt",

@@ -16,6 +16,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from ..evaluate.prompts import build_prompt_ids
+
 RECORD_FIELDS = ("context_ids", "desired_id", "undesired_id")
 
 
@@ -156,11 +158,7 @@ def encode_probe(
                 raise ValueError(f"probe row {i} has no {what} text in field {field!r} (it has: {have}); "
                                  f"choose the field with {what}_field= / --{what}-field")
         if use_chat:
-            prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": r[prompt_field]}],
-                                                       add_generation_prompt=True, tokenize=True)
-            if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
-                prompt_ids = prompt_ids["input_ids"]
-            prompt_ids = list(prompt_ids)
+            prompt_ids = build_prompt_ids(tokenizer, r[prompt_field], style="chat")
         else:
             prompt_ids = tokenizer(r[prompt_field] + "\n")["input_ids"]
         sol_ids = tokenizer(r[solution_field], add_special_tokens=False)["input_ids"]

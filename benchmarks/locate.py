@@ -1,0 +1,159 @@
+"""Benchmark the locating layer on SmolLM2-135M-Instruct: exact head ablation scan vs the naive one,
+attribution vs the exact scan, and DCM on contrastive records.
+
+Keys of the final JSON line:
+  naive_ablation_s   one full forward per head, timed on every 10th head, extrapolated to all heads
+  ablation_s         the project's exact scan (cached residual, layers >= l only, batched heads), all heads
+  max_abs_diff       |project - naive| over the timed heads (nats per solution token)
+  attribution_s      attribution_scan (one forward + backward per batch; heads and neurons)
+  spearman           attribution vs exact ablation over all heads
+  top5pct_recall     share of the exact top 5 % heads found in attribution's top 5 %
+  dcm_s, dcm_kept_fraction   DCM with default settings on contrastive records (kept q+k+v heads and
+                     neurons / all of them)
+
+The DCM records are built simply (the CCA miner is another module): context = chat prompt +
+gold solution prefix up to the first digit after the first "=", desired = that gold digit token,
+undesired = the model's most likely other token there.
+
+Usage: python benchmarks/locate.py [--data-dir ../shared/data] [--probe-rows 8] [--dcm-records 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from circuit_peft.arch import get_arch  # noqa: E402
+from circuit_peft.evaluate.prompts import build_prompt_ids  # noqa: E402
+from circuit_peft.locate import attribution_scan, head_ablation_scan, learn_masks  # noqa: E402
+from circuit_peft.models import load_model, load_tokenizer  # noqa: E402
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    def ranks(x):
+        order = sorted(range(len(x)), key=lambda i: x[i])
+        r = [0.0] * len(x)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    ra, rb = torch.tensor(ranks(a)), torch.tensor(ranks(b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+@torch.no_grad()
+def contrastive_records(model, tok, rows: list[dict]) -> list[dict]:
+    """One record per problem at the first answer digit after the first '=' of the gold solution."""
+    records = []
+    for i, row in enumerate(rows):
+        prompt = build_prompt_ids(tok, row["question"], style="chat")
+        answer = row["answer"].split("####")[0]
+        eq = answer.find("=")
+        if eq < 0:
+            continue
+        k = next((j for j in range(eq, len(answer)) if answer[j].isdigit()), None)
+        if k is None:
+            continue
+        ctx = prompt + tok(answer[:k], add_special_tokens=False)["input_ids"]
+        desired = tok(answer[k], add_special_tokens=False)["input_ids"][0]
+        logits = model(input_ids=torch.tensor([ctx])).logits[0, -1]
+        top2 = logits.topk(2).indices.tolist()
+        undesired = top2[0] if top2[0] != desired else top2[1]
+        records.append({"context_ids": ctx, "desired_id": desired, "undesired_id": undesired,
+                        "problem_id": f"gsm8k-train-{row['_index']}"})
+    return records
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default="../shared/data")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--probe-rows", type=int, default=8, help="GSM8K training problems in the probe set")
+    p.add_argument("--naive-every", type=int, default=10, help="time the naive scan on every n-th head")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--heads-per-pass", type=int, default=None)
+    p.add_argument("--dcm-records", type=int, default=16)
+    p.add_argument("--dcm-epochs", type=int, default=30)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="also save the three circuits as JSON under this folder")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    train = [json.loads(line) for line in open(Path(args.data_dir) / "gsm8k" / "train.jsonl")]
+    for i, r in enumerate(train):
+        r["_index"] = i
+    probe = train[: args.probe_rows]
+    model, tok = load_model(args.model), load_tokenizer(args.model)
+    arch = get_arch(model)
+    all_heads = [(l, h) for l in range(arch.dims.n_layers) for h in range(arch.dims.n_heads)]
+    timed = all_heads[:: args.naive_every]
+    common = dict(prompt_field="question", solution_field="answer", batch_size=args.batch_size, keep_fraction=None)
+    print(f"{len(probe)} probe problems, {len(all_heads)} heads; naive scan timed on {len(timed)} heads")
+
+    t = time.perf_counter()
+    naive = head_ablation_scan(model, tok, probe, heads=timed, naive=True, **common)
+    naive_s = (time.perf_counter() - t) * len(all_heads) / len(timed)
+    print(f"naive scan: {naive_s:.1f} s extrapolated to all heads")
+
+    t = time.perf_counter()
+    exact = head_ablation_scan(model, tok, probe, heads_per_pass=args.heads_per_pass, **common)
+    ablation_s = time.perf_counter() - t
+    diff = max(abs(exact.scores[c] - naive.scores[c]) for c in naive.scores)
+    print(f"exact scan: {ablation_s:.1f} s ({naive_s / ablation_s:.2f}x faster), max |diff| {diff:.2e}, "
+          f"base loss {exact.meta['base_loss']:.4f}, solution tokens {exact.meta['solution_tokens']}")
+
+    t = time.perf_counter()
+    att = attribution_scan(model, tok, probe, **dict(common, batch_size=min(4, args.batch_size)))
+    attribution_s = time.perf_counter() - t
+    heads = sorted(exact.scores)
+    rho = spearman([exact.scores[c] for c in heads], [att.scores[c] for c in heads])
+    k = max(1, math.ceil(0.05 * len(heads)))
+    top_exact = {c for c, _ in exact.ranked(["q"])[:k]}
+    top_att = {c for c, _ in att.ranked(["q"])[:k]}
+    recall = len(top_exact & top_att) / k
+    print(f"attribution: {attribution_s:.1f} s ({naive_s / attribution_s:.0f}x faster than naive), "
+          f"spearman {rho:.3f}, top-5% recall {recall:.3f} ({len(top_exact & top_att)}/{k})")
+    print("exact top heads:", [tuple(c)[1:] for c, _ in exact.ranked(["q"])[:k]])
+    print("attribution top:", [tuple(c)[1:] for c, _ in att.ranked(["q"])[:k]])
+
+    records = contrastive_records(model, tok, train[args.probe_rows : args.probe_rows + 4 * args.dcm_records])
+    records = records[: args.dcm_records]
+    t = time.perf_counter()
+    dcm = learn_masks(model, records, epochs=args.dcm_epochs, tokenizer=tok)
+    dcm_s = time.perf_counter() - t
+    masks = list(dcm.scores.values())
+    print(f"DCM on {len(records)} records: {dcm_s:.1f} s, {dcm.meta['epochs_run']} epochs / {dcm.meta['steps']} "
+          f"steps, kept {len(dcm.components)} of {dcm.total_components()} "
+          f"(mask min {min(masks):.3f}, mean {sum(masks) / len(masks):.3f}); "
+          f"margin {dcm.meta['history'][0]['margin']:.3f} -> {dcm.meta['history'][-1]['margin']:.3f}")
+    if args.out:
+        for name, c in (("ablation", exact.top(fraction=0.05)), ("attribution", att), ("dcm", dcm)):
+            c.save(Path(args.out) / f"{name}.json")
+
+    print(json.dumps({
+        "naive_ablation_s": round(naive_s, 2), "ablation_s": round(ablation_s, 2), "max_abs_diff": diff,
+        "attribution_s": round(attribution_s, 2), "spearman": round(rho, 4), "top5pct_recall": round(recall, 4),
+        "dcm_s": round(dcm_s, 2), "dcm_kept_fraction": round(dcm.component_fraction(), 6),
+        "probe_rows": len(probe), "timed_heads": len(timed), "dcm_records": len(records),
+        "dcm_epochs_run": dcm.meta["epochs_run"], "threads": args.threads,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""``circuit-peft locate``: find a circuit with DCM, a head ablation scan or attribution, save it as JSON
+(and a PNG picture)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("dcm", "ablation", "attribution")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "locate",
+        help="locate a circuit (DCM masks, head ablation scan, attribution) and save it as JSON",
+        description="Locate the components that do a task. dcm and attribution --target logit_diff read "
+                    "contrastive records (jsonl of {context_ids, desired_id, undesired_id, problem_id}); "
+                    "ablation and attribution --target ablation read probe rows with a prompt and a "
+                    "solution (e.g. GSM8K question/answer).",
+    )
+    p.add_argument("--model", required=True, help="hub id, local folder, or 'smollm2' (offline SmolLM2-135M-Instruct)")
+    p.add_argument("--data", required=True, help="local .jsonl/.json/.csv file, a saved datasets folder, or a hub dataset name")
+    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--out", required=True, help="where to write the circuit JSON")
+    p.add_argument("--plot", default=None, help="also write a PNG picture of the circuit here")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-config", default=None, help="hub dataset configuration (e.g. 'main' for gsm8k)")
+    g.add_argument("--split", default="train", help="hub dataset split (default train)")
+    g.add_argument("--limit", type=int, default=None, help="use only the first N rows")
+    g.add_argument("--prompt-field", default=None,
+                   help="probe field with the prompt (default: 'prompt', else 'question' if present)")
+    g.add_argument("--solution-field", default=None,
+                   help="probe field with the solution (default: 'solution', else 'answer' if present)")
+    g.add_argument("--no-chat-template", action="store_true", help="probe prompts as plain text, not a chat turn")
+    g.add_argument("--max-length", type=int, default=1024, help="probe rows are cut to this many tokens")
+    s = p.add_argument_group("selection")
+    s.add_argument("--keep-fraction", type=float, default=None,
+                   help="keep this share of the scored components (ablation/attribution default 0.05)")
+    s.add_argument("--top-k", type=int, default=None, help="keep the k best scored components instead")
+    s.add_argument("--z", type=float, default=None, help="keep components with score z-score >= Z instead")
+    a = p.add_argument_group("ablation / attribution")
+    a.add_argument("--ablation", choices=("uniform", "zero", "mean"), default="uniform", help="head ablation operator")
+    a.add_argument("--target", choices=("ablation", "logit_diff"), default=None,
+                   help="attribution target (default: logit_diff for contrastive records, else ablation)")
+    a.add_argument("--batch-size", type=int, default=None, help="rows per forward (ablation 8, attribution 4, dcm 8)")
+    a.add_argument("--naive", action="store_true", help="ablation: one full forward per head (slow reference)")
+    d = p.add_argument_group("dcm")
+    d.add_argument("--lambda", dest="lambda_l1", type=float, default=0.01, help="L1 weight (default 0.01)")
+    d.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3)")
+    d.add_argument("--epochs", type=int, default=50, help="maximum epochs (default 50)")
+    d.add_argument("--patience", type=int, default=5, help="early stop after N epochs with the same kept count")
+    d.add_argument("--objective", choices=("logit_diff", "logsigmoid"), default="logit_diff")
+    d.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="e.g. cuda; default cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.set_defaults(func=run)
+    return p
+
+
+def load_rows(data: str, config: str | None = None, split: str = "train", limit: int | None = None) -> list[dict[str, Any]]:
+    """Rows from a local jsonl/json/csv file, a ``save_to_disk`` folder, or a hub dataset name."""
+    path = Path(data)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".ndjson"):
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        elif suffix == ".json":
+            loaded = json.loads(path.read_text())
+            rows = loaded if isinstance(loaded, list) else loaded.get("data", loaded.get("rows"))
+            if not isinstance(rows, list):
+                raise ValueError(f"{path}: a .json data file must hold a list of rows (or {{'data': [...]}})")
+        elif suffix == ".csv":
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            raise ValueError(f"{path}: unknown data file type {suffix!r}; use .jsonl, .json or .csv")
+    elif path.is_dir():
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+        rows = [dict(r) for r in ds]
+    elif path.suffix.lower() in (".jsonl", ".json", ".csv") or data.startswith((".", "/")):
+        raise FileNotFoundError(f"no data file at {path}")
+    else:
+        import datasets
+
+        ds = datasets.load_dataset(data, config, split=split)
+        rows = [dict(r) for r in (ds.select(range(min(limit, len(ds)))) if limit else ds)]
+    if limit is not None:
+        rows = rows[:limit]
+    if not rows:
+        raise ValueError(f"the data set {data} is empty")
+    return rows
+
+
+def _is_records(rows: list[dict[str, Any]]) -> bool:
+    return "context_ids" in rows[0]
+
+
+def _probe_fields(rows: list[dict[str, Any]], prompt: str | None, solution: str | None) -> tuple[str, str]:
+    first = rows[0]
+    if prompt is None:
+        prompt = "prompt" if "prompt" in first or "question" not in first else "question"
+    if solution is None:
+        solution = "solution" if "solution" in first or "answer" not in first else "answer"
+    return prompt, solution
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..locate import attribution_scan, head_ablation_scan, learn_masks
+    from ..models import load_model, load_tokenizer
+
+    selections = [x for x in (args.keep_fraction, args.top_k, args.z) if x is not None]
+    if len(selections) > 1:
+        raise ValueError("give at most one of --keep-fraction, --top-k, --z")
+    rows = load_rows(args.data, args.data_config, args.split, args.limit)
+    records = _is_records(rows)
+    if args.method == "dcm" and not records:
+        raise ValueError(f"--method dcm needs contrastive records (context_ids, desired_id, undesired_id); "
+                         f"{args.data} has fields {sorted(rows[0])}. Mine them with `circuit-peft mine`.")
+    if args.method == "ablation" and records:
+        raise ValueError("--method ablation needs probe rows with a prompt and a solution, not contrastive records")
+    target = args.target or ("logit_diff" if records else "ablation")
+    if args.method == "attribution" and (target == "logit_diff") != records:
+        raise ValueError(f"--target {target} does not fit this data ({'contrastive records' if records else 'probe rows'})")
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".json":
+        raise ValueError(f"--out should be a .json file, got {out}")
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    try:
+        tok = load_tokenizer(args.model)
+    except (OSError, ValueError):
+        if not records:
+            raise
+        tok = None  # contrastive records are token ids already
+    prompt_field, solution_field = _probe_fields(rows, args.prompt_field, args.solution_field)
+    probe_kw = dict(prompt_field=prompt_field, solution_field=solution_field,
+                    chat_template=False if args.no_chat_template else None, max_length=args.max_length)
+    keep_default = None if selections else 0.05
+
+    if args.method == "dcm":
+        circuit = learn_masks(model, rows, lambda_l1=args.lambda_l1, lr=args.lr, batch_size=args.batch_size or 8,
+                              epochs=args.epochs, patience=args.patience, objective=args.objective, seed=args.seed,
+                              tokenizer=tok)
+    elif args.method == "ablation":
+        circuit = head_ablation_scan(model, tok, rows, method=args.ablation, batch_size=args.batch_size or 8,
+                                     naive=args.naive, keep_fraction=keep_default, **probe_kw)
+    else:
+        circuit = attribution_scan(model, tok, rows, target=target, method=args.ablation,
+                                   batch_size=args.batch_size or 4, keep_fraction=keep_default, **probe_kw)
+    if args.keep_fraction is not None:
+        circuit = circuit.top(fraction=args.keep_fraction)
+    elif args.top_k is not None:
+        circuit = circuit.top(k=args.top_k)
+    elif args.z is not None:
+        circuit = circuit.top(z=args.z)
+    circuit.meta.setdefault("source", {"model": args.model, "data": args.data, "rows": len(rows)})
+    circuit.save(out)
+    print(circuit.summary())
+    print(f"wrote {out}")
+    if args.plot:
+        circuit.plot(args.plot)
+        print(f"wrote {args.plot}")
+    return 0
