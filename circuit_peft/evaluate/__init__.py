@@ -1,0 +1,7 @@
+"""Evaluation: answer checking, prompts, held-out accuracy and side effects (MMLU, TruthfulQA, KL)."""
+
+from .accuracy import AccuracyResult, evaluate_accuracy  # noqa: F401
+from .answers import NumberAnswer, extract_gsm8k_gold, extract_model_answer, is_correct  # noqa: F401
+from .data import load_gsm8k, load_mmlu, load_text, load_truthfulqa  # noqa: F401
+from .prompts import build_prompt, build_prompt_ids  # noqa: F401
+from .side_effects import mean_kl, mmlu_accuracy, side_effects, truthfulqa_mc1  # noqa: F401
