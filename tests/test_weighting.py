@@ -205,3 +205,14 @@ def test_bad_input(tok, tmp_path):
     with pytest.raises(ValueError, match="packing"):
         PivotalWeighting().attach(SFTTrainer(model=_model(tok), args=_sft_args(tmp_path, packing=True),
                                              train_dataset=rows, processing_class=tok))
+
+
+def test_gradient_accumulation_matches_full_batch(tok, tmp_path):
+    rows = build_pivotal_dataset(_examples(tok), tok, pivotal_weight=5.0)
+    model = _model(tok)
+    expected = _hand_loss(model, list(rows), ul_weight=0.5)
+    trainer = PivotalWeighting(unlikelihood_weight=0.5).attach(SFTTrainer(
+        model=model, args=_sft_args(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=3),
+        train_dataset=rows, processing_class=tok))
+    trainer.train()  # three micro-batches of one row, normalised by the label tokens of all three
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(expected, rel=1e-3)
