@@ -28,7 +28,8 @@ from ..interventions import (
     ABLATION_METHODS, HeadAblation, ablate_heads, capture_layer_input, head_output_means, start_at_layer,
 )
 from .data import (
-    collate_probe, encode_probe, last_logits, length_batches, model_inputs, pad_token_id, solution_loss_sums,
+    collate_probe, encode_probe, last_logits, length_batches, model_device, model_inputs, pad_token_id,
+    solution_loss_sums, to_device,
 )
 
 DEFAULT_KEEP_FRACTION = 0.05
@@ -38,10 +39,11 @@ def probe_batches(
     model: nn.Module, tokenizer: Any, probe: Any, batch_size: int = 8, prompt_field: str = "prompt",
     solution_field: str = "solution", chat_template: bool | None = None, max_length: int = 1024,
 ) -> list[dict[str, torch.Tensor]]:
-    """Encode probe rows and group them into left-padded batches of similar length."""
+    """Encode probe rows and group them into left-padded batches of similar length (on the model's device)."""
     encoded = encode_probe(tokenizer, probe, prompt_field, solution_field, chat_template, max_length)
     pad = pad_token_id(model, tokenizer)
-    return [collate_probe([encoded[i] for i in idx], pad)
+    device = model_device(model)
+    return [to_device(collate_probe([encoded[i] for i in idx], pad), device)
             for idx in length_batches([len(e.ids) for e in encoded], batch_size)]
 
 

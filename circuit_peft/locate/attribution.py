@@ -28,8 +28,10 @@ from ..arch import Component, ModelArch, get_arch
 from ..circuit import Circuit
 from ..interventions import ABLATION_METHODS, _uniform_attention_output, capture_components, head_output_means
 from .ablation import DEFAULT_KEEP_FRACTION, probe_batches
-from .data import at_least_float32, collate_records, last_logits, length_batches, model_inputs, pad_token_id, solution_loss_sums, \
-    validate_records
+from .data import (
+    at_least_float32, collate_records, last_logits, length_batches, model_device, model_inputs, pad_token_id,
+    solution_loss_sums, to_device, validate_records,
+)
 
 TARGETS = ("ablation", "logit_diff")
 _DEFAULT_KINDS = {"ablation": ("q", "mlp"), "logit_diff": ("q", "k", "v", "mlp")}
@@ -176,12 +178,12 @@ def _logit_diff_attribution(model, arch, tokenizer, data, kinds, batch_size, pro
     margin = 0.0
     for idx in tqdm(length_batches([len(r["context_ids"]) for r in records], batch_size),
                     desc="attribution (logit diff)", disable=not progress):
-        b = collate_records([records[i] for i in idx], pad)
+        b = to_device(collate_records([records[i] for i in idx], pad), model_device(model))
         with ExitStack() as stack:
             acts = {k: stack.enter_context(capture_components(model, k, layers, detach=False, arch=arch))
                     for k in kinds}
             logits = _forward_with_grad_inputs(model, model_inputs(b), 1)[:, -1]
-        rows = torch.arange(len(idx))
+        rows = torch.arange(len(idx), device=logits.device)
         diff = at_least_float32(logits[rows, b["desired"]] - logits[rows, b["undesired"]])
         total = diff.sum() / len(records)
         margin += float(total.detach())

@@ -189,6 +189,15 @@ def collate_probe(rows: Sequence[EncodedProbe], pad_id: int) -> dict[str, torch.
     return batch
 
 
+def model_device(model: Any) -> torch.device:
+    """Device of the model's first parameter (CPU for a parameterless module)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def model_inputs(batch: dict[str, torch.Tensor], repeat: int = 1) -> dict[str, torch.Tensor]:
     """The tensors a model forward takes, optionally repeated ``repeat`` times along the batch."""
     out = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
@@ -236,7 +245,7 @@ def solution_loss_sums(logits: torch.Tensor, labels: torch.Tensor, groups: int =
     :func:`collate_probe` (the same for every group).
     """
     K = logits.shape[1]
-    lab = labels[:, -K:]
+    lab = labels[:, -K:].to(logits.device)
     valid = lab != -100
     G = groups
     B = lab.shape[0]

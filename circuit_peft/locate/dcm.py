@@ -25,7 +25,7 @@ from ..arch import Component, get_arch
 from ..circuit import Circuit
 from ..interventions import scale_components
 from .attribution import frozen_parameters
-from .data import collate_records, last_logits, model_inputs, pad_token_id, validate_records
+from .data import collate_records, last_logits, model_device, model_inputs, pad_token_id, to_device, validate_records
 
 DCM_KINDS: tuple[str, ...] = ("q", "k", "v", "mlp")
 OBJECTIVES = ("logit_diff", "logsigmoid")
@@ -89,7 +89,8 @@ def learn_masks(
     rows = validate_records(records, arch.dims.vocab_size)
     pad = pad_token_id(model, tokenizer) if pad_id is None else int(pad_id)
 
-    masks = {k: nn.Parameter(torch.ones(arch.dims.n_layers, arch.num_components(k))) for k in kinds}
+    device = model_device(model)
+    masks = {k: nn.Parameter(torch.ones(arch.dims.n_layers, arch.num_components(k), device=device)) for k in kinds}
     optimizer = torch.optim.Adam(list(masks.values()), lr=lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
     generator = torch.Generator().manual_seed(seed)
@@ -112,11 +113,11 @@ def learn_masks(
                 losses, margins = [], []
                 for bi, start in enumerate(range(0, len(order), batch_size)):
                     batch_rows = [rows[i] for i in order[start : start + batch_size]]
-                    batch = collate_records(batch_rows, pad)
-                    last = torch.full((len(batch_rows),), -1, dtype=torch.long)
+                    batch = to_device(collate_records(batch_rows, pad), device)
+                    last = torch.full((len(batch_rows),), -1, dtype=torch.long, device=device)
                     with scale_components(model, {k: 2 * m for k, m in masks.items()}, positions=last, arch=arch):
                         logits = last_logits(model, model_inputs(batch), 1)[:, -1].float()
-                    r = torch.arange(len(batch_rows))
+                    r = torch.arange(len(batch_rows), device=device)
                     margin = logits[r, batch["desired"]] - logits[r, batch["undesired"]]
                     task = -margin.mean() if objective == "logit_diff" else -nn.functional.logsigmoid(margin).mean()
                     penalty = sum(m.abs().sum() for m in masks.values())
