@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from circuit_peft.models import load_model, load_tokenizer
 from circuit_peft.select import (
-    CircuitSeerSampler, CircuitSeerScorer, ReasoningHeads, ResponseLossScorer, find_reasoning_heads, ifd_indices,
+    CircuitSeerSampler, CircuitSeerScorer, ReasoningHeads, ResponseLossScorer, debias_length, find_reasoning_heads,
+    ifd_indices,
     length_matched_indices, length_spearman, max_loss_indices, random_indices, select_indices,
 )
 
@@ -76,29 +77,32 @@ def batches_by_length(ids: list[list[int]], batch_size: int, pad_id: int) -> lis
 
 @torch.no_grad()
 def throughput(model, tok, heads, rows, batch_size: int) -> dict:
+    """Time the three ways batch by batch, interleaved, so load changes on a shared machine hit all alike."""
     scorer = CircuitSeerScorer(model, tok, heads, batch_size=batch_size, progress=False)
     ids = scorer.tokenize(scorer.prompts(rows))
     n_tok = sum(len(x) for x in ids)
-    batches = batches_by_length(ids, batch_size, scorer.pad_id)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    groups = [[ids[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+    batches = batches_by_length(ids, batch_size, scorer.pad_id)  # the same groups, padded
     scorer.score_ids(ids[:batch_size])  # warm-up
-
-    t0 = time.perf_counter()
-    scores = scorer.score_ids(ids)
-    t_score = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    for b in tqdm(batches, desc="plain forward"):
-        model(**b, use_cache=False)
-    t_forward = time.perf_counter() - t0
-
-    model.set_attn_implementation("eager")
-    try:
+    t_score = t_forward = t_eager = 0.0
+    sorted_scores = []
+    for group, batch in tqdm(list(zip(groups, batches)), desc="score / forward / eager"):
         t0 = time.perf_counter()
-        for b in tqdm(batches, desc="eager + output_attentions"):
-            model(**b, use_cache=False, output_attentions=True)
-        t_eager = time.perf_counter() - t0
-    finally:
-        model.set_attn_implementation("sdpa")
+        sorted_scores.append(scorer._score_batch(group))
+        t_score += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model(**batch, use_cache=False)
+        t_forward += time.perf_counter() - t0
+        model.set_attn_implementation("eager")
+        try:
+            t0 = time.perf_counter()
+            model(**batch, use_cache=False, output_attentions=True)
+            t_eager += time.perf_counter() - t0
+        finally:
+            model.set_attn_implementation("sdpa")
+    scores = np.empty(len(ids))
+    scores[order] = torch.cat(sorted_scores).numpy()
 
     lengths = [len(x) for x in ids]
     raw = CircuitSeerScorer(model, tok, heads, exclude_sink=False, batch_size=batch_size, progress=False).score_ids(ids)
@@ -107,14 +111,16 @@ def throughput(model, tok, heads, rows, batch_size: int) -> dict:
         "score_seconds": round(t_score, 2), "forward_seconds": round(t_forward, 2), "eager_seconds": round(t_eager, 2),
         "score_examples_per_s": round(len(ids) / t_score, 1),
         "score_vs_forward": round(t_score / t_forward, 3), "score_vs_eager": round(t_score / t_eager, 3),
-        "score_length_spearman": round(length_spearman(scores, lengths), 3),
+        "score_length_spearman": round(length_spearman(debias_length(scores, lengths), lengths), 3),
+        "per_example_score_length_spearman": round(length_spearman(scores, lengths), 3),
         "raw_score_length_spearman": round(length_spearman(raw, lengths), 3),
         "deepest_head_layer": heads.deepest_layer,
     }
     print(f"scoring {len(ids)} questions ({n_tok} tokens): CircuitSeer {t_score:.1f} s, plain forward "
           f"{t_forward:.1f} s, eager+attentions {t_eager:.1f} s -> score_vs_forward {res['score_vs_forward']}, "
           f"score_vs_eager {res['score_vs_eager']}; Spearman with length: {res['score_length_spearman']} "
-          f"(paper's raw score: {res['raw_score_length_spearman']})")
+          f"(before length debiasing: {res['per_example_score_length_spearman']}, paper's raw score: "
+          f"{res['raw_score_length_spearman']})")
     return res
 
 
@@ -180,7 +186,8 @@ def train_and_eval(args, tok, encoded_pool, indices, test_rows, arm: str) -> tup
 
 def heldout_loss(model, tok, test_rows, args) -> tuple[float, float]:
     """Mean over test problems of the mean per-token loss on the gold solution (and its SE)."""
-    losses = ResponseLossScorer(model, tok, batch_size=args.eval_batch_size, progress=False).conditional(test_rows)
+    losses = ResponseLossScorer(model, tok, batch_size=args.eval_batch_size, max_length=args.max_tokens,
+                                progress=False).conditional(test_rows)
     return float(losses.mean()), float(losses.std(ddof=1) / math.sqrt(len(losses)))
 
 
@@ -188,14 +195,16 @@ def selection_quality(args, model, tok, heads, train_path, test_path) -> dict:
     pool = read_jsonl(train_path, args.pool)
     test_rows = read_jsonl(test_path, args.test)
     res: dict = {"pool": len(pool), "test": len(test_rows), "fraction": args.fraction, "steps": args.steps,
+                 "max_tokens": args.max_tokens,
                  "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds, "tau": args.tau}
     t0 = time.perf_counter()
     cs = CircuitSeerScorer(model, tok, heads, batch_size=16, cache_dir=str(HERE / "cache" / "scores"))
     cs_scores = cs.score(pool)
     res["pool_score_length_spearman"] = round(cs.length_spearman, 3)
+    res["pool_per_example_score_length_spearman"] = round(cs.per_example_length_spearman, 3)
     res["circuitseer_score_seconds"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
-    ls = ResponseLossScorer(model, tok, batch_size=8, cache_dir=str(HERE / "cache" / "scores"))
+    ls = ResponseLossScorer(model, tok, batch_size=8, max_length=args.max_tokens, cache_dir=str(HERE / "cache" / "scores"))
     cond = ls.conditional(pool)
     ifd = ls.ifd(pool, conditional=cond)
     res["loss_score_seconds"] = round(time.perf_counter() - t0, 1)
@@ -219,7 +228,7 @@ def selection_quality(args, model, tok, heads, train_path, test_path) -> dict:
     base, base_se = heldout_loss(model, tok, test_rows, args)
     res["base_heldout_loss"], res["heldout_se"] = round(base, 4), round(base_se, 4)
     print(f"base held-out loss {base:.4f} (SE {base_se:.4f})")
-    encoded = encode_sft(tok, pool)
+    encoded = encode_sft(tok, pool, args.max_tokens)
     results = {}
     for name, idx in arms.items():
         loss, se, sec = train_and_eval(args, tok, encoded, idx, test_rows, name)
@@ -261,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--max-tokens", type=int, default=512,
+                   help="question + solution tokens kept for SFT, loss scores and the held-out loss")
     p.add_argument("--full", action="store_true", help="also train on the whole pool (for a GPU)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)

@@ -10,6 +10,11 @@ the input (problem) tokens, averaged over the heads.
   raw variance, which on small models mostly measures 1 / length (the sink takes the mass).
 * ``length_normalized=True``: ``Var(n * a)`` (= ``n**2 Var(a)``, n = keys covered), which
   removes the 1/n^2 scale of a uniform-ish row.
+* ``length_debias=True`` (default, our choice; pool-level, in :meth:`CircuitSeerScorer.score`):
+  the score becomes the residual of ``log(score)`` after a least-squares fit on ``log(length)``
+  over the pool (:func:`debias_length`), so examples compete with others of similar length.
+  Measured on SmolLM2 the per-example score, even without the sink, still had Spearman about
+  -0.9 with question length.
 
 The attention of only the reasoning heads, only at the rows needed, is recomputed from their
 own query and key states after rotary embedding (:func:`circuit_peft.interventions.capture_qk`),
@@ -77,6 +82,25 @@ def length_spearman(scores: Sequence[float], lengths: Sequence[int]) -> float:
     return float(spearmanr(s[ok], n[ok]).statistic)
 
 
+def debias_length(scores: Sequence[float], lengths: Sequence[int]) -> np.ndarray:
+    """Residual of ``log(score)`` after a least-squares line on ``log(length)`` over the pool.
+
+    Attention variance over n keys falls roughly like 1/n^2 whatever the head does, so raw scores
+    rank short prompts first. The residual compares each example with examples of its length.
+    Non-positive or NaN scores become NaN (ranked last by the samplers).
+    """
+    s, n = np.asarray(scores, dtype=float), np.asarray(lengths, dtype=float)
+    ok = np.isfinite(s) & (s > 0) & (n > 0)
+    out = np.full(s.shape, np.nan)
+    y = np.log(s[ok])
+    x = np.log(n[ok])
+    if ok.sum() >= 3 and np.ptp(x) > 0:
+        slope, intercept = np.polyfit(x, y, 1)
+        y = y - (intercept + slope * x)
+    out[ok] = y
+    return out
+
+
 def _attention_params(model: nn.Module, module: nn.Module) -> tuple[float, float | None, int | None]:
     """(scaling, logit soft-cap, sliding window) the attention module applies."""
     scaling = getattr(module, "scaling", None)
@@ -100,6 +124,7 @@ class CircuitSeerScorer:
         query: ``"last"`` (default) or ``"mean"`` (see module doc).
         exclude_sink: leave out position 0 and BOS tokens and renormalise (default True).
         length_normalized: return ``Var(n * a)`` instead of ``Var(a)``.
+        length_debias: :meth:`score` returns the length-debiased pool scores (default True).
         question_field / prompt_template: what text is scored (default: the ``question`` field;
             a template like ``"Problem: {question}"`` formats the whole row).
         batch_size: examples per forward pass (sorted by length within a chunk).
@@ -116,6 +141,7 @@ class CircuitSeerScorer:
         query: str = "last",
         exclude_sink: bool = True,
         length_normalized: bool = False,
+        length_debias: bool = True,
         question_field: str = "question",
         prompt_template: str | None = None,
         batch_size: int = 16,
@@ -137,6 +163,7 @@ class CircuitSeerScorer:
         self.model, self.tokenizer, self.heads = model, tokenizer, heads
         self.arch = get_arch(model)
         self.query, self.exclude_sink, self.length_normalized = query, exclude_sink, length_normalized
+        self.length_debias = length_debias
         self.question_field, self.prompt_template = question_field, prompt_template
         self.batch_size, self.on_long = batch_size, on_long
         self.max_length = max_length or context_length(model, tokenizer)
@@ -147,7 +174,8 @@ class CircuitSeerScorer:
         layers = self.arch.layers(model)
         self._params = {l: _attention_params(model, layers[l].get_submodule(attn)) for l in heads.by_layer()}
         self.lengths: np.ndarray | None = None  # prompt token counts of the last score() call
-        self.length_spearman: float | None = None
+        self.length_spearman: float | None = None  # of the returned scores
+        self.per_example_length_spearman: float | None = None  # before length debiasing
 
     # ----- settings that change scores (cache key) --------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -238,7 +266,8 @@ class CircuitSeerScorer:
     def score(self, rows: Any) -> np.ndarray:
         """Scores of every row of a ``datasets.Dataset`` / list of dicts, using the cache and all processes.
 
-        Also sets ``self.lengths`` (prompt tokens) and ``self.length_spearman``.
+        Also sets ``self.lengths`` (prompt tokens), ``self.length_spearman`` (of the returned
+        scores) and ``self.per_example_length_spearman`` (before length debiasing).
         """
         texts = self.prompts(rows)
         ids = self.tokenize(texts)  # tokenizes everything up front: bad rows fail before any scoring
@@ -250,6 +279,9 @@ class CircuitSeerScorer:
         self.lengths = np.array([len(x) for x in ids])
         scores = score_in_chunks(len(ids), lambda s, e: self.score_ids(ids[s:e]), self.chunk_size, cache,
                                  desc="CircuitSeer scores", progress=self.progress, tokens=self.lengths)
+        self.per_example_length_spearman = length_spearman(scores, self.lengths)
+        if self.length_debias:
+            scores = debias_length(scores, self.lengths)
         self.length_spearman = length_spearman(scores, self.lengths)
         if not math.isnan(self.length_spearman) and abs(self.length_spearman) >= 0.5:
             logger.warning("CircuitSeer scores track prompt length (Spearman %.2f): the selection is close to a "
