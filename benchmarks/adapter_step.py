@@ -1,0 +1,260 @@
+"""Training-step cost of a circuit adapter vs LoRA vs full fine-tuning (SmolLM2-135M-Instruct).
+
+Configurations, all trained with AdamW on batches of GSM8K text (``--batch`` x ``--seq-len`` tokens):
+
+* ``top``: a circuit of 5 % of the query heads (with their key/value heads) and 1 % of the MLP
+  neurons, all in the top third of the layers (projections "all");
+* ``spread``: the same counts spread evenly over all layers;
+* ``lora``: LoRA r=16 on every linear layer (``all-linear``);
+* ``full``: full fine-tuning.
+
+Step time: the median over ``--steps`` measured steps (forward + backward + optimizer step), after
+``--warmup`` steps; the four models live in one process and take their steps in turn, so a change in
+machine load hits all of them alike. Peak memory: on CUDA ``max_memory_allocated`` per configuration;
+on CPU each configuration runs one step in a fresh subprocess and reports its peak resident set
+(sampled every 5 ms) minus the resident set just before it: activations, gradients and optimizer state.
+
+    python benchmarks/adapter_step.py                      # full spec: batch 8 x 256 tokens
+    python benchmarks/adapter_step.py --steps 1 --seq-len 32   # quick check
+
+The last line of output is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+CONFIGS = ("top", "spread", "lora", "full")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default="../shared/data", help="folder holding gsm8k/train.jsonl")
+    p.add_argument("--model", default="smollm2", help="'smollm2', a hub id or a folder")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--steps", type=int, default=3, help="measured steps per configuration (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first (default 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared 2-core box more threads oversubscribe and slow down)")
+    p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu' or 'cuda'")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-memory", action="store_true", help="CPU: do not run the per-configuration memory probes")
+    p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ----- data and configurations ---------------------------------------------------------------------
+
+
+def gsm8k_batch(data_dir: str, tokenizer: Any, batch: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """``batch`` rows of ``seq_len`` tokens packed from GSM8K training text (labels = inputs)."""
+    path = Path(data_dir) / "gsm8k" / "train.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; pass --data-dir pointing at a folder with gsm8k/train.jsonl")
+    need = batch * seq_len
+    ids: list[int] = []
+    with path.open() as f:
+        for line in f:
+            row = json.loads(line)
+            ids += tokenizer(row["question"] + "\n" + row["answer"] + tokenizer.eos_token)["input_ids"]
+            if len(ids) >= need:
+                break
+    x = torch.tensor(ids[:need]).view(batch, seq_len)
+    return {"input_ids": x, "labels": x.clone()}
+
+
+def circuit_components(arch: Any, placement: str, seed: int) -> list[tuple[str, int, int]]:
+    """5 % of query heads (plus their key/value heads) and 1 % of neurons, in the top third or spread."""
+    d = arch.dims
+    n_q = max(1, round(0.05 * d.n_layers * d.n_heads))
+    n_mlp = max(1, round(0.01 * d.n_layers * d.n_neurons))
+    rng = random.Random(seed)
+    if placement == "top":
+        layers = list(range(d.n_layers - d.n_layers // 3, d.n_layers))
+        heads = rng.sample([(l, h) for l in layers for h in range(d.n_heads)], n_q)
+        neurons = rng.sample([(l, i) for l in layers for i in range(d.n_neurons)], n_mlp)
+    else:  # evenly over all layers, lowest and highest included
+        head_layers = [round(i * (d.n_layers - 1) / max(1, n_q - 1)) for i in range(n_q)]
+        heads = [(l, rng.randrange(d.n_heads)) for l in head_layers]
+        per_layer = [n_mlp // d.n_layers + (1 if l < n_mlp % d.n_layers else 0) for l in range(d.n_layers)]
+        neurons = [(l, i) for l in range(d.n_layers) for i in rng.sample(range(d.n_neurons), per_layer[l])]
+    comps = [("q", l, h) for l, h in heads]
+    comps += [(kind, l, arch.kv_head_of(h)) for l, h in heads for kind in ("k", "v")]
+    comps += [("mlp", l, i) for l, i in neurons]
+    return comps
+
+
+def build(name: str, model_name: str, seed: int, device: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A fresh model prepared for configuration ``name`` and facts about it."""
+    from peft import LoraConfig, get_peft_model
+
+    import circuit_peft  # noqa: F401  (registers CIRCUIT)
+    from circuit_peft import CircuitConfig, circuit_size, get_arch, load_model
+
+    model = load_model(model_name)
+    info: dict[str, Any] = {}
+    if name in ("top", "spread"):
+        config = CircuitConfig.from_components(circuit_components(get_arch(model), name, seed))
+        size = circuit_size(config, model)
+        info.update(components=size["components"], component_fraction=size["component_fraction"])
+        model = get_peft_model(model, config)
+    elif name == "lora":
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
+    else:
+        model.requires_grad_(True)
+    model.to(device).train()
+    info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if name != "full":
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            info["adapter_bytes"] = os.path.getsize(Path(tmp) / "adapter_model.safetensors")
+    return model, info
+
+
+def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
+
+    def step() -> float:
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if batch["input_ids"].is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    return step
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ----- modes ---------------------------------------------------------------------------------------------
+
+
+def worker(args: argparse.Namespace) -> None:
+    """CPU memory probe: one step of one configuration in this fresh process; prints one JSON line."""
+    from circuit_peft import load_tokenizer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    batch = gsm8k_batch(args.data_dir, load_tokenizer(args.model), args.batch, args.seq_len)
+    model, _ = build(args.worker, args.model, args.seed, "cpu")
+    step = make_step(model, batch)
+    with torch.no_grad():  # one-time lazy initialisation (kernels, thread pools) is not training memory
+        model(**batch)
+    before = _rss_bytes()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:  # the lifetime peak (ru_maxrss) would include loading, so sample during the step
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    step()
+    done.set()
+    sampler.join()
+    peak[0] = max(peak[0], _rss_bytes())
+    print(json.dumps({"config": args.worker, "peak_rss_bytes": peak[0], "train_mem_bytes": peak[0] - before}))
+
+
+def cpu_memory(args: argparse.Namespace) -> dict[str, int]:
+    out = {}
+    for name in tqdm(CONFIGS, desc="memory probes (one step each, own process)"):
+        cmd = [sys.executable, __file__, "--worker", name, "--data-dir", args.data_dir, "--model", args.model,
+               "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--threads", str(args.threads),
+               "--seed", str(args.seed)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory probe {name} failed:\n{proc.stderr[-2000:]}")
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])["train_mem_bytes"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return {}
+    from circuit_peft import load_tokenizer
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    batch = gsm8k_batch(args.data_dir, load_tokenizer(args.model), args.batch, args.seq_len)
+    batch = {k: v.to(device) for k, v in batch.items()}
+
+    steps, infos, times, cuda_mem = {}, {}, {n: [] for n in CONFIGS}, {}
+    models = {}
+    for name in tqdm(CONFIGS, desc="building"):
+        models[name], infos[name] = build(name, args.model, args.seed, device)
+        steps[name] = make_step(models[name], batch)
+    for i in tqdm(range(args.warmup + args.steps), desc=f"steps (round-robin over {len(CONFIGS)} configs)"):
+        for name in CONFIGS:
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            t = steps[name]()
+            if device == "cuda":
+                cuda_mem[name] = max(cuda_mem.get(name, 0), torch.cuda.max_memory_allocated() - base)
+            if i >= args.warmup:
+                times[name].append(t)
+    del models, steps
+    memory = cuda_mem if device == "cuda" else ({} if args.skip_memory else cpu_memory(args))
+
+    median = {n: statistics.median(times[n]) for n in CONFIGS}
+    print(f"\nSmolLM2 step, batch {args.batch} x {args.seq_len} tokens, device {device}, "
+          f"{args.steps} measured steps after {args.warmup} warm-up")
+    print(f"{'config':<8} {'median s':>9} {'all steps s':<28} {'train mem MiB':>13} {'trainable':>12} {'adapter bytes':>14}")
+    for n in CONFIGS:
+        mem = f"{memory[n] / 2**20:.0f}" if n in memory else "-"
+        print(f"{n:<8} {median[n]:>9.2f} {' '.join(f'{t:.2f}' for t in times[n]):<28} {mem:>13} "
+              f"{infos[n]['trainable_params']:>12,} {infos[n].get('adapter_bytes', 0):>14,}")
+    result = {
+        "top_vs_lora": median["top"] / median["lora"],
+        "spread_vs_lora": median["spread"] / median["lora"],
+        "top_vs_full": median["top"] / median["full"],
+        "circuit_trainable_params": infos["top"]["trainable_params"],
+        "lora_trainable_params": infos["lora"]["trainable_params"],
+        "circuit_adapter_bytes": infos["top"]["adapter_bytes"],
+        "lora_adapter_bytes": infos["lora"]["adapter_bytes"],
+        "spread_trainable_params": infos["spread"]["trainable_params"],
+        "circuit_components": infos["top"]["components"],
+        "median_step_s": median,
+        "train_memory_bytes": memory,
+        "memory_top_vs_lora": memory["top"] / memory["lora"] if memory else None,
+        "memory_top_vs_full": memory["top"] / memory["full"] if memory else None,
+        "device": device,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "threads": args.threads,
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
