@@ -13,6 +13,8 @@ from .models import load_model, load_tokenizer, tiny_model  # noqa: F401
 from .tuner import CircuitConfig, CircuitModel, circuit_size  # noqa: F401  (registers the CIRCUIT PEFT type)
 
 # --- locate (circuit.py, locate/) ---
+from .circuit import Circuit  # noqa: F401,E402
+from .locate import NaNLossError, attribution_scan, head_ablation_scan, learn_masks  # noqa: F401,E402
 
 # --- CCA (cca/, evaluate/) ---
 

@@ -191,9 +191,15 @@ class Circuit:
         lines.append("per layer (" + " ".join(k for k in COMPONENT_KINDS if k in counts) + "):")
         n_layers = fp["n_layers"] if fp else (max((c.layer for c in self.components), default=-1) + 1)
         by_layer = Counter((c.layer, c.kind) for c in self.components)
+        empty = []
         for layer in range(n_layers):
+            if not any(by_layer[(layer, k)] for k in counts):
+                empty.append(layer)
+                continue
             row = " ".join(f"{k}={by_layer[(layer, k)]}" for k in COMPONENT_KINDS if k in counts)
-            lines.append(f"  layer {layer:3d}: {row if row else '-'}")
+            lines.append(f"  layer {layer:3d}: {row}")
+        if empty:
+            lines.append(f"  no kept components in {len(empty)} layer(s): {_ranges(empty)}")
         if fp is not None:
             frac = self.component_fraction()
             kept = sum(1 for c in self.components if c.kind in COUNTED_KINDS)
@@ -355,6 +361,18 @@ class Circuit:
             plt.close(fig)
             Path(tmp).unlink(missing_ok=True)
         return path
+
+
+def _ranges(xs: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    out, start = [], None
+    for i, x in enumerate(xs):
+        if start is None:
+            start = x
+        if i + 1 == len(xs) or xs[i + 1] != x + 1:
+            out.append(f"{start}-{x}" if x != start else f"{x}")
+            start = None
+    return ", ".join(out)
 
 
 def _default_permissions(path: str) -> None:
