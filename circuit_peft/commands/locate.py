@@ -140,10 +140,10 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     try:
         tok = load_tokenizer(args.model)
-    except (OSError, ValueError):
-        if not records:
-            raise
-        tok = None  # contrastive records are token ids already
+    except (OSError, ValueError) as err:
+        # contrastive records and prompt_ids/solution_ids rows are token ids already
+        logger.warning("no tokenizer for %s (%s); the data must be token ids", args.model, err)
+        tok = None
     prompt_field, solution_field = _probe_fields(rows, args.prompt_field, args.solution_field)
     probe_kw = dict(prompt_field=prompt_field, solution_field=solution_field,
                     chat_template=False if args.no_chat_template else None, max_length=args.max_length)

@@ -1,0 +1,70 @@
+"""`circuit-peft locate` end to end on a tiny saved model (token-id data, no tokenizer needed)."""
+
+import json
+
+import pytest
+
+from circuit_peft.circuit import Circuit
+from circuit_peft.cli import main
+from circuit_peft.commands.locate import load_rows
+from circuit_peft.models import tiny_model
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    model = tiny_model("qwen2")
+    model.save_pretrained(d / "model")
+    records = [{"context_ids": [1, 20 + i, 30, 40 + i], "desired_id": 5, "undesired_id": 7, "problem_id": f"p{i}"}
+               for i in range(6)]
+    (d / "records.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    probe = [{"prompt_ids": [1, 11 + i, 12, 13], "solution_ids": [20, 21 + i, 2]} for i in range(4)]
+    (d / "probe.jsonl").write_text("\n".join(json.dumps(r) for r in probe))
+    return d, model
+
+
+@pytest.mark.parametrize("method", ["dcm", "attribution"])
+def test_cli_on_contrastive_records(files, method, capsys):
+    d, model = files
+    out, png = d / f"{method}.json", d / f"{method}.png"
+    rc = main(["locate", "--model", str(d / "model"), "--data", str(d / "records.jsonl"), "--method", method,
+               "--out", str(out), "--plot", str(png), "--epochs", "2", "--lr", "0.05"])
+    assert rc == 0
+    circuit = Circuit.load(out, model=model)
+    assert circuit.method == method and circuit.scores
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "fraction of all components" in capsys.readouterr().out
+
+
+def test_cli_ablation_with_top_k(files):
+    d, model = files
+    out = d / "heads.json"
+    assert main(["locate", "--model", str(d / "model"), "--data", str(d / "probe.jsonl"), "--method", "ablation",
+                 "--ablation", "zero", "--top-k", "2", "--out", str(out)]) == 0
+    circuit = Circuit.load(out, model=model)
+    assert len(circuit.components) == 2 and {c.kind for c in circuit.scores} == {"q"}
+
+
+def test_cli_bad_input_exits_2(files, capsys):
+    d, _ = files
+    base = ["locate", "--model", str(d / "model"), "--out", str(d / "x.json")]
+    assert main(base + ["--data", str(d / "probe.jsonl"), "--method", "dcm"]) == 2
+    assert "needs contrastive records" in capsys.readouterr().err
+    assert main(base + ["--data", str(d / "records.jsonl"), "--method", "ablation"]) == 2
+    assert main(base + ["--data", str(d / "missing.jsonl"), "--method", "dcm"]) == 2
+    assert "no data file" in capsys.readouterr().err
+    assert main(base + ["--data", str(d / "probe.jsonl"), "--method", "ablation", "--top-k", "99"]) == 2
+    assert "larger than the number of scored components" in capsys.readouterr().err
+    (d / "empty.jsonl").write_text("")
+    assert main(base + ["--data", str(d / "empty.jsonl"), "--method", "dcm"]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_load_rows_reads_csv_json_and_saved_datasets(tmp_path):
+    (tmp_path / "p.csv").write_text("question,answer\nWhat is 1+1?,2\n")
+    assert load_rows(str(tmp_path / "p.csv")) == [{"question": "What is 1+1?", "answer": "2"}]
+    (tmp_path / "p.json").write_text(json.dumps([{"a": 1}, {"a": 2}, {"a": 3}]))
+    assert load_rows(str(tmp_path / "p.json"), limit=2) == [{"a": 1}, {"a": 2}]
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list([{"prompt": "x", "solution": "y"}]).save_to_disk(str(tmp_path / "ds"))
+    assert load_rows(str(tmp_path / "ds")) == [{"prompt": "x", "solution": "y"}]
