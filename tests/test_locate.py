@@ -306,3 +306,30 @@ def test_smollm2_dcm_runs_a_few_steps(smollm2):
     c = learn_masks(model, recs, epochs=2, batch_size=2, progress=False)
     assert c.meta["steps"] == 2 and len(c.scores) == 30 * (9 + 3 + 3 + 1536)
     assert all(0 <= v <= 1 for v in c.scores.values()) and min(c.scores.values()) < 1  # masks moved
+
+
+def test_solution_loss_matches_transformers_labels_loss():
+    """The scan's base loss is the usual causal-LM loss restricted to solution tokens."""
+    model = tiny_model("gemma2")
+    row = {"prompt_ids": [1, 40, 41, 42, 43], "solution_ids": [50, 51, 52]}
+    ids = torch.tensor([row["prompt_ids"] + row["solution_ids"]])
+    labels = ids.clone()
+    labels[:, :5] = -100
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=labels).loss.item()
+    batches = probe_batches(model, None, [row, {"prompt_ids": [1, 9], "solution_ids": [8]}][:1], batch_size=2)
+    assert solution_losses(model, batches) == pytest.approx(expected, abs=1e-5)
+    # left padding next to a longer row changes nothing
+    padded = probe_batches(model, None, [row, {"prompt_ids": [1, 9] * 6, "solution_ids": [8]}], batch_size=2)
+    per_row = head_ablation_scan(model, None, [row], heads=[(1, 1)], keep_fraction=None, progress=False)
+    both = head_ablation_scan(model, None, [row, {"prompt_ids": [1, 9] * 6, "solution_ids": [8]}], heads=[(1, 1)],
+                              keep_fraction=None, progress=False)
+    assert padded[0]["attention_mask"][0].sum() < padded[0]["attention_mask"].shape[1]
+    other = head_ablation_scan(model, None, [{"prompt_ids": [1, 9] * 6, "solution_ids": [8]}], heads=[(1, 1)],
+                               keep_fraction=None, progress=False)
+    assert per_row.meta["base_loss"] == pytest.approx(expected, abs=1e-5)
+    assert both.meta["solution_tokens"] == 4
+    assert both.meta["base_loss"] * 4 == pytest.approx(per_row.meta["base_loss"] * 3 + other.meta["base_loss"], abs=1e-4)
+    c = Component("q", 1, 1)
+    assert (both.meta["base_loss"] + both.scores[c]) * 4 == pytest.approx(
+        (per_row.meta["base_loss"] + per_row.scores[c]) * 3 + other.meta["base_loss"] + other.scores[c], abs=1e-4)
