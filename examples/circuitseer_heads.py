@@ -9,7 +9,7 @@ import torch
 from circuit_peft import load_model, load_tokenizer
 from circuit_peft.select import ReasoningHeads, find_reasoning_heads
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "gsm8k" / "train.jsonl"
 probe = [json.loads(line) for line in DATA.read_text().splitlines()[:4]]
 

@@ -12,7 +12,7 @@ from trl import SFTConfig, SFTTrainer
 from circuit_peft import load_tokenizer, tiny_model
 from circuit_peft.select import CircuitSeerSampler, use_sampler
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 scores = np.random.default_rng(0).normal(size=40)
 
 # plain PyTorch: one subset, reshuffled each epoch (redraw_each_epoch=True draws a new subset)

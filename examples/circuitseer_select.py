@@ -12,7 +12,7 @@ from circuit_peft.select import (
     random_indices, select_indices, select_subset,
 )
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 scores = np.random.default_rng(0).normal(size=1000)
 print("tau=0 (top-k):", select_indices(scores, fraction=0.01, tau=0.0))
 print("tau=0.5      :", select_indices(scores, fraction=0.01, tau=0.5, seed=1))
@@ -20,9 +20,9 @@ print("tau=1e9 (~random):", select_indices(scores, fraction=0.01, tau=1e9, seed=
 print("draw order:", gumbel_top_k(scores, k=5, tau=0.5, seed=1))
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "gsm8k" / "train.jsonl"
-rows = [json.loads(line) for line in DATA.read_text().splitlines()[:16]]
+rows = [json.loads(line) for line in DATA.read_text().splitlines()[:8]]
 model, tok = load_model("smollm2"), load_tokenizer("smollm2")
-subset = select_subset(rows, np.arange(16.0), fraction=0.25, tau=0.0)  # a datasets.Dataset
+subset = select_subset(rows, np.arange(8.0), fraction=0.25, tau=0.0)  # a datasets.Dataset
 print(len(subset), "rows kept")
 
 losses = ResponseLossScorer(model, tok, batch_size=8)

@@ -309,3 +309,17 @@ def test_reasoning_heads_from_circuit_top_five_percent(tmp_path):
     assert ReasoningHeads.load(tmp_path / "c.json", model=model).heads == [(2, 3)]
     with pytest.raises(ValueError, match="another model"):
         ReasoningHeads.load(tmp_path / "c.json", model=tiny_model("gpt2"))
+
+
+def test_length_debias_removes_a_power_law_in_length_and_keeps_order_within_a_length():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 200, size=300)
+    quality = rng.normal(size=300)
+    scores = np.exp(quality) / lengths.astype(float) ** 2  # a 1/n^2 length effect times a per-example factor
+    from circuit_peft.select import length_spearman
+
+    assert length_spearman(scores, lengths) < -0.6
+    debiased = debias_length(scores, lengths)
+    assert abs(length_spearman(debiased, lengths)) < 0.1
+    np.testing.assert_allclose(debiased, quality - quality.mean(), atol=0.3)
+    assert np.isnan(debias_length([0.0, 1e-3, 2e-3, np.nan], [5, 6, 7, 8])[[0, 3]]).all()

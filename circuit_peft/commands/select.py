@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         dataset, args.method, args.fraction, model, tokenizer, heads, tau=args.tau, seed=args.seed,
         question_field=args.question_field, answer_field=args.answer_field, score_column=args.score_column,
         batch_size=args.batch_size, max_length=args.max_length, on_long=args.on_long, cache_dir=args.cache_dir,
-        **({"query": args.query, "exclude_sink": not args.keep_sink, "length_normalized": args.length_normalized}
+        **({"query": args.query, "exclude_sink": not args.keep_sink, "length_normalized": args.length_normalized,
+            "length_debias": not args.no_length_debias}
            if args.method in ("circuitseer", "length-matched") else {}),
     )
     out = Path(args.out)
@@ -121,6 +122,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--query", default="last", choices=["last", "mean"], help="attention row(s) scored")
     p.add_argument("--keep-sink", action="store_true", help="paper's raw variance (keep the first/BOS token)")
     p.add_argument("--length-normalized", action="store_true", help="score Var(n*a) instead of Var(a)")
+    p.add_argument("--no-length-debias", action="store_true",
+                   help="keep per-example scores (default: residual of log score after a fit on log length)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, help="token limit (default: the model's context)")
     p.add_argument("--on-long", default="truncate", choices=["truncate", "error"],
