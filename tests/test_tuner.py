@@ -269,6 +269,17 @@ def test_no_gradient_below_lowest_trained_layer(checkpointing):
             assert torch.allclose(p.grad, grads[n], atol=1e-6), n
 
 
+def test_gradient_cut_switches_off_when_a_lower_parameter_is_unfrozen():
+    base = tiny_model("llama")
+    model = get_peft_model(base, CircuitConfig(components={"v": {"2": [0]}}))
+    layer0 = get_arch(base).layers(base)[0]
+    layer0.mlp.up_proj.weight.requires_grad_(True)
+    model.train()
+    x = _inputs()
+    model(input_ids=x, labels=x).loss.backward()
+    assert layer0.mlp.up_proj.weight.grad is not None
+
+
 def test_modules_to_save_keeps_gradients_everywhere():
     model = get_peft_model(tiny_model("llama"), CircuitConfig(components={"q": {"2": [1]}}, modules_to_save=["lm_head"]))
     assert model.base_model.lowest_trained_layer is None
