@@ -39,7 +39,9 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+from ..evaluate.accuracy import FEWSHOT_STOP
 from ..evaluate.answers import AnswerFormat, NumberAnswer
+from ..evaluate.generation import generate_batched
 from ..evaluate.prompts import PROMPT_STYLES, build_prompt, encode_prompts
 
 logger = logging.getLogger(__name__)
@@ -62,7 +64,8 @@ class MiningConfig:
     temperature_if_right: float = 1.2
     temperature_if_wrong: float = 0.8
     max_new_tokens: int = 64  # our choice: keep traces short on small models
-    batch_size: int = 8  # problems per chunk (sampling runs chunk x n_samples sequences)
+    batch_size: int = 8  # problems per chunk (the unit of resuming; sampling runs chunk x n_samples sequences)
+    generation_batch_size: int = 32  # sequences per generate call
     max_branch_completions: int = 16  # our choice: cap on greedy completions per problem
     outcome_filter: bool = False
     prompt_style: str = "chat"
@@ -80,7 +83,7 @@ class MiningConfig:
             raise ValueError(f"pivot must be one of {PIVOTS}, got {self.pivot!r}")
         if self.prompt_style not in PROMPT_STYLES:
             raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
-        for name in ("n_samples", "max_new_tokens", "batch_size", "max_branch_completions"):
+        for name in ("n_samples", "max_new_tokens", "batch_size", "generation_batch_size", "max_branch_completions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.shots is not None:
@@ -99,17 +102,7 @@ class MiningResult:
 # ----- generation ----------------------------------------------------------------------------------
 
 
-def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids = set()
-    for src in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if src is None:
-            continue
-        ids.update(src if isinstance(src, (list, tuple)) else [src])
-    return ids
-
-
-@torch.no_grad()
-def generate_continuations(
+def _generate(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[Sequence[int]],
@@ -118,40 +111,21 @@ def generate_continuations(
     num_return_sequences: int = 1,
     seed: int = 0,
     batch_size: int = 64,
+    stop_strings: Sequence[str] | None = None,
 ) -> list[list[int]]:
-    """New tokens after each prompt (greedy if ``temperature`` is None), cut at the first stop token.
+    """New tokens after each prompt (greedy if ``temperature`` is None), cut at the first stop.
 
-    ``prompts``: token id lists, left-padded here. Returns ``len(prompts) * num_return_sequences``
-    lists (the samples of prompt i are at ``i*n .. i*n+n-1``). Sampling is seeded by ``seed``
-    without touching the caller's RNG state.
+    Returns ``len(prompts) * num_return_sequences`` lists (the samples of prompt i at
+    ``i*n .. i*n+n-1``). Sampling is seeded by ``seed`` without touching the caller's RNG.
     """
-    stops = _stop_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stops), 0)
-    device = next(model.parameters()).device
-    out: list[list[int]] = []
-    per_call = max(1, batch_size // num_return_sequences)
+    repeated = [list(p) for p in prompts for _ in range(num_return_sequences)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for start in range(0, len(prompts), per_call):
-            chunk = [list(p) for p in prompts[start : start + per_call]]
-            width = max(len(p) for p in chunk)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-            kwargs: dict[str, Any] = dict(do_sample=False)
-            if temperature is not None:
-                kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-            gen = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                num_return_sequences=num_return_sequences, **kwargs,
-            )
-            for row in gen[:, width:].tolist():
-                trace = []
-                for tok in row:
-                    if tok in stops:
-                        break
-                    trace.append(tok)
-                out.append(trace)
-    return out
+        return generate_batched(
+            model, tokenizer, repeated, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            do_sample=temperature is not None, temperature=temperature or 1.0, stop_strings=stop_strings,
+            progress=False,
+        )
 
 
 # ----- one chunk of problems ------------------------------------------------------------------------
@@ -173,12 +147,18 @@ class _Miner:
     def __init__(self, model: Any, tokenizer: Any, config: MiningConfig, fmt: AnswerFormat):
         self.model, self.tok, self.cfg, self.fmt = model, tokenizer, config, fmt
 
+        self.stop = [FEWSHOT_STOP] if config.prompt_style == "fewshot" else None
+
     def correct(self, trace: Sequence[int], gold: str) -> bool:
-        got = self.fmt.extract(self.tok.decode(list(trace), skip_special_tokens=True))
+        text = self.tok.decode(list(trace), skip_special_tokens=True)
+        if self.stop:
+            text = text.split(FEWSHOT_STOP)[0]
+        got = self.fmt.extract(text)
         return got is not None and got == gold
 
     def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        return generate_continuations(self.model, self.tok, prompts, max_new_tokens, batch_size=4 * self.cfg.batch_size)
+        return _generate(self.model, self.tok, prompts, max_new_tokens, batch_size=self.cfg.generation_batch_size,
+                         stop_strings=self.stop)
 
     def run_chunk(self, problems: list[_Problem], seed: int) -> None:
         cfg = self.cfg
@@ -192,10 +172,10 @@ class _Miner:
                 continue  # the greedy trace is already the wrong one
             if not group:
                 continue
-            samples = generate_continuations(
+            samples = _generate(
                 self.model, self.tok, [p.prompt_ids for p in group], cfg.max_new_tokens, temperature=temp,
                 num_return_sequences=cfg.n_samples, seed=seed * 2 + int(want_wrong),
-                batch_size=4 * cfg.batch_size * cfg.n_samples,
+                batch_size=cfg.generation_batch_size, stop_strings=self.stop,
             )
             for i, p in enumerate(group):
                 for s in samples[i * cfg.n_samples : (i + 1) * cfg.n_samples]:

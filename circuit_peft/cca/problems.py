@@ -95,3 +95,29 @@ def make_problems(
         rows.append({"id": f"{split}-{kind}-{a}-{b}", "question": question, "answer": answer,
                      "kind": kind, "a": a, "b": b, "op": op})
     return rows
+
+
+# Two worked examples in the family's answer format (our choice): with them SmolLM2 answers in one
+# short line ("47 + 38 = 85 ...") so the pivotal tokens are the answer digits.
+ARITHMETIC_SHOTS: tuple[dict[str, str], ...] = (
+    {"question": "What is 12 + 35?", "answer": "12 + 35 = 47\n#### 47"},
+    {"question": "Ann has 50 pens and gives away 18. How many pens does Ann have left?",
+     "answer": "50 - 18 = 32\n#### 32"},
+)
+
+DEMO_PROBLEMS_FILE = "data/cca_demo_problems.jsonl"
+
+
+def demo_problems(split: str | None = None) -> list[dict]:
+    """The small problem set shipped for ``circuit-peft demo`` (``split``: ``"train"``, ``"val"``,
+    ``"test"`` or None for all). Made by :func:`make_problems` (seed 0); val and test are held out."""
+    import json
+    from importlib import resources
+
+    text = resources.files("circuit_peft").joinpath(DEMO_PROBLEMS_FILE).read_text()
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if split is not None:
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val', 'test' or None, got {split!r}")
+        rows = [r for r in rows if r["split"] == split]
+    return rows

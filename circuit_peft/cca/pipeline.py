@@ -1,0 +1,198 @@
+"""CCA end to end: mine pivotal tokens -> locate the circuit -> amplification update -> evaluate.
+
+:func:`amplify` is what ``circuit-peft amplify`` and ``circuit-peft demo`` run. It writes into
+``output_dir``: ``mining/`` (resumable records), ``circuit.json`` and ``circuit.png`` (heatmap),
+``adapter/`` (a PEFT adapter: ``PeftModel.from_pretrained(base, "adapter")`` after
+``import circuit_peft``) and ``report.json`` (accuracy before/after, circuit size, side effects,
+update history).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+
+from ..circuit import Circuit
+from .mining import MiningConfig, mine_pivotal_tokens
+from .update import UpdateConfig, accuracy_validator, amplify_update
+
+logger = logging.getLogger(__name__)
+
+LOCATE_METHODS: tuple[str, ...] = ("attribution", "dcm")
+
+
+@dataclass
+class AmplifyConfig:
+    """Settings of :func:`amplify` beyond mining (:class:`MiningConfig`) and update (:class:`UpdateConfig`)."""
+
+    locate: str = "attribution"  # our choice for speed; "dcm" is the paper's
+    circuit_fraction: float | None = 0.02  # attribution: share of each kind kept; dcm: optional cap
+    dcm_lambda: float = 0.01
+    dcm_epochs: int = 50
+    eval_max_new_tokens: int | None = None  # None: the mining max_new_tokens
+    eval_batch_size: int = 16
+    side_effects: tuple[str, ...] = ("mmlu", "truthfulqa", "kl")
+    side_effect_data_dir: str | None = None  # None: skip side effects
+    mmlu_subjects: tuple[str, ...] | None = None
+    mmlu_limit: int | None = None
+    truthfulqa_limit: int | None = None
+    kl_chunks: int = 8
+
+    def __post_init__(self) -> None:
+        if self.locate not in LOCATE_METHODS:
+            raise ValueError(f"locate must be one of {LOCATE_METHODS}, got {self.locate!r}")
+        if self.circuit_fraction is not None and not 0 < self.circuit_fraction <= 1:
+            raise ValueError(f"circuit_fraction must be in (0, 1], got {self.circuit_fraction}")
+
+
+def locate_circuit(model: nn.Module, records: Any, config: AmplifyConfig, progress: bool = True) -> Circuit:
+    """The components that push toward the desired tokens: attribution of the logit difference
+    (top ``circuit_fraction`` of each kind) or DCM masks (optionally capped at ``circuit_fraction``)."""
+    kinds = ("q", "k", "v", "mlp")
+    if config.locate == "attribution":
+        from ..locate.attribution import attribution_scan
+
+        return attribution_scan(model, None, records, target="logit_diff", kinds=kinds,
+                                keep_fraction=config.circuit_fraction, progress=progress)
+    from ..locate.dcm import learn_masks
+
+    circuit = learn_masks(model, records, lambda_l1=config.dcm_lambda, epochs=config.dcm_epochs, kinds=kinds,
+                          progress=progress)
+    if config.circuit_fraction is not None and circuit.components:
+        cap = max(1, round(config.circuit_fraction * circuit.total_components()))
+        if len(circuit.components) > cap:
+            circuit = circuit.top(k=cap)
+    return circuit
+
+
+def _eval_kwargs(mining: MiningConfig, config: AmplifyConfig) -> dict[str, Any]:
+    return dict(style=mining.prompt_style, shots=mining.shots, system=mining.system, instruction=mining.instruction,
+                question_field=mining.question_field,
+                max_new_tokens=config.eval_max_new_tokens or mining.max_new_tokens, batch_size=config.eval_batch_size)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def amplify(
+    model: nn.Module,
+    tokenizer: Any,
+    train_problems: Sequence[dict[str, Any]],
+    val_problems: Sequence[dict[str, Any]],
+    test_problems: Sequence[dict[str, Any]],
+    output_dir: str | os.PathLike,
+    mining: MiningConfig | None = None,
+    update: UpdateConfig | None = None,
+    config: AmplifyConfig | None = None,
+    answer_format: Any = None,
+    progress: bool = True,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Run CCA on ``model`` and return the report (also written to ``output_dir/report.json``).
+
+    ``train_problems`` are mined; ``val_problems`` pick the best update step (held-out accuracy);
+    ``test_problems`` measure accuracy before and after. All are rows with a question and a gold
+    answer (read by ``answer_format``, default :class:`~circuit_peft.evaluate.answers.NumberAnswer`). The model is wrapped in place by the adapter (the report's PEFT model is
+    ``report["_model"]``, not written to JSON). ``log`` receives one line per stage.
+    """
+    mining = mining or MiningConfig()
+    update = update or UpdateConfig()
+    config = config or AmplifyConfig()
+    if not val_problems:
+        raise ValueError("the validation set is empty: give held-out problems to pick the best update step")
+    if not test_problems:
+        raise ValueError("the test set is empty: give held-out problems to measure accuracy")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from ..evaluate.accuracy import evaluate_accuracy
+    from ..evaluate.data import load_mmlu, load_truthfulqa
+
+    if config.side_effect_data_dir is not None:  # fail on missing data before any model work
+        if "mmlu" in config.side_effects:
+            load_mmlu(config.side_effect_data_dir, config.mmlu_subjects)
+        if "truthfulqa" in config.side_effects:
+            load_truthfulqa(config.side_effect_data_dir, 1)
+    eval_kwargs = dict(_eval_kwargs(mining, config), answer_format=answer_format)
+    report: dict[str, Any] = {"settings": {"mining": asdict(mining), "update": asdict(update), "amplify": asdict(config),
+                                           "n_train": len(train_problems), "n_val": len(val_problems),
+                                           "n_test": len(test_problems)}}
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    mined = mine_pivotal_tokens(model, tokenizer, train_problems, out / "mining", mining, answer_format,
+                                progress=progress)
+    timings["mine_s"] = time.perf_counter() - t0
+    report["mining"] = mined.stats
+    log(f"mined {len(mined.records)} pivotal-token records from {mined.stats['mined']} problems "
+        f"({timings['mine_s']:.0f} s; greedy right on {mined.stats['greedy_correct']})")
+
+    t0 = time.perf_counter()
+    circuit = locate_circuit(model, mined.records, config, progress=progress)
+    if not circuit.components:
+        raise ValueError("locating kept no component; lower dcm_lambda or raise circuit_fraction")
+    circuit.save(out / "circuit.json")
+    circuit.plot(out / "circuit.png", title=f"CCA circuit ({config.locate})")
+    timings["locate_s"] = time.perf_counter() - t0
+    log(f"located {len(circuit.components)} components by {config.locate} ({timings['locate_s']:.0f} s)")
+
+    t0 = time.perf_counter()
+    before = evaluate_accuracy(model, tokenizer, test_problems, progress=progress, **eval_kwargs)
+    timings["eval_before_s"] = time.perf_counter() - t0
+    log(f"accuracy before: {before.accuracy:.3f} ({before.correct}/{before.count})")
+
+    t0 = time.perf_counter()
+    validator = accuracy_validator(tokenizer, val_problems, **eval_kwargs)
+    result = amplify_update(model, mined.records, circuit, validator, update, tokenizer=tokenizer, progress=progress)
+    timings["update_s"] = time.perf_counter() - t0
+    peft_model = result.model
+    peft_model.save_pretrained(str(out / "adapter"))
+    size = result.size
+    log(f"update: best step {result.best_step} (validation {result.best_val}), margin "
+        f"{result.initial_margin:.2f} -> {result.final_margin:.2f} ({timings['update_s']:.0f} s)")
+
+    t0 = time.perf_counter()
+    after = evaluate_accuracy(peft_model, tokenizer, test_problems, progress=progress, **eval_kwargs)
+    timings["eval_after_s"] = time.perf_counter() - t0
+    log(f"accuracy after: {after.accuracy:.3f} ({after.correct}/{after.count}); changed "
+        f"{100 * size['component_fraction']:.2f} % of components, {100 * size['param_fraction']:.2f} % of parameters")
+
+    effects: dict[str, Any] = {}
+    if config.side_effect_data_dir is not None and config.side_effects:
+        from ..evaluate.side_effects import side_effects
+
+        t0 = time.perf_counter()
+        effects = side_effects(None, peft_model, tokenizer, config.side_effect_data_dir, tasks=config.side_effects,
+                               mmlu_subjects=config.mmlu_subjects, mmlu_limit=config.mmlu_limit,
+                               truthfulqa_limit=config.truthfulqa_limit, kl_chunks=config.kl_chunks,
+                               progress=progress)
+        timings["side_effects_s"] = time.perf_counter() - t0
+        log("side effects: " + ", ".join(f"{k} {effects[k]:+.4f}" if k.endswith("delta") else f"{k} {effects[k]:.4f}"
+                                         for k in ("mmlu_delta", "truthfulqa_delta", "kl") if effects.get(k) is not None))
+    else:
+        log("side effects: skipped (no side-effect data folder)")
+
+    report.update({
+        "accuracy_before": before.accuracy, "accuracy_after": after.accuracy,
+        "accuracy_before_stderr": before.stderr, "accuracy_after_stderr": after.stderr,
+        "n_records": len(mined.records), "circuit": {"method": config.locate, "kept": len(circuit.components),
+                                                      "counts": circuit.counts()},
+        "components": size["components"], "total_components": size["total_components"],
+        "component_fraction": size["component_fraction"], "trainable_params": size["trainable_params"],
+        "param_fraction": size["param_fraction"], "side_effects": {k: v for k, v in effects.items() if k != "details"},
+        "update": {k: v for k, v in result.to_dict().items() if k != "components"}, "timings": timings,
+        "files": {"adapter": str(out / "adapter"), "circuit": str(out / "circuit.json"),
+                  "heatmap": str(out / "circuit.png"), "records": str(out / "mining" / "records.jsonl")},
+    })
+    _write_json(out / "report.json", report)
+    report["_model"] = peft_model
+    return report

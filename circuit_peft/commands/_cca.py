@@ -1,0 +1,119 @@
+"""Arguments and problem loading shared by ``mine``, ``amplify`` and ``demo`` (not a subcommand)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def add_problem_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("problems")
+    g.add_argument("--problems", required=required,
+                   help="training problems: a .jsonl/.json file of rows with a question and a gold answer "
+                        "(GSM8K '#### n' or a bare number), 'arithmetic' (the built-in two-digit family) "
+                        "or 'demo' (the small set shipped with the package)")
+    g.add_argument("--n-problems", type=int, default=None, help="use the first N problems (arithmetic: generate N; default 64)")
+    g.add_argument("--question-field", default="question")
+    g.add_argument("--answer-field", default="answer", help="field with the gold answer (default answer)")
+    g.add_argument("--id-field", default="id", help="field with a unique problem id (default id; else the row number)")
+
+
+def add_mining_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mining")
+    g.add_argument("--method", choices=("branching", "prefix"), default="branching",
+                   help="pivotal-token method (default branching, the causal one)")
+    g.add_argument("--pivot", choices=("token", "digit"), default="token",
+                   help="digit: the first wrong digit of a wrong final answer (final-number tasks; cheap)")
+    g.add_argument("--n-samples", type=int, default=10, help="sampled traces per problem (default 10)")
+    g.add_argument("--temperature-if-right", type=float, default=1.2)
+    g.add_argument("--temperature-if-wrong", type=float, default=0.8)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="trace length cap (default 64)")
+    g.add_argument("--batch-size", type=int, default=8, help="problems per chunk (default 8)")
+    g.add_argument("--generation-batch-size", type=int, default=32, help="sequences per generate call (default 32)")
+    g.add_argument("--max-branch-completions", type=int, default=16,
+                   help="branching: greedy completions per problem at most (default 16)")
+    g.add_argument("--outcome-filter", action="store_true",
+                   help="keep only prefix/digit pairs whose token changes the outcome (checked by greedy completion)")
+    g.add_argument("--prompt-style", choices=("chat", "fewshot"), default="chat")
+    g.add_argument("--shots", default=None,
+                   help="worked examples: a .jsonl file of {question, answer} rows or 'arithmetic' "
+                        "(default: 'arithmetic' for the built-in problems, none for chat otherwise)")
+    g.add_argument("--system", default=None, help="chat system message")
+    g.add_argument("--instruction", default=None, help="text appended to every question")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="hub id, local folder, or 'smollm2' (offline SmolLM2-135M-Instruct)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default=None, help="e.g. cuda; default cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def read_rows(path: str) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no problem file at {p}")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".json":
+        rows = json.loads(text)
+        if isinstance(rows, dict):
+            rows = rows.get("data") or rows.get("rows") or []
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{p}: line {n} is not JSON ({err})") from None
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{p} holds no problem rows (expected jsonl of {{question, answer}} objects)")
+    return rows
+
+
+def load_problem_rows(source: str, n: int | None, split: str = "train", seed: int = 0) -> list[dict[str, Any]]:
+    """Rows from a file, the built-in arithmetic family (``split``) or the shipped demo set."""
+    from ..cca.problems import demo_problems, make_problems
+
+    if source == "arithmetic":
+        return make_problems(n or 64, "test" if split in ("val", "test") else "train", seed=seed)
+    rows = demo_problems(split) if source == "demo" else read_rows(source)
+    return rows[:n] if n is not None else rows
+
+
+def resolve_shots(shots: str | None, problems_source: str) -> list[dict[str, str]] | None:
+    from ..cca.problems import ARITHMETIC_SHOTS
+
+    if shots is None:
+        return [dict(s) for s in ARITHMETIC_SHOTS] if problems_source in ("arithmetic", "demo") else None
+    if shots == "arithmetic":
+        return [dict(s) for s in ARITHMETIC_SHOTS]
+    if shots == "none":
+        return None
+    return [{"question": r["question"], "answer": r["answer"]} for r in read_rows(shots)]
+
+
+def mining_config(args: argparse.Namespace):
+    from ..cca.mining import MiningConfig
+
+    return MiningConfig(
+        method=args.method, pivot=args.pivot, n_samples=args.n_samples, temperature_if_right=args.temperature_if_right,
+        temperature_if_wrong=args.temperature_if_wrong, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        generation_batch_size=args.generation_batch_size, max_branch_completions=args.max_branch_completions,
+        outcome_filter=args.outcome_filter, prompt_style=args.prompt_style,
+        shots=resolve_shots(args.shots, args.problems), system=args.system, instruction=args.instruction,
+        question_field=args.question_field, id_field=args.id_field, seed=args.seed,
+    )
+
+
+def load_runtime(args: argparse.Namespace):
+    import torch
+
+    from ..models import load_model, load_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load_model(args.model, device=args.device), load_tokenizer(args.model)

@@ -1,0 +1,156 @@
+"""``circuit-peft amplify``: mine -> locate -> update -> evaluate in one command (CCA)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ._cca import add_mining_args, add_problem_args, add_runtime_args, load_problem_rows, load_runtime, mining_config
+
+PACKAGE_SIDE_EFFECT_DATA = "package"
+
+
+def add_amplify_args(p: argparse.ArgumentParser) -> None:
+    h = p.add_argument_group("held-out problems")
+    h.add_argument("--heldout", default=None,
+                   help="validation + test problems: a file (first --n-val rows validate, the next --n-test test), "
+                        "'arithmetic' or 'demo' (default: the same kind as --problems; a file needs --heldout)")
+    h.add_argument("--n-val", type=int, default=32, help="validation problems (pick the best update step; default 32)")
+    h.add_argument("--n-test", type=int, default=64, help="test problems (accuracy before/after; default 64)")
+    loc = p.add_argument_group("locate")
+    loc.add_argument("--locate", choices=("attribution", "dcm"), default="attribution",
+                     help="attribution of the logit difference (fast, default) or DCM masks (the paper's)")
+    loc.add_argument("--circuit-fraction", type=float, default=0.02,
+                     help="share of components kept (attribution: per kind; dcm: a cap); default 0.02")
+    loc.add_argument("--dcm-lambda", type=float, default=0.01)
+    loc.add_argument("--dcm-epochs", type=int, default=50)
+    u = p.add_argument_group("update")
+    u.add_argument("--steps", type=int, default=100, help="update steps (default 100)")
+    u.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4, the paper's)")
+    u.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="sgd = full-batch gradient descent")
+    u.add_argument("--loss", choices=("logit_diff", "logsigmoid", "capped"), default="logit_diff",
+                   help="logit_diff (paper, unbounded), logsigmoid or capped (bounded)")
+    u.add_argument("--margin-cap", type=float, default=5.0)
+    u.add_argument("--eval-every", type=int, default=10, help="validate every N steps (default 10)")
+    u.add_argument("--patience", type=int, default=None, help="stop after N validations without improvement")
+    u.add_argument("--projections", choices=("paper", "all"), default="paper",
+                   help="paper: q/k/v rows + up_proj rows; all: every slice of each component")
+    u.add_argument("--no-cache", action="store_true", help="run every layer at each step (slower; same result)")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval-max-new-tokens", type=int, default=None, help="default: --max-new-tokens")
+    e.add_argument("--side-effect-data", default=PACKAGE_SIDE_EFFECT_DATA,
+                   help="folder with mmlu/test/, truthfulqa/, text/ (like ../shared/data); 'package' (default): "
+                        "the tiny slices shipped with circuit-peft; 'none': skip side effects")
+    e.add_argument("--side-effects", default="mmlu,truthfulqa,kl", help="comma-separated subset of mmlu,truthfulqa,kl")
+    e.add_argument("--mmlu-subjects", default=None, help="comma-separated MMLU subjects (default: all in the folder's default set)")
+    e.add_argument("--mmlu-limit", type=int, default=None, help="MMLU rows per subject")
+    e.add_argument("--truthfulqa-limit", type=int, default=None)
+    e.add_argument("--kl-chunks", type=int, default=8, help="128-token chunks of text for the KL (default 8)")
+
+
+def package_side_effect_dir() -> tuple[str, tuple[str, ...]]:
+    """The shipped side-effect slices and their MMLU subjects."""
+    from importlib import resources
+
+    root = resources.files("circuit_peft").joinpath("data/side_effects")
+    subjects = tuple(sorted(p.name[: -len("_test.csv")] for p in root.joinpath("mmlu/test").iterdir()
+                            if p.name.endswith("_test.csv")))
+    return str(root), subjects
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "amplify",
+        help="CCA in one command: mine pivotal tokens, locate the circuit, update only it, evaluate",
+        description="Writes OUT/mining/ (records), OUT/circuit.json + circuit.png (heatmap), OUT/adapter/ "
+                    "(PEFT adapter) and OUT/report.json (accuracy before/after, component and parameter "
+                    "fractions, side effects).",
+    )
+    add_runtime_args(p)
+    add_problem_args(p)
+    add_mining_args(p)
+    add_amplify_args(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=run)
+    return p
+
+
+def build_configs(args: argparse.Namespace):
+    from ..cca.pipeline import AmplifyConfig
+    from ..cca.update import UpdateConfig
+
+    tasks = tuple(t.strip() for t in args.side_effects.split(",") if t.strip())
+    data_dir, subjects = args.side_effect_data, None
+    if data_dir == PACKAGE_SIDE_EFFECT_DATA:
+        data_dir, subjects = package_side_effect_dir()
+    elif data_dir == "none":
+        data_dir = None
+    if args.mmlu_subjects:
+        subjects = tuple(s.strip() for s in args.mmlu_subjects.split(",") if s.strip())
+    update = UpdateConfig(steps=args.steps, lr=args.lr, optimizer=args.optimizer, loss=args.loss,
+                          margin_cap=args.margin_cap, eval_every=args.eval_every, patience=args.patience,
+                          projections=args.projections, cache_lower_layers=not args.no_cache)
+    config = AmplifyConfig(locate=args.locate, circuit_fraction=args.circuit_fraction, dcm_lambda=args.dcm_lambda,
+                           dcm_epochs=args.dcm_epochs, eval_max_new_tokens=args.eval_max_new_tokens,
+                           side_effects=tasks, side_effect_data_dir=data_dir, mmlu_subjects=subjects,
+                           mmlu_limit=args.mmlu_limit, truthfulqa_limit=args.truthfulqa_limit, kl_chunks=args.kl_chunks)
+    return update, config
+
+
+def heldout_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    source = args.heldout or (args.problems if args.problems in ("arithmetic", "demo") else None)
+    if source is None:
+        raise ValueError("--problems is a file, so give --heldout FILE with validation and test problems "
+                         "(never the training problems)")
+    if args.n_val < 1 or args.n_test < 1:
+        raise ValueError("--n-val and --n-test must be >= 1")
+    if source == "demo":
+        return load_problem_rows("demo", args.n_val, "val"), load_problem_rows("demo", args.n_test, "test")
+    rows = load_problem_rows(source, args.n_val + args.n_test, "test", args.seed)
+    if len(rows) < args.n_val + 1:
+        raise ValueError(f"{source} has {len(rows)} held-out rows; need more than --n-val={args.n_val}")
+    return rows[: args.n_val], rows[args.n_val : args.n_val + args.n_test]
+
+
+def print_report(report: dict[str, Any]) -> None:
+    se = report.get("side_effects") or {}
+    print("\n=== CCA report ===")
+    print(f"accuracy before: {report['accuracy_before']:.3f}  after: {report['accuracy_after']:.3f}  "
+          f"(+{100 * (report['accuracy_after'] - report['accuracy_before']):.1f} points; "
+          f"stderr ~{report['accuracy_after_stderr']:.3f})")
+    print(f"changed: {report['components']} of {report['total_components']} components "
+          f"({100 * report['component_fraction']:.2f} %), {report['trainable_params']:,} parameters "
+          f"({100 * report['param_fraction']:.2f} %)")
+    if se:
+        parts = []
+        if se.get("mmlu_delta") is not None:
+            parts.append(f"MMLU {se['mmlu_base']:.3f} -> {se['mmlu']:.3f}")
+        if se.get("truthfulqa_delta") is not None:
+            parts.append(f"TruthfulQA {se['truthfulqa_base']:.3f} -> {se['truthfulqa']:.3f}")
+        if se.get("kl") is not None:
+            parts.append(f"KL from base {se['kl']:.5f} nats/token")
+        print("side effects: " + "; ".join(parts))
+    else:
+        print("side effects: skipped")
+    files = report["files"]
+    print(f"adapter: {files['adapter']}  circuit: {files['circuit']}  heatmap: {files['heatmap']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cca.pipeline import amplify
+    from ..evaluate.answers import NumberAnswer
+
+    mining = mining_config(args)
+    update, config = build_configs(args)
+    train = load_problem_rows(args.problems, args.n_problems, "train", args.seed)
+    val, test = heldout_rows(args)
+    model, tokenizer = load_runtime(args)
+    report = amplify(model, tokenizer, train, val, test, args.out, mining, update, config,
+                     answer_format=NumberAnswer(args.answer_field), progress=not args.no_progress)
+    print_report(report)
+    print(f"report: {Path(args.out) / 'report.json'}")
+    print(json.dumps({k: report[k] for k in ("accuracy_before", "accuracy_after", "component_fraction",
+                                              "param_fraction")}))
+    return 0
