@@ -161,11 +161,11 @@ def test_resume_after_interruption_loses_no_score(tmp_path, monkeypatch):
     calls = []
     original = scorer.score_ids
 
-    def dying(ids):
+    def dying(ids, advance=None):
         calls.append(len(ids))
         if len(calls) == 3:
             raise KeyboardInterrupt  # killed while scoring the third chunk
-        return original(ids)
+        return original(ids, advance)
 
     monkeypatch.setattr(scorer, "score_ids", dying)
     with pytest.raises(KeyboardInterrupt):
@@ -175,7 +175,7 @@ def test_resume_after_interruption_loses_no_score(tmp_path, monkeypatch):
     assert not list(cache_dirs[0].glob("*.tmp*"))
 
     calls.clear()
-    monkeypatch.setattr(scorer, "score_ids", lambda ids: (calls.append(len(ids)), original(ids))[1])
+    monkeypatch.setattr(scorer, "score_ids", lambda ids, advance=None: (calls.append(len(ids)), original(ids))[1])
     resumed = scorer.score(ds)
     assert calls == [3, 1]  # only the two unfinished chunks were scored again
     np.testing.assert_allclose(resumed, clean, rtol=1e-5, atol=0)  # other batch shapes: float32 noise only

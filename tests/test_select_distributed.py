@@ -32,7 +32,7 @@ WORKER = textwrap.dedent("""
     calls = []
     scorer = CircuitSeerScorer(model, tok, %r, chunk_size=2, cache_dir=cache, progress=False)
     original = scorer.score_ids
-    scorer.score_ids = lambda ids: (calls.append(len(ids)), original(ids))[1]
+    scorer.score_ids = lambda ids, advance=None: (calls.append(len(ids)), original(ids, advance))[1]
     scores = scorer.score(rows)
     rank, world = dist_info()
     share = list(CircuitSeerSampler(scores, k=6, tau=0.5, seed=3))

@@ -205,12 +205,13 @@ class ResponseLossScorer:
         seqs, n_answer, texts = self._encode(rows, with_question)
         order_all = np.arange(len(seqs))
 
-        def score(s: int, e: int) -> np.ndarray:
+        def score(s: int, e: int, advance: Any) -> np.ndarray:
             idx = sorted(order_all[s:e], key=lambda i: len(seqs[i]))
             out = np.empty(e - s)
             for j in range(0, len(idx), self.batch_size):
                 part = idx[j : j + self.batch_size]
                 out[np.asarray(part) - s] = self._loss_batch([seqs[i] for i in part], [n_answer[i] for i in part])
+                advance(len(part))
             return out
 
         cache = None

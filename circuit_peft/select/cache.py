@@ -95,14 +95,15 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def score_in_chunks(
     n: int,
-    score_fn: Callable[[int, int], np.ndarray],
+    score_fn: Callable[[int, int, Callable[[int], None]], np.ndarray],
     chunk_size: int = 1024,
     cache: ScoreCache | None = None,
     desc: str = "scoring",
     progress: bool = True,
     tokens: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Scores of examples ``0..n-1``; ``score_fn(start, stop)`` returns the scores of one chunk.
+    """Scores of examples ``0..n-1``; ``score_fn(start, stop, advance)`` returns the scores of one
+    chunk and calls ``advance(n_done)`` after each batch (moves the progress bar).
 
     Finished chunks are read from ``cache``; the rest are split across processes. ``tokens``
     (per-example token counts) only feeds the throughput shown on the progress bar.
@@ -121,19 +122,24 @@ def score_in_chunks(
             todo.append(c)
     total = sum(bounds[c][1] - bounds[c][0] for c in todo)
     bar = tqdm(total=total, desc=desc, unit="ex", disable=not progress or rank != 0 or total == 0)
-    start_time, n_tok = time.perf_counter(), 0
+    start_time = time.perf_counter()
+    done = {"tokens": 0}
+
+    def advance(k: int) -> None:
+        bar.update(k)
+        if tokens is not None:
+            done["tokens"] += int(k * mean_tokens)
+            bar.set_postfix(tok_s=f"{done['tokens'] / max(time.perf_counter() - start_time, 1e-9):.0f}")
+
     for c in todo:
         s, e = bounds[c]
-        values = np.asarray(score_fn(s, e), dtype=np.float64)
+        mean_tokens = float(np.mean(tokens[s:e])) if tokens is not None else 0.0
+        values = np.asarray(score_fn(s, e, advance), dtype=np.float64)
         if values.shape != (e - s,):
             raise RuntimeError(f"score_fn returned shape {values.shape} for chunk [{s}, {e})")
         if cache is not None:
             cache.save(c, values)
         results[c] = values
-        bar.update(e - s)
-        if tokens is not None:
-            n_tok += int(sum(tokens[s:e]))
-            bar.set_postfix(tok_s=f"{n_tok / max(time.perf_counter() - start_time, 1e-9):.0f}")
     bar.close()
     if world > 1:
         gathered: list[Any] = [None] * world

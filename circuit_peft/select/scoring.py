@@ -185,13 +185,17 @@ class CircuitSeerScorer:
 
     # ----- the core: one padded batch -----------------------------------------------------------------
     @torch.no_grad()
-    def score_ids(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
-        """Scores of tokenized prompts, batched by length (``batch_size`` per forward). Returns (N,)."""
+    def score_ids(self, ids: Sequence[Sequence[int]], advance: Any = None) -> np.ndarray:
+        """Scores of tokenized prompts, batched by length (``batch_size`` per forward). Returns (N,).
+
+        ``advance(n)``, if given, is called after each batch of ``n`` examples (progress bars)."""
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = np.full(len(ids), np.nan)
         for s in range(0, len(order), self.batch_size):
             idx = order[s : s + self.batch_size]
             out[idx] = self._score_batch([ids[i] for i in idx]).numpy()
+            if advance is not None:
+                advance(len(idx))
         return out
 
     def _score_batch(self, ids: list[Sequence[int]]) -> torch.Tensor:
@@ -277,7 +281,7 @@ class CircuitSeerScorer:
                    "chunk_size": self.chunk_size, **self.settings()}
             cache = ScoreCache(self.cache_dir, "circuitseer", key)
         self.lengths = np.array([len(x) for x in ids])
-        scores = score_in_chunks(len(ids), lambda s, e: self.score_ids(ids[s:e]), self.chunk_size, cache,
+        scores = score_in_chunks(len(ids), lambda s, e, advance: self.score_ids(ids[s:e], advance), self.chunk_size, cache,
                                  desc="CircuitSeer scores", progress=self.progress, tokens=self.lengths)
         self.per_example_length_spearman = length_spearman(scores, self.lengths)
         if self.length_debias:
