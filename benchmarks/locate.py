@@ -91,6 +91,8 @@ def main() -> None:
     p.add_argument("--dcm-records", type=int, default=16)
     p.add_argument("--dcm-epochs", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", choices=("scan", "dcm"), default=None,
+                   help="run only the scans (naive, exact, attribution) or only DCM")
     p.add_argument("--out", default=None, help="also save the three circuits as JSON under this folder")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,11 +103,21 @@ def main() -> None:
     probe = train[: args.probe_rows]
     model, tok = load_model(args.model), load_tokenizer(args.model)
     arch = get_arch(model)
+
+    result: dict = {}
+    if args.only != "dcm":
+        result.update(run_scans(args, model, tok, probe, arch))
+    if args.only != "scan":
+        result.update(run_dcm(args, model, tok, train))
+    result.update(probe_rows=len(probe), threads=args.threads)
+    print(json.dumps(result))
+
+
+def run_scans(args, model, tok, probe, arch) -> dict:
     all_heads = [(l, h) for l in range(arch.dims.n_layers) for h in range(arch.dims.n_heads)]
     timed = all_heads[:: args.naive_every]
     common = dict(prompt_field="question", solution_field="answer", batch_size=args.batch_size, keep_fraction=None)
     print(f"{len(probe)} probe problems, {len(all_heads)} heads; naive scan timed on {len(timed)} heads")
-
     t = time.perf_counter()
     naive = head_ablation_scan(model, tok, probe, heads=timed, naive=True, **common)
     naive_s = (time.perf_counter() - t) * len(all_heads) / len(timed)
@@ -131,7 +143,15 @@ def main() -> None:
           f"spearman {rho:.3f}, top-5% recall {recall:.3f} ({len(top_exact & top_att)}/{k})")
     print("exact top heads:", [tuple(c)[1:] for c, _ in exact.ranked(["q"])[:k]])
     print("attribution top:", [tuple(c)[1:] for c, _ in att.ranked(["q"])[:k]])
+    if args.out:
+        exact.top(fraction=0.05).save(Path(args.out) / "ablation.json")
+        att.save(Path(args.out) / "attribution.json")
+    return {"naive_ablation_s": round(naive_s, 2), "ablation_s": round(ablation_s, 2), "max_abs_diff": diff,
+            "attribution_s": round(attribution_s, 2), "spearman": round(rho, 4), "top5pct_recall": round(recall, 4),
+            "timed_heads": len(timed)}
 
+
+def run_dcm(args, model, tok, train) -> dict:
     records = contrastive_records(model, tok, train[args.probe_rows : args.probe_rows + 4 * args.dcm_records])
     records = records[: args.dcm_records]
     t = time.perf_counter()
@@ -143,16 +163,11 @@ def main() -> None:
           f"(mask min {min(masks):.3f}, mean {sum(masks) / len(masks):.3f}); "
           f"margin {dcm.meta['history'][0]['margin']:.3f} -> {dcm.meta['history'][-1]['margin']:.3f}")
     if args.out:
-        for name, c in (("ablation", exact.top(fraction=0.05)), ("attribution", att), ("dcm", dcm)):
-            c.save(Path(args.out) / f"{name}.json")
-
-    print(json.dumps({
-        "naive_ablation_s": round(naive_s, 2), "ablation_s": round(ablation_s, 2), "max_abs_diff": diff,
-        "attribution_s": round(attribution_s, 2), "spearman": round(rho, 4), "top5pct_recall": round(recall, 4),
-        "dcm_s": round(dcm_s, 2), "dcm_kept_fraction": round(dcm.component_fraction(), 6),
-        "probe_rows": len(probe), "timed_heads": len(timed), "dcm_records": len(records),
-        "dcm_epochs_run": dcm.meta["epochs_run"], "threads": args.threads,
-    }))
+        dcm.save(Path(args.out) / "dcm.json")
+    return {"dcm_s": round(dcm_s, 2), "dcm_kept_fraction": round(dcm.component_fraction(), 6),
+            "dcm_records": len(records), "dcm_epochs_run": dcm.meta["epochs_run"],
+            "dcm_mask_min": round(min(masks), 4), "dcm_margin_first_last": [
+                round(dcm.meta["history"][0]["margin"], 4), round(dcm.meta["history"][-1]["margin"], 4)]}
 
 
 if __name__ == "__main__":
