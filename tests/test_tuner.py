@@ -121,8 +121,9 @@ def test_unmerge_restores_base_weights_bit_exactly():
         assert torch.equal(state[key], w), name
 
 
-def test_exported_lora_reproduces_outputs(tiny, tmp_path):
-    family, base = tiny
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])  # plain, fused Linear, fused Conv1D
+def test_exported_lora_reproduces_outputs(family, tmp_path):
+    base = tiny_model(family)
     x = _inputs()
     model = get_peft_model(base, CircuitConfig(components=COMPONENTS, init_weights=False))
     model.eval()
@@ -221,9 +222,12 @@ def test_registration_is_idempotent_and_auto_model_loads(tmp_path):
     model = get_peft_model(base, config).eval()
     model.save_pretrained(tmp_path / "adapter")
     auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    plain = tiny_model("mistral")
+    plain.load_adapter(str(tmp_path / "adapter"))  # transformers' own adapter API
     x = _inputs()
     with torch.no_grad():
         assert (auto(x).logits - model(x).logits).abs().max() < 1e-5
+        assert (plain(x).logits - model(x).logits).abs().max() < 1e-5
 
 
 def test_model_card_names_method_and_components(tmp_path):
