@@ -20,6 +20,6 @@ from .locate import NaNLossError, attribution_scan, head_ablation_scan, learn_ma
 
 # --- CircuitSeer (select/) ---
 from .select import (  # noqa: F401
-    CircuitSeerSampler, CircuitSeerScorer, ReasoningHeads, find_reasoning_heads, select_indices, select_subset,
-    use_sampler,
+    CircuitSeerSampler, CircuitSeerScorer, ReasoningHeads, find_reasoning_heads, select_data, select_indices,
+    select_subset, use_sampler,
 )
