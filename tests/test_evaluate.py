@@ -149,7 +149,8 @@ def test_mmlu_picks_match_hand_loop(tok, tiny_llama):
     rec = text["records"][0]
     rows = data[rec["subject"]]["eval"]
     _, ctx = mmlu_context_ids(tok, rec["subject"], rows[:1], rows[1])
-    hand = [_hand_logprob(tiny_llama, ctx, tok(f" {c}", add_special_tokens=False)["input_ids"]) for c in rows[1]["choices"]]
+    hand = [_hand_logprob(tiny_llama, ctx, tok(f" {c}", add_special_tokens=False)["input_ids"])
+            for c in rows[1]["choices"]]
     assert rec["scores"] == pytest.approx(hand, abs=1e-4)
 
 
@@ -175,7 +176,8 @@ def test_kl_zero_for_same_model_and_positive_after_change(tok):
     base = tiny_model("llama", vocab_size=len(tok))
     same = mean_kl(base, base, tok, text, chunk_length=32, max_chunks=3, progress=False)
     assert abs(same["kl"]) < 1e-6 and same["tokens"] == 96
-    peft = get_peft_model(tiny_model("llama", vocab_size=len(tok)), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    peft = get_peft_model(tiny_model("llama", vocab_size=len(tok)), lora)
     assert abs(mean_kl(None, peft, tok, text, chunk_length=32, max_chunks=3, progress=False)["kl"]) < 1e-6
     with torch.no_grad():
         for name, p in peft.named_parameters():

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 

@@ -23,7 +23,6 @@ With all weights 1 and no unlikelihood term this equals the trainer's own token-
 
 from __future__ import annotations
 
-import logging
 import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -34,8 +33,6 @@ import torch.nn.functional as F
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, TrainerCallback, default_data_collator
 
 from ..evaluate.generation import last_token_logits, pad_batch
-
-logger = logging.getLogger(__name__)
 
 WEIGHT_COLUMNS: tuple[str, ...] = ("token_weights", "undesired_ids")
 DEFAULT_PIVOTAL_WEIGHT = 5.0

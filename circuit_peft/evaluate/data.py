@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 from pathlib import Path
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 # Our choice: a fixed, varied subset of MMLU (knowledge, reasoning, math) of ~1,300 test rows.
 DEFAULT_MMLU_SUBJECTS: tuple[str, ...] = (
@@ -77,7 +74,8 @@ def load_gsm8k(data_dir: str | Path | None = None, split: str = "test", limit: i
             candidates = [path / "gsm8k" / f"{split}.jsonl", path / f"{split}.jsonl"]
             found = [p for p in candidates if p.exists()]
             if not found:
-                raise FileNotFoundError(f"no GSM8K {split} split under {path}: looked for {[str(c) for c in candidates]}")
+                raise FileNotFoundError(f"no GSM8K {split} split under {path}: "
+                                        f"looked for {[str(c) for c in candidates]}")
             path = found[0]
         rows = read_jsonl(path)
         where = str(path)
