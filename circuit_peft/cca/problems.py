@@ -101,8 +101,7 @@ def make_problems(
 # short line ("47 + 38 = 85 ...") so the pivotal tokens are the answer digits.
 ARITHMETIC_SHOTS: tuple[dict[str, str], ...] = (
     {"question": "What is 12 + 35?", "answer": "12 + 35 = 47\n#### 47"},
-    {"question": "Ann has 50 pens and gives away 18. How many pens does Ann have left?",
-     "answer": "50 - 18 = 32\n#### 32"},
+    {"question": "Ann has 50 pens and gives away 18. How many are left?", "answer": "50 - 18 = 32\n#### 32"},
 )
 
 DEMO_PROBLEMS_FILE = "data/cca_demo_problems.jsonl"
