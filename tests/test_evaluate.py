@@ -256,3 +256,20 @@ def test_accuracy_bad_input(tok, tiny_llama):
         evaluate_accuracy(tiny_llama, tok, [{"question": "q", "answer": "none"}])
     out = generate_batched(tiny_llama, tok, [[5, 6, 7], [8]], max_new_tokens=3, progress=False)
     assert len(out) == 2 and all(len(o) <= 3 for o in out)
+
+
+def test_kl_with_circuit_adapter(tok):
+    """The base view of a CircuitConfig adapter is its disabled adapter: KL 0 at init, > 0 once it moves."""
+    from circuit_peft import CircuitConfig
+    from circuit_peft.arch import Component
+
+    model = tiny_model("llama", vocab_size=len(tok))
+    config = CircuitConfig.from_components([Component("q", 1, 0), Component("mlp", 2, 5)])
+    peft = get_peft_model(model, config)
+    text = load_text(DATA)
+    assert abs(mean_kl(None, peft, tok, text, chunk_length=32, max_chunks=2, progress=False)["kl"]) < 1e-6
+    with torch.no_grad():
+        for p in peft.parameters():
+            if p.requires_grad:
+                p.normal_(0, 1.0)
+    assert mean_kl(None, peft, tok, text, chunk_length=32, max_chunks=2, progress=False)["kl"] > 1e-4
