@@ -215,3 +215,21 @@ def test_gradient_accumulation_matches_full_batch(tok, tmp_path):
         train_dataset=rows, processing_class=tok))
     trainer.train()  # three micro-batches of one row, normalised by the label tokens of all three
     assert trainer.state.log_history[0]["loss"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_circuit_sft_with_pivotal_weighting(tok, tmp_path):
+    """Circuit SFT: a CircuitConfig adapter trained by a stock SFTTrainer with the weighting attached."""
+    from circuit_peft import CircuitConfig
+    from circuit_peft.arch import Component
+
+    rows = build_pivotal_dataset(_examples(tok), tok)
+    config = CircuitConfig.from_components([Component("q", 0, 1), Component("v", 1, 0), Component("mlp", 2, 7)])
+    trainer = PivotalWeighting(unlikelihood_weight=0.5).attach(SFTTrainer(
+        model=_model(tok), args=_sft_args(tmp_path, max_steps=2, learning_rate=1e-2), train_dataset=rows,
+        processing_class=tok, peft_config=config))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
