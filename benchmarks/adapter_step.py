@@ -8,11 +8,13 @@ Configurations, all trained with AdamW on batches of GSM8K text (``--batch`` x `
 * ``lora``: LoRA r=16 on every linear layer (``all-linear``);
 * ``full``: full fine-tuning.
 
-Step time: the median over ``--steps`` measured steps (forward + backward + optimizer step), after
-``--warmup`` steps; the four models live in one process and take their steps in turn, so a change in
-machine load hits all of them alike. Peak memory: on CUDA ``max_memory_allocated`` per configuration;
-on CPU each configuration runs one step in a fresh subprocess and reports its peak resident set
-(sampled every 5 ms) minus the resident set just before it: activations, gradients and optimizer state.
+Step time: forward + backward + AdamW step, median over ``--steps`` measured steps after
+``--warmup`` steps; the four models live in one process and take their steps in turn. On CPU the
+ratios use the process CPU time of each step with one torch thread (on a shared box wall time
+swings with the other jobs; CPU time is the work done); wall times are printed too. Training
+memory: on CUDA ``max_memory_allocated`` during a step; on CPU the bytes autograd saves for the
+backward pass (each storage once, via ``saved_tensors_hooks``) plus gradients and AdamW's two
+moments of the trainable parameters (float32) - deterministic, unlike the resident set.
 
     python benchmarks/adapter_step.py                      # full spec: batch 8 x 256 tokens
     python benchmarks/adapter_step.py --steps 1 --seq-len 32   # quick check
@@ -27,10 +29,7 @@ import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -53,8 +52,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch CPU threads (default 1: on a shared 2-core box more threads oversubscribe and slow down)")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu' or 'cuda'")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-memory", action="store_true", help="CPU: do not run the per-configuration memory probes")
-    p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -127,77 +124,36 @@ def build(name: str, model_name: str, seed: int, device: str) -> tuple[torch.nn.
 
 
 def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+    """A training step ``() -> (wall_s, cpu_s, saved_activation_bytes)``."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
 
-    def step() -> float:
-        start = time.perf_counter()
-        loss = model(**batch).loss
+    def step() -> tuple[float, float, int]:
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:  # count each storage autograd keeps for backward once
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        wall, cpu = time.perf_counter(), time.process_time()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if batch["input_ids"].is_cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return time.perf_counter() - wall, time.process_time() - cpu, sum(storages.values())
 
     return step
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-# ----- modes ---------------------------------------------------------------------------------------------
-
-
-def worker(args: argparse.Namespace) -> None:
-    """CPU memory probe: one step of one configuration in this fresh process; prints one JSON line."""
-    from circuit_peft import load_tokenizer
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    batch = gsm8k_batch(args.data_dir, load_tokenizer(args.model), args.batch, args.seq_len)
-    model, _ = build(args.worker, args.model, args.seed, "cpu")
-    step = make_step(model, batch)
-    with torch.no_grad():  # one-time lazy initialisation (kernels, thread pools) is not training memory
-        model(**batch)
-    before = _rss_bytes()
-    peak = [before]
-    done = threading.Event()
-
-    def sample() -> None:  # the lifetime peak (ru_maxrss) would include loading, so sample during the step
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    step()
-    done.set()
-    sampler.join()
-    peak[0] = max(peak[0], _rss_bytes())
-    print(json.dumps({"config": args.worker, "peak_rss_bytes": peak[0], "train_mem_bytes": peak[0] - before}))
-
-
-def cpu_memory(args: argparse.Namespace) -> dict[str, int]:
-    out = {}
-    for name in tqdm(CONFIGS, desc="memory probes (one step each, own process)"):
-        cmd = [sys.executable, __file__, "--worker", name, "--data-dir", args.data_dir, "--model", args.model,
-               "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--threads", str(args.threads),
-               "--seed", str(args.seed)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory probe {name} failed:\n{proc.stderr[-2000:]}")
-        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])["train_mem_bytes"]
-    return out
+# ----- run ------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.worker:
-        worker(args)
-        return {}
     from circuit_peft import load_tokenizer
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -206,8 +162,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch = gsm8k_batch(args.data_dir, load_tokenizer(args.model), args.batch, args.seq_len)
     batch = {k: v.to(device) for k, v in batch.items()}
 
-    steps, infos, times, cuda_mem = {}, {}, {n: [] for n in CONFIGS}, {}
-    models = {}
+    steps, infos, models = {}, {}, {}
+    wall = {n: [] for n in CONFIGS}
+    cpu = {n: [] for n in CONFIGS}
+    memory: dict[str, int] = {}
     for name in tqdm(CONFIGS, desc="building"):
         models[name], infos[name] = build(name, args.model, args.seed, device)
         steps[name] = make_step(models[name], batch)
@@ -216,21 +174,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            t = steps[name]()
+            w, c, saved = steps[name]()
             if device == "cuda":
-                cuda_mem[name] = max(cuda_mem.get(name, 0), torch.cuda.max_memory_allocated() - base)
+                memory[name] = max(memory.get(name, 0), torch.cuda.max_memory_allocated() - base)
+            else:  # saved activations + gradients + AdamW's two moments (float32)
+                memory[name] = saved + 3 * 4 * infos[name]["trainable_params"]
             if i >= args.warmup:
-                times[name].append(t)
+                wall[name].append(w)
+                cpu[name].append(c)
     del models, steps
-    memory = cuda_mem if device == "cuda" else ({} if args.skip_memory else cpu_memory(args))
 
-    median = {n: statistics.median(times[n]) for n in CONFIGS}
-    print(f"\nSmolLM2 step, batch {args.batch} x {args.seq_len} tokens, device {device}, "
-          f"{args.steps} measured steps after {args.warmup} warm-up")
-    print(f"{'config':<8} {'median s':>9} {'all steps s':<28} {'train mem MiB':>13} {'trainable':>12} {'adapter bytes':>14}")
+    # On CPU with one thread the process CPU time is the compute time, unaffected by other jobs on the box.
+    timing = cpu if device == "cpu" else wall
+    median = {n: statistics.median(timing[n]) for n in CONFIGS}
+    print(f"\nSmolLM2 step, batch {args.batch} x {args.seq_len} tokens, device {device}, threads {args.threads}, "
+          f"{args.steps} measured steps after {args.warmup} warm-up; ratios use "
+          f"{'process CPU time' if device == 'cpu' else 'wall time'}")
+    print(f"{'config':<8} {'median s':>9} {'cpu s per step':<22} {'wall s per step':<22} {'train mem MiB':>13} "
+          f"{'trainable':>12} {'adapter bytes':>14}")
     for n in CONFIGS:
-        mem = f"{memory[n] / 2**20:.0f}" if n in memory else "-"
-        print(f"{n:<8} {median[n]:>9.2f} {' '.join(f'{t:.2f}' for t in times[n]):<28} {mem:>13} "
+        print(f"{n:<8} {median[n]:>9.2f} {' '.join(f'{t:.1f}' for t in cpu[n]):<22} "
+              f"{' '.join(f'{t:.1f}' for t in wall[n]):<22} {memory[n] / 2**20:>13.0f} "
               f"{infos[n]['trainable_params']:>12,} {infos[n].get('adapter_bytes', 0):>14,}")
     result = {
         "top_vs_lora": median["top"] / median["lora"],
@@ -243,9 +207,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "spread_trainable_params": infos["spread"]["trainable_params"],
         "circuit_components": infos["top"]["components"],
         "median_step_s": median,
+        "timing": "process_cpu" if device == "cpu" else "wall",
+        "median_wall_s": {n: statistics.median(wall[n]) for n in CONFIGS},
         "train_memory_bytes": memory,
-        "memory_top_vs_lora": memory["top"] / memory["lora"] if memory else None,
-        "memory_top_vs_full": memory["top"] / memory["full"] if memory else None,
+        "memory_measure": "cuda_max_allocated" if device == "cuda" else "saved_activations+grads+adam",
+        "memory_top_vs_lora": memory["top"] / memory["lora"],
+        "memory_top_vs_full": memory["top"] / memory["full"],
         "device": device,
         "batch": args.batch,
         "seq_len": args.seq_len,
