@@ -78,8 +78,10 @@ def run(args: argparse.Namespace) -> int:
     if problems is not None:
         kw = dict(style=args.style, shots=shots, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                   instruction=args.instruction, progress=progress)
+        t0 = time.time()
         res = evaluate_accuracy(model, tokenizer, problems, **kw)
         report["gsm8k"] = res.to_dict(with_records=not args.no_records)
+        report["gsm8k"]["seconds"] = round(time.time() - t0, 1)
         print(f"gsm8k       accuracy {res.accuracy:.3f} +- {res.stderr:.3f} ({res.correct}/{res.count}, "
               f"{len(res.skipped)} skipped)")
         if args.with_base and (args.adapter or base is not None):
@@ -91,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
             report["gsm8k_base"] = base_res.to_dict(with_records=not args.no_records)
             print(f"gsm8k base  accuracy {base_res.accuracy:.3f} +- {base_res.stderr:.3f}")
     side_tasks = [t for t in tasks if t != "gsm8k"]
+    t0 = time.time()
     if side_tasks and (args.adapter or base is not None):
         se = side_effects(base, model, tokenizer, data_dir=data_dir, tasks=side_tasks, mmlu_subjects=subjects,
                           mmlu_shots=args.mmlu_shots, mmlu_limit=args.limit, truthfulqa_limit=args.limit,
@@ -113,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
             res = truthfulqa_mc1(model, tokenizer, load_truthfulqa(data_dir, args.limit), args.batch_size, progress)
             report["truthfulqa"] = {k: v for k, v in res.items() if k != "records"}
             print(f"truthfulqa  {res['accuracy']:.3f} +- {res['stderr']:.3f} (n={res['count']})")
+    if side_tasks:
+        report["side_effects_seconds"] = round(time.time() - t0, 1)
     report["seconds"] = round(time.time() - started, 1)
     if args.out:
         _write_json(Path(args.out), report)
