@@ -280,15 +280,15 @@ def test_dcm_accepts_a_datasets_dataset(planted):
 @pytest.mark.slow
 def test_smollm2_scan_matches_naive_and_attribution_agrees(smollm2):
     model, tok = smollm2
-    rows = [json.loads(line) for line in open("tests/data/gsm8k/train.jsonl")][:2]
-    heads = [(0, 0), (15, 4), (29, 8)]
+    rows = [json.loads(line) for line in open("tests/data/gsm8k/train.jsonl")][:1]
+    heads = [(0, 0), (29, 8)]
     kw = dict(prompt_field="question", solution_field="answer", heads=heads, keep_fraction=None, progress=False,
               max_length=120)
-    fast = head_ablation_scan(model, tok, rows, batch_size=2, heads_per_pass=2, **kw)
-    slow = head_ablation_scan(model, tok, rows, batch_size=2, naive=True, **kw)
+    fast = head_ablation_scan(model, tok, rows, heads_per_pass=2, **kw)
+    slow = head_ablation_scan(model, tok, rows, naive=True, **kw)
     assert max(abs(fast.scores[c] - slow.scores[c]) for c in fast.scores) < 1e-4
     assert 0.2 < fast.meta["base_loss"] < 3.0  # the model knows GSM8K-style solutions
-    att = attribution_scan(model, tok, rows, prompt_field="question", solution_field="answer", batch_size=2,
+    att = attribution_scan(model, tok, rows, prompt_field="question", solution_field="answer",
                            keep_fraction=None, progress=False, max_length=120)
     assert len(att.scores) == 30 * (9 + 1536)
     assert att.meta["base_loss"] == pytest.approx(fast.meta["base_loss"], abs=1e-4)
@@ -300,11 +300,11 @@ def test_smollm2_dcm_runs_a_few_steps(smollm2):
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is 12 + 35?"}], add_generation_prompt=True)
     if not isinstance(prompt, list):
         prompt = prompt["input_ids"]
-    ctx = list(prompt) + tok("12 + 35 = ", add_special_tokens=False)["input_ids"]
+    ctx = list(prompt)[-12:] + tok("12 + 35 = ", add_special_tokens=False)["input_ids"]
     four, three = tok("4", add_special_tokens=False)["input_ids"][0], tok("3", add_special_tokens=False)["input_ids"][0]
     recs = [{"context_ids": ctx, "desired_id": four, "undesired_id": three, "problem_id": "add"}] * 2
-    c = learn_masks(model, recs, epochs=2, batch_size=2, progress=False)
-    assert c.meta["steps"] == 2 and len(c.scores) == 30 * (9 + 3 + 3 + 1536)
+    c = learn_masks(model, recs, epochs=1, batch_size=2, progress=False)
+    assert c.meta["steps"] == 1 and len(c.scores) == 30 * (9 + 3 + 3 + 1536)
     assert all(0 <= v <= 1 for v in c.scores.values()) and min(c.scores.values()) < 1  # masks moved
 
 
