@@ -130,8 +130,9 @@ class CircuitConfig(PeftConfig):
     target_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "derived from components at injection time"}
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "not used"})
-    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "not used"})
+    # PEFT's matcher reads these two; a circuit always targets exactly its own modules.
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "must stay None"})
+    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "must stay None"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -165,6 +166,10 @@ class CircuitConfig(PeftConfig):
                     if n not in PROJECTIONS:
                         raise ValueError(f"unknown lora_target_modules entry {n!r}; use 'all' or names from {PROJECTIONS}")
                 self.lora_target_modules = names
+        if self.exclude_modules or self.target_parameters:
+            raise ValueError(
+                "CircuitConfig does not take exclude_modules or target_parameters: its modules follow from components"
+            )
         if isinstance(self.target_modules, set):
             self.target_modules = sorted(self.target_modules)
 

@@ -59,7 +59,6 @@ class CircuitLayer(BaseTunerLayer):
         weight = base_layer.weight
         self.out_features = weight.shape[ModelArch.weight_dim(base_layer, "out")]
         self.in_features = weight.shape[ModelArch.weight_dim(base_layer, "in")]
-        self.kwargs = kwargs
 
     def update_layer(
         self,

@@ -11,7 +11,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..arch import PROJECTIONS, fingerprint_diff, get_arch, unwrap_model
+from ..arch import PROJECTIONS, ModelArch, fingerprint_diff, get_arch, unwrap_model
 from ..interventions import stop_gradient_below
 from .config import CircuitConfig
 from .layer import CircuitLayer, CircuitLinear
@@ -80,9 +80,8 @@ def _module_shape(root: nn.Module, path: str) -> tuple[int, int]:
     module = root.get_submodule(path)
     if isinstance(module, BaseTunerLayer):
         module = module.get_base_layer()
-    arch_out = 1 if isinstance(module, Conv1D) else 0
-    shape = module.weight.shape
-    return shape[arch_out], shape[1 - arch_out]
+    out_dim = ModelArch.weight_dim(module, "out")
+    return module.weight.shape[out_dim], module.weight.shape[1 - out_dim]
 
 
 def circuit_size(config: CircuitConfig, model: nn.Module) -> dict[str, Any]:
