@@ -1,8 +1,9 @@
 """DCM (CCA stage 2) on SmolLM2: learn one mask per query/key/value head and MLP neuron so that the
 model prefers the desired token at the last context position, with an L1 penalty; kept = mask >= 0.5.
 
-A few hand-made records and 3 epochs keep this quick; real records come from pivotal-token mining
-(`circuit_peft.cca`), and the defaults run up to 50 epochs."""
+A few hand-made records and 6 steps keep this quick, so the learning rate is raised from the default
+5e-3 (Adam moves a mask by about lr per step; from m = 1 to below 0.5 takes ~100 steps at 5e-3).
+Real records come from pivotal-token mining (`circuit_peft.cca`); the defaults run up to 50 epochs."""
 
 import torch
 
@@ -22,7 +23,7 @@ def record(a: int, b: int, wrong: int) -> dict:
 
 
 records = [record(23, 45, 5), record(31, 27, 4), record(52, 16, 5), record(14, 73, 9)]
-circuit = learn_masks(model, records, epochs=3, lr=0.05, batch_size=4)  # lr raised so 3 epochs show an effect
+circuit = learn_masks(model, records, epochs=6, lr=0.1, batch_size=4)
 print(circuit.summary().splitlines()[0])
 print("history:", [(h["epoch"], round(h["loss"], 2), h["kept"]) for h in circuit.meta["history"]])
 circuit.save("/tmp/smollm2_dcm_circuit.json")
