@@ -17,6 +17,10 @@ from .circuit import Circuit  # noqa: F401,E402
 from .locate import NaNLossError, attribution_scan, head_ablation_scan, learn_masks  # noqa: F401,E402
 
 # --- CCA (cca/, evaluate/) ---
+from .cca import (  # noqa: F401,E402
+    AmplifyConfig, MiningConfig, UpdateConfig, amplify, amplify_update, load_records, make_problems,
+    mine_pivotal_tokens,
+)
 
 # --- CircuitSeer (select/) ---
 from .select import (  # noqa: F401
