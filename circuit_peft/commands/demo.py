@@ -3,7 +3,8 @@
 ``make demo`` runs ``amplify`` on the small arithmetic problem set shipped in the package: mine
 pivotal tokens (first wrong answer digit), locate a 2 % circuit by attribution, update only it,
 and print accuracy before/after, the fraction of components and parameters changed and the side
-effects (on the tiny side-effect slices shipped in the package). About 8 minutes on 2 CPU cores.
+effects (on the tiny side-effect slices shipped in the package). Sized for ~8-10 minutes on a free
+2-core CPU (an estimate from per-stage costs; the shared machine was too loaded to time it).
 
 ``circuit-peft demo --adapter-only`` keeps the first, adapter-only demo: a fixed hand-picked
 circuit trained for a few AdamW steps on bundled GSM8K problems (no locating step).
@@ -114,9 +115,9 @@ def run_adapter_only(args: argparse.Namespace) -> int:
 # Our choice for a demo that finishes in ~8 minutes on 2 CPU cores: the first-wrong-digit pivot
 # (one greedy trace per problem), short traces, a bounded loss with Adam and frequent validation.
 CCA_DEMO_DEFAULTS: dict[str, Any] = dict(
-    problems="demo", n_problems=64, heldout="demo", n_val=24, n_test=96, pivot="digit", n_samples=4,
-    max_new_tokens=16, batch_size=16, locate="attribution", circuit_fraction=0.02, steps=30, lr=1e-3,
-    optimizer="adam", loss="logsigmoid", eval_every=5, patience=3, mmlu_limit=10, truthfulqa_limit=20, kl_chunks=8,
+    problems="demo", n_problems=32, heldout="demo", n_val=16, n_test=64, pivot="digit", n_samples=4,
+    max_new_tokens=16, batch_size=16, locate="attribution", circuit_fraction=0.02, steps=10, lr=1e-3,
+    optimizer="adam", loss="logsigmoid", eval_every=2, patience=3, mmlu_limit=5, truthfulqa_limit=20, kl_chunks=4,
     out="circuit-demo",
 )
 
