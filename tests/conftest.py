@@ -6,7 +6,8 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# CIRCUIT_PEFT_TEST_THREADS=1 helps when other jobs share the machine; CI has it to itself.
+torch.set_num_threads(int(os.environ.get("CIRCUIT_PEFT_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
 from circuit_peft.models import TINY_FAMILIES, load_model, load_tokenizer, tiny_model  # noqa: E402
 
