@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sft-lr", type=float, default=1e-3, help="LoRA and circuit SFT learning rate")
     p.add_argument("--full-lr", type=float, default=3e-5, help="full fine-tuning learning rate")
     p.add_argument("--pivotal-weight", type=float, default=5.0)
+    p.add_argument("--source", default="cca_branching", choices=("cca_prefix", "cca_branching", "cca_digit"),
+                   help="whose records/circuit cca_nomask, circuit_sft and the speed-up use (default cca_branching)")
     p.add_argument("--mmlu-subjects", default="elementary_mathematics,high_school_geography")
     p.add_argument("--mmlu-limit", type=int, default=30, help="MMLU rows per subject")
     p.add_argument("--truthfulqa-limit", type=int, default=60)
@@ -147,8 +149,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     variants = {"cca_prefix": dict(method="prefix"), "cca_branching": dict(method="branching"),
                 "cca_digit": dict(pivot="digit")}
     need = {m for m in methods if m in variants}
+    src = args.source
     if "cca_nomask" in methods or "circuit_sft" in methods:
-        need.add("cca_branching")
+        need.add(src)
     records: dict[str, Any] = {}
     circuits: dict[str, Any] = {}
     amp_cfg = AmplifyConfig(circuit_fraction=args.circuit_fraction)
@@ -192,17 +195,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in ("cca_prefix", "cca_branching", "cca_digit"):
         if name in methods and records.get(name) is not None:
             cca(name, records[name], circuits[name])
-    if "cca_nomask" in methods and records.get("cca_branching") is not None:
-        cca("cca_nomask", records["cca_branching"], circuits["cca_branching"], mask=False)
-    if records.get("cca_branching") is not None:
-        res["cca_components_fraction"] = res.get("cca_branching_components_fraction")
-        res["cca_params_fraction"] = res.get("cca_branching_params_fraction")
-        res["cca_trainable_params"] = res.get("cca_branching_trainable_params")
-        sp = measure_update_speedup(fresh(), records["cca_branching"], circuits["cca_branching"], steps=2,
+    if "cca_nomask" in methods and records.get(src) is not None:
+        cca("cca_nomask", records[src], circuits[src], mask=False)
+    if records.get(src) is not None:
+        res["cca_source"] = src
+        res["cca_components_fraction"] = res.get(f"{src}_components_fraction")
+        res["cca_params_fraction"] = res.get(f"{src}_params_fraction")
+        res["cca_trainable_params"] = res.get(f"{src}_trainable_params")
+        sp = measure_update_speedup(fresh(), records[src], circuits[src], steps=2,
                                     tokenizer=tok, projections="paper")
         res["update_speedup"] = sp["speedup"]
         res["update_step_s"] = {"plain": sp["plain_step_s"], "cached": sp["cached_step_s"], "cache": sp["cache_s"]}
-        lowest = min(c.layer for c in circuits["cca_branching"].components)
+        lowest = min(c.layer for c in circuits[src].components)
         log(f"update step: plain {sp['plain_step_s']:.2f} s, cached {sp['cached_step_s']:.2f} s "
             f"(x{sp['speedup']:.2f}; lowest trained layer {lowest})")
 
@@ -252,10 +256,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model = fresh()
             base_for_kl = None
             if name == "circuit_sft":
-                if "cca_branching" not in circuits:
-                    log("circuit_sft: skipped (no branching circuit)")
+                if src not in circuits:
+                    log(f"circuit_sft: skipped (no {src} circuit)")
                     continue
-                config = circuits["cca_branching"].to_config(projections="paper")
+                config = circuits[src].to_config(projections="paper")
                 model = get_peft_model(model, config)
                 size = circuit_size(config, model)
                 res["circuit_sft_params_fraction"] = size["param_fraction"]
