@@ -203,7 +203,7 @@ class HeadAblation:
 ABLATION_METHODS = ("uniform", "zero", "mean")
 
 
-def _uniform_attention_output(values: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def uniform_attention_output(values: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Output of uniform causal attention: at position i the mean of V over valid positions <= i.
 
     values (B, T, KV, d); attention_mask (B, T) with 1 for real tokens. Returns (B, T, KV, d).
@@ -255,7 +255,7 @@ def ablate_heads(
 
             def replace(block, items=items, values=values, layer=layer):
                 out = block.clone()
-                uniform = _uniform_attention_output(values["v"], attention_mask) if method == "uniform" else None
+                uniform = uniform_attention_output(values["v"], attention_mask) if method == "uniform" else None
                 for a in items:
                     rows = a.rows if a.rows is not None else slice(None)
                     if method == "zero":

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..arch import Component, ModelArch, get_arch
 from ..circuit import Circuit
-from ..interventions import ABLATION_METHODS, _uniform_attention_output, capture_components, head_output_means
+from ..interventions import ABLATION_METHODS, uniform_attention_output, capture_components, head_output_means
 from .ablation import DEFAULT_KEEP_FRACTION, probe_batches
 from .data import (
     at_least_float32, collate_records, last_logits, length_batches, model_device, model_inputs, pad_token_id,
@@ -162,7 +162,7 @@ def _ablation_attribution(model, arch, tokenizer, data, method, kinds, batch_siz
             elif method == "mean":
                 replaced = at_least_float32(means[l])[None, None].expand_as(a)
             else:
-                uniform = _uniform_attention_output(at_least_float32(values[l]), b["attention_mask"])
+                uniform = uniform_attention_output(at_least_float32(values[l]), b["attention_mask"])
                 replaced = uniform.repeat_interleave(arch.dims.group_size, dim=2)
             totals[k][l] += ((replaced - a) * at_least_float32(g) * real).sum((0, 1, 3)).double()
     meta = {"base_loss": base, "ablation": method, "solution_tokens": n_tokens,
