@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -21,6 +20,7 @@ from typing import Any, Iterable, Mapping
 from torch import nn
 
 from .arch import COMPONENT_KINDS, Component, fingerprint_diff, get_arch
+from .files import atomic_path, atomic_write_text
 
 CIRCUIT_FORMAT_VERSION = 1
 # The kinds that count as "components" when reporting fractions (q + k + v heads + MLP neurons).
@@ -263,18 +263,7 @@ class Circuit:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the circuit as JSON atomically (temporary file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1, allow_nan=True)
-            _default_permissions(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1, allow_nan=True))
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "Circuit":
@@ -349,18 +338,12 @@ class Circuit:
         fig.suptitle(title or f"circuit ({self.method or 'located'}): "
                      f"{100 * self.component_fraction():.2f} % of components kept")
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".png", dir=path.parent)
-        os.close(fd)
         try:
-            fig.savefig(tmp, dpi=110, format="png")
-            _default_permissions(tmp)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=110, format="png")
         finally:
             plt.close(fig)
-            Path(tmp).unlink(missing_ok=True)
-        return path
+        return Path(path)
 
 
 def _ranges(xs: list[int]) -> str:
@@ -373,13 +356,6 @@ def _ranges(xs: list[int]) -> str:
             out.append(f"{start}-{x}" if x != start else f"{x}")
             start = None
     return ", ".join(out)
-
-
-def _default_permissions(path: str) -> None:
-    """mkstemp makes 0600 files; give the final file the usual umask-based mode."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def _sort_key(c: Component) -> tuple[int, int, int]:

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from datasets import Dataset
 from peft import PeftModel, get_peft_model

@@ -43,6 +43,7 @@ from ..evaluate.accuracy import FEWSHOT_STOP
 from ..evaluate.answers import AnswerFormat, NumberAnswer
 from ..evaluate.generation import generate_batched
 from ..evaluate.prompts import PROMPT_STYLES, build_prompt, encode_prompts
+from ..files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -314,10 +315,6 @@ def first_wrong_digit(
 # ----- persistence ----------------------------------------------------------------------------------
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _append_lines(path: Path, rows: Iterable[dict]) -> None:
@@ -372,15 +369,15 @@ def _resume_state(out: Path, config: MiningConfig) -> tuple[dict[str, dict], lis
                 "settings or choose a new output folder"
             )
     else:
-        _atomic_write_text(saved, json.dumps(current, indent=2))
+        atomic_write_text(saved, json.dumps(current, indent=2))
     progress = {r["problem_id"]: r for r in _read_jsonl(out / PROGRESS_FILE)}
     raw_lines = (out / RECORDS_FILE).read_text(encoding="utf-8").splitlines() if (out / RECORDS_FILE).exists() else []
     records = [r for r in _read_jsonl(out / RECORDS_FILE) if r["problem_id"] in progress]
     if len(records) != len(raw_lines):
-        _atomic_write_text(out / RECORDS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+        atomic_write_text(out / RECORDS_FILE, "".join(json.dumps(r) + "\n" for r in records))
     # A torn progress line is dropped the same way.
     if (out / PROGRESS_FILE).exists() and len(progress) != len((out / PROGRESS_FILE).read_text().splitlines()):
-        _atomic_write_text(out / PROGRESS_FILE, "".join(json.dumps(r) + "\n" for r in progress.values()))
+        atomic_write_text(out / PROGRESS_FILE, "".join(json.dumps(r) + "\n" for r in progress.values()))
     return progress, records
 
 
@@ -488,7 +485,7 @@ def mine_pivotal_tokens(
     for s in statuses:
         stats[s["status"]] = stats.get(s["status"], 0) + 1
     if out is not None:
-        _atomic_write_text(out / "summary.json", json.dumps({**stats, "bad_gold_ids": bad_gold[:20]}, indent=2))
+        atomic_write_text(out / "summary.json", json.dumps({**stats, "bad_gold_ids": bad_gold[:20]}, indent=2))
     finished = len(statuses) == len(valid)
     if not records and finished:
         right = stats["greedy_correct"]

@@ -9,11 +9,10 @@ update history).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +21,7 @@ from torch import nn
 from ..circuit import Circuit
 from .mining import MiningConfig, mine_pivotal_tokens
 from .update import UpdateConfig, accuracy_validator, amplify_update
+from ..files import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +78,6 @@ def _eval_kwargs(mining: MiningConfig, config: AmplifyConfig) -> dict[str, Any]:
                 max_new_tokens=config.eval_max_new_tokens or mining.max_new_tokens, batch_size=config.eval_batch_size)
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def amplify(
@@ -193,6 +189,6 @@ def amplify(
         "files": {"adapter": str(out / "adapter"), "circuit": str(out / "circuit.json"),
                   "heatmap": str(out / "circuit.png"), "records": str(out / "mining" / "records.jsonl")},
     })
-    _write_json(out / "report.json", report)
+    atomic_write_json(out / "report.json", report)
     report["_model"] = peft_model
     return report

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
-from pathlib import Path
 from typing import Any
+from ..files import atomic_write_json
 
 EVAL_TASKS: tuple[str, ...] = ("gsm8k", "mmlu", "truthfulqa", "kl")
 
 
-def _write_json(path: Path, report: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, path)  # atomic: a reader never sees half a report
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -120,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         report["side_effects_seconds"] = round(time.time() - t0, 1)
     report["seconds"] = round(time.time() - started, 1)
     if args.out:
-        _write_json(Path(args.out), report)
+        atomic_write_json(args.out, report)
         print(f"report written to {args.out}")
     return 0
 

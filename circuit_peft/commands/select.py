@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
+from ..files import atomic_write_text
 
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -29,13 +29,6 @@ def load_rows(path: str, split: str = "train") -> Any:
     return datasets.load_dataset(path, split=split)
 
 
-def _write_jsonl(dataset: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        for row in dataset:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
            if args.method in ("circuitseer", "length-matched") else {}),
     )
     out = Path(args.out)
-    _write_jsonl(result.subset, out)
+    atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in result.subset))
     info = result.info
     msg = (f"{args.method}: kept {info['selected']} of {info['pool']} rows -> {out} "
            f"({info['seconds']:.1f} s, {info['examples_per_s']:.1f} examples/s)")

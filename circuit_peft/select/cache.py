@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import get_arch, unwrap_model
+from ..files import atomic_write_bytes
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -62,7 +63,7 @@ class ScoreCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "meta.json"
         if not meta.exists():
-            _atomic_write_bytes(meta, json.dumps(key, indent=1, sort_keys=True, default=str).encode())
+            atomic_write_bytes(meta, json.dumps(key, indent=1, sort_keys=True, default=str).encode())
 
     def _path(self, chunk: int) -> Path:
         return self.dir / f"chunk-{chunk:07d}.npy"
@@ -87,10 +88,6 @@ class ScoreCache:
         os.replace(tmp, path)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def score_in_chunks(

@@ -24,6 +24,7 @@ from typing import Any, Iterable
 from torch import nn
 
 from ..arch import fingerprint_diff, get_arch
+from ..files import atomic_write_json
 
 HEADS_FORMAT = "circuit-peft/reasoning-heads"
 DEFAULT_HEAD_FRACTION = 0.05
@@ -136,12 +137,7 @@ class ReasoningHeads:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically (temp file + ``os.replace``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_json(path, self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "ReasoningHeads":
