@@ -21,9 +21,23 @@ from .cca import (  # noqa: F401,E402
     AmplifyConfig, MiningConfig, UpdateConfig, amplify, amplify_update, load_records, make_problems,
     mine_pivotal_tokens,
 )
+from .cca.weighting import PivotalMetricsCallback, PivotalWeighting, build_pivotal_dataset  # noqa: F401,E402
+from .evaluate import build_prompt, evaluate_accuracy, side_effects  # noqa: F401,E402
 
 # --- CircuitSeer (select/) ---
 from .select import (  # noqa: F401
     CircuitSeerSampler, CircuitSeerScorer, ReasoningHeads, find_reasoning_heads, select_data, select_indices,
     select_subset, use_sampler,
 )
+
+__all__ = [
+    "Component", "ModelArch", "UnsupportedArchitectureError", "get_arch", "supported_families",
+    "load_model", "load_tokenizer", "tiny_model",
+    "CircuitConfig", "CircuitModel", "circuit_size",
+    "Circuit", "NaNLossError", "attribution_scan", "head_ablation_scan", "learn_masks",
+    "AmplifyConfig", "MiningConfig", "UpdateConfig", "amplify", "amplify_update", "load_records", "make_problems",
+    "mine_pivotal_tokens", "PivotalMetricsCallback", "PivotalWeighting", "build_pivotal_dataset",
+    "build_prompt", "evaluate_accuracy", "side_effects",
+    "CircuitSeerSampler", "CircuitSeerScorer", "ReasoningHeads", "find_reasoning_heads", "select_data",
+    "select_indices", "select_subset", "use_sampler",
+]
