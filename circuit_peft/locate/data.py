@@ -17,6 +17,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..evaluate.prompts import build_prompt_ids
+from ..evaluate.generation import pad_batch
 
 RECORD_FIELDS = ("context_ids", "desired_id", "undesired_id")
 
@@ -36,13 +37,7 @@ def _rows(data: Any) -> list[dict[str, Any]]:
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """``input_ids``, ``attention_mask`` and ``position_ids`` (B, T) for left-padded ``seqs``."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, T - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
-            mask[i, T - len(s):] = 1
+    ids, mask = pad_batch(seqs, int(pad_id), side="left")
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
 

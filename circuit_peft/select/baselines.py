@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..evaluate.generation import pad_batch
 from .cache import ScoreCache, model_fingerprint, score_in_chunks
 from .data import context_length, row_texts, texts_fingerprint
 from .sampling import select_indices, subset_size
@@ -189,12 +190,10 @@ class ResponseLossScorer:
     def _loss_batch(self, seqs: Sequence[list[int]], n_answer: Sequence[int]) -> np.ndarray:
         device = next(self.model.parameters()).device
         B, T = len(seqs), max(len(s) for s in seqs)
-        ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        ids, mask = pad_batch(seqs, self.pad_id, side="right")
         labels = torch.full((B, T), -100, dtype=torch.long)
         for b, (s, n) in enumerate(zip(seqs, n_answer)):
-            ids[b, : len(s)] = torch.tensor(s)
             labels[b, len(s) - n : len(s)] = torch.tensor(s[len(s) - n :])
-        mask = (torch.arange(T)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]).long()
         logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         logits, target = logits[:, :-1].float(), labels[:, 1:].to(device)
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")

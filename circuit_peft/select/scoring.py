@@ -39,6 +39,7 @@ from torch import nn
 
 from ..arch import get_arch
 from ..interventions import capture_qk, forward_until
+from ..evaluate.generation import pad_batch
 from .cache import ScoreCache, model_fingerprint, score_in_chunks
 from .data import context_length, row_texts, texts_fingerprint, tokenize_texts
 from .heads import ReasoningHeads
@@ -203,12 +204,9 @@ class CircuitSeerScorer:
         B, T = len(ids), max(len(x) for x in ids)
         if min(len(x) for x in ids) == 0:
             raise ValueError("an example tokenized to zero tokens; every prompt needs at least one token")
-        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
-        for b, x in enumerate(ids):
-            input_ids[b, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
-        lens = torch.tensor([len(x) for x in ids])
-        pos = torch.arange(T)
-        valid = pos[None, :] < lens[:, None]  # (B, T) real tokens (right padding)
+        input_ids, mask = pad_batch(ids, self.pad_id, side="right")
+        lens, pos = mask.sum(1), torch.arange(T)
+        valid = mask.bool()  # (B, T) real tokens (right padding)
         sink = torch.zeros(B, T, dtype=torch.bool)
         sink[:, 0] = True
         for sid in self.sink_ids:
