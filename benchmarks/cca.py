@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-samples", type=int, default=4, help="sampled traces per problem (prefix/branching)")
     p.add_argument("--max-branch-completions", type=int, default=8)
     p.add_argument("--circuit-fraction", type=float, default=0.02)
+    p.add_argument("--max-update-records", type=int, default=None,
+                   help="CCA updates use at most this many records (seeded draw; the circuit is located on all)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", default="adam", choices=("sgd", "adam"))
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from circuit_peft.evaluate.accuracy import evaluate_accuracy
     from circuit_peft.evaluate.data import load_mmlu, load_text, load_truthfulqa
     from circuit_peft.evaluate.side_effects import mmlu_accuracy, side_effects, truthfulqa_mc1
+    from circuit_peft.files import atomic_write_text
     from circuit_peft.models import load_model, load_tokenizer
     from circuit_peft.tuner import circuit_size
 
@@ -117,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start_all:6.0f} s] {msg}", flush=True)
+        if args.out:  # partial results after every step, so a stopped run still leaves its numbers
+            atomic_write_text(args.out, json.dumps({**res, "partial": True, "timings": timings}, default=float) + "\n")
 
     def test_acc(model) -> float:
         r = evaluate_accuracy(model, tok, test, progress=False, **eval_kw)
@@ -174,8 +179,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"({time.perf_counter() - t0:.0f} s)")
     validator = accuracy_validator(tok, val, **eval_kw)
 
+    def capped(recs):
+        if args.max_update_records is not None and len(recs) > args.max_update_records:
+            return recs.shuffle(seed=args.seed).select(range(args.max_update_records))
+        return recs
+
     def cca(name: str, recs, circuit, mask: bool = True) -> None:
         t0 = time.perf_counter()
+        recs = capped(recs)
+        res[f"{name}_update_records"] = len(recs)
         result = amplify_update(fresh(), recs, circuit, validator, mask=mask, tokenizer=tok, progress=False,
                                 steps=args.steps, lr=args.lr, optimizer=args.optimizer, loss=args.loss,
                                 eval_every=args.eval_every, patience=args.patience)
@@ -202,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["cca_components_fraction"] = res.get(f"{src}_components_fraction")
         res["cca_params_fraction"] = res.get(f"{src}_params_fraction")
         res["cca_trainable_params"] = res.get(f"{src}_trainable_params")
-        sp = measure_update_speedup(fresh(), records[src], circuits[src], steps=2,
+        sp = measure_update_speedup(fresh(), capped(records[src]), circuits[src], steps=2,
                                     tokenizer=tok, projections="paper")
         res["update_speedup"] = sp["speedup"]
         res["update_step_s"] = {"plain": sp["plain_step_s"], "cached": sp["cached_step_s"], "cache": sp["cache_s"]}
@@ -299,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("\n" + " ".join(f"{m}={res[f'{m}_acc']:.3f}" for m in ALL_METHODS if f"{m}_acc" in res))
     line = json.dumps(res, default=float)
     if args.out:
-        Path(args.out).write_text(line + "\n")
+        atomic_write_text(args.out, line + "\n")
     print(line)
     return res
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from circuit_peft.files import atomic_write_text
 from circuit_peft.models import load_model, load_tokenizer
 from circuit_peft.select import (
     CircuitSeerSampler, CircuitSeerScorer, ReasoningHeads, ResponseLossScorer, debias_length, find_reasoning_heads,
@@ -191,6 +192,17 @@ def heldout_loss(model, tok, test_rows, args) -> tuple[float, float]:
     return float(losses.mean()), float(losses.std(ddof=1) / math.sqrt(len(losses)))
 
 
+def load_partial(path: str | None, config: dict) -> dict[str, list[float]]:
+    """Arms already trained by an interrupted run with the same settings: {arm: [loss, se, seconds]}."""
+    if not path or not Path(path).exists():
+        return {}
+    saved = json.loads(Path(path).read_text())
+    if saved.get("config") != config:
+        print(f"{path} holds arms for other settings {saved.get('config')}; starting afresh")
+        return {}
+    return saved["arms"]
+
+
 def selection_quality(args, model, tok, heads, train_path, test_path) -> dict:
     pool = read_jsonl(train_path, args.pool)
     test_rows = read_jsonl(test_path, args.test)
@@ -229,12 +241,21 @@ def selection_quality(args, model, tok, heads, train_path, test_path) -> dict:
     res["base_heldout_loss"], res["heldout_se"] = round(base, 4), round(base_se, 4)
     print(f"base held-out loss {base:.4f} (SE {base_se:.4f})")
     encoded = encode_sft(tok, pool, args.max_tokens)
+    config = {k: res[k] for k in ("pool", "test", "fraction", "steps", "max_tokens", "batch_size", "lr", "tau")}
+    done = load_partial(args.partial, config)
     results = {}
     for name, idx in arms.items():
-        loss, se, sec = train_and_eval(args, tok, encoded, idx, test_rows, name)
+        if name in done:
+            loss, se, sec = done[name]
+            print(f"{name:>14}: held-out loss {loss:.4f} (SE {se:.4f}) from {args.partial}")
+        else:
+            loss, se, sec = train_and_eval(args, tok, encoded, idx, test_rows, name)
+            done[name] = [loss, se, sec]
+            if args.partial:
+                atomic_write_text(args.partial, json.dumps({"config": config, "arms": done}))
+            print(f"{name:>14}: held-out loss {loss:.4f} (SE {se:.4f}), {sec:.0f} s")
         results[name] = loss
         res[f"seconds_{name}"] = round(sec, 1)
-        print(f"{name:>14}: held-out loss {loss:.4f} (SE {se:.4f}), {sec:.0f} s")
     rnd = [results[f"random{s}"] for s in range(args.seeds)]
     res.update({
         "circuitseer_heldout_loss": round(results["circuitseer"], 4),
@@ -274,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="question + solution tokens kept for SFT, loss scores and the held-out loss")
     p.add_argument("--full", action="store_true", help="also train on the whole pool (for a GPU)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--partial", default=str(HERE / "cache" / "circuitseer_arms.json"),
+                   help="finished arms are saved here after each one, and reused by a rerun with the same settings")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = Path(args.data_dir) / "gsm8k"
