@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..evaluate.generation import pad_batch
+from ..locate.data import pad_token_id
 from .cache import ScoreCache, model_fingerprint, score_in_chunks
 from .data import context_length, row_texts, texts_fingerprint
 from .sampling import select_indices, subset_size
@@ -151,7 +152,7 @@ class ResponseLossScorer:
         self.batch_size, self.on_long = batch_size, on_long
         self.max_length = max_length or context_length(model, tokenizer)
         self.cache_dir, self.chunk_size, self.progress = cache_dir, chunk_size, progress
-        self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        self.pad_id = pad_token_id(model, tokenizer)  # masked positions: any id works, this one is consistent
         start = getattr(tokenizer, "bos_token_id", None)
         self.start_id = start if start is not None else getattr(tokenizer, "eos_token_id", None)
         if self.start_id is None:

@@ -40,6 +40,7 @@ from torch import nn
 from ..arch import get_arch
 from ..interventions import capture_qk, forward_until
 from ..evaluate.generation import pad_batch
+from ..locate.data import pad_token_id
 from .cache import ScoreCache, model_fingerprint, score_in_chunks
 from .data import context_length, row_texts, texts_fingerprint, tokenize_texts
 from .heads import ReasoningHeads
@@ -169,7 +170,7 @@ class CircuitSeerScorer:
         self.batch_size, self.on_long = batch_size, on_long
         self.max_length = max_length or context_length(model, tokenizer)
         self.cache_dir, self.chunk_size, self.progress = cache_dir, chunk_size, progress
-        self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        self.pad_id = pad_token_id(model, tokenizer)  # masked positions: any id works, this one is consistent
         self.sink_ids = {i for i in (getattr(tokenizer, "bos_token_id", None),) if i is not None}
         attn = self.arch.spec.attention_module
         layers = self.arch.layers(model)
