@@ -116,8 +116,8 @@ class Circuit:
     ) -> "Circuit":
         """A new circuit keeping the best scored components.
 
-        Exactly one of: ``k`` (count), ``fraction`` (share of the scored components, rounded up,
-        at least 1) or ``z`` (keep components whose z-score of the score, over the scored
+        Exactly one of: ``k`` (count), ``fraction`` (share of the scored components, rounded down so
+        that a circuit never exceeds the share asked for, at least 1) or ``z`` (keep components whose z-score of the score, over the scored
         components, is >= ``z``). ``kinds`` restricts the choice to some kinds (e.g. ``["q"]``).
         """
         chosen = [x for x in (k, fraction, z) if x is not None]
@@ -136,7 +136,7 @@ class Circuit:
         elif fraction is not None:
             if not 0 < fraction <= 1:
                 raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-            keep = ranked[: max(1, math.ceil(fraction * n - 1e-9))]
+            keep = ranked[: max(1, math.floor(fraction * n + 1e-9))]
         else:
             vals = [_finite(s) for _, s in ranked]
             mean = sum(vals) / n

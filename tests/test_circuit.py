@@ -56,7 +56,8 @@ def test_top_by_k_fraction_and_z(llama):
     ranked = [x for x, _ in c.ranked()]
     assert set(c.top(k=5).components) == set(ranked[:5])
     n = len(c.scores)
-    assert len(c.top(fraction=0.1).components) == -(-n // 10)
+    assert len(c.top(fraction=0.1).components) == n // 10  # rounded down: never more than asked
+    assert len(c.top(fraction=1e-6).components) == 1
     heads = c.top(fraction=0.5, kinds=["q"])
     assert {x.kind for x in heads} == {"q"} and len(heads) == 6
     vals = torch.tensor(list(c.scores.values()), dtype=torch.float64)
