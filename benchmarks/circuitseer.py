@@ -242,6 +242,7 @@ def selection_quality(args, model, tok, heads, train_path, test_path) -> dict:
     print(f"base held-out loss {base:.4f} (SE {base_se:.4f})")
     encoded = encode_sft(tok, pool, args.max_tokens)
     config = {k: res[k] for k in ("pool", "test", "fraction", "steps", "max_tokens", "batch_size", "lr", "tau")}
+    config.update(model=args.model, heads=[list(h) for h in heads.heads])
     done = load_partial(args.partial, config)
     results = {}
     for name, idx in arms.items():
