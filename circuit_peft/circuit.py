@@ -118,8 +118,8 @@ class Circuit:
 
         Exactly one of: ``k`` (count), ``fraction`` (share of the scored components, rounded down
         so that a circuit never exceeds the share asked for, at least 1) or ``z`` (keep components
-        whose z-score of the score, over the scored components, is >= ``z``). ``kinds`` restricts the choice to some
-        kinds (e.g. ``["q"]``).
+        whose z-score of the score, over the scored components, is >= ``z``). ``kinds``
+        restricts the choice to some kinds (e.g. ``["q"]``).
         """
         chosen = [x for x in (k, fraction, z) if x is not None]
         if len(chosen) != 1:
