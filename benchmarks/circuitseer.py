@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from circuit_peft.evaluate.generation import pad_batch
 from circuit_peft.files import atomic_write_text
 from circuit_peft.models import load_model, load_tokenizer
 from circuit_peft.select import (
@@ -61,21 +62,6 @@ def reasoning_heads(model, tok, args, train_path: Path) -> ReasoningHeads:
     return heads
 
 
-def batches_by_length(ids: list[list[int]], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = []
-    for s in range(0, len(order), batch_size):
-        part = [ids[i] for i in order[s : s + batch_size]]
-        T = max(len(x) for x in part)
-        x = torch.full((len(part), T), pad_id, dtype=torch.long)
-        m = torch.zeros((len(part), T), dtype=torch.long)
-        for b, seq in enumerate(part):
-            x[b, : len(seq)] = torch.tensor(seq)
-            m[b, : len(seq)] = 1
-        out.append({"input_ids": x, "attention_mask": m})
-    return out
-
-
 @torch.no_grad()
 def throughput(model, tok, heads, rows, batch_size: int) -> dict:
     """Time the three ways batch by batch, interleaved, so load changes on a shared machine hit all alike."""
@@ -84,7 +70,7 @@ def throughput(model, tok, heads, rows, batch_size: int) -> dict:
     n_tok = sum(len(x) for x in ids)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     groups = [[ids[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
-    batches = batches_by_length(ids, batch_size, scorer.pad_id)  # the same groups, padded
+    batches = [dict(zip(("input_ids", "attention_mask"), pad_batch(g, scorer.pad_id, side="right"))) for g in groups]
     scorer.score_ids(ids[:batch_size])  # warm-up
     t_score = t_forward = t_eager = 0.0
     sorted_scores = []
@@ -139,13 +125,9 @@ def encode_sft(tok, rows: list[dict], max_length: int = 512) -> list[tuple[list[
 
 
 def collate_sft(items, pad_id: int) -> dict[str, torch.Tensor]:
-    T = max(len(ids) for ids, _ in items)
-    x = torch.full((len(items), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), T), -100, dtype=torch.long)
-    mask = torch.zeros((len(items), T), dtype=torch.long)
+    x, mask = pad_batch([ids for ids, _ in items], pad_id, side="right")
+    labels = torch.full_like(x, -100)
     for b, (ids, n_prompt) in enumerate(items):
-        x[b, : len(ids)] = torch.tensor(ids)
-        mask[b, : len(ids)] = 1
         labels[b, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
     return {"input_ids": x, "attention_mask": mask, "labels": labels}
 

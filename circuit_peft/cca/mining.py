@@ -315,8 +315,6 @@ def first_wrong_digit(
 # ----- persistence ----------------------------------------------------------------------------------
 
 
-
-
 def _append_lines(path: Path, rows: Iterable[dict]) -> None:
     data = "".join(json.dumps(r) + "\n" for r in rows)
     if not data:

@@ -19,9 +19,9 @@ from typing import Any, Sequence
 from torch import nn
 
 from ..circuit import Circuit
+from ..files import atomic_write_json
 from .mining import MiningConfig, mine_pivotal_tokens
 from .update import UpdateConfig, accuracy_validator, amplify_update
-from ..files import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,6 @@ def _eval_kwargs(mining: MiningConfig, config: AmplifyConfig) -> dict[str, Any]:
     return dict(style=mining.prompt_style, shots=mining.shots, system=mining.system, instruction=mining.instruction,
                 question_field=mining.question_field,
                 max_new_tokens=config.eval_max_new_tokens or mining.max_new_tokens, batch_size=config.eval_batch_size)
-
-
 
 
 def amplify(

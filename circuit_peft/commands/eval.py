@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import time
 from typing import Any
+
 from ..files import atomic_write_json
 
 EVAL_TASKS: tuple[str, ...] = ("gsm8k", "mmlu", "truthfulqa", "kl")
-
-
 
 
 def parse_tasks(text: str) -> list[str]:

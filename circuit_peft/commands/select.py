@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
 from ..files import atomic_write_text
 
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -27,8 +28,6 @@ def load_rows(path: str, split: str = "train") -> Any:
     if p.exists():
         raise ValueError(f"cannot read {p}: use a .jsonl, .json, .csv or .parquet file")
     return datasets.load_dataset(path, split=split)
-
-
 
 
 def run(args: argparse.Namespace) -> int:

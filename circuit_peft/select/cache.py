@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import get_arch, unwrap_model
-from ..files import atomic_write_bytes
+from ..files import atomic_path, atomic_write_bytes
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -79,15 +79,10 @@ class ScoreCache:
         return values if values.shape == (size,) else None
 
     def save(self, chunk: int, values: np.ndarray) -> None:
-        path = self._path(chunk)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
+        with atomic_path(self._path(chunk)) as tmp, open(tmp, "wb") as f:
             np.save(f, np.asarray(values, dtype=np.float64))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-
 
 
 def score_in_chunks(
