@@ -24,6 +24,10 @@ from .cca import (  # noqa: F401,E402
 from .cca.weighting import PivotalMetricsCallback, PivotalWeighting, build_pivotal_dataset  # noqa: F401,E402
 from .evaluate import build_prompt, evaluate_accuracy, side_effects  # noqa: F401,E402
 
+# --- the one-call recipe (recipe/) ---
+from .recipe import SFTSettings, TrainConfig, TrainResult, train, train_sft  # noqa: F401,E402
+from .locate import gradient_scan, random_circuit  # noqa: F401,E402
+
 # --- CircuitSeer (select/) ---
 from .select import (  # noqa: F401
     CircuitSeerSampler, CircuitSeerScorer, ReasoningHeads, find_reasoning_heads, select_data, select_indices,
@@ -38,6 +42,7 @@ __all__ = [
     "AmplifyConfig", "MiningConfig", "UpdateConfig", "amplify", "amplify_update", "load_records", "make_problems",
     "mine_pivotal_tokens", "PivotalMetricsCallback", "PivotalWeighting", "build_pivotal_dataset",
     "build_prompt", "evaluate_accuracy", "side_effects",
+    "SFTSettings", "TrainConfig", "TrainResult", "train", "train_sft", "gradient_scan", "random_circuit",
     "CircuitSeerSampler", "CircuitSeerScorer", "ReasoningHeads", "find_reasoning_heads", "select_data",
     "select_indices", "select_subset", "use_sampler",
 ]

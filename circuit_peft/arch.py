@@ -92,9 +92,18 @@ class FamilySpec:
     attention_module: str
     mlp_module: str
     has_gate: bool = True
+    # q/k normalised after the projection: (q norm module, k norm module, layout of their input),
+    # layout "BHTD" (Gemma-3: heads before time), "BTHD" (Qwen3: per head) or "flat" (OLMo-2:
+    # the whole projection). Interventions on q/k heads act on the norm's output, where a head's
+    # scale still reaches the attention scores.
+    qk_norm: tuple[str, str, str] | None = None
 
 
-def _llama_like(name: str, model_types: tuple[str, ...]) -> FamilySpec:
+QK_NORM_LAYOUTS: tuple[str, ...] = ("BHTD", "BTHD", "flat")
+
+
+def _llama_like(name: str, model_types: tuple[str, ...], qk_norm_layout: str | None = None) -> FamilySpec:
+    qk_norm = None if qk_norm_layout is None else ("self_attn.q_norm", "self_attn.k_norm", qk_norm_layout)
     return FamilySpec(
         name=name,
         model_types=model_types,
@@ -110,6 +119,7 @@ def _llama_like(name: str, model_types: tuple[str, ...]) -> FamilySpec:
         },
         attention_module="self_attn",
         mlp_module="mlp",
+        qk_norm=qk_norm,
     )
 
 
@@ -119,11 +129,11 @@ FAMILIES: dict[str, FamilySpec] = {
         _llama_like("llama", ("llama",)),
         _llama_like("mistral", ("mistral",)),
         _llama_like("qwen2", ("qwen2",)),
-        _llama_like("qwen3", ("qwen3",)),
+        _llama_like("qwen3", ("qwen3",), "BTHD"),
         _llama_like("gemma", ("gemma",)),
         _llama_like("gemma2", ("gemma2",)),
-        _llama_like("gemma3", ("gemma3", "gemma3_text")),
-        _llama_like("olmo2", ("olmo2",)),
+        _llama_like("gemma3", ("gemma3", "gemma3_text"), "BHTD"),
+        _llama_like("olmo2", ("olmo2",), "flat"),
         FamilySpec(
             name="phi3",
             model_types=("phi3",),
@@ -401,11 +411,20 @@ class ModelArch:
             out.append(WeightSlice(f"{root}.{layer}.{self.spec.projections[p].module}", p, self.axis(p), start, stop))
         return out
 
+    def qk_norm_site(self, kind: str) -> tuple[str, str] | None:
+        """``(norm module path in a layer, layout)`` where a q/k head is read/written in families that
+        normalise q/k after the projection (see :attr:`FamilySpec.qk_norm`); None otherwise."""
+        if kind not in ("q", "k") or self.spec.qk_norm is None:
+            return None
+        q_norm, k_norm, layout = self.spec.qk_norm
+        return (q_norm if kind == "q" else k_norm), layout
+
     def site(self, kind: str) -> tuple[str, str]:
         """Where interventions read/write a component's activation: ``(projection, axis)``.
 
-        q/k/v: the projection's output; ``"o"`` (a head's output): the input of ``o_proj``;
-        ``"mlp"``: the input of ``down_proj`` (the neuron's activation).
+        q/k/v: the projection's output (q/k: after the q/k norm where the family has one, see
+        :meth:`qk_norm_site`); ``"o"`` (a head's output): the input of ``o_proj``; ``"mlp"``: the
+        input of ``down_proj`` (the neuron's activation).
         """
         self._check_kind(kind)
         proj = _SITE_PROJECTION[kind]

@@ -149,6 +149,14 @@ class Circuit:
                                           "kinds": sorted(kinds) if kinds is not None else None})
         return Circuit([c for c, _ in keep], self.scores, self.fingerprint, self.method, meta)
 
+    def top_each_kind(self, fraction: float) -> "Circuit":
+        """A new circuit keeping the best ``fraction`` of each scored kind separately (scores of
+        different kinds are on different scales, so pooling them would favour one kind)."""
+        kinds = [k for k in COMPONENT_KINDS if any(c.kind == k for c in self.scores)]
+        kept = [c for k in kinds for c in self.top(fraction=fraction, kinds=[k]).components]
+        return Circuit(kept, self.scores, self.fingerprint, self.method,
+                       dict(self.meta, keep_fraction_per_kind=fraction))
+
     # ----- counting --------------------------------------------------------------------------
     def _require_fingerprint(self, what: str) -> dict[str, Any]:
         if self.fingerprint is None:

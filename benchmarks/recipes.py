@@ -1,0 +1,416 @@
+"""Does the located circuit beat a random one? The controlled comparison of training recipes.
+
+Every arm trains on the same gold solutions of the same problems with the same SFT recipe
+(``circuit_peft.recipe.train_sft``: Trainer, AdamW, cosine, ``--epochs``, ``--batch-size``) and is
+measured the same way; only what is trained (and, where named, the loss weights) differs:
+
+* ``located_<locator>@<f>``: the circuit located on the training problems, keeping the top ``f`` of
+  each kind (q/k/v heads, MLP neurons): ``attr`` = logit-difference attribution on first-wrong-digit
+  pivots (CCA stage 2), ``grad`` = norm of the SFT-loss gradient on the component's slices;
+* ``random_layer_<locator>@<f>``: a random circuit with the same kinds and counts in the same layers;
+* ``random_anywhere_<locator>@<f>``: the same kinds and counts, random layers;
+* ``located_<locator>@<f>_unweighted``: the located circuit without pivotal weights;
+* ``lora16``: LoRA r=16, alpha 32, dropout 0.1, all linear layers, the same pivotal weights;
+* ``lora_matched``: LoRA with the rank whose trainable parameters come closest to ``located_attr@<f>``;
+* ``full``: full fine-tuning with the same pivotal weights.
+
+Choices are made on validation only: each arm's learning rate is picked from its grid by
+validation accuracy on the first seed, then used for every seed. Test accuracy is reported on the
+training format (``add``/``sub``: "What is 47 + 38?") and on a held-out format that training never
+saw (word problems), with the fraction of generations that hit ``--max-new-tokens``. Side effects:
+mean KL on general text, MMLU and TruthfulQA deltas. Each finished (arm, seed) is saved under
+``--work-dir`` and reused on a re-run with the same settings. The last line printed is JSON.
+
+    python benchmarks/recipes.py --quick                     # ~20 min on 2 cores
+    python benchmarks/recipes.py --out benchmarks/results/recipes_smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LOCATORS = ("attr", "grad")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--data-dir", default="../shared/data", help="mmlu/test, truthfulqa/, text/ (side effects)")
+    p.add_argument("--seeds", default="0,1,2", help="training seed and problem draw, comma-separated")
+    p.add_argument("--n-train", type=int, default=160)
+    p.add_argument("--n-val", type=int, default=48)
+    p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--n-transfer", type=int, default=100, help="held-out-format test problems (word problems)")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--pivotal-weight", type=float, default=5.0)
+    p.add_argument("--fractions", default="0.005,0.02", help="circuit sizes (share of each kind)")
+    p.add_argument("--locators", default="attr,grad")
+    p.add_argument("--arms", default=None, help="comma-separated arm names (default: all)")
+    p.add_argument("--circuit-lrs", default="1e-3,3e-3", help="learning-rate grid of circuit and LoRA arms")
+    p.add_argument("--full-lrs", default="1e-5,3e-5", help="learning-rate grid of full fine-tuning")
+    p.add_argument("--mmlu-subjects", default="elementary_mathematics,high_school_geography")
+    p.add_argument("--mmlu-limit", type=int, default=30)
+    p.add_argument("--truthfulqa-limit", type=int, default=60)
+    p.add_argument("--kl-chunks", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work-dir", default="/tmp/recipes_bench")
+    p.add_argument("--out", default=None, help="also write the JSON result here")
+    p.add_argument("--quick", action="store_true",
+                   help="one seed, 64 training / 32 val / 100 test / 50 transfer problems, 2 %% circuits, one lr")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.n_train, args.n_val, args.n_test, args.n_transfer = "0", 64, 32, 100, 50
+        args.fractions, args.circuit_lrs, args.full_lrs, args.locators = "0.02", "1e-3", "3e-5", "attr"
+        args.mmlu_limit, args.truthfulqa_limit, args.kl_chunks = 15, 30, 4
+    return args
+
+
+def arm_names(fractions: list[float], locators: list[str]) -> list[str]:
+    names = ["base"]
+    for f in fractions:
+        for loc in locators:
+            names += [f"located_{loc}@{f:g}", f"random_layer_{loc}@{f:g}"]
+    big = max(fractions)
+    names += [f"random_anywhere_{locators[0]}@{big:g}", f"located_{locators[0]}@{big:g}_unweighted",
+              "lora16", "lora_matched", "full"]
+    return names
+
+
+def settings_key(args: argparse.Namespace) -> str:
+    keep = {k: v for k, v in vars(args).items() if k not in ("threads", "work_dir", "out", "arms", "quick")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Bench:
+    """The shared state of one benchmark run: model, problems per seed, circuits, saved arms."""
+
+    def __init__(self, args: argparse.Namespace):
+        from circuit_peft.cca.problems import ARITHMETIC_SHOTS
+        from circuit_peft.evaluate.prompts import default_prompt_style
+        from circuit_peft.models import load_model, load_tokenizer
+
+        self.args = args
+        self.work = Path(args.work_dir)
+        self.key = settings_key(args)
+        self.arms_dir = self.work / f"arms-{self.key}"
+        self.arms_dir.mkdir(parents=True, exist_ok=True)
+        self.tok = load_tokenizer(args.model)
+        self.style = default_prompt_style(self.tok, log=print)
+        self.shots = [dict(s) for s in ARITHMETIC_SHOTS]
+        self.base = load_model(args.model)
+        self.circuits: dict[tuple[str, int], Any] = {}
+        self.started = time.perf_counter()
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - self.started:6.0f} s] {msg}", flush=True)
+
+    # ----- data ---------------------------------------------------------------------------------
+    def problems(self, seed: int) -> dict[str, list[dict]]:
+        from circuit_peft.cca.problems import make_problems
+
+        a = self.args
+        held = make_problems(a.n_val + a.n_test, "test", seed=seed, kinds=("add", "sub"))
+        return {"train": make_problems(a.n_train, "train", seed=seed, kinds=("add", "sub")),
+                "val": held[: a.n_val], "test": held[a.n_val :],
+                "transfer": make_problems(a.n_transfer, "test", seed=seed, kinds=("word_add", "word_sub"))}
+
+    def accuracy(self, model, rows) -> Any:
+        from circuit_peft.evaluate.accuracy import evaluate_accuracy
+
+        return evaluate_accuracy(model, self.tok, rows, style=self.style, shots=self.shots,
+                                 max_new_tokens=self.args.max_new_tokens, batch_size=16, progress=False)
+
+    # ----- circuits -----------------------------------------------------------------------------
+    def scored_circuit(self, locator: str, seed: int):
+        """Every component scored by ``locator`` on seed ``seed``'s training problems (cached)."""
+        if (locator, seed) in self.circuits:
+            return self.circuits[(locator, seed)]
+        from circuit_peft import Circuit
+
+        path = self.work / f"scores-{self.key}-{locator}-{seed}.json"
+        if path.exists():
+            circuit = Circuit.load(path)
+        else:
+            t0 = time.perf_counter()
+            circuit = self._locate(locator, seed)
+            circuit.save(path)
+            self.log(f"located ({locator}, seed {seed}) in {time.perf_counter() - t0:.0f} s")
+        self.circuits[(locator, seed)] = circuit
+        return circuit
+
+    def _locate(self, locator: str, seed: int):
+        from circuit_peft.locate import attribution_scan, gradient_scan
+        from circuit_peft.recipe.sft import gold_examples, pivotal_dataset
+
+        train = self.problems(seed)["train"]
+        if locator == "grad":
+            examples = gold_examples(self.tok, train, self.style, self.shots)
+            data = pivotal_dataset(self.tok, examples, self.args.pivotal_weight, self.style)
+            return gradient_scan(self.base, data, keep_fraction=None, pad_token_id=self.tok.pad_token_id,
+                                 progress=False)
+        from circuit_peft.cca.mining import MiningConfig, mine_pivotal_tokens
+
+        cfg = MiningConfig(pivot="digit", shots=self.shots, prompt_style=self.style,
+                           max_new_tokens=self.args.max_new_tokens, seed=seed)
+        mined = mine_pivotal_tokens(self.base, self.tok, train, self.work / f"mining-{self.key}-{seed}", cfg,
+                                    progress=False)
+        return attribution_scan(self.base, None, mined.records, target="logit_diff", keep_fraction=None,
+                                progress=False)
+
+    def circuit_for(self, arm: str, seed: int):
+        from circuit_peft.locate import random_circuit
+
+        name, frac = arm.split("@")
+        frac = float(frac.replace("_unweighted", ""))
+        locator = name.rsplit("_", 1)[1]
+        located = self.scored_circuit(locator, seed).top_each_kind(frac)
+        if name.startswith("random_layer"):
+            return random_circuit(located, "layer", seed)
+        if name.startswith("random_anywhere"):
+            return random_circuit(located, "anywhere", seed)
+        return located
+
+    # ----- models -------------------------------------------------------------------------------
+    def trainable(self, arm: str, seed: int):
+        """A fresh model prepared for ``arm`` and the size facts of what it trains."""
+        from peft import LoraConfig, get_peft_model
+
+        from circuit_peft.models import load_model
+        from circuit_peft.tuner import circuit_size
+
+        model = load_model(self.args.model)
+        if arm == "full":
+            return model, {"trainable_params": sum(p.numel() for p in model.parameters())}
+        if arm.startswith("lora"):
+            rank = 16 if arm == "lora16" else self.matched_rank(seed)
+            model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.1,
+                                                     target_modules="all-linear"))
+            return model, {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                           "lora_rank": rank}
+        circuit = self.circuit_for(arm, seed)
+        config = circuit.to_config(projections="paper")
+        model = get_peft_model(model, config)
+        size = circuit_size(config, model)
+        return model, {"trainable_params": size["trainable_params"], "components": size["components"],
+                       "component_fraction": size["component_fraction"], "counts": circuit.counts(),
+                       "layers": sorted({c.layer for c in circuit.components})}
+
+    def matched_rank(self, seed: int) -> int:
+        from circuit_peft.tuner import circuit_size
+
+        arm = f"located_{self.locators[0]}@{max(self.fractions):g}"
+        config = self.circuit_for(arm, seed).to_config(projections="paper")
+        params = circuit_size(config, self.base)["trainable_params"]
+        per_rank = sum(m.in_features + m.out_features for m in self.base.modules()
+                       if isinstance(m, torch.nn.Linear) and m is not self.base.get_output_embeddings())
+        return max(1, round(params / per_rank))
+
+    def train(self, arm: str, seed: int, lr: float):
+        from circuit_peft.recipe.sft import SFTSettings, gold_examples, train_sft
+
+        model, size = self.trainable(arm, seed)
+        weight = 1.0 if arm.endswith("_unweighted") else self.args.pivotal_weight
+        settings = SFTSettings(learning_rate=lr, epochs=self.args.epochs, batch_size=self.args.batch_size,
+                               pivotal_weight=weight, seed=seed)
+        examples = gold_examples(self.tok, self.problems(seed)["train"], self.style, self.shots)
+        train_sft(model, self.tok, examples, settings, str(self.work / "trainer"), style=self.style)
+        return model, size
+
+    # ----- arms ---------------------------------------------------------------------------------
+    def grid(self, arm: str) -> list[float]:
+        text = self.args.full_lrs if arm == "full" else self.args.circuit_lrs
+        return [float(x) for x in text.split(",")]
+
+    def load_arm(self, arm: str, seed: int) -> dict[str, Any] | None:
+        path = self.arms_dir / f"{arm}-seed{seed}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def save_arm(self, arm: str, seed: int, result: dict[str, Any]) -> None:
+        from circuit_peft.files import atomic_write_json
+
+        atomic_write_json(self.arms_dir / f"{arm}-seed{seed}.json", result)
+
+    def chosen_lr(self, arm: str, first_seed: int) -> float | None:
+        saved = self.load_arm(arm, first_seed)
+        return None if saved is None else saved.get("lr")
+
+    def run_arm(self, arm: str, seed: int, first_seed: int, baseline: dict[str, Any]) -> dict[str, Any]:
+        saved = self.load_arm(arm, seed)
+        if saved is not None:
+            return saved
+        t0 = time.perf_counter()
+        probs = self.problems(seed)
+        if arm == "base":
+            model, size, lr, val_by_lr = self.base, {"trainable_params": 0}, None, {}
+        elif seed == first_seed:
+            model, size, lr, val_by_lr = self.pick_lr(arm, seed, probs["val"])
+        else:
+            lr = self.chosen_lr(arm, first_seed)
+            model, size = self.train(arm, seed, lr)
+            val_by_lr = {}
+        result = {"arm": arm, "seed": seed, "lr": lr, "val_by_lr": val_by_lr, **size}
+        for split in ("val", "test", "transfer"):
+            acc = self.accuracy(model, probs[split])
+            result[f"{split}_acc"], result[f"{split}_capped"] = acc.accuracy, acc.capped_fraction
+        if arm != "base":
+            result.update(self.effects(model, arm, baseline))
+        result["seconds"] = time.perf_counter() - t0
+        self.save_arm(arm, seed, result)
+        self.log(f"{arm} seed {seed}: test {result['test_acc']:.3f} (capped {result['test_capped']:.2f}), "
+                 f"transfer {result['transfer_acc']:.3f}, KL {result.get('kl', 0):.4f}, lr {lr} "
+                 f"({result['seconds']:.0f} s)")
+        return result
+
+    def pick_lr(self, arm: str, seed: int, val: list[dict]):
+        best = None
+        val_by_lr = {}
+        for lr in self.grid(arm):
+            model, size = self.train(arm, seed, lr)
+            val_by_lr[str(lr)] = self.accuracy(model, val).accuracy
+            if best is None or val_by_lr[str(lr)] > best[0]:
+                best = (val_by_lr[str(lr)], model, size, lr)
+        return best[1], best[2], best[3], val_by_lr
+
+    def effects(self, model, arm: str, baseline: dict[str, Any]) -> dict[str, Any]:
+        from circuit_peft.evaluate.side_effects import side_effects
+
+        a = self.args
+        se = side_effects(self.base if arm == "full" else None, model, self.tok, a.data_dir,
+                          mmlu_subjects=self.subjects, mmlu_limit=a.mmlu_limit, truthfulqa_limit=a.truthfulqa_limit,
+                          kl_chunks=a.kl_chunks, baseline=baseline, progress=False)
+        return {"mmlu_delta": se["mmlu_delta"], "truthfulqa_delta": se["truthfulqa_delta"], "kl": se["kl"]}
+
+    def baseline(self) -> dict[str, Any]:
+        from circuit_peft.evaluate.data import load_mmlu, load_truthfulqa
+        from circuit_peft.evaluate.side_effects import mmlu_accuracy, truthfulqa_mc1
+
+        path = self.work / f"baseline-{self.key}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        a = self.args
+        mmlu = mmlu_accuracy(self.base, self.tok, load_mmlu(a.data_dir, self.subjects), 5, "letter", a.mmlu_limit, 8,
+                             False)["accuracy"]
+        tqa = truthfulqa_mc1(self.base, self.tok, load_truthfulqa(a.data_dir, a.truthfulqa_limit), 8, False)["accuracy"]
+        from circuit_peft.files import atomic_write_json
+
+        out = {"mmlu_base": mmlu, "truthfulqa_base": tqa}
+        atomic_write_json(path, out)
+        return out
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, sd / math.sqrt(n)
+
+
+def summarise(results: dict[str, list[dict[str, Any]]], fractions: list[float], locators: list[str]) -> dict[str, Any]:
+    """Mean and standard error over seeds per arm and metric, and the paired located - random gaps."""
+    out: dict[str, Any] = {"arms": {}}
+    for arm, rows in results.items():
+        stats = {}
+        for key in ("test_acc", "transfer_acc", "val_acc", "test_capped", "transfer_capped", "kl", "mmlu_delta",
+                    "truthfulqa_delta", "trainable_params"):
+            vals = [r[key] for r in rows if r.get(key) is not None]
+            if vals:
+                stats[key], stats[f"{key}_se"] = mean_se(vals)
+        stats["seeds"] = [r["seed"] for r in rows]
+        stats["lr"] = rows[0].get("lr")
+        out["arms"][arm] = stats
+    for f in fractions:
+        for loc in locators:
+            for split in ("test", "transfer"):
+                gap = _paired_gap(results, f"located_{loc}@{f:g}", f"random_layer_{loc}@{f:g}", f"{split}_acc")
+                if gap is not None:
+                    tag = f"{loc}@{f:g}" + ("" if split == "test" else "_transfer")
+                    out[f"located_minus_random_layer_acc_{tag}"], out[f"located_minus_random_layer_acc_{tag}_se"] = gap
+    arms = out["arms"]
+    base = arms.get("base", {})
+    out["base_capped_fraction"] = base.get("test_capped")
+    main = f"located_{locators[0]}@{max(fractions):g}"
+    if main in arms:
+        out["located_minus_random_layer_acc"] = out.get(f"located_minus_random_layer_acc_{locators[0]}@{max(fractions):g}")
+        out["located_minus_random_layer_acc_se"] = out.get(
+            f"located_minus_random_layer_acc_{locators[0]}@{max(fractions):g}_se")
+        out["circuit_acc"], out["circuit_kl"] = arms[main].get("test_acc"), arms[main].get("kl")
+        if "lora16" in arms:
+            out["lora_weighted_acc"], out["lora_kl"] = arms["lora16"].get("test_acc"), arms["lora16"].get("kl")
+            out["circuit_params_fraction_of_lora"] = arms[main]["trainable_params"] / arms["lora16"]["trainable_params"]
+    return out
+
+
+def _paired_gap(results, a: str, b: str, key: str) -> tuple[float, float] | None:
+    ra = {r["seed"]: r[key] for r in results.get(a, [])}
+    rb = {r["seed"]: r[key] for r in results.get(b, [])}
+    seeds = sorted(set(ra) & set(rb))
+    if not seeds:
+        return None
+    return mean_se([ra[s] - rb[s] for s in seeds])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from circuit_peft.evaluate.data import load_mmlu, load_text, load_truthfulqa
+    from circuit_peft.files import atomic_write_text
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    fractions = [float(f) for f in args.fractions.split(",")]
+    locators = [x for x in args.locators.split(",") if x]
+    bad = [x for x in locators if x not in LOCATORS]
+    if bad:
+        raise SystemExit(f"--locators: unknown {bad}; choose from {LOCATORS}")
+    all_arms = arm_names(fractions, locators)
+    arms = all_arms if args.arms is None else [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in all_arms]
+    if unknown:
+        raise SystemExit(f"--arms: unknown {unknown}; choose from {all_arms}")
+    subjects = tuple(s for s in args.mmlu_subjects.split(",") if s)
+    load_mmlu(args.data_dir, subjects), load_truthfulqa(args.data_dir, 1), load_text(args.data_dir)  # fail early
+    bench = Bench(args)
+    bench.subjects, bench.fractions, bench.locators = subjects, fractions, locators
+    baseline = bench.baseline()
+    results: dict[str, list[dict[str, Any]]] = {}
+    for arm in arms:  # arm by arm in the order given: a stopped run has every seed of the first arms
+        for seed in seeds:
+            results.setdefault(arm, []).append(bench.run_arm(arm, seed, seeds[0], baseline))
+            if args.out:
+                partial = {"partial": True, "settings": vars(args), **summarise(results, fractions, locators)}
+                atomic_write_text(args.out, json.dumps(partial, default=float) + "\n")
+    summary = summarise(results, fractions, locators)
+    res = {"model": args.model, "settings": vars(args), "baseline": baseline, **summary,
+           "seconds": time.perf_counter() - bench.started}
+    print_table(summary)
+    line = json.dumps(res, default=float)
+    if args.out:
+        atomic_write_text(args.out, line + "\n")
+    print(line)
+    return res
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    print(f"\n{'arm':34s} {'params':>10s} {'test acc':>15s} {'transfer acc':>15s} {'capped':>7s} {'KL':>8s}")
+    for arm, s in summary["arms"].items():
+        print(f"{arm:34s} {s.get('trainable_params', 0):10.0f} {s['test_acc']:.3f} ± {s.get('test_acc_se', 0):.3f}  "
+              f"{s['transfer_acc']:.3f} ± {s.get('transfer_acc_se', 0):.3f}  {s['test_capped']:7.3f} "
+              f"{s.get('kl', 0):8.4f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,158 @@
+"""``circuit-peft train``: examples -> (selected) -> located circuit -> trained adapter -> evaluated.
+
+Runs :func:`circuit_peft.recipe.train` (see it for the run folder's files). Re-running the same
+command after a stop skips the finished stages; a folder made with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shlex
+import sys
+from typing import Any
+
+from ._cca import read_rows, resolve_shots
+
+DATA_KEYWORDS = ("arithmetic",)
+
+
+def load_examples(source: str, split: str, n: int | None, seed: int, config: str | None = None,
+                  kinds: tuple[str, ...] = ("add", "sub")) -> list[dict[str, Any]]:
+    """Rows from a .jsonl/.json/.csv file, the keyword ``arithmetic`` or a hub dataset (``name``, ``split``)."""
+    from pathlib import Path
+
+    if source == "arithmetic":
+        from ..cca.problems import make_problems
+
+        return make_problems(n or 64, "test" if split != "train" else "train", seed=seed, kinds=kinds)
+    path = Path(source)
+    if path.suffix == ".csv" and path.exists():
+        import csv
+
+        with path.open(encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            raise ValueError(f"{path} holds no rows")
+    elif path.exists():
+        rows = read_rows(source)
+    elif "/" in source and not path.suffix:
+        import datasets
+
+        rows = [dict(r) for r in datasets.load_dataset(source, config, split=split)]
+    else:
+        raise FileNotFoundError(f"--data: no file at {source} (give a .jsonl/.json/.csv file, 'arithmetic' or a "
+                                "hub dataset id such as openai/gsm8k)")
+    return rows[:n] if n is not None else rows
+
+
+def _check_fields(rows: list[dict[str, Any]], fields: tuple[str, ...], what: str) -> None:
+    for i, row in enumerate(rows):
+        missing = [f for f in fields if f not in row]
+        if missing:
+            raise ValueError(f"{what}: row {i + 1} has no {missing} field (fields: {sorted(row)}); "
+                             "use --question-field / --answer-field")
+
+
+def split_examples(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    rows = load_examples(args.data, args.data_split, args.n_train, args.seed, args.data_config)
+    if args.heldout:
+        held = load_examples(args.heldout, "test", args.n_heldout, args.seed, args.data_config)
+    else:
+        order = list(range(len(rows)))
+        random.Random(args.seed).shuffle(order)
+        k = int(len(rows) * args.heldout_fraction)
+        if k < 1 or k >= len(rows):
+            raise ValueError(f"--heldout-fraction {args.heldout_fraction} of {len(rows)} rows leaves an empty split")
+        held, rows = [rows[i] for i in order[:k]], [rows[i] for i in order[k:]]
+    _check_fields(rows, (args.question_field, args.answer_field), "--data")
+    _check_fields(held, (args.question_field, args.answer_field), "--heldout")
+    return rows, held
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def config_from_args(args: argparse.Namespace):
+    from ..recipe import SFTSettings, TrainConfig
+
+    shots = resolve_shots(args.shots, args.data if args.data in DATA_KEYWORDS else "file")
+    sft = SFTSettings(learning_rate=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+                      pivotal_weight=args.pivotal_weight, seed=args.seed)
+    return TrainConfig(locate=args.locate, circuit_fraction=args.circuit_fraction, select=args.select,
+                       select_fraction=args.select_fraction, lora_rank=args.lora_rank, sft=sft,
+                       prompt_style=args.prompt_style, shots=shots, max_new_tokens=args.max_new_tokens,
+                       side_effect_data_dir=args.side_effects_data, question_field=args.question_field,
+                       answer_field=args.answer_field, seed=args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..recipe import train
+
+    config = config_from_args(args)  # every setting checked before data or model work
+    train_rows, held = split_examples(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "circuit-peft " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    print(f"circuit-peft train: {args.model}, {len(train_rows)} training / {len(held)} held-out examples -> {args.out}")
+    train(args.model, train_rows, held, args.out, config, command=command)
+    print(f"adapter, circuit.json, circuit.png and report.json are in {args.out}/")
+    return 0
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="hub id, local folder, 'smollm2' or 'gemma3-270m'")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default="arithmetic",
+                   help="training examples: .jsonl/.json/.csv file, hub dataset id, or 'arithmetic' (built in)")
+    d.add_argument("--data-config", default=None, help="hub dataset config (e.g. main for openai/gsm8k)")
+    d.add_argument("--data-split", default="train", help="hub dataset split (default train)")
+    d.add_argument("--n-train", type=_positive(int), default=None, help="use the first N training examples")
+    d.add_argument("--heldout", default=None, help="held-out examples (same forms as --data); default: a split of --data")
+    d.add_argument("--heldout-fraction", type=_fraction, default=0.2)
+    d.add_argument("--n-heldout", type=_positive(int), default=None)
+    d.add_argument("--question-field", default="question")
+    d.add_argument("--answer-field", default="answer", help="gold answer: GSM8K '... #### n' or a bare number")
+    d.add_argument("--shots", default=None, help="worked examples: .jsonl, 'arithmetic' or 'none'")
+    d.add_argument("--prompt-style", choices=("chat", "fewshot"), default=None,
+                   help="default: chat when the tokenizer has a chat template, else few-shot")
+    s = p.add_argument_group("selection, circuit, training")
+    s.add_argument("--select", choices=("circuitseer", "ifd", "random"), default=None)
+    s.add_argument("--select-fraction", type=_fraction, default=0.25)
+    s.add_argument("--locate", choices=("gradient", "attribution"), default="gradient",
+                   help="gradient: SFT-loss gradient norm per component; attribution: digit pivots + logit difference")
+    s.add_argument("--circuit-fraction", type=_fraction, default=0.02, help="share of each kind kept (default 0.02)")
+    s.add_argument("--lora-rank", type=int, default=0, help="> 0: circuit + LoRA in one adapter")
+    s.add_argument("--lr", type=_positive(float), default=1e-3)
+    s.add_argument("--epochs", type=_positive(float), default=3.0)
+    s.add_argument("--batch-size", type=_positive(int), default=8)
+    s.add_argument("--pivotal-weight", type=float, default=5.0, help="loss weight of the final answer's tokens")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--max-new-tokens", type=_positive(int), default=64)
+    e.add_argument("--side-effects-data", default=None,
+                   help="folder with mmlu/test, truthfulqa/, text/ for side effects (default: skipped)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive(int), default=None)
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("train", help="select -> locate -> train the circuit -> evaluate, one resumable run",
+                              description=__doc__.split("\n\n")[0])
+    add_train_args(p)
+    p.add_argument("--out", required=True, help="run folder (resumable; refused if it holds another run)")
+    p.set_defaults(func=run)

@@ -1,0 +1,342 @@
+"""The main job in one call: examples -> (selected) -> located circuit -> trained adapter -> evaluated.
+
+:func:`train` is what ``circuit-peft train`` and ``make demo`` run. It writes into ``output_dir``:
+
+- ``run.json``: the settings and the inputs' fingerprint (a folder made with other settings is refused);
+- ``stages/<stage>.json``: one file per finished stage (``select``, ``locate``, ``before``, ``train``,
+  ``after``, ``side_effects``), so that a re-run after a stop skips what is done;
+- ``circuit.json`` / ``circuit.png``: the located circuit and its heatmap;
+- ``adapter/``: a normal PEFT adapter (written to a temporary sibling, then renamed into place) whose
+  ``README.md`` model card shows the heatmap, the components, the before/after numbers and the command;
+- ``report.json``: everything above in one file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..files import atomic_write_json, atomic_write_text
+from .sft import SFTSettings, gold_examples, pivotal_dataset, train_sft
+
+LOCATORS: tuple[str, ...] = ("gradient", "attribution")
+SELECTORS: tuple[str, ...] = ("circuitseer", "ifd", "random")
+STAGES: tuple[str, ...] = ("select", "locate", "before", "train", "after", "side_effects")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of :func:`train`. ``circuit_fraction``: share of each kind (q/k/v heads, MLP neurons)
+    kept; ``lora_rank`` > 0 adds a LoRA branch to the circuit adapter; ``max_new_tokens`` caps
+    generation at evaluation (the report gives the share of answers that hit it)."""
+
+    locate: str = "gradient"
+    circuit_fraction: float = 0.02
+    select: str | None = None
+    select_fraction: float = 0.25
+    lora_rank: int = 0
+    sft: SFTSettings = field(default_factory=SFTSettings)
+    prompt_style: str | None = None  # None: chat if the tokenizer has a template, else few-shot
+    shots: list[dict[str, str]] | None = None
+    max_new_tokens: int = 64
+    eval_batch_size: int = 16
+    side_effect_data_dir: str | None = None
+    question_field: str = "question"
+    answer_field: str = "answer"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.locate not in LOCATORS:
+            raise ValueError(f"locate must be one of {LOCATORS}, got {self.locate!r}")
+        if self.select is not None and self.select not in SELECTORS:
+            raise ValueError(f"select must be one of {SELECTORS} or None, got {self.select!r}")
+        for name in ("circuit_fraction", "select_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
+        for name in ("max_new_tokens", "eval_batch_size"):
+            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if int(self.lora_rank) != self.lora_rank or self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be an integer >= 0, got {self.lora_rank!r}")
+        if isinstance(self.sft, dict):
+            self.sft = SFTSettings(**self.sft)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the report (also in ``report.json``) and the trained PEFT model."""
+
+    report: dict[str, Any]
+    model: nn.Module
+    output_dir: Path
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class RunFolder:
+    """A run folder that remembers its settings and finished stages (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike, settings: dict[str, Any]):
+        self.path = Path(path)
+        self.key = _fingerprint(settings)
+        self.settings = settings
+
+    def open(self) -> None:
+        """Create the folder, or check that it belongs to this run; raise before any work otherwise."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"--out {self.path} is a file, not a folder")
+        run = self.path / "run.json"
+        if run.exists():
+            old = json.loads(run.read_text())
+            if old.get("key") != self.key:
+                was, now = _flat(old.get("settings", {})), _flat(self.settings)
+                diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+                raise ValueError(f"{self.path} holds another run (different {', '.join(diff) or 'settings'}); "
+                                 "use another --out folder or delete this one")
+        elif self.path.exists() and any(self.path.iterdir()):
+            raise ValueError(f"{self.path} is not empty and holds no circuit-peft train run; use another --out")
+        (self.path / "stages").mkdir(parents=True, exist_ok=True)
+        if not os.access(self.path, os.W_OK):
+            raise ValueError(f"--out {self.path} is not writable")
+        atomic_write_json(run, {"key": self.key, "settings": self.settings})
+
+    def stage(self, name: str, fn: Callable[[], dict[str, Any]], log: Callable[[str], None]) -> dict[str, Any]:
+        """The stage's saved result, or run ``fn`` and save what it returns (JSON)."""
+        path = self.path / "stages" / f"{name}.json"
+        if path.exists():
+            log(f"[{name}] done earlier: reused")
+            return json.loads(path.read_text())
+        t0 = time.perf_counter()
+        result = fn()
+        result["seconds"] = time.perf_counter() - t0
+        atomic_write_json(path, result)
+        return result
+
+
+def _accuracy(model, tokenizer, rows, style, cfg: TrainConfig) -> dict[str, Any]:
+    from ..evaluate.accuracy import evaluate_accuracy
+
+    r = evaluate_accuracy(model, tokenizer, rows, style=style, shots=cfg.shots, question_field=cfg.question_field,
+                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, progress=True)
+    return {"accuracy": r.accuracy, "stderr": r.stderr, "count": r.count, "capped_fraction": r.capped_fraction}
+
+
+def _select(model, tokenizer, rows, cfg: TrainConfig) -> dict[str, Any]:
+    from ..select import find_reasoning_heads, select_data
+
+    heads = None
+    if cfg.select == "circuitseer":
+        probe = rows[: min(8, len(rows))]
+        heads = find_reasoning_heads(model, tokenizer, probe, method="attribution", prompt_field=cfg.question_field,
+                                     solution_field=cfg.answer_field)
+    pool = [dict(r, _row=i) for i, r in enumerate(rows)]
+    result = select_data(pool, cfg.select, cfg.select_fraction, model, tokenizer, heads=heads, seed=cfg.seed,
+                         question_field=cfg.question_field, answer_field=cfg.answer_field)
+    return {"rows": sorted(int(i) for i in result.dataset["_row"]), "method": cfg.select}
+
+
+def _locate(model, tokenizer, rows, style, cfg: TrainConfig, out: Path) -> dict[str, Any]:
+    from ..locate import attribution_scan, gradient_scan
+
+    if cfg.locate == "gradient":
+        examples = gold_examples(tokenizer, rows, style, cfg.shots, cfg.question_field, cfg.answer_field)
+        data = pivotal_dataset(tokenizer, examples, cfg.sft.pivotal_weight, style)
+        circuit = gradient_scan(model, data, keep_fraction=cfg.circuit_fraction, pad_token_id=tokenizer.pad_token_id)
+    else:
+        from ..cca.mining import MiningConfig, mine_pivotal_tokens
+
+        mining = MiningConfig(pivot="digit", shots=cfg.shots, prompt_style=style, max_new_tokens=cfg.max_new_tokens,
+                              question_field=cfg.question_field, seed=cfg.seed)
+        mined = mine_pivotal_tokens(model, tokenizer, rows, out / "mining", mining)
+        circuit = attribution_scan(model, None, mined.records, target="logit_diff",
+                                   keep_fraction=cfg.circuit_fraction)
+    circuit.save(out / "circuit.json")
+    circuit.plot(out / "circuit.png", title=f"located circuit ({cfg.locate})")
+    return {"components": len(circuit.components), "counts": circuit.counts(),
+            "component_fraction": circuit.component_fraction()}
+
+
+def _adapter_config(circuit, cfg: TrainConfig):
+    if cfg.lora_rank:
+        return circuit.to_config(projections="paper", r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank)
+    return circuit.to_config(projections="paper")
+
+
+def _save_weights(peft_model, path: Path) -> None:
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from ..files import atomic_path
+
+    state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+
+
+def _save_adapter(peft_model, out: Path, card: str) -> None:
+    """Write ``out/adapter`` so that a kill leaves the old adapter or the new one, never a mix."""
+    final = out / "adapter"
+    tmp = out / f".adapter.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(str(tmp))
+    readme = tmp / "README.md"
+    existing = readme.read_text() if readme.exists() else ""
+    front = ""
+    if existing.startswith("---"):  # keep PEFT's metadata block first, where the Hub reads it
+        end = existing.index("---", 3) + 3
+        front, existing = existing[:end] + "\n\n", existing[end:]
+    atomic_write_text(readme, front + card + "\n" + existing)
+    shutil.copy(out / "circuit.png", tmp / "circuit.png")
+    old = out / f".adapter.old{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def model_card(report: dict[str, Any], command: str | None) -> str:
+    """The top of the adapter's README: what it is, the before/after table, the heatmap, the command."""
+    b, a = report["before"], report["after"]
+    lines = [f"# Circuit adapter for {report['model']}", "",
+             f"Trained by circuit-peft: only {report['locate']['components']} components "
+             f"({100 * report['locate']['component_fraction']:.2f} % of q/k/v heads and MLP neurons, "
+             f"{report['trainable_params']:,} parameters) changed. Load with `PeftModel.from_pretrained` "
+             "after `import circuit_peft`.", "",
+             "| held-out | accuracy | standard error | answers hitting the token cap |", "| --- | ---: | ---: | ---: |",
+             f"| before | {b['accuracy']:.3f} | {b['stderr']:.3f} | {b['capped_fraction']:.3f} |",
+             f"| after | {a['accuracy']:.3f} | {a['stderr']:.3f} | {a['capped_fraction']:.3f} |", ""]
+    effects = report.get("side_effects") or {}
+    if effects:
+        lines += ["Side effects: " + ", ".join(f"{k} {v:+.4f}" for k, v in effects.items() if k != "seconds"), ""]
+    lines += ["![circuit](circuit.png)", ""]
+    if command:
+        lines += ["Made with:", "", "```bash", command, "```", ""]
+    return "\n".join(lines)
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """A short human summary: before/after accuracy with standard errors and the circuit size."""
+    b, a = report["before"], report["after"]
+    gain = a["accuracy"] - b["accuracy"]
+    se = (a["stderr"] ** 2 + b["stderr"] ** 2) ** 0.5
+    return "\n".join([
+        f"{'':8s} {'accuracy':>9s} {'+/- SE':>7s} {'capped':>7s}   ({b['count']} held-out problems)",
+        f"{'before':8s} {b['accuracy']:9.3f} {b['stderr']:7.3f} {b['capped_fraction']:7.3f}",
+        f"{'after':8s} {a['accuracy']:9.3f} {a['stderr']:7.3f} {a['capped_fraction']:7.3f}",
+        f"change {gain:+.3f} ({gain / se if se else float('nan'):+.1f} SE); circuit "
+        f"{report['locate']['components']} components ({100 * report['locate']['component_fraction']:.2f} %), "
+        f"{report['trainable_params']:,} trainable parameters",
+    ])
+
+
+def train(
+    model_name: str,
+    train_rows: Sequence[dict[str, Any]],
+    heldout_rows: Sequence[dict[str, Any]],
+    output_dir: str | os.PathLike,
+    config: TrainConfig | None = None,
+    command: str | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Locate the circuit of ``model_name`` on ``train_rows``, train it, evaluate on ``heldout_rows``.
+
+    Rows are ``{question, answer}`` dicts (field names in ``config``; answers GSM8K-style ``... #### n``
+    or a bare number). Each stage is resumable (see the module docstring). Returns a :class:`TrainResult`.
+    """
+    from peft import get_peft_model
+
+    from ..circuit import Circuit
+    from ..evaluate.prompts import default_prompt_style
+    from ..models import load_model, load_tokenizer
+    from ..tuner import circuit_size
+
+    cfg = config or TrainConfig()
+    train_rows, heldout_rows = [dict(r) for r in train_rows], [dict(r) for r in heldout_rows]
+    for name, rows in (("training", train_rows), ("held-out", heldout_rows)):
+        if not rows:
+            raise ValueError(f"the {name} set is empty")
+    settings = {"model": model_name, "config": asdict(cfg), "train": _fingerprint(train_rows),
+                "heldout": _fingerprint(heldout_rows)}
+    run = RunFolder(output_dir, settings)
+    run.open()
+    out = run.path
+    tokenizer: PreTrainedTokenizerBase = load_tokenizer(model_name)
+    style = cfg.prompt_style or default_prompt_style(tokenizer, log=log)
+    model = load_model(model_name)
+
+    chosen = train_rows
+    if cfg.select:
+        sel = run.stage("select", lambda: _select(model, tokenizer, train_rows, cfg), log)
+        chosen = [train_rows[i] for i in sel["rows"]]
+        log(f"[select] {cfg.select}: {len(chosen)} of {len(train_rows)} training examples")
+    located = run.stage("locate", lambda: _locate(model, tokenizer, chosen, style, cfg, out), log)
+    log(f"[locate] {cfg.locate}: {located['components']} components ({100 * located['component_fraction']:.2f} %)")
+    before = run.stage("before", lambda: _accuracy(model, tokenizer, heldout_rows, style, cfg), log)
+    log(f"[before] held-out accuracy {before['accuracy']:.3f} +/- {before['stderr']:.3f}")
+
+    circuit = Circuit.load(out / "circuit.json", model)
+    peft_model = get_peft_model(model, _adapter_config(circuit, cfg))
+    size = circuit_size(peft_model.peft_config["default"], peft_model)
+    weights = out / "stages" / "train.safetensors"
+    if (out / "stages" / "train.json").exists() and weights.exists():
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(peft_model, load_file(str(weights)))
+        log("[train] done earlier: reused")
+    else:
+        def fit():
+            examples = gold_examples(tokenizer, chosen, style, cfg.shots, cfg.question_field, cfg.answer_field)
+            log(f"[train] pivotal SFT of the circuit on {len(examples)} examples, {cfg.sft.epochs:g} epochs")
+            train_sft(peft_model, tokenizer, examples, cfg.sft, str(out / "trainer"), style=style)
+            shutil.rmtree(out / "trainer", ignore_errors=True)
+            _save_weights(peft_model, weights)
+            return {"examples": len(examples)}
+
+        run.stage("train", fit, log)
+    peft_model.eval()
+    after = run.stage("after", lambda: _accuracy(peft_model, tokenizer, heldout_rows, style, cfg), log)
+    effects: dict[str, Any] = {}
+    if cfg.side_effect_data_dir:
+        from ..evaluate.side_effects import side_effects
+
+        def measure():
+            se = side_effects(None, peft_model, tokenizer, cfg.side_effect_data_dir, progress=True, kl_chunks=8,
+                              mmlu_limit=20, truthfulqa_limit=60)
+            return {k: se[k] for k in ("mmlu_delta", "truthfulqa_delta", "kl") if se.get(k) is not None}
+
+        effects = run.stage("side_effects", measure, log)
+    report = {"model": model_name, "settings": settings, "style": style, "n_train": len(chosen),
+              "n_heldout": len(heldout_rows), "locate": located, "before": before, "after": after,
+              "side_effects": effects, "trainable_params": size["trainable_params"],
+              "param_fraction": size["param_fraction"], "command": command,
+              "files": {"adapter": str(out / "adapter"), "circuit": str(out / "circuit.json"),
+                        "heatmap": str(out / "circuit.png")}}
+    _save_adapter(peft_model, out, model_card(report, command))
+    atomic_write_json(out / "report.json", report)
+    log(summary_table(report))
+    return TrainResult(report=report, model=peft_model, output_dir=out)
+
+
+__all__ = ["LOCATORS", "SELECTORS", "TrainConfig", "TrainResult", "RunFolder", "model_card", "summary_table", "train"]

@@ -1,0 +1,117 @@
+"""Supervised fine-tuning on gold solutions, with the final answer's tokens weighted (pivotal SFT).
+
+The one SFT recipe of the library: ``circuit-peft train``, the benchmarks and the examples all
+call :func:`train_sft`, so a circuit, a LoRA and full fine-tuning are trained the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..evaluate.answers import AnswerFormat, NumberAnswer
+from ..evaluate.prompts import PromptStyle, build_prompt, format_gsm8k_solution
+
+
+@dataclass
+class SFTSettings:
+    """How :func:`train_sft` trains. ``pivotal_weight``: loss weight of the final answer's tokens
+    (1 = plain SFT). ``learning_rate`` per optimizer step (AdamW, cosine schedule)."""
+
+    learning_rate: float = 1e-3
+    epochs: float = 3.0
+    batch_size: int = 8
+    pivotal_weight: float = 5.0
+    weight_decay: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("learning_rate", "epochs"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"SFTSettings.{name} must be > 0, got {getattr(self, name)!r}")
+        if isinstance(self.batch_size, bool) or int(self.batch_size) != self.batch_size or self.batch_size < 1:
+            raise ValueError(f"SFTSettings.batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if self.pivotal_weight < 0:
+            raise ValueError(f"SFTSettings.pivotal_weight must be >= 0, got {self.pivotal_weight!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def answer_spans(completion: str, answer: str) -> list[list[int]]:
+    """Char spans ``[start, stop)`` of every occurrence of ``answer`` in ``completion`` as a whole number."""
+    pattern = r"(?<![\d.])" + re.escape(answer) + r"(?![\d])"
+    return [[m.start(), m.end()] for m in re.finditer(pattern, completion)]
+
+
+def gold_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    problems: Sequence[dict[str, Any]],
+    style: PromptStyle = "chat",
+    shots: Sequence[Any] | None = None,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    answer_format: AnswerFormat | None = None,
+) -> list[dict[str, Any]]:
+    """``{prompt, completion, pivotal_spans}`` per problem: the evaluation prompt, the gold solution
+    (GSM8K ``#### n`` written as ``The answer is n.``) and the spans of the final answer in it."""
+    fmt = answer_format or NumberAnswer()
+    out = []
+    for i, row in enumerate(problems):
+        for field in (question_field, answer_field):
+            if field not in row:
+                raise ValueError(f"problem {i} has no {field!r} field (fields: {sorted(row)})")
+        completion = format_gsm8k_solution(str(row[answer_field]))
+        if style == "fewshot":
+            completion = " " + completion
+        gold = fmt.gold(row)
+        spans = answer_spans(completion, gold) if gold is not None else []
+        out.append({"prompt": build_prompt(tokenizer, row[question_field], style, shots), "completion": completion,
+                    "pivotal_spans": spans})
+    return out
+
+
+def pivotal_dataset(tokenizer: PreTrainedTokenizerBase, examples: Sequence[dict[str, Any]], pivotal_weight: float,
+                    style: PromptStyle = "chat"):
+    """The tokenised training set of :func:`train_sft` (chat prompts carry their special tokens)."""
+    from ..cca.weighting import build_pivotal_dataset
+
+    data = build_pivotal_dataset(examples, tokenizer, pivotal_weight=pivotal_weight,
+                                 add_special_tokens=(style == "fewshot"))
+    return data.remove_columns([c for c in data.column_names if c == "completion_mask"])
+
+
+def train_sft(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[dict[str, Any]],
+    settings: SFTSettings,
+    output_dir: str,
+    style: PromptStyle = "chat",
+    use_cpu: bool | None = None,
+) -> nn.Module:
+    """Train ``model`` (a PEFT model or a plain one for full fine-tuning) on ``examples`` from
+    :func:`gold_examples` with ``transformers.Trainer`` and pivotal weights; returns it in eval mode."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from ..cca.weighting import PivotalWeighting
+
+    data = pivotal_dataset(tokenizer, examples, settings.pivotal_weight, style)
+    args = TrainingArguments(
+        output_dir=output_dir, num_train_epochs=settings.epochs, per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate, lr_scheduler_type="cosine", weight_decay=settings.weight_decay,
+        logging_steps=10**6, save_strategy="no", report_to=[], seed=settings.seed, disable_tqdm=True,
+        use_cpu=(not torch.cuda.is_available()) if use_cpu is None else use_cpu,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    PivotalWeighting(pivotal_weight=settings.pivotal_weight).attach(trainer)
+    trainer.train()
+    return model.eval()
+
+
+__all__ = ["SFTSettings", "answer_spans", "gold_examples", "pivotal_dataset", "train_sft"]
