@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import random
 import shlex
-import sys
 from typing import Any
 
 from ._cca import read_rows, resolve_shots
@@ -56,8 +55,10 @@ def _check_fields(rows: list[dict[str, Any]], fields: tuple[str, ...], what: str
 
 def split_examples(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     rows = load_examples(args.data, args.data_split, args.n_train, args.seed, args.data_config)
+    _check_fields(rows, (args.question_field, args.answer_field), f"--data {args.data}")
     if args.heldout:
         held = load_examples(args.heldout, "test", args.n_heldout, args.seed, args.data_config)
+        _check_fields(held, (args.question_field, args.answer_field), f"--heldout {args.heldout}")
     else:
         order = list(range(len(rows)))
         random.Random(args.seed).shuffle(order)
@@ -65,8 +66,6 @@ def split_examples(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list
         if k < 1 or k >= len(rows):
             raise ValueError(f"--heldout-fraction {args.heldout_fraction} of {len(rows)} rows leaves an empty split")
         held, rows = [rows[i] for i in order[:k]], [rows[i] for i in order[k:]]
-    _check_fields(rows, (args.question_field, args.answer_field), "--data")
-    _check_fields(held, (args.question_field, args.answer_field), "--heldout")
     return rows, held
 
 
@@ -108,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     train_rows, held = split_examples(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "circuit-peft " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    argv = getattr(args, "argv", None)
+    command = "circuit-peft " + " ".join(shlex.quote(a) for a in argv) if argv else None
     print(f"circuit-peft train: {args.model}, {len(train_rows)} training / {len(held)} held-out examples -> {args.out}")
     train(args.model, train_rows, held, args.out, config, command=command)
     print(f"adapter, circuit.json, circuit.png and report.json are in {args.out}/")

@@ -44,7 +44,7 @@ class SFTSettings:
 
 def answer_spans(completion: str, answer: str) -> list[list[int]]:
     """Char spans ``[start, stop)`` of every occurrence of ``answer`` in ``completion`` as a whole number."""
-    pattern = r"(?<![\d.])" + re.escape(answer) + r"(?![\d])"
+    pattern = r"(?<![\d.])" + re.escape(answer) + r"(?!\d|\.\d)"
     return [[m.start(), m.end()] for m in re.finditer(pattern, completion)]
 
 

@@ -1,0 +1,124 @@
+"""The training recipe (issue 9/10): random-circuit controls, the gradient locator (checked against a
+direct per-slice gradient), answer spans, settings validation and the resumable run folder."""
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from circuit_peft.arch import get_arch
+from circuit_peft.circuit import Circuit
+from circuit_peft.locate import gradient_scan, random_circuit
+from circuit_peft.models import tiny_model
+from circuit_peft.recipe import RunFolder, SFTSettings, TrainConfig, answer_spans
+from circuit_peft.recipe.sft import pivotal_dataset
+
+
+def _located(model):
+    arch = get_arch(model)
+    comps = [("q", 0, 1), ("q", 2, 3), ("k", 1, 0), ("v", 2, 1)] + [("mlp", 1, i) for i in (3, 7, 9)]
+    return Circuit(comps, fingerprint=arch.fingerprint(), method="test")
+
+
+def test_layer_matched_random_circuit_keeps_kinds_and_layers():
+    located = _located(tiny_model("llama"))
+    rand = random_circuit(located, "layer", seed=3)
+    assert Counter((c.kind, c.layer) for c in rand) == Counter((c.kind, c.layer) for c in located)
+    assert rand.components == random_circuit(located, "layer", seed=3).components
+    assert rand.components != random_circuit(located, "layer", seed=4).components
+
+
+def test_random_anywhere_circuit_keeps_kind_counts_only():
+    located = _located(tiny_model("llama"))
+    rand = random_circuit(located, "anywhere", seed=0)
+    assert Counter(c.kind for c in rand) == Counter(c.kind for c in located)
+    arch_counts = {"q": 4, "k": 2, "v": 2, "mlp": 96}
+    assert all(0 <= c.index < arch_counts[c.kind] and 0 <= c.layer < 3 for c in rand)
+    with pytest.raises(ValueError, match="match must be one of"):
+        random_circuit(located, "nearby")
+
+
+def _dataset(vocab=128):
+    torch.manual_seed(0)
+    rows = []
+    for n in (7, 9, 6):
+        ids = torch.randint(3, vocab - 1, (n,)).tolist()
+        rows.append({"input_ids": ids, "completion_mask": [0] * 3 + [1] * (n - 3),
+                     "token_weights": [1.0] * (n - 1) + [5.0], "undesired_ids": [-100] * n,
+                     "labels": [-100] * 3 + ids[3:]})
+    return rows
+
+
+def test_gradient_scan_matches_direct_slice_gradients_and_restores_the_model():
+    from circuit_peft.cca.weighting import PivotalCollator, pivotal_weighted_loss
+
+    model = tiny_model("llama")
+    rows = _dataset()
+    circuit = gradient_scan(model, rows, keep_fraction=None, batch_size=8, progress=False)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    # reference: one backward of the same loss, then the norm of each component's rows
+    batch = PivotalCollator(None, 0)(rows)
+    loss = pivotal_weighted_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                 batch["labels"], batch["token_weights"])
+    loss.backward()
+    layer = model.model.layers[1]
+    q_ref = layer.self_attn.q_proj.weight.grad[16:32].norm().item()  # query head 1 (head_dim 16)
+    mlp_ref = layer.mlp.up_proj.weight.grad[5].norm().item()  # neuron 5 ("paper": up_proj rows)
+    assert circuit.scores[("q", 1, 1)] == pytest.approx(q_ref, rel=1e-5)
+    assert circuit.scores[("mlp", 1, 5)] == pytest.approx(mlp_ref, rel=1e-5)
+    kept = gradient_scan(model, rows, keep_fraction=0.25, progress=False)
+    assert Counter(c.kind for c in kept)["q"] == 3  # 25 % of 12 query heads, kinds ranked separately
+
+
+def test_answer_spans_find_whole_numbers_only():
+    text = "47 + 38 = 85\nThe answer is 85."
+    assert answer_spans(text, "85") == [[10, 12], [27, 29]]
+    assert answer_spans("185 and 85.5", "85") == []
+
+
+def test_pivotal_dataset_weights_the_answer_tokens():
+    from circuit_peft.models import load_tokenizer
+
+    tok = load_tokenizer("smollm2")
+    ex = {"prompt": "What is 2 + 3?\n", "completion": "2 + 3 = 5\nThe answer is 5.", "pivotal_spans": [[8, 9], [24, 25]]}
+    row = pivotal_dataset(tok, [ex], 5.0, "fewshot")[0]
+    heavy = [tok.decode([t]) for t, w in zip(row["input_ids"], row["token_weights"]) if w == 5.0]
+    assert heavy == ["5", "5"]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(locate="dcm"), "locate must be one of"), (dict(circuit_fraction=0.0), "circuit_fraction"),
+    (dict(select="best"), "select must be one of"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(lora_rank=-1), "lora_rank"),
+])
+def test_train_config_refuses_bad_settings(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**bad)
+
+
+@pytest.mark.parametrize("bad, match", [(dict(learning_rate=0), "learning_rate"), (dict(batch_size=1.5), "batch_size"),
+                                        (dict(pivotal_weight=-1), "pivotal_weight")])
+def test_sft_settings_refuse_bad_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        SFTSettings(**bad)
+
+
+def test_run_folder_refuses_other_settings_and_foreign_folders(tmp_path):
+    run = RunFolder(tmp_path / "run", {"model": "m", "config": {"lr": 1}})
+    run.open()
+    calls = []
+    assert run.stage("locate", lambda: calls.append(1) or {"n": 3}, print)["n"] == 3
+    assert run.stage("locate", lambda: calls.append(1) or {"n": 4}, print)["n"] == 3  # reused, not rerun
+    assert calls == [1]
+    RunFolder(tmp_path / "run", {"model": "m", "config": {"lr": 1}}).open()  # same settings: fine
+    with pytest.raises(ValueError, match="config.lr"):
+        RunFolder(tmp_path / "run", {"model": "m", "config": {"lr": 2}}).open()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        RunFolder(tmp_path / "other", {"model": "m"}).open()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        RunFolder(tmp_path / "file", {"model": "m"}).open()
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["config"] == {"lr": 1}

@@ -1,0 +1,67 @@
+"""`circuit-peft train` end to end on the real SmolLM2 (tiny sizes): the run folder, the adapter and its
+card, resuming without redoing finished stages, refusing other settings, and the demo's command line."""
+
+import json
+
+import pytest
+import torch
+
+from circuit_peft.cli import build_parser, main
+
+ARGS = ["train", "--data", "arithmetic", "--n-train", "8", "--heldout", "arithmetic", "--n-heldout", "6",
+        "--epochs", "1", "--max-new-tokens", "24", "--circuit-fraction", "0.01"]
+
+
+@pytest.mark.slow
+def test_train_writes_a_loadable_adapter_and_resumes(tmp_path, capsys, smollm2):
+    from peft import PeftModel
+
+    import circuit_peft  # noqa: F401
+
+    out = tmp_path / "run"
+    assert main([*ARGS, "--out", str(out)]) == 0
+    first = capsys.readouterr().out
+    assert "before" in first and "after" in first
+    report = json.loads((out / "report.json").read_text())
+    assert report["before"]["count"] == 6 and 0 <= report["after"]["accuracy"] <= 1
+    assert report["before"]["capped_fraction"] < 0.5
+    assert (out / "circuit.png").stat().st_size > 1000
+    card = (out / "adapter" / "README.md").read_text()
+    assert card.startswith("---") and "| before |" in card and "circuit-peft train" in card
+    model, tok = smollm2
+    loaded = PeftModel.from_pretrained(model, str(out / "adapter"))
+    ids = tok("What is 2 + 3?", return_tensors="pt")
+    with torch.no_grad():
+        changed = loaded(**ids).logits
+        with loaded.disable_adapter():
+            base = loaded(**ids).logits
+    assert (changed - base).abs().max() > 1e-4  # the trained slices moved
+    loaded.unload()
+
+    assert main([*ARGS, "--out", str(out)]) == 0  # a re-run reuses every stage
+    again = capsys.readouterr().out
+    for stage in ("locate", "before", "train", "after"):
+        assert f"[{stage}] done earlier" in again
+    assert main([*ARGS, "--lr", "5e-4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds another run" in err and "config.sft.learning_rate" in err
+
+
+def test_bad_train_arguments_are_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*ARGS, "--circuit-fraction", "0", "--out", str(tmp_path)])
+    assert main(["train", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert "no file at" in capsys.readouterr().err
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"q": "What is 1 + 1?", "answer": "2"}\n{"q": "x", "answer": "3"}\n')
+    assert main(["train", "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "'question'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_runs_the_train_command_by_default():
+    from circuit_peft.commands.demo import TRAIN_DEMO_ARGS
+
+    args = build_parser().parse_args(["train", *TRAIN_DEMO_ARGS, "--out", "x"])
+    assert (args.locate, args.n_train, args.n_heldout, args.max_new_tokens) == ("gradient", 64, 100, 32)
+    assert not build_parser().parse_args(["demo"]).cca
