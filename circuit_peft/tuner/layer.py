@@ -17,6 +17,7 @@ so weight decay cannot move them and optimizer state is the size of the slices.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -108,9 +109,8 @@ class CircuitLayer(BaseTunerLayer):
     # ----- deltas -------------------------------------------------------------------------------
     def _linear_delta(self, adapter: str) -> torch.Tensor:
         """Dense (out, in) delta of ``adapter`` in ``nn.Linear`` orientation."""
-        ref = next(
-            t[adapter] for t in (self.circuit_rows, self.circuit_cols, self.circuit_lora_A) if adapter in t
-        )
+        ref = next((t[adapter] for t in (self.circuit_rows, self.circuit_cols, self.circuit_lora_A) if adapter in t),
+                   self.get_base_layer().weight)  # a layer that does not hold ``adapter``: zero delta
         delta = torch.zeros(self.out_features, self.in_features, device=ref.device, dtype=ref.dtype)
         if adapter in self.circuit_rows:
             delta.index_add_(0, self.circuit_row_index[adapter], self.circuit_rows[adapter])
@@ -161,13 +161,17 @@ class CircuitLayer(BaseTunerLayer):
                     new += self._lora_delta(adapter).to(w.dtype)
                 if safe_merge:
                     if not torch.isfinite(new).all():
-                        raise ValueError(f"NaNs or infs detected in the merged weights of adapter {adapter!r}")
+                        raise ValueError(  # PEFT's text, so that code matching it keeps working
+                            f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
                     w.copy_(new)
             self._merge_snapshots[adapter] = snap
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
         """Undo :meth:`merge`; the chosen slices are restored bit-exactly from a snapshot."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
         base = self.get_base_layer()
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
@@ -194,28 +198,48 @@ class CircuitLinear(nn.Module, CircuitLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, **kwargs)
 
+    def _add_adapter(self, x: torch.Tensor, result: torch.Tensor, adapter: str) -> torch.Tensor:
+        """``result`` (the base output for input ``x``) plus ``adapter``'s slice and LoRA updates."""
+        out_dtype = result.dtype
+        if adapter in self.circuit_rows:
+            delta = self.circuit_rows[adapter]
+            upd = self._cast_input_dtype(x, delta.dtype) @ delta.T  # (..., k_out)
+            result = result.index_add(-1, self.circuit_row_index[adapter], upd.to(out_dtype))
+        if adapter in self.circuit_cols:
+            delta = self.circuit_cols[adapter]
+            xs = self._cast_input_dtype(x.index_select(-1, self.circuit_col_index[adapter]), delta.dtype)
+            result = result + (xs @ delta.T).to(out_dtype)
+        if adapter in self.circuit_lora_A:
+            a, b = self.circuit_lora_A[adapter], self.circuit_lora_B[adapter]
+            h = self.circuit_lora_dropout[adapter](self._cast_input_dtype(x, a.dtype))
+            result = result + (F.linear(F.linear(h, a), b) * self.circuit_scaling[adapter]).to(out_dtype)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
+        """Row ``i`` of the batch gets adapter ``adapter_names[i]`` (``"__base__"``: none), as LoRA does."""
+        result = self.base_layer(x, *args, **kwargs)
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows")
+        for adapter in sorted(set(adapter_names) - {"__base__"}):
+            if not self._has_adapter(adapter):
+                continue
+            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == adapter], device=x.device)
+            result = result.index_copy(0, rows, self._add_adapter(x[rows], result[rows], adapter))
+        return result
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        out_dtype = result.dtype
         for adapter in self.active_adapters:
-            if adapter in self.circuit_rows:
-                delta = self.circuit_rows[adapter]
-                upd = self._cast_input_dtype(x, delta.dtype) @ delta.T  # (..., k_out)
-                result = result.index_add(-1, self.circuit_row_index[adapter], upd.to(out_dtype))
-            if adapter in self.circuit_cols:
-                delta = self.circuit_cols[adapter]
-                xs = self._cast_input_dtype(x.index_select(-1, self.circuit_col_index[adapter]), delta.dtype)
-                result = result + (xs @ delta.T).to(out_dtype)
-            if adapter in self.circuit_lora_A:
-                a, b = self.circuit_lora_A[adapter], self.circuit_lora_B[adapter]
-                h = self.circuit_lora_dropout[adapter](self._cast_input_dtype(x, a.dtype))
-                result = result + (F.linear(F.linear(h, a), b) * self.circuit_scaling[adapter]).to(out_dtype)
+            result = self._add_adapter(x, result, adapter)
         return result
 
     def __repr__(self) -> str:

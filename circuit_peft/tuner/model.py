@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -142,6 +144,11 @@ def model_card_section(config: CircuitConfig, adapter_name: str = "default") -> 
     return "\n".join(lines) + "\n"
 
 
+def _inject_adapter_names(_module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
 class CircuitModel(BaseTuner):
     """Trains only the chosen heads and neurons of a transformers model (see :class:`CircuitConfig`).
 
@@ -179,8 +186,7 @@ class CircuitModel(BaseTuner):
                     "Load it onto the model it was trained on."
                 )
         plan = build_plan(peft_config, model)
-        adapter_name = next(name for name, c in self.peft_config.items() if c is peft_config)
-        self._plans()[adapter_name] = plan
+        self._plans()[self.__dict__["_injecting"]] = plan  # the same config object may serve two adapters
         peft_config.target_modules = sorted(plan)
 
     def _create_and_replace(
@@ -217,7 +223,11 @@ class CircuitModel(BaseTuner):
 
     # ----- speed: no backward below the lowest trained layer ---------------------------------------
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self.__dict__["_injecting"] = adapter_name  # read by _prepare_model, which PEFT calls without the name
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        finally:
+            self.__dict__.pop("_injecting", None)
         self._update_gradient_stop()
 
     def _update_gradient_stop(self) -> None:
@@ -248,6 +258,31 @@ class CircuitModel(BaseTuner):
         plans = self._plans()
         names = [n for n in self.peft_config if n in plans]
         return _lowest_trained_layer([self.peft_config[n] for n in names], [plans[n] for n in names])
+
+    # ----- mixed-adapter batches (as LoRA: ``model(**batch, adapter_names=[...])``) --------------------
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if any(m.merged for m in self.modules() if isinstance(m, CircuitLayer)):
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
+        unexpected = {n for n in adapter_names if n != "__base__"} - set(self.peft_config)
+        if unexpected:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unexpected))}")
+        beams = kwargs.get("num_beams")
+        names = [n for n in adapter_names for _ in range(beams)] if isinstance(beams, int) and beams > 1 else adapter_names
+        handles = [m.register_forward_pre_hook(partial(_inject_adapter_names, adapter_names=list(names)), with_kwargs=True)
+                   for m in self.modules() if isinstance(m, CircuitLayer)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
