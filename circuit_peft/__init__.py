@@ -22,6 +22,7 @@ from .cca import (  # noqa: F401,E402
     mine_pivotal_tokens,
 )
 from .cca.weighting import PivotalMetricsCallback, PivotalWeighting, build_pivotal_dataset  # noqa: F401,E402
+from .cca.trainers import PivotalTrainer  # noqa: F401,E402  (PivotalSFTTrainer: circuit_peft.cca.trainers)
 from .evaluate import build_prompt, evaluate_accuracy, side_effects  # noqa: F401,E402
 
 # --- the one-call recipe (recipe/) ---
@@ -40,7 +41,7 @@ __all__ = [
     "CircuitConfig", "CircuitModel", "circuit_size",
     "Circuit", "NaNLossError", "attribution_scan", "head_ablation_scan", "learn_masks",
     "AmplifyConfig", "MiningConfig", "UpdateConfig", "amplify", "amplify_update", "load_records", "make_problems",
-    "mine_pivotal_tokens", "PivotalMetricsCallback", "PivotalWeighting", "build_pivotal_dataset",
+    "mine_pivotal_tokens", "PivotalMetricsCallback", "PivotalWeighting", "build_pivotal_dataset", "PivotalTrainer",
     "build_prompt", "evaluate_accuracy", "side_effects",
     "SFTSettings", "TrainConfig", "TrainResult", "train", "train_sft", "gradient_scan", "random_circuit",
     "CircuitSeerSampler", "CircuitSeerScorer", "ReasoningHeads", "find_reasoning_heads", "select_data",

@@ -255,13 +255,28 @@ def pivotal_weighted_loss(
     Normalised by ``num_items_in_batch`` (label tokens across the accumulated batch) or, if None,
     by this batch's label tokens.
     """
-    logits = logits[:, :-1].float()
-    labels, weights = labels[:, 1:], token_weights[:, 1:].to(logits.dtype)
+    und = undesired_ids[:, 1:] if undesired_ids is not None else None
+    return aligned_weighted_loss(logits[:, :-1], labels[:, 1:], token_weights[:, 1:], und, unlikelihood_weight,
+                                 num_items_in_batch)
+
+
+def aligned_weighted_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    token_weights: torch.Tensor,
+    undesired_ids: torch.Tensor | None = None,
+    unlikelihood_weight: float = 0.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`pivotal_weighted_loss` on already-aligned tensors: ``logits[:, t]`` predicts ``labels[:, t]``
+    (shapes ``(B, K, V)`` and ``(B, K)``; ``K`` may be a subset of positions)."""
+    logits = logits.float()
+    weights = token_weights.to(logits.dtype)
     valid = labels != IGNORE_INDEX
     nll = F.cross_entropy(logits.transpose(1, 2), labels.masked_fill(~valid, 0), reduction="none")
     total = (nll * weights * valid).sum()
     if undesired_ids is not None and unlikelihood_weight > 0:
-        und = undesired_ids[:, 1:]
+        und = undesired_ids
         has = (und != IGNORE_INDEX) & valid
         if has.any():
             logp_u = torch.log_softmax(logits[has], dim=-1).gather(-1, und[has].unsqueeze(-1)).squeeze(-1)
@@ -294,22 +309,9 @@ class PivotalWeighting:
         Call before ``trainer.train()``. Packing and padding-free batches are refused (they drop
         per-token columns).
         """
-        args = trainer.args
-        if getattr(args, "packing", False) or getattr(args, "padding_free", False):
-            raise ValueError("pivotal weighting needs packing=False and padding_free=False")
         if getattr(trainer, "_pivotal_weighting", None) is not None:
             raise ValueError("a PivotalWeighting is already attached to this trainer")
-        tok = getattr(trainer, "processing_class", None)
-        pad = getattr(tok, "pad_token_id", None)
-        base = trainer.data_collator
-        if not isinstance(base, PivotalCollator):
-            # Trainer's defaults pad no labels (or nothing): pad here instead
-            if base is default_data_collator or isinstance(base, DataCollatorWithPadding):
-                base = None
-            trainer.data_collator = PivotalCollator(base, pad_token_id=0 if pad is None else pad,
-                                                    truncation_mode=getattr(args, "truncation_mode", "keep_start"))
-        trainer._set_signature_columns_if_needed()
-        trainer._signature_columns = [*trainer._signature_columns, *WEIGHT_COLUMNS]
+        install_pivotal_columns(trainer)
         original = trainer.compute_loss
         weighting = self
 
@@ -329,6 +331,25 @@ class PivotalWeighting:
         trainer.compute_loss = types.MethodType(compute_loss, trainer)
         trainer._pivotal_weighting = self
         return trainer
+
+
+def install_pivotal_columns(trainer) -> None:
+    """Make ``trainer`` carry ``token_weights``/``undesired_ids`` to ``compute_loss``: wrap its collator
+    in :class:`PivotalCollator` and keep the columns through ``remove_unused_columns``."""
+    args = trainer.args
+    if getattr(args, "packing", False) or getattr(args, "padding_free", False):
+        raise ValueError("pivotal weighting needs packing=False and padding_free=False")
+    tok = getattr(trainer, "processing_class", None)
+    pad = getattr(tok, "pad_token_id", None)
+    base = trainer.data_collator
+    if not isinstance(base, PivotalCollator):
+        # Trainer's defaults pad no labels (or nothing): pad here instead
+        if base is default_data_collator or isinstance(base, DataCollatorWithPadding):
+            base = None
+        trainer.data_collator = PivotalCollator(base, pad_token_id=0 if pad is None else pad,
+                                                truncation_mode=getattr(args, "truncation_mode", "keep_start"))
+    trainer._set_signature_columns_if_needed()
+    trainer._signature_columns = [*trainer._signature_columns, *WEIGHT_COLUMNS]
 
 
 # ----- metrics callback ----------------------------------------------------------------------

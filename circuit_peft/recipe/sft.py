@@ -97,9 +97,9 @@ def train_sft(
     """Train ``model`` (a PEFT model or a plain one for full fine-tuning) on ``examples`` from
     :func:`gold_examples` with ``transformers.Trainer`` and pivotal weights; returns it in eval mode."""
     import torch
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
-    from ..cca.weighting import PivotalWeighting
+    from ..cca.trainers import PivotalTrainer
 
     data = pivotal_dataset(tokenizer, examples, settings.pivotal_weight, style)
     args = TrainingArguments(
@@ -108,9 +108,7 @@ def train_sft(
         logging_steps=10**6, save_strategy="no", report_to=[], seed=settings.seed, disable_tqdm=True,
         use_cpu=(not torch.cuda.is_available()) if use_cpu is None else use_cpu,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-    PivotalWeighting(pivotal_weight=settings.pivotal_weight).attach(trainer)
-    trainer.train()
+    PivotalTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer).train()
     return model.eval()
 
 
