@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS: tuple[str, ...] = ("info", "locate", "mine", "amplify", "train", "eval", "select", "demo")
+SUBCOMMANDS: tuple[str, ...] = ("info", "locate", "mine", "amplify", "train", "eval", "select", "export", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
