@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 SUBCOMMANDS: tuple[str, ...] = ("info", "locate", "mine", "amplify", "train", "eval", "select", "export", "demo")
@@ -42,8 +43,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"circuit-peft {args.command}: interrupted. Finished stages and records are kept in the output "
+              "folder; run the same command again to resume.", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as err:
         print(f"circuit-peft {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. a model folder that does not exist, or a hub id while offline
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = " (offline: HF_HUB_OFFLINE is set and it is not cached)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        print(f"circuit-peft {args.command}: error: {first}{hint}", file=sys.stderr)
         return 2
 
 

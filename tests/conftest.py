@@ -22,3 +22,23 @@ def tiny(request):
 def smollm2():
     """The real SmolLM2-135M-Instruct (float32, eval) and its tokenizer (left padding)."""
     return load_model("smollm2"), load_tokenizer("smollm2")
+
+
+_SLOW_SIGNS = ('"smollm2"', "torchrun", "subprocess", "_run(")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``slow`` every test that loads the real SmolLM2 or starts processes (``make test`` runs
+    them all; ``make test-fast`` skips these)."""
+    import inspect
+
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+            continue
+        try:
+            source = inspect.getsource(item.function)
+        except (OSError, TypeError):
+            continue
+        if any(sign in source for sign in _SLOW_SIGNS):
+            item.add_marker(pytest.mark.slow)

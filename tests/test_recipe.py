@@ -122,3 +122,22 @@ def test_run_folder_refuses_other_settings_and_foreign_folders(tmp_path):
     with pytest.raises(ValueError, match="is a file"):
         RunFolder(tmp_path / "file", {"model": "m"}).open()
     assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["config"] == {"lr": 1}
+
+
+@pytest.mark.parametrize("components, match", [
+    ({"q": {"1": [1.7]}}, "non-integer indices"), ({"q": {"1": "12"}}, "list of integer indices"),
+    ({"q": {"1": [True]}}, "non-integer indices"), ({"q": {1.5: [0]}}, "non-integer layer key"),
+])
+def test_circuit_config_refuses_non_integer_components(components, match):
+    from circuit_peft import CircuitConfig
+
+    with pytest.raises(ValueError, match=match):
+        CircuitConfig(components=components)
+
+
+def test_cli_turns_a_missing_model_into_one_line(tmp_path, capsys):
+    from circuit_peft.cli import main
+
+    assert main(["info", str(tmp_path / "no-such-model")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("circuit-peft info: error:") and len(err.strip().splitlines()) == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Union
 
@@ -40,13 +42,19 @@ def _normalize_components(components: Any) -> dict[str, dict[str, list[int]]]:
         per_kind: dict[str, list[int]] = {}
         for layer, indices in layers.items():
             try:
+                if isinstance(layer, (bool, float)):
+                    raise TypeError
                 layer_int = int(layer)
             except (TypeError, ValueError):
                 raise ValueError(f"components[{kind!r}] has a non-integer layer key {layer!r}") from None
             if layer_int < 0:
                 raise ValueError(f"layer {layer_int} (kind {kind!r}) is out of range: layers count from 0")
-            if isinstance(indices, int) or not isinstance(indices, Iterable):
-                raise ValueError(f"components[{kind!r}][{layer!r}] must be a list of indices, got {indices!r}")
+            if isinstance(indices, (int, str, bytes)) or not isinstance(indices, Iterable):
+                raise ValueError(f"components[{kind!r}][{layer!r}] must be a list of integer indices, got {indices!r}")
+            bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+            if bad:
+                raise ValueError(f"components[{kind!r}][{layer!r}] holds non-integer indices {bad!r}; "
+                                 "indices are whole numbers")
             idx = sorted({int(i) for i in indices})
             if any(i < 0 for i in idx):
                 raise ValueError(f"negative index in components[{kind!r}][{layer!r}]: {idx}")

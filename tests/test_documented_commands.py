@@ -1,0 +1,49 @@
+"""Every `circuit-peft ...` command line in README.md and docs/ parses with the real argument parser (issue 13),
+so the documentation cannot drift from the CLI."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from circuit_peft.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _command_lines():
+    for doc in DOCS:
+        in_code, pending, start = False, None, 0
+        for n, line in enumerate(doc.read_text().splitlines(), 1):
+            text = line.strip()
+            if text.startswith("```"):
+                in_code = not in_code
+                continue
+            if pending is not None:  # a continued command line
+                pending += " " + text.rstrip("\\").strip()
+                if not text.endswith("\\"):
+                    yield pytest.param(pending, id=f"{doc.name}:{start}")
+                    pending = None
+                continue
+            if in_code and text.startswith("circuit-peft "):
+                if text.endswith("\\"):
+                    pending, start = text.rstrip("\\").strip(), n
+                else:
+                    yield pytest.param(text, id=f"{doc.name}:{n}")
+
+
+def _argv(text: str) -> list[str]:
+    text = re.sub(r"\s+#.*$", "", text)  # trailing comment
+    argv = shlex.split(text.replace("[", "").replace("]", ""))[1:]  # [--opt x] documents an optional flag
+    return [a.split("|")[0] for a in argv]  # "a|b|c" documents choices: take the first
+
+
+@pytest.mark.parametrize("line", list(_command_lines()))
+def test_documented_command_parses(line):
+    parser = build_parser()
+    try:
+        parser.parse_args(_argv(line))
+    except SystemExit as err:
+        pytest.fail(f"documented command does not parse ({err.code}): {line}")
