@@ -57,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pivotal-weight", type=float, default=5.0)
     p.add_argument("--fractions", default="0.005,0.02", help="circuit sizes (share of each kind)")
     p.add_argument("--locators", default="attr,grad")
-    p.add_argument("--arms", default=None, help="comma-separated arm names (default: all)")
+    p.add_argument("--arms", default=None,
+                   help="comma-separated arm names, groups separated by ';' (run group by group, seed by seed "
+                        "inside a group; default: all arms in one group)")
     p.add_argument("--circuit-lrs", default="1e-3,3e-3", help="learning-rate grid of circuit and LoRA arms")
     p.add_argument("--full-lrs", default="1e-5,3e-5", help="learning-rate grid of full fine-tuning")
     p.add_argument("--mmlu-subjects", default="elementary_mathematics,high_school_geography")
@@ -89,7 +91,8 @@ def arm_names(fractions: list[float], locators: list[str]) -> list[str]:
 
 
 def settings_key(args: argparse.Namespace) -> str:
-    keep = {k: v for k, v in vars(args).items() if k not in ("threads", "work_dir", "out", "arms", "quick")}
+    # what changes a single (arm, seed) result; the list of seeds and arms to run does not
+    keep = {k: v for k, v in vars(args).items() if k not in ("threads", "work_dir", "out", "arms", "quick", "seeds")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -261,7 +264,10 @@ class Bench:
             model, size = self.train(arm, seed, lr)
             val_by_lr = {}
         result = {"arm": arm, "seed": seed, "lr": lr, "val_by_lr": val_by_lr, **size}
-        for split in ("val", "test", "transfer"):
+        if val_by_lr:  # the chosen learning rate's validation accuracy was measured while choosing it
+            result["val_acc"] = val_by_lr[str(lr)]
+        splits = ("val", "test", "transfer") if arm == "base" else ("test", "transfer")
+        for split in splits:
             acc = self.accuracy(model, probs[split])
             result[f"{split}_acc"], result[f"{split}_capped"] = acc.accuracy, acc.capped_fraction
         if arm != "base":
@@ -377,7 +383,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if bad:
         raise SystemExit(f"--locators: unknown {bad}; choose from {LOCATORS}")
     all_arms = arm_names(fractions, locators)
-    arms = all_arms if args.arms is None else [a for a in args.arms.split(",") if a]
+    groups = [all_arms] if args.arms is None else [[a for a in g.split(",") if a] for g in args.arms.split(";")]
+    arms = [a for g in groups for a in g]
     unknown = [a for a in arms if a not in all_arms]
     if unknown:
         raise SystemExit(f"--arms: unknown {unknown}; choose from {all_arms}")
@@ -387,9 +394,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bench.subjects, bench.fractions, bench.locators = subjects, fractions, locators
     baseline = bench.baseline()
     results: dict[str, list[dict[str, Any]]] = {}
-    for arm in arms:  # arm by arm in the order given: a stopped run has every seed of the first arms
+    for group in groups:  # group by group; inside a group seed by seed, so a stopped run has whole pairs
         for seed in seeds:
-            results.setdefault(arm, []).append(bench.run_arm(arm, seed, seeds[0], baseline))
+            for arm in group:
+                results.setdefault(arm, []).append(bench.run_arm(arm, seed, seeds[0], baseline))
             if args.out:
                 partial = {"partial": True, "settings": vars(args), **summarise(results, fractions, locators)}
                 atomic_write_text(args.out, json.dumps(partial, default=float) + "\n")
