@@ -141,3 +141,18 @@ def test_cli_turns_a_missing_model_into_one_line(tmp_path, capsys):
     assert main(["info", str(tmp_path / "no-such-model")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("circuit-peft info: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_outputs_are_checked_before_any_work(tmp_path, capsys):
+    from circuit_peft.cli import main
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"question": "What is 1 + 1?", "answer": "2"}\n' * 4)
+    assert main(["select", "--data", str(pool), "--out", str(pool), "--fraction", "0.5", "--method", "random"]) == 2
+    assert "also an input" in capsys.readouterr().err
+    assert pool.read_text().count("\n") == 4  # the pool is untouched
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert main(["locate", "--model", "tiny-llama", "--data", str(pool), "--method", "ablation",
+                 "--prompt-field", "question", "--solution-field", "answer", "--out", str(blocker / "c.json")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

@@ -137,6 +137,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".json":
         raise ValueError(f"--out should be a .json file, got {out}")
+    from ..files import check_output_path
+
+    check_output_path(out, "--out", (args.data,))  # before the scan, not after it
+    if args.plot:
+        check_output_path(args.plot, "--plot", (args.data,))
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     try:
         tok = load_tokenizer(args.model)

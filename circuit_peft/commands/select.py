@@ -39,6 +39,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.fraction is None or not 0 < args.fraction <= 1:
         raise ValueError(f"--fraction must be in (0, 1] (e.g. 0.1 for 10 %), got {args.fraction}")
+    from ..files import check_output_path
+
+    check_output_path(args.out, "--out", (args.data,))
+    if args.plot:
+        check_output_path(args.plot, "--plot", (args.data,))
     dataset = load_rows(args.data, args.split)
     subset_size(len(dataset), args.fraction)
     # check the fields before loading a model, so a bad file fails in a second
