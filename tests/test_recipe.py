@@ -156,3 +156,19 @@ def test_outputs_are_checked_before_any_work(tmp_path, capsys):
     assert main(["locate", "--model", "tiny-llama", "--data", str(pool), "--method", "ablation",
                  "--prompt-field", "question", "--solution-field", "answer", "--out", str(blocker / "c.json")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_run_folder_lock_refuses_a_live_writer_and_takes_over_a_dead_one(tmp_path):
+    import os
+
+    run = RunFolder(tmp_path / "run", {"model": "m"})
+    run.open()
+    (tmp_path / "run" / "lock").write_text(str(os.getppid()))  # a live process that is not us
+    with pytest.raises(ValueError, match="in use by process"):
+        RunFolder(tmp_path / "run", {"model": "m"}).open()
+    (tmp_path / "run" / "lock").write_text("999999999")  # no such process: a killed run's lock
+    again = RunFolder(tmp_path / "run", {"model": "m"})
+    again.open()
+    assert (tmp_path / "run" / "lock").read_text() == str(os.getpid())
+    again.close()
+    assert not (tmp_path / "run" / "lock").exists()

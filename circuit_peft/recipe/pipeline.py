@@ -94,6 +94,16 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class RunFolder:
     """A run folder that remembers its settings and finished stages (see the module docstring)."""
 
@@ -119,7 +129,25 @@ class RunFolder:
         (self.path / "stages").mkdir(parents=True, exist_ok=True)
         if not os.access(self.path, os.W_OK):
             raise ValueError(f"--out {self.path} is not writable")
+        self._lock()
         atomic_write_json(run, {"key": self.key, "settings": self.settings})
+
+    def _lock(self) -> None:
+        """Refuse a second live process on this folder (a lock left by a killed one is taken over)."""
+        lock = self.path / "lock"
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = int((lock.read_text().strip() or "0")) if lock.exists() else 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise ValueError(f"{self.path} is in use by process {pid}; wait for it or use another --out") from None
+            lock.write_text(str(os.getpid()))
+            return
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+
+    def close(self) -> None:
+        (self.path / "lock").unlink(missing_ok=True)
 
     def stage(self, name: str, fn: Callable[[], dict[str, Any]], log: Callable[[str], None]) -> dict[str, Any]:
         """The stage's saved result, or run ``fn`` and save what it returns (JSON)."""
@@ -264,13 +292,6 @@ def train(
     Rows are ``{question, answer}`` dicts (field names in ``config``; answers GSM8K-style ``... #### n``
     or a bare number). Each stage is resumable (see the module docstring). Returns a :class:`TrainResult`.
     """
-    from peft import get_peft_model
-
-    from ..circuit import Circuit
-    from ..evaluate.prompts import default_prompt_style
-    from ..models import load_model, load_tokenizer
-    from ..tuner import circuit_size
-
     cfg = config or TrainConfig()
     train_rows, heldout_rows = [dict(r) for r in train_rows], [dict(r) for r in heldout_rows]
     for name, rows in (("training", train_rows), ("held-out", heldout_rows)):
@@ -280,6 +301,55 @@ def train(
                 "heldout": _fingerprint(heldout_rows)}
     run = RunFolder(output_dir, settings)
     run.open()
+    try:
+        return _run_stages(run, model_name, train_rows, heldout_rows, cfg, command, log)
+    finally:
+        run.close()
+
+
+def _fit(run: RunFolder, peft_model, tokenizer, rows, style: str, cfg: TrainConfig, log) -> None:
+    """The train stage: pivotal SFT of the circuit, its weights saved atomically (reloaded on a re-run)."""
+    weights = run.path / "stages" / "train.safetensors"
+    if (run.path / "stages" / "train.json").exists() and weights.exists():
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(peft_model, load_file(str(weights)))
+        log("[train] done earlier: reused")
+        return
+
+    def fit():
+        examples = gold_examples(tokenizer, rows, style, cfg.shots, cfg.question_field, cfg.answer_field)
+        log(f"[train] pivotal SFT of the circuit on {len(examples)} examples, {cfg.sft.epochs:g} epochs")
+        train_sft(peft_model, tokenizer, examples, cfg.sft, str(run.path / "trainer"), style=style)
+        shutil.rmtree(run.path / "trainer", ignore_errors=True)
+        _save_weights(peft_model, weights)
+        return {"examples": len(examples)}
+
+    run.stage("train", fit, log)
+
+
+def _side_effects(run: RunFolder, peft_model, tokenizer, cfg: TrainConfig, log) -> dict[str, Any]:
+    from ..evaluate.side_effects import side_effects
+
+    def measure():
+        se = side_effects(None, peft_model, tokenizer, cfg.side_effect_data_dir, progress=True, kl_chunks=8,
+                          mmlu_limit=20, truthfulqa_limit=60)
+        return {k: se[k] for k in ("mmlu_delta", "truthfulqa_delta", "kl") if se.get(k) is not None}
+
+    return run.stage("side_effects", measure, log)
+
+
+def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]], heldout_rows: list[dict[str, Any]],
+                cfg: TrainConfig, command: str | None, log: Callable[[str], None]) -> TrainResult:
+    from peft import get_peft_model
+
+    from ..circuit import Circuit
+    from ..evaluate.prompts import default_prompt_style
+    from ..models import load_model, load_tokenizer
+    from ..tuner import circuit_size
+
+    settings = run.settings
     out = run.path
     tokenizer: PreTrainedTokenizerBase = load_tokenizer(model_name)
     style = cfg.prompt_style or default_prompt_style(tokenizer, log=log)
@@ -298,35 +368,10 @@ def train(
     circuit = Circuit.load(out / "circuit.json", model)
     peft_model = get_peft_model(model, _adapter_config(circuit, cfg))
     size = circuit_size(peft_model.peft_config["default"], peft_model)
-    weights = out / "stages" / "train.safetensors"
-    if (out / "stages" / "train.json").exists() and weights.exists():
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(peft_model, load_file(str(weights)))
-        log("[train] done earlier: reused")
-    else:
-        def fit():
-            examples = gold_examples(tokenizer, chosen, style, cfg.shots, cfg.question_field, cfg.answer_field)
-            log(f"[train] pivotal SFT of the circuit on {len(examples)} examples, {cfg.sft.epochs:g} epochs")
-            train_sft(peft_model, tokenizer, examples, cfg.sft, str(out / "trainer"), style=style)
-            shutil.rmtree(out / "trainer", ignore_errors=True)
-            _save_weights(peft_model, weights)
-            return {"examples": len(examples)}
-
-        run.stage("train", fit, log)
+    _fit(run, peft_model, tokenizer, chosen, style, cfg, log)
     peft_model.eval()
     after = run.stage("after", lambda: _accuracy(peft_model, tokenizer, heldout_rows, style, cfg), log)
-    effects: dict[str, Any] = {}
-    if cfg.side_effect_data_dir:
-        from ..evaluate.side_effects import side_effects
-
-        def measure():
-            se = side_effects(None, peft_model, tokenizer, cfg.side_effect_data_dir, progress=True, kl_chunks=8,
-                              mmlu_limit=20, truthfulqa_limit=60)
-            return {k: se[k] for k in ("mmlu_delta", "truthfulqa_delta", "kl") if se.get(k) is not None}
-
-        effects = run.stage("side_effects", measure, log)
+    effects = _side_effects(run, peft_model, tokenizer, cfg, log) if cfg.side_effect_data_dir else {}
     report = {"model": model_name, "settings": settings, "style": style, "n_train": len(chosen),
               "n_heldout": len(heldout_rows), "locate": located, "before": before, "after": after,
               "side_effects": effects, "trainable_params": size["trainable_params"],
