@@ -23,6 +23,7 @@ mean KL on general text, MMLU and TruthfulQA deltas. Each finished (arm, seed) i
 
     python benchmarks/recipes.py --quick                     # ~20 min on 2 cores
     python benchmarks/recipes.py --out benchmarks/results/recipes_smollm2.json
+    python benchmarks/recipes.py --table-from benchmarks/results/recipes_smollm2.json   # markdown table
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work-dir", default="/tmp/recipes_bench")
     p.add_argument("--out", default=None, help="also write the JSON result here")
+    p.add_argument("--from-saved", action="store_true",
+                   help="no model work: summarise the (arm, seed) results already saved under --work-dir")
     p.add_argument("--quick", action="store_true",
                    help="one seed, 64 training / 32 val / 100 test / 50 transfer problems, 2 %% circuits, one lr")
     args = p.parse_args(argv)
@@ -92,7 +95,8 @@ def arm_names(fractions: list[float], locators: list[str]) -> list[str]:
 
 def settings_key(args: argparse.Namespace) -> str:
     # what changes a single (arm, seed) result; the list of seeds and arms to run does not
-    keep = {k: v for k, v in vars(args).items() if k not in ("threads", "work_dir", "out", "arms", "quick", "seeds")}
+    keep = {k: v for k, v in vars(args).items()
+            if k not in ("threads", "work_dir", "out", "arms", "quick", "seeds", "from_saved")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -370,6 +374,10 @@ def _paired_gap(results, a: str, b: str, key: str) -> tuple[float, float] | None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    if argv and argv[0] == "--table-from":  # render a saved result as markdown, no model work
+        saved = json.loads(Path(argv[1]).read_text())
+        print(markdown_table(saved))
+        return saved
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -388,6 +396,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [a for a in arms if a not in all_arms]
     if unknown:
         raise SystemExit(f"--arms: unknown {unknown}; choose from {all_arms}")
+    if args.from_saved:
+        return summarise_saved(args, groups, seeds, fractions, locators)
     subjects = tuple(s for s in args.mmlu_subjects.split(",") if s)
     load_mmlu(args.data_dir, subjects), load_truthfulqa(args.data_dir, 1), load_text(args.data_dir)  # fail early
     bench = Bench(args)
@@ -410,6 +420,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         atomic_write_text(args.out, line + "\n")
     print(line)
     return res
+
+
+def summarise_saved(args: argparse.Namespace, groups, seeds, fractions, locators) -> dict[str, Any]:
+    """The summary of every saved (arm, seed) result of these settings (arms/seeds not run are left out)."""
+    from circuit_peft.files import atomic_write_text
+
+    arms_dir = Path(args.work_dir) / f"arms-{settings_key(args)}"
+    results: dict[str, list[dict[str, Any]]] = {}
+    for arm in [a for g in groups for a in g]:
+        for seed in seeds:
+            path = arms_dir / f"{arm}-seed{seed}.json"
+            if path.exists():
+                results.setdefault(arm, []).append(json.loads(path.read_text()))
+    baseline_file = Path(args.work_dir) / f"baseline-{settings_key(args)}.json"
+    res = {"model": args.model, "settings": vars(args), "from_saved": True,
+           "baseline": json.loads(baseline_file.read_text()) if baseline_file.exists() else None,
+           **summarise(results, fractions, locators)}
+    print(markdown_table(res))
+    line = json.dumps(res, default=float)
+    if args.out:
+        atomic_write_text(args.out, line + "\n")
+    print(line)
+    return res
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """The arms as a markdown table (mean +/- standard error over seeds)."""
+    def cell(stats, key, digits=3):
+        if key not in stats:
+            return "-"
+        se = stats.get(f"{key}_se")
+        return f"{stats[key]:.{digits}f}" + ("" if se is None or se != se else f" ± {se:.{digits}f}")
+
+    rows = ["| arm | seeds | trainable params | test acc | held-out-format acc | capped | KL | MMLU Δ | TruthfulQA Δ |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for arm, st in summary["arms"].items():
+        rows.append(f"| {arm} | {len(st['seeds'])} | {st.get('trainable_params', 0):,.0f} | {cell(st, 'test_acc')} | "
+                    f"{cell(st, 'transfer_acc')} | {cell(st, 'test_capped', 2)} | {cell(st, 'kl', 4)} | "
+                    f"{cell(st, 'mmlu_delta')} | {cell(st, 'truthfulqa_delta')} |")
+    return "\n".join(rows)
 
 
 def print_table(summary: dict[str, Any]) -> None:
