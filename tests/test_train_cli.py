@@ -18,13 +18,16 @@ def test_train_writes_a_loadable_adapter_and_resumes(tmp_path, capsys, smollm2):
 
     import circuit_peft  # noqa: F401
 
+    from circuit_peft.commands.amplify import package_side_effect_dir
+
     out = tmp_path / "run"
-    assert main([*ARGS, "--out", str(out)]) == 0
+    assert main([*ARGS, "--side-effects-data", package_side_effect_dir()[0], "--out", str(out)]) == 0
     first = capsys.readouterr().out
     assert "before" in first and "after" in first
     report = json.loads((out / "report.json").read_text())
     assert report["before"]["count"] == 6 and 0 <= report["after"]["accuracy"] <= 1
     assert report["before"]["capped_fraction"] < 0.5
+    assert set(report["side_effects"]) >= {"kl", "mmlu_delta", "truthfulqa_delta"} and report["side_effects"]["kl"] >= 0
     assert (out / "circuit.png").stat().st_size > 1000
     card = (out / "adapter" / "README.md").read_text()
     assert card.startswith("---") and "| before |" in card and "circuit-peft train" in card
@@ -38,9 +41,10 @@ def test_train_writes_a_loadable_adapter_and_resumes(tmp_path, capsys, smollm2):
     assert (changed - base).abs().max() > 1e-4  # the trained slices moved
     loaded.unload()
 
-    assert main([*ARGS, "--out", str(out)]) == 0  # a re-run reuses every stage
+    rerun = [*ARGS, "--side-effects-data", package_side_effect_dir()[0], "--out", str(out)]
+    assert main(rerun) == 0  # a re-run reuses every stage
     again = capsys.readouterr().out
-    for stage in ("locate", "before", "train", "after"):
+    for stage in ("locate", "before", "train", "after", "side_effects"):
         assert f"[{stage}] done earlier" in again
     assert main([*ARGS, "--lr", "5e-4", "--out", str(out)]) == 2
     err = capsys.readouterr().err

@@ -95,6 +95,7 @@ def config_from_args(args: argparse.Namespace):
                        select_fraction=args.select_fraction, lora_rank=args.lora_rank, sft=sft,
                        prompt_style=args.prompt_style, shots=shots, max_new_tokens=args.max_new_tokens,
                        side_effect_data_dir=args.side_effects_data, question_field=args.question_field,
+                       mmlu_subjects=tuple(x for x in args.mmlu_subjects.split(",") if x) if args.mmlu_subjects else None,
                        answer_field=args.answer_field, seed=args.seed)
 
 
@@ -146,6 +147,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--max-new-tokens", type=_positive(int), default=64)
     e.add_argument("--side-effects-data", default=None,
                    help="folder with mmlu/test, truthfulqa/, text/ for side effects (default: skipped)")
+    e.add_argument("--mmlu-subjects", default=None,
+                   help="comma-separated MMLU subjects (default: the usual six found in the folder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive(int), default=None)
 

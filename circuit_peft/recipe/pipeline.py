@@ -50,6 +50,7 @@ class TrainConfig:
     max_new_tokens: int = 64
     eval_batch_size: int = 16
     side_effect_data_dir: str | None = None
+    mmlu_subjects: tuple[str, ...] | None = None  # None: the default subjects found in the data folder
     question_field: str = "question"
     answer_field: str = "answer"
     seed: int = 0
@@ -329,12 +330,23 @@ def _fit(run: RunFolder, peft_model, tokenizer, rows, style: str, cfg: TrainConf
     run.stage("train", fit, log)
 
 
+def _mmlu_subjects(cfg: TrainConfig) -> tuple[str, ...] | None:
+    """``cfg.mmlu_subjects``, else the default subjects present in the data folder (else all present)."""
+    from ..evaluate.data import DEFAULT_MMLU_SUBJECTS
+
+    if cfg.mmlu_subjects:
+        return tuple(cfg.mmlu_subjects)
+    folder = Path(cfg.side_effect_data_dir) / "mmlu" / "test"
+    present = sorted(p.name[: -len("_test.csv")] for p in folder.glob("*_test.csv")) if folder.is_dir() else []
+    return tuple(s for s in DEFAULT_MMLU_SUBJECTS if s in present) or tuple(present) or None
+
+
 def _side_effects(run: RunFolder, peft_model, tokenizer, cfg: TrainConfig, log) -> dict[str, Any]:
     from ..evaluate.side_effects import side_effects
 
     def measure():
         se = side_effects(None, peft_model, tokenizer, cfg.side_effect_data_dir, progress=True, kl_chunks=8,
-                          mmlu_limit=20, truthfulqa_limit=60)
+                          mmlu_subjects=_mmlu_subjects(cfg), mmlu_limit=20, truthfulqa_limit=60)
         return {k: se[k] for k in ("mmlu_delta", "truthfulqa_delta", "kl") if se.get(k) is not None}
 
     return run.stage("side_effects", measure, log)
