@@ -383,6 +383,7 @@ def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]
     _fit(run, peft_model, tokenizer, chosen, style, cfg, log)
     peft_model.eval()
     after = run.stage("after", lambda: _accuracy(peft_model, tokenizer, heldout_rows, style, cfg), log)
+    log(f"[after] held-out accuracy {after['accuracy']:.3f} +/- {after['stderr']:.3f}")
     effects = _side_effects(run, peft_model, tokenizer, cfg, log) if cfg.side_effect_data_dir else {}
     report = {"model": model_name, "settings": settings, "style": style, "n_train": len(chosen),
               "n_heldout": len(heldout_rows), "locate": located, "before": before, "after": after,
