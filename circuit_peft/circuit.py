@@ -21,6 +21,7 @@ from torch import nn
 
 from .arch import COMPONENT_KINDS, Component, fingerprint_diff, get_arch
 from .files import atomic_path, atomic_write_text
+from .fractions import keep_count
 
 CIRCUIT_FORMAT_VERSION = 1
 # The kinds that count as "components" when reporting fractions (q + k + v heads + MLP neurons).
@@ -135,9 +136,7 @@ class Circuit:
                 raise ValueError(f"top k={k} is larger than the number of scored components ({n}); use k <= {n}")
             keep = ranked[: int(k)]
         elif fraction is not None:
-            if not 0 < fraction <= 1:
-                raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-            keep = ranked[: max(1, math.floor(fraction * n + 1e-9))]
+            keep = ranked[: keep_count(n, fraction)]
         else:
             vals = [_finite(s) for _, s in ranked]
             mean = sum(vals) / n

@@ -172,3 +172,18 @@ def test_run_folder_lock_refuses_a_live_writer_and_takes_over_a_dead_one(tmp_pat
     assert (tmp_path / "run" / "lock").read_text() == str(os.getpid())
     again.close()
     assert not (tmp_path / "run" / "lock").exists()
+
+
+def test_one_rule_keeps_a_fraction_everywhere():
+    from circuit_peft.fractions import keep_count
+    from circuit_peft.select.heads import top_heads
+    from circuit_peft.select.sampling import subset_size
+
+    assert keep_count(270, 0.05) == 13 and keep_count(10, 0.01) == 1 and keep_count(4, 1.0) == 4
+    scores = {(layer, h): float(layer * 9 + h) for layer in range(30) for h in range(9)}
+    assert len(top_heads(scores, fraction=0.05)) == 13  # was 14 (ceil) while Circuit.top kept 13
+    circuit = Circuit([], {("q", layer, h): s for (layer, h), s in scores.items()})
+    assert len(circuit.top(fraction=0.05)) == 13
+    assert subset_size(1000, 0.1) == 100 and subset_size(7, 0.5) == 3
+    with pytest.raises(ValueError, match="fraction must be in"):
+        keep_count(10, 0)

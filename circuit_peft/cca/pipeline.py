@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from ..circuit import Circuit
+from ..fractions import keep_count
 from ..files import atomic_write_json
 from .mining import MiningConfig, mine_pivotal_tokens
 from .update import UpdateConfig, accuracy_validator, amplify_update
@@ -66,7 +67,7 @@ def locate_circuit(model: nn.Module, records: Any, config: AmplifyConfig, progre
     circuit = learn_masks(model, records, lambda_l1=config.dcm_lambda, epochs=config.dcm_epochs, kinds=kinds,
                           progress=progress)
     if config.circuit_fraction is not None and circuit.components:
-        cap = max(1, round(config.circuit_fraction * circuit.total_components()))
+        cap = keep_count(circuit.total_components(), config.circuit_fraction)
         if len(circuit.components) > cap:
             circuit = circuit.top(k=cap)
     return circuit

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..arch import fingerprint_diff, get_arch
 from ..files import atomic_write_json
+from ..fractions import keep_count
 
 HEADS_FORMAT = "circuit-peft/reasoning-heads"
 DEFAULT_HEAD_FRACTION = 0.05
@@ -180,9 +181,9 @@ def top_heads(
         sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / max(len(vals) - 1, 1)) or 1.0
         kept = [h for h in ranked if (scores[h] - mean) / sd > z]
         return kept or ranked[:1]
-    if fraction is None or not 0 < fraction <= 1:
-        raise ValueError(f"head fraction must be in (0, 1], got {fraction}")
-    return ranked[: max(1, math.ceil(fraction * len(ranked) - 1e-9))]
+    if fraction is None:
+        raise ValueError("give one of fraction=, k= or z=")
+    return ranked[: keep_count(len(ranked), fraction)]
 
 
 def find_reasoning_heads(

@@ -14,20 +14,22 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..fractions import keep_count
+
 DEFAULT_TAU = 0.5
 
 
 def subset_size(n: int, fraction: float | None = None, k: int | None = None) -> int:
-    """Number of items to keep: ``k``, or ``round(fraction * n)`` (at least 1). Checks the range."""
+    """Number of items to keep: ``k``, or :func:`~circuit_peft.fractions.keep_count` of ``fraction``."""
     if k is not None:
         if not 1 <= k <= n:
             raise ValueError(f"k must be between 1 and the pool size {n}, got {k}")
         return int(k)
-    if fraction is None or isinstance(fraction, bool) or not (0 < float(fraction) <= 1):
-        raise ValueError(f"fraction must be in (0, 1] (e.g. 0.1 for 10 %), got {fraction!r}")
     if n == 0:
         raise ValueError("the pool is empty: nothing to select from")
-    return max(1, min(n, round(float(fraction) * n)))
+    if fraction is None:
+        raise ValueError("fraction must be in (0, 1] (e.g. 0.1 for 10 %), got None; or give k=")
+    return keep_count(n, fraction)
 
 
 def zscore(scores: Sequence[float]) -> np.ndarray:
