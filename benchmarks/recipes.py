@@ -158,23 +158,14 @@ class Bench:
         return circuit
 
     def _locate(self, locator: str, seed: int):
-        from circuit_peft.locate import attribution_scan, gradient_scan
-        from circuit_peft.recipe.sft import gold_examples, pivotal_dataset
+        from circuit_peft.recipe import SFTSettings, TrainConfig
+        from circuit_peft.recipe.pipeline import locate_for_training
 
-        train = self.problems(seed)["train"]
-        if locator == "grad":
-            examples = gold_examples(self.tok, train, self.style, self.shots)
-            data = pivotal_dataset(self.tok, examples, self.args.pivotal_weight, self.style)
-            return gradient_scan(self.base, data, keep_fraction=None, pad_token_id=self.tok.pad_token_id,
-                                 progress=False)
-        from circuit_peft.cca.mining import MiningConfig, mine_pivotal_tokens
-
-        cfg = MiningConfig(pivot="digit", shots=self.shots, prompt_style=self.style,
-                           max_new_tokens=self.args.max_new_tokens, seed=seed)
-        mined = mine_pivotal_tokens(self.base, self.tok, train, self.work / f"mining-{self.key}-{seed}", cfg,
-                                    progress=False)
-        return attribution_scan(self.base, None, mined.records, target="logit_diff", keep_fraction=None,
-                                progress=False)
+        cfg = TrainConfig(locate={"grad": "gradient", "attr": "attribution"}[locator], shots=self.shots,
+                          max_new_tokens=self.args.max_new_tokens, seed=seed,
+                          sft=SFTSettings(pivotal_weight=self.args.pivotal_weight))
+        return locate_for_training(self.base, self.tok, self.problems(seed)["train"], self.style, cfg,
+                                   self.work / f"mining-{self.key}-{seed}", keep_fraction=None, progress=False)
 
     def circuit_for(self, arm: str, seed: int):
         from circuit_peft.locate import random_circuit

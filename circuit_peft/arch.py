@@ -99,9 +99,6 @@ class FamilySpec:
     qk_norm: tuple[str, str, str] | None = None
 
 
-QK_NORM_LAYOUTS: tuple[str, ...] = ("BHTD", "BTHD", "flat")
-
-
 def _llama_like(name: str, model_types: tuple[str, ...], qk_norm_layout: str | None = None) -> FamilySpec:
     qk_norm = None if qk_norm_layout is None else ("self_attn.q_norm", "self_attn.k_norm", qk_norm_layout)
     return FamilySpec(

@@ -54,10 +54,10 @@ def package_side_effect_dir() -> tuple[str, tuple[str, ...]]:
     """The shipped side-effect slices and their MMLU subjects."""
     from importlib import resources
 
-    root = resources.files("circuit_peft").joinpath("data/side_effects")
-    subjects = tuple(sorted(p.name[: -len("_test.csv")] for p in root.joinpath("mmlu/test").iterdir()
-                            if p.name.endswith("_test.csv")))
-    return str(root), subjects
+    from ..evaluate.data import mmlu_subjects_in
+
+    root = str(resources.files("circuit_peft").joinpath("data/side_effects"))
+    return root, tuple(mmlu_subjects_in(root))
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

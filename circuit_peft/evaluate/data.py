@@ -106,6 +106,17 @@ def _mmlu_rows_from_csv(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _mmlu_root(data_dir: str | Path) -> Path:
+    root = _as_path(data_dir)
+    return root / "mmlu" if (root / "mmlu").is_dir() else root
+
+
+def mmlu_subjects_in(data_dir: str | Path, split: str = "test") -> list[str]:
+    """The MMLU subjects present in a data folder (``mmlu/<split>/<subject>_<split>.csv``), sorted."""
+    folder = _mmlu_root(data_dir) / split
+    return sorted(p.name[: -len(f"_{split}.csv")] for p in folder.glob(f"*_{split}.csv")) if folder.is_dir() else []
+
+
 def load_mmlu(
     data_dir: str | Path | None = None,
     subjects: tuple[str, ...] | list[str] | None = None,
@@ -133,12 +144,11 @@ def load_mmlu(
                         for r in ds["dev"]] if "dev" in ds else [],
             }
         return out
-    root = _as_path(data_dir)
-    root = root / "mmlu" if (root / "mmlu").is_dir() else root
+    root = _mmlu_root(data_dir)
     folder = root / split
     if not folder.is_dir():
         raise FileNotFoundError(f"no MMLU {split} folder under {root} (expected {folder}/<subject>_{split}.csv)")
-    available = sorted(p.name[: -len(f"_{split}.csv")] for p in folder.glob(f"*_{split}.csv"))
+    available = mmlu_subjects_in(data_dir, split)
     missing = [s for s in subjects if s not in available]
     if missing:
         raise ValueError(f"MMLU subjects {missing} not found in {folder}; available: {available}. "

@@ -185,21 +185,30 @@ def _select(model, tokenizer, rows, cfg: TrainConfig) -> dict[str, Any]:
     return {"rows": sorted(int(i) for i in result.dataset["_row"]), "method": cfg.select}
 
 
-def _locate(model, tokenizer, rows, style, cfg: TrainConfig, out: Path) -> dict[str, Any]:
+def locate_for_training(model, tokenizer, rows, style: str, cfg: TrainConfig, mining_dir: str | os.PathLike,
+                        keep_fraction: float | None, progress: bool = True):
+    """The circuit :func:`train` trains: ``cfg.locate`` = ``"gradient"`` (SFT-loss gradient on the gold
+    solutions, answer tokens weighted ``cfg.sft.pivotal_weight``) or ``"attribution"`` (first-wrong-digit
+    pivots mined into ``mining_dir``, then logit-difference attribution). ``keep_fraction`` of each kind
+    is kept (None: every component scored, e.g. to draw several sizes from one scan)."""
     from ..locate import attribution_scan, gradient_scan
 
     if cfg.locate == "gradient":
         examples = gold_examples(tokenizer, rows, style, cfg.shots, cfg.question_field, cfg.answer_field)
         data = pivotal_dataset(tokenizer, examples, cfg.sft.pivotal_weight, style)
-        circuit = gradient_scan(model, data, keep_fraction=cfg.circuit_fraction, pad_token_id=tokenizer.pad_token_id)
-    else:
-        from ..cca.mining import MiningConfig, mine_pivotal_tokens
+        return gradient_scan(model, data, keep_fraction=keep_fraction, pad_token_id=tokenizer.pad_token_id,
+                             progress=progress)
+    from ..cca.mining import MiningConfig, mine_pivotal_tokens
 
-        mining = MiningConfig(pivot="digit", shots=cfg.shots, prompt_style=style, max_new_tokens=cfg.max_new_tokens,
-                              question_field=cfg.question_field, seed=cfg.seed)
-        mined = mine_pivotal_tokens(model, tokenizer, rows, out / "mining", mining)
-        circuit = attribution_scan(model, None, mined.records, target="logit_diff",
-                                   keep_fraction=cfg.circuit_fraction)
+    mining = MiningConfig(pivot="digit", shots=cfg.shots, prompt_style=style, max_new_tokens=cfg.max_new_tokens,
+                          question_field=cfg.question_field, seed=cfg.seed)
+    mined = mine_pivotal_tokens(model, tokenizer, rows, mining_dir, mining, progress=progress)
+    return attribution_scan(model, None, mined.records, target="logit_diff", keep_fraction=keep_fraction,
+                            progress=progress)
+
+
+def _locate(model, tokenizer, rows, style, cfg: TrainConfig, out: Path) -> dict[str, Any]:
+    circuit = locate_for_training(model, tokenizer, rows, style, cfg, out / "mining", cfg.circuit_fraction)
     circuit.save(out / "circuit.json")
     circuit.plot(out / "circuit.png", title=f"located circuit ({cfg.locate})")
     return {"components": len(circuit.components), "counts": circuit.counts(),
@@ -332,12 +341,11 @@ def _fit(run: RunFolder, peft_model, tokenizer, rows, style: str, cfg: TrainConf
 
 def _mmlu_subjects(cfg: TrainConfig) -> tuple[str, ...] | None:
     """``cfg.mmlu_subjects``, else the default subjects present in the data folder (else all present)."""
-    from ..evaluate.data import DEFAULT_MMLU_SUBJECTS
+    from ..evaluate.data import DEFAULT_MMLU_SUBJECTS, mmlu_subjects_in
 
     if cfg.mmlu_subjects:
         return tuple(cfg.mmlu_subjects)
-    folder = Path(cfg.side_effect_data_dir) / "mmlu" / "test"
-    present = sorted(p.name[: -len("_test.csv")] for p in folder.glob("*_test.csv")) if folder.is_dir() else []
+    present = mmlu_subjects_in(cfg.side_effect_data_dir)
     return tuple(s for s in DEFAULT_MMLU_SUBJECTS if s in present) or tuple(present) or None
 
 
@@ -397,4 +405,5 @@ def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]
     return TrainResult(report=report, model=peft_model, output_dir=out)
 
 
-__all__ = ["LOCATORS", "SELECTORS", "TrainConfig", "TrainResult", "RunFolder", "model_card", "summary_table", "train"]
+__all__ = ["LOCATORS", "SELECTORS", "TrainConfig", "TrainResult", "RunFolder", "locate_for_training", "model_card",
+           "summary_table", "train"]
