@@ -11,7 +11,8 @@ measured the same way; only what is trained (and, where named, the loss weights)
 * ``random_anywhere_<locator>@<f>``: the same kinds and counts, random layers;
 * ``located_<locator>@<f>_unweighted``: the located circuit without pivotal weights;
 * ``lora16``: LoRA r=16, alpha 32, dropout 0.1, all linear layers, the same pivotal weights;
-* ``lora_matched``: LoRA with the rank whose trainable parameters come closest to ``located_attr@<f>``;
+* ``lora_matched_<locator>@<f>``: LoRA with the rank whose trainable parameters come closest to
+  ``located_<locator>@<f>``'s (first locator, largest size);
 * ``full``: full fine-tuning with the same pivotal weights.
 
 Choices are made on validation only: each arm's learning rate is picked from its grid by
@@ -89,14 +90,15 @@ def arm_names(fractions: list[float], locators: list[str]) -> list[str]:
             names += [f"located_{loc}@{f:g}", f"random_layer_{loc}@{f:g}"]
     big = max(fractions)
     names += [f"random_anywhere_{locators[0]}@{big:g}", f"located_{locators[0]}@{big:g}_unweighted",
-              "lora16", "lora_matched", "full"]
+              "lora16", f"lora_matched_{locators[0]}@{big:g}", "full"]
     return names
 
 
 def settings_key(args: argparse.Namespace) -> str:
     # what changes a single (arm, seed) result; the list of seeds and arms to run does not
     keep = {k: v for k, v in vars(args).items()
-            if k not in ("threads", "work_dir", "out", "arms", "quick", "seeds", "from_saved")}
+            if k not in ("threads", "work_dir", "out", "arms", "quick", "seeds", "from_saved", "fractions",
+                         "locators")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -137,7 +139,7 @@ class Bench:
         from circuit_peft.evaluate.accuracy import evaluate_accuracy
 
         return evaluate_accuracy(model, self.tok, rows, style=self.style, shots=self.shots,
-                                 max_new_tokens=self.args.max_new_tokens, batch_size=16, progress=False)
+                                 max_new_tokens=self.args.max_new_tokens, batch_size=50, progress=False)
 
     # ----- circuits -----------------------------------------------------------------------------
     def scored_circuit(self, locator: str, seed: int):
@@ -192,7 +194,7 @@ class Bench:
         if arm == "full":
             return model, {"trainable_params": sum(p.numel() for p in model.parameters())}
         if arm.startswith("lora"):
-            rank = 16 if arm == "lora16" else self.matched_rank(seed)
+            rank = 16 if arm == "lora16" else self.matched_rank(arm.removeprefix("lora_matched_"), seed)
             model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.1,
                                                      target_modules="all-linear"))
             return model, {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -205,11 +207,11 @@ class Bench:
                        "component_fraction": size["component_fraction"], "counts": circuit.counts(),
                        "layers": sorted({c.layer for c in circuit.components})}
 
-    def matched_rank(self, seed: int) -> int:
+    def matched_rank(self, circuit: str, seed: int) -> int:
+        """The LoRA rank whose trainable parameters come closest to ``located_<circuit>``'s."""
         from circuit_peft.tuner import circuit_size
 
-        arm = f"located_{self.locators[0]}@{max(self.fractions):g}"
-        config = self.circuit_for(arm, seed).to_config(projections="paper")
+        config = self.circuit_for(f"located_{circuit}", seed).to_config(projections="paper")
         params = circuit_size(config, self.base)["trainable_params"]
         per_rank = sum(m.in_features + m.out_features for m in self.base.modules()
                        if isinstance(m, torch.nn.Linear) and m is not self.base.get_output_embeddings())

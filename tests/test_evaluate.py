@@ -273,3 +273,50 @@ def test_kl_with_circuit_adapter(tok):
             if p.requires_grad:
                 p.normal_(0, 1.0)
     assert mean_kl(None, peft, tok, text, chunk_length=32, max_chunks=2, progress=False)["kl"] > 1e-4
+
+
+# ----- greedy generation with a shared prefix -------------------------------------------------------
+
+
+def _hand_greedy(model, prompt, n, stops):
+    """One prompt at a time, no padding, no cache reuse: model.generate's greedy tokens cut at a stop id."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             pad_token_id=0, temperature=None, top_k=None, top_p=None)
+    row = out[0, len(prompt):].tolist()
+    return row[: next((j for j, t in enumerate(row) if t in stops), len(row))]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])
+def test_shared_prefix_greedy_equals_generate_per_prompt(tok, family):
+    """Prefix run once + padded rests + explicit positions give the tokens of one-by-one generate."""
+    from circuit_peft.evaluate.generation import greedy_with_shared_prefix, shared_prefix_length
+
+    torch.manual_seed(0)
+    model = tiny_model(family, vocab_size=len(tok)).eval()
+    prefix = [11, 12, 13, 14, 15, 16]
+    prompts = [prefix + [20, 21, 22], prefix + [30], prefix + [40, 41], prefix + [50, 51, 52, 53, 54]]
+    assert shared_prefix_length(prompts) == 6 and shared_prefix_length([[1, 2], [1, 2]]) == 1
+    stops = {tok.pad_token_id, tok.eos_token_id, model.generation_config.eos_token_id}
+    got = greedy_with_shared_prefix(model, tok, prompts, max_new_tokens=7, batch_size=3, progress=False)
+    assert got == [_hand_greedy(model, p, 7, stops) for p in prompts]
+    assert generate_batched(model, tok, prompts, max_new_tokens=7, batch_size=3, progress=False) == got
+
+
+def test_shared_prefix_greedy_stop_strings(smollm2):
+    """Decoding stops right after the token that completes a stop string, like model.generate's."""
+    model, tok = smollm2
+    prompts = [tok(f"Question: What is {a} + {b}?\nAnswer: {a} + {b} = {a + b}.\n\n").input_ids for a, b in
+               [(2, 3), (14, 25)]]
+    got = generate_batched(model, tok, prompts, max_new_tokens=24, stop_strings=["\nQuestion:"], progress=False)
+    assert any(tok.decode(new).endswith("\nQuestion:") for new in got)  # the stop string was met
+    for p, new in zip(prompts, got):
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                 do_sample=False, stop_strings=["\nQuestion:"], tokenizer=tok,
+                                 pad_token_id=tok.pad_token_id)
+        row = out[0, len(p):].tolist()
+        assert new == row[: next((j for j, t in enumerate(row) if t in (tok.pad_token_id, tok.eos_token_id)),
+                                 len(row))]

@@ -187,3 +187,19 @@ def test_one_rule_keeps_a_fraction_everywhere():
     assert subset_size(1000, 0.1) == 100 and subset_size(7, 0.5) == 3
     with pytest.raises(ValueError, match="fraction must be in"):
         keep_count(10, 0)
+
+
+@pytest.mark.parametrize("method", ["random", "ifd", "circuitseer"])
+def test_select_stage_keeps_the_fraction_of_the_pool(method):
+    """train's selection stage returns row numbers of the pool (a quarter of it, each once)."""
+    from circuit_peft.cca.problems import make_problems
+    from circuit_peft.models import load_tokenizer, tiny_model
+    from circuit_peft.recipe.pipeline import _select
+
+    tok = load_tokenizer("smollm2")
+    model = tiny_model("llama", vocab_size=len(tok))
+    rows = make_problems(16, "train", seed=0)
+    out = _select(model, tok, rows, TrainConfig(select=method, select_fraction=0.25))
+    kept = len(out["rows"])  # IFD keeps only rows with IFD <= 1 (few on a random model)
+    assert out["method"] == method and kept == len(set(out["rows"])) and (kept == 4 or method == "ifd" and kept >= 1)
+    assert all(0 <= i < 16 for i in out["rows"])

@@ -64,7 +64,7 @@ def evaluate_accuracy(
     answer_format: AnswerFormat | None = None,
     question_field: str = "question",
     max_new_tokens: int = 256,
-    batch_size: int = 16,
+    batch_size: int = 32,
     limit: int | None = None,
     system: str | None = None,
     instruction: str | None = None,

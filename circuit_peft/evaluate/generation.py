@@ -49,6 +49,27 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return int(pad)
 
 
+def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pad_id: int) -> set[int]:
+    """Token ids that end a completion: pad, the tokenizer's EOS and the generation config's EOS ids."""
+    stops = {pad_id} | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    gen_cfg = getattr(model, "generation_config", None)
+    if gen_cfg is not None and gen_cfg.eos_token_id is not None:
+        extra = gen_cfg.eos_token_id
+        stops |= set(extra if isinstance(extra, list) else [extra])
+    return stops
+
+
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest id prefix that every sequence starts with, leaving each at least one id."""
+    if not sequences:
+        return 0
+    first, n = sequences[0], min(len(s) for s in sequences) - 1
+    for j in range(max(n, 0)):
+        if any(s[j] != first[j] for s in sequences):
+            return j
+    return max(n, 0)
+
+
 @torch.no_grad()
 def generate_batched(
     model: PreTrainedModel,
@@ -66,24 +87,22 @@ def generate_batched(
 
     Prompts are sorted by length and left-padded in batches of ``batch_size``; the returned
     completions stop at (and exclude) EOS/pad, and at the end of any ``stop_strings`` match.
+    Greedy decoding runs the prompts' shared prefix (e.g. system message and few-shot examples)
+    once and reuses its KV cache for every batch (:func:`greedy_with_shared_prefix`); sampling
+    uses ``model.generate``.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
+    if not do_sample:
+        return greedy_with_shared_prefix(model, tokenizer, prompt_ids, max_new_tokens, batch_size,
+                                         stop_strings, progress, desc)
     pad_id = _pad_id(tokenizer)
-    eos = tokenizer.eos_token_id
-    stops = {pad_id} | ({eos} if eos is not None else set())
-    gen_cfg = getattr(model, "generation_config", None)
-    if gen_cfg is not None and gen_cfg.eos_token_id is not None:
-        extra = gen_cfg.eos_token_id
-        stops |= set(extra if isinstance(extra, list) else [extra])
+    stops = _stop_ids(model, tokenizer, pad_id)
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     out: list[list[int]] = [[] for _ in prompt_ids]
     device = model_device(model)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_id)
-    if do_sample:
-        kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
-    else:
-        kwargs.update(temperature=None, top_k=None, top_p=None)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=True, pad_token_id=pad_id, temperature=temperature,
+                  top_k=0, top_p=1.0)
     if stop_strings:
         kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
     with eval_mode(model):
@@ -99,6 +118,83 @@ def generate_batched(
             bar.update(len(idx))
         bar.close()
     return out
+
+
+@torch.no_grad()
+def greedy_with_shared_prefix(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    stop_strings: Sequence[str] | None = None,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[list[int]]:
+    """Greedy completions (new ids, cut like :func:`generate_batched`) with the shared prefix run once.
+
+    The prefix every prompt starts with goes through the model once; each batch copies its KV
+    cache and runs only the rest of its prompts, padded between prefix and rest, with explicit
+    position ids (so padding changes nothing). Decoding stops when every row has stopped.
+    """
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token")
+    pad_id = _pad_id(tokenizer)
+    stops = _stop_ids(model, tokenizer, pad_id)
+    prefix = list(prompt_ids[0][: shared_prefix_length(prompt_ids)])
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    out: list[list[int]] = [[] for _ in prompt_ids]
+    device = model_device(model)
+    with eval_mode(model):
+        prefix_cache = None
+        if prefix:
+            prefix_cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+        bar = tqdm(total=len(order), desc=desc, disable=not progress, leave=False)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            rows = _greedy_batch(model, [list(prompt_ids[i][len(prefix):]) for i in idx], prefix_cache, len(prefix),
+                                 pad_id, stops, max_new_tokens, tokenizer, stop_strings)
+            for i, row in zip(idx, rows):
+                out[i] = row
+            bar.update(len(idx))
+        bar.close()
+    return out
+
+
+def _greedy_batch(model, rests: list[list[int]], prefix_cache, prefix_len: int, pad_id: int, stops: set[int],
+                  max_new_tokens: int, tokenizer, stop_strings: Sequence[str] | None) -> list[list[int]]:
+    """Greedy new ids for one batch of prompt rests after a cached prefix of ``prefix_len`` ids."""
+    device = model_device(model)
+    ids, mask = pad_batch(rests, pad_id, side="left")
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0) + prefix_len
+    cache = None
+    if prefix_cache is not None:
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(len(rests))
+        mask = torch.cat([torch.ones(len(rests), prefix_len, dtype=mask.dtype, device=device), mask], 1)
+    new: list[list[int]] = [[] for _ in rests]
+    running = [True] * len(rests)
+    for _ in range(max_new_tokens):
+        outputs = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1)
+        cache = outputs.past_key_values
+        next_ids = outputs.logits[:, -1].argmax(-1)
+        for r, token in enumerate(next_ids.tolist()):
+            if not running[r]:
+                continue
+            if token in stops:
+                running[r] = False
+                continue
+            new[r].append(token)
+            if stop_strings and any(s in tokenizer.decode(new[r][-16:]) for s in stop_strings):
+                running[r] = False
+        if not any(running):
+            break
+        ids = next_ids[:, None]
+        positions = positions[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones(len(rests), 1, dtype=mask.dtype, device=device)], 1)
+    return new
 
 
 @torch.no_grad()

@@ -48,7 +48,7 @@ class TrainConfig:
     prompt_style: str | None = None  # None: chat if the tokenizer has a template, else few-shot
     shots: list[dict[str, str]] | None = None
     max_new_tokens: int = 64
-    eval_batch_size: int = 16
+    eval_batch_size: int = 32
     side_effect_data_dir: str | None = None
     mmlu_subjects: tuple[str, ...] | None = None  # None: the default subjects found in the data folder
     question_field: str = "question"
@@ -179,10 +179,9 @@ def _select(model, tokenizer, rows, cfg: TrainConfig) -> dict[str, Any]:
         probe = rows[: min(8, len(rows))]
         heads = find_reasoning_heads(model, tokenizer, probe, method="attribution", prompt_field=cfg.question_field,
                                      solution_field=cfg.answer_field)
-    pool = [dict(r, _row=i) for i, r in enumerate(rows)]
-    result = select_data(pool, cfg.select, cfg.select_fraction, model, tokenizer, heads=heads, seed=cfg.seed,
+    result = select_data(rows, cfg.select, cfg.select_fraction, model, tokenizer, heads=heads, seed=cfg.seed,
                          question_field=cfg.question_field, answer_field=cfg.answer_field)
-    return {"rows": sorted(int(i) for i in result.dataset["_row"]), "method": cfg.select}
+    return {"rows": sorted(int(i) for i in result.indices), "method": cfg.select}
 
 
 def locate_for_training(model, tokenizer, rows, style: str, cfg: TrainConfig, mining_dir: str | os.PathLike,
