@@ -5,7 +5,7 @@ the prompt of ``benchmarks/recipes.py``) greedily for ``--max-new-tokens`` token
 
 * ``hf_generate``: ``model.generate`` on left-padded batches of ``--hf-batch`` prompts (the library's
   previous evaluation loop);
-* ``shared_prefix``: ``circuit_peft.evaluate.generation.greedy_with_shared_prefix``: the prompts'
+* ``shared_prefix``: ``circuit_peft.evaluate.generation.generate_with_shared_prefix``: the prompts'
   shared prefix runs once and its KV cache is copied into each batch of ``--batch`` prompts.
 
 Both run in this process, one after the other, with ``--threads`` torch threads; the JSON reports
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     from circuit_peft.cca.problems import ARITHMETIC_SHOTS, make_problems
-    from circuit_peft.evaluate.generation import greedy_with_shared_prefix
+    from circuit_peft.evaluate.generation import generate_with_shared_prefix
     from circuit_peft.evaluate.prompts import build_prompt, default_prompt_style, encode_prompts
     from circuit_peft.models import load_model, load_tokenizer
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = encode_prompts(tok, [build_prompt(tok, r["question"], style, list(ARITHMETIC_SHOTS)) for r in rows],
                              style)
     t0 = time.perf_counter()
-    ours = greedy_with_shared_prefix(model, tok, prompts, args.max_new_tokens, args.batch, progress=False)
+    ours = generate_with_shared_prefix(model, tok, prompts, args.max_new_tokens, args.batch, progress=False)
     t_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
     peer = hf_generate(model, tok, prompts, args.max_new_tokens, args.hf_batch)

@@ -291,7 +291,7 @@ def _hand_greedy(model, prompt, n, stops):
 @pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])
 def test_shared_prefix_greedy_equals_generate_per_prompt(tok, family):
     """Prefix run once + padded rests + explicit positions give the tokens of one-by-one generate."""
-    from circuit_peft.evaluate.generation import greedy_with_shared_prefix, shared_prefix_length
+    from circuit_peft.evaluate.generation import generate_with_shared_prefix, shared_prefix_length
 
     torch.manual_seed(0)
     model = tiny_model(family, vocab_size=len(tok)).eval()
@@ -299,7 +299,7 @@ def test_shared_prefix_greedy_equals_generate_per_prompt(tok, family):
     prompts = [prefix + [20, 21, 22], prefix + [30], prefix + [40, 41], prefix + [50, 51, 52, 53, 54]]
     assert shared_prefix_length(prompts) == 6 and shared_prefix_length([[1, 2], [1, 2]]) == 1
     stops = {tok.pad_token_id, tok.eos_token_id, model.generation_config.eos_token_id}
-    got = greedy_with_shared_prefix(model, tok, prompts, max_new_tokens=7, batch_size=3, progress=False)
+    got = generate_with_shared_prefix(model, tok, prompts, max_new_tokens=7, batch_size=3, progress=False)
     assert got == [_hand_greedy(model, p, 7, stops) for p in prompts]
     assert generate_batched(model, tok, prompts, max_new_tokens=7, batch_size=3, progress=False) == got
 
@@ -320,3 +320,18 @@ def test_shared_prefix_greedy_stop_strings(smollm2):
         row = out[0, len(p):].tolist()
         assert new == row[: next((j for j, t in enumerate(row) if t in (tok.pad_token_id, tok.eos_token_id)),
                                  len(row))]
+
+
+def test_shared_prefix_sampling_is_seeded_and_tends_to_greedy_at_low_temperature(tok):
+    from circuit_peft.evaluate.generation import generate_with_shared_prefix
+
+    model = tiny_model("llama", vocab_size=len(tok)).eval()
+    prompts = [[11, 12, 13, 20], [11, 12, 13, 30, 31]] * 3
+    greedy = generate_with_shared_prefix(model, tok, prompts, 6, progress=False)
+
+    def sample(t, seed):
+        torch.manual_seed(seed)
+        return generate_with_shared_prefix(model, tok, prompts, 6, temperature=t, progress=False)
+
+    assert sample(1e-4, 0) == greedy
+    assert sample(5.0, 1) == sample(5.0, 1) != greedy

@@ -203,3 +203,28 @@ def test_select_stage_keeps_the_fraction_of_the_pool(method):
     kept = len(out["rows"])  # IFD keeps only rows with IFD <= 1 (few on a random model)
     assert out["method"] == method and kept == len(set(out["rows"])) and (kept == 4 or method == "ifd" and kept >= 1)
     assert all(0 <= i < 16 for i in out["rows"])
+
+
+def test_train_with_the_cca_update_changes_the_circuit_and_resumes(tmp_path):
+    """update='cca': digit pivots mined from the base, the CCA update of the located circuit, a saved
+    adapter whose weights moved; a re-run reuses every stage."""
+    from safetensors.torch import load_file
+
+    from circuit_peft.cca.problems import ARITHMETIC_SHOTS, make_problems
+    from circuit_peft.recipe import train
+
+    folder = "smollm2"  # a real model: a random one writes no digits to mine
+    cfg = TrainConfig(update="cca", update_steps=3, locate="gradient", max_new_tokens=16,
+                      shots=[dict(s) for s in ARITHMETIC_SHOTS])
+    rows = make_problems(6, "train", seed=0, kinds=("add",), low=100, high=999)
+    held = make_problems(4, "test", seed=0, kinds=("add",), low=100, high=999)
+    logs: list[str] = []
+    result = train(folder, rows, held, tmp_path / "run", cfg, log=logs.append)
+    assert result.report["settings"]["config"]["update"] == "cca"
+    stage = json.loads((tmp_path / "run" / "stages" / "train.json").read_text())
+    assert stage["records"] > 0 and stage["final_margin"] != stage["initial_margin"]
+    weights = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert any(float(w.abs().max()) > 0 for w in weights.values())
+    logs.clear()
+    train(folder, rows, held, tmp_path / "run", cfg, log=logs.append)
+    assert sum("done earlier" in line for line in logs) >= 4

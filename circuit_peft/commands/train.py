@@ -93,6 +93,7 @@ def config_from_args(args: argparse.Namespace):
                       pivotal_weight=args.pivotal_weight, seed=args.seed)
     return TrainConfig(locate=args.locate, circuit_fraction=args.circuit_fraction, select=args.select,
                        select_fraction=args.select_fraction, lora_rank=args.lora_rank, sft=sft,
+                       update=args.update, update_steps=args.update_steps,
                        prompt_style=args.prompt_style, shots=shots, max_new_tokens=args.max_new_tokens,
                        side_effect_data_dir=args.side_effects_data, question_field=args.question_field,
                        mmlu_subjects=tuple(x for x in args.mmlu_subjects.split(",") if x) if args.mmlu_subjects else None,
@@ -139,6 +140,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="gradient: SFT-loss gradient norm per component; attribution: digit pivots + logit difference")
     s.add_argument("--circuit-fraction", type=_fraction, default=0.02, help="share of each kind kept (default 0.02)")
     s.add_argument("--lora-rank", type=int, default=0, help="> 0: circuit + LoRA in one adapter")
+    s.add_argument("--update", choices=("sft", "cca"), default="sft",
+                   help="sft: pivotal-weighted SFT on gold solutions; cca: the CCA update on mined digit pivots")
+    s.add_argument("--update-steps", type=_positive(int), default=100, help="steps of the CCA update")
     s.add_argument("--lr", type=_positive(float), default=1e-3)
     s.add_argument("--epochs", type=_positive(float), default=3.0)
     s.add_argument("--batch-size", type=_positive(int), default=8)

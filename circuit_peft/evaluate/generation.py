@@ -87,51 +87,30 @@ def generate_batched(
 
     Prompts are sorted by length and left-padded in batches of ``batch_size``; the returned
     completions stop at (and exclude) EOS/pad, and at the end of any ``stop_strings`` match.
-    Greedy decoding runs the prompts' shared prefix (e.g. system message and few-shot examples)
-    once and reuses its KV cache for every batch (:func:`greedy_with_shared_prefix`); sampling
-    uses ``model.generate``.
+    The prompts' shared prefix (e.g. system message and few-shot examples) runs once and its KV
+    cache is reused for every batch (:func:`generate_with_shared_prefix`). Sampling (``do_sample``)
+    draws from ``softmax(logits / temperature)`` with torch's global generator (no top-k/top-p).
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
-    if not do_sample:
-        return greedy_with_shared_prefix(model, tokenizer, prompt_ids, max_new_tokens, batch_size,
-                                         stop_strings, progress, desc)
-    pad_id = _pad_id(tokenizer)
-    stops = _stop_ids(model, tokenizer, pad_id)
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-    out: list[list[int]] = [[] for _ in prompt_ids]
-    device = model_device(model)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=True, pad_token_id=pad_id, temperature=temperature,
-                  top_k=0, top_p=1.0)
-    if stop_strings:
-        kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
-    with eval_mode(model):
-        bar = tqdm(total=len(order), desc=desc, disable=not progress, leave=False)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            ids, mask = pad_batch([prompt_ids[i] for i in idx], pad_id, side="left")
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-            new = gen[:, ids.shape[1] :].tolist()
-            for i, row in zip(idx, new):
-                cut = next((j for j, t in enumerate(row) if t in stops), len(row))
-                out[i] = row[:cut]
-            bar.update(len(idx))
-        bar.close()
-    return out
+    return generate_with_shared_prefix(model, tokenizer, prompt_ids, max_new_tokens, batch_size,
+                                       temperature if do_sample else None, stop_strings, progress, desc)
 
 
 @torch.no_grad()
-def greedy_with_shared_prefix(
+def generate_with_shared_prefix(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompt_ids: Sequence[Sequence[int]],
     max_new_tokens: int = 256,
     batch_size: int = 16,
+    temperature: float | None = None,
     stop_strings: Sequence[str] | None = None,
     progress: bool = True,
     desc: str = "generate",
 ) -> list[list[int]]:
-    """Greedy completions (new ids, cut like :func:`generate_batched`) with the shared prefix run once.
+    """Completions (new ids, cut like :func:`generate_batched`; greedy when ``temperature`` is None,
+    else sampled at ``temperature``) with the shared prefix run once.
 
     The prefix every prompt starts with goes through the model once; each batch copies its KV
     cache and runs only the rest of its prompts, padded between prefix and rest, with explicit
@@ -152,8 +131,8 @@ def greedy_with_shared_prefix(
         bar = tqdm(total=len(order), desc=desc, disable=not progress, leave=False)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            rows = _greedy_batch(model, [list(prompt_ids[i][len(prefix):]) for i in idx], prefix_cache, len(prefix),
-                                 pad_id, stops, max_new_tokens, tokenizer, stop_strings)
+            rows = _decode_batch(model, [list(prompt_ids[i][len(prefix):]) for i in idx], prefix_cache, len(prefix),
+                                 pad_id, stops, max_new_tokens, temperature, tokenizer, stop_strings)
             for i, row in zip(idx, rows):
                 out[i] = row
             bar.update(len(idx))
@@ -161,9 +140,10 @@ def greedy_with_shared_prefix(
     return out
 
 
-def _greedy_batch(model, rests: list[list[int]], prefix_cache, prefix_len: int, pad_id: int, stops: set[int],
-                  max_new_tokens: int, tokenizer, stop_strings: Sequence[str] | None) -> list[list[int]]:
-    """Greedy new ids for one batch of prompt rests after a cached prefix of ``prefix_len`` ids."""
+def _decode_batch(model, rests: list[list[int]], prefix_cache, prefix_len: int, pad_id: int, stops: set[int],
+                  max_new_tokens: int, temperature: float | None, tokenizer,
+                  stop_strings: Sequence[str] | None) -> list[list[int]]:
+    """New ids for one batch of prompt rests after a cached prefix of ``prefix_len`` ids."""
     device = model_device(model)
     ids, mask = pad_batch(rests, pad_id, side="left")
     ids, mask = ids.to(device), mask.to(device)
@@ -179,7 +159,11 @@ def _greedy_batch(model, rests: list[list[int]], prefix_cache, prefix_len: int, 
         outputs = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                         use_cache=True, logits_to_keep=1)
         cache = outputs.past_key_values
-        next_ids = outputs.logits[:, -1].argmax(-1)
+        logits = outputs.logits[:, -1].float()
+        if temperature is None:
+            next_ids = logits.argmax(-1)
+        else:
+            next_ids = torch.multinomial(torch.softmax(logits / temperature, -1), 1)[:, 0]
         for r, token in enumerate(next_ids.tolist()):
             if not running[r]:
                 continue

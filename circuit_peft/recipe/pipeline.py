@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -30,6 +31,7 @@ from .sft import SFTSettings, gold_examples, pivotal_dataset, train_sft
 
 LOCATORS: tuple[str, ...] = ("gradient", "attribution")
 SELECTORS: tuple[str, ...] = ("circuitseer", "ifd", "random")
+UPDATES: tuple[str, ...] = ("sft", "cca")
 STAGES: tuple[str, ...] = ("select", "locate", "before", "train", "after", "side_effects")
 
 
@@ -37,13 +39,17 @@ STAGES: tuple[str, ...] = ("select", "locate", "before", "train", "after", "side
 class TrainConfig:
     """Settings of :func:`train`. ``circuit_fraction``: share of each kind (q/k/v heads, MLP neurons)
     kept; ``lora_rank`` > 0 adds a LoRA branch to the circuit adapter; ``max_new_tokens`` caps
-    generation at evaluation (the report gives the share of answers that hit it)."""
+    generation at evaluation (the report gives the share of answers that hit it). ``update``: ``"sft"``
+    (pivotal-weighted SFT on the gold solutions, the default) or ``"cca"`` (the CCA update: logit
+    difference on mined digit pivots, ``update_steps`` SGD steps at the paper's lr 1e-4, last step kept)."""
 
     locate: str = "gradient"
     circuit_fraction: float = 0.02
     select: str | None = None
     select_fraction: float = 0.25
     lora_rank: int = 0
+    update: str = "sft"
+    update_steps: int = 100
     sft: SFTSettings = field(default_factory=SFTSettings)
     prompt_style: str | None = None  # None: chat if the tokenizer has a template, else few-shot
     shots: list[dict[str, str]] | None = None
@@ -58,12 +64,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.locate not in LOCATORS:
             raise ValueError(f"locate must be one of {LOCATORS}, got {self.locate!r}")
+        if self.update not in UPDATES:
+            raise ValueError(f"update must be one of {UPDATES}, got {self.update!r}")
         if self.select is not None and self.select not in SELECTORS:
             raise ValueError(f"select must be one of {SELECTORS} or None, got {self.select!r}")
         for name in ("circuit_fraction", "select_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
-        for name in ("max_new_tokens", "eval_batch_size"):
+        for name in ("max_new_tokens", "eval_batch_size", "update_steps"):
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if int(self.lora_rank) != self.lora_rank or self.lora_rank < 0:
@@ -197,13 +205,39 @@ def locate_for_training(model, tokenizer, rows, style: str, cfg: TrainConfig, mi
         data = pivotal_dataset(tokenizer, examples, cfg.sft.pivotal_weight, style)
         return gradient_scan(model, data, keep_fraction=keep_fraction, pad_token_id=tokenizer.pad_token_id,
                              progress=progress)
+    records = _mine_digit_pivots(model, tokenizer, rows, style, cfg, mining_dir, progress)
+    return attribution_scan(model, None, records, target="logit_diff", keep_fraction=keep_fraction,
+                            progress=progress)
+
+
+def _mine_digit_pivots(model, tokenizer, rows, style: str, cfg: TrainConfig, mining_dir: str | os.PathLike,
+                       progress: bool = True):
+    """First-wrong-digit pivot records of ``model`` on ``rows`` (mined once into ``mining_dir``, resumable)."""
     from ..cca.mining import MiningConfig, mine_pivotal_tokens
 
     mining = MiningConfig(pivot="digit", shots=cfg.shots, prompt_style=style, max_new_tokens=cfg.max_new_tokens,
                           question_field=cfg.question_field, seed=cfg.seed)
-    mined = mine_pivotal_tokens(model, tokenizer, rows, mining_dir, mining, progress=progress)
-    return attribution_scan(model, None, mined.records, target="logit_diff", keep_fraction=keep_fraction,
-                            progress=progress)
+    return mine_pivotal_tokens(model, tokenizer, rows, mining_dir, mining, progress=progress).records
+
+
+def _cca_update(peft_model, tokenizer, rows, style: str, cfg: TrainConfig, run: "RunFolder", log) -> dict[str, Any]:
+    """The CCA update of the adapter's circuit on digit pivots mined from the base model; its weights
+    are copied into ``peft_model``."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from ..cca.update import amplify_update
+    from ..models import load_model
+
+    with peft_model.disable_adapter():
+        records = _mine_digit_pivots(peft_model, tokenizer, rows, style, cfg, run.path / "mining")
+    if not len(records):
+        raise ValueError("the base model made no digit mistakes on the training examples: nothing for the CCA "
+                         "update to learn from; use update='sft'")
+    log(f"[train] CCA update of the circuit on {len(records)} pivot records, {cfg.update_steps} steps")
+    result = amplify_update(load_model(run.settings["model"]), records, peft_model.peft_config["default"],
+                            tokenizer=tokenizer, steps=cfg.update_steps)
+    set_peft_model_state_dict(peft_model, get_peft_model_state_dict(result.model))
+    return {"records": len(records), "initial_margin": result.initial_margin, "final_margin": result.final_margin}
 
 
 def _locate(model, tokenizer, rows, style, cfg: TrainConfig, out: Path) -> dict[str, Any]:
@@ -328,9 +362,15 @@ def _fit(run: RunFolder, peft_model, tokenizer, rows, style: str, cfg: TrainConf
         return
 
     def fit():
+        if cfg.update == "cca":
+            out = _cca_update(peft_model, tokenizer, rows, style, cfg, run, log)
+            _save_weights(peft_model, weights)
+            return out
         examples = gold_examples(tokenizer, rows, style, cfg.shots, cfg.question_field, cfg.answer_field)
-        log(f"[train] pivotal SFT of the circuit on {len(examples)} examples, {cfg.sft.epochs:g} epochs")
-        train_sft(peft_model, tokenizer, examples, cfg.sft, str(run.path / "trainer"), style=style)
+        steps = math.ceil(math.ceil(len(examples) / cfg.sft.batch_size) * cfg.sft.epochs)
+        log(f"[train] pivotal SFT of the circuit on {len(examples)} examples, {cfg.sft.epochs:g} epochs "
+            f"({steps} optimizer steps of {cfg.sft.batch_size}; the bar shows the time left)")
+        train_sft(peft_model, tokenizer, examples, cfg.sft, str(run.path / "trainer"), style=style, progress=True)
         shutil.rmtree(run.path / "trainer", ignore_errors=True)
         _save_weights(peft_model, weights)
         return {"examples": len(examples)}
@@ -404,5 +444,5 @@ def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]
     return TrainResult(report=report, model=peft_model, output_dir=out)
 
 
-__all__ = ["LOCATORS", "SELECTORS", "TrainConfig", "TrainResult", "RunFolder", "locate_for_training", "model_card",
+__all__ = ["LOCATORS", "SELECTORS", "UPDATES", "TrainConfig", "TrainResult", "RunFolder", "locate_for_training", "model_card",
            "summary_table", "train"]

@@ -93,9 +93,11 @@ def train_sft(
     output_dir: str,
     style: PromptStyle = "chat",
     use_cpu: bool | None = None,
+    progress: bool = False,
 ) -> nn.Module:
     """Train ``model`` (a PEFT model or a plain one for full fine-tuning) on ``examples`` from
-    :func:`gold_examples` with ``transformers.Trainer`` and pivotal weights; returns it in eval mode."""
+    :func:`gold_examples` with ``transformers.Trainer`` and pivotal weights; returns it in eval mode.
+    ``progress``: the Trainer's progress bar (steps, time left)."""
     import torch
     from transformers import TrainingArguments
 
@@ -105,7 +107,7 @@ def train_sft(
     args = TrainingArguments(
         output_dir=output_dir, num_train_epochs=settings.epochs, per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate, lr_scheduler_type="cosine", weight_decay=settings.weight_decay,
-        logging_steps=10**6, save_strategy="no", report_to=[], seed=settings.seed, disable_tqdm=True,
+        logging_steps=10**6, save_strategy="no", report_to=[], seed=settings.seed, disable_tqdm=not progress,
         use_cpu=(not torch.cuda.is_available()) if use_cpu is None else use_cpu,
     )
     PivotalTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer).train()
