@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ._args import positive
+
 
 def add_problem_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("problems")
@@ -14,7 +16,7 @@ def add_problem_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="training problems: a .jsonl/.json file of rows with a question and a gold answer "
                         "(GSM8K '#### n' or a bare number), 'arithmetic' (the built-in two-digit family) "
                         "or 'demo' (the small set shipped with the package)")
-    g.add_argument("--n-problems", type=int, default=None, help="use the first N problems (arithmetic: generate N; default 64)")
+    g.add_argument("--n-problems", type=positive(int), default=None, help="use the first N problems (arithmetic: generate N; default 64)")
     g.add_argument("--question-field", default="question")
     g.add_argument("--answer-field", default="answer", help="field with the gold answer (default answer)")
     g.add_argument("--id-field", default="id", help="field with a unique problem id (default id; else the row number)")
@@ -26,13 +28,13 @@ def add_mining_args(p: argparse.ArgumentParser) -> None:
                    help="pivotal-token method (default branching, the causal one)")
     g.add_argument("--pivot", choices=("token", "digit"), default="token",
                    help="digit: the first wrong digit of a wrong final answer (final-number tasks; cheap)")
-    g.add_argument("--n-samples", type=int, default=10, help="sampled traces per problem (default 10)")
-    g.add_argument("--temperature-if-right", type=float, default=1.2)
-    g.add_argument("--temperature-if-wrong", type=float, default=0.8)
-    g.add_argument("--max-new-tokens", type=int, default=64, help="trace length cap (default 64)")
-    g.add_argument("--batch-size", type=int, default=8, help="problems per chunk (default 8)")
-    g.add_argument("--generation-batch-size", type=int, default=32, help="sequences per generate call (default 32)")
-    g.add_argument("--max-branch-completions", type=int, default=16,
+    g.add_argument("--n-samples", type=positive(int), default=10, help="sampled traces per problem (default 10)")
+    g.add_argument("--temperature-if-right", type=positive(float), default=1.2)
+    g.add_argument("--temperature-if-wrong", type=positive(float), default=0.8)
+    g.add_argument("--max-new-tokens", type=positive(int), default=64, help="trace length cap (default 64)")
+    g.add_argument("--batch-size", type=positive(int), default=8, help="problems per chunk (default 8)")
+    g.add_argument("--generation-batch-size", type=positive(int), default=32, help="sequences per generate call (default 32)")
+    g.add_argument("--max-branch-completions", type=positive(int), default=16,
                    help="branching: greedy completions per problem at most (default 16)")
     g.add_argument("--outcome-filter", action="store_true",
                    help="keep only prefix/digit pairs whose token changes the outcome (checked by greedy completion)")
@@ -47,7 +49,7 @@ def add_mining_args(p: argparse.ArgumentParser) -> None:
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="hub id, local folder, or 'smollm2' (offline SmolLM2-135M-Instruct)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads")
     p.add_argument("--device", default=None, help="e.g. cuda; default cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ._args import fraction, non_negative, positive
 from ._cca import add_mining_args, add_problem_args, add_runtime_args, load_problem_rows, load_runtime, mining_config
 
 PACKAGE_SIDE_EFFECT_DATA = "package"
@@ -17,37 +18,37 @@ def add_amplify_args(p: argparse.ArgumentParser) -> None:
     h.add_argument("--heldout", default=None,
                    help="validation + test problems: a file (first --n-val rows validate, the next --n-test test), "
                         "'arithmetic' or 'demo' (default: the same kind as --problems; a file needs --heldout)")
-    h.add_argument("--n-val", type=int, default=32, help="validation problems (pick the best update step; default 32)")
-    h.add_argument("--n-test", type=int, default=64, help="test problems (accuracy before/after; default 64)")
+    h.add_argument("--n-val", type=positive(int), default=32, help="validation problems (pick the best update step; default 32)")
+    h.add_argument("--n-test", type=positive(int), default=64, help="test problems (accuracy before/after; default 64)")
     loc = p.add_argument_group("locate")
     loc.add_argument("--locate", choices=("attribution", "dcm"), default="attribution",
                      help="attribution of the logit difference (fast, default) or DCM masks (the paper's)")
-    loc.add_argument("--circuit-fraction", type=float, default=0.02,
+    loc.add_argument("--circuit-fraction", type=fraction, default=0.02,
                      help="share of components kept (attribution: per kind; dcm: a cap); default 0.02")
-    loc.add_argument("--dcm-lambda", type=float, default=0.01)
-    loc.add_argument("--dcm-epochs", type=int, default=50)
+    loc.add_argument("--dcm-lambda", type=non_negative(float), default=0.01)
+    loc.add_argument("--dcm-epochs", type=positive(int), default=50)
     u = p.add_argument_group("update")
-    u.add_argument("--steps", type=int, default=100, help="update steps (default 100)")
-    u.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4, the paper's)")
+    u.add_argument("--steps", type=positive(int), default=100, help="update steps (default 100)")
+    u.add_argument("--lr", type=positive(float), default=1e-4, help="learning rate (default 1e-4, the paper's)")
     u.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="sgd = full-batch gradient descent")
     u.add_argument("--loss", choices=("logit_diff", "logsigmoid", "capped"), default="logit_diff",
                    help="logit_diff (paper, unbounded), logsigmoid or capped (bounded)")
-    u.add_argument("--margin-cap", type=float, default=5.0)
-    u.add_argument("--eval-every", type=int, default=10, help="validate every N steps (default 10)")
-    u.add_argument("--patience", type=int, default=None, help="stop after N validations without improvement")
+    u.add_argument("--margin-cap", type=positive(float), default=5.0)
+    u.add_argument("--eval-every", type=positive(int), default=10, help="validate every N steps (default 10)")
+    u.add_argument("--patience", type=positive(int), default=None, help="stop after N validations without improvement")
     u.add_argument("--projections", choices=("paper", "all"), default="paper",
                    help="paper: q/k/v rows + up_proj rows; all: every slice of each component")
     u.add_argument("--no-cache", action="store_true", help="run every layer at each step (slower; same result)")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--eval-max-new-tokens", type=int, default=None, help="default: --max-new-tokens")
+    e.add_argument("--eval-max-new-tokens", type=positive(int), default=None, help="default: --max-new-tokens")
     e.add_argument("--side-effect-data", default=PACKAGE_SIDE_EFFECT_DATA,
                    help="folder with mmlu/test/, truthfulqa/, text/ (like ../shared/data); 'package' (default): "
                         "the tiny slices shipped with circuit-peft; 'none': skip side effects")
     e.add_argument("--side-effects", default="mmlu,truthfulqa,kl", help="comma-separated subset of mmlu,truthfulqa,kl")
     e.add_argument("--mmlu-subjects", default=None, help="comma-separated MMLU subjects (default: all in the folder's default set)")
-    e.add_argument("--mmlu-limit", type=int, default=None, help="MMLU rows per subject")
-    e.add_argument("--truthfulqa-limit", type=int, default=None)
-    e.add_argument("--kl-chunks", type=int, default=8, help="128-token chunks of text for the KL (default 8)")
+    e.add_argument("--mmlu-limit", type=positive(int), default=None, help="MMLU rows per subject")
+    e.add_argument("--truthfulqa-limit", type=positive(int), default=None)
+    e.add_argument("--kl-chunks", type=positive(int), default=8, help="128-token chunks of text for the KL (default 8)")
 
 
 def package_side_effect_dir() -> tuple[str, tuple[str, ...]]:

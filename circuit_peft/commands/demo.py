@@ -27,6 +27,7 @@ import torch
 from peft import get_peft_model
 from tqdm import tqdm
 
+from ._args import positive
 from ..arch import get_arch
 from ..models import load_model, load_tokenizer
 from ..tuner import CircuitConfig, circuit_size
@@ -185,6 +186,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--cca", action="store_true", help="the CCA-update demo (amplify; the options above apply to it)")
     a = p.add_argument_group("adapter-only demo")
     a.add_argument("--adapter-only", action="store_true", help="the fixed-circuit AdamW demo (no CCA)")
-    a.add_argument("--adapter-problems", type=int, default=4, help="bundled GSM8K problems to train on (1-8)")
+    a.add_argument("--adapter-problems", type=positive(int), default=4, help="bundled GSM8K problems to train on (1-8)")
     a.add_argument("--output-dir", default="circuit-demo-adapter", help="where the adapter-only demo saves")
     p.set_defaults(func=run, **CCA_DEMO_DEFAULTS)

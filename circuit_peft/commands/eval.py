@@ -6,6 +6,7 @@ import argparse
 import time
 from typing import Any
 
+from ._args import non_negative, positive
 from ..files import atomic_write_json
 
 EVAL_TASKS: tuple[str, ...] = ("gsm8k", "mmlu", "truthfulqa", "kl")
@@ -129,22 +130,22 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--data-dir", help="data folder (gsm8k/, mmlu/test/, truthfulqa/, text/); default: the HF hub")
     p.add_argument("--tasks", default="gsm8k,mmlu,truthfulqa,kl", help="comma-separated subset of "
                    + ",".join(EVAL_TASKS) + " (default: all)")
-    p.add_argument("--limit", type=int, help="first N problems / MMLU rows per subject / TruthfulQA rows")
+    p.add_argument("--limit", type=positive(int), help="first N problems / MMLU rows per subject / TruthfulQA rows")
     p.add_argument("--out", help="write the JSON report here (atomically)")
     p.add_argument("--split", default="test", help="GSM8K split (default test)")
     p.add_argument("--style", choices=("chat", "fewshot"), default="chat", help="prompt style (default chat)")
-    p.add_argument("--shots", type=int, help="fewshot: use the first K GSM8K train rows as shots "
+    p.add_argument("--shots", type=non_negative(int), help="fewshot: use the first K GSM8K train rows as shots "
                    "(default: two built-in examples)")
     p.add_argument("--instruction", help="text appended to each question, e.g. \"End with 'The answer is N.'\"")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=positive(int), default=256)
+    p.add_argument("--batch-size", type=positive(int), default=8)
     p.add_argument("--with-base", action="store_true", help="also score GSM8K accuracy of the base model")
     p.add_argument("--mmlu-subjects", help="comma-separated MMLU subjects (default: a fixed set of 6)")
-    p.add_argument("--mmlu-shots", type=int, default=5)
+    p.add_argument("--mmlu-shots", type=non_negative(int), default=5)
     p.add_argument("--text", help="plain-text file for KL (default: <data-dir>/text/tinyshakespeare.txt)")
-    p.add_argument("--kl-chunks", type=int, default=32, help="number of text chunks for KL (default 32)")
-    p.add_argument("--kl-chunk-length", type=int, default=128, help="tokens per KL chunk (default 128)")
+    p.add_argument("--kl-chunks", type=positive(int), default=32, help="number of text chunks for KL (default 32)")
+    p.add_argument("--kl-chunk-length", type=positive(int), default=128, help="tokens per KL chunk (default 128)")
     p.add_argument("--no-records", action="store_true", help="leave per-problem records out of the report")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=positive(int), help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

@@ -10,6 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ._args import fraction, non_negative, positive
+
 logger = logging.getLogger(__name__)
 
 METHODS = ("dcm", "ablation", "attribution")
@@ -32,29 +34,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g = p.add_argument_group("data")
     g.add_argument("--data-config", default=None, help="hub dataset configuration (e.g. 'main' for gsm8k)")
     g.add_argument("--split", default="train", help="hub dataset split (default train)")
-    g.add_argument("--limit", type=int, default=None, help="use only the first N rows")
+    g.add_argument("--limit", type=positive(int), default=None, help="use only the first N rows")
     g.add_argument("--prompt-field", default=None,
                    help="probe field with the prompt (default: 'prompt', else 'question' if present)")
     g.add_argument("--solution-field", default=None,
                    help="probe field with the solution (default: 'solution', else 'answer' if present)")
     g.add_argument("--no-chat-template", action="store_true", help="probe prompts as plain text, not a chat turn")
-    g.add_argument("--max-length", type=int, default=1024, help="probe rows are cut to this many tokens")
+    g.add_argument("--max-length", type=positive(int), default=1024, help="probe rows are cut to this many tokens")
     s = p.add_argument_group("selection")
-    s.add_argument("--keep-fraction", type=float, default=None,
+    s.add_argument("--keep-fraction", type=fraction, default=None,
                    help="keep this share of the scored components (ablation/attribution default 0.05)")
-    s.add_argument("--top-k", type=int, default=None, help="keep the k best scored components instead")
+    s.add_argument("--top-k", type=positive(int), default=None, help="keep the k best scored components instead")
     s.add_argument("--z", type=float, default=None, help="keep components with score z-score >= Z instead")
     a = p.add_argument_group("ablation / attribution")
     a.add_argument("--ablation", choices=("uniform", "zero", "mean"), default="uniform", help="head ablation operator")
     a.add_argument("--target", choices=("ablation", "logit_diff"), default=None,
                    help="attribution target (default: logit_diff for contrastive records, else ablation)")
-    a.add_argument("--batch-size", type=int, default=None, help="rows per forward (ablation 8, attribution 4, dcm 8)")
+    a.add_argument("--batch-size", type=positive(int), default=None, help="rows per forward (ablation 8, attribution 4, dcm 8)")
     a.add_argument("--naive", action="store_true", help="ablation: one full forward per head (slow reference)")
     d = p.add_argument_group("dcm")
-    d.add_argument("--lambda", dest="lambda_l1", type=float, default=0.01, help="L1 weight (default 0.01)")
-    d.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3)")
-    d.add_argument("--epochs", type=int, default=50, help="maximum epochs (default 50)")
-    d.add_argument("--patience", type=int, default=5, help="early stop after N epochs with the same kept count")
+    d.add_argument("--lambda", dest="lambda_l1", type=non_negative(float), default=0.01, help="L1 weight (default 0.01)")
+    d.add_argument("--lr", type=positive(float), default=5e-3, help="Adam learning rate (default 5e-3)")
+    d.add_argument("--epochs", type=positive(int), default=50, help="maximum epochs (default 50)")
+    d.add_argument("--patience", type=positive(int), default=5, help="early stop after N epochs with the same kept count")
     d.add_argument("--objective", choices=("logit_diff", "logsigmoid"), default="logit_diff")
     d.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="e.g. cuda; default cpu")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ._args import positive
 from ._cca import add_mining_args, add_problem_args, add_runtime_args, load_problem_rows, load_runtime, mining_config
 
 
@@ -19,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_problem_args(p)
     add_mining_args(p)
     p.add_argument("--out", required=True, help="output folder (records.jsonl, progress.jsonl, summary.json)")
-    p.add_argument("--max-problems", type=int, default=None, help="stop after mining N more problems (resume later)")
+    p.add_argument("--max-problems", type=positive(int), default=None, help="stop after mining N more problems (resume later)")
     p.set_defaults(func=run)
     return p
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ._args import fraction, non_negative, positive
 from ..files import atomic_write_text
 
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -100,7 +101,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--model", default="smollm2", help="reference model: 'smollm2', a hub id or a folder")
     p.add_argument("--data", required=True, help=".jsonl/.json/.csv/.parquet file (or a hub data set name)")
     p.add_argument("--split", default="train", help="split of a hub data set")
-    p.add_argument("--fraction", type=float, default=0.1, help="share of the pool to keep, in (0, 1]")
+    p.add_argument("--fraction", type=fraction, default=0.1, help="share of the pool to keep, in (0, 1]")
     p.add_argument("--method", default="circuitseer",
                    choices=["circuitseer", "random", "length-matched", "max-loss", "ifd"])
     p.add_argument("--out", required=True, help="where to write the subset (.jsonl; adds pool_index and score)")
@@ -108,21 +109,21 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--heads", help="reasoning heads file (circuit-peft select/locate output) for circuitseer")
     p.add_argument("--head-method", default="ablation", choices=["ablation", "attribution"],
                    help="how to find reasoning heads when --heads is not given")
-    p.add_argument("--head-fraction", type=float, default=0.05, help="share of heads kept as reasoning heads")
-    p.add_argument("--probe-rows", type=int, default=16, help="rows of --data used to find the heads")
+    p.add_argument("--head-fraction", type=fraction, default=0.05, help="share of heads kept as reasoning heads")
+    p.add_argument("--probe-rows", type=positive(int), default=16, help="rows of --data used to find the heads")
     p.add_argument("--save-heads", help="where to save heads found here (default: OUT.heads.json)")
     p.add_argument("--question-field", default="question")
     p.add_argument("--answer-field", default="answer")
     p.add_argument("--score-column", default="score")
-    p.add_argument("--tau", type=float, default=0.5, help="soft-sampling temperature (0 = top-k)")
+    p.add_argument("--tau", type=non_negative(float), default=0.5, help="soft-sampling temperature (0 = top-k)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--query", default="last", choices=["last", "mean"], help="attention row(s) scored")
     p.add_argument("--keep-sink", action="store_true", help="paper's raw variance (keep the first/BOS token)")
     p.add_argument("--length-normalized", action="store_true", help="score Var(n*a) instead of Var(a)")
     p.add_argument("--no-length-debias", action="store_true",
                    help="keep per-example scores (default: residual of log score after a fit on log length)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, help="token limit (default: the model's context)")
+    p.add_argument("--batch-size", type=positive(int), default=16)
+    p.add_argument("--max-length", type=positive(int), help="token limit (default: the model's context)")
     p.add_argument("--on-long", default="truncate", choices=["truncate", "error"],
                    help="what to do with rows longer than the context")
     p.add_argument("--cache-dir", help="folder for resumable score caches")

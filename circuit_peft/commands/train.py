@@ -11,6 +11,7 @@ import random
 import shlex
 from typing import Any
 
+from ._args import fraction, non_negative, positive
 from ._cca import read_rows, resolve_shots
 
 DATA_KEYWORDS = ("arithmetic",)
@@ -69,22 +70,6 @@ def split_examples(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list
     return rows, held
 
 
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
 def config_from_args(args: argparse.Namespace):
     from ..recipe import SFTSettings, TrainConfig
 
@@ -124,10 +109,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="training examples: .jsonl/.json/.csv file, hub dataset id, or 'arithmetic' (built in)")
     d.add_argument("--data-config", default=None, help="hub dataset config (e.g. main for openai/gsm8k)")
     d.add_argument("--data-split", default="train", help="hub dataset split (default train)")
-    d.add_argument("--n-train", type=_positive(int), default=None, help="use the first N training examples")
+    d.add_argument("--n-train", type=positive(int), default=None, help="use the first N training examples")
     d.add_argument("--heldout", default=None, help="held-out examples (same forms as --data); default: a split of --data")
-    d.add_argument("--heldout-fraction", type=_fraction, default=0.2)
-    d.add_argument("--n-heldout", type=_positive(int), default=None)
+    d.add_argument("--heldout-fraction", type=fraction, default=0.2)
+    d.add_argument("--n-heldout", type=positive(int), default=None)
     d.add_argument("--question-field", default="question")
     d.add_argument("--answer-field", default="answer", help="gold answer: GSM8K '... #### n' or a bare number")
     d.add_argument("--shots", default=None, help="worked examples: .jsonl, 'arithmetic' or 'none'")
@@ -135,26 +120,26 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="default: chat when the tokenizer has a chat template, else few-shot")
     s = p.add_argument_group("selection, circuit, training")
     s.add_argument("--select", choices=("circuitseer", "ifd", "random"), default=None)
-    s.add_argument("--select-fraction", type=_fraction, default=0.25)
+    s.add_argument("--select-fraction", type=fraction, default=0.25)
     s.add_argument("--locate", choices=("gradient", "attribution"), default="gradient",
                    help="gradient: SFT-loss gradient norm per component; attribution: digit pivots + logit difference")
-    s.add_argument("--circuit-fraction", type=_fraction, default=0.02, help="share of each kind kept (default 0.02)")
-    s.add_argument("--lora-rank", type=int, default=0, help="> 0: circuit + LoRA in one adapter")
+    s.add_argument("--circuit-fraction", type=fraction, default=0.02, help="share of each kind kept (default 0.02)")
+    s.add_argument("--lora-rank", type=non_negative(int), default=0, help="> 0: circuit + LoRA in one adapter")
     s.add_argument("--update", choices=("sft", "cca"), default="sft",
                    help="sft: pivotal-weighted SFT on gold solutions; cca: the CCA update on mined digit pivots")
-    s.add_argument("--update-steps", type=_positive(int), default=100, help="steps of the CCA update")
-    s.add_argument("--lr", type=_positive(float), default=1e-3)
-    s.add_argument("--epochs", type=_positive(float), default=3.0)
-    s.add_argument("--batch-size", type=_positive(int), default=8)
-    s.add_argument("--pivotal-weight", type=float, default=5.0, help="loss weight of the final answer's tokens")
+    s.add_argument("--update-steps", type=positive(int), default=100, help="steps of the CCA update")
+    s.add_argument("--lr", type=positive(float), default=1e-3)
+    s.add_argument("--epochs", type=positive(float), default=3.0)
+    s.add_argument("--batch-size", type=positive(int), default=8)
+    s.add_argument("--pivotal-weight", type=non_negative(float), default=5.0, help="loss weight of the final answer's tokens")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--max-new-tokens", type=_positive(int), default=64)
+    e.add_argument("--max-new-tokens", type=positive(int), default=64)
     e.add_argument("--side-effects-data", default=None,
                    help="folder with mmlu/test, truthfulqa/, text/ for side effects (default: skipped)")
     e.add_argument("--mmlu-subjects", default=None,
                    help="comma-separated MMLU subjects (default: the usual six found in the folder)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=_positive(int), default=None)
+    p.add_argument("--threads", type=positive(int), default=None)
 
 
 def add_parser(subparsers: Any) -> None:
