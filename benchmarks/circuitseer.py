@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from circuit_peft.evaluate.generation import pad_batch
+from circuit_peft.batching import pad_batch
 from circuit_peft.files import atomic_write_text
 from circuit_peft.models import load_model, load_tokenizer
 from circuit_peft.select import (

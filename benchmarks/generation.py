@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def hf_generate(model, tok, prompts: list[list[int]], max_new_tokens: int, batch: int) -> list[list[int]]:
     """``model.generate`` on left-padded batches, completions cut at the first pad/EOS id."""
-    from circuit_peft.evaluate.generation import pad_batch
+    from circuit_peft.batching import pad_batch
 
     stops = {tok.pad_token_id, tok.eos_token_id}
     out = []

@@ -61,7 +61,8 @@ def test_cli_bad_input(pool, capsys, tmp_path):
     assert "no question field 'problem'" in capsys.readouterr().err
     for fraction in ("0", "1.5", "-0.2"):
         assert main(["select", "--data", str(path), "--fraction", fraction, "--out", str(tmp_path / "o")]) == 2
-        assert "--fraction must be in (0, 1]" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "--fraction" in err and "must be in (0, 1]" in err
     foreign = ReasoningHeads.from_list([(0, 1)], tiny_model("gpt2")).save(tmp_path / "foreign.json")
     assert main(["select", "--data", str(path), "--heads", str(foreign), "--out", str(tmp_path / "o")]) == 2
     assert "made for another model" in capsys.readouterr().err

@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from ..arch import get_arch, unwrap_model
 from ..circuit import Circuit
 from ..interventions import capture_layer_input, forward_until, start_at_layer
-from ..locate.data import collate_records, last_logits, length_batches, pad_token_id, validate_records
+from ..batching import length_batches, pad_token_id
+from ..locate.data import collate_records, last_logits, validate_records
 from ..tuner import CircuitConfig, circuit_size
 
 logger = logging.getLogger(__name__)

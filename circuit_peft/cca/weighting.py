@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, TrainerCallback, default_data_collator
 
-from ..evaluate.generation import last_token_logits, pad_batch
+from ..batching import pad_batch, pad_token_id
+from ..evaluate.generation import last_token_logits
 
 WEIGHT_COLUMNS: tuple[str, ...] = ("token_weights", "undesired_ids")
 DEFAULT_PIVOTAL_WEIGHT = 5.0
@@ -339,14 +340,13 @@ def install_pivotal_columns(trainer) -> None:
     args = trainer.args
     if getattr(args, "packing", False) or getattr(args, "padding_free", False):
         raise ValueError("pivotal weighting needs packing=False and padding_free=False")
-    tok = getattr(trainer, "processing_class", None)
-    pad = getattr(tok, "pad_token_id", None)
+    pad = pad_token_id(trainer.model, getattr(trainer, "processing_class", None))
     base = trainer.data_collator
     if not isinstance(base, PivotalCollator):
         # Trainer's defaults pad no labels (or nothing): pad here instead
         if base is default_data_collator or isinstance(base, DataCollatorWithPadding):
             base = None
-        trainer.data_collator = PivotalCollator(base, pad_token_id=0 if pad is None else pad,
+        trainer.data_collator = PivotalCollator(base, pad_token_id=pad,
                                                 truncation_mode=getattr(args, "truncation_mode", "keep_start"))
     trainer._set_signature_columns_if_needed()
     trainer._signature_columns = [*trainer._signature_columns, *WEIGHT_COLUMNS]

@@ -10,9 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+from ..batching import model_device, pad_batch, pad_token_id  # noqa: F401
 
 
 @contextmanager
@@ -24,29 +22,6 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         yield model
     finally:
         model.train(was_training)
-
-
-def pad_batch(
-    sequences: Sequence[Sequence[int]], pad_id: int, side: str = "left"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` of shape ``(B, max_len)`` padded on ``side``."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if not s:
-            raise ValueError(f"sequence {i} is empty; every prompt needs at least one token")
-        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
-        ids[i, sl] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, sl] = 1
-    return ids, mask
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
-    return int(pad)
 
 
 def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pad_id: int) -> set[int]:
@@ -118,7 +93,7 @@ def generate_with_shared_prefix(
     """
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(None, tokenizer)
     stops = _stop_ids(model, tokenizer, pad_id)
     prefix = list(prompt_ids[0][: shared_prefix_length(prompt_ids)])
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
@@ -203,7 +178,7 @@ def continuation_logprobs(
     if len(contexts) != len(continuations):
         raise ValueError("contexts and continuations must have the same length")
     prefix = list(shared_prefix or [])
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(None, tokenizer)
     device = model_device(model)
     scores = [0.0] * len(contexts)
     single: dict[tuple[int, ...], list[int]] = {}
@@ -267,7 +242,7 @@ def last_token_logits(
     """
     if not contexts:
         raise ValueError("no contexts to score")
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(None, tokenizer)
     device = model_device(model)
     rows: list[torch.Tensor] = []
     with eval_mode(model):

@@ -19,7 +19,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .accuracy import binomial_stderr
 from .data import DEFAULT_TEXT_FILE, load_mmlu, load_text, load_truthfulqa
-from .generation import continuation_logprobs, eval_mode, model_device, pad_batch
+from ..batching import model_device, pad_batch
+from .generation import continuation_logprobs, eval_mode
 
 SIDE_EFFECT_TASKS: tuple[str, ...] = ("mmlu", "truthfulqa", "kl")
 _LETTERS = "ABCD"

@@ -22,15 +22,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..batching import length_batches, model_device, pad_token_id, to_device
 from ..arch import Component, get_arch
 from ..circuit import Circuit
 from ..interventions import (
     ABLATION_METHODS, HeadAblation, ablate_heads, capture_layer_input, head_output_means, start_at_layer,
 )
-from .data import (
-    collate_probe, encode_probe, last_logits, length_batches, model_device, model_inputs, pad_token_id,
-    solution_loss_sums, to_device,
-)
+from .data import collate_probe, encode_probe, last_logits, model_inputs, solution_loss_sums
 
 DEFAULT_KEEP_FRACTION = 0.05
 

@@ -24,13 +24,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..batching import length_batches, model_device, pad_token_id, to_device
 from ..arch import Component, ModelArch, get_arch
 from ..circuit import Circuit
 from ..interventions import ABLATION_METHODS, uniform_attention_output, capture_components, head_output_means
 from .ablation import DEFAULT_KEEP_FRACTION, probe_batches
 from .data import (
-    at_least_float32, collate_records, last_logits, length_batches, model_device, model_inputs, pad_token_id,
-    solution_loss_sums, to_device, validate_records,
+    at_least_float32, collate_records, last_logits, model_inputs, solution_loss_sums, validate_records,
 )
 
 TARGETS = ("ablation", "logit_diff")

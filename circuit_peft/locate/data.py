@@ -16,8 +16,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from ..batching import left_pad, length_batches, model_device, pad_token_id, to_device  # noqa: F401
 from ..evaluate.prompts import build_prompt_ids
-from ..evaluate.generation import pad_batch
 
 RECORD_FIELDS = ("context_ids", "desired_id", "undesired_id")
 
@@ -33,35 +33,6 @@ def _rows(data: Any) -> list[dict[str, Any]]:
     if not rows:
         raise ValueError("the data set is empty: give at least one row")
     return rows
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """``input_ids``, ``attention_mask`` and ``position_ids`` (B, T) for left-padded ``seqs``."""
-    ids, mask = pad_batch(seqs, int(pad_id), side="left")
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-
-
-def pad_token_id(model: Any, tokenizer: Any = None) -> int:
-    """The pad id to use: the tokenizer's, else the model config's, else its eos, else 0."""
-    for src in (tokenizer, getattr(model, "config", None)):
-        if src is None:
-            continue
-        for attr in ("pad_token_id", "eos_token_id"):
-            v = getattr(src, attr, None)
-            if isinstance(v, (list, tuple)):
-                v = v[0] if v else None
-            if v is not None:
-                return int(v)
-    return 0
-
-
-def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Row indices grouped into batches of similar length (less padding); deterministic."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 # ----- contrastive records -------------------------------------------------------------------
@@ -182,15 +153,6 @@ def collate_probe(rows: Sequence[EncodedProbe], pad_id: int) -> dict[str, torch.
     batch["labels"] = labels
     batch["n_keep"] = torch.tensor(max(r.n_solution for r in rows) + 1)
     return batch
-
-
-def model_device(model: Any) -> torch.device:
-    """Device of the model's first parameter (CPU for a parameterless module)."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def model_inputs(batch: dict[str, torch.Tensor], repeat: int = 1) -> dict[str, torch.Tensor]:

@@ -25,7 +25,8 @@ from ..arch import Component, get_arch
 from ..circuit import Circuit
 from ..interventions import scale_components
 from .attribution import frozen_parameters
-from .data import collate_records, last_logits, model_device, model_inputs, pad_token_id, to_device, validate_records
+from ..batching import model_device, pad_token_id, to_device
+from .data import collate_records, last_logits, model_inputs, validate_records
 
 DCM_KINDS: tuple[str, ...] = ("q", "k", "v", "mlp")
 OBJECTIVES = ("logit_diff", "logsigmoid")

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..arch import PROJECTION_PRESETS, Component, ModelArch, get_arch
 from ..circuit import Circuit
-from .data import model_device, to_device
+from ..batching import model_device, to_device
 
 GRADIENT_KINDS: tuple[str, ...] = ("q", "k", "v", "mlp")
 

@@ -26,8 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..evaluate.generation import pad_batch
-from ..locate.data import pad_token_id
+from ..batching import pad_batch, pad_token_id
 from .cache import ScoreCache, model_fingerprint, score_in_chunks
 from .data import context_length, row_texts, texts_fingerprint
 from .sampling import select_indices, subset_size

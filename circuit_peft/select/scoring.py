@@ -39,8 +39,7 @@ from torch import nn
 
 from ..arch import get_arch
 from ..interventions import capture_qk, forward_until
-from ..evaluate.generation import pad_batch
-from ..locate.data import pad_token_id
+from ..batching import pad_batch, pad_token_id
 from .cache import ScoreCache, model_fingerprint, score_in_chunks
 from .data import context_length, row_texts, texts_fingerprint, tokenize_texts
 from .heads import ReasoningHeads
