@@ -81,3 +81,17 @@ def test_safe_merge_nan_text_and_unmerge_warning_are_peft_s():
         warnings.simplefilter("always")
         layer.unmerge()
     assert any("Already unmerged" in str(w.message) for w in seen)
+
+
+@pytest.mark.parametrize("r", [0, 2])
+def test_unmerge_after_a_cast_restores_the_base_weights(r):
+    """Merge snapshots follow the model when it is moved or cast after merging (.to())."""
+    pm = _two_adapters("llama", r)
+    before = {n: p.detach().clone() for n, p in pm.get_base_model().named_parameters() if "base_layer" in n}
+    pm.base_model.merge_adapter(["default", "b"])
+    pm.to(torch.float64)
+    pm.base_model.unmerge_adapter()
+    after = dict(pm.get_base_model().named_parameters())
+    for name, weight in before.items():
+        assert after[name].dtype == torch.float64
+        torch.testing.assert_close(after[name].float(), weight, rtol=0, atol=1e-6)

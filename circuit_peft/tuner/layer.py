@@ -180,10 +180,11 @@ class CircuitLayer(BaseTunerLayer):
                 w = self._linear_view(base.weight.data)
                 if adapter in self.circuit_lora_A:
                     w -= self._lora_delta(adapter).to(w.dtype)
+                # snapshots follow the weight if the model was moved or cast after merging
                 if "cols" in snap:
-                    w.index_copy_(1, self.circuit_col_index[adapter], snap["cols"])
+                    w.index_copy_(1, self.circuit_col_index[adapter], snap["cols"].to(w))
                 if "rows" in snap:
-                    w.index_copy_(0, self.circuit_row_index[adapter], snap["rows"])
+                    w.index_copy_(0, self.circuit_row_index[adapter], snap["rows"].to(w))
 
     def _lora_delta(self, adapter: str) -> torch.Tensor:
         return self.circuit_scaling[adapter] * (self.circuit_lora_B[adapter] @ self.circuit_lora_A[adapter])
