@@ -323,3 +323,19 @@ def test_length_debias_removes_a_power_law_in_length_and_keeps_order_within_a_le
     assert abs(length_spearman(debiased, lengths)) < 0.1
     np.testing.assert_allclose(debiased, quality - quality.mean(), atol=0.3)
     assert np.isnan(debias_length([0.0, 1e-3, 2e-3, np.nan], [5, 6, 7, 8])[[0, 3]]).all()
+
+
+def test_rows_without_a_finite_score_are_refused_or_never_selected(caplog):
+    """One-word questions give NaN CircuitSeer scores: too many is an error, a few are never chosen."""
+    from circuit_peft.select import select_data
+
+    model = tiny_model("llama", vocab_size=49152)
+    tok = load_tokenizer("smollm2")
+    short = [{"question": "Hi", "answer": "1"}] * 6
+    with pytest.raises(ValueError, match=r"only 0 of 6 rows have a finite score"):
+        select_data(short, "circuitseer", 0.5, model, tok, heads=HEADS, progress=False)
+    rows = _rows(n=6) + short[:2]
+    with caplog.at_level("WARNING"):
+        result = select_data(rows, "circuitseer", 0.5, model, tok, heads=HEADS, progress=False)
+    assert result.info["non_finite_scores"] == 2 and "never selected" in caplog.text
+    assert set(result.indices.tolist()) <= set(range(6)) and np.all(np.isfinite(result.subset["score"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ from .baselines import (
 from .heads import ReasoningHeads
 from .sampling import DEFAULT_TAU, select_indices, subset_size
 from .scoring import CircuitSeerScorer, length_spearman
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,6 +89,8 @@ def select_data(
             scores = loss.ifd(dataset, conditional=cond)
             idx = ifd_indices(scores, k=k)
         info["score_length_spearman"] = length_spearman(scores, prompt_lengths(tokenizer, dataset, question_field))
+    if scores is not None:
+        info["non_finite_scores"] = _check_finite(scores, k, method)
     seconds = time.perf_counter() - t0
     info.update(seconds=round(seconds, 2), examples_per_s=round(len(dataset) / max(seconds, 1e-9), 2))
     subset = dataset.select(idx.tolist())
@@ -93,6 +98,21 @@ def select_data(
     if scores is not None:
         subset = subset.add_column(score_column, [float(scores[i]) for i in idx])
     return SelectionResult(subset, idx, scores, info)
+
+
+def _check_finite(scores: np.ndarray, k: int, method: str) -> int:
+    """The number of rows without a finite score; raises when fewer than ``k`` rows have one (a subset
+    padded with unscored rows, or NaN written as a score, would be silent garbage)."""
+    bad = np.flatnonzero(~np.isfinite(np.asarray(scores, dtype=float)))
+    if len(scores) - len(bad) < k:
+        raise ValueError(f"{method}: only {len(scores) - len(bad)} of {len(scores)} rows have a finite score, fewer "
+                         f"than the {k} to keep (rows without one: {bad[:8].tolist()}...); rows too short to "
+                         "score (e.g. one-word questions or empty answers) cannot be ranked: drop them or lower "
+                         "the fraction")
+    if len(bad):
+        logger.warning("%s: %d of %d rows have no finite score and are never selected (first: %s)", method,
+                       len(bad), len(scores), bad[:8].tolist())
+    return int(len(bad))
 
 
 def plot_scores(scores: np.ndarray, indices: np.ndarray, path: str | Path, title: str = "scores") -> Path:
