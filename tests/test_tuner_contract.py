@@ -95,3 +95,24 @@ def test_unmerge_after_a_cast_restores_the_base_weights(r):
     for name, weight in before.items():
         assert after[name].dtype == torch.float64
         torch.testing.assert_close(after[name].float(), weight, rtol=0, atol=1e-6)
+
+
+def test_a_saved_adapter_without_fingerprint_is_refused_unless_overridden(tmp_path):
+    """A hand-made or stripped adapter_config.json cannot silently go onto any base."""
+    import json
+
+    from peft import PeftModel
+
+    pm = get_peft_model(tiny_model("llama"), CircuitConfig(components={"q": {"1": [0]}}, init_weights=False))
+    pm.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["base_model_fingerprint"] is not None
+    PeftModel.from_pretrained(tiny_model("llama"), tmp_path)  # with its fingerprint: loads
+    saved["base_model_fingerprint"] = None
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="has no base_model_fingerprint"):
+        PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    config = CircuitConfig.from_pretrained(tmp_path)
+    config.check_base_model = False
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path, config=config)
+    torch.testing.assert_close(loaded(IDS).logits, pm(IDS).logits)

@@ -109,7 +109,10 @@ class CircuitConfig(PeftConfig):
             False: small random deltas (std 0.02), useful in tests.
         modules_to_save, trainable_token_indices: as in PEFT (full trainable copies / trainable embedding rows).
         base_model_fingerprint: family and sizes of the base model; filled in by ``get_peft_model`` and
-            checked when the adapter is loaded.
+            checked when the adapter is loaded. A loaded config without one is refused (its indices
+            would be applied blindly) unless ``check_base_model`` is False.
+        check_base_model: False loads a config without a fingerprint onto any base (your decision:
+            load the config, set it, pass ``config=`` to ``PeftModel.from_pretrained``).
         target_modules: derived from ``components`` when the adapter is injected (do not set by hand).
     """
 
@@ -135,12 +138,22 @@ class CircuitConfig(PeftConfig):
     base_model_fingerprint: Optional[dict[str, Any]] = field(
         default=None, metadata={"help": "family and sizes of the base model (filled in at get_peft_model)"}
     )
+    check_base_model: bool = field(
+        default=True, metadata={"help": "False: a loaded config without a fingerprint may go onto any base"}
+    )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "derived from components at injection time"}
     )
     # PEFT's matcher reads these two; a circuit always targets exactly its own modules.
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "must stay None"})
     target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "must stay None"})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
+        """PEFT's loader; the returned config remembers that it was read from a saved adapter."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config._loaded_from = str(pretrained_model_name_or_path)
+        return config
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -177,6 +177,13 @@ class CircuitModel(BaseTuner):
         arch = get_arch(model)
         fingerprint = arch.fingerprint()
         if peft_config.base_model_fingerprint is None:
+            loaded_from = getattr(peft_config, "_loaded_from", None)
+            if loaded_from is not None and peft_config.check_base_model:
+                raise ValueError(
+                    f"the circuit adapter at {loaded_from} has no base_model_fingerprint in adapter_config.json, "
+                    "so nothing shows it was made for this model (its head and neuron indices would be applied "
+                    "blindly). If you know it was: config = CircuitConfig.from_pretrained(path); "
+                    "config.check_base_model = False; PeftModel.from_pretrained(model, path, config=config)")
             peft_config.base_model_fingerprint = fingerprint
         else:
             diffs = fingerprint_diff(peft_config.base_model_fingerprint, fingerprint)
