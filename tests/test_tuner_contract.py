@@ -116,3 +116,24 @@ def test_a_saved_adapter_without_fingerprint_is_refused_unless_overridden(tmp_pa
     config.check_base_model = False
     loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path, config=config)
     torch.testing.assert_close(loaded(IDS).logits, pm(IDS).logits)
+
+
+def test_a_hand_edited_config_is_refused_by_the_saved_index_checksum(tmp_path):
+    """Same count, other heads in adapter_config.json: the deltas' checksum no longer matches."""
+    import json
+
+    from peft import PeftModel
+
+    pm = get_peft_model(tiny_model("llama"), CircuitConfig(components={"q": {"1": [0]}, "mlp": {"2": [1, 2]}},
+                                                           init_weights=False))
+    pm.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    assert any("circuit_index_digest" in k for k in load_file(str(tmp_path / "adapter_model.safetensors")))
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    torch.testing.assert_close(loaded(IDS).logits, pm(IDS).logits)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    saved["components"]["mlp"]["2"] = [3, 4]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="trained for other head/neuron indices"):
+        PeftModel.from_pretrained(tiny_model("llama"), tmp_path)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import zlib
 from typing import Any, Optional
 
 import torch
@@ -31,6 +32,11 @@ from ..arch import ModelArch
 INIT_STD = 0.02  # std of the random deltas when init_weights=False
 
 
+def index_digest(rows: list[int], cols: list[int]) -> torch.Tensor:
+    """CRC-32 of the row and of the column indices, shape (2,), int64: saved with the deltas."""
+    return torch.tensor([zlib.crc32(",".join(map(str, idx)).encode()) for idx in (rows, cols)], dtype=torch.long)
+
+
 class CircuitLayer(BaseTunerLayer):
     """Mixin holding the per-adapter circuit deltas of one (possibly fused) projection module."""
 
@@ -38,6 +44,7 @@ class CircuitLayer(BaseTunerLayer):
     other_param_names: tuple[str, ...] = (
         "circuit_row_index",
         "circuit_col_index",
+        "circuit_index_digest",
         "circuit_scaling",
         "circuit_lora_dropout",
     )
@@ -51,6 +58,8 @@ class CircuitLayer(BaseTunerLayer):
         # Indices are rebuilt from the config at load time, so they are not saved.
         self.circuit_row_index = BufferDict({}, persistent=False)
         self.circuit_col_index = BufferDict({}, persistent=False)
+        # Saved with the deltas: a checksum of their indices, so a hand-edited config is refused at load.
+        self.circuit_index_digest = BufferDict({}, persistent=True)
         self.circuit_scaling: dict[str, float] = {}
         self.circuit_lora_dropout = nn.ModuleDict({})
         self._merge_snapshots: dict[str, dict[str, torch.Tensor]] = {}
@@ -85,6 +94,7 @@ class CircuitLayer(BaseTunerLayer):
         if cols:
             self.circuit_col_index[adapter_name] = torch.tensor(cols, dtype=torch.long, device=device)
             self.circuit_cols[adapter_name] = nn.Parameter(torch.zeros(self.out_features, len(cols), device=device))
+        self.circuit_index_digest[adapter_name] = index_digest(rows, cols).to(device)
         if r > 0:
             self.circuit_lora_A[adapter_name] = nn.Parameter(torch.zeros(r, self.in_features, device=device))
             self.circuit_lora_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r, device=device))
@@ -198,6 +208,18 @@ class CircuitLinear(nn.Module, CircuitLayer):
         CircuitLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, **kwargs)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
+        """Refuse saved deltas whose index checksum differs from the indices the config gives here."""
+        key = prefix + "circuit_index_digest."
+        for name, saved in ((k[len(key):], v) for k, v in state_dict.items() if k.startswith(key)):
+            if name in self.circuit_index_digest and not torch.equal(saved.to(self.circuit_index_digest[name]),
+                                                                     self.circuit_index_digest[name]):
+                raise ValueError(
+                    f"adapter {name!r}, module {prefix.rstrip('.')}: the saved deltas were trained for other head/"
+                    "neuron indices than adapter_config.json lists (was the config edited?); refusing to apply "
+                    "them to the wrong components")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _add_adapter(self, x: torch.Tensor, result: torch.Tensor, adapter: str) -> torch.Tensor:
         """``result`` (the base output for input ``x``) plus ``adapter``'s slice and LoRA updates."""
