@@ -68,3 +68,63 @@ def check_output_path(path: str | os.PathLike, flag: str, inputs: tuple[str | os
     if not os.access(parent, os.W_OK):
         raise ValueError(f"{flag} {path}: the folder {parent} is not writable")
     return path
+
+
+ROW_FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson", ".json", ".csv")
+
+
+def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a local ``.jsonl``/``.ndjson``/``.json``/``.csv`` file, as dicts: THE row reader of every command.
+
+    Errors name the file and line: a missing file, a malformed JSON line, a line that is not an
+    object, bytes that are not UTF-8 (with the fix), an unknown suffix, a file without rows.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no data file at {p}")
+    suffix = p.suffix.lower()
+    if suffix not in ROW_FILE_SUFFIXES:
+        raise ValueError(f"{p}: unknown data file type {suffix!r}; use {', '.join(ROW_FILE_SUFFIXES)}")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ValueError(f"{p}:{line}: not UTF-8 text (byte {raw[err.start]:#04x}); save the file as UTF-8") from None
+    if suffix == ".csv":
+        import csv
+        import io
+
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    elif suffix == ".json":
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{p}:{err.lineno}: not valid JSON ({err.msg})") from None
+        rows = loaded if isinstance(loaded, list) else (loaded.get("data") or loaded.get("rows")
+                                                        if isinstance(loaded, dict) else None)
+        if not isinstance(rows, list):
+            raise ValueError(f"{p}: a .json data file holds a list of rows (or {{'data': [...]}})")
+    else:
+        rows = _json_lines(p, text)
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise ValueError(f"{p}: row {bad} is a {type(rows[bad]).__name__}, not an object with fields")
+    if not rows:
+        raise ValueError(f"{p} holds no rows")
+    return rows
+
+
+def _json_lines(p: Path, text: str) -> list[Any]:
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{p}:{lineno}: not valid JSON ({err.msg}); fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{p}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+        rows.append(row)
+    return rows

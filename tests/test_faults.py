@@ -6,6 +6,7 @@ the flag, before any file is read or model loaded (the parser runs first)."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -53,3 +54,46 @@ def test_bad_number_is_refused_at_parse_time_naming_the_flag(command, flag, valu
         build_parser().parse_args(argv)
     assert exit_info.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+# ----- part 2: one row reader for every command, errors that name the file and line ----------------
+
+
+BAD_FILES = [
+    ("rows.jsonl", b'{"question": "a", "answer": "1"}\n{"question": "b", "answer": \n', r"rows.jsonl:2: not valid JSON"),
+    ("rows.jsonl", b'{"question": "a", "answer": "1"}\n[1, 2]\n', r"rows.jsonl:2: expected a JSON object"),
+    ("rows.jsonl", b'{"question": "a", "answer": "1"}\n{"question": "caf\xe9", "answer": "2"}\n',
+     r"rows.jsonl:2: not UTF-8 text.*save the file as UTF-8"),
+    ("rows.jsonl", b"\n\n", r"rows.jsonl holds no rows"),
+    ("rows.json", b'{"question": "a"', r"rows.json:1: not valid JSON"),
+    ("rows.json", b'"just a string"', r"holds a list of rows"),
+    ("rows.json", b'[{"question": "a"}, 3]', r"row 1 is a int"),
+    ("rows.txt", b"question,answer\n", r"unknown data file type '.txt'"),
+    ("rows.csv", b"question,answer\n", r"rows.csv holds no rows"),
+]
+
+
+@pytest.mark.parametrize("name,content,match", BAD_FILES, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(BAD_FILES)])
+def test_every_command_reads_rows_through_one_reader_that_names_file_and_line(tmp_path, name, content, match):
+    from circuit_peft.commands import _cca, locate, select, train
+    from circuit_peft.files import read_rows
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    loaders = [read_rows, _cca.read_rows, locate.load_rows, select.load_rows,
+               lambda p: train.load_examples(str(p), "train", None, 0)]
+    for load in loaders:
+        with pytest.raises(ValueError, match=match):
+            load(str(path))
+
+
+def test_good_files_give_the_same_rows_whatever_the_format(tmp_path):
+    from circuit_peft.files import read_rows
+
+    rows = [{"question": "What is 1 + 1?", "answer": "2"}, {"question": "Café?", "answer": "3"}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (tmp_path / "a.json").write_text(json.dumps({"data": rows}), encoding="utf-8")
+    (tmp_path / "a.csv").write_text("question,answer\n\"What is 1 + 1?\",2\nCafé?,3\n", encoding="utf-8")
+    assert read_rows(tmp_path / "a.jsonl") == read_rows(tmp_path / "a.json") == read_rows(tmp_path / "a.csv") == rows
+    with pytest.raises(FileNotFoundError, match="no data file"):
+        read_rows(tmp_path / "missing.jsonl")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 from ._args import positive
@@ -55,25 +53,10 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def read_rows(path: str) -> list[dict[str, Any]]:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"no problem file at {p}")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix == ".json":
-        rows = json.loads(text)
-        if isinstance(rows, dict):
-            rows = rows.get("data") or rows.get("rows") or []
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{p}: line {n} is not JSON ({err})") from None
-    if not isinstance(rows, list) or not rows:
-        raise ValueError(f"{p} holds no problem rows (expected jsonl of {{question, answer}} objects)")
-    return rows
+    """Problem rows of a local file (:func:`circuit_peft.files.read_rows`)."""
+    from ..files import read_rows as read_file_rows
+
+    return read_file_rows(path)
 
 
 def load_problem_rows(source: str, n: int | None, split: str = "train", seed: int = 0) -> list[dict[str, Any]]:

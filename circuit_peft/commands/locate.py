@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from ..files import ROW_FILE_SUFFIXES, read_rows
 from ._args import fraction, non_negative, positive
 
 logger = logging.getLogger(__name__)
@@ -69,19 +68,7 @@ def load_rows(data: str, config: str | None = None, split: str = "train", limit:
     """Rows from a local jsonl/json/csv file, a ``save_to_disk`` folder, or a hub dataset name."""
     path = Path(data)
     if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix in (".jsonl", ".ndjson"):
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        elif suffix == ".json":
-            loaded = json.loads(path.read_text())
-            rows = loaded if isinstance(loaded, list) else loaded.get("data", loaded.get("rows"))
-            if not isinstance(rows, list):
-                raise ValueError(f"{path}: a .json data file must hold a list of rows (or {{'data': [...]}})")
-        elif suffix == ".csv":
-            with path.open(newline="") as f:
-                rows = list(csv.DictReader(f))
-        else:
-            raise ValueError(f"{path}: unknown data file type {suffix!r}; use .jsonl, .json or .csv")
+        rows = read_rows(path)
     elif path.is_dir():
         import datasets
 
@@ -89,7 +76,7 @@ def load_rows(data: str, config: str | None = None, split: str = "train", limit:
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[split]
         rows = [dict(r) for r in ds]
-    elif path.suffix.lower() in (".jsonl", ".json", ".csv") or data.startswith((".", "/")):
+    elif path.suffix.lower() in ROW_FILE_SUFFIXES or data.startswith((".", "/")):
         raise FileNotFoundError(f"no data file at {path}")
     else:
         import datasets

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ._args import fraction, non_negative, positive
-from ..files import atomic_write_text
+from ..files import atomic_write_text, read_rows
 
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -22,12 +22,10 @@ def load_rows(path: str, split: str = "train") -> Any:
     import datasets
 
     p = Path(path)
-    if p.suffix in DATA_SUFFIXES:
-        if not p.exists():
-            raise FileNotFoundError(f"data file {p} does not exist")
-        return datasets.load_dataset(DATA_SUFFIXES[p.suffix], data_files=str(p), split="train")
-    if p.exists():
-        raise ValueError(f"cannot read {p}: use a .jsonl, .json, .csv or .parquet file")
+    if p.suffix == ".parquet" and p.exists():
+        return datasets.load_dataset("parquet", data_files=str(p), split="train")
+    if p.exists() or p.suffix in DATA_SUFFIXES:
+        return datasets.Dataset.from_list(read_rows(p))
     return datasets.load_dataset(path, split=split)
 
 

@@ -27,14 +27,7 @@ def load_examples(source: str, split: str, n: int | None, seed: int, config: str
 
         return make_problems(n or 64, "test" if split != "train" else "train", seed=seed, kinds=kinds)
     path = Path(source)
-    if path.suffix == ".csv" and path.exists():
-        import csv
-
-        with path.open(encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
-        if not rows:
-            raise ValueError(f"{path} holds no rows")
-    elif path.exists():
+    if path.exists():
         rows = read_rows(source)
     elif "/" in source and not path.suffix:
         import datasets

@@ -9,7 +9,6 @@ Each loader reads a local data folder (the layout of ``../shared/data``: ``gsm8k
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +34,9 @@ def _as_path(data_dir: str | Path) -> Path:
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a jsonl file (blank lines skipped); a malformed line raises ``ValueError`` naming it."""
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}); fix or remove that line") from err
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+    from ..files import read_rows
+
+    return read_rows(path)
 
 
 def _require_fields(rows: list[dict[str, Any]], fields: tuple[str, ...], where: str) -> None:
