@@ -68,3 +68,27 @@ def test_load_rows_reads_csv_json_and_saved_datasets(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_list([{"prompt": "x", "solution": "y"}]).save_to_disk(str(tmp_path / "ds"))
     assert load_rows(str(tmp_path / "ds")) == [{"prompt": "x", "solution": "y"}]
+
+
+def test_cli_keep_fraction_keeps_what_the_library_call_keeps(tmp_path):
+    """`locate --keep-fraction F` == attribution_scan(keep_fraction=F): a share of each kind, not pooled."""
+    import json as _json
+
+    from circuit_peft import Circuit
+    from circuit_peft.cli import main as cli_main
+    from circuit_peft.locate import attribution_scan
+    from circuit_peft.models import tiny_model
+
+    model = tiny_model("llama", vocab_size=64)
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    records = [{"context_ids": [1 + i, 2, 3, 4 + i], "desired_id": 5, "undesired_id": 6, "problem_id": str(i)}
+               for i in range(4)]
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(_json.dumps(r) + "\n" for r in records))
+    assert cli_main(["locate", "--model", str(folder), "--data", str(data), "--method", "attribution",
+                     "--keep-fraction", "0.25", "--out", str(tmp_path / "c.json")]) == 0
+    cli = Circuit.load(tmp_path / "c.json")
+    lib = attribution_scan(model, None, records, target="logit_diff", keep_fraction=0.25, progress=False)
+    assert sorted(cli.components) == sorted(lib.components)
+    assert set(cli.counts()) == {"q", "k", "v", "mlp"}

@@ -42,7 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--max-length", type=positive(int), default=1024, help="probe rows are cut to this many tokens")
     s = p.add_argument_group("selection")
     s.add_argument("--keep-fraction", type=fraction, default=None,
-                   help="keep this share of the scored components (ablation/attribution default 0.05)")
+                   help="keep this share of each scored kind, as the library call does (ablation/attribution default 0.05)")
     s.add_argument("--top-k", type=positive(int), default=None, help="keep the k best scored components instead")
     s.add_argument("--z", type=float, default=None, help="keep components with score z-score >= Z instead")
     a = p.add_argument_group("ablation / attribution")
@@ -141,7 +141,9 @@ def run(args: argparse.Namespace) -> int:
     prompt_field, solution_field = _probe_fields(rows, args.prompt_field, args.solution_field)
     probe_kw = dict(prompt_field=prompt_field, solution_field=solution_field,
                     chat_template=False if args.no_chat_template else None, max_length=args.max_length)
-    keep_default = None if selections else 0.05
+    # --keep-fraction goes to the library's own keep rule (a share of each kind), so the CLI keeps
+    # exactly what the Python call with the same number keeps
+    keep_default = args.keep_fraction if args.keep_fraction is not None else (None if selections else 0.05)
 
     if args.method == "dcm":
         circuit = learn_masks(model, rows, lambda_l1=args.lambda_l1, lr=args.lr, batch_size=args.batch_size or 8,
@@ -153,8 +155,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         circuit = attribution_scan(model, tok, rows, target=target, method=args.ablation,
                                    batch_size=args.batch_size or 4, keep_fraction=keep_default, **probe_kw)
-    if args.keep_fraction is not None:
-        circuit = circuit.top(fraction=args.keep_fraction)
+    if args.keep_fraction is not None and args.method == "dcm":
+        circuit = circuit.top_each_kind(args.keep_fraction)
     elif args.top_k is not None:
         circuit = circuit.top(k=args.top_k)
     elif args.z is not None:
