@@ -31,8 +31,8 @@ from .locate import gradient_scan, random_circuit  # noqa: F401,E402
 
 # --- CircuitSeer (select/) ---
 from .select import (  # noqa: F401
-    CircuitSeerSampler, CircuitSeerScorer, ReasoningHeads, find_reasoning_heads, select_data, select_indices,
-    select_subset, use_sampler,
+    CircuitSeerSampler, CircuitSeerSamplerMixin, CircuitSeerScorer, ReasoningHeads, find_reasoning_heads, select_data,
+    select_indices, select_subset, use_sampler,
 )
 
 __all__ = [
@@ -44,6 +44,6 @@ __all__ = [
     "mine_pivotal_tokens", "PivotalMetricsCallback", "PivotalWeighting", "build_pivotal_dataset", "PivotalTrainer",
     "build_prompt", "evaluate_accuracy", "side_effects",
     "SFTSettings", "TrainConfig", "TrainResult", "train", "train_sft", "gradient_scan", "random_circuit",
-    "CircuitSeerSampler", "CircuitSeerScorer", "ReasoningHeads", "find_reasoning_heads", "select_data",
-    "select_indices", "select_subset", "use_sampler",
+    "CircuitSeerSampler", "CircuitSeerSamplerMixin", "CircuitSeerScorer", "ReasoningHeads", "find_reasoning_heads",
+    "select_data", "select_indices", "select_subset", "use_sampler",
 ]

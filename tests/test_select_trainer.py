@@ -66,3 +66,22 @@ def test_sft_trainer_draws_batches_from_the_selection(tmp_path):
             assert tuple(ids[mask.bool()].tolist()) in wanted
     trainer.train()
     assert trainer.state.global_step == 3
+
+
+def test_sampler_mixin_as_a_trainer_argument(tmp_path):
+    """CircuitSeerTrainer(train_sampler=...) overrides _get_train_sampler through the class (super() kept),
+    and without a sampler it is the plain Trainer's."""
+    from circuit_peft.select.sampler import CircuitSeerSamplerMixin, CircuitSeerTrainer
+
+    model = tiny_model("llama")
+    pool = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7, 8]] * 12, "labels": [[5, 6, 7, 8]] * 12})
+    sampler = CircuitSeerSampler(np.arange(12.0), fraction=0.5, tau=0.0)
+    trainer = CircuitSeerTrainer(model=model, args=TrainingArguments(**_args(tmp_path)), train_dataset=pool,
+                                 train_sampler=sampler)
+    assert trainer._get_train_sampler() is sampler and len(trainer.get_train_dataloader()) == 3
+    plain = CircuitSeerTrainer(model=model, args=TrainingArguments(**_args(tmp_path)), train_dataset=pool)
+    assert plain._get_train_sampler() is not sampler and len(plain.get_train_dataloader()) == 6
+    other = Trainer(model=model, args=TrainingArguments(**_args(tmp_path)), train_dataset=pool)
+    use_sampler(other, sampler)
+    assert isinstance(other, CircuitSeerSamplerMixin) and isinstance(other, Trainer)
+    assert "_get_train_sampler" not in vars(other)  # nothing patched on the instance

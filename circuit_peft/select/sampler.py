@@ -104,19 +104,75 @@ class CircuitSeerSampler(Sampler[int]):
         return self.k // self.num_replicas
 
 
-def use_sampler(trainer: Any, sampler: CircuitSeerSampler) -> Any:
-    """Make a ``transformers.Trainer`` (or TRL ``SFTTrainer``, any subclass) draw its training
-    batches from ``sampler``. Returns the trainer.
+class CircuitSeerSamplerMixin:
+    """Trainer mixin (the way TRL's trainers do it): ``train_sampler=`` picks the training batches.
 
-    The trainer's ``train_dataset`` must be the scored pool, row for row (so no SFT packing).
+    ``class MyTrainer(CircuitSeerSamplerMixin, SFTTrainer)``, or the ready
+    :class:`CircuitSeerTrainer` / ``CircuitSeerSFTTrainer``; ``_get_train_sampler`` returns the
+    sampler and falls back to the parent's when none is set. The train dataset must be the scored
+    pool, row for row (so no SFT packing).
     """
-    dataset = getattr(trainer, "train_dataset", None)
-    if dataset is None or len(dataset) != sampler.pool_size:
-        n = None if dataset is None else len(dataset)
-        raise ValueError(
-            f"the trainer's train_dataset has {n} rows but the sampler's scores cover {sampler.pool_size}: pass "
-            "the scored pool itself as train_dataset (and turn SFT packing off, it changes the rows)"
-        )
-    sampler.set_replicas(1, 0)  # accelerate shards the batches across processes itself
-    trainer._get_train_sampler = lambda *args, **kwargs: sampler
+
+    def __init__(self, *args: Any, train_sampler: CircuitSeerSampler | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.train_sampler = None
+        if train_sampler is not None:
+            self.set_train_sampler(train_sampler)
+
+    def set_train_sampler(self, sampler: CircuitSeerSampler) -> None:
+        dataset = getattr(self, "train_dataset", None)
+        if dataset is None or len(dataset) != sampler.pool_size:
+            n = None if dataset is None else len(dataset)
+            raise ValueError(
+                f"the trainer's train_dataset has {n} rows but the sampler's scores cover {sampler.pool_size}: pass "
+                "the scored pool itself as train_dataset (and turn SFT packing off, it changes the rows)"
+            )
+        sampler.set_replicas(1, 0)  # accelerate shards the batches across processes itself
+        self.train_sampler = sampler
+
+    def _get_train_sampler(self, *args: Any, **kwargs: Any):
+        if getattr(self, "train_sampler", None) is not None:
+            return self.train_sampler
+        return super()._get_train_sampler(*args, **kwargs)
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class CircuitSeerTrainer(CircuitSeerSamplerMixin, Trainer):
+        """``transformers.Trainer`` whose batches come from ``train_sampler=``."""
+
+    return CircuitSeerTrainer
+
+
+def _sft_trainer_class():
+    from trl import SFTTrainer
+
+    class CircuitSeerSFTTrainer(CircuitSeerSamplerMixin, SFTTrainer):
+        """``trl.SFTTrainer`` whose batches come from ``train_sampler=``."""
+
+    return CircuitSeerSFTTrainer
+
+
+_LAZY = {"CircuitSeerTrainer": _trainer_class, "CircuitSeerSFTTrainer": _sft_trainer_class}
+
+
+def __getattr__(name: str):  # transformers/TRL trainer classes are built when first asked for
+    if name in _LAZY:
+        cls = _LAZY[name]()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
+
+
+def use_sampler(trainer: Any, sampler: CircuitSeerSampler) -> Any:
+    """Make an existing ``transformers.Trainer`` (or TRL ``SFTTrainer``, any subclass) draw its training
+    batches from ``sampler``; returns it. A thin convenience over :class:`CircuitSeerSamplerMixin`: the
+    trainer becomes an instance of ``CircuitSeerSamplerMixin + its own class`` (no method is patched).
+    """
+    if not isinstance(trainer, CircuitSeerSamplerMixin):
+        cls = type(trainer)
+        trainer.__class__ = type(f"CircuitSeer{cls.__name__}", (CircuitSeerSamplerMixin, cls), {})
+        trainer.train_sampler = None
+    trainer.set_train_sampler(sampler)
     return trainer
