@@ -29,14 +29,15 @@ def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
     return keep if keep.numel() else torch.zeros(1, dtype=torch.long, device=labels.device)
 
 
-class PivotalTrainer(Trainer):
-    """``transformers.Trainer`` with the pivotal-weighted loss; ``unlikelihood_weight`` as in
-    :class:`~circuit_peft.cca.weighting.PivotalWeighting`."""
+class PivotalLossMixin:
+    """Trainer mixin: the pivotal-weighted loss in ``compute_loss``, the LM head only where labels are.
 
-    def __init__(self, *args: Any, unlikelihood_weight: float = 0.0, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.unlikelihood_weight = unlikelihood_weight
-        install_pivotal_columns(self)
+    Batches without ``token_weights`` go to the parent's ``compute_loss`` (``super()``). Compose it
+    first: ``class MyTrainer(PivotalLossMixin, Trainer)``; :class:`PivotalTrainer` is that for
+    ``transformers.Trainer``. ``unlikelihood_weight`` as in :class:`~circuit_peft.cca.weighting.PivotalWeighting`.
+    """
+
+    unlikelihood_weight: float = 0.0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "token_weights" not in inputs:
@@ -58,6 +59,15 @@ class PivotalTrainer(Trainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as Trainer: DDP averages the gradients
         return (loss, outputs) if return_outputs else loss
+
+
+class PivotalTrainer(PivotalLossMixin, Trainer):
+    """``transformers.Trainer`` with the pivotal-weighted loss (:class:`PivotalLossMixin`)."""
+
+    def __init__(self, *args: Any, unlikelihood_weight: float = 0.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.unlikelihood_weight = unlikelihood_weight
+        install_pivotal_columns(self)
 
 
 def _sft_trainer_class():
@@ -113,4 +123,4 @@ def __getattr__(name: str):  # TRL is imported only when PivotalSFTTrainer is as
     raise AttributeError(name)
 
 
-__all__ = ["PivotalSFTTrainer", "PivotalTrainer", "labelled_positions"]
+__all__ = ["PivotalLossMixin", "PivotalSFTTrainer", "PivotalTrainer", "labelled_positions"]

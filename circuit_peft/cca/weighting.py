@@ -23,7 +23,6 @@ With all weights 1 and no unlikelihood term this equals the trainer's own token-
 
 from __future__ import annotations
 
-import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -305,31 +304,22 @@ class PivotalWeighting:
         return build_pivotal_dataset(examples, tokenizer, pivotal_weight=self.pivotal_weight, **kwargs)
 
     def attach(self, trainer):
-        """Install the weighted loss and the collator on ``trainer`` (in place); returns the trainer.
+        """Give an existing ``trainer`` the weighted loss and the collator; returns it. A thin convenience
+        over :class:`~circuit_peft.cca.trainers.PivotalLossMixin`: the trainer becomes an instance of
+        ``PivotalLossMixin + its own class`` (``compute_loss`` through the class, ``super()`` kept).
 
         Call before ``trainer.train()``. Packing and padding-free batches are refused (they drop
         per-token columns).
         """
+        from .trainers import PivotalLossMixin
+
         if getattr(trainer, "_pivotal_weighting", None) is not None:
             raise ValueError("a PivotalWeighting is already attached to this trainer")
         install_pivotal_columns(trainer)
-        original = trainer.compute_loss
-        weighting = self
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if "token_weights" not in inputs:
-                return original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-            weights = inputs.pop("token_weights")
-            undesired = inputs.pop("undesired_ids", None)
-            labels = inputs.pop("labels")
-            outputs = model(**inputs, use_cache=False)
-            loss = pivotal_weighted_loss(outputs.logits, labels, weights, undesired, weighting.unlikelihood_weight,
-                                         num_items_in_batch)
-            if getattr(self.args, "average_tokens_across_devices", False) and num_items_in_batch is not None:
-                loss = loss * self.accelerator.num_processes  # as Trainer/TRL: DDP averages the gradients
-            return (loss, outputs) if return_outputs else loss
-
-        trainer.compute_loss = types.MethodType(compute_loss, trainer)
+        if not isinstance(trainer, PivotalLossMixin):
+            cls = type(trainer)
+            trainer.__class__ = type(f"Pivotal{cls.__name__}", (PivotalLossMixin, cls), {})
+        trainer.unlikelihood_weight = self.unlikelihood_weight
         trainer._pivotal_weighting = self
         return trainer
 
