@@ -97,3 +97,40 @@ def test_good_files_give_the_same_rows_whatever_the_format(tmp_path):
     assert read_rows(tmp_path / "a.jsonl") == read_rows(tmp_path / "a.json") == read_rows(tmp_path / "a.csv") == rows
     with pytest.raises(FileNotFoundError, match="no data file"):
         read_rows(tmp_path / "missing.jsonl")
+
+
+# ----- part 3: output folders that cannot be mixed (mine, amplify, train) -------------------------------
+
+
+def test_mine_and_amplify_refuse_another_runs_folder_before_loading_a_model(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from circuit_peft.cli import main
+    from circuit_peft.runs import OpenRun
+
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"id": "a", "question": "What is 1 + 2?", "answer": "3"}) + "\n")
+    other = OpenRun(tmp_path / "m", {"command": "mine", "flags": {"pivot": "token"}})
+    other.open()
+    other.close()
+    assert main(["mine", "--model", "/no/such/model", "--problems", str(problems), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "holds another run" in err and "flags" in err  # refused before the (missing) model was looked at
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine")
+    assert main(["amplify", "--model", "/no/such/model", "--problems", "demo", "--out", str(stray)]) == 2
+    assert "not empty and holds no circuit-peft run" in capsys.readouterr().err
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        from circuit_peft.commands._cca import load_problem_rows, open_run
+
+        argv = ["mine", "--model", "/no/such/model", "--problems", str(problems), "--out", str(tmp_path / "busy")]
+        args = build_parser().parse_args(argv)
+        open_run(args, problems=load_problem_rows(str(problems), None, "train", 0))  # the same run, started...
+        (tmp_path / "busy" / "lock").write_text(str(writer.pid))  # ...by a process that is still alive
+        assert main(argv) == 2
+        assert f"in use by process {writer.pid}" in capsys.readouterr().err
+    finally:
+        writer.kill()

@@ -102,3 +102,19 @@ def load_runtime(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     return load_model(args.model, device=args.device), load_tokenizer(args.model)
+
+
+# flags that change how a run goes, not what it writes (a resumed run may change them)
+RUN_FLAGS_IGNORED = ("out", "threads", "no_progress", "verbose", "func", "command", "argv", "max_problems", "device")
+
+
+def open_run(args: argparse.Namespace, **inputs: Any):
+    """Open ``args.out`` for this command (see :class:`circuit_peft.runs.OpenRun`): its settings are the
+    command, its flags and the fingerprints of ``inputs`` (rows); another run's folder is refused."""
+    from ..runs import OpenRun, fingerprint
+
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in RUN_FLAGS_IGNORED}
+    settings = {"command": args.command, "flags": flags, **{k: fingerprint(v) for k, v in inputs.items()}}
+    run = OpenRun(args.out, settings)
+    run.open()
+    return run

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from ._args import fraction, non_negative, positive
-from ._cca import add_mining_args, add_problem_args, add_runtime_args, load_problem_rows, load_runtime, mining_config
+from ._cca import (
+    add_mining_args, add_problem_args, add_runtime_args, load_problem_rows, load_runtime, mining_config, open_run,
+)
 
 PACKAGE_SIDE_EFFECT_DATA = "package"
 
@@ -147,9 +149,13 @@ def run(args: argparse.Namespace) -> int:
     update, config = build_configs(args)
     train = load_problem_rows(args.problems, args.n_problems, "train", args.seed)
     val, test = heldout_rows(args)
-    model, tokenizer = load_runtime(args)
-    report = amplify(model, tokenizer, train, val, test, args.out, mining, update, config,
-                     answer_format=NumberAnswer(args.answer_field), progress=not args.no_progress)
+    run = open_run(args, problems=train, heldout=val + test)  # refused before the model loads if not ours
+    try:
+        model, tokenizer = load_runtime(args)
+        report = amplify(model, tokenizer, train, val, test, args.out, mining, update, config,
+                         answer_format=NumberAnswer(args.answer_field), progress=not args.no_progress)
+    finally:
+        run.close()
     print_report(report)
     print(f"report: {Path(args.out) / 'report.json'}")
     print(json.dumps({k: report[k] for k in ("accuracy_before", "accuracy_after", "component_fraction",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 from ._args import positive
-from ._cca import add_mining_args, add_problem_args, add_runtime_args, load_problem_rows, load_runtime, mining_config
+from ._cca import (
+    add_mining_args, add_problem_args, add_runtime_args, load_problem_rows, load_runtime, mining_config, open_run,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -31,9 +33,13 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = mining_config(args)
     rows = load_problem_rows(args.problems, args.n_problems, "train", args.seed)
-    model, tokenizer = load_runtime(args)
-    result = mine_pivotal_tokens(model, tokenizer, rows, args.out, cfg, answer_format=NumberAnswer(args.answer_field),
-                                 max_problems=args.max_problems, progress=not args.no_progress)
+    run = open_run(args, problems=rows)  # another run's folder or a second writer: refused before the model loads
+    try:
+        model, tokenizer = load_runtime(args)
+        result = mine_pivotal_tokens(model, tokenizer, rows, args.out, cfg, answer_format=NumberAnswer(args.answer_field),
+                                     max_problems=args.max_problems, progress=not args.no_progress)
+    finally:
+        run.close()
     s = result.stats
     print(f"{s['records']} records from {s['mined']} of {len(rows)} problems (greedy right on {s['greedy_correct']}); "
           f"statuses: { {k: v for k, v in s.items() if k not in ('problems', 'mined', 'records', 'greedy_correct')} }")

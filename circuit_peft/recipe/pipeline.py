@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..files import atomic_write_json, atomic_write_text
+from ..runs import OpenRun, fingerprint as _fingerprint
 from .sft import SFTSettings, gold_examples, pivotal_dataset, train_sft
 
 LOCATORS: tuple[str, ...] = ("gradient", "attribution")
@@ -89,74 +89,12 @@ class TrainResult:
     output_dir: Path
 
 
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class RunFolder:
-    """A run folder that remembers its settings and finished stages (see the module docstring)."""
-
-    def __init__(self, path: str | os.PathLike, settings: dict[str, Any]):
-        self.path = Path(path)
-        self.key = _fingerprint(settings)
-        self.settings = settings
+class RunFolder(OpenRun):
+    """:class:`~circuit_peft.runs.OpenRun` plus finished stages (``stages/<name>.json``) for :func:`train`."""
 
     def open(self) -> None:
-        """Create the folder, or check that it belongs to this run; raise before any work otherwise."""
-        if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"--out {self.path} is a file, not a folder")
-        run = self.path / "run.json"
-        if run.exists():
-            old = json.loads(run.read_text())
-            if old.get("key") != self.key:
-                was, now = _flat(old.get("settings", {})), _flat(self.settings)
-                diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
-                raise ValueError(f"{self.path} holds another run (different {', '.join(diff) or 'settings'}); "
-                                 "use another --out folder or delete this one")
-        elif self.path.exists() and any(self.path.iterdir()):
-            raise ValueError(f"{self.path} is not empty and holds no circuit-peft train run; use another --out")
-        (self.path / "stages").mkdir(parents=True, exist_ok=True)
-        if not os.access(self.path, os.W_OK):
-            raise ValueError(f"--out {self.path} is not writable")
-        self._lock()
-        atomic_write_json(run, {"key": self.key, "settings": self.settings})
-
-    def _lock(self) -> None:
-        """Refuse a second live process on this folder (a lock left by a killed one is taken over)."""
-        lock = self.path / "lock"
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            pid = int((lock.read_text().strip() or "0")) if lock.exists() else 0
-            if pid and pid != os.getpid() and _alive(pid):
-                raise ValueError(f"{self.path} is in use by process {pid}; wait for it or use another --out") from None
-            lock.write_text(str(os.getpid()))
-            return
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-
-    def close(self) -> None:
-        (self.path / "lock").unlink(missing_ok=True)
+        super().open()
+        (self.path / "stages").mkdir(exist_ok=True)
 
     def stage(self, name: str, fn: Callable[[], dict[str, Any]], log: Callable[[str], None]) -> dict[str, Any]:
         """The stage's saved result, or run ``fn`` and save what it returns (JSON)."""
