@@ -57,4 +57,4 @@ def test_demo_settings_and_empty_heldout_error(capsys):
     assert args.max_new_tokens <= 16 and args.n_problems <= 64 and args.side_effect_data == "package"
     # a file of training problems needs held-out problems
     assert main(["amplify", "--problems", "x.jsonl", "--out", "/tmp/never"]) == 2
-    assert "no problem file" in capsys.readouterr().err
+    assert "no data file at x.jsonl" in capsys.readouterr().err
