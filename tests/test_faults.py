@@ -134,3 +134,19 @@ def test_mine_and_amplify_refuse_another_runs_folder_before_loading_a_model(tmp_
         assert f"in use by process {writer.pid}" in capsys.readouterr().err
     finally:
         writer.kill()
+
+
+def test_atomic_dir_leaves_the_old_folder_or_the_new_one(tmp_path):
+    from circuit_peft.files import atomic_dir
+
+    target = tmp_path / "adapter"
+    with atomic_dir(target) as tmp:
+        (tmp / "adapter_config.json").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "adapter_config.json").write_text("new")
+            raise RuntimeError("killed while writing the weights")
+    assert (target / "adapter_config.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    with atomic_dir(target) as tmp:
+        (tmp / "adapter_config.json").write_text("new")
+    assert (target / "adapter_config.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..circuit import Circuit
 from ..fractions import keep_count
-from ..files import atomic_write_json
+from ..files import atomic_dir, atomic_write_json
 from .mining import MiningConfig, mine_pivotal_tokens
 from .update import UpdateConfig, accuracy_validator, amplify_update
 
@@ -150,7 +150,8 @@ def amplify(
     result = amplify_update(model, mined.records, circuit, validator, update, tokenizer=tokenizer, progress=progress)
     timings["update_s"] = time.perf_counter() - t0
     peft_model = result.model
-    peft_model.save_pretrained(str(out / "adapter"))
+    with atomic_dir(out / "adapter") as tmp:  # a kill leaves the old adapter or the new one, never a mix
+        peft_model.save_pretrained(str(tmp))
     size = result.size
     log(f"update: best step {result.best_step} (validation {result.best_val}), margin "
         f"{result.initial_margin:.2f} -> {result.final_margin:.2f} ({timings['update_s']:.0f} s)")

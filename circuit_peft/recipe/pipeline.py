@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..files import atomic_write_json, atomic_write_text
+from ..files import atomic_dir, atomic_write_json, atomic_write_text
 from ..runs import OpenRun, fingerprint as _fingerprint
 from .sft import SFTSettings, gold_examples, pivotal_dataset, train_sft
 
@@ -205,23 +205,16 @@ def _save_weights(peft_model, path: Path) -> None:
 
 def _save_adapter(peft_model, out: Path, card: str) -> None:
     """Write ``out/adapter`` so that a kill leaves the old adapter or the new one, never a mix."""
-    final = out / "adapter"
-    tmp = out / f".adapter.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp))
-    readme = tmp / "README.md"
-    existing = readme.read_text() if readme.exists() else ""
-    front = ""
-    if existing.startswith("---"):  # keep PEFT's metadata block first, where the Hub reads it
-        end = existing.index("---", 3) + 3
-        front, existing = existing[:end] + "\n\n", existing[end:]
-    atomic_write_text(readme, front + card + "\n" + existing)
-    shutil.copy(out / "circuit.png", tmp / "circuit.png")
-    old = out / f".adapter.old{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(out / "adapter") as tmp:
+        peft_model.save_pretrained(str(tmp))
+        readme = tmp / "README.md"
+        existing = readme.read_text() if readme.exists() else ""
+        front = ""
+        if existing.startswith("---"):  # keep PEFT's metadata block first, where the Hub reads it
+            end = existing.index("---", 3) + 3
+            front, existing = existing[:end] + "\n\n", existing[end:]
+        atomic_write_text(readme, front + card + "\n" + existing)
+        shutil.copy(out / "circuit.png", tmp / "circuit.png")
 
 
 def model_card(report: dict[str, Any], command: str | None) -> str:
