@@ -77,7 +77,12 @@ class Circuit:
         meta: dict[str, Any] | None = None, **top_kwargs: Any,
     ) -> "Circuit":
         """A circuit keeping the top scored components (``top_kwargs``: ``k=``, ``fraction=`` or ``z=``;
-        none keeps every scored component)."""
+        none keeps every scored component). A non-finite score (an overflowed scan) is refused, never ranked."""
+        bad = [c for c, v in scores.items() if not math.isfinite(float(v))]
+        if bad:
+            raise ValueError(f"{method or 'locating'}: {len(bad)} of {len(scores)} component scores are not finite "
+                             f"(first: {list(bad[:3])}); the scan overflowed or the data gave an empty loss. "
+                             "Try float32, check the rows, or lower the learning rate of what produced them")
         fp = get_arch(model).fingerprint() if model is not None else None
         circuit = cls(scores.keys(), scores, fingerprint=fp, method=method, meta=meta)
         return circuit.top(**top_kwargs) if top_kwargs else circuit

@@ -150,3 +150,13 @@ def test_atomic_dir_leaves_the_old_folder_or_the_new_one(tmp_path):
     with atomic_dir(target) as tmp:
         (tmp / "adapter_config.json").write_text("new")
     assert (target / "adapter_config.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_a_non_finite_locating_score_is_refused_never_ranked():
+    from circuit_peft.arch import Component
+    from circuit_peft.circuit import Circuit
+
+    scores = {Component("q", 0, 0): 1.0, Component("q", 0, 1): float("nan"), Component("mlp", 1, 3): float("inf")}
+    with pytest.raises(ValueError, match=r"gradient: 2 of 3 component scores are not finite"):
+        Circuit.from_scores(None, scores, method="gradient")
+    assert len(Circuit.from_scores(None, {Component("q", 0, 0): 1.0}, method="gradient")) == 1
