@@ -21,11 +21,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
-import torch
 from torch import nn
 
 COMPONENT_KINDS: tuple[str, ...] = ("q", "k", "v", "o", "mlp")
-HEAD_KINDS: tuple[str, ...] = ("q", "k", "v", "o")
 PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Which projections a component kind touches by default ("all slices of the component").
@@ -48,14 +46,8 @@ PROJECTION_PRESETS: dict[str, dict[str, tuple[str, ...]]] = {"all": DEFAULT_PROJ
 
 # Which projection a kind's activations are read from / written to by interventions.
 _SITE_PROJECTION = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "mlp": "down_proj"}
-# Which projections a kind may touch at all.
-_ALLOWED_PROJECTIONS = {
-    "q": ("q_proj", "o_proj"),
-    "k": ("k_proj",),
-    "v": ("v_proj",),
-    "o": ("o_proj",),
-    "mlp": ("gate_proj", "up_proj", "down_proj"),
-}
+# Which projections a kind may touch at all: the default set (all slices of the component).
+_ALLOWED_PROJECTIONS = DEFAULT_PROJECTIONS
 
 
 class Component(NamedTuple):
@@ -366,19 +358,6 @@ class ModelArch:
         """The module that holds ``projection`` in ``layer`` (for fused families, the fused module)."""
         return self.layers(model)[layer].get_submodule(self.spec.projections[projection].module)
 
-    def projection_width(self, projection: str) -> int:
-        """Feature count of one logical projection along its component axis."""
-        d = self.dims
-        return {
-            "q_proj": d.n_heads * d.head_dim,
-            "k_proj": d.n_kv_heads * d.head_dim,
-            "v_proj": d.n_kv_heads * d.head_dim,
-            "o_proj": d.n_heads * d.head_dim,
-            "gate_proj": d.n_neurons,
-            "up_proj": d.n_neurons,
-            "down_proj": d.n_neurons,
-        }[projection]
-
     def offset(self, projection: str) -> int:
         """Start of ``projection``'s block inside its (possibly fused) module, in features."""
         a, b, c = self.spec.projections[projection].offset
@@ -432,17 +411,6 @@ class ModelArch:
     def weight_dim(module: nn.Module, axis: str) -> int:
         """Dimension of ``module.weight`` indexed by features on ``axis``."""
         return _weight_dim(module, axis)
-
-    def read_slice(self, model: nn.Module, s: WeightSlice) -> torch.Tensor:
-        """A copy of the weight entries of slice ``s``, shaped (width, other) for ``out``
-        slices and (other, width) for ``in`` slices, in ``nn.Linear`` orientation."""
-        module = model.get_submodule(s.module)
-        w = module.weight
-        if type(module).__name__ == "Conv1D":
-            w = w.t()
-        dim = 0 if s.axis == "out" else 1
-        return w.narrow(dim, s.start, s.stop - s.start).detach().clone()
-
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a PEFT model (or DDP wrapper); other models unchanged."""

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..batching import model_device, pad_batch, pad_token_id  # noqa: F401
+from ..batching import model_device, pad_batch, pad_token_id
 
 
 @contextmanager

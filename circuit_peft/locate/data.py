@@ -12,11 +12,11 @@ counted from each row's first real token (a padded row computes what it would al
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from ..batching import left_pad, length_batches, model_device, pad_token_id, to_device  # noqa: F401
+from ..batching import left_pad
 from ..evaluate.prompts import build_prompt_ids
 
 RECORD_FIELDS = ("context_ids", "desired_id", "undesired_id")
@@ -161,10 +161,6 @@ def model_inputs(batch: dict[str, torch.Tensor], repeat: int = 1) -> dict[str, t
     if repeat > 1:
         out = {k: v.repeat(repeat, *([1] * (v.dim() - 1))) for k, v in out.items()}
     return out
-
-
-def solution_token_count(batches: Iterable[dict[str, torch.Tensor]]) -> int:
-    return int(sum(int((b["labels"] != -100).sum()) for b in batches))
 
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:

@@ -13,13 +13,6 @@ logger = logging.getLogger(__name__)
 LONG_PROMPT_POLICIES = ("truncate", "error")
 
 
-def _columns(rows: Any) -> list[str]:
-    names = getattr(rows, "column_names", None)
-    if names is not None:
-        return list(names)
-    return sorted(rows[0]) if len(rows) and isinstance(rows[0], dict) else []
-
-
 def row_texts(rows: Any, field: str = "question", template: str | None = None, what: str = "question") -> list[str]:
     """One text per row: ``row[field]``, or ``template.format(**row)`` when a template is given.
 

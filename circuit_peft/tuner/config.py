@@ -230,13 +230,6 @@ class CircuitConfig(PeftConfig):
         names = self.projections.get(kind)
         return None if names is None else tuple(names)
 
-    @property
-    def lora_scaling(self) -> float:
-        """``lora_alpha / r`` (1.0 when ``lora_alpha`` is None)."""
-        if self.r <= 0:
-            return 0.0
-        return float(self.lora_alpha if self.lora_alpha is not None else self.r) / self.r
-
     def layers(self) -> list[int]:
         """Sorted layers that hold at least one component."""
         return sorted({int(l) for layers in self.components.values() for l in layers})
