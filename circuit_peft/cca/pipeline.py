@@ -79,6 +79,16 @@ def _eval_kwargs(mining: MiningConfig, config: AmplifyConfig) -> dict[str, Any]:
                 max_new_tokens=config.eval_max_new_tokens or mining.max_new_tokens, batch_size=config.eval_batch_size)
 
 
+@dataclass
+class AmplifyResult:
+    """What :func:`amplify` returns: the report (also in ``report.json``), the trained PEFT model and
+    the output folder."""
+
+    report: dict[str, Any]
+    model: nn.Module
+    output_dir: Path
+
+
 def amplify(
     model: nn.Module,
     tokenizer: Any,
@@ -92,13 +102,12 @@ def amplify(
     answer_format: Any = None,
     progress: bool = True,
     log: Any = print,
-) -> dict[str, Any]:
-    """Run CCA on ``model`` and return the report (also written to ``output_dir/report.json``).
+) -> AmplifyResult:
+    """Run CCA on ``model``; return an :class:`AmplifyResult` (the report is also ``output_dir/report.json``).
 
     ``train_problems`` are mined; ``val_problems`` pick the best update step (held-out accuracy);
     ``test_problems`` measure accuracy before and after. All are rows with a question and a gold
-    answer (read by ``answer_format``, default :class:`~circuit_peft.evaluate.answers.NumberAnswer`). The model is wrapped in place by the adapter (the report's PEFT model is
-    ``report["_model"]``, not written to JSON). ``log`` receives one line per stage.
+    answer (read by ``answer_format``, default :class:`~circuit_peft.evaluate.answers.NumberAnswer`). The model is wrapped in place by the adapter (``result.model``). ``log`` receives one line per stage.
     """
     mining = mining or MiningConfig()
     update = update or UpdateConfig()
@@ -190,5 +199,4 @@ def amplify(
                   "heatmap": str(out / "circuit.png"), "records": str(out / "mining" / "records.jsonl")},
     })
     atomic_write_json(out / "report.json", report)
-    report["_model"] = peft_model
-    return report
+    return AmplifyResult(report=report, model=peft_model, output_dir=out)

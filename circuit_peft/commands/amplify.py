@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         model, tokenizer = load_runtime(args)
         report = amplify(model, tokenizer, train, val, test, args.out, mining, update, config,
-                         answer_format=NumberAnswer(args.answer_field), progress=not args.no_progress)
+                         answer_format=NumberAnswer(args.answer_field), progress=not args.no_progress).report
     finally:
         run.close()
     print_report(report)
