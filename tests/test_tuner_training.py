@@ -97,3 +97,31 @@ def test_two_process_ddp_ranks_train_and_agree(tmp_path):
     for name, value in r0["adapter"].items():
         assert value.abs().sum() > 0, name
         assert torch.equal(value, r1["adapter"][name]), name
+
+
+def test_two_process_fsdp2_matches_one_process_on_the_whole_batch(tmp_path):
+    """FSDP2 (fully_shard, gloo, CPU): both ranks end with the adapter a single process trains on the
+    concatenated batch (FSDP averages the ranks' gradients); the frozen base does not move."""
+    sys.path.insert(0, str(TESTS))
+    import fsdp_circuit_train as script
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = str(TESTS.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(TESTS / "fsdp_circuit_train.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    reference = script.build_model()
+    base = sum(float(p.detach().double().sum()) for n, p in reference.named_parameters() if "circuit_" not in n)
+    opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-2)
+    for ids in script.batches(2):
+        reference(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    expected = {n: p.detach() for n, p in reference.named_parameters() if "circuit_" in n}
+    assert r0["world_size"] == 2 and r0["adapter"].keys() == r1["adapter"].keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(r0["adapter"][name], r1["adapter"][name]), name
+        torch.testing.assert_close(r0["adapter"][name], value, rtol=1e-4, atol=1e-5)
+    assert abs(r0["base_checksum"] - base) < 1e-6 * max(1.0, abs(base))
