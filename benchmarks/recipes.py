@@ -22,7 +22,7 @@ saw (word problems), with the fraction of generations that hit ``--max-new-token
 mean KL on general text, MMLU and TruthfulQA deltas. Each finished (arm, seed) is saved under
 ``--work-dir`` and reused on a re-run with the same settings. The last line printed is JSON.
 
-    python benchmarks/recipes.py --quick                     # ~20 min on 2 cores
+    python benchmarks/recipes.py --quick                     # 4 arms, one seed (~4-5 min per arm on 2 idle cores)
     python benchmarks/recipes.py --out benchmarks/results/recipes_smollm2.json
     python benchmarks/recipes.py --table-from benchmarks/results/recipes_smollm2.json   # markdown table
 """
@@ -74,11 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--from-saved", action="store_true",
                    help="no model work: summarise the (arm, seed) results already saved under --work-dir")
     p.add_argument("--quick", action="store_true",
-                   help="one seed, 64 training / 32 val / 100 test / 50 transfer problems, 2 %% circuits, one lr")
+                   help="one seed, 64 training / 32 val / 100 test / 50 transfer problems, 2 %% gradient circuit vs "
+                        "layer-matched random vs LoRA r=16, one lr")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.n_train, args.n_val, args.n_test, args.n_transfer = "0", 64, 32, 100, 50
-        args.fractions, args.circuit_lrs, args.full_lrs, args.locators = "0.02", "1e-3", "3e-5", "attr"
+        args.fractions, args.circuit_lrs, args.full_lrs, args.locators = "0.02", "1e-3", "3e-5", "grad"
+        args.arms = args.arms or "base,located_grad@0.02,random_layer_grad@0.02,lora16"
         args.mmlu_limit, args.truthfulqa_limit, args.kl_chunks = 15, 30, 4
     return args
 
