@@ -17,6 +17,18 @@ def model_device(model: Any) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the (unwrapped) model's forward takes ``logits_to_keep`` (LM head only on the last positions)."""
+    import inspect
+
+    from .arch import unwrap_model
+
+    try:
+        return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
     """Every tensor of ``batch`` moved to ``device``."""
     return {k: v.to(device) for k, v in batch.items()}
@@ -73,4 +85,4 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-__all__ = ["left_pad", "length_batches", "model_device", "pad_batch", "pad_token_id", "to_device"]
+__all__ = ["accepts_logits_to_keep", "left_pad", "length_batches", "model_device", "pad_batch", "pad_token_id", "to_device"]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from ..locate.data import _accepts_logits_to_keep
+from ..batching import accepts_logits_to_keep
 from .weighting import IGNORE_INDEX, aligned_weighted_loss, install_pivotal_columns
 
 
@@ -46,7 +46,7 @@ class PivotalLossMixin:
         weights, undesired = inputs.pop("token_weights"), inputs.pop("undesired_ids", None)
         labels = inputs.pop("labels")
         keep = labelled_positions(labels)
-        if _accepts_logits_to_keep(model):
+        if accepts_logits_to_keep(model):
             outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
             logits = outputs.logits
         else:

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..batching import model_device, pad_batch, pad_token_id
+from ..batching import accepts_logits_to_keep, model_device, pad_batch, pad_token_id
 
 
 @contextmanager
@@ -130,9 +130,10 @@ def _decode_batch(model, rests: list[list[int]], prefix_cache, prefix_len: int, 
         mask = torch.cat([torch.ones(len(rests), prefix_len, dtype=mask.dtype, device=device), mask], 1)
     new: list[list[int]] = [[] for _ in rests]
     running = [True] * len(rests)
+    last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     for _ in range(max_new_tokens):
         outputs = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1)
+                        use_cache=True, **last_only)
         cache = outputs.past_key_values
         logits = outputs.logits[:, -1].float()
         if temperature is None:

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..batching import left_pad
+from ..batching import accepts_logits_to_keep, left_pad
 from ..evaluate.prompts import build_prompt_ids
 
 RECORD_FIELDS = ("context_ids", "desired_id", "undesired_id")
@@ -171,21 +171,10 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
 # ----- forward helpers -------------------------------------------------------------------------
 
 
-def _accepts_logits_to_keep(model: Any) -> bool:
-    import inspect
-
-    from ..arch import unwrap_model
-
-    try:
-        return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def last_logits(model: Any, inputs: dict[str, torch.Tensor], keep: int, **kwargs: Any) -> torch.Tensor:
     """Logits (B, keep, V) of the last ``keep`` positions (the LM head runs only there when the
     model supports ``logits_to_keep``)."""
-    if _accepts_logits_to_keep(model):
+    if accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = int(keep)
     logits = model(**inputs, use_cache=False, **kwargs).logits
     return logits[:, -int(keep):]
