@@ -52,9 +52,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     a.add_argument("--batch-size", type=positive(int), default=None, help="rows per forward (ablation 8, attribution 4, dcm 8)")
     a.add_argument("--naive", action="store_true", help="ablation: one full forward per head (slow reference)")
     d = p.add_argument_group("dcm")
-    d.add_argument("--lambda", dest="lambda_l1", type=non_negative(float), default=0.01, help="L1 weight (default 0.01)")
+    d.add_argument("--dcm-lambda", dest="lambda_l1", type=non_negative(float), default=0.01,
+                   help="L1 weight (default 0.01; the same flag as amplify's)")
+    d.add_argument("--lambda", dest="lambda_l1", type=non_negative(float), help=argparse.SUPPRESS)  # old name
     d.add_argument("--lr", type=positive(float), default=5e-3, help="Adam learning rate (default 5e-3)")
-    d.add_argument("--epochs", type=positive(int), default=50, help="maximum epochs (default 50)")
+    d.add_argument("--dcm-epochs", dest="epochs", type=positive(int), default=50,
+                   help="maximum epochs (default 50; the same flag as amplify's)")
+    d.add_argument("--epochs", dest="epochs", type=positive(int), help=argparse.SUPPRESS)  # old name
     d.add_argument("--patience", type=positive(int), default=5, help="early stop after N epochs with the same kept count")
     d.add_argument("--objective", choices=("logit_diff", "logsigmoid"), default="logit_diff")
     d.add_argument("--seed", type=int, default=0)
