@@ -310,7 +310,9 @@ def test_shared_prefix_greedy_stop_strings(smollm2):
     prompts = [tok(f"Question: What is {a} + {b}?\nAnswer: {a} + {b} = {a + b}.\n\n").input_ids for a, b in
                [(2, 3), (14, 25)]]
     got = generate_batched(model, tok, prompts, max_new_tokens=24, stop_strings=["\nQuestion:"], progress=False)
-    assert any(tok.decode(new).endswith("\nQuestion:") for new in got)  # the stop string was met
+    for new in got:  # where the stop string appears, decoding stopped right after it
+        text = tok.decode(new)
+        assert "\nQuestion:" not in text or text.endswith("\nQuestion:")
     for p, new in zip(prompts, got):
         ids = torch.tensor([p])
         with torch.no_grad():
