@@ -30,9 +30,7 @@ mean KL on general text, MMLU and TruthfulQA deltas. Each finished (arm, seed) i
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -40,6 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+import _bench
+from _bench import ArmBench, mean_se
 
 LOCATORS = ("attr", "grad")
 
@@ -98,34 +99,16 @@ def arm_names(fractions: list[float], locators: list[str]) -> list[str]:
 
 def settings_key(args: argparse.Namespace) -> str:
     # what changes a single (arm, seed) result; the list of seeds and arms to run does not
-    keep = {k: v for k, v in vars(args).items()
-            if k not in ("threads", "work_dir", "out", "arms", "quick", "seeds", "from_saved", "fractions",
-                         "locators")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+    return _bench.settings_key(args, ("threads", "work_dir", "out", "arms", "quick", "seeds", "from_saved",
+                                      "fractions", "locators"))
 
 
-class Bench:
+class Bench(ArmBench):
     """The shared state of one benchmark run: model, problems per seed, circuits, saved arms."""
 
     def __init__(self, args: argparse.Namespace):
-        from circuit_peft.cca.problems import ARITHMETIC_SHOTS
-        from circuit_peft.evaluate.prompts import default_prompt_style
-        from circuit_peft.models import load_model, load_tokenizer
-
-        self.args = args
-        self.work = Path(args.work_dir)
-        self.key = settings_key(args)
-        self.arms_dir = self.work / f"arms-{self.key}"
-        self.arms_dir.mkdir(parents=True, exist_ok=True)
-        self.tok = load_tokenizer(args.model)
-        self.style = default_prompt_style(self.tok, log=print)
-        self.shots = [dict(s) for s in ARITHMETIC_SHOTS]
-        self.base = load_model(args.model)
+        super().__init__(args, settings_key(args))
         self.circuits: dict[tuple[str, int], Any] = {}
-        self.started = time.perf_counter()
-
-    def log(self, msg: str) -> None:
-        print(f"[{time.perf_counter() - self.started:6.0f} s] {msg}", flush=True)
 
     # ----- data ---------------------------------------------------------------------------------
     def problems(self, seed: int) -> dict[str, list[dict]]:
@@ -313,15 +296,6 @@ class Bench:
         out = {"mmlu_base": mmlu, "truthfulqa_base": tqa}
         atomic_write_json(path, out)
         return out
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, sd / math.sqrt(n)
 
 
 def summarise(results: dict[str, list[dict[str, Any]]], fractions: list[float], locators: list[str]) -> dict[str, Any]:

@@ -27,16 +27,16 @@ Per (arm, seed): accuracy on the test set (and per format), the share of generat
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+
+import _bench
+from _bench import ArmBench, mean_se
 
 ARMS = ("circuitseer", "ifd", "random", "length-matched", "full")
 PARTS = ("two_digit", "three_digit", "word", "gsm8k")
@@ -69,8 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def settings_key(args: argparse.Namespace) -> str:
-    keep = {k: v for k, v in vars(args).items() if k not in ("threads", "work_dir", "out", "arms", "seeds")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+    return _bench.settings_key(args, ("threads", "work_dir", "out", "arms", "seeds"))
 
 
 def make_pool(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -97,26 +96,11 @@ def make_test(args: argparse.Namespace) -> list[dict[str, Any]]:
             for r in rows]
 
 
-class Bench:
+class Bench(ArmBench):
     def __init__(self, args: argparse.Namespace):
-        from circuit_peft.cca.problems import ARITHMETIC_SHOTS
-        from circuit_peft.evaluate.prompts import default_prompt_style
-        from circuit_peft.models import load_model, load_tokenizer
-
-        self.args, self.key = args, settings_key(args)
-        self.work = Path(args.work_dir)
-        self.arms_dir = self.work / f"arms-{self.key}"
-        self.arms_dir.mkdir(parents=True, exist_ok=True)
-        self.tok = load_tokenizer(args.model)
-        self.style = default_prompt_style(self.tok, log=print)
-        self.shots = [dict(s) for s in ARITHMETIC_SHOTS]
-        self.base = load_model(args.model)
+        super().__init__(args, settings_key(args))
         self.pool, self.test = make_pool(args), make_test(args)
-        self.started = time.perf_counter()
         self._circuit = self._heads = None
-
-    def log(self, msg: str) -> None:
-        print(f"[{time.perf_counter() - self.started:6.0f} s] {msg}", flush=True)
 
     def circuit(self):
         """The circuit every arm trains: gradient-located on the whole pool (cached)."""
@@ -206,13 +190,6 @@ class Bench:
 
         atomic_write_json(path, out)
         return out
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    n, mean = len(values), sum(values) / len(values)
-    if n < 2:
-        return mean, float("nan")
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
 
 
 def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

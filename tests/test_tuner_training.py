@@ -83,14 +83,19 @@ def test_sft_trainer_trains_smollm2_circuit(tmp_path):
     assert saved["components"] == config.components and saved["peft_type"] == "CIRCUIT"
 
 
-def test_two_process_ddp_ranks_train_and_agree(tmp_path):
+def _torchrun_two_ranks(script: str, out_dir):
+    """Run ``tests/<script> out_dir`` under torchrun with 2 CPU processes; the two ``rank<r>.pt`` it wrote."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = str(TESTS.parent) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(TESTS / "ddp_circuit_train.py"), str(tmp_path)]
+           str(TESTS / script), str(out_dir)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    return tuple(torch.load(out_dir / f"rank{r}.pt") for r in (0, 1))
+
+
+def test_two_process_ddp_ranks_train_and_agree(tmp_path):
+    r0, r1 = _torchrun_two_ranks("ddp_circuit_train.py", tmp_path)
     assert r0["world_size"] == 2 and r0["steps"] == r1["steps"] == 3
     assert r0["seen"] and r1["seen"] and not set(r0["seen"]) & set(r1["seen"])  # each rank its own rows
     assert r0["adapter"].keys() == r1["adapter"].keys() and r0["adapter"]
@@ -105,13 +110,7 @@ def test_two_process_fsdp2_matches_one_process_on_the_whole_batch(tmp_path):
     sys.path.insert(0, str(TESTS))
     import fsdp_circuit_train as script
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = str(TESTS.parent) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(TESTS / "fsdp_circuit_train.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    r0, r1 = _torchrun_two_ranks("fsdp_circuit_train.py", tmp_path)
     reference = script.build_model()
     base = sum(float(p.detach().double().sum()) for n, p in reference.named_parameters() if "circuit_" not in n)
     opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-2)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, TrainerCallback, default_data_collator
 
 from ..batching import pad_batch, pad_token_id
+from ..mixins import add_mixin
 from ..evaluate.generation import last_token_logits
 
 WEIGHT_COLUMNS: tuple[str, ...] = ("token_weights", "undesired_ids")
@@ -316,9 +317,7 @@ class PivotalWeighting:
         if getattr(trainer, "_pivotal_weighting", None) is not None:
             raise ValueError("a PivotalWeighting is already attached to this trainer")
         install_pivotal_columns(trainer)
-        if not isinstance(trainer, PivotalLossMixin):
-            cls = type(trainer)
-            trainer.__class__ = type(f"Pivotal{cls.__name__}", (PivotalLossMixin, cls), {})
+        add_mixin(trainer, PivotalLossMixin, "Pivotal")
         trainer.unlikelihood_weight = self.unlikelihood_weight
         trainer._pivotal_weighting = self
         return trainer

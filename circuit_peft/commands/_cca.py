@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..files import read_rows
 from ._args import positive
 
 
@@ -50,13 +51,6 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads")
     p.add_argument("--device", default=None, help="e.g. cuda; default cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def read_rows(path: str) -> list[dict[str, Any]]:
-    """Problem rows of a local file (:func:`circuit_peft.files.read_rows`)."""
-    from ..files import read_rows as read_file_rows
-
-    return read_file_rows(path)
 
 
 def load_problem_rows(source: str, n: int | None, split: str = "train", seed: int = 0) -> list[dict[str, Any]]:

@@ -12,7 +12,8 @@ import shlex
 from typing import Any
 
 from ._args import fraction, non_negative, positive
-from ._cca import read_rows, resolve_shots
+from ..files import read_rows
+from ._cca import resolve_shots
 
 DATA_KEYWORDS = ("arithmetic",)
 

@@ -66,8 +66,6 @@ def generate_batched(
     cache is reused for every batch (:func:`generate_with_shared_prefix`). Sampling (``do_sample``)
     draws from ``softmax(logits / temperature)`` with torch's global generator (no top-k/top-p).
     """
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError("batch_size and max_new_tokens must be >= 1")
     return generate_with_shared_prefix(model, tokenizer, prompt_ids, max_new_tokens, batch_size,
                                        temperature if do_sample else None, stop_strings, progress, desc)
 
@@ -91,6 +89,8 @@ def generate_with_shared_prefix(
     cache and runs only the rest of its prompts, padded between prefix and rest, with explicit
     position ids (so padding changes nothing). Decoding stops when every row has stopped.
     """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError("batch_size and max_new_tokens must be >= 1")
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
     pad_id = pad_token_id(None, tokenizer)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from ..mixins import add_mixin
 from .sampling import DEFAULT_TAU, select_indices, subset_size
 
 
@@ -170,9 +171,7 @@ def use_sampler(trainer: Any, sampler: CircuitSeerSampler) -> Any:
     batches from ``sampler``; returns it. A thin convenience over :class:`CircuitSeerSamplerMixin`: the
     trainer becomes an instance of ``CircuitSeerSamplerMixin + its own class`` (no method is patched).
     """
-    if not isinstance(trainer, CircuitSeerSamplerMixin):
-        cls = type(trainer)
-        trainer.__class__ = type(f"CircuitSeer{cls.__name__}", (CircuitSeerSamplerMixin, cls), {})
+    if add_mixin(trainer, CircuitSeerSamplerMixin, "CircuitSeer"):
         trainer.train_sampler = None
     trainer.set_train_sampler(sampler)
     return trainer
