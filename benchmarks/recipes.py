@@ -6,7 +6,9 @@ measured the same way; only what is trained (and, where named, the loss weights)
 
 * ``located_<locator>@<f>``: the circuit located on the training problems, keeping the top ``f`` of
   each kind (q/k/v heads, MLP neurons): ``attr`` = logit-difference attribution on first-wrong-digit
-  pivots (CCA stage 2), ``grad`` = norm of the SFT-loss gradient on the component's slices;
+  pivots (CCA stage 2), ``grad`` = norm of the SFT-loss gradient on the component's slices, ``gradc`` =
+  that norm divided by the same norm of the LM-loss gradient on general text (what the task moves
+  more than everything else);
 * ``random_layer_<locator>@<f>``: a random circuit with the same kinds and counts in the same layers;
 * ``random_anywhere_<locator>@<f>``: the same kinds and counts, random layers;
 * ``located_<locator>@<f>_unweighted``: the located circuit without pivotal weights;
@@ -42,7 +44,7 @@ import torch
 import _bench
 from _bench import ArmBench, mean_se
 
-LOCATORS = ("attr", "grad")
+LOCATORS = ("attr", "grad", "gradc")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -148,8 +150,9 @@ class Bench(ArmBench):
         from circuit_peft.recipe import SFTSettings, TrainConfig
         from circuit_peft.recipe.pipeline import locate_for_training
 
-        cfg = TrainConfig(locate={"grad": "gradient", "attr": "attribution"}[locator], shots=self.shots,
-                          max_new_tokens=self.args.max_new_tokens, seed=seed,
+        method = {"grad": "gradient", "gradc": "gradient_contrast", "attr": "attribution"}[locator]
+        cfg = TrainConfig(locate=method, shots=self.shots, max_new_tokens=self.args.max_new_tokens, seed=seed,
+                          side_effect_data_dir=self.args.data_dir,
                           sft=SFTSettings(pivotal_weight=self.args.pivotal_weight))
         return locate_for_training(self.base, self.tok, self.problems(seed)["train"], self.style, cfg,
                                    self.work / f"mining-{self.key}-{seed}", keep_fraction=None, progress=False)

@@ -71,6 +71,26 @@ def test_gradient_scan_matches_direct_slice_gradients_and_restores_the_model():
     assert Counter(c.kind for c in kept)["q"] == 3  # 25 % of 12 query heads, kinds ranked separately
 
 
+def test_gradient_contrast_divides_the_task_norm_by_the_general_text_norm():
+    from circuit_peft.locate import general_text_rows
+
+    model = tiny_model("llama")
+    rows = _dataset()
+    torch.manual_seed(1)
+    reference = general_text_rows(torch.randint(3, 127, (4, 10)).tolist())
+    task = gradient_scan(model, rows, keep_fraction=None, progress=False)
+    general = gradient_scan(model, reference, keep_fraction=None, progress=False)
+    contrast = gradient_scan(model, rows, keep_fraction=None, progress=False, reference=reference)
+    assert contrast.method == "gradient_contrast" and task.method == "gradient"
+    for c in [("q", 1, 1), ("k", 0, 1), ("mlp", 2, 40)]:
+        assert contrast.scores[c] == pytest.approx(task.scores[c] / general.scores[c], rel=1e-5)
+    # the ranking changes: the contrast keeps what the task moves more than general text does
+    assert contrast.top_each_kind(0.25).components != task.top_each_kind(0.25).components
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="reference is empty"):
+        gradient_scan(model, rows, reference=[], progress=False)
+
+
 def test_answer_spans_find_whole_numbers_only():
     text = "47 + 38 = 85\nThe answer is 85."
     assert answer_spans(text, "85") == [[10, 12], [27, 29]]
@@ -90,7 +110,7 @@ def test_pivotal_dataset_weights_the_answer_tokens():
 @pytest.mark.parametrize("bad, match", [
     (dict(locate="dcm"), "locate must be one of"), (dict(circuit_fraction=0.0), "circuit_fraction"),
     (dict(select="best"), "select must be one of"), (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(lora_rank=-1), "lora_rank"),
+    (dict(lora_rank=-1), "lora_rank"), (dict(locate="gradient_contrast"), "--side-effects-data"),
 ])
 def test_train_config_refuses_bad_settings(bad, match):
     with pytest.raises(ValueError, match=match):

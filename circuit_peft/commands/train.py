@@ -14,6 +14,7 @@ from typing import Any
 from ._args import fraction, non_negative, positive
 from ..files import read_rows
 from ._cca import resolve_shots
+from ..recipe.pipeline import LOCATORS
 
 DATA_KEYWORDS = ("arithmetic",)
 
@@ -115,8 +116,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("selection, circuit, training")
     s.add_argument("--select", choices=("circuitseer", "ifd", "random"), default=None)
     s.add_argument("--select-fraction", type=fraction, default=0.25)
-    s.add_argument("--locate", choices=("gradient", "attribution"), default="gradient",
-                   help="gradient: SFT-loss gradient norm per component; attribution: digit pivots + logit difference")
+    s.add_argument("--locate", choices=LOCATORS, default="gradient",
+                   help="gradient: SFT-loss gradient norm per component; gradient_contrast: that norm divided by "
+                        "the general-text gradient's (needs --side-effects-data); attribution: digit pivots + "
+                        "logit difference")
     s.add_argument("--circuit-fraction", type=fraction, default=0.02, help="share of each kind kept (default 0.02)")
     s.add_argument("--lora-rank", type=non_negative(int), default=0, help="> 0: circuit + LoRA in one adapter")
     s.add_argument("--update", choices=("sft", "cca"), default="sft",

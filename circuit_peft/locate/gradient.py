@@ -8,7 +8,8 @@ Scores are L2 norms of that gradient (per kind; kinds are ranked separately).
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from functools import partial
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -44,6 +45,24 @@ def _component_scores(model: nn.Module, arch: ModelArch, kinds: tuple[str, ...],
     return scores
 
 
+def _gradient_norms(model: nn.Module, arch: ModelArch, rows: list[dict[str, Any]], kinds: tuple[str, ...],
+                    projections: str, batch_size: int, pad_token_id: int, progress: bool, desc: str
+                    ) -> dict[Component, float]:
+    """Per-component L2 norm of the mean pivotal-weighted loss gradient over ``rows`` (``.grad`` cleared first)."""
+    from ..cca.weighting import PivotalCollator, pivotal_weighted_loss
+
+    for p in model.parameters():
+        p.grad = None
+    collate = PivotalCollator(None, pad_token_id=pad_token_id)
+    device = model_device(model)
+    for s in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress):
+        batch = to_device(collate(rows[s : s + batch_size]), device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        loss = pivotal_weighted_loss(logits, batch["labels"], batch["token_weights"])
+        (loss * len(rows[s : s + batch_size]) / len(rows)).backward()
+    return _component_scores(model, arch, kinds, projections)
+
+
 def gradient_scan(
     model: nn.Module,
     dataset: Iterable[dict[str, Any]],
@@ -53,6 +72,7 @@ def gradient_scan(
     batch_size: int = 8,
     pad_token_id: int = 0,
     progress: bool = True,
+    reference: Iterable[dict[str, Any]] | None = None,
 ) -> Circuit:
     """Score components by the gradient norm of the pivotal-weighted SFT loss on their weight slices.
 
@@ -61,45 +81,59 @@ def gradient_scan(
             ``labels``, ``token_weights``), e.g. gold solutions with the answer weighted.
         projections: ``"paper"`` or ``"all"`` (which slices of a component count; use the ones you train).
         keep_fraction: the returned circuit keeps this share of each kind (None: keep all).
+        reference: rows of the same shape on general text (see :func:`general_text_rows`). When given, a
+            component's score is its task-gradient norm divided by its reference-gradient norm: what
+            the task moves more than it moves everything else (``method="gradient_contrast"``).
 
     The model's parameters are left as they were (``requires_grad`` flags and ``.grad`` restored).
     """
-    from ..cca.weighting import PivotalCollator, pivotal_weighted_loss
-
     kinds = tuple(kinds)
     arch = get_arch(model)
     rows = [dict(r) for r in dataset]
+    ref_rows = None if reference is None else [dict(r) for r in reference]
     if not rows:
         raise ValueError("gradient_scan needs at least one training example")
+    if ref_rows is not None and not ref_rows:
+        raise ValueError("gradient_scan: reference is empty; give general-text rows or reference=None")
     modules = {arch.projection_module(model, layer, p) for layer in range(arch.dims.n_layers) for k in kinds
                for p in arch.projections_for(k, PROJECTION_PRESETS[projections][k])}
     saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-    collate = PivotalCollator(None, pad_token_id=pad_token_id)
     was_training = model.training
+    norms = partial(_gradient_norms, model, arch, kinds=kinds, projections=projections, batch_size=batch_size,
+                    pad_token_id=pad_token_id, progress=progress)
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-            p.grad = None
         for m in modules:
             m.weight.requires_grad_(True)
         model.eval()
-        device = model_device(model)
-        starts = range(0, len(rows), batch_size)
-        for s in tqdm(starts, desc="gradient scan", disable=not progress):
-            batch = to_device(collate(rows[s : s + batch_size]), device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            loss = pivotal_weighted_loss(logits, batch["labels"], batch["token_weights"])
-            (loss * len(rows[s : s + batch_size]) / len(rows)).backward()
-        scores = _component_scores(model, arch, kinds, projections)
+        scores = norms(rows, desc="gradient scan")
+        if ref_rows is not None:
+            ref = norms(ref_rows, desc="gradient scan (reference)")
+            scores = {c: v / max(ref[c], 1e-30) for c, v in scores.items()}
     finally:
         for p, flag, grad in saved:
             p.requires_grad_(flag)
             p.grad = grad
         model.train(was_training)
+    return _gradient_circuit(model, scores, projections, kinds, len(rows), ref_rows, keep_fraction)
+
+
+def _gradient_circuit(model, scores, projections, kinds, n_rows, ref_rows, keep_fraction) -> Circuit:
     meta = {"score": "L2 norm of the pivotal-weighted SFT loss gradient on the component's slices",
-            "projections": projections, "examples": len(rows), "kinds": list(kinds)}
-    circuit = Circuit.from_scores(model, scores, method="gradient", meta=meta)
+            "projections": projections, "examples": n_rows, "kinds": list(kinds)}
+    method = "gradient"
+    if ref_rows is not None:
+        method = "gradient_contrast"
+        meta["score"] += ", divided by the same norm of the LM loss gradient on general text"
+        meta["reference_rows"] = len(ref_rows)
+    circuit = Circuit.from_scores(model, scores, method=method, meta=meta)
     return circuit if keep_fraction is None else circuit.top_each_kind(keep_fraction)
 
 
-__all__ = ["GRADIENT_KINDS", "gradient_scan"]
+def general_text_rows(chunks: Iterable[Sequence[int]]) -> list[dict[str, Any]]:
+    """General-text token chunks as rows for :func:`gradient_scan`'s ``reference`` (every token weighted 1)."""
+    return [{"input_ids": list(c), "labels": list(c), "token_weights": [1.0] * len(c)} for c in chunks]
+
+
+__all__ = ["GRADIENT_KINDS", "gradient_scan", "general_text_rows"]

@@ -29,7 +29,7 @@ from ..files import atomic_dir, atomic_write_json, atomic_write_text
 from ..runs import OpenRun, fingerprint as _fingerprint
 from .sft import SFTSettings, gold_examples, pivotal_dataset, train_sft
 
-LOCATORS: tuple[str, ...] = ("gradient", "attribution")
+LOCATORS: tuple[str, ...] = ("gradient", "gradient_contrast", "attribution")
 SELECTORS: tuple[str, ...] = ("circuitseer", "ifd", "random")
 UPDATES: tuple[str, ...] = ("sft", "cca")
 STAGES: tuple[str, ...] = ("select", "locate", "before", "train", "after", "side_effects")
@@ -64,6 +64,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.locate not in LOCATORS:
             raise ValueError(f"locate must be one of {LOCATORS}, got {self.locate!r}")
+        if self.locate == "gradient_contrast" and self.side_effect_data_dir is None:
+            raise ValueError("locate='gradient_contrast' needs general text: set side_effect_data_dir "
+                             "(--side-effects-data: a folder with text/tinyshakespeare.txt, or a .txt file)")
         if self.update not in UPDATES:
             raise ValueError(f"update must be one of {UPDATES}, got {self.update!r}")
         if self.select is not None and self.select not in SELECTORS:
@@ -133,19 +136,32 @@ def _select(model, tokenizer, rows, cfg: TrainConfig) -> dict[str, Any]:
 def locate_for_training(model, tokenizer, rows, style: str, cfg: TrainConfig, mining_dir: str | os.PathLike,
                         keep_fraction: float | None, progress: bool = True):
     """The circuit :func:`train` trains: ``cfg.locate`` = ``"gradient"`` (SFT-loss gradient on the gold
-    solutions, answer tokens weighted ``cfg.sft.pivotal_weight``) or ``"attribution"`` (first-wrong-digit
+    solutions, answer tokens weighted ``cfg.sft.pivotal_weight``), ``"gradient_contrast"`` (that gradient's
+    norm divided by the LM-loss gradient's on general text from ``cfg.side_effect_data_dir``) or ``"attribution"`` (first-wrong-digit
     pivots mined into ``mining_dir``, then logit-difference attribution). ``keep_fraction`` of each kind
     is kept (None: every component scored, e.g. to draw several sizes from one scan)."""
     from ..locate import attribution_scan, gradient_scan
 
-    if cfg.locate == "gradient":
+    if cfg.locate in ("gradient", "gradient_contrast"):
         examples = gold_examples(tokenizer, rows, style, cfg.shots, cfg.question_field, cfg.answer_field)
         data = pivotal_dataset(tokenizer, examples, cfg.sft.pivotal_weight, style)
+        reference = _reference_rows(tokenizer, cfg) if cfg.locate == "gradient_contrast" else None
         return gradient_scan(model, data, keep_fraction=keep_fraction, pad_token_id=tokenizer.pad_token_id,
-                             progress=progress)
+                             progress=progress, reference=reference)
     records = _mine_digit_pivots(model, tokenizer, rows, style, cfg, mining_dir, progress)
     return attribution_scan(model, None, records, target="logit_diff", keep_fraction=keep_fraction,
                             progress=progress)
+
+
+def _reference_rows(tokenizer, cfg: TrainConfig, n_chunks: int = 32, chunk_length: int = 128) -> list[dict]:
+    """General-text rows for the contrast locator: the last ``n_chunks`` chunks of the side-effect text
+    (the KL measurement reads the first ones, so the two do not overlap on a long text)."""
+    from ..evaluate.data import load_text
+    from ..evaluate.side_effects import text_chunks
+    from ..locate import general_text_rows
+
+    chunks = text_chunks(tokenizer, load_text(cfg.side_effect_data_dir), chunk_length, None)
+    return general_text_rows(chunks[-n_chunks:])
 
 
 def _mine_digit_pivots(model, tokenizer, rows, style: str, cfg: TrainConfig, mining_dir: str | os.PathLike,
