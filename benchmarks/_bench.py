@@ -28,10 +28,10 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 class ArmBench:
     """The shared state of an arm benchmark: work folder keyed by settings, tokenizer, prompt style,
-    the arithmetic shots and the base model."""
+    the generated task (``args.task``, default arithmetic) with its shots, and the base model."""
 
     def __init__(self, args: argparse.Namespace, key: str):
-        from circuit_peft.cca.problems import ARITHMETIC_SHOTS
+        from circuit_peft.cca.problems import TASKS
         from circuit_peft.evaluate.prompts import default_prompt_style
         from circuit_peft.models import load_model, load_tokenizer
 
@@ -41,7 +41,8 @@ class ArmBench:
         self.arms_dir.mkdir(parents=True, exist_ok=True)
         self.tok = load_tokenizer(args.model)
         self.style = default_prompt_style(self.tok, log=print)
-        self.shots = [dict(s) for s in ARITHMETIC_SHOTS]
+        self.task = TASKS[getattr(args, "task", "arithmetic")]
+        self.shots = [dict(s) for s in self.task["shots"]]
         self.base = load_model(args.model)
         self.started = time.perf_counter()
 

@@ -50,6 +50,9 @@ LOCATORS = ("attr", "grad", "gradc")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2")
+    p.add_argument("--task", default="arithmetic", choices=("arithmetic", "multiplication"),
+                   help="arithmetic: two-digit + and - (SmolLM2 right ~20 %%); multiplication: digit x two-digit "
+                        "(~30 %%); held-out format: word problems of the same operation")
     p.add_argument("--data-dir", default="../shared/data", help="mmlu/test, truthfulqa/, text/ (side effects)")
     p.add_argument("--seeds", default="0,1,2", help="training seed and problem draw, comma-separated")
     p.add_argument("--n-train", type=int, default=160)
@@ -101,8 +104,10 @@ def arm_names(fractions: list[float], locators: list[str]) -> list[str]:
 
 def settings_key(args: argparse.Namespace) -> str:
     # what changes a single (arm, seed) result; the list of seeds and arms to run does not
-    return _bench.settings_key(args, ("threads", "work_dir", "out", "arms", "quick", "seeds", "from_saved",
-                                      "fractions", "locators"))
+    ignored = ("threads", "work_dir", "out", "arms", "quick", "seeds", "from_saved", "fractions", "locators")
+    if args.task == "arithmetic":  # the default task keeps the keys of results saved before --task existed
+        ignored += ("task",)
+    return _bench.settings_key(args, ignored)
 
 
 class Bench(ArmBench):
@@ -117,10 +122,10 @@ class Bench(ArmBench):
         from circuit_peft.cca.problems import make_problems
 
         a = self.args
-        held = make_problems(a.n_val + a.n_test, "test", seed=seed, kinds=("add", "sub"))
-        return {"train": make_problems(a.n_train, "train", seed=seed, kinds=("add", "sub")),
+        held = make_problems(a.n_val + a.n_test, "test", seed=seed, kinds=self.task["kinds"])
+        return {"train": make_problems(a.n_train, "train", seed=seed, kinds=self.task["kinds"]),
                 "val": held[: a.n_val], "test": held[a.n_val :],
-                "transfer": make_problems(a.n_transfer, "test", seed=seed, kinds=("word_add", "word_sub"))}
+                "transfer": make_problems(a.n_transfer, "test", seed=seed, kinds=self.task["transfer_kinds"])}
 
     def accuracy(self, model, rows) -> Any:
         from circuit_peft.evaluate.accuracy import evaluate_accuracy

@@ -2,7 +2,8 @@
 
 The family is chosen so that a small instruct model (SmolLM2-135M) is weak but sometimes right:
 two-digit addition and subtraction, bare (``"What is 47 + 38?"``) or as one-sentence word
-problems. Each row is ``{"id", "question", "answer", "kind", "a", "b", "op"}`` where ``answer`` is
+problems (SmolLM2 right on ~20 % of bare ones), and a second skill, a single-digit factor times a
+two-digit one (``"What is 7 * 38?"``, SmolLM2 right on ~30 %), bare or as word problems. Each row is ``{"id", "question", "answer", "kind", "a", "b", "op"}`` where ``answer`` is
 a GSM8K solution ending in ``#### n`` (e.g. ``"47 + 38 = 85\\n#### 85"``).
 
 Train and held-out problems are disjoint by construction: a problem's split is a hash of its
@@ -17,7 +18,9 @@ import random
 from typing import Literal
 
 Split = Literal["train", "test"]
-PROBLEM_KINDS: tuple[str, ...] = ("add", "sub", "word_add", "word_sub")
+ARITHMETIC_KINDS: tuple[str, ...] = ("add", "sub", "word_add", "word_sub")  # the default family
+PROBLEM_KINDS: tuple[str, ...] = ARITHMETIC_KINDS + ("mul", "word_mul")
+_OPS = {"add": "+", "sub": "-", "mul": "*"}
 
 # Our choice: one in five (op, a, b) triples is held out.
 _TEST_SHARE = 5
@@ -34,6 +37,12 @@ _WORD_SUB = (
     "A box holds {a} {t}. {n} takes out {b} {t}. How many {t} are left in the box?",
     "{n} had {a} {t} and lost {b} of them. How many {t} does {n} have now?",
 )
+_WORD_MUL = (
+    "{n} has {a} bags with {b} {t} in each. How many {t} does {n} have?",
+    "A shelf has {a} rows of {b} {t}. How many {t} are on the shelf?",
+    "{n} buys {a} packs of {b} {t}. How many {t} did {n} buy?",
+)
+_WORD = {"+": _WORD_ADD, "-": _WORD_SUB, "*": _WORD_MUL}
 
 
 def problem_split(op: str, a: int, b: int) -> Split:
@@ -43,28 +52,35 @@ def problem_split(op: str, a: int, b: int) -> Split:
 
 
 def _render(kind: str, a: int, b: int, rng: random.Random) -> tuple[str, str]:
-    op = "+" if kind.endswith("add") else "-"
-    if kind in ("add", "sub"):
+    op = _OPS[kind.removeprefix("word_")]
+    if not kind.startswith("word_"):
         question = f"What is {a} {op} {b}?"
     else:
-        template = rng.choice(_WORD_ADD if op == "+" else _WORD_SUB)
+        template = rng.choice(_WORD[op])
         question = template.format(n=rng.choice(_NAMES), t=rng.choice(_THINGS), a=a, b=b)
-    result = a + b if op == "+" else a - b
+    result = {"+": a + b, "-": a - b, "*": a * b}[op]
     return question, f"{a} {op} {b} = {result}\n#### {result}"
+
+
+def _operands(op: str, low: int, high: int, rng: random.Random) -> tuple[int, int]:
+    """One draw of ``(a, b)``: both in ``[low, high]`` (``a >= b`` for ``-``); for ``*`` ``a`` is a digit 2-9."""
+    a, b = rng.randint(2, 9) if op == "*" else rng.randint(low, high), rng.randint(low, high)
+    return (b, a) if op == "-" and a < b else (a, b)
 
 
 def make_problems(
     n: int,
     split: Split = "train",
     seed: int = 0,
-    kinds: tuple[str, ...] = PROBLEM_KINDS,
+    kinds: tuple[str, ...] = ARITHMETIC_KINDS,
     low: int = 10,
     high: int = 99,
 ) -> list[dict]:
     """``n`` distinct problems of ``split`` (``"train"`` or ``"test"``), reproducible from ``seed``.
 
-    Kinds cycle through ``kinds`` (``add``, ``sub``, ``word_add``, ``word_sub``); operands are
-    integers in ``[low, high]``, and subtraction never goes below zero. Ids look like
+    Kinds cycle through ``kinds`` (``add``, ``sub``, ``mul`` and their ``word_`` forms); operands are
+    integers in ``[low, high]`` (for ``mul`` the first is a digit 2-9), and subtraction never goes
+    below zero. Ids look like
     ``"train-add-47-38"`` so they are unique across splits.
     """
     if split not in ("train", "test"):
@@ -84,10 +100,8 @@ def make_problems(
             raise ValueError(f"could not draw {n} distinct {split} problems of kinds {kinds} from [{low}, {high}]; "
                              "ask for fewer or widen the range")
         kind = kinds[len(rows) % len(kinds)]
-        a, b = rng.randint(low, high), rng.randint(low, high)
-        op = "+" if kind.endswith("add") else "-"
-        if op == "-" and a < b:
-            a, b = b, a
+        op = _OPS[kind.removeprefix("word_")]
+        a, b = _operands(op, low, high, rng)
         if (op, a, b) in seen or problem_split(op, a, b) != split:
             continue
         seen.add((op, a, b))
@@ -103,6 +117,15 @@ ARITHMETIC_SHOTS: tuple[dict[str, str], ...] = (
     {"question": "What is 12 + 35?", "answer": "12 + 35 = 47\n#### 47"},
     {"question": "Ann has 50 pens and gives away 18. How many are left?", "answer": "50 - 18 = 32\n#### 32"},
 )
+MULTIPLICATION_SHOTS: tuple[dict[str, str], ...] = (
+    {"question": "What is 3 * 21?", "answer": "3 * 21 = 63\n#### 63"},
+    {"question": "Ann buys 4 boxes of 12 pens. How many pens did she buy?", "answer": "4 * 12 = 48\n#### 48"},
+)
+# The generated tasks by name: training kinds, the held-out format (word problems) and worked examples.
+TASKS: dict[str, dict[str, tuple]] = {
+    "arithmetic": {"kinds": ("add", "sub"), "transfer_kinds": ("word_add", "word_sub"), "shots": ARITHMETIC_SHOTS},
+    "multiplication": {"kinds": ("mul",), "transfer_kinds": ("word_mul",), "shots": MULTIPLICATION_SHOTS},
+}
 
 DEMO_PROBLEMS_FILE = "data/cca_demo_problems.jsonl"
 

@@ -64,12 +64,14 @@ def load_problem_rows(source: str, n: int | None, split: str = "train", seed: in
 
 
 def resolve_shots(shots: str | None, problems_source: str) -> list[dict[str, str]] | None:
-    from ..cca.problems import ARITHMETIC_SHOTS
+    from ..cca.problems import ARITHMETIC_SHOTS, TASKS
 
-    if shots is None:
-        return [dict(s) for s in ARITHMETIC_SHOTS] if problems_source in ("arithmetic", "demo") else None
-    if shots == "arithmetic":
+    if shots is None and problems_source == "demo":
         return [dict(s) for s in ARITHMETIC_SHOTS]
+    if shots is None:
+        shots = problems_source if problems_source in TASKS else "none"
+    if shots in TASKS:
+        return [dict(s) for s in TASKS[shots]["shots"]]
     if shots == "none":
         return None
     return [{"question": r["question"], "answer": r["answer"]} for r in read_rows(shots)]

@@ -16,18 +16,18 @@ from ..files import read_rows
 from ._cca import resolve_shots
 from ..recipe.pipeline import LOCATORS
 
-DATA_KEYWORDS = ("arithmetic",)
+DATA_KEYWORDS = ("arithmetic", "multiplication")  # generated tasks (circuit_peft.cca.problems.TASKS)
 
 
-def load_examples(source: str, split: str, n: int | None, seed: int, config: str | None = None,
-                  kinds: tuple[str, ...] = ("add", "sub")) -> list[dict[str, Any]]:
-    """Rows from a .jsonl/.json/.csv file, the keyword ``arithmetic`` or a hub dataset (``name``, ``split``)."""
+def load_examples(source: str, split: str, n: int | None, seed: int, config: str | None = None) -> list[dict[str, Any]]:
+    """Rows from a .jsonl/.json/.csv file, a generated task (``arithmetic``, ``multiplication``) or a hub
+    dataset (``name``, ``split``)."""
     from pathlib import Path
 
-    if source == "arithmetic":
-        from ..cca.problems import make_problems
+    if source in DATA_KEYWORDS:
+        from ..cca.problems import TASKS, make_problems
 
-        return make_problems(n or 64, "test" if split != "train" else "train", seed=seed, kinds=kinds)
+        return make_problems(n or 64, "test" if split != "train" else "train", seed=seed, kinds=TASKS[source]["kinds"])
     path = Path(source)
     if path.exists():
         rows = read_rows(source)
@@ -36,8 +36,8 @@ def load_examples(source: str, split: str, n: int | None, seed: int, config: str
 
         rows = [dict(r) for r in datasets.load_dataset(source, config, split=split)]
     else:
-        raise FileNotFoundError(f"--data: no file at {source} (give a .jsonl/.json/.csv file, 'arithmetic' or a "
-                                "hub dataset id such as openai/gsm8k)")
+        raise FileNotFoundError(f"--data: no file at {source} (give a .jsonl/.json/.csv file, one of {DATA_KEYWORDS} "
+                                "or a hub dataset id such as openai/gsm8k)")
     return rows[:n] if n is not None else rows
 
 
@@ -101,7 +101,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="hub id, local folder, 'smollm2' or 'gemma3-270m'")
     d = p.add_argument_group("data")
     d.add_argument("--data", default="arithmetic",
-                   help="training examples: .jsonl/.json/.csv file, hub dataset id, or 'arithmetic' (built in)")
+                   help="training examples: .jsonl/.json/.csv file, hub dataset id, or a generated task: 'arithmetic' "
+                        "(two-digit + and -) or 'multiplication' (digit x two-digit)")
     d.add_argument("--data-config", default=None, help="hub dataset config (e.g. main for openai/gsm8k)")
     d.add_argument("--data-split", default="train", help="hub dataset split (default train)")
     d.add_argument("--n-train", type=positive(int), default=None, help="use the first N training examples")
@@ -110,7 +111,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--n-heldout", type=positive(int), default=None)
     d.add_argument("--question-field", default="question")
     d.add_argument("--answer-field", default="answer", help="gold answer: GSM8K '... #### n' or a bare number")
-    d.add_argument("--shots", default=None, help="worked examples: .jsonl, 'arithmetic' or 'none'")
+    d.add_argument("--shots", default=None, help="worked examples: .jsonl, 'arithmetic', 'multiplication' or 'none' "
+                        "(default: the generated task's own, else none)")
     d.add_argument("--prompt-style", choices=("chat", "fewshot"), default=None,
                    help="default: chat when the tokenizer has a chat template, else few-shot")
     s = p.add_argument_group("selection, circuit, training")
