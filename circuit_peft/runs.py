@@ -46,15 +46,15 @@ class OpenRun:
     run (naming the settings that differ), a non-empty folder of something else, an unwritable folder,
     a second live writer."""
 
-    def __init__(self, path: str | os.PathLike, settings: dict[str, Any]):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, settings: dict[str, Any], flag: str = "--out"):
+        self.path, self.flag = Path(path), flag
         self.key = fingerprint(settings)
         self.settings = settings
 
     def open(self) -> None:
         """Create the folder, or check that it belongs to this run; raise before any work otherwise."""
         if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"--out {self.path} is a file, not a folder")
+            raise ValueError(f"{self.flag} {self.path} is a file, not a folder")
         run = self.path / "run.json"
         if run.exists():
             old = json.loads(run.read_text())
@@ -62,12 +62,12 @@ class OpenRun:
                 was, now = _flat(old.get("settings", {})), _flat(self.settings)
                 diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
                 raise ValueError(f"{self.path} holds another run (different {', '.join(diff) or 'settings'}); "
-                                 "use another --out folder or delete this one")
+                                 f"use another {self.flag} folder or delete this one")
         elif self.path.exists() and any(self.path.iterdir()):
-            raise ValueError(f"{self.path} is not empty and holds no circuit-peft run; use another --out")
+            raise ValueError(f"{self.path} is not empty and holds no circuit-peft run; use another {self.flag}")
         self.path.mkdir(parents=True, exist_ok=True)
         if not os.access(self.path, os.W_OK):
-            raise ValueError(f"--out {self.path} is not writable")
+            raise ValueError(f"{self.flag} {self.path} is not writable")
         self._lock()
         atomic_write_json(run, {"key": self.key, "settings": self.settings})
 
@@ -79,7 +79,7 @@ class OpenRun:
         except FileExistsError:
             pid = int((lock.read_text().strip() or "0")) if lock.exists() else 0
             if pid and pid != os.getpid() and _alive(pid):
-                raise ValueError(f"{self.path} is in use by process {pid}; wait for it or use another --out") from None
+                raise ValueError(f"{self.path} is in use by process {pid}; wait for it or use another {self.flag}") from None
             lock.write_text(str(os.getpid()))
             return
         with os.fdopen(fd, "w") as f:

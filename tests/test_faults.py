@@ -99,7 +99,7 @@ def test_good_files_give_the_same_rows_whatever_the_format(tmp_path):
         read_rows(tmp_path / "missing.jsonl")
 
 
-# ----- part 3: output folders that cannot be mixed (mine, amplify, train) -------------------------------
+# ----- part 3: output folders that cannot be mixed (mine, amplify, train, select's cache) -------------------------------
 
 
 def test_mine_and_amplify_refuse_another_runs_folder_before_loading_a_model(tmp_path, capsys):
@@ -136,6 +136,37 @@ def test_mine_and_amplify_refuse_another_runs_folder_before_loading_a_model(tmp_
         writer.kill()
 
 
+def test_select_cache_dir_is_a_run_folder_of_one_pool_and_one_scoring_setting(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from circuit_peft.cli import main
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"question": f"q{i}", "answer": "1"}) + "\n" for i in range(6)))
+    cache = tmp_path / "cache"
+    argv = ["select", "--data", str(pool), "--method", "random", "--cache-dir", str(cache)]
+    assert main(argv + ["--fraction", "0.5", "--out", str(tmp_path / "a.jsonl")]) == 0
+    assert (cache / "run.json").exists() and not (cache / "lock").exists()  # lock released at the end
+    # what is kept changes, the scores do not: the cache is reused
+    assert main(argv + ["--fraction", "0.3", "--seed", "2", "--out", str(tmp_path / "b.jsonl")]) == 0
+    other = tmp_path / "other.jsonl"
+    other.write_text(pool.read_text() + json.dumps({"question": "q9", "answer": "2"}) + "\n")
+    assert main(["select", "--data", str(other), "--method", "random", "--cache-dir", str(cache),
+                 "--out", str(tmp_path / "c.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "--cache-dir" in err and "holds another run" in err and "pool" in err
+    assert main(argv + ["--batch-size", "3", "--out", str(tmp_path / "d.jsonl")]) == 2
+    assert "batch_size" in capsys.readouterr().err
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (cache / "lock").write_text(str(writer.pid))
+        assert main(argv + ["--out", str(tmp_path / "e.jsonl")]) == 2
+        assert f"in use by process {writer.pid}" in capsys.readouterr().err
+    finally:
+        writer.kill()
+
+
 def test_atomic_dir_leaves_the_old_folder_or_the_new_one(tmp_path):
     from circuit_peft.files import atomic_dir
 
@@ -160,3 +191,16 @@ def test_a_non_finite_locating_score_is_refused_never_ranked():
     with pytest.raises(ValueError, match=r"gradient: 2 of 3 component scores are not finite"):
         Circuit.from_scores(None, scores, method="gradient")
     assert len(Circuit.from_scores(None, {Component("q", 0, 0): 1.0}, method="gradient")) == 1
+
+
+@pytest.mark.slow
+def test_demo_adapter_only_replaces_an_old_adapter_folder_whole(tmp_path):
+    from circuit_peft.commands.demo import run_demo
+
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_text("another adapter's weights")
+    run_demo("smollm2", steps=1, output_dir=str(out), problems=1, max_length=64)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert (out / "adapter_model.safetensors").read_bytes()[:8] != b"another "
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary sibling left

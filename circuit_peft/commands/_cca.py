@@ -104,13 +104,14 @@ def load_runtime(args: argparse.Namespace):
 RUN_FLAGS_IGNORED = ("out", "threads", "no_progress", "verbose", "func", "command", "argv", "max_problems", "device")
 
 
-def open_run(args: argparse.Namespace, **inputs: Any):
-    """Open ``args.out`` for this command (see :class:`circuit_peft.runs.OpenRun`): its settings are the
-    command, its flags and the fingerprints of ``inputs`` (rows); another run's folder is refused."""
+def open_run(args: argparse.Namespace, folder_flag: str = "out", ignored: tuple[str, ...] = (), **inputs: Any):
+    """Open the folder of flag ``folder_flag`` (default ``--out``) for this command (see :class:`circuit_peft.runs.OpenRun`):
+    its settings are the command, its flags (less ``ignored`` ones, which do not change what the folder
+    holds) and the fingerprints of ``inputs`` (rows); another run's folder is refused."""
     from ..runs import OpenRun, fingerprint
 
-    flags = {k: v for k, v in sorted(vars(args).items()) if k not in RUN_FLAGS_IGNORED}
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in RUN_FLAGS_IGNORED + ignored}
     settings = {"command": args.command, "flags": flags, **{k: fingerprint(v) for k, v in inputs.items()}}
-    run = OpenRun(args.out, settings)
+    run = OpenRun(getattr(args, folder_flag), settings, "--" + folder_flag.replace("_", "-"))
     run.open()
     return run

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ._args import positive
 from ..arch import get_arch
+from ..files import atomic_dir
 from ..models import load_model, load_tokenizer
 from ..tuner import CircuitConfig, circuit_size
 
@@ -106,7 +107,8 @@ def run_demo(model_name: str = "smollm2", steps: int = 6, lr: float = 2e-3, outp
     seconds = time.perf_counter() - start
     after = loss_now()
     print(f"loss after {steps} steps: {after:.4f} ({seconds:.1f} s)")
-    model.save_pretrained(output_dir)
+    with atomic_dir(output_dir) as tmp:  # a kill leaves the old adapter or this one, never a mix
+        model.save_pretrained(tmp)
     print(f"adapter saved to {output_dir}/ (load: import circuit_peft; PeftModel.from_pretrained(base, {output_dir!r}))")
     return {"loss_before": before, "loss_after": after, "seconds": seconds}
 

@@ -30,10 +30,7 @@ def load_rows(path: str, split: str = "train") -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import load_model, load_tokenizer
-    from ..select.api import plot_scores, select_data
     from ..select.data import row_texts
-    from ..select.heads import ReasoningHeads, find_reasoning_heads
     from ..select.sampling import subset_size
 
     if args.fraction is None or not 0 < args.fraction <= 1:
@@ -49,6 +46,33 @@ def run(args: argparse.Namespace) -> int:
     row_texts(dataset, args.question_field, None, what="question")
     if args.method in ("max-loss", "ifd"):
         row_texts(dataset, args.answer_field, None, what="answer")
+    cache = _open_cache(args, dataset)
+    try:
+        return _select(args, dataset)
+    finally:
+        if cache is not None:
+            cache.close()
+
+
+# flags that change which rows are kept or where they go, not the cached scores
+CACHE_FLAGS_IGNORED = ("plot", "fraction", "tau", "seed", "save_heads", "score_column", "cache_dir", "split")
+
+
+def _open_cache(args: argparse.Namespace, dataset):
+    """``--cache-dir`` as a run folder: the scoring flags and the pool's fingerprint are recorded, a cache
+    of another pool or other scoring flags is refused, and a second live writer is refused."""
+    if not args.cache_dir:
+        return None
+    from ._cca import open_run
+
+    return open_run(args, "cache_dir", CACHE_FLAGS_IGNORED, pool=dataset.to_list())
+
+
+def _select(args: argparse.Namespace, dataset) -> int:
+    from ..models import load_model, load_tokenizer
+    from ..select.api import plot_scores, select_data
+    from ..select.heads import ReasoningHeads, find_reasoning_heads
+
     model = tokenizer = heads = None
     if args.method != "random":
         model, tokenizer = load_model(args.model), load_tokenizer(args.model)
@@ -124,5 +148,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--max-length", type=positive(int), help="token limit (default: the model's context)")
     p.add_argument("--on-long", default="truncate", choices=["truncate", "error"],
                    help="what to do with rows longer than the context")
-    p.add_argument("--cache-dir", help="folder for resumable score caches")
+    p.add_argument("--cache-dir", help="folder for resumable score caches (one pool and scoring setting per "
+                                        "folder; another is refused)")
     p.set_defaults(func=run)
