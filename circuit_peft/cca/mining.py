@@ -386,6 +386,78 @@ def _chunk_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:4], "little")
 
 
+def _parse_problems(tokenizer: Any, problems: Sequence[dict[str, Any]], cfg: MiningConfig, fmt: AnswerFormat
+                    ) -> tuple[list[_Problem], list[str]]:
+    """The problems with a parsable gold answer, prompts encoded, and the ids of those without one.
+    Raises on a missing question field, a duplicate id, or when no problem has a gold answer."""
+    valid: list[_Problem] = []
+    bad_gold: list[str] = []
+    ids_seen: set[str] = set()
+    for i, row in enumerate(problems):
+        if cfg.question_field not in row:
+            raise ValueError(f"problem {i} has no {cfg.question_field!r} field (fields: {sorted(row)}); "
+                             "set question_field")
+        pid = str(row.get(cfg.id_field, i))
+        if pid in ids_seen:
+            raise ValueError(f"duplicate problem id {pid!r}; problem ids must be unique")
+        ids_seen.add(pid)
+        gold = fmt.gold(row)
+        if gold is None:
+            bad_gold.append(pid)
+            continue
+        prompt = build_prompt(tokenizer, row[cfg.question_field], cfg.prompt_style, cfg.shots, system=cfg.system,
+                              instruction=cfg.instruction)
+        valid.append(_Problem(pid, gold, encode_prompts(tokenizer, [prompt], cfg.prompt_style)[0]))
+    if bad_gold:
+        logger.warning("skipping %d of %d problems without a parsable gold answer (first: %s)",
+                       len(bad_gold), len(problems), ", ".join(bad_gold[:5]))
+    if not valid:
+        raise ValueError(f"none of the {len(problems)} problems has a parsable gold answer (first ids: "
+                         f"{bad_gold[:5]}); GSM8K answers end with '#### n', or pass answer_format=...")
+    return valid, bad_gold
+
+
+def _mine_chunks(miner: "_Miner", valid: list[_Problem], cfg: MiningConfig, out: Path | None,
+                 done: dict[str, dict], records: list[dict], max_problems: int | None, bar: Any) -> None:
+    """Mine the problems not in ``done`` chunk by chunk, appending to ``done``/``records`` (and to the
+    files under ``out``) as each problem finishes; stop after ``max_problems`` new ones."""
+    new = 0
+    for index in range(0, len(valid), cfg.batch_size):
+        chunk = valid[index : index + cfg.batch_size]
+        todo = [p for p in chunk if p.pid not in done]
+        if not todo:
+            continue
+        if max_problems is not None and new >= max_problems:
+            return
+        # The whole chunk runs again (same composition, same seed) so that a resumed chunk gives
+        # the records an uninterrupted run would have given.
+        miner.run_chunk(chunk, _chunk_seed(cfg.seed, index // cfg.batch_size))
+        for p in todo:
+            if max_problems is not None and new >= max_problems:
+                return
+            entry = {"problem_id": p.pid, "status": p.status, "greedy_correct": p.greedy_correct,
+                     "n_records": len(p.records)}
+            if out is not None:
+                _append_lines(out / RECORDS_FILE, p.records)
+                _append_lines(out / PROGRESS_FILE, [entry])
+            done[p.pid] = entry
+            records += p.records
+            new += 1
+            bar.update(1)
+        bar.set_postfix(records=len(records))
+
+
+def _no_record_message(stats: dict[str, Any], mined: int) -> str:
+    right = stats["greedy_correct"]
+    statuses = {k: v for k, v in stats.items() if k not in ("problems", "mined", "records")}
+    hint = ("The model is never right: use easier problems, a few-shot prompt, more samples or a higher "
+            "temperature_if_wrong." if right == 0 else
+            "The model is never wrong: use harder problems or more samples/higher temperature_if_right."
+            if right == mined else
+            "No sample changed the outcome: raise n_samples, change the temperatures, or try pivot='digit'.")
+    return f"no pivotal-token record from {mined} problems (greedy right on {right}, wrong on {mined - right}; statuses: {statuses}). " + hint
+
+
 def mine_pivotal_tokens(
     model: Any,
     tokenizer: Any,
@@ -413,70 +485,18 @@ def mine_pivotal_tokens(
     if not problems:
         raise ValueError("no problems given: pass rows with a question and a gold answer")
     miner = _Miner(model, tokenizer, cfg, fmt)
-
-    valid: list[_Problem] = []
-    bad_gold: list[str] = []
-    ids_seen: set[str] = set()
-    for i, row in enumerate(problems):
-        if cfg.question_field not in row:
-            raise ValueError(f"problem {i} has no {cfg.question_field!r} field (fields: {sorted(row)}); "
-                             "set question_field")
-        pid = str(row.get(cfg.id_field, i))
-        if pid in ids_seen:
-            raise ValueError(f"duplicate problem id {pid!r}; problem ids must be unique")
-        ids_seen.add(pid)
-        gold = fmt.gold(row)
-        if gold is None:
-            bad_gold.append(pid)
-            continue
-        prompt = build_prompt(tokenizer, row[cfg.question_field], cfg.prompt_style, cfg.shots, system=cfg.system,
-                              instruction=cfg.instruction)
-        valid.append(_Problem(pid, gold, encode_prompts(tokenizer, [prompt], cfg.prompt_style)[0]))
-    if bad_gold:
-        logger.warning("skipping %d of %d problems without a parsable gold answer (first: %s)",
-                       len(bad_gold), len(problems), ", ".join(bad_gold[:5]))
-    if not valid:
-        raise ValueError(f"none of the {len(problems)} problems has a parsable gold answer (first ids: "
-                         f"{bad_gold[:5]}); GSM8K answers end with '#### n', or pass answer_format=...")
-
+    valid, bad_gold = _parse_problems(tokenizer, problems, cfg, fmt)
     out = Path(output_dir) if output_dir is not None else None
-    done: dict[str, dict] = {}
-    records: list[dict] = []
-    if out is not None:
-        done, records = _resume_state(out, cfg)
-    chunks = [valid[i : i + cfg.batch_size] for i in range(0, len(valid), cfg.batch_size)]
-    new = 0
+    done, records = _resume_state(out, cfg) if out is not None else ({}, [])
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(valid), initial=sum(p.pid in done for p in valid), desc=f"mining ({cfg.method}/{cfg.pivot})",
                unit="problem", disable=not progress)
     try:
-        for index, chunk in enumerate(chunks):
-            todo = [p for p in chunk if p.pid not in done]
-            if not todo:
-                continue
-            if max_problems is not None and new >= max_problems:
-                break
-            # The whole chunk runs again (same composition, same seed) so that a resumed chunk gives
-            # the records an uninterrupted run would have given.
-            miner.run_chunk(chunk, _chunk_seed(cfg.seed, index))
-            for p in todo:
-                if max_problems is not None and new >= max_problems:
-                    break
-                entry = {"problem_id": p.pid, "status": p.status, "greedy_correct": p.greedy_correct,
-                         "n_records": len(p.records)}
-                if out is not None:
-                    _append_lines(out / RECORDS_FILE, p.records)
-                    _append_lines(out / PROGRESS_FILE, [entry])
-                done[p.pid] = entry
-                records += p.records
-                new += 1
-                bar.update(1)
-            bar.set_postfix(records=len(records))
+        _mine_chunks(miner, valid, cfg, out, done, records, max_problems, bar)
     finally:
         bar.close()
         model.train(was_training)
-
     statuses = [done[p.pid] for p in valid if p.pid in done]
     stats = {"problems": len(problems), "bad_gold": len(bad_gold), "mined": len(statuses),
              "greedy_correct": sum(s["greedy_correct"] for s in statuses), "records": len(records)}
@@ -484,18 +504,8 @@ def mine_pivotal_tokens(
         stats[s["status"]] = stats.get(s["status"], 0) + 1
     if out is not None:
         atomic_write_text(out / "summary.json", json.dumps({**stats, "bad_gold_ids": bad_gold[:20]}, indent=2))
-    finished = len(statuses) == len(valid)
-    if not records and finished:
-        right = stats["greedy_correct"]
-        raise ValueError(
-            f"no pivotal-token record from {len(statuses)} problems (greedy right on {right}, wrong on "
-            f"{len(statuses) - right}; statuses: { {k: v for k, v in stats.items() if k not in ('problems', 'mined', 'records')} }). "
-            + ("The model is never right: use easier problems, a few-shot prompt, more samples or a higher "
-               "temperature_if_wrong." if right == 0 else
-               "The model is never wrong: use harder problems or more samples/higher temperature_if_right."
-               if right == len(statuses) else
-               "No sample changed the outcome: raise n_samples, change the temperatures, or try pivot='digit'.")
-        )
+    if not records and len(statuses) == len(valid):
+        raise ValueError(_no_record_message(stats, len(statuses)))
     logger.info("mining: %s", stats)
     return MiningResult(Dataset.from_list(records) if records else Dataset.from_dict({f: [] for f in RECORD_FIELDS}),
                         stats, bad_gold)
