@@ -110,6 +110,22 @@ def test_margin_losses_and_validators():
     assert r.best_val == max(h["val"] for h in r.history if "val" in h)
 
 
+def test_update_of_a_peft_model_trains_its_adapter_in_place_like_a_fresh_one():
+    from peft import get_peft_model
+
+    config = CircuitConfig.from_components(CIRCUIT, projections="paper")
+    kwargs = dict(steps=3, lr=1e-2, progress=False)
+    fresh = amplify_update(tiny_model("llama"), _records(), config, **kwargs)
+    wrapped = get_peft_model(tiny_model("llama"), CircuitConfig.from_components(CIRCUIT, projections="paper"))
+    in_place = amplify_update(wrapped, _records(), None, **kwargs)
+    assert in_place.model is wrapped and in_place.size == fresh.size
+    assert in_place.final_margin == pytest.approx(fresh.final_margin, rel=1e-5)
+    with pytest.raises(ValueError, match="pass circuit=None"):
+        amplify_update(wrapped, _records(), config, progress=False)
+    with pytest.raises(ValueError, match="no circuit adapter named 'other'"):
+        amplify_update(wrapped, _records(), None, adapter_name="other", progress=False)
+
+
 def test_bad_input():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="empty"):

@@ -184,10 +184,30 @@ class _Objective:
         return sum(float(self.margins(i).sum()) for i in range(len(self.batches))) / self.n
 
 
+def _circuit_model(model: nn.Module, circuit: Circuit | CircuitConfig | None, mask: bool, projections: str,
+                   adapter_name: str) -> tuple[PeftModel, CircuitConfig, dict[str, Any]]:
+    """The PEFT model whose circuit adapter the update trains, its config and size: ``model`` wrapped
+    with ``circuit``'s adapter, or ``model`` itself when it is a ``PeftModel`` holding one."""
+    if isinstance(model, PeftModel):
+        if circuit is not None:
+            raise ValueError("model is a PeftModel: its adapter is trained; pass circuit=None (or the base model)")
+        if adapter_name not in model.peft_config or not isinstance(model.peft_config[adapter_name], CircuitConfig):
+            raise ValueError(f"the PeftModel has no circuit adapter named {adapter_name!r} "
+                             f"(adapters: {sorted(model.peft_config)})")
+        config = model.peft_config[adapter_name]
+        model.set_adapter(adapter_name)
+        return model, config, circuit_size(config, model.get_base_model())
+    if circuit is None:
+        raise ValueError("circuit is None: pass a Circuit or CircuitConfig, or a PeftModel holding the adapter")
+    config = circuit_config_for(model, circuit, mask=mask, projections=projections)
+    size = circuit_size(config, model)
+    return get_peft_model(model, config, adapter_name=adapter_name), config, size
+
+
 def amplify_update(
     model: nn.Module,
     records: Any,
-    circuit: Circuit | CircuitConfig,
+    circuit: Circuit | CircuitConfig | None,
     validate: Validator | None = None,
     config: UpdateConfig | None = None,
     mask: bool = True,
@@ -199,11 +219,12 @@ def amplify_update(
     """Train a circuit adapter on contrastive records; return the PEFT model holding the best step.
 
     Args:
-        model: the base model (it is wrapped in place by ``get_peft_model``).
+        model: the base model (it is wrapped in place by ``get_peft_model``), or a ``PeftModel`` whose
+            circuit adapter ``adapter_name`` is trained in place (then ``circuit`` is None).
         records: ``{"context_ids", "desired_id", "undesired_id", "problem_id"}`` rows (list or Dataset).
         circuit: a located :class:`~circuit_peft.circuit.Circuit` (turned into a config with
             ``config.projections``, default ``"paper"``: q/k/v rows and up_proj rows) or a ready
-            :class:`CircuitConfig`.
+            :class:`CircuitConfig`; None with a ``PeftModel``.
         validate: ``model -> score`` (higher is better), e.g. :func:`accuracy_validator`; None keeps
             the last step (no selection).
         mask: False runs the "without mask" ablation.
@@ -214,20 +235,16 @@ def amplify_update(
     cfg = config or UpdateConfig()
     if overrides:
         cfg = UpdateConfig(**{**asdict(cfg), **overrides})
-    if isinstance(model, PeftModel):
-        raise ValueError("pass the base model, not a PeftModel: amplify_update adds its own adapter")
-    arch = get_arch(model)
-    rows = validate_records(records, arch.dims.vocab_size)
-    peft_config = circuit_config_for(model, circuit, mask=mask, projections=cfg.projections)
-    size = circuit_size(peft_config, model)
-    lowest = min(peft_config.layers())
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    rows = validate_records(records, get_arch(base).dims.vocab_size)  # before the model is wrapped
     start = time.perf_counter()
-    peft_model = get_peft_model(model, peft_config, adapter_name=adapter_name)
+    peft_model, peft_config, size = _circuit_model(model, circuit, mask, cfg.projections, adapter_name)
+    lowest = min(peft_config.layers())
     peft_model.eval()  # no dropout; gradients still flow
     params = [p for p in peft_model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the adapter has no trainable parameters; check the circuit and projections")
-    objective = _Objective(peft_model, rows, lowest, cfg, pad_token_id(model, tokenizer))
+    objective = _Objective(peft_model, rows, lowest, cfg, pad_token_id(base, tokenizer))
     opt = (torch.optim.SGD(params, lr=cfg.lr) if cfg.optimizer == "sgd" else torch.optim.Adam(params, lr=cfg.lr))
 
     def snapshot() -> list[torch.Tensor]:

@@ -175,12 +175,9 @@ def _mine_digit_pivots(model, tokenizer, rows, style: str, cfg: TrainConfig, min
 
 
 def _cca_update(peft_model, tokenizer, rows, style: str, cfg: TrainConfig, run: "RunFolder", log) -> dict[str, Any]:
-    """The CCA update of the adapter's circuit on digit pivots mined from the base model; its weights
-    are copied into ``peft_model``."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
+    """The CCA update of ``peft_model``'s circuit adapter (trained in place) on digit pivots mined from
+    the base model."""
     from ..cca.update import amplify_update
-    from ..models import load_model
 
     with peft_model.disable_adapter():
         records = _mine_digit_pivots(peft_model, tokenizer, rows, style, cfg, run.path / "mining")
@@ -188,9 +185,7 @@ def _cca_update(peft_model, tokenizer, rows, style: str, cfg: TrainConfig, run: 
         raise ValueError("the base model made no digit mistakes on the training examples: nothing for the CCA "
                          "update to learn from; use update='sft'")
     log(f"[train] CCA update of the circuit on {len(records)} pivot records, {cfg.update_steps} steps")
-    result = amplify_update(load_model(run.settings["model"]), records, peft_model.peft_config["default"],
-                            tokenizer=tokenizer, steps=cfg.update_steps)
-    set_peft_model_state_dict(peft_model, get_peft_model_state_dict(result.model))
+    result = amplify_update(peft_model, records, None, tokenizer=tokenizer, steps=cfg.update_steps)
     return {"records": len(records), "initial_margin": result.initial_margin, "final_margin": result.final_margin}
 
 
