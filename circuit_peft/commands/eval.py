@@ -30,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate.side_effects import mmlu_accuracy, side_effects, truthfulqa_mc1
     from ..models import load_model, load_tokenizer
 
+    if args.harness:
+        return run_lm_eval(args)
     tasks = parse_tasks(args.tasks)
     if args.adapter and args.base_model:
         raise ValueError("give either --adapter (base = the model without it) or --base-model, not both")
@@ -118,6 +120,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_lm_eval(args: argparse.Namespace) -> int:
+    """``eval --harness lm-eval``: lm-evaluation-harness on ``--model`` with ``--adapter`` (``peft=``);
+    offline on ``--data-dir`` files (gsm8k, mmlu_<subject>), else any lm-eval task from the hub."""
+    import json
+    import tempfile
+
+    import circuit_peft  # noqa: F401  (registers the CIRCUIT PEFT type before lm-eval loads the adapter)
+
+    from ..evaluate.harness import harness_table, run_harness
+    from ..models import resolve_model_path
+
+    if args.base_model:
+        raise ValueError("--harness lm-eval scores --model with --adapter; --base-model is not used")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError(f"--tasks: give lm-eval task names, e.g. gsm8k,mmlu_anatomy; got {args.tasks!r}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="circuit-peft-harness-") as work:
+        results = run_harness(resolve_model_path(args.model), tasks, adapter=args.adapter, data_dir=args.data_dir,
+                              work_dir=work, limit=args.limit, batch_size=args.batch_size,
+                              num_fewshot=args.harness_shots, max_gen_toks=args.harness_max_gen_toks)
+    print(harness_table(results))
+    if args.out:
+        atomic_write_json(args.out, json.loads(json.dumps({"harness": "lm-eval", "model": args.model,
+                                                           "adapter": args.adapter, "results": results["results"]},
+                                                          default=float)))
+    return 0
+
+
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "eval", help="accuracy on held-out problems and side effects (MMLU, TruthfulQA, KL)",
@@ -146,6 +180,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--kl-chunks", type=positive(int), default=32, help="number of text chunks for KL (default 32)")
     p.add_argument("--kl-chunk-length", type=positive(int), default=128, help="tokens per KL chunk (default 128)")
     p.add_argument("--no-records", action="store_true", help="leave per-problem records out of the report")
+    p.add_argument("--harness", choices=("lm-eval",), help="run lm-evaluation-harness instead (--tasks are its task "
+                   "names; offline with --data-dir: gsm8k, mmlu_<subject>; needs circuit-peft[lm-eval])")
+    p.add_argument("--harness-shots", type=non_negative(int), help="lm-eval num_fewshot (default: each task's own)")
+    p.add_argument("--harness-max-gen-toks", type=positive(int), help="lm-eval generation cap (default: the task's)")
     p.add_argument("--threads", type=positive(int), help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
