@@ -311,6 +311,27 @@ def test_reasoning_heads_from_circuit_top_five_percent(tmp_path):
         ReasoningHeads.load(tmp_path / "c.json", model=tiny_model("gpt2"))
 
 
+def test_reasoning_heads_are_a_query_head_circuit_on_disk_and_old_files_still_load(tmp_path):
+    import json
+
+    from circuit_peft.circuit import Circuit
+
+    model = tiny_model("llama")
+    heads = ReasoningHeads.from_circuit(Circuit.from_scores(
+        model, {("q", l, h): float(10 * l + h) for l in range(3) for h in range(4)}), k=3)
+    path = heads.save(tmp_path / "heads.json")
+    circuit = Circuit.load(path, model=model)  # the circuit format: locate, plot and the tuner read it
+    assert circuit.method == "reasoning_heads" and [tuple(c) for c in circuit.components] == [
+        ("q", 2, 1), ("q", 2, 2), ("q", 2, 3)]
+    again = ReasoningHeads.load(path, model=model)  # exactly these heads, not re-ranked to 5 %
+    assert again.heads == heads.heads and again.scores == heads.scores and again.source == heads.source
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"format": "circuit-peft/reasoning-heads", "heads": [[1, 2], [0, 3]],
+                               "model_fingerprint": circuit.fingerprint, "scores": {"1.2": 0.5}, "source": "ablation"}))
+    legacy = ReasoningHeads.load(old, model=model)
+    assert legacy.heads == [(0, 3), (1, 2)] and legacy.scores == {(1, 2): 0.5} and legacy.source == "ablation"
+
+
 def test_length_debias_removes_a_power_law_in_length_and_keeps_order_within_a_length():
     rng = np.random.default_rng(0)
     lengths = rng.integers(20, 200, size=300)

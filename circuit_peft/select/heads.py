@@ -8,8 +8,9 @@ fingerprint it was made for. Build one from
   ``ReasoningHeads.from_circuit(circuit, fraction=0.05)``,
 * a fresh scan: :func:`find_reasoning_heads` (head ablation scan by default, or attribution).
 
-Save/load as JSON; loading checks the model fingerprint so a heads file made for another model
-is refused.
+Reasoning heads are a view of a query-head :class:`Circuit` (:meth:`ReasoningHeads.to_circuit`) and
+are saved in the circuit file format (files of the old heads format still load); loading checks the
+model fingerprint so a heads file made for another model is refused.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from typing import Any, Iterable
 from torch import nn
 
 from ..arch import fingerprint_diff, get_arch
-from ..files import atomic_write_json
+from ..circuit import Circuit
 from ..fractions import keep_count
 
-HEADS_FORMAT = "circuit-peft/reasoning-heads"
+HEADS_FORMAT = "circuit-peft/reasoning-heads"  # the old file format (read, no longer written)
+REASONING_HEADS_METHOD = "reasoning_heads"
 DEFAULT_HEAD_FRACTION = 0.05
 _HEAD_KINDS = ("q", "o")  # a query head is named "q" (its weights) or "o" (its output) by locate scans
 
@@ -93,6 +95,12 @@ class ReasoningHeads:
             out.check_model(model, record=True)
         return out
 
+    @classmethod
+    def _from_view(cls, circuit: Circuit) -> "ReasoningHeads":
+        """The heads a saved reasoning-heads circuit holds, exactly (no re-ranking)."""
+        return cls([(c.layer, c.index) for c in circuit.components], circuit.fingerprint,
+                   {(c.layer, c.index): v for c, v in circuit.scores.items()}, circuit.meta.get("source", "file"))
+
     # ----- checks and grouping -------------------------------------------------------------------
     def check_model(self, model: nn.Module, record: bool = False) -> None:
         """Raise ``ValueError`` if these heads were made for another model or do not exist in it."""
@@ -126,19 +134,20 @@ class ReasoningHeads:
     def __iter__(self):
         return iter(self.heads)
 
-    # ----- JSON -------------------------------------------------------------------------------------
+    # ----- as a circuit, and JSON -------------------------------------------------------------------
+    def to_circuit(self) -> Circuit:
+        """The query-head :class:`Circuit` these heads are a view of (``method="reasoning_heads"``): kept
+        components ``("q", layer, head)``, the head scores, the fingerprint."""
+        return Circuit([("q", l, h) for l, h in self.heads], {("q", l, h): v for (l, h), v in self.scores.items()},
+                       self.model_fingerprint, method=REASONING_HEADS_METHOD, meta={"source": self.source})
+
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": HEADS_FORMAT,
-            "heads": [list(h) for h in self.heads],
-            "model_fingerprint": self.model_fingerprint,
-            "scores": {f"{l}.{h}": s for (l, h), s in sorted(self.scores.items())},
-            "source": self.source,
-        }
+        """The circuit file format (:meth:`Circuit.to_dict`); files of the old heads format still load."""
+        return self.to_circuit().to_dict()
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write JSON atomically (temp file + ``os.replace``)."""
-        return atomic_write_json(path, self.to_dict(), indent=1)
+        """Write the heads as a circuit file, atomically; ``circuit-peft locate``/``Circuit.load`` read it."""
+        return self.to_circuit().save(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "ReasoningHeads":
@@ -150,14 +159,13 @@ class ReasoningHeads:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not a JSON heads file: {err}") from None
-        if isinstance(data, dict) and data.get("format") == HEADS_FORMAT:
+        if isinstance(data, dict) and data.get("format") == HEADS_FORMAT:  # the format before 0.x: still read
             scores = {tuple(int(x) for x in k.split(".")): float(v) for k, v in (data.get("scores") or {}).items()}
             out = cls([tuple(h) for h in data["heads"]], data.get("model_fingerprint"), scores,
                       data.get("source", "file"))
         else:
-            from ..circuit import Circuit  # a saved Circuit from circuit-peft locate
-
-            out = cls.from_circuit(Circuit.load(path))
+            circuit = Circuit.load(path)
+            out = cls._from_view(circuit) if circuit.method == REASONING_HEADS_METHOD else cls.from_circuit(circuit)
         if model is not None:
             out.check_model(model)
         return out
