@@ -333,3 +333,19 @@ def test_solution_loss_matches_transformers_labels_loss():
     c = Component("q", 1, 1)
     assert (both.meta["base_loss"] + both.scores[c]) * 4 == pytest.approx(
         (per_row.meta["base_loss"] + per_row.scores[c]) * 3 + other.meta["base_loss"] + other.scores[c], abs=1e-4)
+
+
+def test_probe_spec_is_one_object_for_the_probe_settings():
+    from circuit_peft.locate import ProbeSpec, head_ablation_scan
+
+    model = tiny_model("llama")
+    rows = [{"question": "a b", "answer": "c d e"}, {"question": "f", "answer": "g h"}]
+    tok = _FakeTok()
+    loose = head_ablation_scan(model, tok, rows, prompt_field="question", solution_field="answer", keep_fraction=None,
+                               progress=False)
+    spec = ProbeSpec("question", "answer")
+    assert head_ablation_scan(model, tok, rows, spec=spec, keep_fraction=None, progress=False).scores == loose.scores
+    with pytest.raises(ValueError, match="either spec= or prompt_field="):
+        head_ablation_scan(model, tok, rows, spec=spec, prompt_field="q", progress=False)
+    with pytest.raises(ValueError, match="max_length must be an integer >= 2"):
+        ProbeSpec(max_length=1)

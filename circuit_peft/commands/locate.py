@@ -110,7 +110,7 @@ def _probe_fields(rows: list[dict[str, Any]], prompt: str | None, solution: str 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..locate import attribution_scan, head_ablation_scan, learn_masks
+    from ..locate import ProbeSpec, attribution_scan, head_ablation_scan, learn_masks
     from ..models import load_model, load_tokenizer
 
     selections = [x for x in (args.keep_fraction, args.top_k, args.z) if x is not None]
@@ -143,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("no tokenizer for %s (%s); the data must be token ids", args.model, err)
         tok = None
     prompt_field, solution_field = _probe_fields(rows, args.prompt_field, args.solution_field)
-    probe_kw = dict(prompt_field=prompt_field, solution_field=solution_field,
-                    chat_template=False if args.no_chat_template else None, max_length=args.max_length)
+    spec = ProbeSpec(prompt_field, solution_field, chat_template=False if args.no_chat_template else None,
+                     max_length=args.max_length)
     # --keep-fraction goes to the library's own keep rule (a share of each kind), so the CLI keeps
     # exactly what the Python call with the same number keeps
     keep_default = args.keep_fraction if args.keep_fraction is not None else (None if selections else 0.05)
@@ -155,10 +155,10 @@ def run(args: argparse.Namespace) -> int:
                               tokenizer=tok)
     elif args.method == "ablation":
         circuit = head_ablation_scan(model, tok, rows, method=args.ablation, batch_size=args.batch_size or 8,
-                                     naive=args.naive, keep_fraction=keep_default, **probe_kw)
+                                     naive=args.naive, keep_fraction=keep_default, spec=spec)
     else:
         circuit = attribution_scan(model, tok, rows, target=target, method=args.ablation,
-                                   batch_size=args.batch_size or 4, keep_fraction=keep_default, **probe_kw)
+                                   batch_size=args.batch_size or 4, keep_fraction=keep_default, spec=spec)
     if args.keep_fraction is not None and args.method == "dcm":
         circuit = circuit.top_each_kind(args.keep_fraction)
     elif args.top_k is not None:

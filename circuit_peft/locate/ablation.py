@@ -28,17 +28,16 @@ from ..circuit import Circuit
 from ..interventions import (
     ABLATION_METHODS, HeadAblation, ablate_heads, capture_layer_input, head_output_means, start_at_layer,
 )
-from .data import collate_probe, encode_probe, last_logits, model_inputs, solution_loss_sums
+from .data import ProbeSpec, collate_probe, encode_probe, last_logits, model_inputs, solution_loss_sums
 
 DEFAULT_KEEP_FRACTION = 0.05
 
 
 def probe_batches(
-    model: nn.Module, tokenizer: Any, probe: Any, batch_size: int = 8, prompt_field: str = "prompt",
-    solution_field: str = "solution", chat_template: bool | None = None, max_length: int = 1024,
+    model: nn.Module, tokenizer: Any, probe: Any, batch_size: int = 8, spec: ProbeSpec = ProbeSpec(),
 ) -> list[dict[str, torch.Tensor]]:
-    """Encode probe rows and group them into left-padded batches of similar length (on the model's device)."""
-    encoded = encode_probe(tokenizer, probe, prompt_field, solution_field, chat_template, max_length)
+    """Encode probe rows (``spec``) and group them into left-padded batches of similar length (on the model's device)."""
+    encoded = encode_probe(tokenizer, probe, spec)
     pad = pad_token_id(model, tokenizer)
     device = model_device(model)
     return [to_device(collate_probe([encoded[i] for i in idx], pad), device)
@@ -89,6 +88,7 @@ def head_ablation_scan(
     chat_template: bool | None = None,
     max_length: int = 1024,
     progress: bool = True,
+    spec: ProbeSpec | None = None,
 ) -> Circuit:
     """Score every query head by the loss increase on solution tokens when it alone is ablated.
 
@@ -102,6 +102,8 @@ def head_ablation_scan(
         naive: one full forward per head (slow reference path).
         keep_fraction: the returned circuit keeps this share of the scanned heads (top scores);
             None keeps all; use ``circuit.top(...)`` for other choices.
+        prompt_field / solution_field / chat_template / max_length: how rows become token ids, or
+            all four at once as ``spec`` (a :class:`~circuit_peft.locate.data.ProbeSpec`).
 
     Returns:
         a :class:`Circuit` with kind ``"q"`` components (query head ``h`` of layer ``l``) whose
@@ -114,8 +116,9 @@ def head_ablation_scan(
     scan = _select_heads(arch, layers, heads)
     if not scan:
         raise ValueError("no heads to scan: layers/heads selected nothing")
-    batches = probe_batches(model, tokenizer, probe, batch_size, prompt_field, solution_field, chat_template,
-                            max_length)
+    spec = ProbeSpec.resolve(spec, prompt_field=prompt_field, solution_field=solution_field,
+                             chat_template=chat_template, max_length=max_length)
+    batches = probe_batches(model, tokenizer, probe, batch_size, spec)
     n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
     means = head_output_means(model, [model_inputs(b) for b in batches], arch) if method == "mean" else None
 

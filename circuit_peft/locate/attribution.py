@@ -30,7 +30,7 @@ from ..circuit import Circuit
 from ..interventions import ABLATION_METHODS, uniform_attention_output, capture_components, head_output_means
 from .ablation import DEFAULT_KEEP_FRACTION, probe_batches
 from .data import (
-    at_least_float32, collate_records, last_logits, model_inputs, solution_loss_sums, validate_records,
+    ProbeSpec, at_least_float32, collate_records, last_logits, model_inputs, solution_loss_sums, validate_records,
 )
 
 TARGETS = ("ablation", "logit_diff")
@@ -72,6 +72,7 @@ def attribution_scan(
     chat_template: bool | None = None,
     max_length: int = 1024,
     progress: bool = True,
+    spec: ProbeSpec | None = None,
 ) -> Circuit:
     """Score heads and neurons by a first-order (gradient) estimate of their effect.
 
@@ -85,6 +86,8 @@ def attribution_scan(
             ``"mlp"`` (default both); ``"logit_diff"``: any of ``q k v mlp`` (default all).
         keep_fraction: the returned circuit keeps this share of each scored kind (top scores);
             None keeps all.
+        prompt_field / solution_field / chat_template / max_length: how probe rows become token ids
+            (``"ablation"``), or all four at once as ``spec`` (a :class:`~circuit_peft.locate.data.ProbeSpec`).
 
     Returns:
         a :class:`Circuit` with every scored component's estimate in ``scores``.
@@ -104,8 +107,10 @@ def attribution_scan(
     try:
         with frozen_parameters(model), torch.enable_grad():
             if target == "ablation":
-                scores, meta = _ablation_attribution(model, arch, tokenizer, data, method, kinds, batch_size,
-                                                     prompt_field, solution_field, chat_template, max_length, progress)
+                spec = ProbeSpec.resolve(spec, prompt_field=prompt_field, solution_field=solution_field,
+                                         chat_template=chat_template, max_length=max_length)
+                batches = probe_batches(model, tokenizer, data, batch_size, spec)
+                scores, meta = _ablation_attribution(model, arch, batches, method, kinds, progress)
             else:
                 scores, meta = _logit_diff_attribution(model, arch, tokenizer, data, kinds, batch_size, progress)
     finally:
@@ -122,10 +127,7 @@ def _scores_dict(arch: ModelArch, totals: dict[str, torch.Tensor]) -> dict[Compo
             for l in range(t.shape[0]) for i, v in enumerate(t[l].tolist())}
 
 
-def _ablation_attribution(model, arch, tokenizer, data, method, kinds, batch_size, prompt_field, solution_field,
-                          chat_template, max_length, progress):
-    batches = probe_batches(model, tokenizer, data, batch_size, prompt_field, solution_field, chat_template,
-                            max_length)
+def _ablation_attribution(model, arch, batches, method, kinds, progress):
     n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
     layers = range(arch.dims.n_layers)
     means = None

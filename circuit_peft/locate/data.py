@@ -78,6 +78,34 @@ def collate_records(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, to
 # ----- probe rows ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ProbeSpec:
+    """How probe rows become token ids, in one object: the rows' prompt and solution fields, whether the
+    prompt is wrapped as a user turn with the tokenizer's chat template (None: if it has one), and the
+    longest sequence in tokens (a longer row loses the end of its solution)."""
+
+    prompt_field: str = "prompt"
+    solution_field: str = "solution"
+    chat_template: bool | None = None
+    max_length: int = 1024
+
+    def __post_init__(self) -> None:
+        if int(self.max_length) != self.max_length or self.max_length < 2:
+            raise ValueError(f"max_length must be an integer >= 2 tokens, got {self.max_length!r}")
+
+    @classmethod
+    def resolve(cls, spec: "ProbeSpec | None", **fields: Any) -> "ProbeSpec":
+        """``spec``, or one made of the loose keyword ``fields`` (a public function's ``prompt_field=`` ...);
+        giving both a spec and a non-default loose field is refused."""
+        if spec is None:
+            return cls(**fields)
+        default = cls()
+        clash = [k for k, v in fields.items() if v != getattr(default, k)]
+        if clash:
+            raise ValueError(f"give either spec= or {', '.join(f'{k}=' for k in clash)}, not both")
+        return spec
+
+
 @dataclass
 class EncodedProbe:
     """A probe row as token ids: ``ids`` = prompt + solution, the last ``n_solution`` are scored."""
@@ -86,21 +114,13 @@ class EncodedProbe:
     n_solution: int
 
 
-def encode_probe(
-    tokenizer: Any,
-    data: Any,
-    prompt_field: str = "prompt",
-    solution_field: str = "solution",
-    chat_template: bool | None = None,
-    max_length: int = 1024,
-) -> list[EncodedProbe]:
-    """Tokenise probe rows (prompt, solution); rows with ``prompt_ids``/``solution_ids`` are used as given.
-
-    ``chat_template``: wrap the prompt as a user turn with the tokenizer's chat template
-    (None: if the tokenizer has one). The solution tokens follow the prompt tokens directly and
-    end with EOS. Rows longer than ``max_length`` lose the end of their solution.
+def encode_probe(tokenizer: Any, data: Any, spec: ProbeSpec = ProbeSpec()) -> list[EncodedProbe]:
+    """Tokenise probe rows (prompt, solution) as ``spec`` says; rows with ``prompt_ids``/``solution_ids``
+    are used as given. The solution tokens follow the prompt tokens directly and end with EOS.
     Raises ``ValueError`` for an empty data set or a row without prompt or solution text.
     """
+    prompt_field, solution_field, chat_template, max_length = (spec.prompt_field, spec.solution_field,
+                                                               spec.chat_template, spec.max_length)
     rows = _rows(data)
     use_chat = getattr(tokenizer, "chat_template", None) is not None if chat_template is None else chat_template
     out = []
