@@ -39,3 +39,16 @@ def test_eval_cli_report(tmp_path, capsys):
     assert main(["eval", "--model", str(model_dir), "--data-dir", str(DATA), "--tasks", "kl"]) == 2
     assert main(["eval", "--model", str(model_dir), "--data-dir", str(tmp_path), "--tasks", "gsm8k"]) == 2
     assert "trivia" in capsys.readouterr().err
+    # the model alone (no base): MMLU and TruthfulQA scored for it; with a base, GSM8K of both
+    alone = tmp_path / "alone.json"
+    assert main(["eval", "--model", str(model_dir), "--data-dir", str(DATA), "--tasks", "mmlu,truthfulqa",
+                 "--limit", "2", "--mmlu-subjects", "elementary_mathematics", "--mmlu-shots", "0", "--quiet",
+                 "--out", str(alone)]) == 0
+    report = json.loads(alone.read_text())
+    assert report["mmlu"]["count"] == 2 and report["truthfulqa"]["count"] == 2 and "side_effects" not in report
+    both = tmp_path / "both.json"
+    assert main(["eval", "--model", str(model_dir), "--adapter", str(adapter_dir), "--data-dir", str(DATA),
+                 "--tasks", "gsm8k", "--limit", "2", "--max-new-tokens", "4", "--with-base", "--no-records",
+                 "--quiet", "--out", str(both)]) == 0
+    report = json.loads(both.read_text())
+    assert report["gsm8k_base"]["count"] == 2 and "records" not in report["gsm8k"]

@@ -25,11 +25,6 @@ def run(args: argparse.Namespace) -> int:
 
     import circuit_peft  # noqa: F401  (registers the CIRCUIT PEFT type before loading adapters)
 
-    from ..evaluate.accuracy import evaluate_accuracy
-    from ..evaluate.data import load_gsm8k, load_mmlu, load_text, load_truthfulqa
-    from ..evaluate.side_effects import mmlu_accuracy, side_effects, truthfulqa_mc1
-    from ..models import load_model, load_tokenizer
-
     if args.harness:
         return run_lm_eval(args)
     tasks = parse_tasks(args.tasks)
@@ -37,12 +32,33 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give either --adapter (base = the model without it) or --base-model, not both")
     if "kl" in tasks and not (args.adapter or args.base_model):
         raise ValueError("the kl task compares against a base: pass --adapter DIR or --base-model M")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError("--limit must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    problems, shots, subjects = _read_data(args, tasks)  # a missing file fails before the model is loaded
+    model, tokenizer, base = _load_models(args)
+    report: dict[str, Any] = {"model": args.model, "adapter": args.adapter, "base_model": args.base_model,
+                              "data_dir": args.data_dir, "tasks": tasks, "limit": args.limit}
+    started = time.time()
+    if problems is not None:
+        report.update(_eval_gsm8k(args, model, base, tokenizer, problems, shots))
+    side_tasks = [t for t in tasks if t != "gsm8k"]
+    if side_tasks:
+        t0 = time.time()
+        report.update(_eval_side_effects(args, model, base, tokenizer, side_tasks, subjects))
+        report["side_effects_seconds"] = round(time.time() - t0, 1)
+    report["seconds"] = round(time.time() - started, 1)
+    if args.out:
+        atomic_write_json(args.out, report)
+        print(f"report written to {args.out}")
+    return 0
+
+
+def _read_data(args: argparse.Namespace, tasks: list[str]):
+    """GSM8K problems and shots (None when not asked for) and the MMLU subjects; every other data set is
+    read once here so that a missing file fails before a model is loaded."""
+    from ..evaluate.data import load_gsm8k, load_mmlu, load_text, load_truthfulqa
+
     data_dir = args.data_dir
-    # read every data set first: a missing file fails before the model is loaded
     problems = load_gsm8k(data_dir, args.split, args.limit) if "gsm8k" in tasks else None
     shots = None
     if problems is not None and args.style == "fewshot" and args.shots is not None:
@@ -56,68 +72,83 @@ def run(args: argparse.Namespace) -> int:
         if data_dir is None and args.text is None:
             raise ValueError("kl needs --text FILE or --data-dir with text/tinyshakespeare.txt")
         load_text(args.text or data_dir)
+    return problems, shots, subjects
 
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model)
-    base = None
+
+def _load_models(args: argparse.Namespace):
+    """(model, tokenizer, base): the model with ``--adapter`` loaded (its base is the adapter disabled),
+    or ``--model`` and a separate ``--base-model`` (None when neither is given)."""
+    from ..models import load_model, load_tokenizer
+
+    tokenizer, model, base = load_tokenizer(args.model), load_model(args.model), None
     if args.adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, args.adapter).eval()
     elif args.base_model:
         base = load_model(args.base_model)
-    report: dict[str, Any] = {"model": args.model, "adapter": args.adapter, "base_model": args.base_model,
-                              "data_dir": data_dir, "tasks": tasks, "limit": args.limit}
-    started = time.time()
-    progress = not args.quiet
-    if problems is not None:
-        kw = dict(style=args.style, shots=shots, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                  instruction=args.instruction, progress=progress)
-        t0 = time.time()
-        res = evaluate_accuracy(model, tokenizer, problems, **kw)
-        report["gsm8k"] = res.to_dict(with_records=not args.no_records)
-        report["gsm8k"]["seconds"] = round(time.time() - t0, 1)
-        print(f"gsm8k       accuracy {res.accuracy:.3f} +- {res.stderr:.3f} ({res.correct}/{res.count}, "
-              f"{len(res.skipped)} skipped)")
-        if args.with_base and (args.adapter or base is not None):
-            if base is not None:
-                base_res = evaluate_accuracy(base, tokenizer, problems, **kw)
-            else:
-                with model.disable_adapter():
-                    base_res = evaluate_accuracy(model, tokenizer, problems, **kw)
-            report["gsm8k_base"] = base_res.to_dict(with_records=not args.no_records)
-            print(f"gsm8k base  accuracy {base_res.accuracy:.3f} +- {base_res.stderr:.3f}")
-    side_tasks = [t for t in tasks if t != "gsm8k"]
+    return model, tokenizer, base
+
+
+def _eval_gsm8k(args: argparse.Namespace, model, base, tokenizer, problems, shots) -> dict[str, Any]:
+    """``gsm8k`` (and with ``--with-base``, ``gsm8k_base``) report entries; prints one line each."""
+    from ..evaluate.accuracy import evaluate_accuracy
+
+    kw = dict(style=args.style, shots=shots, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+              instruction=args.instruction, progress=not args.quiet)
     t0 = time.time()
-    if side_tasks and (args.adapter or base is not None):
-        se = side_effects(base, model, tokenizer, data_dir=data_dir, tasks=side_tasks, mmlu_subjects=subjects,
-                          mmlu_shots=args.mmlu_shots, mmlu_limit=args.limit, truthfulqa_limit=args.limit,
-                          text=load_text(args.text) if args.text else None, kl_chunk_length=args.kl_chunk_length,
-                          kl_chunks=args.kl_chunks, batch_size=args.batch_size, progress=progress)
-        report["side_effects"] = se
-        for t in ("mmlu", "truthfulqa"):
-            if t in se:
-                print(f"{t:<11} {se[t]:.3f} (base {se[t + '_base']:.3f}, delta {se[t + '_delta']:+.3f}, "
-                      f"n={se[t + '_count']})")
-        if "kl" in se:
-            print(f"kl          {se['kl']:.5f} nats/token vs base")
-    elif side_tasks:  # no base: score the model alone
-        if "mmlu" in side_tasks:
-            res = mmlu_accuracy(model, tokenizer, load_mmlu(data_dir, subjects), args.mmlu_shots,
-                                limit_per_subject=args.limit, batch_size=args.batch_size, progress=progress)
-            report["mmlu"] = {k: v for k, v in res.items() if k != "records"}
-            print(f"mmlu        {res['accuracy']:.3f} +- {res['stderr']:.3f} (n={res['count']})")
-        if "truthfulqa" in side_tasks:
-            res = truthfulqa_mc1(model, tokenizer, load_truthfulqa(data_dir, args.limit), args.batch_size, progress)
-            report["truthfulqa"] = {k: v for k, v in res.items() if k != "records"}
-            print(f"truthfulqa  {res['accuracy']:.3f} +- {res['stderr']:.3f} (n={res['count']})")
-    if side_tasks:
-        report["side_effects_seconds"] = round(time.time() - t0, 1)
-    report["seconds"] = round(time.time() - started, 1)
-    if args.out:
-        atomic_write_json(args.out, report)
-        print(f"report written to {args.out}")
-    return 0
+    res = evaluate_accuracy(model, tokenizer, problems, **kw)
+    out = {"gsm8k": {**res.to_dict(with_records=not args.no_records), "seconds": round(time.time() - t0, 1)}}
+    print(f"gsm8k       accuracy {res.accuracy:.3f} +- {res.stderr:.3f} ({res.correct}/{res.count}, "
+          f"{len(res.skipped)} skipped)")
+    if args.with_base and (args.adapter or base is not None):
+        if base is not None:
+            base_res = evaluate_accuracy(base, tokenizer, problems, **kw)
+        else:
+            with model.disable_adapter():
+                base_res = evaluate_accuracy(model, tokenizer, problems, **kw)
+        out["gsm8k_base"] = base_res.to_dict(with_records=not args.no_records)
+        print(f"gsm8k base  accuracy {base_res.accuracy:.3f} +- {base_res.stderr:.3f}")
+    return out
+
+
+def _eval_side_effects(args: argparse.Namespace, model, base, tokenizer, side_tasks, subjects) -> dict[str, Any]:
+    """Against a base (adapter disabled or ``--base-model``): ``side_effects`` (MMLU/TruthfulQA deltas,
+    KL); without one: MMLU and TruthfulQA of the model alone. Prints one line per task."""
+    from ..evaluate.data import load_text
+    from ..evaluate.side_effects import side_effects
+
+    if not (args.adapter or base is not None):
+        return _eval_alone(args, model, tokenizer, side_tasks, subjects)
+    se = side_effects(base, model, tokenizer, data_dir=args.data_dir, tasks=side_tasks, mmlu_subjects=subjects,
+                      mmlu_shots=args.mmlu_shots, mmlu_limit=args.limit, truthfulqa_limit=args.limit,
+                      text=load_text(args.text) if args.text else None, kl_chunk_length=args.kl_chunk_length,
+                      kl_chunks=args.kl_chunks, batch_size=args.batch_size, progress=not args.quiet)
+    for t in ("mmlu", "truthfulqa"):
+        if t in se:
+            print(f"{t:<11} {se[t]:.3f} (base {se[t + '_base']:.3f}, delta {se[t + '_delta']:+.3f}, "
+                  f"n={se[t + '_count']})")
+    if "kl" in se:
+        print(f"kl          {se['kl']:.5f} nats/token vs base")
+    return {"side_effects": se}
+
+
+def _eval_alone(args: argparse.Namespace, model, tokenizer, side_tasks, subjects) -> dict[str, Any]:
+    from ..evaluate.data import load_mmlu, load_truthfulqa
+    from ..evaluate.side_effects import mmlu_accuracy, truthfulqa_mc1
+
+    out: dict[str, Any] = {}
+    if "mmlu" in side_tasks:
+        res = mmlu_accuracy(model, tokenizer, load_mmlu(args.data_dir, subjects), args.mmlu_shots,
+                            limit_per_subject=args.limit, batch_size=args.batch_size, progress=not args.quiet)
+        out["mmlu"] = {k: v for k, v in res.items() if k != "records"}
+        print(f"mmlu        {res['accuracy']:.3f} +- {res['stderr']:.3f} (n={res['count']})")
+    if "truthfulqa" in side_tasks:
+        res = truthfulqa_mc1(model, tokenizer, load_truthfulqa(args.data_dir, args.limit), args.batch_size,
+                             not args.quiet)
+        out["truthfulqa"] = {k: v for k, v in res.items() if k != "records"}
+        print(f"truthfulqa  {res['accuracy']:.3f} +- {res['stderr']:.3f} (n={res['count']})")
+    return out
 
 
 def run_lm_eval(args: argparse.Namespace) -> int:
