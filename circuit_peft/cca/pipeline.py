@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from torch import nn
 
@@ -109,84 +110,100 @@ def amplify(
     ``test_problems`` measure accuracy before and after. All are rows with a question and a gold
     answer (read by ``answer_format``, default :class:`~circuit_peft.evaluate.answers.NumberAnswer`). The model is wrapped in place by the adapter (``result.model``). ``log`` receives one line per stage.
     """
-    mining = mining or MiningConfig()
-    update = update or UpdateConfig()
-    config = config or AmplifyConfig()
+    mining, update, config = mining or MiningConfig(), update or UpdateConfig(), config or AmplifyConfig()
+    _check_inputs(val_problems, test_problems, config)  # before any model work
+    from ..evaluate.accuracy import evaluate_accuracy
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    eval_kwargs = dict(_eval_kwargs(mining, config), answer_format=answer_format)
+    timings: dict[str, float] = {}
+    with _timed(timings, "mine_s"):
+        mined = mine_pivotal_tokens(model, tokenizer, train_problems, out / "mining", mining, answer_format,
+                                    progress=progress)
+    log(f"mined {len(mined.records)} pivotal-token records from {mined.stats['mined']} problems "
+        f"({timings['mine_s']:.0f} s; greedy right on {mined.stats['greedy_correct']})")
+    with _timed(timings, "locate_s"):
+        circuit = _locate_and_save(model, mined.records, config, out, progress)
+    log(f"located {len(circuit.components)} components by {config.locate} ({timings['locate_s']:.0f} s)")
+    with _timed(timings, "eval_before_s"):
+        before = evaluate_accuracy(model, tokenizer, test_problems, progress=progress, **eval_kwargs)
+    log(f"accuracy before: {before.accuracy:.3f} ({before.correct}/{before.count})")
+    with _timed(timings, "update_s"):
+        validator = accuracy_validator(tokenizer, val_problems, **eval_kwargs)
+        result = amplify_update(model, mined.records, circuit, validator, update, tokenizer=tokenizer,
+                                progress=progress)
+    peft_model, size = result.model, result.size
+    with atomic_dir(out / "adapter") as tmp:  # a kill leaves the old adapter or the new one, never a mix
+        peft_model.save_pretrained(str(tmp))
+    log(f"update: best step {result.best_step} (validation {result.best_val}), margin "
+        f"{result.initial_margin:.2f} -> {result.final_margin:.2f} ({timings['update_s']:.0f} s)")
+    with _timed(timings, "eval_after_s"):
+        after = evaluate_accuracy(peft_model, tokenizer, test_problems, progress=progress, **eval_kwargs)
+    log(f"accuracy after: {after.accuracy:.3f} ({after.correct}/{after.count}); changed "
+        f"{100 * size['component_fraction']:.2f} % of components, {100 * size['param_fraction']:.2f} % of parameters")
+    with _timed(timings, "side_effects_s"):
+        effects = _side_effects(peft_model, tokenizer, config, progress, log)
+    report = {"settings": {"mining": asdict(mining), "update": asdict(update), "amplify": asdict(config),
+                           "n_train": len(train_problems), "n_val": len(val_problems), "n_test": len(test_problems)},
+              "mining": mined.stats, **_outcome(before, after, mined, config, circuit, size, effects, result),
+              "timings": timings, "files": {"adapter": str(out / "adapter"), "circuit": str(out / "circuit.json"),
+                                            "heatmap": str(out / "circuit.png"),
+                                            "records": str(out / "mining" / "records.jsonl")}}
+    atomic_write_json(out / "report.json", report)
+    return AmplifyResult(report=report, model=peft_model, output_dir=out)
+
+
+def _check_inputs(val_problems, test_problems, config: AmplifyConfig) -> None:
+    """Refuse empty held-out sets and missing side-effect data before any model work."""
+    from ..evaluate.data import load_mmlu, load_truthfulqa
+
     if not val_problems:
         raise ValueError("the validation set is empty: give held-out problems to pick the best update step")
     if not test_problems:
         raise ValueError("the test set is empty: give held-out problems to measure accuracy")
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    from ..evaluate.accuracy import evaluate_accuracy
-    from ..evaluate.data import load_mmlu, load_truthfulqa
-
-    if config.side_effect_data_dir is not None:  # fail on missing data before any model work
+    if config.side_effect_data_dir is not None:
         if "mmlu" in config.side_effects:
             load_mmlu(config.side_effect_data_dir, config.mmlu_subjects)
         if "truthfulqa" in config.side_effects:
             load_truthfulqa(config.side_effect_data_dir, 1)
-    eval_kwargs = dict(_eval_kwargs(mining, config), answer_format=answer_format)
-    report: dict[str, Any] = {"settings": {"mining": asdict(mining), "update": asdict(update), "amplify": asdict(config),
-                                           "n_train": len(train_problems), "n_val": len(val_problems),
-                                           "n_test": len(test_problems)}}
-    timings: dict[str, float] = {}
 
-    t0 = time.perf_counter()
-    mined = mine_pivotal_tokens(model, tokenizer, train_problems, out / "mining", mining, answer_format,
-                                progress=progress)
-    timings["mine_s"] = time.perf_counter() - t0
-    report["mining"] = mined.stats
-    log(f"mined {len(mined.records)} pivotal-token records from {mined.stats['mined']} problems "
-        f"({timings['mine_s']:.0f} s; greedy right on {mined.stats['greedy_correct']})")
 
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Record the block's wall time in seconds as ``timings[key]``."""
     t0 = time.perf_counter()
-    circuit = locate_circuit(model, mined.records, config, progress=progress)
+    yield
+    timings[key] = time.perf_counter() - t0
+
+
+def _locate_and_save(model: nn.Module, records, config: AmplifyConfig, out: Path, progress: bool) -> Circuit:
+    circuit = locate_circuit(model, records, config, progress=progress)
     if not circuit.components:
         raise ValueError("locating kept no component; lower dcm_lambda or raise circuit_fraction")
     circuit.save(out / "circuit.json")
     circuit.plot(out / "circuit.png", title=f"CCA circuit ({config.locate})")
-    timings["locate_s"] = time.perf_counter() - t0
-    log(f"located {len(circuit.components)} components by {config.locate} ({timings['locate_s']:.0f} s)")
+    return circuit
 
-    t0 = time.perf_counter()
-    before = evaluate_accuracy(model, tokenizer, test_problems, progress=progress, **eval_kwargs)
-    timings["eval_before_s"] = time.perf_counter() - t0
-    log(f"accuracy before: {before.accuracy:.3f} ({before.correct}/{before.count})")
 
-    t0 = time.perf_counter()
-    validator = accuracy_validator(tokenizer, val_problems, **eval_kwargs)
-    result = amplify_update(model, mined.records, circuit, validator, update, tokenizer=tokenizer, progress=progress)
-    timings["update_s"] = time.perf_counter() - t0
-    peft_model = result.model
-    with atomic_dir(out / "adapter") as tmp:  # a kill leaves the old adapter or the new one, never a mix
-        peft_model.save_pretrained(str(tmp))
-    size = result.size
-    log(f"update: best step {result.best_step} (validation {result.best_val}), margin "
-        f"{result.initial_margin:.2f} -> {result.final_margin:.2f} ({timings['update_s']:.0f} s)")
-
-    t0 = time.perf_counter()
-    after = evaluate_accuracy(peft_model, tokenizer, test_problems, progress=progress, **eval_kwargs)
-    timings["eval_after_s"] = time.perf_counter() - t0
-    log(f"accuracy after: {after.accuracy:.3f} ({after.correct}/{after.count}); changed "
-        f"{100 * size['component_fraction']:.2f} % of components, {100 * size['param_fraction']:.2f} % of parameters")
-
-    effects: dict[str, Any] = {}
-    if config.side_effect_data_dir is not None and config.side_effects:
-        from ..evaluate.side_effects import side_effects
-
-        t0 = time.perf_counter()
-        effects = side_effects(None, peft_model, tokenizer, config.side_effect_data_dir, tasks=config.side_effects,
-                               mmlu_subjects=config.mmlu_subjects, mmlu_limit=config.mmlu_limit,
-                               truthfulqa_limit=config.truthfulqa_limit, kl_chunks=config.kl_chunks,
-                               progress=progress)
-        timings["side_effects_s"] = time.perf_counter() - t0
-        log("side effects: " + ", ".join(f"{k} {effects[k]:+.4f}" if k.endswith("delta") else f"{k} {effects[k]:.4f}"
-                                         for k in ("mmlu_delta", "truthfulqa_delta", "kl") if effects.get(k) is not None))
-    else:
+def _side_effects(peft_model, tokenizer, config: AmplifyConfig, progress: bool, log) -> dict[str, Any]:
+    """MMLU/TruthfulQA deltas and KL against the adapter disabled ({} without a side-effect data folder)."""
+    if config.side_effect_data_dir is None or not config.side_effects:
         log("side effects: skipped (no side-effect data folder)")
+        return {}
+    from ..evaluate.side_effects import side_effects
 
-    report.update({
+    effects = side_effects(None, peft_model, tokenizer, config.side_effect_data_dir, tasks=config.side_effects,
+                           mmlu_subjects=config.mmlu_subjects, mmlu_limit=config.mmlu_limit,
+                           truthfulqa_limit=config.truthfulqa_limit, kl_chunks=config.kl_chunks, progress=progress)
+    log("side effects: " + ", ".join(f"{k} {effects[k]:+.4f}" if k.endswith("delta") else f"{k} {effects[k]:.4f}"
+                                     for k in ("mmlu_delta", "truthfulqa_delta", "kl") if effects.get(k) is not None))
+    return effects
+
+
+def _outcome(before, after, mined, config: AmplifyConfig, circuit: Circuit, size, effects, result) -> dict[str, Any]:
+    """The report's results: accuracy before/after, the circuit and its size, side effects, the update."""
+    return {
         "accuracy_before": before.accuracy, "accuracy_after": after.accuracy,
         "accuracy_before_stderr": before.stderr, "accuracy_after_stderr": after.stderr,
         "n_records": len(mined.records), "circuit": {"method": config.locate, "kept": len(circuit.components),
@@ -194,9 +211,5 @@ def amplify(
         "components": size["components"], "total_components": size["total_components"],
         "component_fraction": size["component_fraction"], "trainable_params": size["trainable_params"],
         "param_fraction": size["param_fraction"], "side_effects": {k: v for k, v in effects.items() if k != "details"},
-        "update": {k: v for k, v in result.to_dict().items() if k != "components"}, "timings": timings,
-        "files": {"adapter": str(out / "adapter"), "circuit": str(out / "circuit.json"),
-                  "heatmap": str(out / "circuit.png"), "records": str(out / "mining" / "records.jsonl")},
-    })
-    atomic_write_json(out / "report.json", report)
-    return AmplifyResult(report=report, model=peft_model, output_dir=out)
+        "update": {k: v for k, v in result.to_dict().items() if k != "components"},
+    }
