@@ -77,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work-dir", default="/tmp/recipes_bench")
     p.add_argument("--out", default=None, help="also write the JSON result here")
+    p.add_argument("--plot", default=None, help="PNG: located - layer-matched random per locator and size (mean, SE)")
     p.add_argument("--from-saved", action="store_true",
                    help="no model work: summarise the (arm, seed) results already saved under --work-dir")
     p.add_argument("--quick", action="store_true",
@@ -104,7 +105,7 @@ def arm_names(fractions: list[float], locators: list[str]) -> list[str]:
 
 def settings_key(args: argparse.Namespace) -> str:
     # what changes a single (arm, seed) result; the list of seeds and arms to run does not
-    ignored = ("threads", "work_dir", "out", "arms", "quick", "seeds", "from_saved", "fractions", "locators")
+    ignored = ("threads", "work_dir", "out", "arms", "quick", "seeds", "from_saved", "fractions", "locators", "plot")
     if args.task == "arithmetic":  # the default task keeps the keys of results saved before --task existed
         ignored += ("task",)
     return _bench.settings_key(args, ignored)
@@ -415,11 +416,43 @@ def summarise_saved(args: argparse.Namespace, groups, seeds, fractions, locators
            "baseline": json.loads(baseline_file.read_text()) if baseline_file.exists() else None,
            **summarise(results, fractions, locators)}
     print(markdown_table(res))
+    if args.plot:
+        print(f"plot written to {plot_gaps(res, args.plot)}")
     line = json.dumps(res, default=float)
     if args.out:
         atomic_write_text(args.out, line + "\n")
     print(line)
     return res
+
+
+def plot_gaps(summary: dict[str, Any], path: str) -> str:
+    """Bars of the paired located - layer-matched random accuracy (test and held-out format) per
+    locator and size, with one standard error; a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prefix = "located_minus_random_layer_acc_"
+    tags = sorted({k[len(prefix):].removesuffix("_transfer") for k in summary
+                   if k.startswith(prefix) and not k.endswith("_se")})
+    fig, ax = plt.subplots(figsize=(1.2 * len(tags) + 2, 3.2))
+    for j, (suffix, label) in enumerate((("", "test (training format)"), ("_transfer", "held-out format"))):
+        xs = [i + 0.2 * (2 * j - 1) for i in range(len(tags))]
+        ys = [summary.get(f"{prefix}{t}{suffix}", float("nan")) for t in tags]
+        es = [summary.get(f"{prefix}{t}{suffix}_se", 0) or 0 for t in tags]
+        ax.bar(xs, ys, width=0.4, yerr=[0 if e != e else e for e in es], capsize=3, label=label)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(tags)), [f"{t}\n{len(summary['arms'].get('located_' + t, {}).get('seeds', []))} seeds"
+                                      for t in tags], fontsize=8)
+    ax.set_ylabel("accuracy: located - random")
+    ax.set_title(f"{summary.get('model', '')} {summary.get('settings', {}).get('task', 'arithmetic')}: "
+                 "does locating beat a random circuit?", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
