@@ -393,6 +393,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = {"model": args.model, "settings": vars(args), "baseline": baseline, **summary,
            "seconds": time.perf_counter() - bench.started}
     print_table(summary)
+    if args.plot:
+        print(f"plot written to {plot_gaps(res, args.plot)}")
     line = json.dumps(res, default=float)
     if args.out:
         atomic_write_text(args.out, line + "\n")

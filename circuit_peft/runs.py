@@ -1,6 +1,6 @@
 """Output folders that cannot be mixed: the settings and inputs that made a folder, and one writer at a time.
 
-Every command that writes a folder (``train``, ``amplify``, ``mine``) opens it through :class:`OpenRun`
+Every command that writes a folder (``train``, ``amplify``, ``mine``, ``select --cache-dir``) opens it through :class:`OpenRun`
 before any model is loaded; ``recipe.RunFolder`` adds resumable stages on top.
 """
 
@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .files import atomic_write_json
 
@@ -46,8 +46,11 @@ class OpenRun:
     run (naming the settings that differ), a non-empty folder of something else, an unwritable folder,
     a second live writer."""
 
-    def __init__(self, path: str | os.PathLike, settings: dict[str, Any], flag: str = "--out"):
-        self.path, self.flag = Path(path), flag
+    def __init__(self, path: str | os.PathLike, settings: dict[str, Any], flag: str = "--out",
+                 adopt: Callable[[Path], bool] | None = None):
+        """``adopt(folder)``: True for a folder without ``run.json`` that may become this run's (e.g. a
+        score cache written before caches were run folders)."""
+        self.path, self.flag, self.adopt = Path(path), flag, adopt
         self.key = fingerprint(settings)
         self.settings = settings
 
@@ -63,7 +66,7 @@ class OpenRun:
                 diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
                 raise ValueError(f"{self.path} holds another run (different {', '.join(diff) or 'settings'}); "
                                  f"use another {self.flag} folder or delete this one")
-        elif self.path.exists() and any(self.path.iterdir()):
+        elif self.path.exists() and any(self.path.iterdir()) and not (self.adopt and self.adopt(self.path)):
             raise ValueError(f"{self.path} is not empty and holds no circuit-peft run; use another {self.flag}")
         self.path.mkdir(parents=True, exist_ok=True)
         if not os.access(self.path, os.W_OK):

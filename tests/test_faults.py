@@ -158,6 +158,15 @@ def test_select_cache_dir_is_a_run_folder_of_one_pool_and_one_scoring_setting(tm
     assert "--cache-dir" in err and "holds another run" in err and "pool" in err
     assert main(argv + ["--batch-size", "3", "--out", str(tmp_path / "d.jsonl")]) == 2
     assert "batch_size" in capsys.readouterr().err
+    # another method shares the folder (its scores are a subfolder of their own); a cache folder from
+    # before caches were run folders (score subfolders only) is taken over
+    assert main(argv[:4] + ["length-matched", "--cache-dir", str(cache), "--fraction", "0.5", "--model",
+                            "/no/such/model", "--out", str(tmp_path / "f.jsonl")]) == 2
+    assert "holds another run" not in capsys.readouterr().err  # refused for the model, not for the folder
+    legacy = tmp_path / "legacy"
+    (legacy / "circuitseer-0123abcd").mkdir(parents=True)
+    assert main(["select", "--data", str(pool), "--method", "random", "--cache-dir", str(legacy),
+                 "--out", str(tmp_path / "g.jsonl")]) == 0
     writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         (cache / "lock").write_text(str(writer.pid))
@@ -200,7 +209,15 @@ def test_demo_adapter_only_replaces_an_old_adapter_folder_whole(tmp_path):
     out = tmp_path / "adapter"
     out.mkdir()
     (out / "adapter_model.safetensors").write_text("another adapter's weights")
+    (out / "adapter_config.json").write_text("{}")
+    (out / "stale.bin").write_text("a file of the old adapter")
     run_demo("smollm2", steps=1, output_dir=str(out), problems=1, max_length=64)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert (out / "adapter_model.safetensors").read_bytes()[:8] != b"another "
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary sibling left
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not an adapter folder"):  # replacing it would delete the notes
+        run_demo("smollm2", steps=1, output_dir=str(work), problems=1)
+    assert (work / "notes.txt").read_text() == "mine"

@@ -39,9 +39,14 @@ def test_offline_tasks_refuse_what_they_cannot_read(tmp_path):
         local_task_configs(["mmlu_anatomy"], DATA, tmp_path)
     bad = tmp_path / "data" / "mmlu" / "test"
     bad.mkdir(parents=True)
-    (bad / "x_test.csv").write_text("question,choice0,choice1,choice2,choice3,answer\nq,a,b,c,d,B\n")
-    with pytest.raises(ValueError, match=r"x_test.csv:2: not an MMLU row"):
+    (bad / "x_test.csv").write_text("question,choice0,choice1,choice2,choice3,answer\nq,a,b,c,d,7\n")
+    with pytest.raises(ValueError, match=r"x_test.csv: row 1 answer '7' is neither 0-3 nor A-D"):
         local_task_configs(["mmlu_x"], tmp_path / "data", tmp_path)
+    from circuit_peft.evaluate.harness import run_harness
+
+    with pytest.raises(ValueError, match="no dev split to draw 5 shots from"):  # not shots from the test split
+        run_harness("/no/model/needed", ["mmlu_elementary_mathematics"], data_dir=DATA, work_dir=tmp_path,
+                    num_fewshot=5)
 
 
 @pytest.mark.slow

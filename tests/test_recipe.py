@@ -248,3 +248,18 @@ def test_train_with_the_cca_update_changes_the_circuit_and_resumes(tmp_path):
     logs.clear()
     train(folder, rows, held, tmp_path / "run", cfg, log=logs.append)
     assert sum("done earlier" in line for line in logs) >= 4
+
+
+def test_generated_tasks_draw_what_the_split_holds_and_keep_the_arithmetic_draws():
+    from circuit_peft.cca.problems import TASKS, count_problems, make_problems
+
+    # the arithmetic draws every saved benchmark result was made with (same ids as before multiplication existed)
+    assert [r["id"] for r in make_problems(4, "train", seed=0)] == [
+        "train-add-63-55", "train-sub-96-20", "train-word_add-25-67", "train-word_sub-81-55"]
+    mul = make_problems(148, "test", seed=1, kinds=TASKS["multiplication"]["kinds"])
+    assert count_problems("test", ("mul",)) == 148 == len({r["id"] for r in mul})
+    assert all(2 <= r["a"] <= 9 and r["answer"].endswith(f"#### {r['a'] * r['b']}") for r in mul)
+    with pytest.raises(ValueError, match="give only 148 in that split"):
+        make_problems(149, "test", kinds=("mul",))
+    word = make_problems(2, "test", seed=1, kinds=("mul", "word_mul"))
+    assert [r["id"] for r in word] == ["test-mul-5-76", "test-word_mul-9-94"] and "94" in word[1]["question"]

@@ -68,6 +68,15 @@ def _operands(op: str, low: int, high: int, rng: random.Random) -> tuple[int, in
     return (b, a) if op == "-" and a < b else (a, b)
 
 
+def count_problems(split: Split, kinds: tuple[str, ...] = ARITHMETIC_KINDS, low: int = 10, high: int = 99) -> int:
+    """How many distinct problems ``make_problems`` can draw for ``split`` (word forms share their
+    operation's triples): e.g. 148 held-out (``"test"``) multiplication problems."""
+    ops = {_OPS[k.removeprefix("word_")] for k in kinds}
+    firsts = {op: range(2, 10) if op == "*" else range(low, high + 1) for op in ops}
+    return sum(problem_split(op, a, b) == split for op in ops for a in firsts[op] for b in range(low, high + 1)
+               if not (op == "-" and a < b))
+
+
 def make_problems(
     n: int,
     split: Split = "train",
@@ -90,6 +99,10 @@ def make_problems(
         raise ValueError(f"kinds must be a non-empty subset of {PROBLEM_KINDS}, got {kinds!r}")
     if not 0 <= low <= high:
         raise ValueError(f"need 0 <= low <= high, got low={low}, high={high}")
+    available = count_problems(split, kinds, low, high)
+    if n > available:
+        raise ValueError(f"asked for {n} distinct {split} problems of kinds {kinds}, but operands in [{low}, {high}] "
+                         f"give only {available} in that split; ask for fewer or widen the range")
     rng = random.Random(f"{seed}:{split}")
     rows: list[dict] = []
     seen: set[tuple[str, int, int]] = set()

@@ -189,8 +189,9 @@ def _circuit_model(model: nn.Module, circuit: Circuit | CircuitConfig | None, ma
     """The PEFT model whose circuit adapter the update trains, its config and size: ``model`` wrapped
     with ``circuit``'s adapter, or ``model`` itself when it is a ``PeftModel`` holding one."""
     if isinstance(model, PeftModel):
-        if circuit is not None:
-            raise ValueError("model is a PeftModel: its adapter is trained; pass circuit=None (or the base model)")
+        if circuit is not None or not mask:
+            raise ValueError("model is a PeftModel: its adapter is trained as it is; pass circuit=None and mask=True "
+                             "(or pass the base model)")
         if adapter_name not in model.peft_config or not isinstance(model.peft_config[adapter_name], CircuitConfig):
             raise ValueError(f"the PeftModel has no circuit adapter named {adapter_name!r} "
                              f"(adapters: {sorted(model.peft_config)})")
@@ -220,7 +221,8 @@ def amplify_update(
 
     Args:
         model: the base model (it is wrapped in place by ``get_peft_model``), or a ``PeftModel`` whose
-            circuit adapter ``adapter_name`` is trained in place (then ``circuit`` is None).
+            circuit adapter ``adapter_name`` is trained in place (then ``circuit`` is None; the adapter
+            becomes the active one and its config's projections are used).
         records: ``{"context_ids", "desired_id", "undesired_id", "problem_id"}`` rows (list or Dataset).
         circuit: a located :class:`~circuit_peft.circuit.Circuit` (turned into a config with
             ``config.projections``, default ``"paper"``: q/k/v rows and up_proj rows) or a ready

@@ -13,8 +13,8 @@ def add_problem_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("problems")
     g.add_argument("--problems", required=required,
                    help="training problems: a .jsonl/.json file of rows with a question and a gold answer "
-                        "(GSM8K '#### n' or a bare number), 'arithmetic' (the built-in two-digit family) "
-                        "or 'demo' (the small set shipped with the package)")
+                        "(GSM8K '#### n' or a bare number), 'arithmetic' (generated two-digit + and -), "
+                        "'multiplication' (generated digit x two-digit) or 'demo' (the small set shipped with the package)")
     g.add_argument("--n-problems", type=positive(int), default=None, help="use the first N problems (arithmetic: generate N; default 64)")
     g.add_argument("--question-field", default="question")
     g.add_argument("--answer-field", default="answer", help="field with the gold answer (default answer)")
@@ -39,8 +39,8 @@ def add_mining_args(p: argparse.ArgumentParser) -> None:
                    help="keep only prefix/digit pairs whose token changes the outcome (checked by greedy completion)")
     g.add_argument("--prompt-style", choices=("chat", "fewshot"), default="chat")
     g.add_argument("--shots", default=None,
-                   help="worked examples: a .jsonl file of {question, answer} rows or 'arithmetic' "
-                        "(default: 'arithmetic' for the built-in problems, none for chat otherwise)")
+                   help="worked examples: a .jsonl file of {question, answer} rows, 'arithmetic' or "
+                        "'multiplication' (default: the generated task's own, none for chat otherwise)")
     g.add_argument("--system", default=None, help="chat system message")
     g.add_argument("--instruction", default=None, help="text appended to every question")
     g.add_argument("--seed", type=int, default=0)
@@ -54,11 +54,13 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_problem_rows(source: str, n: int | None, split: str = "train", seed: int = 0) -> list[dict[str, Any]]:
-    """Rows from a file, the built-in arithmetic family (``split``) or the shipped demo set."""
-    from ..cca.problems import demo_problems, make_problems
+    """Rows from a file, a generated task (``arithmetic``, ``multiplication``: bare and word forms; ``split``)
+    or the shipped demo set."""
+    from ..cca.problems import TASKS, demo_problems, make_problems
 
-    if source == "arithmetic":
-        return make_problems(n or 64, "test" if split in ("val", "test") else "train", seed=seed)
+    if source in TASKS:
+        kinds = TASKS[source]["kinds"] + TASKS[source]["transfer_kinds"]
+        return make_problems(n or 64, "test" if split in ("val", "test") else "train", seed=seed, kinds=kinds)
     rows = demo_problems(split) if source == "demo" else read_rows(source)
     return rows[:n] if n is not None else rows
 
@@ -104,7 +106,8 @@ def load_runtime(args: argparse.Namespace):
 RUN_FLAGS_IGNORED = ("out", "threads", "no_progress", "verbose", "func", "command", "argv", "max_problems", "device")
 
 
-def open_run(args: argparse.Namespace, folder_flag: str = "out", ignored: tuple[str, ...] = (), **inputs: Any):
+def open_run(args: argparse.Namespace, folder_flag: str = "out", ignored: tuple[str, ...] = (), adopt=None,
+             **inputs: Any):
     """Open the folder of flag ``folder_flag`` (default ``--out``) for this command (see :class:`circuit_peft.runs.OpenRun`):
     its settings are the command, its flags (less ``ignored`` ones, which do not change what the folder
     holds) and the fingerprints of ``inputs`` (rows); another run's folder is refused."""
@@ -112,6 +115,6 @@ def open_run(args: argparse.Namespace, folder_flag: str = "out", ignored: tuple[
 
     flags = {k: v for k, v in sorted(vars(args).items()) if k not in RUN_FLAGS_IGNORED + ignored}
     settings = {"command": args.command, "flags": flags, **{k: fingerprint(v) for k, v in inputs.items()}}
-    run = OpenRun(getattr(args, folder_flag), settings, "--" + folder_flag.replace("_", "-"))
+    run = OpenRun(getattr(args, folder_flag), settings, "--" + folder_flag.replace("_", "-"), adopt)
     run.open()
     return run

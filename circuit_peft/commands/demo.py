@@ -23,6 +23,8 @@ import time
 from importlib import resources
 from typing import Any
 
+from pathlib import Path
+
 import torch
 from peft import get_peft_model
 from tqdm import tqdm
@@ -80,6 +82,7 @@ def run_demo(model_name: str = "smollm2", steps: int = 6, lr: float = 2e-3, outp
     """Train the demo circuit; returns ``{"loss_before", "loss_after", "seconds"}``."""
     if not 1 <= problems <= len(demo_problems()):
         raise ValueError(f"--problems must be between 1 and {len(demo_problems())}")
+    _check_adapter_folder(output_dir)  # before any training
     torch.manual_seed(0)
     model, tokenizer = load_model(model_name), load_tokenizer(model_name, padding_side="right")
     config = demo_circuit(model)
@@ -107,10 +110,18 @@ def run_demo(model_name: str = "smollm2", steps: int = 6, lr: float = 2e-3, outp
     seconds = time.perf_counter() - start
     after = loss_now()
     print(f"loss after {steps} steps: {after:.4f} ({seconds:.1f} s)")
-    with atomic_dir(output_dir) as tmp:  # a kill leaves the old adapter or this one, never a mix
+    with atomic_dir(Path(output_dir).resolve()) as tmp:  # a kill leaves the old adapter or this one, never a mix
         model.save_pretrained(tmp)
     print(f"adapter saved to {output_dir}/ (load: import circuit_peft; PeftModel.from_pretrained(base, {output_dir!r}))")
     return {"loss_before": before, "loss_after": after, "seconds": seconds}
+
+
+def _check_adapter_folder(output_dir: str) -> None:
+    """Refuse to replace a folder that is not a PEFT adapter (saving replaces the whole folder)."""
+    path = Path(output_dir)
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "adapter_config.json").exists())):
+        raise ValueError(f"--output-dir {path} exists and is not an adapter folder (no adapter_config.json); "
+                         "the demo replaces the whole folder, so give a new or an adapter folder")
 
 
 def run_adapter_only(args: argparse.Namespace) -> int:

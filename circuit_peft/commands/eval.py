@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.harness:
         return run_lm_eval(args)
-    tasks = parse_tasks(args.tasks)
+    tasks = parse_tasks(args.tasks or ",".join(EVAL_TASKS))
     if args.adapter and args.base_model:
         raise ValueError("give either --adapter (base = the model without it) or --base-model, not both")
     if "kl" in tasks and not (args.adapter or args.base_model):
@@ -162,9 +162,13 @@ def run_lm_eval(args: argparse.Namespace) -> int:
     from ..evaluate.harness import harness_table, run_harness
     from ..models import resolve_model_path
 
-    if args.base_model:
-        raise ValueError("--harness lm-eval scores --model with --adapter; --base-model is not used")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    ignored = [f for f, on in (("--base-model", args.base_model), ("--with-base", args.with_base),
+                               ("--shots", args.shots is not None), ("--instruction", args.instruction),
+                               ("--text", args.text), ("--mmlu-subjects", args.mmlu_subjects)) if on]
+    if ignored:
+        raise ValueError(f"--harness lm-eval does not use {', '.join(ignored)}: the harness's tasks set the prompts "
+                         "(use --harness-shots / --harness-max-gen-toks)")
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     if not tasks:
         raise ValueError(f"--tasks: give lm-eval task names, e.g. gsm8k,mmlu_anatomy; got {args.tasks!r}")
     if args.threads:
@@ -193,8 +197,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--adapter", help="a PEFT adapter folder (CircuitConfig, LoRA, ...); base = adapter disabled")
     p.add_argument("--base-model", help="compare a fully fine-tuned --model against this base model")
     p.add_argument("--data-dir", help="data folder (gsm8k/, mmlu/test/, truthfulqa/, text/); default: the HF hub")
-    p.add_argument("--tasks", default="gsm8k,mmlu,truthfulqa,kl", help="comma-separated subset of "
-                   + ",".join(EVAL_TASKS) + " (default: all)")
+    p.add_argument("--tasks", default=None, help="comma-separated subset of " + ",".join(EVAL_TASKS)
+                   + " (default: all); with --harness: lm-eval task names (required)")
     p.add_argument("--limit", type=positive(int), help="first N problems / MMLU rows per subject / TruthfulQA rows")
     p.add_argument("--out", help="write the JSON report here (atomically)")
     p.add_argument("--split", default="test", help="GSM8K split (default test)")

@@ -54,8 +54,10 @@ def run(args: argparse.Namespace) -> int:
             cache.close()
 
 
-# flags that change which rows are kept or where they go, not the cached scores
-CACHE_FLAGS_IGNORED = ("plot", "fraction", "tau", "seed", "save_heads", "score_column", "cache_dir", "split")
+# flags that change which rows are kept or where they go, not the cached scores (and the method: each
+# method's scores are a subfolder of their own, keyed by model, data and settings)
+CACHE_FLAGS_IGNORED = ("plot", "fraction", "tau", "seed", "save_heads", "score_column", "cache_dir", "split",
+                       "method")
 
 
 def _open_cache(args: argparse.Namespace, dataset):
@@ -65,7 +67,13 @@ def _open_cache(args: argparse.Namespace, dataset):
         return None
     from ._cca import open_run
 
-    return open_run(args, "cache_dir", CACHE_FLAGS_IGNORED, pool=dataset.to_list())
+    pool = getattr(dataset, "_fingerprint", None) or dataset.to_list()  # datasets' own content hash when it has one
+    return open_run(args, "cache_dir", CACHE_FLAGS_IGNORED, adopt=_only_score_caches, pool=pool)
+
+
+def _only_score_caches(folder: Path) -> bool:
+    """A cache folder written before caches were run folders: only ``<method>-<hash>/`` score caches."""
+    return all(p.is_dir() and "-" in p.name and p.name != "lock" for p in folder.iterdir())
 
 
 def _select(args: argparse.Namespace, dataset) -> int:

@@ -1,7 +1,7 @@
 """lm-evaluation-harness on a base model with a PEFT adapter (CIRCUIT, LoRA, ...), online or offline.
 
 ``run_harness`` builds lm-eval's ``HFLM`` the way a user would on the command line
-(``--model hf --model_args pretrained=...,peft=ADAPTER``) and runs ``simple_evaluate``. With a data
+(``--model hf --model_args pretrained=...,peft=ADAPTER,dtype=float32``) and runs ``simple_evaluate``. With a data
 folder it runs offline: each task is lm-eval's own task file, included unchanged, with only the data
 source replaced by local files (GSM8K ``gsm8k/{train,test}.jsonl``; MMLU ``mmlu/test/<subject>_test.csv``
 converted to the hub's ``question/subject/choices/answer`` rows), so the numbers are the ones the
@@ -10,7 +10,6 @@ harness prints online on the same rows. Needs the optional extra: ``pip install 
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
@@ -40,21 +39,24 @@ def _gsm8k_config(data_dir: Path) -> dict[str, Any]:
 
 
 def _mmlu_config(data_dir: Path, subject: str, work_dir: Path) -> dict[str, Any]:
-    source = data_dir / "mmlu" / "test" / f"{subject}_test.csv"
-    if not source.exists():
-        raise FileNotFoundError(f"mmlu_{subject}: no {source}")
-    rows = []
-    with open(source, newline="", encoding="utf-8") as f:
-        for line, r in enumerate(csv.DictReader(f), start=2):
-            try:
-                rows.append({"question": r["question"], "subject": subject,
-                             "choices": [r[f"choice{i}"] for i in range(4)], "answer": int(r["answer"])})
-            except (KeyError, ValueError) as e:
-                raise ValueError(f"{source}:{line}: not an MMLU row (question, choice0-3, answer 0-3): {e}") from e
-    converted = work_dir / f"mmlu_{subject}.jsonl"
-    converted.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    """lm-eval's ``mmlu_<subject>`` on ``<data>/mmlu/{test,dev}/<subject>_<split>.csv`` (read by the same
+    reader as :func:`circuit_peft.evaluate.data.load_mmlu`); without a dev file there is no few-shot split."""
+    from .data import _mmlu_rows_from_csv, _mmlu_root
+
+    root = _mmlu_root(data_dir)
+    files = {}
+    for split in ("test", "dev"):
+        source = root / split / f"{subject}_{split}.csv"
+        if not source.exists():
+            if split == "test":
+                raise FileNotFoundError(f"mmlu_{subject}: no {source}")
+            continue
+        rows = [{**r, "subject": subject} for r in _mmlu_rows_from_csv(source)]
+        files[split] = str(work_dir / f"mmlu_{subject}_{split}.jsonl")
+        Path(files[split]).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return {**task_file_config("mmlu", "default", f"mmlu_{subject}.yaml"), "dataset_path": "json",
-            "dataset_name": None, "fewshot_split": None, "dataset_kwargs": {"data_files": {"test": str(converted)}}}
+            "dataset_name": None, "fewshot_split": "dev" if "dev" in files else None,
+            "dataset_kwargs": {"data_files": files}}
 
 
 def task_file_config(*parts: str) -> dict[str, Any]:
@@ -110,6 +112,10 @@ def run_harness(
     except ImportError as e:
         raise ImportError("the lm-eval bridge needs lm-evaluation-harness: pip install 'circuit-peft[lm-eval]'") from e
     specs: list[Any] = list(tasks) if data_dir is None else local_task_configs(tasks, data_dir, work_dir)
+    no_shots = [c["task"] for c in specs if isinstance(c, dict) and "fewshot_split" in c and c["fewshot_split"] is None]
+    if num_fewshot and no_shots:  # lm-eval would draw the shots from the test split itself
+        raise ValueError(f"{no_shots}: the data folder has no dev split to draw {num_fewshot} shots from; "
+                         "use 0 shots or add mmlu/dev/<subject>_dev.csv")
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -34,10 +34,13 @@ DEFAULT_KEEP_FRACTION = 0.05
 
 
 def probe_batches(
-    model: nn.Module, tokenizer: Any, probe: Any, batch_size: int = 8, spec: ProbeSpec = ProbeSpec(),
+    model: nn.Module, tokenizer: Any, probe: Any, batch_size: int = 8, prompt_field: str = "prompt",
+    solution_field: str = "solution", chat_template: bool | None = None, max_length: int | None = 1024,
+    spec: ProbeSpec | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """Encode probe rows (``spec``) and group them into left-padded batches of similar length (on the model's device)."""
-    encoded = encode_probe(tokenizer, probe, spec)
+    """Encode probe rows (``spec``, or the loose fields) and group them into left-padded batches of
+    similar length (on the model's device)."""
+    encoded = encode_probe(tokenizer, probe, prompt_field, solution_field, chat_template, max_length, spec)
     pad = pad_token_id(model, tokenizer)
     device = model_device(model)
     return [to_device(collate_probe([encoded[i] for i in idx], pad), device)
@@ -118,7 +121,7 @@ def head_ablation_scan(
         raise ValueError("no heads to scan: layers/heads selected nothing")
     spec = ProbeSpec.resolve(spec, prompt_field=prompt_field, solution_field=solution_field,
                              chat_template=chat_template, max_length=max_length)
-    batches = probe_batches(model, tokenizer, probe, batch_size, spec)
+    batches = probe_batches(model, tokenizer, probe, batch_size, spec=spec)
     n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
     means = head_output_means(model, [model_inputs(b) for b in batches], arch) if method == "mean" else None
 

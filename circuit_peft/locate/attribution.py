@@ -109,7 +109,7 @@ def attribution_scan(
             if target == "ablation":
                 spec = ProbeSpec.resolve(spec, prompt_field=prompt_field, solution_field=solution_field,
                                          chat_template=chat_template, max_length=max_length)
-                batches = probe_batches(model, tokenizer, data, batch_size, spec)
+                batches = probe_batches(model, tokenizer, data, batch_size, spec=spec)
                 scores, meta = _ablation_attribution(model, arch, batches, method, kinds, progress)
             else:
                 scores, meta = _logit_diff_attribution(model, arch, tokenizer, data, kinds, batch_size, progress)

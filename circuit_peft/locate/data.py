@@ -87,11 +87,11 @@ class ProbeSpec:
     prompt_field: str = "prompt"
     solution_field: str = "solution"
     chat_template: bool | None = None
-    max_length: int = 1024
+    max_length: int | None = 1024  # None: no limit
 
     def __post_init__(self) -> None:
-        if int(self.max_length) != self.max_length or self.max_length < 2:
-            raise ValueError(f"max_length must be an integer >= 2 tokens, got {self.max_length!r}")
+        if self.max_length is not None and (int(self.max_length) != self.max_length or self.max_length < 2):
+            raise ValueError(f"max_length must be an integer >= 2 tokens or None, got {self.max_length!r}")
 
     @classmethod
     def resolve(cls, spec: "ProbeSpec | None", **fields: Any) -> "ProbeSpec":
@@ -114,11 +114,16 @@ class EncodedProbe:
     n_solution: int
 
 
-def encode_probe(tokenizer: Any, data: Any, spec: ProbeSpec = ProbeSpec()) -> list[EncodedProbe]:
-    """Tokenise probe rows (prompt, solution) as ``spec`` says; rows with ``prompt_ids``/``solution_ids``
-    are used as given. The solution tokens follow the prompt tokens directly and end with EOS.
-    Raises ``ValueError`` for an empty data set or a row without prompt or solution text.
+def encode_probe(tokenizer: Any, data: Any, prompt_field: str = "prompt", solution_field: str = "solution",
+                 chat_template: bool | None = None, max_length: int | None = 1024, spec: ProbeSpec | None = None
+                 ) -> list[EncodedProbe]:
+    """Tokenise probe rows (prompt, solution) as ``spec`` (or the loose fields) says; rows with
+    ``prompt_ids``/``solution_ids`` are used as given. The solution tokens follow the prompt tokens
+    directly and end with EOS. Raises ``ValueError`` for an empty data set or a row without prompt or
+    solution text.
     """
+    spec = ProbeSpec.resolve(spec, prompt_field=prompt_field, solution_field=solution_field,
+                             chat_template=chat_template, max_length=max_length)
     prompt_field, solution_field, chat_template, max_length = (spec.prompt_field, spec.solution_field,
                                                                spec.chat_template, spec.max_length)
     rows = _rows(data)

@@ -66,7 +66,7 @@ class TrainConfig:
             raise ValueError(f"locate must be one of {LOCATORS}, got {self.locate!r}")
         if self.locate == "gradient_contrast" and self.side_effect_data_dir is None:
             raise ValueError("locate='gradient_contrast' needs general text: set side_effect_data_dir "
-                             "(--side-effects-data: a folder with text/tinyshakespeare.txt, or a .txt file)")
+                             "(--side-effects-data: a data folder with text/tinyshakespeare.txt)")
         if self.update not in UPDATES:
             raise ValueError(f"update must be one of {UPDATES}, got {self.update!r}")
         if self.select is not None and self.select not in SELECTORS:
@@ -282,6 +282,10 @@ def train(
     for name, rows in (("training", train_rows), ("held-out", heldout_rows)):
         if not rows:
             raise ValueError(f"the {name} set is empty")
+    if cfg.locate == "gradient_contrast":  # read the general text now, not after the model has loaded
+        from ..evaluate.data import load_text
+
+        load_text(cfg.side_effect_data_dir)
     settings = {"model": model_name, "config": asdict(cfg), "train": _fingerprint(train_rows),
                 "heldout": _fingerprint(heldout_rows)}
     run = RunFolder(output_dir, settings)

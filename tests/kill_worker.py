@@ -1,0 +1,51 @@
+"""A worker that the SIGKILL tests (tests/test_kill.py) start and kill at a random moment.
+
+    python tests/kill_worker.py score CACHE_DIR OUT.npy   # CircuitSeer scores of 24 GSM8K rows, resumable cache
+    python tests/kill_worker.py save FOLDER               # save an adapter into FOLDER again and again
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATA = Path(__file__).parent / "data" / "gsm8k" / "train.jsonl"
+HEADS = [(0, 1), (1, 0), (1, 3)]
+
+
+def score(cache_dir: str, out: str) -> None:
+    import datasets
+
+    from circuit_peft.models import load_tokenizer, tiny_model
+    from circuit_peft.select import CircuitSeerScorer
+
+    torch.set_num_threads(1)
+    rows = [json.loads(line) for line, _ in zip(open(DATA), range(24))]
+    model, tok = tiny_model("llama", vocab_size=49152), load_tokenizer("smollm2")
+    scorer = CircuitSeerScorer(model, tok, HEADS, length_debias=False, cache_dir=cache_dir, chunk_size=2,
+                               batch_size=2, progress=False)
+    np.save(out, scorer.score(datasets.Dataset.from_list(rows)))
+
+
+def save(folder: str) -> None:
+    from peft import get_peft_model
+
+    from circuit_peft import CircuitConfig
+    from circuit_peft.files import atomic_dir
+    from circuit_peft.models import tiny_model
+
+    model = get_peft_model(tiny_model("llama"), CircuitConfig.from_components([("q", 1, 0), ("mlp", 2, 5)]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for step in range(1, 10_000):
+        with torch.no_grad():
+            for p in params:
+                p.fill_(float(step))  # every trained value of this save is `step`
+        with atomic_dir(folder) as tmp:
+            model.save_pretrained(tmp)
+            (tmp / "step.txt").write_text(str(step))
+
+
+if __name__ == "__main__":
+    {"score": score, "save": save}[sys.argv[1]](*sys.argv[2:])

@@ -1,0 +1,59 @@
+"""SIGKILL at random moments (seeded): a re-run after the kill gives what an uninterrupted run gives, and
+a folder being rewritten holds one whole adapter, never a mix (docs/reliability.md)."""
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+WORKER = Path(__file__).parent / "kill_worker.py"
+pytestmark = pytest.mark.slow
+
+
+def _kill_after(argv: list[str], seconds: float) -> int:
+    """Run the worker, SIGKILL it after ``seconds`` (if still running); its return code."""
+    proc = subprocess.Popen([sys.executable, str(WORKER), *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return proc.returncode
+
+
+def _finish(argv: list[str]) -> None:
+    proc = subprocess.run([sys.executable, str(WORKER), *argv], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_scoring_killed_at_random_moments_resumes_to_the_uninterrupted_scores(tmp_path):
+    _finish(["score", str(tmp_path / "clean"), str(tmp_path / "clean.npy")])
+    rng = random.Random(12)
+    killed = 0
+    for _ in range(3):  # kill three times at random moments, each run resuming the last one's cache
+        killed += _kill_after(["score", str(tmp_path / "cache"), str(tmp_path / "resumed.npy")],
+                              rng.uniform(4, 12)) == -signal.SIGKILL
+    _finish(["score", str(tmp_path / "cache"), str(tmp_path / "resumed.npy")])
+    assert killed >= 1  # at least one run died mid-way (else the test proved nothing)
+    np.testing.assert_allclose(np.load(tmp_path / "resumed.npy"), np.load(tmp_path / "clean.npy"), rtol=1e-5)
+    assert not list((tmp_path / "cache").rglob("*.tmp*"))
+
+
+def test_an_adapter_folder_killed_while_rewritten_holds_one_whole_adapter(tmp_path):
+    folder = tmp_path / "adapter"
+    rng = random.Random(3)
+    for _ in range(4):
+        assert _kill_after(["save", str(folder)], rng.uniform(5, 12)) == -signal.SIGKILL
+        step = int((folder / "step.txt").read_text())
+        weights = load_file(folder / "adapter_model.safetensors")
+        values = {float(v) for t in weights.values() if t.dtype.is_floating_point for v in t.flatten().unique()}
+        assert values == {float(step)}, f"weights of saves {sorted(values)} beside step.txt {step}"
+        assert (folder / "adapter_config.json").exists()
+        time.sleep(0.1)
+    assert not [p for p in tmp_path.iterdir() if p.name != "adapter"]  # temporaries of killed saves cleaned
