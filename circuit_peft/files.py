@@ -34,6 +34,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
     tmp, old = (path.with_name(f".{path.name}.{tag}{os.getpid()}") for tag in ("tmp", "old"))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -45,6 +46,38 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id is running (one we may not signal counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_dir(path: str | os.PathLike) -> None:
+    """Clean up after :func:`atomic_dir` writers that were killed (SIGKILL runs no ``finally``): a kill
+    between the two renames left ``path`` missing with the old folder in ``.NAME.old<pid>`` and the
+    finished new one in ``.NAME.tmp<pid>``: the new one takes ``path``'s place; every other leftover
+    of a dead writer is removed. Leftovers of a live writer are left alone."""
+    import re
+    import shutil
+
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)(\d+)$")
+    found = [(m.group(1), int(m.group(2)), p) for p in path.parent.glob(f".{path.name}.*")
+             if (m := pattern.match(p.name))]
+    dead = [(tag, pid, p) for tag, pid, p in found if pid != os.getpid() and not pid_alive(pid)]
+    for tag, pid, p in dead:
+        if tag == "old" and not path.exists():  # killed between the renames: the tmp folder is complete
+            new = path.with_name(f".{path.name}.tmp{pid}")
+            os.replace(new if new.exists() else p, path)
+    for _, _, p in dead:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

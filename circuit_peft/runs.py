@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from .files import atomic_write_json
+from .files import atomic_write_json, pid_alive
 
 
 def fingerprint(obj: Any) -> str:
@@ -28,16 +28,6 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class OpenRun:
@@ -81,7 +71,7 @@ class OpenRun:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             pid = int((lock.read_text().strip() or "0")) if lock.exists() else 0
-            if pid and pid != os.getpid() and _alive(pid):
+            if pid and pid != os.getpid() and pid_alive(pid):
                 raise ValueError(f"{self.path} is in use by process {pid}; wait for it or use another {self.flag}") from None
             lock.write_text(str(os.getpid()))
             return

@@ -45,6 +45,7 @@ def save(folder: str) -> None:
         with atomic_dir(folder) as tmp:
             model.save_pretrained(tmp)
             (tmp / "step.txt").write_text(str(step))
+        print(step, flush=True)  # the parent starts its random clock after the first save
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+from circuit_peft.files import recover_dir
+
 WORKER = Path(__file__).parent / "kill_worker.py"
 pytestmark = pytest.mark.slow
 
@@ -49,11 +51,27 @@ def test_an_adapter_folder_killed_while_rewritten_holds_one_whole_adapter(tmp_pa
     folder = tmp_path / "adapter"
     rng = random.Random(3)
     for _ in range(4):
-        assert _kill_after(["save", str(folder)], rng.uniform(5, 12)) == -signal.SIGKILL
+        proc = subprocess.Popen([sys.executable, str(WORKER), "save", str(folder)], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        assert proc.stdout.readline().strip()  # one save done; saves now follow each other
+        time.sleep(rng.uniform(0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+        recover_dir(folder)  # what the next writer does first
         step = int((folder / "step.txt").read_text())
         weights = load_file(folder / "adapter_model.safetensors")
         values = {float(v) for t in weights.values() if t.dtype.is_floating_point for v in t.flatten().unique()}
         assert values == {float(step)}, f"weights of saves {sorted(values)} beside step.txt {step}"
         assert (folder / "adapter_config.json").exists()
-        time.sleep(0.1)
     assert not [p for p in tmp_path.iterdir() if p.name != "adapter"]  # temporaries of killed saves cleaned
+
+
+def test_a_kill_between_the_two_renames_leaves_the_finished_new_folder(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / f".adapter.old{dead}").mkdir()
+    (tmp_path / f".adapter.old{dead}" / "step.txt").write_text("1")
+    (tmp_path / f".adapter.tmp{dead}").mkdir()
+    (tmp_path / f".adapter.tmp{dead}" / "step.txt").write_text("2")
+    recover_dir(tmp_path / "adapter")
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"] and (tmp_path / "adapter" / "step.txt").read_text() == "2"
