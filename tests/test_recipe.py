@@ -263,3 +263,20 @@ def test_generated_tasks_draw_what_the_split_holds_and_keep_the_arithmetic_draws
         make_problems(149, "test", kinds=("mul",))
     word = make_problems(2, "test", seed=1, kinds=("mul", "word_mul"))
     assert [r["id"] for r in word] == ["test-mul-5-76", "test-word_mul-9-94"] and "94" in word[1]["question"]
+
+
+def test_every_command_reads_the_generated_tasks_by_name():
+    from circuit_peft.cca.problems import MULTIPLICATION_SHOTS
+    from circuit_peft.commands._cca import load_problem_rows, resolve_shots
+    from circuit_peft.commands.train import config_from_args, load_examples
+
+    train = load_examples("multiplication", "train", 4, 0)
+    assert [r["kind"] for r in train] == ["mul"] * 4  # train: the bare form (word problems are held out)
+    mined = load_problem_rows("multiplication", 4, "train")
+    assert [r["kind"] for r in mined] == ["mul", "word_mul", "mul", "word_mul"]  # mine/amplify: both forms
+    assert resolve_shots(None, "multiplication") == [dict(s) for s in MULTIPLICATION_SHOTS]
+    assert resolve_shots(None, "mine.jsonl") is None and resolve_shots("none", "arithmetic") is None
+    from circuit_peft.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--data", "multiplication", "--out", "x"])
+    assert config_from_args(args).shots == [dict(s) for s in MULTIPLICATION_SHOTS]
