@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--task", default="arithmetic", choices=("arithmetic", "multiplication"),
                    help="arithmetic: two-digit + and - (SmolLM2 right ~20 %%); multiplication: digit x two-digit "
-                        "(~30 %%); held-out format: word problems of the same operation")
+                        "(25 %%); held-out format: word problems of the same operation")
     p.add_argument("--data-dir", default="../shared/data", help="mmlu/test, truthfulqa/, text/ (side effects)")
     p.add_argument("--seeds", default="0,1,2", help="training seed and problem draw, comma-separated")
     p.add_argument("--n-train", type=int, default=160)

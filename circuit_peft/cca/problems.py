@@ -3,7 +3,8 @@
 The family is chosen so that a small instruct model (SmolLM2-135M) is weak but sometimes right:
 two-digit addition and subtraction, bare (``"What is 47 + 38?"``) or as one-sentence word
 problems (SmolLM2 right on ~20 % of bare ones), and a second skill, a single-digit factor times a
-two-digit one (``"What is 7 * 38?"``, SmolLM2 right on ~30 %), bare or as word problems. Each row is ``{"id", "question", "answer", "kind", "a", "b", "op"}`` where ``answer`` is
+two-digit one (``"What is 7 * 38?"``, SmolLM2 right on 25 %), bare or as word problems.
+Each row is ``{"id", "question", "answer", "kind", "a", "b", "op"}`` where ``answer`` is
 a GSM8K solution ending in ``#### n`` (e.g. ``"47 + 38 = 85\\n#### 85"``).
 
 Train and held-out problems are disjoint by construction: a problem's split is a hash of its
