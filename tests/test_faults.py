@@ -160,9 +160,10 @@ def test_select_cache_dir_is_a_run_folder_of_one_pool_and_one_scoring_setting(tm
     assert "batch_size" in capsys.readouterr().err
     # another method shares the folder (its scores are a subfolder of their own); a cache folder from
     # before caches were run folders (score subfolders only) is taken over
-    assert main(argv[:4] + ["length-matched", "--cache-dir", str(cache), "--fraction", "0.5", "--model",
-                            "/no/such/model", "--out", str(tmp_path / "f.jsonl")]) == 2
-    assert "holds another run" not in capsys.readouterr().err  # refused for the model, not for the folder
+    from circuit_peft.commands.select import _open_cache, load_rows
+
+    ifd = build_parser().parse_args(argv[:4] + ["ifd", "--cache-dir", str(cache), "--out", str(tmp_path / "f.jsonl")])
+    _open_cache(ifd, load_rows(str(pool))).close()  # not refused
     legacy = tmp_path / "legacy"
     (legacy / "circuitseer-0123abcd").mkdir(parents=True)
     assert main(["select", "--data", str(pool), "--method", "random", "--cache-dir", str(legacy),
