@@ -73,7 +73,7 @@ def _open_cache(args: argparse.Namespace, dataset):
 
 def _only_score_caches(folder: Path) -> bool:
     """A cache folder written before caches were run folders: only ``<method>-<hash>/`` score caches."""
-    return all(p.is_dir() and "-" in p.name and p.name != "lock" for p in folder.iterdir())
+    return all(p.is_dir() and "-" in p.name for p in folder.iterdir())
 
 
 def _select(args: argparse.Namespace, dataset) -> int:

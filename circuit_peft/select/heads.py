@@ -164,7 +164,7 @@ class ReasoningHeads:
             out = cls([tuple(h) for h in data["heads"]], data.get("model_fingerprint"), scores,
                       data.get("source", "file"))
         else:
-            circuit = Circuit.load(path)
+            circuit = Circuit.from_dict(data)  # the file is read once, here
             out = cls._from_view(circuit) if circuit.method == REASONING_HEADS_METHOD else cls.from_circuit(circuit)
         if model is not None:
             out.check_model(model)
