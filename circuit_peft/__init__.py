@@ -14,7 +14,7 @@ from .tuner import CircuitConfig, CircuitModel, circuit_size  # noqa: F401  (reg
 
 # --- locate (circuit.py, locate/) ---
 from .circuit import Circuit  # noqa: F401,E402
-from .locate import NaNLossError, ProbeSpec, attribution_scan, head_ablation_scan, learn_masks  # noqa: F401,E402
+from .locate import NaNLossError, ProbeSpec, attribution_scan, circuit_margin, head_ablation_scan, learn_masks  # noqa: F401,E402
 
 # --- CCA (cca/, evaluate/) ---
 from .cca import (  # noqa: F401,E402
@@ -39,7 +39,7 @@ __all__ = [
     "Component", "ModelArch", "UnsupportedArchitectureError", "get_arch", "supported_families",
     "load_model", "load_tokenizer", "tiny_model",
     "CircuitConfig", "CircuitModel", "circuit_size",
-    "Circuit", "NaNLossError", "ProbeSpec", "attribution_scan", "head_ablation_scan", "learn_masks",
+    "Circuit", "NaNLossError", "ProbeSpec", "attribution_scan", "circuit_margin", "head_ablation_scan", "learn_masks",
     "AmplifyConfig", "MiningConfig", "UpdateConfig", "amplify", "amplify_update", "load_records", "make_problems",
     "mine_pivotal_tokens", "PivotalMetricsCallback", "PivotalWeighting", "build_pivotal_dataset", "PivotalTrainer",
     "build_prompt", "evaluate_accuracy", "side_effects",

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from circuit_peft.arch import Component, get_arch
+from circuit_peft.circuit import Circuit
 from circuit_peft.interventions import edit_components
-from circuit_peft.locate import attribution_scan, head_ablation_scan, learn_masks, solution_losses
+from circuit_peft.locate import attribution_scan, circuit_margin, head_ablation_scan, learn_masks, solution_losses
 from circuit_peft.locate.ablation import probe_batches
 from circuit_peft.locate.dcm import NaNLossError
 from circuit_peft.models import tiny_model
@@ -349,3 +350,28 @@ def test_probe_spec_is_one_object_for_the_probe_settings():
         head_ablation_scan(model, tok, rows, spec=spec, prompt_field="q", progress=False)
     with pytest.raises(ValueError, match="max_length must be an integer >= 2"):
         ProbeSpec(max_length=1)
+
+
+def test_dcm_step_schedule_prunes_where_the_paper_schedule_cannot(planted):
+    """16 records = 2 steps an epoch: 10 paper epochs (20 steps at 5e-3) keep everything; 60 steps at
+    lr 0.05 (cosine) keep the planted head and little else, and that circuit alone keeps the margin."""
+    records, held_out = _records(16), _records(16, seed=1)
+    paper = learn_masks(planted, records, epochs=10, progress=False)
+    assert len(paper.components) == len(paper.scores)
+    c = learn_masks(planted, records, lr=0.05, steps=60, check_every=5, progress=False)
+    assert Component("q", PLANTED_LAYER, PLANTED_HEAD) in c.components
+    assert len(c.components) <= 0.02 * len(c.scores)
+    assert c.meta["settings"]["schedule"] == "steps" and c.meta["steps"] <= 60
+    assert c.meta["history"][-1]["step"] == c.meta["steps"] and c.meta["history"][-1]["lr"] < 0.05
+    full = circuit_margin(planted, held_out)
+    assert full > 0 and circuit_margin(planted, held_out, c) >= 0.9 * full
+    empty = Circuit([], c.scores, c.fingerprint, method="dcm")
+    # at the last position only (as DCM masks): a zero query still attends uniformly, so not all is lost
+    assert circuit_margin(planted, held_out, empty) < 0.8 * full
+
+
+def test_dcm_step_schedule_stops_when_the_kept_set_is_stable(planted):
+    c = learn_masks(planted, _records(16), lr=0.05, steps=400, check_every=5, patience=3, progress=False)
+    assert c.meta["stopped_early"] and c.meta["steps"] < 400
+    with pytest.raises(ValueError, match="steps and check_every"):
+        learn_masks(planted, _records(4), steps=0, progress=False)

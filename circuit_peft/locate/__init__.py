@@ -4,8 +4,8 @@ from .ablation import head_ablation_scan, probe_batches, solution_losses
 from .attribution import attribution_scan
 from .controls import RANDOM_MATCHES, random_circuit
 from .data import ProbeSpec
-from .dcm import NaNLossError, learn_masks
+from .dcm import NaNLossError, circuit_margin, learn_masks
 from .gradient import general_text_rows, gradient_scan
 
-__all__ = ["NaNLossError", "ProbeSpec", "RANDOM_MATCHES", "attribution_scan", "general_text_rows", "gradient_scan", "random_circuit", "head_ablation_scan", "learn_masks", "probe_batches",
+__all__ = ["NaNLossError", "ProbeSpec", "RANDOM_MATCHES", "attribution_scan", "circuit_margin", "general_text_rows", "gradient_scan", "random_circuit", "head_ablation_scan", "learn_masks", "probe_batches",
            "solution_losses"]

@@ -15,6 +15,9 @@ The model's weights are never changed.
 
 from __future__ import annotations
 
+import itertools
+import math
+from contextlib import ExitStack
 from typing import Any, Iterable
 
 import torch
@@ -52,25 +55,35 @@ def learn_masks(
     pad_id: int | None = None,
     tokenizer: Any = None,
     progress: bool = True,
+    steps: int | None = None,
+    check_every: int = 10,
 ) -> Circuit:
     """Learn DCM masks on contrastive records and return the kept components (``m >= 0.5``).
+
+    Two schedules. The paper's (``steps=None``): up to ``epochs`` passes over the records, StepLR
+    every ``step_size`` epochs, a check per epoch. With few records an epoch is one or two steps, so
+    Adam (which moves a mask by about ``lr`` per step) cannot take a mask from 1 below 0.5 in the
+    budget. The step schedule (``steps=N``): exactly N optimiser steps (records reshuffled on every
+    pass), cosine decay of ``lr`` to 0 over the N steps (``step_size``/``gamma`` unused), a check
+    every ``check_every`` steps; with ``lr`` ~0.05 an unneeded mask falls below 0.5 in ~10 steps.
 
     Args:
         records: ``{"context_ids": list[int], "desired_id": int, "undesired_id": int,
             "problem_id": str}`` rows (list or ``datasets.Dataset``).
         lambda_l1: weight of the L1 penalty ``sum |m|`` over all masked components.
         lr / step_size / gamma: Adam learning rate and StepLR schedule (step in epochs).
-        batch_size / epochs: records per step, maximum epochs.
-        patience: epochs without a change of the kept count (after it first changed) that stop
-            the run; 0 disables early stopping.
+        batch_size / epochs: records per step, maximum epochs (paper schedule).
+        patience: checks without a change of the kept set that stop the run, counted once it first
+            changed; 0 disables early stopping.
         kinds: which kinds get masks (default q, k, v heads and MLP neurons).
         objective: ``"logit_diff"`` (the paper's) or ``"logsigmoid"`` (bounded variant).
         seed: seeds the record shuffling; on CPU the run is deterministic.
         pad_id: padding id (default: the tokenizer's or model config's pad/eos id).
+        steps / check_every: the step schedule (see above).
 
     Returns:
         a :class:`Circuit` keeping components with ``m >= 0.5``; ``scores`` holds every final
-        ``m``; ``meta["history"]`` has per-epoch loss, margin and kept count.
+        ``m``; ``meta["history"]`` has per-check loss, margin, kept count and lr.
 
     Raises:
         ValueError: bad records (equal desired/undesired, ids outside the vocabulary, empty data).
@@ -78,53 +91,126 @@ def learn_masks(
     """
     kinds = tuple(kinds)
     _check_settings(objective, batch_size, epochs, lr, lambda_l1, kinds)
+    if steps is not None and (steps < 1 or check_every < 1):
+        raise ValueError(f"steps and check_every must be >= 1 (got {steps}, {check_every})")
     arch = get_arch(model)
     rows = validate_records(records, arch.dims.vocab_size)
     pad = pad_token_id(model, tokenizer) if pad_id is None else int(pad_id)
-    device = model_device(model)
-    masks = {k: nn.Parameter(torch.ones(arch.dims.n_layers, arch.num_components(k), device=device)) for k in kinds}
+    masks = {k: nn.Parameter(torch.ones(arch.dims.n_layers, arch.num_components(k), device=model_device(model)))
+             for k in kinds}
     optimizer = torch.optim.Adam(list(masks.values()), lr=lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
-    generator = torch.Generator().manual_seed(seed)
-    history: list[dict[str, float]] = []
-    stop = _PatienceStop(patience, _kept_count(masks))
-    step = 0
+    per_epoch = math.ceil(len(rows) / batch_size)
+    if steps is None:
+        total, per_check = epochs * per_epoch, per_epoch
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+    else:
+        total, per_check = steps, check_every
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    run = _MaskRun(model, arch, masks, optimizer, objective, lambda_l1, _PatienceStop(patience, _kept_set(masks)))
     was_training = model.training
     model.eval()
     try:
         with frozen_parameters(model):
-            bar = tqdm(range(epochs), desc="DCM", disable=not progress)
-            for epoch in bar:
-                order = torch.randperm(len(rows), generator=generator).tolist()
-                losses, margins = [], []
-                for bi, start in enumerate(range(0, len(order), batch_size)):
-                    batch_rows = [rows[i] for i in order[start : start + batch_size]]
-                    loss, margin = _mask_loss(model, arch, masks, collate_records(batch_rows, pad), objective, lambda_l1)
-                    if not torch.isfinite(loss):
-                        raise NaNLossError(
-                            f"DCM loss is {float(loss.detach())} at epoch {epoch}, step {step} (batch {bi} of the epoch, "
-                            f"records {order[start : start + batch_size]}, problem ids "
-                            f"{[r['problem_id'] for r in batch_rows]}); check those records "
-                            "and the model (a lower lr or the 'logsigmoid' objective may help)")
-                    _mask_step(optimizer, masks, loss)
-                    step += 1
-                    losses.append(float(loss.detach()))
-                    margins.append(margin)
-                scheduler.step()
-                history.append({"epoch": epoch, "loss": sum(losses) / len(losses),
-                                "margin": sum(margins) / len(margins), "kept": _kept_count(masks),
-                                "lr": optimizer.param_groups[0]["lr"]})
-                bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", kept=history[-1]["kept"])
-                if stop.update(history[-1]["kept"]):
-                    break
-            bar.close()
+            run.train(_record_batches(rows, batch_size, seed, pad), total, per_check,
+                      scheduler, step_scheduler=steps is not None, progress=progress)
     finally:
         model.train(was_training)
     settings = {"lambda_l1": lambda_l1, "lr": lr, "step_size": step_size, "gamma": gamma, "batch_size": batch_size,
-                "epochs": epochs, "patience": patience, "kinds": list(kinds), "objective": objective, "seed": seed}
-    meta = {"score": "mask value m (kept: m >= 0.5)", "settings": settings, "records": len(rows), "steps": step,
-            "epochs_run": len(history), "stopped_early": stop.stopped, "history": history}
+                "epochs": epochs, "patience": patience, "kinds": list(kinds), "objective": objective, "seed": seed,
+                "steps": steps, "check_every": check_every, "schedule": "paper" if steps is None else "steps"}
+    meta = {"score": "mask value m (kept: m >= 0.5)", "settings": settings, "records": len(rows), "steps": run.step,
+            "epochs_run": math.ceil(run.step / per_epoch), "checks": len(run.history),
+            "stopped_early": run.stop.stopped, "history": run.history}
     return _mask_circuit(masks, arch, meta)
+
+
+def _record_batches(rows: list[dict[str, Any]], batch_size: int, seed: int, pad: int):
+    """Endless (epoch, batch index, record indices, their problem ids, collated batch), reshuffled every
+    epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in itertools.count():
+        order = torch.randperm(len(rows), generator=generator).tolist()
+        for bi, start in enumerate(range(0, len(order), batch_size)):
+            idx = order[start : start + batch_size]
+            yield epoch, bi, idx, [rows[i]["problem_id"] for i in idx], collate_records([rows[i] for i in idx], pad)
+
+
+class _MaskRun:
+    """The optimisation loop of :func:`learn_masks`: steps, checks (history, early stop), NaN errors."""
+
+    def __init__(self, model, arch, masks, optimizer, objective, lambda_l1, stop: "_PatienceStop"):
+        self.model, self.arch, self.masks, self.optimizer = model, arch, masks, optimizer
+        self.objective, self.lambda_l1, self.stop = objective, lambda_l1, stop
+        self.step, self.history = 0, []
+
+    def train(self, batches, total: int, per_check: int, scheduler, step_scheduler: bool, progress: bool) -> None:
+        """Run up to ``total`` steps; every ``per_check`` steps record a check and maybe stop."""
+        losses, margins = [], []
+        bar = tqdm(total=total, desc="DCM", disable=not progress)
+        for epoch, bi, idx, problem_ids, batch in batches:
+            loss, margin = _mask_loss(self.model, self.arch, self.masks, batch, self.objective, self.lambda_l1)
+            if not torch.isfinite(loss):
+                raise NaNLossError(
+                    f"DCM loss is {float(loss.detach())} at epoch {epoch}, step {self.step} (batch {bi} of the epoch, "
+                    f"records {idx}, problem ids {problem_ids}); check those records "
+                    "and the model (a lower lr or the 'logsigmoid' objective may help)")
+            _mask_step(self.optimizer, self.masks, loss)
+            self.step += 1
+            bar.update(1)
+            losses.append(float(loss.detach()))
+            margins.append(margin)
+            if step_scheduler:
+                scheduler.step()
+            if self.step % per_check == 0 or self.step == total:
+                if not step_scheduler:
+                    scheduler.step()
+                if self._check(epoch, losses, margins, bar) or self.step == total:
+                    break
+                losses, margins = [], []
+        bar.close()
+
+    def _check(self, epoch: int, losses: list[float], margins: list[float], bar) -> bool:
+        kept = _kept_set(self.masks)
+        self.history.append({"epoch": epoch, "step": self.step, "loss": sum(losses) / len(losses),
+                             "margin": sum(margins) / len(margins), "kept": len(kept),
+                             "lr": self.optimizer.param_groups[0]["lr"]})
+        bar.set_postfix(loss=f"{self.history[-1]['loss']:.3f}", kept=len(kept))
+        return self.stop.update(kept)
+
+
+@torch.no_grad()
+def circuit_margin(
+    model: nn.Module, records: Any, circuit: Circuit | None = None, kinds: Iterable[str] = DCM_KINDS,
+    batch_size: int = 8, pad_id: int | None = None, tokenizer: Any = None,
+) -> float:
+    """Mean logit difference ``logit[desired] - logit[undesired]`` at each record's last position.
+
+    With ``circuit``, every component of ``kinds`` that the circuit does not keep is zero-ablated at
+    the last position (the kept ones run unmodified): the circuit's faithfulness is
+    ``circuit_margin(model, held_out, circuit) / circuit_margin(model, held_out)``.
+    """
+    arch = get_arch(model)
+    rows = validate_records(records, arch.dims.vocab_size)
+    pad = pad_token_id(model, tokenizer) if pad_id is None else int(pad_id)
+    device = model_device(model)
+    scales = None
+    if circuit is not None:
+        scales = {k: torch.zeros(arch.dims.n_layers, arch.num_components(k), device=device) for k in kinds}
+        for c in circuit.components:
+            if c.kind in scales:
+                scales[c.kind][c.layer, c.index] = 1.0
+    total = 0.0
+    for start in range(0, len(rows), batch_size):
+        batch = to_device(collate_records(rows[start : start + batch_size], pad), device)
+        n = batch["desired"].shape[0]
+        with ExitStack() as stack:
+            if scales is not None:
+                last = torch.full((n,), -1, dtype=torch.long, device=device)
+                stack.enter_context(scale_components(model, scales, positions=last, arch=arch))
+            logits = last_logits(model, model_inputs(batch), 1)[:, -1].float()
+        r = torch.arange(n, device=device)
+        total += float((logits[r, batch["desired"]] - logits[r, batch["undesired"]]).sum())
+    return total / len(rows)
 
 
 def _check_settings(objective: str, batch_size: int, epochs: int, lr: float, lambda_l1: float,
@@ -140,8 +226,9 @@ def _check_settings(objective: str, batch_size: int, epochs: int, lr: float, lam
             raise ValueError(f"DCM masks kinds {DCM_KINDS}; got {k!r}")
 
 
-def _kept_count(masks: dict[str, torch.Tensor]) -> int:
-    return int(sum((m.detach() >= 0.5).sum() for m in masks.values()))
+def _kept_set(masks: dict[str, torch.Tensor]) -> frozenset[tuple[str, int, int]]:
+    """The kept components ``(kind, layer, index)`` (``m >= 0.5``)."""
+    return frozenset((k, int(l), int(i)) for k, m in masks.items() for l, i in (m.detach() >= 0.5).nonzero().tolist())
 
 
 def _mask_loss(model: nn.Module, arch, masks: dict[str, nn.Parameter], batch: dict[str, torch.Tensor],
@@ -172,14 +259,14 @@ def _mask_step(optimizer: torch.optim.Optimizer, masks: dict[str, nn.Parameter],
 
 
 class _PatienceStop:
-    """Early stop: ``patience`` epochs without a change of the kept count, counted once it first changed
+    """Early stop: ``patience`` checks without a change of the kept set, counted once it first changed
     (0 disables)."""
 
-    def __init__(self, patience: int, kept: int):
+    def __init__(self, patience: int, kept: frozenset):
         self.patience, self.last, self.changed_once, self.still, self.stopped = patience, kept, False, 0, False
 
-    def update(self, kept: int) -> bool:
-        """Record an epoch's kept count; True when the run should stop."""
+    def update(self, kept: frozenset) -> bool:
+        """Record a check's kept set; True when the run should stop."""
         if kept != self.last:
             self.changed_once, self.still = True, 0
         else:
