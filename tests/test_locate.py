@@ -375,3 +375,12 @@ def test_dcm_step_schedule_stops_when_the_kept_set_is_stable(planted):
     assert c.meta["stopped_early"] and c.meta["steps"] < 400
     with pytest.raises(ValueError, match="steps and check_every"):
         learn_masks(planted, _records(4), steps=0, progress=False)
+
+
+def test_amplify_config_passes_the_dcm_step_schedule(planted):
+    from circuit_peft.cca.pipeline import AmplifyConfig, locate_circuit
+
+    config = AmplifyConfig(locate="dcm", dcm_steps=40, dcm_lr=0.05, circuit_fraction=None)
+    c = locate_circuit(planted, _records(16), config, progress=False)
+    assert c.meta["settings"]["steps"] == 40 and c.meta["settings"]["lr"] == 0.05
+    assert Component("q", PLANTED_LAYER, PLANTED_HEAD) in c.components

@@ -36,6 +36,15 @@ def test_cli_on_contrastive_records(files, method, capsys):
     assert "fraction of all components" in capsys.readouterr().out
 
 
+def test_cli_dcm_step_schedule(files):
+    d, model = files
+    out = d / "dcm_steps.json"
+    assert main(["locate", "--model", str(d / "model"), "--data", str(d / "records.jsonl"), "--method", "dcm",
+                 "--out", str(out), "--dcm-steps", "3", "--dcm-check-every", "2", "--lr", "0.05"]) == 0
+    meta = Circuit.load(out, model=model).meta
+    assert meta["steps"] == 3 and meta["settings"]["schedule"] == "steps" and meta["checks"] == 2
+
+
 def test_cli_ablation_with_top_k(files):
     d, model = files
     out = d / "heads.json"

@@ -29,6 +29,10 @@ def add_amplify_args(p: argparse.ArgumentParser) -> None:
                      help="share of components kept (attribution: per kind; dcm: a cap); default 0.02")
     loc.add_argument("--dcm-lambda", type=non_negative(float), default=0.01)
     loc.add_argument("--dcm-epochs", type=positive(int), default=50)
+    loc.add_argument("--dcm-steps", type=positive(int), default=None,
+                     help="DCM step schedule: exactly N steps, cosine lr from --dcm-lr (default: the paper's epochs)")
+    loc.add_argument("--dcm-lr", type=positive(float), default=None,
+                     help="DCM Adam lr (default 5e-3, the paper's; ~0.05 with --dcm-steps)")
     u = p.add_argument_group("update")
     u.add_argument("--steps", type=positive(int), default=100, help="update steps (default 100)")
     u.add_argument("--lr", type=positive(float), default=1e-4, help="learning rate (default 1e-4, the paper's)")
@@ -96,7 +100,8 @@ def build_configs(args: argparse.Namespace):
                           margin_cap=args.margin_cap, eval_every=args.eval_every, patience=args.patience,
                           projections=args.projections, cache_lower_layers=not args.no_cache)
     config = AmplifyConfig(locate=args.locate, circuit_fraction=args.circuit_fraction, dcm_lambda=args.dcm_lambda,
-                           dcm_epochs=args.dcm_epochs, eval_max_new_tokens=args.eval_max_new_tokens,
+                           dcm_epochs=args.dcm_epochs, dcm_steps=args.dcm_steps, dcm_lr=args.dcm_lr,
+                           eval_max_new_tokens=args.eval_max_new_tokens,
                            side_effects=tasks, side_effect_data_dir=data_dir, mmlu_subjects=subjects,
                            mmlu_limit=args.mmlu_limit, truthfulqa_limit=args.truthfulqa_limit, kl_chunks=args.kl_chunks)
     return update, config

@@ -59,7 +59,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     d.add_argument("--dcm-epochs", dest="epochs", type=positive(int), default=50,
                    help="maximum epochs (default 50; the same flag as amplify's)")
     d.add_argument("--epochs", dest="epochs", type=positive(int), help=argparse.SUPPRESS)  # old name
-    d.add_argument("--patience", type=positive(int), default=5, help="early stop after N epochs with the same kept count")
+    d.add_argument("--patience", type=positive(int), default=5,
+                   help="early stop after N checks (epochs, or --dcm-check-every steps) with the same kept set")
+    d.add_argument("--dcm-steps", type=positive(int), default=None,
+                   help="step schedule: exactly N Adam steps, cosine lr (use --lr ~0.05); default: the paper's epochs")
+    d.add_argument("--dcm-check-every", type=positive(int), default=10, help="step schedule: check every N steps")
     d.add_argument("--objective", choices=("logit_diff", "logsigmoid"), default="logit_diff")
     d.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="e.g. cuda; default cpu")
@@ -152,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "dcm":
         circuit = learn_masks(model, rows, lambda_l1=args.lambda_l1, lr=args.lr, batch_size=args.batch_size or 8,
                               epochs=args.epochs, patience=args.patience, objective=args.objective, seed=args.seed,
-                              tokenizer=tok)
+                              tokenizer=tok, steps=args.dcm_steps, check_every=args.dcm_check_every)
     elif args.method == "ablation":
         circuit = head_ablation_scan(model, tok, rows, method=args.ablation, batch_size=args.batch_size or 8,
                                      naive=args.naive, keep_fraction=keep_default, spec=spec)
