@@ -8,12 +8,18 @@ Keys of the final JSON line:
   attribution_s      attribution_scan (one forward + backward per batch; heads and neurons)
   spearman           attribution vs exact ablation over all heads
   top5pct_recall     share of the exact top 5 % heads found in attribution's top 5 %
+  refined_s, refined_recall, refined_speedup   refined_head_scan (attribution, then the exact scan of
+                     its top --candidates x 5 % heads): time, share of the exact top 5 % it keeps,
+                     naive / refined time
   dcm_s, dcm_kept_fraction   DCM with default settings on contrastive records (kept q+k+v heads and
                      neurons / all of them)
 
 The DCM records are built simply (the CCA miner is another module): context = chat prompt +
 gold solution prefix up to the first digit after the first "=", desired = that gold digit token,
 undesired = the model's most likely other token there.
+
+--probe arithmetic uses generated two-digit problems (short rows: the scans take minutes on a CPU)
+instead of GSM8K.
 
 Usage: python benchmarks/locate.py [--data-dir ../shared/data] [--probe-rows 8] [--dcm-records 16]
 """
@@ -33,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from circuit_peft.arch import get_arch  # noqa: E402
 from circuit_peft.evaluate.prompts import build_prompt_ids  # noqa: E402
-from circuit_peft.locate import attribution_scan, head_ablation_scan, learn_masks  # noqa: E402
+from circuit_peft.cca.problems import make_problems  # noqa: E402
+from circuit_peft.locate import ProbeSpec, attribution_scan, head_ablation_scan, learn_masks, refined_head_scan  # noqa: E402
 from circuit_peft.models import load_model, load_tokenizer  # noqa: E402
 
 
@@ -84,7 +91,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default="../shared/data")
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--probe-rows", type=int, default=8, help="GSM8K training problems in the probe set")
+    p.add_argument("--probe", choices=("gsm8k", "arithmetic"), default="gsm8k")
+    p.add_argument("--probe-rows", type=int, default=8, help="training problems in the probe set")
+    p.add_argument("--candidates", type=float, default=3.0, help="refined scan: candidates x kept heads")
     p.add_argument("--naive-every", type=int, default=10, help="time the naive scan on every n-th head")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--heads-per-pass", type=int, default=None)
@@ -97,7 +106,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    train = [json.loads(line) for line in open(Path(args.data_dir) / "gsm8k" / "train.jsonl")]
+    if args.probe == "arithmetic":
+        train = make_problems(4 * args.probe_rows + 4 * args.dcm_records, split="train", seed=0)
+    else:
+        train = [json.loads(line) for line in open(Path(args.data_dir) / "gsm8k" / "train.jsonl")]
     for i, r in enumerate(train):
         r["_index"] = i
     probe = train[: args.probe_rows]
@@ -141,6 +153,13 @@ def run_scans(args, model, tok, probe, arch) -> dict:
     recall = len(top_exact & top_att) / k
     print(f"attribution: {attribution_s:.1f} s ({naive_s / attribution_s:.0f}x faster than naive), "
           f"spearman {rho:.3f}, top-5% recall {recall:.3f} ({len(top_exact & top_att)}/{k})")
+    t = time.perf_counter()
+    refined = refined_head_scan(model, tok, probe, keep_fraction=k / len(heads), candidates=args.candidates,
+                                batch_size=args.batch_size, spec=ProbeSpec("question", "answer"))
+    refined_s = time.perf_counter() - t
+    refined_recall = len(top_exact & set(refined.components)) / k
+    print(f"refined (attribution + exact scan of {refined.meta['candidates']} heads): {refined_s:.1f} s "
+          f"({naive_s / refined_s:.1f}x faster than naive), top-5% recall {refined_recall:.3f}")
     print("exact top heads:", [tuple(c)[1:] for c, _ in exact.ranked(["q"])[:k]])
     print("attribution top:", [tuple(c)[1:] for c, _ in att.ranked(["q"])[:k]])
     if args.out:
@@ -148,7 +167,8 @@ def run_scans(args, model, tok, probe, arch) -> dict:
         att.save(Path(args.out) / "attribution.json")
     return {"naive_ablation_s": round(naive_s, 2), "ablation_s": round(ablation_s, 2), "max_abs_diff": diff,
             "attribution_s": round(attribution_s, 2), "spearman": round(rho, 4), "top5pct_recall": round(recall, 4),
-            "timed_heads": len(timed)}
+            "timed_heads": len(timed), "refined_s": round(refined_s, 2), "refined_recall": round(refined_recall, 4),
+            "refined_speedup": round(naive_s / refined_s, 2), "refined_candidates": refined.meta["candidates"]}
 
 
 def run_dcm(args, model, tok, train) -> dict:

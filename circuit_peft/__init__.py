@@ -14,7 +14,9 @@ from .tuner import CircuitConfig, CircuitModel, circuit_size  # noqa: F401  (reg
 
 # --- locate (circuit.py, locate/) ---
 from .circuit import Circuit  # noqa: F401,E402
-from .locate import NaNLossError, ProbeSpec, attribution_scan, circuit_margin, head_ablation_scan, learn_masks  # noqa: F401,E402
+from .locate import (  # noqa: F401,E402
+    NaNLossError, ProbeSpec, attribution_scan, circuit_margin, head_ablation_scan, learn_masks, refined_head_scan,
+)
 
 # --- CCA (cca/, evaluate/) ---
 from .cca import (  # noqa: F401,E402
@@ -40,6 +42,7 @@ __all__ = [
     "load_model", "load_tokenizer", "tiny_model",
     "CircuitConfig", "CircuitModel", "circuit_size",
     "Circuit", "NaNLossError", "ProbeSpec", "attribution_scan", "circuit_margin", "head_ablation_scan", "learn_masks",
+    "refined_head_scan",
     "AmplifyConfig", "MiningConfig", "UpdateConfig", "amplify", "amplify_update", "load_records", "make_problems",
     "mine_pivotal_tokens", "PivotalMetricsCallback", "PivotalWeighting", "build_pivotal_dataset", "PivotalTrainer",
     "build_prompt", "evaluate_accuracy", "side_effects",

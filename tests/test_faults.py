@@ -18,7 +18,7 @@ REQUIRED = {  # the least each subcommand needs to parse
     "demo": [], "export": ["--adapter", "a", "--out", "o", "--merged"],
 }
 BAD = {"positive int": ["0", "-1"], "non-negative int": ["-1"], "positive float": ["0", "-0.5"],
-       "non-negative float": ["-0.1"], "fraction": ["0", "1.5", "-0.2"]}
+       "non-negative float": ["-0.1"], "fraction": ["0", "1.5", "-0.2"], "at-least-one float": ["0.5", "-1"]}
 
 
 def _checked_flags():

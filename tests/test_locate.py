@@ -384,3 +384,31 @@ def test_amplify_config_passes_the_dcm_step_schedule(planted):
     c = locate_circuit(planted, _records(16), config, progress=False)
     assert c.meta["settings"]["steps"] == 40 and c.meta["settings"]["lr"] == 0.05
     assert Component("q", PLANTED_LAYER, PLANTED_HEAD) in c.components
+
+
+# ----- attribution, then the exact scan of its candidates ----------------------------------------
+
+
+def test_refined_scan_keeps_the_exact_top_heads_of_its_candidates():
+    from circuit_peft.locate import refined_head_scan
+
+    model = tiny_model("llama")
+    n_heads = len(get_arch(model).all_components(["q"]))
+    exact = head_ablation_scan(model, None, _probe(), keep_fraction=None, progress=False)
+    att = attribution_scan(model, None, _probe(), kinds=["q"], keep_fraction=None, progress=False)
+    every = refined_head_scan(model, None, _probe(), keep_fraction=0.25, candidates=n_heads, progress=False)
+    k = len(every.components)
+    assert every.components == sorted(c for c, _ in exact.ranked()[:k])  # all heads re-scanned = the exact top k
+    some = refined_head_scan(model, None, _probe(), keep_fraction=0.25, candidates=2, progress=False)
+    assert some.meta["candidates"] == 2 * k and len(some.scores) == 2 * k
+    assert set(some.scores) == {c for c, _ in att.ranked()[: 2 * k]}  # attribution chose what to re-scan
+    assert all(some.scores[c] == pytest.approx(exact.scores[c], abs=1e-6) for c in some.scores)
+    with pytest.raises(ValueError, match="candidates must be >= 1"):
+        refined_head_scan(model, None, _probe(), candidates=0.5, progress=False)
+
+
+def test_refined_scan_finds_the_planted_head(planted):
+    from circuit_peft.locate import refined_head_scan
+
+    c = refined_head_scan(planted, None, _planted_probe(), keep_fraction=0.05, progress=False)
+    assert c.ranked()[0][0] == Component("q", PLANTED_LAYER, PLANTED_HEAD) and c.method == "refined_ablation"

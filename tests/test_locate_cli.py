@@ -54,6 +54,18 @@ def test_cli_ablation_with_top_k(files):
     assert len(circuit.components) == 2 and {c.kind for c in circuit.scores} == {"q"}
 
 
+def test_cli_refined_rescans_attribution_candidates(files, capsys):
+    d, model = files
+    out = d / "refined.json"
+    assert main(["locate", "--model", str(d / "model"), "--data", str(d / "probe.jsonl"), "--method", "refined",
+                 "--keep-fraction", "0.25", "--candidates", "2", "--out", str(out)]) == 0
+    circuit = Circuit.load(out, model=model)
+    assert circuit.method == "refined_ablation" and len(circuit.scores) == 2 * len(circuit.components)
+    assert main(["locate", "--model", str(d / "model"), "--data", str(d / "records.jsonl"), "--method", "refined",
+                 "--out", str(out)]) == 2
+    assert "needs probe rows" in capsys.readouterr().err
+
+
 def test_cli_bad_input_exits_2(files, capsys):
     d, _ = files
     base = ["locate", "--model", str(d / "model"), "--out", str(d / "x.json")]

@@ -29,6 +29,17 @@ def non_negative(kind: type = int) -> Callable[[str], float]:
     return parse
 
 
+def at_least_one(kind: type = float) -> Callable[[str], float]:
+    """``kind(text)`` that must be >= 1 (multiples, factors)."""
+    def parse(text: str):
+        value = kind(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+        return value
+    parse.__name__ = f"at-least-one {kind.__name__}"
+    return parse
+
+
 def fraction(text: str) -> float:
     """A share in (0, 1]."""
     value = float(text)

@@ -9,20 +9,21 @@ from pathlib import Path
 from typing import Any
 
 from ..files import ROW_FILE_SUFFIXES, read_rows
-from ._args import fraction, non_negative, positive
+from ._args import at_least_one, fraction, non_negative, positive
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("dcm", "ablation", "attribution")
+METHODS = ("dcm", "ablation", "attribution", "refined")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "locate",
-        help="locate a circuit (DCM masks, head ablation scan, attribution) and save it as JSON",
+        help="locate a circuit (DCM masks, head ablation scan, attribution, attribution refined by the exact scan) "
+             "and save it as JSON",
         description="Locate the components that do a task. dcm and attribution --target logit_diff read "
                     "contrastive records (jsonl of {context_ids, desired_id, undesired_id, problem_id}); "
-                    "ablation and attribution --target ablation read probe rows with a prompt and a "
+                    "ablation, refined and attribution --target ablation read probe rows with a prompt and a "
                     "solution (e.g. GSM8K question/answer).",
     )
     p.add_argument("--model", required=True, help="hub id, local folder, or 'smollm2' (offline SmolLM2-135M-Instruct)")
@@ -51,6 +52,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="attribution target (default: logit_diff for contrastive records, else ablation)")
     a.add_argument("--batch-size", type=positive(int), default=None, help="rows per forward (ablation 8, attribution 4, dcm 8)")
     a.add_argument("--naive", action="store_true", help="ablation: one full forward per head (slow reference)")
+    a.add_argument("--candidates", type=at_least_one(float), default=3.0,
+                   help="refined: the exact scan re-scores attribution's top CANDIDATES x kept heads (default 3)")
     d = p.add_argument_group("dcm")
     d.add_argument("--dcm-lambda", dest="lambda_l1", type=non_negative(float), default=0.01,
                    help="L1 weight (default 0.01; the same flag as amplify's)")
@@ -112,68 +115,92 @@ def _probe_fields(rows: list[dict[str, Any]], prompt: str | None, solution: str 
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..locate import ProbeSpec, attribution_scan, head_ablation_scan, learn_masks
-    from ..models import load_model, load_tokenizer
-
-    selections = [x for x in (args.keep_fraction, args.top_k, args.z) if x is not None]
-    if len(selections) > 1:
-        raise ValueError("give at most one of --keep-fraction, --top-k, --z")
     rows = load_rows(args.data, args.data_config, args.split, args.limit)
+    target = _check_request(args, rows)
+    model, tok = _load(args)
+    circuit = _scan(args, model, tok, rows, target)
+    circuit = _select(args, circuit)
+    circuit.meta.setdefault("source", {"model": args.model, "data": args.data, "rows": len(rows)})
+    circuit.save(args.out)
+    print(circuit.summary())
+    print(f"wrote {args.out}")
+    if args.plot:
+        circuit.plot(args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _check_request(args: argparse.Namespace, rows: list[dict]) -> str:
+    """Refuse flags that do not fit each other or the data (before the model loads); the attribution target."""
+    from ..files import check_output_path
+
+    if len([x for x in (args.keep_fraction, args.top_k, args.z) if x is not None]) > 1:
+        raise ValueError("give at most one of --keep-fraction, --top-k, --z")
     records = _is_records(rows)
     if args.method == "dcm" and not records:
         raise ValueError(f"--method dcm needs contrastive records (context_ids, desired_id, undesired_id); "
                          f"{args.data} has fields {sorted(rows[0])}. Mine them with `circuit-peft mine`.")
-    if args.method == "ablation" and records:
-        raise ValueError("--method ablation needs probe rows with a prompt and a solution, not contrastive records")
+    if args.method in ("ablation", "refined") and records:
+        raise ValueError(f"--method {args.method} needs probe rows with a prompt and a solution, not contrastive records")
+    if args.method == "refined" and (args.top_k is not None or args.z is not None):
+        raise ValueError("--method refined keeps --keep-fraction of the heads (default 0.05); --top-k/--z do not apply")
     target = args.target or ("logit_diff" if records else "ablation")
     if args.method == "attribution" and (target == "logit_diff") != records:
         raise ValueError(f"--target {target} does not fit this data ({'contrastive records' if records else 'probe rows'})")
-
-    out = Path(args.out)
-    if out.suffix.lower() != ".json":
-        raise ValueError(f"--out should be a .json file, got {out}")
-    from ..files import check_output_path
-
-    check_output_path(out, "--out", (args.data,))  # before the scan, not after it
+    if Path(args.out).suffix.lower() != ".json":
+        raise ValueError(f"--out should be a .json file, got {args.out}")
+    check_output_path(args.out, "--out", (args.data,))  # before the scan, not after it
     if args.plot:
         check_output_path(args.plot, "--plot", (args.data,))
+    return target
+
+
+def _load(args: argparse.Namespace):
+    """The model and its tokenizer (None when there is none: the data must then be token ids)."""
+    import torch
+
+    from ..models import load_model, load_tokenizer
+
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     try:
-        tok = load_tokenizer(args.model)
+        return model, load_tokenizer(args.model)
     except (OSError, ValueError) as err:
         # contrastive records and prompt_ids/solution_ids rows are token ids already
         logger.warning("no tokenizer for %s (%s); the data must be token ids", args.model, err)
-        tok = None
+        return model, None
+
+
+def _scan(args: argparse.Namespace, model, tok, rows: list[dict], target: str):
+    """The circuit of ``--method`` with every scored component."""
+    from ..locate import ProbeSpec, attribution_scan, head_ablation_scan, learn_masks, refined_head_scan
+
     prompt_field, solution_field = _probe_fields(rows, args.prompt_field, args.solution_field)
     spec = ProbeSpec(prompt_field, solution_field, chat_template=False if args.no_chat_template else None,
                      max_length=args.max_length)
     # --keep-fraction goes to the library's own keep rule (a share of each kind), so the CLI keeps
     # exactly what the Python call with the same number keeps
-    keep_default = args.keep_fraction if args.keep_fraction is not None else (None if selections else 0.05)
-
+    selected = any(x is not None for x in (args.top_k, args.z))
+    keep = args.keep_fraction if args.keep_fraction is not None else (None if selected else 0.05)
     if args.method == "dcm":
-        circuit = learn_masks(model, rows, lambda_l1=args.lambda_l1, lr=args.lr, batch_size=args.batch_size or 8,
-                              epochs=args.epochs, patience=args.patience, objective=args.objective, seed=args.seed,
-                              tokenizer=tok, steps=args.dcm_steps, check_every=args.dcm_check_every)
-    elif args.method == "ablation":
-        circuit = head_ablation_scan(model, tok, rows, method=args.ablation, batch_size=args.batch_size or 8,
-                                     naive=args.naive, keep_fraction=keep_default, spec=spec)
-    else:
-        circuit = attribution_scan(model, tok, rows, target=target, method=args.ablation,
-                                   batch_size=args.batch_size or 4, keep_fraction=keep_default, spec=spec)
+        return learn_masks(model, rows, lambda_l1=args.lambda_l1, lr=args.lr, batch_size=args.batch_size or 8,
+                           epochs=args.epochs, patience=args.patience, objective=args.objective, seed=args.seed,
+                           tokenizer=tok, steps=args.dcm_steps, check_every=args.dcm_check_every)
+    if args.method == "ablation":
+        return head_ablation_scan(model, tok, rows, method=args.ablation, batch_size=args.batch_size or 8,
+                                  naive=args.naive, keep_fraction=keep, spec=spec)
+    if args.method == "refined":
+        return refined_head_scan(model, tok, rows, keep_fraction=keep, candidates=args.candidates,
+                                 method=args.ablation, batch_size=args.batch_size or 8, spec=spec)
+    return attribution_scan(model, tok, rows, target=target, method=args.ablation,
+                            batch_size=args.batch_size or 4, keep_fraction=keep, spec=spec)
+
+
+def _select(args: argparse.Namespace, circuit):
+    """The kept components of ``--keep-fraction`` (DCM), ``--top-k`` or ``--z``."""
     if args.keep_fraction is not None and args.method == "dcm":
-        circuit = circuit.top_each_kind(args.keep_fraction)
-    elif args.top_k is not None:
-        circuit = circuit.top(k=args.top_k)
-    elif args.z is not None:
-        circuit = circuit.top(z=args.z)
-    circuit.meta.setdefault("source", {"model": args.model, "data": args.data, "rows": len(rows)})
-    circuit.save(out)
-    print(circuit.summary())
-    print(f"wrote {out}")
-    if args.plot:
-        circuit.plot(args.plot)
-        print(f"wrote {args.plot}")
-    return 0
+        return circuit.top_each_kind(args.keep_fraction)
+    if args.top_k is not None:
+        return circuit.top(k=args.top_k)
+    if args.z is not None:
+        return circuit.top(z=args.z)
+    return circuit

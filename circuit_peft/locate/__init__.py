@@ -6,6 +6,7 @@ from .controls import RANDOM_MATCHES, random_circuit
 from .data import ProbeSpec
 from .dcm import NaNLossError, circuit_margin, learn_masks
 from .gradient import general_text_rows, gradient_scan
+from .refine import refined_head_scan
 
-__all__ = ["NaNLossError", "ProbeSpec", "RANDOM_MATCHES", "attribution_scan", "circuit_margin", "general_text_rows", "gradient_scan", "random_circuit", "head_ablation_scan", "learn_masks", "probe_batches",
+__all__ = ["NaNLossError", "ProbeSpec", "RANDOM_MATCHES", "attribution_scan", "circuit_margin", "general_text_rows", "gradient_scan", "random_circuit", "refined_head_scan", "head_ablation_scan", "learn_masks", "probe_batches",
            "solution_losses"]

@@ -1,0 +1,66 @@
+"""Attribution, then the exact scan of its best candidates: the exact top heads at a fraction of the cost.
+
+Attribution ranks every query head in one forward + backward per batch, but its first-order
+estimate misorders the top heads (on SmolLM2 GSM8K it found 57 % of the exact scan's top 5 %).
+:func:`refined_head_scan` takes attribution's top ``candidates x k`` heads (k = the heads kept) and
+re-scores only those with the exact ablation scan
+(:func:`~circuit_peft.locate.ablation.head_ablation_scan`), so the kept heads are ranked by their
+exact loss increase; it misses an exact top head only when attribution ranks it below
+``candidates x k``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import nn
+
+from ..circuit import Circuit
+from .ablation import DEFAULT_KEEP_FRACTION, head_ablation_scan
+from .attribution import attribution_scan
+from .data import ProbeSpec
+
+
+def refined_head_scan(
+    model: nn.Module,
+    tokenizer: Any,
+    probe: Any,
+    keep_fraction: float = DEFAULT_KEEP_FRACTION,
+    candidates: float = 3.0,
+    method: str = "uniform",
+    batch_size: int = 8,
+    spec: ProbeSpec | None = None,
+    progress: bool = True,
+) -> Circuit:
+    """Query heads ranked by the exact ablation scan, scanning only attribution's top candidates.
+
+    Args:
+        probe: rows ``{prompt, solution}`` (or as ``spec`` says), as for the ablation scan.
+        keep_fraction: share of all query heads kept (k = ceil(fraction x heads)).
+        candidates: how many times k heads attribution passes to the exact scan (>= 1).
+        method: ablation operator (``uniform``, ``zero``, ``mean``) of both stages.
+
+    Returns:
+        a :class:`Circuit` of the top k candidates by exact score (nats per solution token);
+        ``scores`` holds the exact scores of every candidate, ``meta["attribution"]`` the
+        attribution score of each candidate and ``meta["candidates"]`` their number.
+    """
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1 (got {candidates}): the exact scan re-scores "
+                         "attribution's top candidates x kept heads")
+    if not 0 < keep_fraction <= 1:
+        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+    spec = spec or ProbeSpec()
+    att = attribution_scan(model, tokenizer, probe, target="ablation", method=method, kinds=("q",),
+                           batch_size=max(1, batch_size // 2), keep_fraction=None, spec=spec, progress=progress)
+    ranked = att.ranked(["q"])
+    k = max(1, math.ceil(keep_fraction * len(ranked)))
+    chosen = ranked[: min(len(ranked), math.ceil(candidates * k))]
+    exact = head_ablation_scan(model, tokenizer, probe, method=method, batch_size=batch_size,
+                               heads=[(c.layer, c.index) for c, _ in chosen], keep_fraction=None,
+                               spec=spec, progress=progress)
+    meta = dict(exact.meta, candidates=len(chosen), candidates_factor=candidates,
+                attribution={f"{c.layer}.{c.index}": s for c, s in chosen})
+    refined = Circuit(exact.components, exact.scores, exact.fingerprint, method="refined_ablation", meta=meta)
+    return refined.top(k=k)
