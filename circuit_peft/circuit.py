@@ -302,52 +302,17 @@ class Circuit:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import numpy as np
-        from matplotlib.ticker import MaxNLocator
 
         fp = self._require_fingerprint("plot")
         head_kinds = [k for k in _HEAD_KINDS if k in self.kinds()]
         panels = head_kinds + ["mlp"]
         fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, max(3.0, 0.18 * fp["n_layers"] + 1.5)),
                                  squeeze=False)
-        kept = set(self.components)
         for ax, kind in zip(axes[0], panels):
             if kind == "mlp":
-                counts = np.zeros(fp["n_layers"])
-                for c in self.components:
-                    if c.kind == "mlp":
-                        counts[c.layer] += 1
-                ax.barh(np.arange(fp["n_layers"]), counts, color="tab:blue")
-                ax.set_xlabel(f"kept neurons (of {fp['n_neurons']})")
-                ax.set_ylim(fp["n_layers"] - 0.5, -0.5)
-                ax.set_xlim(0, max(1.0, counts.max() * 1.05))
-                ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-                ax.set_ylabel("layer")
-                ax.set_title("MLP")
-                continue
-            n = _per_layer_count(fp, kind)
-            grid = np.full((fp["n_layers"], n), np.nan)
-            scored = any(c.kind == kind for c in self.scores)
-            for c, s in self.scores.items():
-                if c.kind == kind:
-                    grid[c.layer, c.index] = s
-            if not scored:
-                grid[:] = 0.0
-                for c in kept:
-                    if c.kind == kind:
-                        grid[c.layer, c.index] = 1.0
-            im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="score" if scored else "kept")
-            for c in kept:
-                if c.kind == kind:
-                    ax.add_patch(plt.Rectangle((c.index - 0.5, c.layer - 0.5), 1, 1, fill=False,
-                                               edgecolor="red", linewidth=1.2))
-            ax.set_xlabel("head")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_ylabel("layer")
-            ax.set_title({"q": "query heads", "k": "key heads", "v": "value heads", "o": "head outputs"}[kind]
-                         + f" ({sum(1 for c in kept if c.kind == kind)} kept)")
+                self._plot_neurons(ax, fp)
+            else:
+                self._plot_heads(fig, ax, kind, fp)
         fig.suptitle(title or f"circuit ({self.method or 'located'}): "
                      f"{100 * self.component_fraction():.2f} % of components kept")
         fig.tight_layout()
@@ -357,6 +322,50 @@ class Circuit:
         finally:
             plt.close(fig)
         return Path(path)
+
+    def _plot_neurons(self, ax, fp: dict[str, Any]) -> None:
+        """Bar chart: kept MLP neurons per layer."""
+        import numpy as np
+        from matplotlib.ticker import MaxNLocator
+
+        counts = np.zeros(fp["n_layers"])
+        for c in self.components:
+            if c.kind == "mlp":
+                counts[c.layer] += 1
+        ax.barh(np.arange(fp["n_layers"]), counts, color="tab:blue")
+        ax.set_xlabel(f"kept neurons (of {fp['n_neurons']})")
+        ax.set_ylim(fp["n_layers"] - 0.5, -0.5)
+        ax.set_xlim(0, max(1.0, counts.max() * 1.05))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("layer")
+        ax.set_title("MLP")
+
+    def _plot_heads(self, fig, ax, kind: str, fp: dict[str, Any]) -> None:
+        """Heatmap layers x heads of one head kind: the score if scored, else 1 for kept; kept cells outlined."""
+        import matplotlib.pyplot as plt
+        import numpy as np
+        from matplotlib.ticker import MaxNLocator
+
+        kept = [c for c in self.components if c.kind == kind]
+        grid = np.full((fp["n_layers"], _per_layer_count(fp, kind)), np.nan)
+        scored = any(c.kind == kind for c in self.scores)
+        for c, s in self.scores.items():
+            if c.kind == kind:
+                grid[c.layer, c.index] = s
+        if not scored:
+            grid[:] = 0.0
+            for c in kept:
+                grid[c.layer, c.index] = 1.0
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="score" if scored else "kept")
+        for c in kept:
+            ax.add_patch(plt.Rectangle((c.index - 0.5, c.layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.2))
+        ax.set_xlabel("head")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("layer")
+        ax.set_title({"q": "query heads", "k": "key heads", "v": "value heads", "o": "head outputs"}[kind]
+                     + f" ({len(kept)} kept)")
 
 
 def _ranges(xs: list[int]) -> str:

@@ -247,26 +247,59 @@ def amplify_update(
     if not params:
         raise ValueError("the adapter has no trainable parameters; check the circuit and projections")
     objective = _Objective(peft_model, rows, lowest, cfg, pad_token_id(base, tokenizer))
+    best = _BestStep(params)
+    history = _update_loop(peft_model, objective, params, cfg, validate, best, progress)
+    if validate is None or not cfg.keep_best:
+        best.step = history[-1]["step"]
+    else:
+        best.restore()
+    final_margin = objective.mean_margin() if best.step != history[-1]["step"] else history[-1]["margin"]
+    return UpdateResult(
+        model=peft_model, config=peft_config, history=history, best_step=best.step, best_val=best.val,
+        initial_margin=history[0]["margin"], final_margin=final_margin, size=size,
+        seconds=time.perf_counter() - start,
+    )
+
+
+class _BestStep:
+    """The best validated step so far: its score, step, a copy of the trainable parameters, and how
+    many validations have passed without beating it."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        self.val: float | None = None
+        self.step, self.since, self.state = 0, 0, self._snapshot()
+
+    def _snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params]
+
+    def observe(self, step: int, val: float) -> None:
+        """Record a validation score at ``step`` (keeps a copy of the parameters when it is the best)."""
+        if self.val is None or val > self.val:
+            self.val, self.step, self.state, self.since = val, step, self._snapshot(), 0
+        else:
+            self.since += 1
+
+    def restore(self) -> None:
+        """Put the best step's parameters back."""
+        with torch.no_grad():
+            for p, saved in zip(self.params, self.state):
+                p.copy_(saved)
+
+
+def _update_loop(peft_model: nn.Module, objective: "_Objective", params: list[torch.Tensor], cfg: UpdateConfig,
+                 validate: Validator | None, best: _BestStep, progress: bool) -> list[dict[str, Any]]:
+    """Up to ``cfg.steps`` optimiser steps, validating every ``cfg.eval_every``; the per-step history."""
     opt = (torch.optim.SGD(params, lr=cfg.lr) if cfg.optimizer == "sgd" else torch.optim.Adam(params, lr=cfg.lr))
-
-    def snapshot() -> list[torch.Tensor]:
-        return [p.detach().clone() for p in params]
-
     history: list[dict[str, Any]] = []
-    best_val, best_step, best_state = None, 0, snapshot()
-    since_best = 0
     bar = tqdm(range(cfg.steps + 1), desc="amplify update", disable=not progress)
     for step in bar:
         t0 = time.perf_counter()
         entry: dict[str, Any] = {"step": step}
         if validate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-            val = float(validate(peft_model))
-            entry["val"] = val
-            if best_val is None or val > best_val:
-                best_val, best_step, best_state, since_best = val, step, snapshot(), 0
-            else:
-                since_best += 1
-        if step == cfg.steps or (cfg.patience is not None and since_best >= cfg.patience):
+            entry["val"] = float(validate(peft_model))
+            best.observe(step, entry["val"])
+        if step == cfg.steps or (cfg.patience is not None and best.since >= cfg.patience):
             entry["margin"] = objective.mean_margin()
             history.append(entry)
             break
@@ -279,18 +312,7 @@ def amplify_update(
         history.append(entry)
         bar.set_postfix(margin=f"{margin:.2f}", **({"val": f"{entry['val']:.3f}"} if "val" in entry else {}))
     bar.close()
-    if validate is None or not cfg.keep_best:
-        best_step = history[-1]["step"]
-    else:
-        with torch.no_grad():
-            for p, saved in zip(params, best_state):
-                p.copy_(saved)
-    final_margin = objective.mean_margin() if best_step != history[-1]["step"] else history[-1]["margin"]
-    return UpdateResult(
-        model=peft_model, config=peft_config, history=history, best_step=best_step, best_val=best_val,
-        initial_margin=history[0]["margin"], final_margin=final_margin, size=size,
-        seconds=time.perf_counter() - start,
-    )
+    return history
 
 
 def measure_update_speedup(

@@ -72,58 +72,60 @@ def _encode_with_spans(tokenizer: PreTrainedTokenizerBase, text: str, spans: Seq
 def _row_from_record(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None, pivotal_weight: float,
                      add_eos: bool, special: bool) -> dict[str, list]:
     """One example as ``input_ids``, ``completion_mask``, ``token_weights``, ``undesired_ids``."""
-    if "context_ids" in row:  # contrastive record: train the desired token after the context
-        for key in ("desired_id", "undesired_id"):
-            if key not in row:
-                raise ValueError(f"contrastive record needs {key!r} (fields: {sorted(row)})")
-        ctx = [int(t) for t in row["context_ids"]]
-        if not ctx:
-            raise ValueError("contrastive record has an empty context_ids")
-        ids = ctx + [int(row["desired_id"])]
-        start = int(row.get("prompt_length", len(ctx)))
-        mask = [0] * start + [1] * (len(ids) - start)
-        weights = [1.0] * len(ids)
-        weights[-1] = pivotal_weight
-        undesired = [IGNORE_INDEX] * len(ids)
-        undesired[-1] = int(row["undesired_id"])
-        return {"input_ids": ids, "completion_mask": mask, "token_weights": weights, "undesired_ids": undesired}
-    if "input_ids" in row:  # pre-tokenized with pivotal token positions
-        ids = [int(t) for t in row["input_ids"]]
-        positions = [int(p) for p in row.get("pivotal_positions", [])]
-        if any(not 0 < p < len(ids) for p in positions):
-            raise ValueError(f"pivotal_positions {positions} must lie in 1..{len(ids) - 1} (position 0 has no loss)")
-        und_in = list(row.get("undesired_ids") or [])
-        if und_in and len(und_in) != len(positions):
-            raise ValueError("undesired_ids must give one token id per pivotal position")
-        mask = [int(m) for m in row.get("completion_mask", [1] * len(ids))]
-        if len(mask) != len(ids):
-            raise ValueError("completion_mask must have the length of input_ids")
-        weights = [1.0] * len(ids)
-        undesired = [IGNORE_INDEX] * len(ids)
-        for k, p in enumerate(positions):
-            weights[p] = pivotal_weight
-            if und_in:
-                undesired[p] = int(und_in[k])
-        return {"input_ids": ids, "completion_mask": mask, "token_weights": weights, "undesired_ids": undesired}
+    if "context_ids" in row:
+        return _row_from_contrastive(row, pivotal_weight)
+    if "input_ids" in row:
+        return _row_from_token_ids(row, pivotal_weight)
+    return _row_from_text(row, tokenizer, pivotal_weight, add_eos, special)
+
+
+def _row_from_contrastive(row: dict[str, Any], pivotal_weight: float) -> dict[str, list]:
+    """A contrastive record: train the desired token after the context (weighted, its undesired twin)."""
+    for key in ("desired_id", "undesired_id"):
+        if key not in row:
+            raise ValueError(f"contrastive record needs {key!r} (fields: {sorted(row)})")
+    ctx = [int(t) for t in row["context_ids"]]
+    if not ctx:
+        raise ValueError("contrastive record has an empty context_ids")
+    ids = ctx + [int(row["desired_id"])]
+    start = int(row.get("prompt_length", len(ctx)))
+    weights = [1.0] * (len(ids) - 1) + [pivotal_weight]
+    undesired = [IGNORE_INDEX] * (len(ids) - 1) + [int(row["undesired_id"])]
+    return {"input_ids": ids, "completion_mask": [0] * start + [1] * (len(ids) - start),
+            "token_weights": weights, "undesired_ids": undesired}
+
+
+def _row_from_token_ids(row: dict[str, Any], pivotal_weight: float) -> dict[str, list]:
+    """A pre-tokenized row with pivotal token positions (and optional undesired ids, completion mask)."""
+    ids = [int(t) for t in row["input_ids"]]
+    positions = [int(p) for p in row.get("pivotal_positions", [])]
+    if any(not 0 < p < len(ids) for p in positions):
+        raise ValueError(f"pivotal_positions {positions} must lie in 1..{len(ids) - 1} (position 0 has no loss)")
+    und_in = list(row.get("undesired_ids") or [])
+    if und_in and len(und_in) != len(positions):
+        raise ValueError("undesired_ids must give one token id per pivotal position")
+    mask = [int(m) for m in row.get("completion_mask", [1] * len(ids))]
+    if len(mask) != len(ids):
+        raise ValueError("completion_mask must have the length of input_ids")
+    weights = [1.0] * len(ids)
+    undesired = [IGNORE_INDEX] * len(ids)
+    for k, p in enumerate(positions):
+        weights[p] = pivotal_weight
+        if und_in:
+            undesired[p] = int(und_in[k])
+    return {"input_ids": ids, "completion_mask": mask, "token_weights": weights, "undesired_ids": undesired}
+
+
+def _row_from_text(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None, pivotal_weight: float,
+                   add_eos: bool, special: bool) -> dict[str, list]:
+    """A ``prompt`` + ``completion`` or ``text`` row with character ``pivotal_spans``."""
     if tokenizer is None:
         raise ValueError("text examples need a tokenizer")
     spans = [tuple(s) for s in row.get("pivotal_spans", [])]
     und_in = list(row.get("undesired_ids") or [])
     if und_in and len(und_in) != len(spans):
         raise ValueError("undesired_ids must give one token id per pivotal span")
-    if "prompt" in row and "completion" in row:
-        p_ids = list(tokenizer(row["prompt"], add_special_tokens=special)["input_ids"])
-        c_ids, hits = _encode_with_spans(tokenizer, row["completion"], spans, special=False)
-        if add_eos and tokenizer.eos_token_id is not None:
-            c_ids, hits = c_ids + [tokenizer.eos_token_id], hits + [None]
-        ids, mask, hits = p_ids + c_ids, [0] * len(p_ids) + [1] * len(c_ids), [None] * len(p_ids) + hits
-    elif "text" in row:
-        ids, hits = _encode_with_spans(tokenizer, row["text"], spans, special=special)
-        mask = [1] * len(ids)
-    else:
-        raise ValueError("an example needs 'context_ids' (contrastive record), 'input_ids' (+ 'pivotal_positions'), "
-                         f"'prompt'+'completion' or 'text' (+ 'pivotal_spans'); got fields {sorted(row)}")
-    hits = hits or [None] * len(ids)
+    ids, mask, hits = _encode_text_row(row, tokenizer, spans, add_eos, special)
     weights = [1.0] * len(ids)
     undesired = [IGNORE_INDEX] * len(ids)
     seen: set[int] = set()
@@ -137,6 +139,23 @@ def _row_from_record(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase | N
     if spans and not seen:
         raise ValueError(f"no token overlaps the pivotal spans {spans}")
     return {"input_ids": ids, "completion_mask": mask, "token_weights": weights, "undesired_ids": undesired}
+
+
+def _encode_text_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, spans: list[tuple], add_eos: bool,
+                     special: bool) -> tuple[list[int], list[int], list[int | None]]:
+    """Token ids, completion mask and, per token, the index of the pivotal span it overlaps (or None)."""
+    if "prompt" in row and "completion" in row:
+        p_ids = list(tokenizer(row["prompt"], add_special_tokens=special)["input_ids"])
+        c_ids, hits = _encode_with_spans(tokenizer, row["completion"], spans, special=False)
+        hits = hits or [None] * len(c_ids)
+        if add_eos and tokenizer.eos_token_id is not None:
+            c_ids, hits = c_ids + [tokenizer.eos_token_id], hits + [None]
+        return p_ids + c_ids, [0] * len(p_ids) + [1] * len(c_ids), [None] * len(p_ids) + hits
+    if "text" in row:
+        ids, hits = _encode_with_spans(tokenizer, row["text"], spans, special=special)
+        return ids, [1] * len(ids), hits or [None] * len(ids)
+    raise ValueError("an example needs 'context_ids' (contrastive record), 'input_ids' (+ 'pivotal_positions'), "
+                     f"'prompt'+'completion' or 'text' (+ 'pivotal_spans'); got fields {sorted(row)}")
 
 
 def build_pivotal_dataset(
