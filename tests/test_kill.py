@@ -1,4 +1,5 @@
-"""SIGKILL at random moments (seeded): a re-run after the kill gives what an uninterrupted run gives, and
+"""SIGKILL at random moments (seeded): a re-run after the kill gives what an uninterrupted run gives (scoring,
+mining), and
 a folder being rewritten holds one whole adapter, never a mix (docs/reliability.md)."""
 
 import random
@@ -45,6 +46,23 @@ def test_scoring_killed_at_random_moments_resumes_to_the_uninterrupted_scores(tm
     assert killed >= 1  # at least one run died mid-way (else the test proved nothing)
     np.testing.assert_allclose(np.load(tmp_path / "resumed.npy"), np.load(tmp_path / "clean.npy"), rtol=1e-5)
     assert not list((tmp_path / "cache").rglob("*.tmp*"))
+
+
+def test_mining_killed_at_random_moments_resumes_to_the_uninterrupted_records(tmp_path):
+    from circuit_peft.cca.mining import PROGRESS_FILE, RECORDS_FILE
+
+    _finish(["mine", str(tmp_path / "clean")])
+    rng = random.Random(5)
+    killed, partial = 0, []
+    for _ in range(3):
+        killed += _kill_after(["mine", str(tmp_path / "resumed")], rng.uniform(6, 20)) == -signal.SIGKILL
+        progress = tmp_path / "resumed" / PROGRESS_FILE
+        partial.append(len(progress.read_text().splitlines()) if progress.exists() else 0)
+    _finish(["mine", str(tmp_path / "resumed")])
+    assert killed >= 1 and any(0 < n < 6 for n in partial), partial  # killed mid-way, after some problems
+    for name in (RECORDS_FILE, PROGRESS_FILE):
+        clean = (tmp_path / "clean" / name).read_text().splitlines()
+        assert sorted((tmp_path / "resumed" / name).read_text().splitlines()) == sorted(clean), name
 
 
 def test_an_adapter_folder_killed_while_rewritten_holds_one_whole_adapter(tmp_path):
