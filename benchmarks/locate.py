@@ -154,7 +154,7 @@ def run_scans(args, model, tok, probe, arch) -> dict:
     print(f"attribution: {attribution_s:.1f} s ({naive_s / attribution_s:.0f}x faster than naive), "
           f"spearman {rho:.3f}, top-5% recall {recall:.3f} ({len(top_exact & top_att)}/{k})")
     t = time.perf_counter()
-    refined = refined_head_scan(model, tok, probe, keep_fraction=k / len(heads), candidates=args.candidates,
+    refined = refined_head_scan(model, tok, probe, keep_fraction=None, k=k, candidates=args.candidates,
                                 batch_size=args.batch_size, spec=ProbeSpec("question", "answer"))
     refined_s = time.perf_counter() - t
     refined_recall = len(top_exact & set(refined.components)) / k

@@ -403,8 +403,11 @@ def test_refined_scan_keeps_the_exact_top_heads_of_its_candidates():
     assert some.meta["candidates"] == 2 * k and len(some.scores) == 2 * k
     assert set(some.scores) == {c for c, _ in att.ranked()[: 2 * k]}  # attribution chose what to re-scan
     assert all(some.scores[c] == pytest.approx(exact.scores[c], abs=1e-6) for c in some.scores)
+    assert len(refined_head_scan(model, None, _probe(), keep_fraction=None, k=3, progress=False).components) == 3
     with pytest.raises(ValueError, match="candidates must be >= 1"):
         refined_head_scan(model, None, _probe(), candidates=0.5, progress=False)
+    with pytest.raises(ValueError, match="one of keep_fraction= or k="):
+        refined_head_scan(model, None, _probe(), k=3, progress=False)
 
 
 def test_refined_scan_finds_the_planted_head(planted):

@@ -360,3 +360,16 @@ def test_rows_without_a_finite_score_are_refused_or_never_selected(caplog):
         result = select_data(rows, "circuitseer", 0.5, model, tok, heads=HEADS, progress=False)
     assert result.info["non_finite_scores"] == 2 and "never selected" in caplog.text
     assert set(result.indices.tolist()) <= set(range(6)) and np.all(np.isfinite(result.subset["score"]))
+
+
+def test_reasoning_heads_by_the_refined_scan():
+    from circuit_peft.select import find_reasoning_heads
+
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    probe = [{"prompt_ids": torch.randint(3, 120, (6,), generator=g).tolist(),
+              "solution_ids": torch.randint(3, 120, (4,), generator=g).tolist()} for _ in range(4)]
+    heads = find_reasoning_heads(model, None, probe, method="refined", k=2, candidates=2)
+    assert len(heads.heads) == 2 and heads.source == "refined scan"
+    with pytest.raises(ValueError, match="keeps fraction= or k="):
+        find_reasoning_heads(model, None, probe, method="refined", fraction=None, z=1.0)

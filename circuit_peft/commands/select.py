@@ -137,7 +137,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="where to write the subset (.jsonl; adds pool_index and score)")
     p.add_argument("--plot", help="PNG histogram of the scores, selected vs not")
     p.add_argument("--heads", help="reasoning heads file (circuit-peft select/locate output) for circuitseer")
-    p.add_argument("--head-method", default="ablation", choices=["ablation", "attribution"],
+    p.add_argument("--head-method", default="ablation", choices=["ablation", "attribution", "refined"],
                    help="how to find reasoning heads when --heads is not given")
     p.add_argument("--head-fraction", type=fraction, default=0.05, help="share of heads kept as reasoning heads")
     p.add_argument("--probe-rows", type=positive(int), default=16, help="rows of --data used to find the heads")

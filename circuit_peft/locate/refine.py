@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from ..circuit import Circuit
+from ..fractions import keep_count
 from .ablation import DEFAULT_KEEP_FRACTION, head_ablation_scan
 from .attribution import attribution_scan
 from .data import ProbeSpec
@@ -26,10 +27,15 @@ def refined_head_scan(
     model: nn.Module,
     tokenizer: Any,
     probe: Any,
-    keep_fraction: float = DEFAULT_KEEP_FRACTION,
+    keep_fraction: float | None = DEFAULT_KEEP_FRACTION,
     candidates: float = 3.0,
+    k: int | None = None,
     method: str = "uniform",
     batch_size: int = 8,
+    prompt_field: str = "prompt",
+    solution_field: str = "solution",
+    chat_template: bool | None = None,
+    max_length: int | None = 1024,
     spec: ProbeSpec | None = None,
     progress: bool = True,
 ) -> Circuit:
@@ -37,9 +43,12 @@ def refined_head_scan(
 
     Args:
         probe: rows ``{prompt, solution}`` (or as ``spec`` says), as for the ablation scan.
-        keep_fraction: share of all query heads kept (k = ceil(fraction x heads)).
+        keep_fraction: share of all query heads kept (k = :func:`~circuit_peft.fractions.keep_count`,
+            rounded down), or ``k`` heads instead (then ``keep_fraction`` must be None).
         candidates: how many times k heads attribution passes to the exact scan (>= 1).
         method: ablation operator (``uniform``, ``zero``, ``mean``) of both stages.
+        prompt_field / solution_field / chat_template / max_length: how rows become token ids, or
+            all four at once as ``spec``.
 
     Returns:
         a :class:`Circuit` of the top k candidates by exact score (nats per solution token);
@@ -49,13 +58,16 @@ def refined_head_scan(
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1 (got {candidates}): the exact scan re-scores "
                          "attribution's top candidates x kept heads")
-    if not 0 < keep_fraction <= 1:
-        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
-    spec = spec or ProbeSpec()
+    if (k is None) == (keep_fraction is None):
+        raise ValueError("give one of keep_fraction= or k=")
+    if k is not None and k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    spec = ProbeSpec.resolve(spec, prompt_field=prompt_field, solution_field=solution_field,
+                             chat_template=chat_template, max_length=max_length)
     att = attribution_scan(model, tokenizer, probe, target="ablation", method=method, kinds=("q",),
                            batch_size=max(1, batch_size // 2), keep_fraction=None, spec=spec, progress=progress)
     ranked = att.ranked(["q"])
-    k = max(1, math.ceil(keep_fraction * len(ranked)))
+    k = min(k, len(ranked)) if k is not None else keep_count(len(ranked), keep_fraction)
     chosen = ranked[: min(len(ranked), math.ceil(candidates * k))]
     exact = head_ablation_scan(model, tokenizer, probe, method=method, batch_size=batch_size,
                                heads=[(c.layer, c.index) for c, _ in chosen], keep_fraction=None,

@@ -211,7 +211,9 @@ def find_reasoning_heads(
     ``method="ablation"``: :func:`circuit_peft.locate.ablation.head_ablation_scan` (loss increase on
     solution tokens when the head is ablated, uniform ablation by default);
     ``method="attribution"``: :func:`circuit_peft.locate.attribution.attribution_scan` (first-order
-    estimate, one backward pass). Extra keyword arguments go to the scan.
+    estimate, one backward pass); ``method="refined"``:
+    :func:`circuit_peft.locate.refine.refined_head_scan` (attribution, then the exact scan of its top
+    candidates; keeps ``fraction`` or ``k`` heads, not ``z``). Extra keyword arguments go to the scan.
     """
     if method == "ablation":
         from ..locate.ablation import head_ablation_scan
@@ -221,8 +223,16 @@ def find_reasoning_heads(
         from ..locate.attribution import attribution_scan
 
         circuit = attribution_scan(model, tokenizer, probe, **{"kinds": ("q",), "keep_fraction": None, **scan_kwargs})
+    elif method == "refined":
+        from ..locate.refine import refined_head_scan
+
+        if z is not None or (fraction is None and k is None):
+            raise ValueError("method='refined' keeps fraction= or k= heads (the exact scan sees only candidates)")
+        circuit = refined_head_scan(model, tokenizer, probe, keep_fraction=None if k is not None else fraction, k=k,
+                                    **scan_kwargs)
+        fraction, k = None, len(circuit.components)
     else:
-        raise ValueError(f"unknown reasoning-head method {method!r}; use 'ablation' or 'attribution'")
+        raise ValueError(f"unknown reasoning-head method {method!r}; use 'ablation', 'attribution' or 'refined'")
     out = ReasoningHeads.from_circuit(circuit, fraction=fraction, k=k, z=z, model=model)
     out.source = f"{method} scan"
     return out
