@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"base: acc {res['base_acc']:.3f}  MMLU {baseline['mmlu_base']:.3f}  TruthfulQA {baseline['truthfulqa_base']:.3f}")
 
     def effects(prefix: str, model, base=None) -> None:
-        se = side_effects(base, model, tok, args.data_dir, mmlu_subjects=subjects, mmlu_limit=args.mmlu_limit,
+        se = side_effects(model, tok, args.data_dir, base=base, mmlu_subjects=subjects, mmlu_limit=args.mmlu_limit,
                           truthfulqa_limit=args.truthfulqa_limit, text=text, kl_chunks=args.kl_chunks,
                           baseline=baseline, progress=False)
         res[f"{prefix}_mmlu_delta"], res[f"{prefix}_truthfulqa_delta"], res[f"{prefix}_kl"] = (

@@ -284,7 +284,7 @@ class Bench(ArmBench):
         from circuit_peft.evaluate.side_effects import side_effects
 
         a = self.args
-        se = side_effects(self.base if arm == "full" else None, model, self.tok, a.data_dir,
+        se = side_effects(model, self.tok, a.data_dir, base=self.base if arm == "full" else None,
                           mmlu_subjects=self.subjects, mmlu_limit=a.mmlu_limit, truthfulqa_limit=a.truthfulqa_limit,
                           kl_chunks=a.kl_chunks, baseline=baseline, progress=False)
         return {"mmlu_delta": se["mmlu_delta"], "truthfulqa_delta": se["truthfulqa_delta"], "kl": se["kl"]}

@@ -138,7 +138,7 @@ class Bench(ArmBench):
         if arm == "full":
             return list(range(len(self.pool)))
         heads = self.heads() if arm in ("circuitseer", "length-matched") else None
-        result = select_data(self.pool, arm, self.args.fraction, self.base, self.tok, heads=heads, seed=seed)
+        result = select_data(self.base, self.tok, self.pool, method=arm, fraction=self.args.fraction, heads=heads, seed=seed)
         return sorted(int(i) for i in result.indices)
 
     def run(self, arm: str, seed: int) -> dict[str, Any]:

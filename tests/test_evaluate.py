@@ -202,7 +202,7 @@ def test_side_effects_report(tok):
         for name, p in peft.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    rep = side_effects(None, peft, tok, data_dir=DATA, mmlu_subjects=SUBJECTS, mmlu_limit=2, truthfulqa_limit=3,
+    rep = side_effects(peft, tok, data_dir=DATA, mmlu_subjects=SUBJECTS, mmlu_limit=2, truthfulqa_limit=3,
                        kl_chunk_length=32, kl_chunks=2, progress=False)
     for key in ("mmlu", "mmlu_base", "mmlu_delta", "truthfulqa", "truthfulqa_base", "truthfulqa_delta", "kl"):
         assert key in rep
@@ -211,13 +211,15 @@ def test_side_effects_report(tok):
     with peft.disable_adapter():
         base_mmlu = mmlu_accuracy(peft, tok, load_mmlu(DATA, SUBJECTS), limit_per_subject=2, progress=False)
     assert rep["mmlu_base"] == base_mmlu["accuracy"]
-    again = side_effects(None, peft, tok, data_dir=DATA, tasks=["truthfulqa"], truthfulqa_limit=3,
+    again = side_effects(peft, tok, data_dir=DATA, tasks=["truthfulqa"], truthfulqa_limit=3,
                          baseline={"truthfulqa_base": 0.5}, progress=False)
     assert again["truthfulqa_base"] == 0.5 and "mmlu" not in again and "kl" not in again
     with pytest.raises(ValueError, match="PeftModel"):
-        side_effects(None, tiny_model("llama", vocab_size=len(tok)), tok, data_dir=DATA)
+        side_effects(tiny_model("llama", vocab_size=len(tok)), tok, data_dir=DATA)
     with pytest.raises(ValueError, match="unknown"):
-        side_effects(None, peft, tok, data_dir=DATA, tasks=["trivia"])
+        side_effects(peft, tok, data_dir=DATA, tasks=["trivia"])
+    with pytest.raises(TypeError, match="old order was side_effects"):
+        side_effects(None, peft, tok)
 
 
 # ----- accuracy -----------------------------------------------------------------------------

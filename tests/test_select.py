@@ -354,10 +354,10 @@ def test_rows_without_a_finite_score_are_refused_or_never_selected(caplog):
     tok = load_tokenizer("smollm2")
     short = [{"question": "Hi", "answer": "1"}] * 6
     with pytest.raises(ValueError, match=r"only 0 of 6 rows have a finite score"):
-        select_data(short, "circuitseer", 0.5, model, tok, heads=HEADS, progress=False)
+        select_data(model, tok, short, method="circuitseer", fraction=0.5, heads=HEADS, progress=False)
     rows = _rows(n=6) + short[:2]
     with caplog.at_level("WARNING"):
-        result = select_data(rows, "circuitseer", 0.5, model, tok, heads=HEADS, progress=False)
+        result = select_data(model, tok, rows, method="circuitseer", fraction=0.5, heads=HEADS, progress=False)
     assert result.info["non_finite_scores"] == 2 and "never selected" in caplog.text
     assert set(result.indices.tolist()) <= set(range(6)) and np.all(np.isfinite(result.subset["score"]))
 
@@ -373,3 +373,12 @@ def test_reasoning_heads_by_the_refined_scan():
     assert len(heads.heads) == 2 and heads.source == "refined scan"
     with pytest.raises(ValueError, match="keeps fraction= or k="):
         find_reasoning_heads(model, None, probe, method="refined", fraction=None, z=1.0)
+
+
+def test_select_data_old_argument_order_is_a_clear_error():
+    from circuit_peft.select import select_data
+
+    with pytest.raises(TypeError, match="old order was select_data"):
+        select_data([{"question": "q", "answer": "a"}], "random", 0.5)
+    kept = select_data(None, None, [{"question": str(i), "answer": "a"} for i in range(4)], method="random", fraction=0.5)
+    assert len(kept.subset) == 2

@@ -195,7 +195,7 @@ def _side_effects(peft_model, tokenizer, config: AmplifyConfig, progress: bool, 
         return {}
     from ..evaluate.side_effects import side_effects
 
-    effects = side_effects(None, peft_model, tokenizer, config.side_effect_data_dir, tasks=config.side_effects,
+    effects = side_effects(peft_model, tokenizer, config.side_effect_data_dir, tasks=config.side_effects,
                            mmlu_subjects=config.mmlu_subjects, mmlu_limit=config.mmlu_limit,
                            truthfulqa_limit=config.truthfulqa_limit, kl_chunks=config.kl_chunks, progress=progress)
     log("side effects: " + ", ".join(f"{k} {effects[k]:+.4f}" if k.endswith("delta") else f"{k} {effects[k]:.4f}"

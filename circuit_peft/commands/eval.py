@@ -120,7 +120,7 @@ def _eval_side_effects(args: argparse.Namespace, model, base, tokenizer, side_ta
 
     if not (args.adapter or base is not None):
         return _eval_alone(args, model, tokenizer, side_tasks, subjects)
-    se = side_effects(base, model, tokenizer, data_dir=args.data_dir, tasks=side_tasks, mmlu_subjects=subjects,
+    se = side_effects(model, tokenizer, data_dir=args.data_dir, base=base, tasks=side_tasks, mmlu_subjects=subjects,
                       mmlu_shots=args.mmlu_shots, mmlu_limit=args.limit, truthfulqa_limit=args.limit,
                       text=load_text(args.text) if args.text else None, kl_chunk_length=args.kl_chunk_length,
                       kl_chunks=args.kl_chunks, batch_size=args.batch_size, progress=not args.quiet)

@@ -99,7 +99,7 @@ def _select(args: argparse.Namespace, dataset) -> int:
             saved = heads.save(args.save_heads or Path(args.out).with_suffix(".heads.json"))
             print(f"reasoning heads {heads.heads} saved to {saved}")
     result = select_data(
-        dataset, args.method, args.fraction, model, tokenizer, heads, tau=args.tau, seed=args.seed,
+        model, tokenizer, dataset, method=args.method, fraction=args.fraction, heads=heads, tau=args.tau, seed=args.seed,
         question_field=args.question_field, answer_field=args.answer_field, score_column=args.score_column,
         batch_size=args.batch_size, max_length=args.max_length, on_long=args.on_long, cache_dir=args.cache_dir,
         **({"query": args.query, "exclude_sink": not args.keep_sink, "length_normalized": args.length_normalized,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -213,10 +214,11 @@ def mean_kl(
 
 
 def side_effects(
-    base: PreTrainedModel | None,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     data_dir: str | Path | None = None,
+    *,
+    base: PreTrainedModel | None = None,
     tasks: Sequence[str] = SIDE_EFFECT_TASKS,
     mmlu_subjects: Sequence[str] | None = None,
     mmlu_shots: int = 5,
@@ -231,7 +233,7 @@ def side_effects(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Side effects of ``model`` against ``base`` (or, for a PeftModel with ``base=None``, against
-    itself with the adapter disabled).
+    itself with the adapter disabled). Options after ``data_dir`` are keywords.
 
     Returns ``mmlu``, ``mmlu_base``, ``mmlu_delta`` (model - base), ``truthfulqa``,
     ``truthfulqa_base``, ``truthfulqa_delta``, ``kl`` (mean KL(base || model), nats/token), the
@@ -240,6 +242,9 @@ def side_effects(
     reads ``text`` or ``<data_dir>/text/tinyshakespeare.txt``. Pass ``baseline`` (a previous
     result's ``{"mmlu_base", "truthfulqa_base"}``) to skip re-scoring the base model.
     """
+    if isinstance(tokenizer, nn.Module):
+        raise TypeError("side_effects(model, tokenizer, data_dir, base=...): the second argument is a model; the "
+                        "base model is now the keyword base= (the old order was side_effects(base, model, tokenizer))")
     unknown = [t for t in tasks if t not in SIDE_EFFECT_TASKS]
     if unknown:
         raise ValueError(f"unknown side-effect task(s) {unknown}; choose from {SIDE_EFFECT_TASKS}")

@@ -128,8 +128,8 @@ def _select(model, tokenizer, rows, cfg: TrainConfig) -> dict[str, Any]:
         probe = rows[: min(8, len(rows))]
         heads = find_reasoning_heads(model, tokenizer, probe, method="attribution", prompt_field=cfg.question_field,
                                      solution_field=cfg.answer_field)
-    result = select_data(rows, cfg.select, cfg.select_fraction, model, tokenizer, heads=heads, seed=cfg.seed,
-                         question_field=cfg.question_field, answer_field=cfg.answer_field)
+    result = select_data(model, tokenizer, rows, method=cfg.select, fraction=cfg.select_fraction, heads=heads,
+                         seed=cfg.seed, question_field=cfg.question_field, answer_field=cfg.answer_field)
     return {"rows": sorted(int(i) for i in result.indices), "method": cfg.select}
 
 
@@ -338,7 +338,7 @@ def _side_effects(run: RunFolder, peft_model, tokenizer, cfg: TrainConfig, log) 
     from ..evaluate.side_effects import side_effects
 
     def measure():
-        se = side_effects(None, peft_model, tokenizer, cfg.side_effect_data_dir, progress=True, kl_chunks=8,
+        se = side_effects(peft_model, tokenizer, cfg.side_effect_data_dir, progress=True, kl_chunks=8,
                           mmlu_subjects=_mmlu_subjects(cfg), mmlu_limit=20, truthfulqa_limit=60)
         return {k: se[k] for k in ("mmlu_delta", "truthfulqa_delta", "kl") if se.get(k) is not None}
 

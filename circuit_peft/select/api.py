@@ -32,11 +32,12 @@ class SelectionResult:
 
 
 def select_data(
+    model: Any,
+    tokenizer: Any,
     dataset: Any,
+    *,
     method: str = "circuitseer",
     fraction: float = 0.1,
-    model: Any = None,
-    tokenizer: Any = None,
     heads: ReasoningHeads | list | str | None = None,
     tau: float = DEFAULT_TAU,
     seed: int = 0,
@@ -45,7 +46,8 @@ def select_data(
     score_column: str = "score",
     **scorer_kwargs: Any,
 ) -> SelectionResult:
-    """Score ``dataset`` with ``method`` and keep ``fraction`` of it.
+    """Score ``dataset`` with ``method`` and keep ``fraction`` of it (``model``/``tokenizer`` may be None
+    for ``random``; options are keywords).
 
     ``circuitseer``: Gumbel-top-k (``tau``, ``seed``) over :class:`CircuitSeerScorer` scores
     (needs ``heads``); ``random``: uniform (``seed``); ``length-matched``: random with the length
@@ -56,6 +58,9 @@ def select_data(
     """
     import datasets
 
+    if isinstance(model, (list, tuple, datasets.Dataset)) or isinstance(tokenizer, str):
+        raise TypeError("select_data(model, tokenizer, dataset, method=..., fraction=...): the first argument is "
+                        "data; the old order was select_data(dataset, method, fraction, model, tokenizer)")
     if method not in METHODS:
         raise ValueError(f"unknown selection method {method!r}; use one of {METHODS}")
     if not isinstance(dataset, datasets.Dataset):
