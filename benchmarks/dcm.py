@@ -10,7 +10,9 @@ the control (what any circuit of that size keeps).
 
 Keys of the final JSON line, per run (``paper``, ``steps``): ``kept`` (components), ``kept_fraction``
 (of all q/k/v heads and neurons), ``kept_by_kind``, ``faithfulness``, ``seconds``, ``steps``;
-``margin``; plus ``full_margin`` / ``empty_margin`` (held-out) and ``random_faithfulness``.
+``margin``; plus ``full_margin`` / ``empty_margin`` / ``random_margin`` (held-out) and
+``random_faithfulness``. When the full model's margin is below the empty circuit's (mined records are
+where the model is wrong), faithfulness is not a share of anything: read the margins.
 
 Usage: python benchmarks/dcm.py --records A/records.jsonl,B/records.jsonl --heldout C/records.jsonl
 """
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{result[name]['kept_by_kind']}, faithfulness {result[name]['faithfulness']:.3f}, {seconds:.0f} s")
         if name == "steps":
             control = random_circuit(circuit, match="layer", seed=0)
-            result["random_faithfulness"] = faithfulness(circuit_margin(model, heldout, control), (full, empty))
+            result["random_margin"] = circuit_margin(model, heldout, control)
+            result["random_faithfulness"] = faithfulness(result["random_margin"], (full, empty))
             print(f"layer-matched random circuit: faithfulness {result['random_faithfulness']:.3f}")
     line = json.dumps(result)
     if args.out:
