@@ -7,37 +7,30 @@ import argparse
 from typing import Callable
 
 
-def positive(kind: type = int) -> Callable[[str], float]:
-    """``kind(text)`` that must be > 0 (counts, lengths, learning rates, temperatures)."""
+def _checked(kind: type, ok: Callable[[float], bool], rule: str, name: str) -> Callable[[str], float]:
+    """``kind(text)`` that must satisfy ``ok`` (argparse prints ``must be <rule>, got <text>``)."""
     def parse(text: str):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
-    parse.__name__ = f"positive {kind.__name__}"
+    parse.__name__ = f"{name} {kind.__name__}"
     return parse
+
+
+def positive(kind: type = int) -> Callable[[str], float]:
+    """``kind(text)`` that must be > 0 (counts, lengths, learning rates, temperatures)."""
+    return _checked(kind, lambda v: v > 0, "> 0", "positive")
 
 
 def non_negative(kind: type = int) -> Callable[[str], float]:
     """``kind(text)`` that must be >= 0 (shot counts, penalty weights)."""
-    def parse(text: str):
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
-    parse.__name__ = f"non-negative {kind.__name__}"
-    return parse
+    return _checked(kind, lambda v: v >= 0, ">= 0", "non-negative")
 
 
 def at_least_one(kind: type = float) -> Callable[[str], float]:
     """``kind(text)`` that must be >= 1 (multiples, factors)."""
-    def parse(text: str):
-        value = kind(text)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-        return value
-    parse.__name__ = f"at-least-one {kind.__name__}"
-    return parse
+    return _checked(kind, lambda v: v >= 1, ">= 1", "at-least-one")
 
 
 def fraction(text: str) -> float:
