@@ -46,8 +46,6 @@ PROJECTION_PRESETS: dict[str, dict[str, tuple[str, ...]]] = {"all": DEFAULT_PROJ
 
 # Which projection a kind's activations are read from / written to by interventions.
 _SITE_PROJECTION = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "mlp": "down_proj"}
-# Which projections a kind may touch at all: the default set (all slices of the component).
-_ALLOWED_PROJECTIONS = DEFAULT_PROJECTIONS
 
 
 class Component(NamedTuple):
@@ -326,9 +324,9 @@ class ModelArch:
         self._check_kind(kind)
         wanted = DEFAULT_PROJECTIONS[kind] if projections is None else tuple(projections)
         for p in wanted:
-            if p not in _ALLOWED_PROJECTIONS[kind]:
+            if p not in DEFAULT_PROJECTIONS[kind]:
                 raise ValueError(
-                    f"a {kind!r} component cannot touch {p!r}; allowed: {_ALLOWED_PROJECTIONS[kind]}"
+                    f"a {kind!r} component cannot touch {p!r}; allowed: {DEFAULT_PROJECTIONS[kind]}"
                 )
         return tuple(p for p in wanted if self.has_projection(p))
 

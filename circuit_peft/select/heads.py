@@ -31,7 +31,7 @@ from ..fractions import keep_count
 HEADS_FORMAT = "circuit-peft/reasoning-heads"  # the old file format (read, no longer written)
 REASONING_HEADS_METHOD = "reasoning_heads"
 DEFAULT_HEAD_FRACTION = 0.05
-_HEAD_KINDS = ("q", "o")  # a query head is named "q" (its weights) or "o" (its output) by locate scans
+_QUERY_HEAD_NAMES = ("q", "o")  # a query head is named "q" (its weights) or "o" (its output) by locate scans
 
 
 @dataclass
@@ -79,13 +79,13 @@ class ReasoningHeads:
         scores: dict[tuple[int, int], float] = {}
         for comp, s in (getattr(circuit, "scores", None) or {}).items():
             kind, layer, index = comp
-            if kind in _HEAD_KINDS:
+            if kind in _QUERY_HEAD_NAMES:
                 key = (int(layer), int(index))
                 scores[key] = max(float(s), scores.get(key, -math.inf))
         fp = getattr(circuit, "model_fingerprint", None) or getattr(circuit, "fingerprint", None)
         fp = fp if isinstance(fp, dict) else None
         if not scores:
-            kept = [(c[1], c[2]) for c in getattr(circuit, "components", []) if c[0] in _HEAD_KINDS]
+            kept = [(c[1], c[2]) for c in getattr(circuit, "components", []) if c[0] in _QUERY_HEAD_NAMES]
             if not kept:
                 raise ValueError("the circuit has no query heads (kinds 'q' or 'o') to use as reasoning heads")
             out = cls(kept, fp, source="circuit")
