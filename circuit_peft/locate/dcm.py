@@ -8,9 +8,10 @@ unmodified model, ``m = 0`` ablates; ``m`` starts at 1 and is clamped to [0, 1])
 
 (``objective="logsigmoid"`` uses the bounded ``-log sigmoid(margin)`` instead; our option).
 Adam on ``m`` (lr 5e-3), StepLR (step 5 epochs, gamma 0.9), batch 8, up to 50 epochs; the run
-stops early once the number of kept components (``m >= 0.5``) has changed and then stayed the
-same for ``patience`` epochs (our reading of "stop when the kept count stops changing").
-The model's weights are never changed.
+stops early once the kept set (``m >= 0.5``) has changed and then stayed the same for ``patience``
+epochs (our reading of "stop when the kept count stops changing"). Our step schedule
+(``steps=N``) replaces the epochs by a budget of N steps with a cosine lr, for small record sets.
+:func:`circuit_margin` measures a circuit on (held-out) records. The model's weights are never changed.
 """
 
 from __future__ import annotations
