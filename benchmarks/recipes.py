@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-val", type=int, default=48)
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--n-transfer", type=int, default=100, help="held-out-format test problems (word problems)")
+    p.add_argument("--transfer-max-new-tokens", type=int, default=None,
+                   help="token cap of the held-out-format answers (default: --max-new-tokens); a larger cap "
+                        "checks that a held-out-format gap is not made by answers cut at the cap")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--batch-size", type=int, default=8)
@@ -103,11 +106,14 @@ def arm_names(fractions: list[float], locators: list[str]) -> list[str]:
     return names
 
 
-def settings_key(args: argparse.Namespace) -> str:
-    # what changes a single (arm, seed) result; the list of seeds and arms to run does not
+def settings_key(args: argparse.Namespace, locating: bool = False) -> str:
+    """What changes a single (arm, seed) result (the list of seeds and arms to run does not); with
+    ``locating``, what changes the mined records, the circuits' scores and the base's side effects."""
     ignored = ("threads", "work_dir", "out", "arms", "quick", "seeds", "from_saved", "fractions", "locators", "plot")
     if args.task == "arithmetic":  # the default task keeps the keys of results saved before --task existed
         ignored += ("task",)
+    if args.transfer_max_new_tokens is None or locating:  # keys saved before the flag existed stay valid
+        ignored += ("transfer_max_new_tokens",)
     return _bench.settings_key(args, ignored)
 
 
@@ -116,6 +122,7 @@ class Bench(ArmBench):
 
     def __init__(self, args: argparse.Namespace):
         super().__init__(args, settings_key(args))
+        self.locating_key = settings_key(args, locating=True)  # records, scores, baseline: shared across caps
         self.circuits: dict[tuple[str, int], Any] = {}
 
     # ----- data ---------------------------------------------------------------------------------
@@ -128,11 +135,12 @@ class Bench(ArmBench):
                 "val": held[: a.n_val], "test": held[a.n_val :],
                 "transfer": make_problems(a.n_transfer, "test", seed=seed, kinds=self.task["transfer_kinds"])}
 
-    def accuracy(self, model, rows) -> Any:
+    def accuracy(self, model, rows, max_new_tokens: int | None = None) -> Any:
         from circuit_peft.evaluate.accuracy import evaluate_accuracy
 
         return evaluate_accuracy(model, self.tok, rows, style=self.style, shots=self.shots,
-                                 max_new_tokens=self.args.max_new_tokens, batch_size=50, progress=False)
+                                 max_new_tokens=max_new_tokens or self.args.max_new_tokens, batch_size=50,
+                                 progress=False)
 
     # ----- circuits -----------------------------------------------------------------------------
     def scored_circuit(self, locator: str, seed: int):
@@ -141,7 +149,7 @@ class Bench(ArmBench):
             return self.circuits[(locator, seed)]
         from circuit_peft import Circuit
 
-        path = self.work / f"scores-{self.key}-{locator}-{seed}.json"
+        path = self.work / f"scores-{self.locating_key}-{locator}-{seed}.json"
         if path.exists():
             circuit = Circuit.load(path)
         else:
@@ -161,7 +169,7 @@ class Bench(ArmBench):
                           side_effect_data_dir=self.args.data_dir,
                           sft=SFTSettings(pivotal_weight=self.args.pivotal_weight))
         return locate_for_training(self.base, self.tok, self.problems(seed)["train"], self.style, cfg,
-                                   self.work / f"mining-{self.key}-{seed}", keep_fraction=None, progress=False)
+                                   self.work / f"mining-{self.locating_key}-{seed}", keep_fraction=None, progress=False)
 
     def circuit_for(self, arm: str, seed: int):
         from circuit_peft.locate import random_circuit
@@ -259,7 +267,7 @@ class Bench(ArmBench):
             result["val_acc"] = val_by_lr[str(lr)]
         splits = ("val", "test", "transfer") if arm == "base" else ("test", "transfer")
         for split in splits:
-            acc = self.accuracy(model, probs[split])
+            acc = self.accuracy(model, probs[split], self.args.transfer_max_new_tokens if split == "transfer" else None)
             result[f"{split}_acc"], result[f"{split}_capped"] = acc.accuracy, acc.capped_fraction
         if arm != "base":
             result.update(self.effects(model, arm, baseline))
@@ -293,7 +301,7 @@ class Bench(ArmBench):
         from circuit_peft.evaluate.data import load_mmlu, load_truthfulqa
         from circuit_peft.evaluate.side_effects import mmlu_accuracy, truthfulqa_mc1
 
-        path = self.work / f"baseline-{self.key}.json"
+        path = self.work / f"baseline-{self.locating_key}.json"
         if path.exists():
             return json.loads(path.read_text())
         a = self.args
@@ -413,7 +421,7 @@ def summarise_saved(args: argparse.Namespace, groups, seeds, fractions, locators
             path = arms_dir / f"{arm}-seed{seed}.json"
             if path.exists():
                 results.setdefault(arm, []).append(json.loads(path.read_text()))
-    baseline_file = Path(args.work_dir) / f"baseline-{settings_key(args)}.json"
+    baseline_file = Path(args.work_dir) / f"baseline-{settings_key(args, locating=True)}.json"
     res = {"model": args.model, "settings": vars(args), "from_saved": True,
            "baseline": json.loads(baseline_file.read_text()) if baseline_file.exists() else None,
            **summarise(results, fractions, locators)}
