@@ -473,11 +473,13 @@ def markdown_table(summary: dict[str, Any]) -> str:
         se = stats.get(f"{key}_se")
         return f"{stats[key]:.{digits}f}" + ("" if se is None or se != se else f" ± {se:.{digits}f}")
 
-    rows = ["| arm | seeds | trainable params | test acc | held-out-format acc | capped | KL | MMLU Δ | TruthfulQA Δ |",
+    rows = ["| arm | seeds | trainable params | test acc | held-out-format acc | capped (test / held-out) | KL | "
+            "MMLU Δ | TruthfulQA Δ |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for arm, st in summary["arms"].items():
         rows.append(f"| {arm} | {len(st['seeds'])} | {st.get('trainable_params', 0):,.0f} | {cell(st, 'test_acc')} | "
-                    f"{cell(st, 'transfer_acc')} | {cell(st, 'test_capped', 2)} | {cell(st, 'kl', 4)} | "
+                    f"{cell(st, 'transfer_acc')} | {cell(st, 'test_capped', 2)} / {cell(st, 'transfer_capped', 2)} | "
+                    f"{cell(st, 'kl', 4)} | "
                     f"{cell(st, 'mmlu_delta')} | {cell(st, 'truthfulqa_delta')} |")
     return "\n".join(rows)
 
