@@ -2,7 +2,7 @@
 
     python tests/kill_worker.py score CACHE_DIR OUT.npy   # CircuitSeer scores of 24 GSM8K rows, resumable cache
     python tests/kill_worker.py save FOLDER               # save an adapter into FOLDER again and again
-    python tests/kill_worker.py mine FOLDER               # mine pivotal tokens of 6 problems (SmolLM2), resumable
+    python tests/kill_worker.py mine FOLDER               # mine pivotal tokens of 4 problems (SmolLM2), resumable
 """
 
 import json
@@ -56,7 +56,7 @@ def mine(folder: str) -> None:
 
     torch.set_num_threads(1)
     problems = [{"id": f"p{a}", "question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
-                for a, b in ((63, 55), (40, 49), (72, 37), (58, 67), (36, 86), (47, 75))]
+                for a, b in ((63, 55), (40, 49), (58, 67), (36, 86))]
     mine_pivotal_tokens(load_model("smollm2"), load_tokenizer("smollm2"), problems, folder, pivot="digit",
                         shots=[dict(s) for s in ARITHMETIC_SHOTS], max_new_tokens=14, n_samples=4, batch_size=2,
                         progress=False)

@@ -61,7 +61,7 @@ def test_mining_killed_at_random_moments_resumes_to_the_uninterrupted_records(tm
         progress = tmp_path / "resumed" / PROGRESS_FILE
         partial.append(len(progress.read_text().splitlines()) if progress.exists() else 0)
     _finish(["mine", str(tmp_path / "resumed")])
-    assert killed >= 1 and any(0 < n < 6 for n in partial), partial  # killed mid-way, after some problems
+    assert killed >= 1 and any(0 < n < 4 for n in partial), partial  # killed mid-way, after some problems
     for name in (RECORDS_FILE, PROGRESS_FILE):
         clean = (tmp_path / "clean" / name).read_text().splitlines()
         assert sorted((tmp_path / "resumed" / name).read_text().splitlines()) == sorted(clean), name
