@@ -1,7 +1,7 @@
 """Does DCM prune? The paper's schedule vs the step schedule at the same step budget, on mined CCA records.
 
-Both runs learn masks on the same training records (``circuit-peft mine`` output) for the same number
-of optimiser steps; each circuit is then scored on held-out records (other problems) by its
+Both runs learn masks on the same training records (``circuit-peft mine`` output) with the same step
+budget (the paper's run: whole epochs covering at least that many steps; early stops may end either sooner); each circuit is then scored on held-out records (other problems) by its
 faithfulness (circuit - empty) / (full - empty) of the mean logit difference desired - undesired
 (:func:`circuit_peft.locate.circuit_margin`): "circuit" zero-ablates every component outside it at the
 last position, "empty" every component, "full" none. (Mined CCA records are where the model goes

@@ -18,8 +18,8 @@ SUBJECTS = ["elementary_mathematics", "high_school_mathematics"]
 model, tok = load_model("smollm2"), load_tokenizer("smollm2")
 peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
 
-report = side_effects(None, peft, tok, data_dir=DATA, mmlu_subjects=SUBJECTS, mmlu_limit=4, truthfulqa_limit=8,
-                      kl_chunks=4, progress=False)
+report = side_effects(peft, tok, data_dir=DATA, mmlu_subjects=SUBJECTS, mmlu_limit=4, truthfulqa_limit=8,
+                      kl_chunks=4, progress=False)  # base=None: the adapter disabled
 print({k: v for k, v in report.items() if k != "details"})
 
 # the pieces one by one

@@ -113,3 +113,12 @@ def test_cli_keep_fraction_keeps_what_the_library_call_keeps(tmp_path):
     lib = attribution_scan(model, None, records, target="logit_diff", keep_fraction=0.25, progress=False)
     assert sorted(cli.components) == sorted(lib.components)
     assert set(cli.counts()) == {"q", "k", "v", "mlp"}
+
+
+def test_cli_refined_refuses_flags_it_would_ignore(files, capsys):
+    d, _ = files
+    base = ["locate", "--model", str(d / "model"), "--data", str(d / "probe.jsonl"), "--method", "refined",
+            "--out", str(d / "r.json")]
+    assert main(base + ["--naive"]) == 2
+    assert "--target/--naive do not apply" in capsys.readouterr().err
+    assert main(base + ["--top-k", "2"]) == 2

@@ -144,6 +144,8 @@ def _check_request(args: argparse.Namespace, rows: list[dict]) -> str:
         raise ValueError(f"--method {args.method} needs probe rows with a prompt and a solution, not contrastive records")
     if args.method == "refined" and (args.top_k is not None or args.z is not None):
         raise ValueError("--method refined keeps --keep-fraction of the heads (default 0.05); --top-k/--z do not apply")
+    if args.method == "refined" and (args.target is not None or args.naive):
+        raise ValueError("--method refined scores heads by the ablation target, exactly; --target/--naive do not apply")
     target = args.target or ("logit_diff" if records else "ablation")
     if args.method == "attribution" and (target == "logit_diff") != records:
         raise ValueError(f"--target {target} does not fit this data ({'contrastive records' if records else 'probe rows'})")

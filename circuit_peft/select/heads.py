@@ -226,7 +226,7 @@ def find_reasoning_heads(
     elif method == "refined":
         from ..locate.refine import refined_head_scan
 
-        if z is not None or (fraction is None and k is None):
+        if z is not None or (fraction is None and k is None):  # k wins over fraction, as for the other methods
             raise ValueError("method='refined' keeps fraction= or k= heads (the exact scan sees only candidates)")
         circuit = refined_head_scan(model, tokenizer, probe, keep_fraction=None if k is not None else fraction, k=k,
                                     **scan_kwargs)
