@@ -195,7 +195,8 @@ def capture_qk(
 
     Shapes: query (B, n_heads, T, head_dim), key (B, n_kv_heads, T, head_dim). Works with any
     attention implementation (sdpa, eager, ...) because it wraps the attention function the
-    model itself dispatches to; it never switches the model to eager attention.
+    model itself dispatches to; it never switches the model to eager attention. Nested captures
+    each record their own layers; leaving the inner one puts the outer one's wrapper back.
     """
     arch = arch or get_arch(model)
     attn_path = arch.spec.attention_module
@@ -214,11 +215,15 @@ def capture_qk(
 
         return recording
 
-    ALL_ATTENTION_FUNCTIONS.get_interface = get_interface  # instance attribute: removed on exit
+    outer = vars(ALL_ATTENTION_FUNCTIONS).get("get_interface")  # an enclosing capture's wrapper, if any
+    ALL_ATTENTION_FUNCTIONS.get_interface = get_interface  # instance attribute: restored on exit
     try:
         yield store
     finally:
-        del ALL_ATTENTION_FUNCTIONS.get_interface
+        if outer is None:
+            del ALL_ATTENTION_FUNCTIONS.get_interface
+        else:
+            ALL_ATTENTION_FUNCTIONS.get_interface = outer
 
 
 # ----- ablation ----------------------------------------------------------------------------------

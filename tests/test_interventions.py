@@ -1,6 +1,7 @@
 import torch
 
 from circuit_peft.arch import get_arch
+from circuit_peft.models import tiny_model
 from circuit_peft.interventions import (
     HeadAblation, ablate_heads, capture_components, capture_layer_input, capture_qk, forward_until,
     scale_components, start_at_layer,
@@ -50,6 +51,22 @@ def test_qk_capture_reproduces_eager_attention(tiny):
     T = scores.shape[-1]
     scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
     assert torch.allclose(scores.softmax(-1), out.attentions[2], atol=1e-5)
+
+
+@torch.no_grad()
+def test_nested_qk_captures_each_record_and_unwind():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = tiny_model("llama")
+    x = {"input_ids": _inputs()["input_ids"][:1]}
+    with capture_qk(model, [0]) as outer:
+        with capture_qk(model, [2]) as inner:
+            model(**x)
+        assert set(outer) == {0} and set(inner) == {2}
+        outer.clear()
+        model(**x)  # the inner capture has ended: the outer one still records
+        assert set(outer) == {0} and set(inner) == {2}
+    assert "get_interface" not in vars(ALL_ATTENTION_FUNCTIONS)
 
 
 @torch.no_grad()
