@@ -122,3 +122,11 @@ def test_cli_refined_refuses_flags_it_would_ignore(files, capsys):
     assert main(base + ["--naive"]) == 2
     assert "--target/--naive do not apply" in capsys.readouterr().err
     assert main(base + ["--top-k", "2"]) == 2
+
+
+def test_cli_field_flags_have_the_names_of_the_other_commands():
+    from circuit_peft.cli import build_parser
+
+    args = build_parser().parse_args(["locate", "--model", "m", "--data", "d", "--method", "ablation", "--out", "o.json",
+                                      "--question-field", "q", "--answer-field", "a"])
+    assert (args.prompt_field, args.solution_field) == ("q", "a")

@@ -35,10 +35,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--data-config", default=None, help="hub dataset configuration (e.g. 'main' for gsm8k)")
     g.add_argument("--split", default="train", help="hub dataset split (default train)")
     g.add_argument("--limit", type=positive(int), default=None, help="use only the first N rows")
-    g.add_argument("--prompt-field", default=None,
-                   help="probe field with the prompt (default: 'prompt', else 'question' if present)")
-    g.add_argument("--solution-field", default=None,
-                   help="probe field with the solution (default: 'solution', else 'answer' if present)")
+    g.add_argument("--prompt-field", "--question-field", dest="prompt_field", default=None,
+                   help="probe field with the prompt (default: 'prompt', else 'question' if present; "
+                        "--question-field as in the other commands)")
+    g.add_argument("--solution-field", "--answer-field", dest="solution_field", default=None,
+                   help="probe field with the solution (default: 'solution', else 'answer' if present; "
+                        "--answer-field as in the other commands)")
     g.add_argument("--no-chat-template", action="store_true", help="probe prompts as plain text, not a chat turn")
     g.add_argument("--max-length", type=positive(int), default=1024, help="probe rows are cut to this many tokens")
     s = p.add_argument_group("selection")
