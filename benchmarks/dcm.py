@@ -64,11 +64,8 @@ def faithfulness(margin: float, ends: tuple[float, float]) -> float:
 
 
 def summarise(circuit, seconds: float, margin: float, ends: tuple[float, float]) -> dict:
-    by_kind: dict[str, int] = {}
-    for c in circuit.components:
-        by_kind[c.kind] = by_kind.get(c.kind, 0) + 1
-    return {"kept": len(circuit.components), "kept_fraction": len(circuit.components) / len(circuit.scores),
-            "kept_by_kind": by_kind, "margin": margin, "faithfulness": faithfulness(margin, ends), "seconds": seconds,
+    return {"kept": len(circuit.components), "kept_fraction": circuit.component_fraction(),
+            "kept_by_kind": circuit.counts(), "margin": margin, "faithfulness": faithfulness(margin, ends), "seconds": seconds,
             "steps": circuit.meta["steps"], "stopped_early": circuit.meta["stopped_early"]}
 
 

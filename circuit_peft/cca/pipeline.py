@@ -39,7 +39,7 @@ class AmplifyConfig:
     dcm_lambda: float = 0.01
     dcm_epochs: int = 50
     dcm_steps: int | None = None  # the step schedule of learn_masks (None: the paper's epochs)
-    dcm_lr: float | None = None  # None: 5e-3 (the paper's)
+    dcm_lr: float | None = None  # None: learn_masks' default (the paper's 5e-3)
     eval_max_new_tokens: int | None = None  # None: the mining max_new_tokens
     eval_batch_size: int = 16
     side_effects: tuple[str, ...] = ("mmlu", "truthfulqa", "kl")
@@ -68,7 +68,8 @@ def locate_circuit(model: nn.Module, records: Any, config: AmplifyConfig, progre
     from ..locate.dcm import learn_masks
 
     circuit = learn_masks(model, records, lambda_l1=config.dcm_lambda, epochs=config.dcm_epochs, kinds=kinds,
-                          lr=config.dcm_lr or 5e-3, steps=config.dcm_steps, progress=progress)
+                          steps=config.dcm_steps, progress=progress,
+                          **({} if config.dcm_lr is None else {"lr": config.dcm_lr}))
     if config.circuit_fraction is not None and circuit.components:
         cap = keep_count(circuit.total_components(), config.circuit_fraction)
         if len(circuit.components) > cap:

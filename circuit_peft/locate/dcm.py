@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from contextlib import ExitStack
 from typing import Any, Iterable
 
 import torch
@@ -187,14 +186,14 @@ def circuit_margin(
     """Mean logit difference ``logit[desired] - logit[undesired]`` at each record's last position.
 
     With ``circuit``, every component of ``kinds`` that the circuit does not keep is zero-ablated at
-    the last position (the kept ones run unmodified): the circuit's faithfulness is
-    ``circuit_margin(model, held_out, circuit) / circuit_margin(model, held_out)``.
+    the last position (the kept ones run unmodified). Faithfulness is ``(circuit - empty) / (full -
+    empty)`` of these margins (empty: a circuit keeping nothing), a share only when full > empty.
     """
     arch = get_arch(model)
     rows = validate_records(records, arch.dims.vocab_size)
     pad = pad_token_id(model, tokenizer) if pad_id is None else int(pad_id)
     device = model_device(model)
-    scales = None
+    scales: dict[str, torch.Tensor] = {}  # none: the unmodified model
     if circuit is not None:
         scales = {k: torch.zeros(arch.dims.n_layers, arch.num_components(k), device=device) for k in kinds}
         for c in circuit.components:
@@ -203,15 +202,20 @@ def circuit_margin(
     total = 0.0
     for start in range(0, len(rows), batch_size):
         batch = to_device(collate_records(rows[start : start + batch_size], pad), device)
-        n = batch["desired"].shape[0]
-        with ExitStack() as stack:
-            if scales is not None:
-                last = torch.full((n,), -1, dtype=torch.long, device=device)
-                stack.enter_context(scale_components(model, scales, positions=last, arch=arch))
-            logits = last_logits(model, model_inputs(batch), 1)[:, -1].float()
-        r = torch.arange(n, device=device)
-        total += float((logits[r, batch["desired"]] - logits[r, batch["undesired"]]).sum())
+        total += float(_last_position_margins(model, arch, batch, scales).sum())
     return total / len(rows)
+
+
+def _last_position_margins(model: nn.Module, arch, batch: dict[str, torch.Tensor],
+                           scales: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) ``logit[desired] - logit[undesired]`` at each row's last position, with components scaled
+    there by ``scales`` (kind -> (n_layers, n) factors; empty: unmodified)."""
+    n = batch["desired"].shape[0]
+    last = torch.full((n,), -1, dtype=torch.long, device=batch["desired"].device)
+    with scale_components(model, scales, positions=last, arch=arch):
+        logits = last_logits(model, model_inputs(batch), 1)[:, -1].float()
+    r = torch.arange(n, device=logits.device)
+    return logits[r, batch["desired"]] - logits[r, batch["undesired"]]
 
 
 def _check_settings(objective: str, batch_size: int, epochs: int, lr: float, lambda_l1: float,
@@ -236,14 +240,8 @@ def _mask_loss(model: nn.Module, arch, masks: dict[str, nn.Parameter], batch: di
                objective: str, lambda_l1: float) -> tuple[torch.Tensor, float]:
     """The DCM loss of one collated batch (task term at the last position + ``lambda_l1 * sum |m|``) and
     the batch's mean logit margin (desired - undesired)."""
-    device = model_device(model)
-    batch = to_device(batch, device)
-    n = batch["desired"].shape[0]
-    last = torch.full((n,), -1, dtype=torch.long, device=device)
-    with scale_components(model, {k: 2 * m for k, m in masks.items()}, positions=last, arch=arch):
-        logits = last_logits(model, model_inputs(batch), 1)[:, -1].float()
-    r = torch.arange(n, device=device)
-    margin = logits[r, batch["desired"]] - logits[r, batch["undesired"]]
+    batch = to_device(batch, model_device(model))
+    margin = _last_position_margins(model, arch, batch, {k: 2 * m for k, m in masks.items()})
     task = -margin.mean() if objective == "logit_diff" else -nn.functional.logsigmoid(margin).mean()
     penalty = sum(m.abs().sum() for m in masks.values())
     return task + lambda_l1 * penalty, float(margin.detach().mean())
