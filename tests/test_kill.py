@@ -30,15 +30,16 @@ def _kill_after(argv: list[str], seconds: float) -> int:
     return proc.returncode
 
 
-def _finish(argv: list[str]) -> None:
+def _finish(argv: list[str]) -> float:
+    """Run the worker to the end; its wall time in seconds (kill moments scale with this machine's speed)."""
+    start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(WORKER), *argv], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return time.perf_counter() - start
 
 
 def test_scoring_killed_at_random_moments_resumes_to_the_uninterrupted_scores(tmp_path):
-    start = time.perf_counter()
-    _finish(["score", str(tmp_path / "clean"), str(tmp_path / "clean.npy")])
-    whole = time.perf_counter() - start  # kill moments scale with this machine's speed (a fixed 4-12 s missed)
+    whole = _finish(["score", str(tmp_path / "clean"), str(tmp_path / "clean.npy")])  # (a fixed 4-12 s missed)
     rng = random.Random(12)
     killed = 0
     for _ in range(3):  # kill three times at random moments, each run resuming the last one's cache
@@ -53,9 +54,7 @@ def test_scoring_killed_at_random_moments_resumes_to_the_uninterrupted_scores(tm
 def test_mining_killed_at_random_moments_resumes_to_the_uninterrupted_records(tmp_path):
     from circuit_peft.cca.mining import PROGRESS_FILE, RECORDS_FILE
 
-    start = time.perf_counter()
-    _finish(["mine", str(tmp_path / "clean")])
-    whole = time.perf_counter() - start  # kill moments scale with this machine's speed
+    whole = _finish(["mine", str(tmp_path / "clean")])
     rng = random.Random(5)
     killed, partial = 0, []
     for _ in range(3):
