@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="token cap of the held-out-format answers (default: --max-new-tokens); a larger cap "
                         "checks that a held-out-format gap is not made by answers cut at the cap")
     p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--also-transfer-cap", type=int, default=None,
+                   help="also measure the held-out format under this token cap (transfer_capN_acc; an extra "
+                        "measurement, so results saved without it keep their key)")
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--pivotal-weight", type=float, default=5.0)
@@ -109,7 +112,8 @@ def arm_names(fractions: list[float], locators: list[str]) -> list[str]:
 def settings_key(args: argparse.Namespace, locating: bool = False) -> str:
     """What changes a single (arm, seed) result (the list of seeds and arms to run does not); with
     ``locating``, what changes the mined records, the circuits' scores and the base's side effects."""
-    ignored = ("threads", "work_dir", "out", "arms", "quick", "seeds", "from_saved", "fractions", "locators", "plot")
+    ignored = ("threads", "work_dir", "out", "arms", "quick", "seeds", "from_saved", "fractions", "locators", "plot",
+               "also_transfer_cap")
     if args.task == "arithmetic":  # the default task keeps the keys of results saved before --task existed
         ignored += ("task",)
     if args.transfer_max_new_tokens is None or locating:  # keys saved before the flag existed stay valid
@@ -269,6 +273,10 @@ class Bench(ArmBench):
         for split in splits:
             acc = self.accuracy(model, probs[split], self.args.transfer_max_new_tokens if split == "transfer" else None)
             result[f"{split}_acc"], result[f"{split}_capped"] = acc.accuracy, acc.capped_fraction
+        if self.args.also_transfer_cap:
+            cap = self.args.also_transfer_cap
+            acc = self.accuracy(model, probs["transfer"], cap)
+            result[f"transfer_cap{cap}_acc"], result[f"transfer_cap{cap}_capped"] = acc.accuracy, acc.capped_fraction
         if arm != "base":
             result.update(self.effects(model, arm, baseline))
         result["seconds"] = time.perf_counter() - t0
@@ -320,8 +328,9 @@ def summarise(results: dict[str, list[dict[str, Any]]], fractions: list[float], 
     out: dict[str, Any] = {"arms": {}}
     for arm, rows in results.items():
         stats = {}
+        extra = sorted({k for r in rows for k in r if k.startswith("transfer_cap") and k != "transfer_capped"})
         for key in ("test_acc", "transfer_acc", "val_acc", "test_capped", "transfer_capped", "kl", "mmlu_delta",
-                    "truthfulqa_delta", "trainable_params"):
+                    "truthfulqa_delta", "trainable_params", *extra):
             vals = [r[key] for r in rows if r.get(key) is not None]
             if vals:
                 stats[key], stats[f"{key}_se"] = mean_se(vals)
@@ -330,10 +339,12 @@ def summarise(results: dict[str, list[dict[str, Any]]], fractions: list[float], 
         out["arms"][arm] = stats
     for f in fractions:
         for loc in locators:
-            for split in ("test", "transfer"):
+            capped = sorted({k.removesuffix("_acc") for rows in results.values() for r in rows for k in r
+                             if k.startswith("transfer_cap") and k.endswith("_acc")})
+            for split in ("test", "transfer", *capped):
                 gap = _paired_gap(results, f"located_{loc}@{f:g}", f"random_layer_{loc}@{f:g}", f"{split}_acc")
                 if gap is not None:
-                    tag = f"{loc}@{f:g}" + ("" if split == "test" else "_transfer")
+                    tag = f"{loc}@{f:g}" + ("" if split == "test" else f"_{split}")
                     out[f"located_minus_random_layer_acc_{tag}"], out[f"located_minus_random_layer_acc_{tag}_se"] = gap
     arms = out["arms"]
     base = arms.get("base", {})
