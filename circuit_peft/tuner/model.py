@@ -292,8 +292,15 @@ class CircuitModel(BaseTuner):
                 h.remove()
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's delete; the adapters active afterwards are chosen on the model, not on its first adapter
+        layer (PEFT's rule), because a CIRCUIT adapter may leave that layer holding none of the rest."""
+        remaining = [a for a in self.active_adapters if a != adapter_name]
         super().delete_adapter(adapter_name)
         self._plans().pop(adapter_name, None)
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        if remaining and self.active_adapters != remaining:
+            self.set_adapter(remaining if len(remaining) > 1 else remaining[0])
         self._update_gradient_stop()
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> torch.nn.Module:
