@@ -3,6 +3,7 @@
     python tests/kill_worker.py score CACHE_DIR OUT.npy   # CircuitSeer scores of 24 GSM8K rows, resumable cache
     python tests/kill_worker.py save FOLDER               # save an adapter into FOLDER again and again
     python tests/kill_worker.py mine FOLDER               # mine pivotal tokens of 4 problems (SmolLM2), resumable
+    python tests/kill_worker.py amplify MODEL_DIR FOLDER  # `circuit-peft amplify` on a tiny model, 6 problems
 """
 
 import json
@@ -62,5 +63,16 @@ def mine(folder: str) -> None:
                         progress=False)
 
 
+def amplify(model_dir: str, folder: str) -> None:
+    from circuit_peft.cli import main
+
+    torch.set_num_threads(1)
+    code = main(["amplify", "--model", model_dir, "--problems", "demo", "--n-problems", "6", "--n-val", "2",
+                 "--n-test", "4", "--pivot", "digit", "--max-new-tokens", "14", "--steps", "2", "--eval-every", "1",
+                 "--optimizer", "adam", "--lr", "1e-3", "--loss", "logsigmoid", "--mmlu-limit", "1",
+                 "--truthfulqa-limit", "2", "--kl-chunks", "1", "--no-progress", "--out", folder])
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    {"score": score, "save": save, "mine": mine}[sys.argv[1]](*sys.argv[2:])
+    {"score": score, "save": save, "mine": mine, "amplify": amplify}[sys.argv[1]](*sys.argv[2:])

@@ -1,5 +1,5 @@
 """SIGKILL at random moments (seeded): a re-run after the kill gives what an uninterrupted run gives (scoring,
-mining), and
+mining, amplify), and
 a folder being rewritten holds one whole adapter, never a mix (docs/reliability.md)."""
 
 import random
@@ -66,6 +66,38 @@ def test_mining_killed_at_random_moments_resumes_to_the_uninterrupted_records(tm
     for name in (RECORDS_FILE, PROGRESS_FILE):
         clean = (tmp_path / "clean" / name).read_text().splitlines()
         assert sorted((tmp_path / "resumed" / name).read_text().splitlines()) == sorted(clean), name
+
+
+def _amplify_outputs(folder: Path) -> dict:
+    """What an amplify run folder holds, less wall times and its own paths."""
+    import json
+
+    def untimed(value):
+        if isinstance(value, dict):
+            return {k: untimed(v) for k, v in value.items() if k not in ("timings", "files", "seconds")}
+        return [untimed(v) for v in value] if isinstance(value, list) else value
+
+    report = untimed(json.loads((folder / "report.json").read_text()))
+    weights = load_file(folder / "adapter" / "adapter_model.safetensors")
+    return {"report": report, "circuit": (folder / "circuit.json").read_text(),
+            "records": sorted((folder / "mining" / "records.jsonl").read_text().splitlines()),
+            "adapter": {k: v.tolist() for k, v in weights.items()}}
+
+
+def test_amplify_killed_at_random_moments_resumes_to_the_uninterrupted_run(tmp_path):
+    from circuit_peft.models import load_tokenizer, tiny_model
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama", vocab_size=49152).save_pretrained(model_dir)
+    load_tokenizer("smollm2").save_pretrained(model_dir)
+    whole = _finish(["amplify", str(model_dir), str(tmp_path / "clean")])
+    rng = random.Random(7)
+    killed = sum(_kill_after(["amplify", str(model_dir), str(tmp_path / "resumed")],
+                             rng.uniform(0.4, 0.9) * whole) == -signal.SIGKILL for _ in range(2))
+    _finish(["amplify", str(model_dir), str(tmp_path / "resumed")])
+    assert killed >= 1
+    assert _amplify_outputs(tmp_path / "resumed") == _amplify_outputs(tmp_path / "clean")
+    assert not [p for p in (tmp_path / "resumed").rglob("*") if ".tmp" in p.name or ".old" in p.name]
 
 
 def test_an_adapter_folder_killed_while_rewritten_holds_one_whole_adapter(tmp_path):
