@@ -2,6 +2,7 @@
 mining, amplify), and
 a folder being rewritten holds one whole adapter, never a mix (docs/reliability.md)."""
 
+import os
 import random
 import signal
 import subprocess
@@ -72,7 +73,7 @@ def _interrupt_after_line(argv: list[str], start: str) -> None:
     """Ctrl-C (SIGINT) the worker once it prints a line starting with ``start``: it must exit 130 with one
     line saying how to resume, and no traceback."""
     proc = subprocess.Popen([sys.executable, str(WORKER), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:
         if line.startswith(start):
             proc.send_signal(signal.SIGINT)
