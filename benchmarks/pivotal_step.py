@@ -64,7 +64,7 @@ class FullLogitsTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def training_rows(model_name: str, tokenizer: Any, n: int, seed: int):
+def training_rows(tokenizer: Any, n: int, seed: int):
     """``n`` pivotal-weighted rows of the recipe (arithmetic problems, the model's prompt style)."""
     from circuit_peft.cca.problems import TASKS, make_problems
     from circuit_peft.evaluate.prompts import default_prompt_style
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = get_peft_model(model, config)
     if torch.cuda.is_available():
         model.cuda()
-    data = training_rows(args.model, tokenizer, args.batch, args.seed)
+    data = training_rows(tokenizer, args.batch, args.seed)
     wall = {p: [] for p in PATHS}
     cpu = {p: [] for p in PATHS}
     memory: dict[str, int] = {}
