@@ -125,6 +125,43 @@ def check_output_path(path: str | os.PathLike, flag: str, inputs: tuple[str | os
     return path
 
 
+ADAPTER_WEIGHT_FILES: tuple[str, ...] = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def check_adapter_folder(path: str | os.PathLike, flag: str = "--adapter") -> Path:
+    """Refuse, before any model loads, a PEFT adapter folder that cannot load: missing, no or unreadable
+    ``adapter_config.json`` (or one without ``peft_type``), no weights file, a truncated safetensors file.
+
+    A hub id (a path that does not exist locally and looks like ``owner/name``) is passed through."""
+    folder = Path(path)
+    if not folder.exists():
+        if len(str(path).split("/")) == 2 and not str(path).startswith((".", "/")):
+            return folder  # a hub adapter id: PEFT resolves it
+        raise ValueError(f"{flag} {folder}: no such folder")
+    config = folder / "adapter_config.json"
+    if not folder.is_dir() or not config.is_file():
+        raise ValueError(f"{flag} {folder}: no adapter_config.json (is it a saved adapter folder?)")
+    try:
+        fields = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config}: not valid JSON ({err}); re-save the adapter") from None
+    if not isinstance(fields, dict) or "peft_type" not in fields:
+        raise ValueError(f"{config}: no 'peft_type' field, so PEFT cannot tell which adapter this is; re-save the adapter")
+    weights = [folder / name for name in ADAPTER_WEIGHT_FILES if (folder / name).is_file()]
+    if not weights:
+        raise ValueError(f"{flag} {folder}: no weights ({' or '.join(ADAPTER_WEIGHT_FILES)}); the save did not finish")
+    if weights[0].suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(weights[0]), "pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{weights[0]}: unreadable ({err}); the file is truncated or damaged: re-save "
+                             "the adapter") from None
+    return folder
+
+
 ROW_FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson", ".json", ".csv")
 
 

@@ -222,3 +222,39 @@ def test_demo_adapter_only_replaces_an_old_adapter_folder_whole(tmp_path):
     with pytest.raises(ValueError, match="not an adapter folder"):  # replacing it would delete the notes
         run_demo("smollm2", steps=1, output_dir=str(work), problems=1)
     assert (work / "notes.txt").read_text() == "mine"
+
+
+def _broken_adapters(root) -> dict[str, tuple]:
+    """A good tiny CIRCUIT adapter and the ways a copied or half-written adapter folder breaks."""
+    import shutil
+
+    from peft import get_peft_model
+
+    from circuit_peft import CircuitConfig
+    from circuit_peft.models import tiny_model
+
+    good = root / "good"
+    get_peft_model(tiny_model("llama"), CircuitConfig(components={"q": {"1": [0]}})).save_pretrained(good)
+    for name in ("no_weights", "truncated", "no_peft_type", "bad_json", "no_config"):
+        shutil.copytree(good, root / name)
+    (root / "no_weights" / "adapter_model.safetensors").unlink()
+    weights = (root / "truncated" / "adapter_model.safetensors").read_bytes()
+    (root / "truncated" / "adapter_model.safetensors").write_bytes(weights[: len(weights) // 2])
+    config = json.loads((good / "adapter_config.json").read_text())
+    config.pop("peft_type")
+    (root / "no_peft_type" / "adapter_config.json").write_text(json.dumps(config))
+    (root / "bad_json" / "adapter_config.json").write_text("{")
+    (root / "no_config" / "adapter_config.json").unlink()
+    return {"no_weights": "no weights", "truncated": "truncated or damaged", "no_peft_type": "no 'peft_type'",
+            "bad_json": "not valid JSON", "no_config": "no adapter_config.json", "missing": "no such folder"}
+
+
+@pytest.mark.parametrize("command", ["eval", "eval --harness lm-eval --tasks gsm8k", "export --merged OUT"])
+def test_a_broken_adapter_folder_is_refused_in_one_line_before_the_model_loads(tmp_path, capsys, command):
+    from circuit_peft.cli import main
+
+    for name, message in _broken_adapters(tmp_path).items():
+        argv = command.replace("OUT", str(tmp_path / f"out-{name}")).split()
+        code = main([*argv, "--model", "/no/such/model", "--adapter", str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (name, err)

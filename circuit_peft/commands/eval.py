@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from ._args import non_negative, positive
-from ..files import atomic_write_json
+from ..files import atomic_write_json, check_adapter_folder
 
 EVAL_TASKS: tuple[str, ...] = ("gsm8k", "mmlu", "truthfulqa", "kl")
 
@@ -25,6 +25,8 @@ def run(args: argparse.Namespace) -> int:
 
     import circuit_peft  # noqa: F401  (registers the CIRCUIT PEFT type before loading adapters)
 
+    if args.adapter:
+        check_adapter_folder(args.adapter)  # before any model loads
     if args.harness:
         return run_lm_eval(args)
     tasks = parse_tasks(args.tasks or ",".join(EVAL_TASKS))

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..files import check_adapter_folder
+
 
 def _check_out(path: str | None, flag: str) -> None:
     if path is None:
@@ -29,10 +31,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.merged and not args.lora:
         raise ValueError("give --merged OUT and/or --lora OUT")
-    adapter = Path(args.adapter)
+    adapter = check_adapter_folder(args.adapter)
     config_file = adapter / "adapter_config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json (is it a saved adapter folder?)")
     _check_out(args.merged, "--merged")
     _check_out(args.lora, "--lora")
     base_name = args.model or json.loads(config_file.read_text()).get("base_model_name_or_path")
