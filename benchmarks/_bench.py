@@ -1,5 +1,7 @@
-"""What the arm benchmarks (``recipes.py``, ``selection.py``) share: the settings key of a saved
-(arm, seed) result, mean and standard error over seeds, and the model/prompt set-up with a timed log."""
+"""What the benchmarks share: the settings key of a saved (arm, seed) result, mean and standard error
+over seeds, and the model/prompt set-up with a timed log (the arm benchmarks ``recipes.py``,
+``selection.py``); the bytes autograd saves for backward (the step benchmarks ``adapter_step.py``,
+``pivotal_step.py``)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ import hashlib
 import json
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterable, Iterator
 
 
 def settings_key(args: argparse.Namespace, ignored: tuple[str, ...]) -> str:
@@ -24,6 +28,26 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     if n < 2:
         return mean, float("nan")
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
+
+
+@contextmanager
+def saved_for_backward(exclude: Iterable[int] = ()) -> Iterator[dict[int, int]]:
+    """Count the bytes autograd saves for backward inside the block, each storage once; yields the
+    dict storage pointer -> bytes, filled as the block runs. ``exclude``: storage pointers left out
+    (e.g. the model's own weights, which are not activations)."""
+    import torch
+
+    skip = set(exclude)
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield storages
 
 
 class ArmBench:

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from _bench import saved_for_backward
+
 CONFIGS = ("top", "spread", "lora", "full")
 
 
@@ -129,15 +131,8 @@ def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
 
     def step() -> tuple[float, float, int]:
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:  # count each storage autograd keeps for backward once
-            storage = t.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-            return t
-
         wall, cpu = time.perf_counter(), time.process_time()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved_for_backward() as storages:  # each storage autograd keeps for backward, once
             loss = model(**batch).loss
         loss.backward()
         opt.step()

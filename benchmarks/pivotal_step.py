@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
+from _bench import saved_for_backward
 from adapter_step import circuit_components
 
 PATHS = ("full_logits", "pivotal_trainer", "pivotal_sft_trainer")
@@ -99,15 +100,7 @@ def make_trainer(path: str, model, tokenizer, data, out: str, batch: int):
 
 def timed_step(trainer, batch: dict[str, torch.Tensor]) -> tuple[float, float, int, float]:
     """One ``training_step``: (wall s, process CPU s, activation bytes saved for backward, loss)."""
-    storages: dict[int, int] = {}
-    weights = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:  # each storage once; the model's own weights are not activations
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
+    weights = [p.untyped_storage().data_ptr() for p in trainer.model.parameters()]  # not activations
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
@@ -115,7 +108,7 @@ def timed_step(trainer, batch: dict[str, torch.Tensor]) -> tuple[float, float, i
         start_mem = torch.cuda.memory_allocated()
     wall, cpu = time.perf_counter(), time.process_time()
     items = int((batch["labels"][:, 1:] != -100).sum())
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_for_backward(exclude=weights) as storages:
         loss = trainer.training_step(trainer.model, dict(batch), num_items_in_batch=items)
     if cuda:
         torch.cuda.synchronize()

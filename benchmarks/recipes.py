@@ -337,10 +337,10 @@ def summarise(results: dict[str, list[dict[str, Any]]], fractions: list[float], 
         stats["seeds"] = [r["seed"] for r in rows]
         stats["lr"] = rows[0].get("lr")
         out["arms"][arm] = stats
+    capped = sorted({k.removesuffix("_acc") for rows in results.values() for r in rows for k in r
+                     if k.startswith("transfer_cap") and k.endswith("_acc")})  # --also-transfer-cap splits
     for f in fractions:
         for loc in locators:
-            capped = sorted({k.removesuffix("_acc") for rows in results.values() for r in rows for k in r
-                             if k.startswith("transfer_cap") and k.endswith("_acc")})
             for split in ("test", "transfer", *capped):
                 gap = _paired_gap(results, f"located_{loc}@{f:g}", f"random_layer_{loc}@{f:g}", f"{split}_acc")
                 if gap is not None:
