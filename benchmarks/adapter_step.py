@@ -6,7 +6,11 @@ Configurations, all trained with AdamW on batches of GSM8K text (``--batch`` x `
   neurons, all in the top third of the layers (projections "all");
 * ``spread``: the same counts spread evenly over all layers;
 * ``lora``: LoRA r=16 on every linear layer (``all-linear``);
-* ``full``: full fine-tuning.
+* ``full``: full fine-tuning;
+* ``floor``: no trainable weights at all, only the residual stream entering the top circuit's lowest
+  layer made to require a gradient: the forward of every layer plus the backward (input gradients
+  only) of the top third and the LM head. What *any* method that trains something in those layers
+  pays; ``top`` minus ``floor`` is what the circuit's own slices cost.
 
 Step time: forward + backward + AdamW step, median over ``--steps`` measured steps after
 ``--warmup`` steps; the four models live in one process and take their steps in turn. On CPU the
@@ -39,7 +43,7 @@ from tqdm import tqdm
 
 from _bench import saved_for_backward
 
-CONFIGS = ("top", "spread", "lora", "full")
+CONFIGS = ("top", "spread", "lora", "full", "floor")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,21 +118,33 @@ def build(name: str, model_name: str, seed: int, device: str) -> tuple[torch.nn.
         model = get_peft_model(model, config)
     elif name == "lora":
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
-    else:
+    elif name == "full":
         model.requires_grad_(True)
+    else:  # floor
+        model.requires_grad_(False)
+        arch = get_arch(model)
+        lowest = min(layer for _, layer, _ in circuit_components(arch, "top", seed))
+        arch.layers(model)[lowest].register_forward_pre_hook(_residual_needs_grad, with_kwargs=True)
     model.to(device).train()
     info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if name != "full":
+    if name in ("top", "spread", "lora"):
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             info["adapter_bytes"] = os.path.getsize(Path(tmp) / "adapter_model.safetensors")
     return model, info
 
 
+def _residual_needs_grad(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of ``floor``: the hidden states entering this layer become a leaf needing a gradient."""
+    if args:
+        return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
+
+
 def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
     """A training step ``() -> (wall_s, cpu_s, saved_activation_bytes)``."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
+    opt = torch.optim.AdamW(params or [torch.zeros(1, requires_grad=True)], lr=1e-5, weight_decay=0.01)
 
     def step() -> tuple[float, float, int]:
         wall, cpu = time.perf_counter(), time.process_time()
@@ -195,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "top_vs_lora": median["top"] / median["lora"],
         "spread_vs_lora": median["spread"] / median["lora"],
         "top_vs_full": median["top"] / median["full"],
+        "floor_vs_lora": median["floor"] / median["lora"],
+        "top_vs_floor": median["top"] / median["floor"],
         "circuit_trainable_params": infos["top"]["trainable_params"],
         "lora_trainable_params": infos["lora"]["trainable_params"],
         "circuit_adapter_bytes": infos["top"]["adapter_bytes"],

@@ -9,7 +9,8 @@ import torch
 from circuit_peft.cli import build_parser, main
 
 ARGS = ["train", "--data", "arithmetic", "--n-train", "8", "--heldout", "arithmetic", "--n-heldout", "6",
-        "--epochs", "1", "--max-new-tokens", "24", "--circuit-fraction", "0.01"]
+        "--epochs", "1", "--max-new-tokens", "24", "--circuit-fraction", "0.01", "--mmlu-limit", "2",
+        "--truthfulqa-limit", "4", "--kl-chunks", "1"]
 
 
 @pytest.mark.slow

@@ -77,6 +77,7 @@ def config_from_args(args: argparse.Namespace):
                        prompt_style=args.prompt_style, shots=shots, max_new_tokens=args.max_new_tokens,
                        side_effect_data_dir=args.side_effects_data, question_field=args.question_field,
                        mmlu_subjects=tuple(x for x in args.mmlu_subjects.split(",") if x) if args.mmlu_subjects else None,
+                       mmlu_limit=args.mmlu_limit, truthfulqa_limit=args.truthfulqa_limit, kl_chunks=args.kl_chunks,
                        answer_field=args.answer_field, seed=args.seed)
 
 
@@ -137,6 +138,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="folder with mmlu/test, truthfulqa/, text/ for side effects (default: skipped)")
     e.add_argument("--mmlu-subjects", default=None,
                    help="comma-separated MMLU subjects (default: the usual six found in the folder)")
+    e.add_argument("--mmlu-limit", type=positive(int), default=20, help="MMLU rows per subject (default 20)")
+    e.add_argument("--truthfulqa-limit", type=positive(int), default=60, help="TruthfulQA rows (default 60)")
+    e.add_argument("--kl-chunks", type=positive(int), default=8, help="128-token chunks of text for the KL (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive(int), default=None)
 

@@ -57,6 +57,9 @@ class TrainConfig:
     eval_batch_size: int = 32
     side_effect_data_dir: str | None = None
     mmlu_subjects: tuple[str, ...] | None = None  # None: the default subjects found in the data folder
+    mmlu_limit: int = 20  # MMLU rows per subject in the side effects
+    truthfulqa_limit: int = 60  # TruthfulQA rows in the side effects
+    kl_chunks: int = 8  # 128-token chunks of general text for the KL
     question_field: str = "question"
     answer_field: str = "answer"
     seed: int = 0
@@ -74,7 +77,7 @@ class TrainConfig:
         for name in ("circuit_fraction", "select_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
-        for name in ("max_new_tokens", "eval_batch_size", "update_steps"):
+        for name in ("max_new_tokens", "eval_batch_size", "update_steps", "mmlu_limit", "truthfulqa_limit", "kl_chunks"):
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if int(self.lora_rank) != self.lora_rank or self.lora_rank < 0:
@@ -338,8 +341,9 @@ def _side_effects(run: RunFolder, peft_model, tokenizer, cfg: TrainConfig, log) 
     from ..evaluate.side_effects import side_effects
 
     def measure():
-        se = side_effects(peft_model, tokenizer, cfg.side_effect_data_dir, progress=True, kl_chunks=8,
-                          mmlu_subjects=_mmlu_subjects(cfg), mmlu_limit=20, truthfulqa_limit=60)
+        se = side_effects(peft_model, tokenizer, cfg.side_effect_data_dir, progress=True, kl_chunks=cfg.kl_chunks,
+                          mmlu_subjects=_mmlu_subjects(cfg), mmlu_limit=cfg.mmlu_limit,
+                          truthfulqa_limit=cfg.truthfulqa_limit)
         return {k: se[k] for k in ("mmlu_delta", "truthfulqa_delta", "kl") if se.get(k) is not None}
 
     return run.stage("side_effects", measure, log)
