@@ -8,7 +8,6 @@ delta has rank at most its width, so the SVD at that rank is exact).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +31,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.merged and not args.lora:
         raise ValueError("give --merged OUT and/or --lora OUT")
     adapter = check_adapter_folder(args.adapter)
-    config_file = adapter / "adapter_config.json"
     _check_out(args.merged, "--merged")
     _check_out(args.lora, "--lora")
-    base_name = args.model or json.loads(config_file.read_text()).get("base_model_name_or_path")
+    base_name = args.model or peft.PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path  # local or hub
     if not base_name:
-        raise ValueError(f"{config_file} names no base model: pass --model")
+        raise ValueError(f"{adapter / 'adapter_config.json'} names no base model: pass --model")
     model = PeftModel.from_pretrained(load_model(base_name), str(adapter))
     if args.lora:
         peft.save_as_lora(args.lora, model, rank=1.0)

@@ -200,6 +200,45 @@ class CircuitLayer(BaseTunerLayer):
         return self.circuit_scaling[adapter] * (self.circuit_lora_B[adapter] @ self.circuit_lora_A[adapter])
 
 
+def _with_slices(weight: torch.Tensor, row_index: Optional[torch.Tensor], rows: Optional[torch.Tensor],
+                 col_index: Optional[torch.Tensor], cols: Optional[torch.Tensor]) -> torch.Tensor:
+    """``weight`` (out, in) plus the row deltas (k_out, in) and column deltas (out, k_in) scattered in: a new tensor."""
+    if rows is not None:
+        weight = weight.index_add(0, row_index, rows)
+    if cols is not None:
+        weight = weight.index_add(1, col_index, cols)
+    return weight
+
+
+class _SliceLinear(torch.autograd.Function):
+    """``x @ (W + slice deltas).T + b``: one matmul forward and one for the input gradient, as for the frozen
+    layer alone, plus each slice's own weight gradient ((k_out, in) and (out, k_in) matmuls). The summed
+    weight is rebuilt in backward, not saved (its size is the frozen weight's)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                row_index: Optional[torch.Tensor], rows: Optional[torch.Tensor], col_index: Optional[torch.Tensor],
+                cols: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, row_index, rows, col_index, cols)
+        return F.linear(x, _with_slices(weight, row_index, rows, col_index, cols), bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        x, weight, row_index, rows, col_index, cols = ctx.saved_tensors
+        grad_x = grad_rows = grad_cols = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ _with_slices(weight, row_index, rows, col_index, cols)
+        grad2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[4]:
+            grad_rows = grad2.index_select(1, row_index).T @ x2
+        if ctx.needs_input_grad[6]:
+            grad_cols = grad2.T @ x2.index_select(1, col_index)
+        return grad_x, None, None, None, grad_rows, None, grad_cols
+
+
+MIN_FUSED_TOKENS = 16  # below this many input rows the (out, in) weight copy of the fused path costs more than it saves
+
+
 class CircuitLinear(nn.Module, CircuitLayer):
     """Wraps an ``nn.Linear`` or GPT-2 ``Conv1D`` with circuit deltas (and an optional LoRA branch)."""
 
@@ -221,6 +260,35 @@ class CircuitLinear(nn.Module, CircuitLayer):
                     "them to the wrong components")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _can_fuse(self, x: torch.Tensor, adapter: str) -> bool:
+        """Whether a training forward of ``adapter`` can run as one :class:`_SliceLinear` matmul: slices that
+        need gradients, one dtype throughout, no autocast, a plain ``nn.Linear``/``Conv1D`` without hooks."""
+        base = self.base_layer
+        slices = [t[adapter] for t in (self.circuit_rows, self.circuit_cols) if adapter in t]
+        return (torch.is_grad_enabled() and any(p.requires_grad for p in slices)
+                and type(base).__name__ in ("Linear", "Conv1D") and not hasattr(base, "_hf_hook")
+                and not (base._forward_hooks or base._forward_pre_hooks)
+                and not torch.is_autocast_enabled(x.device.type)
+                and all(t.dtype == x.dtype for t in (base.weight, *slices))
+                and x.numel() >= MIN_FUSED_TOKENS * self.in_features)
+
+    def _fused_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """Base output plus ``adapter``'s slices in one :class:`_SliceLinear` (the LoRA branch not included)."""
+        base = self.base_layer
+        has_rows, has_cols = adapter in self.circuit_rows, adapter in self.circuit_cols
+        return _SliceLinear.apply(
+            x, self._linear_view(base.weight), base.bias,
+            self.circuit_row_index[adapter] if has_rows else None, self.circuit_rows[adapter] if has_rows else None,
+            self.circuit_col_index[adapter] if has_cols else None, self.circuit_cols[adapter] if has_cols else None)
+
+    def _add_lora(self, x: torch.Tensor, result: torch.Tensor, adapter: str) -> torch.Tensor:
+        """``result`` plus ``adapter``'s LoRA branch (if it has one)."""
+        if adapter not in self.circuit_lora_A:
+            return result
+        a, b = self.circuit_lora_A[adapter], self.circuit_lora_B[adapter]
+        h = self.circuit_lora_dropout[adapter](self._cast_input_dtype(x, a.dtype))
+        return result + (F.linear(F.linear(h, a), b) * self.circuit_scaling[adapter]).to(result.dtype)
+
     def _add_adapter(self, x: torch.Tensor, result: torch.Tensor, adapter: str) -> torch.Tensor:
         """``result`` (the base output for input ``x``) plus ``adapter``'s slice and LoRA updates."""
         out_dtype = result.dtype
@@ -232,11 +300,7 @@ class CircuitLinear(nn.Module, CircuitLayer):
             delta = self.circuit_cols[adapter]
             xs = self._cast_input_dtype(x.index_select(-1, self.circuit_col_index[adapter]), delta.dtype)
             result = result + (xs @ delta.T).to(out_dtype)
-        if adapter in self.circuit_lora_A:
-            a, b = self.circuit_lora_A[adapter], self.circuit_lora_B[adapter]
-            h = self.circuit_lora_dropout[adapter](self._cast_input_dtype(x, a.dtype))
-            result = result + (F.linear(F.linear(h, a), b) * self.circuit_scaling[adapter]).to(out_dtype)
-        return result
+        return self._add_lora(x, result, adapter)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
         """Row ``i`` of the batch gets adapter ``adapter_names[i]`` (``"__base__"``: none), as LoRA does."""
@@ -260,6 +324,9 @@ class CircuitLinear(nn.Module, CircuitLayer):
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if self._has_adapter(a)]
+        if len(active) == 1 and not args and not kwargs and self._can_fuse(x, active[0]):  # training: one matmul
+            return self._add_lora(x, self._fused_forward(x, active[0]), active[0])
         result = self.base_layer(x, *args, **kwargs)
         for adapter in self.active_adapters:
             result = self._add_adapter(x, result, adapter)
