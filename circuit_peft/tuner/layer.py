@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..arch import ModelArch
 
@@ -266,7 +267,7 @@ class CircuitLinear(nn.Module, CircuitLayer):
         base = self.base_layer
         slices = [t[adapter] for t in (self.circuit_rows, self.circuit_cols) if adapter in t]
         return (torch.is_grad_enabled() and any(p.requires_grad for p in slices)
-                and type(base).__name__ in ("Linear", "Conv1D") and not hasattr(base, "_hf_hook")
+                and type(base) in (nn.Linear, Conv1D) and not hasattr(base, "_hf_hook")
                 and not (base._forward_hooks or base._forward_pre_hooks)
                 and not torch.is_autocast_enabled(x.device.type)
                 and all(t.dtype == x.dtype for t in (base.weight, *slices))
