@@ -7,6 +7,8 @@ Configurations, all trained with AdamW on batches of GSM8K text (``--batch`` x `
 * ``spread``: the same counts spread evenly over all layers;
 * ``lora``: LoRA r=16 on every linear layer (``all-linear``);
 * ``full``: full fine-tuning;
+* ``top_unfused``: ``top`` on the adapter's inference path (frozen matmul, then each slice's own matmul
+  added), the peer of the fused training forward (one matmul with the slices scattered in);
 * ``floor``: no trainable weights at all, only the residual stream entering the top circuit's lowest
   layer made to require a gradient: the forward of every layer plus the backward (input gradients
   only) of the top third and the LM head. What *any* method that trains something in those layers
@@ -43,7 +45,7 @@ from tqdm import tqdm
 
 from _bench import saved_for_backward
 
-CONFIGS = ("top", "spread", "lora", "full", "floor")
+CONFIGS = ("top", "top_unfused", "spread", "lora", "full", "floor")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,8 +113,9 @@ def build(name: str, model_name: str, seed: int, device: str) -> tuple[torch.nn.
 
     model = load_model(model_name)
     info: dict[str, Any] = {}
-    if name in ("top", "spread"):
-        config = CircuitConfig.from_components(circuit_components(get_arch(model), name, seed))
+    if name in ("top", "top_unfused", "spread"):
+        placement = "spread" if name == "spread" else "top"
+        config = CircuitConfig.from_components(circuit_components(get_arch(model), placement, seed))
         size = circuit_size(config, model)
         info.update(components=size["components"], component_fraction=size["component_fraction"])
         model = get_peft_model(model, config)
@@ -127,7 +130,7 @@ def build(name: str, model_name: str, seed: int, device: str) -> tuple[torch.nn.
         arch.layers(model)[lowest].register_forward_pre_hook(_residual_needs_grad, with_kwargs=True)
     model.to(device).train()
     info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if name in ("top", "spread", "lora"):
+    if name in ("top", "top_unfused", "spread", "lora"):
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             info["adapter_bytes"] = os.path.getsize(Path(tmp) / "adapter_model.safetensors")
@@ -141,15 +144,20 @@ def _residual_needs_grad(module: torch.nn.Module, args: tuple, kwargs: dict) -> 
     return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
 
 
-def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
-    """A training step ``() -> (wall_s, cpu_s, saved_activation_bytes)``."""
+def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], fused: bool = True) -> Any:
+    """A training step ``() -> (wall_s, cpu_s, saved_activation_bytes)``; ``fused=False``: circuit layers take
+    their inference path (base matmul, then the slices' own matmuls)."""
+    from circuit_peft.tuner import layer
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params or [torch.zeros(1, requires_grad=True)], lr=1e-5, weight_decay=0.01)
 
     def step() -> tuple[float, float, int]:
         wall, cpu = time.perf_counter(), time.process_time()
+        min_tokens, layer.MIN_FUSED_TOKENS = layer.MIN_FUSED_TOKENS, (layer.MIN_FUSED_TOKENS if fused else 2**62)
         with saved_for_backward() as storages:  # each storage autograd keeps for backward, once
             loss = model(**batch).loss
+        layer.MIN_FUSED_TOKENS = min_tokens
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -179,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     memory: dict[str, int] = {}
     for name in tqdm(CONFIGS, desc="building"):
         models[name], infos[name] = build(name, args.model, args.seed, device)
-        steps[name] = make_step(models[name], batch)
+        steps[name] = make_step(models[name], batch, fused=name != "top_unfused")
     for i in tqdm(range(args.warmup + args.steps), desc=f"steps (round-robin over {len(CONFIGS)} configs)"):
         for name in CONFIGS:
             if device == "cuda":
@@ -213,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "top_vs_full": median["top"] / median["full"],
         "floor_vs_lora": median["floor"] / median["lora"],
         "top_vs_floor": median["top"] / median["floor"],
+        "top_vs_top_unfused": median["top"] / median["top_unfused"],
+        "top_unfused_vs_lora": median["top_unfused"] / median["lora"],
         "circuit_trainable_params": infos["top"]["trainable_params"],
         "lora_trainable_params": infos["lora"]["trainable_params"],
         "circuit_adapter_bytes": infos["top"]["adapter_bytes"],

@@ -220,7 +220,7 @@ class _SliceLinear(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 row_index: Optional[torch.Tensor], rows: Optional[torch.Tensor], col_index: Optional[torch.Tensor],
                 cols: Optional[torch.Tensor]) -> torch.Tensor:
-        ctx.save_for_backward(x, weight, row_index, rows, col_index, cols)
+        ctx.save_for_backward(x, weight if ctx.needs_input_grad[0] else None, row_index, rows, col_index, cols)
         return F.linear(x, _with_slices(weight, row_index, rows, col_index, cols), bias)
 
     @staticmethod
@@ -237,7 +237,7 @@ class _SliceLinear(torch.autograd.Function):
         return grad_x, None, None, None, grad_rows, None, grad_cols
 
 
-MIN_FUSED_TOKENS = 16  # below this many input rows the (out, in) weight copy of the fused path costs more than it saves
+MIN_FUSED_TOKENS = 128  # below ~this many input rows the (out, in) weight copies of the fused path cost more than they save
 
 
 class CircuitLinear(nn.Module, CircuitLayer):
