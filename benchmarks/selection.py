@@ -31,6 +31,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work-dir", default="/tmp/selection_bench")
     p.add_argument("--out", default=None)
+    p.add_argument("--from-saved", action="store_true",
+                   help="no training: summarise the (arm, seed) results already saved under --work-dir")
     args = p.parse_args(argv)
     bad = [a for a in args.arms.split(",") if a not in ARMS]
     if bad:
@@ -69,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def settings_key(args: argparse.Namespace) -> str:
-    return _bench.settings_key(args, ("threads", "work_dir", "out", "arms", "seeds"))
+    return _bench.settings_key(args, ("threads", "work_dir", "out", "arms", "seeds", "from_saved"))
 
 
 def make_pool(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -141,8 +144,11 @@ class Bench(ArmBench):
         result = select_data(self.base, self.tok, self.pool, method=arm, fraction=self.args.fraction, heads=heads, seed=seed)
         return sorted(int(i) for i in result.indices)
 
+    def arm_path(self, arm: str, seed: int) -> Path:
+        return self.arms_dir / f"{arm}-seed{seed}.json"
+
     def run(self, arm: str, seed: int) -> dict[str, Any]:
-        path = self.arms_dir / f"{arm}-seed{seed}.json"
+        path = self.arm_path(arm, seed)
         if path.exists():
             return json.loads(path.read_text())
         from peft import get_peft_model
@@ -231,7 +237,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, list[dict[str, Any]]] = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
         for arm in args.arms.split(","):
-            results.setdefault(arm, []).append(bench.run(arm, seed))
+            if not args.from_saved or bench.arm_path(arm, seed).exists():
+                results.setdefault(arm, []).append(bench.run(arm, seed))
     summary = summarise(results)
     table = markdown_table(summary, base)
     print(table)
