@@ -280,3 +280,32 @@ def test_every_command_reads_the_generated_tasks_by_name():
 
     args = build_parser().parse_args(["train", "--data", "multiplication", "--out", "x"])
     assert config_from_args(args).shots == [dict(s) for s in MULTIPLICATION_SHOTS]
+
+
+def test_train_stopped_by_ctrl_c_resumes_without_redoing_finished_stages(tmp_path, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) during the training stage: the same call again reuses locate and
+    before, trains, and finishes; the interrupted run's lock does not block it."""
+    from circuit_peft.cca.problems import ARITHMETIC_SHOTS, make_problems
+    from circuit_peft.models import load_tokenizer
+    from circuit_peft.recipe import pipeline, train
+
+    model_dir = tmp_path / "model"  # a tiny model with SmolLM2's tokenizer: the pipeline's cost, not the model's
+    tiny_model("llama", vocab_size=49152).save_pretrained(model_dir)
+    load_tokenizer("smollm2").save_pretrained(model_dir)
+    cfg = TrainConfig(max_new_tokens=8, shots=[dict(s) for s in ARITHMETIC_SHOTS], sft=SFTSettings(epochs=1.0))
+    rows, held = make_problems(8, "train", seed=0), make_problems(4, "test", seed=0)
+    fit = pipeline._fit
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(str(model_dir), rows, held, tmp_path / "run", cfg, log=lambda _: None)
+    assert not (tmp_path / "run" / "report.json").exists()
+    monkeypatch.setattr(pipeline, "_fit", fit)
+    logs: list[str] = []
+    result = train(str(model_dir), rows, held, tmp_path / "run", cfg, log=logs.append)
+    assert any("[locate] done earlier" in line for line in logs) and any("[before] done earlier" in line for line in logs)
+    assert not any("[train] done earlier" in line for line in logs)
+    assert (tmp_path / "run" / "report.json").exists() and result.report["after"]["count"] == 4
