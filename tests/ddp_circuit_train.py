@@ -30,7 +30,7 @@ class RecordingTrainer(Trainer):
 def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 128, (16, 10), generator=g)
+    ids = torch.randint(3, 128, (16, 80), generator=g)  # 2 rows x 80 = 160 tokens a step: the fused forward
     ids[:, 0] = torch.arange(16) + 3  # row id in the first token
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     model = get_peft_model(tiny_model("llama"), CircuitConfig(components={"q": {"1": [0]}, "mlp": {"2": [4, 5]}}))

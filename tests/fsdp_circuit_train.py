@@ -23,9 +23,10 @@ CONFIG = dict(components={"q": {"1": [0]}, "mlp": {"2": [4, 5]}}, init_weights=F
 
 
 def batches(n_ranks: int) -> list[torch.Tensor]:
-    """The global batch of every step, shape (2 * n_ranks, 10); rank r trains on rows 2r, 2r+1."""
+    """The global batch of every step, shape (2 * n_ranks, 80); rank r trains on rows 2r, 2r+1 (160 tokens:
+    circuit layers take their fused training forward)."""
     g = torch.Generator().manual_seed(0)
-    return [torch.randint(3, 128, (2 * n_ranks, 10), generator=g) for _ in range(STEPS)]
+    return [torch.randint(3, 128, (2 * n_ranks, 80), generator=g) for _ in range(STEPS)]
 
 
 def build_model() -> torch.nn.Module:
