@@ -10,6 +10,9 @@ Orientation: every delta is stored in ``nn.Linear`` orientation, whatever the ba
 * ``circuit_lora_A[a]`` (r, in) / ``circuit_lora_B[a]`` (out, r): the optional LoRA branch,
   scaled by ``circuit_scaling[a] = lora_alpha / r``.
 
+Training forwards (gradients on, >= ``MIN_FUSED_TOKENS`` input rows, one dtype, plain base layer) run
+base and slices as one matmul, :class:`_SliceLinear`; the ``index_add`` path above is the fallback.
+
 No full-size delta and no gradient mask: the frozen entries of the base weight are never touched,
 so weight decay cannot move them and optimizer state is the size of the slices.
 """
