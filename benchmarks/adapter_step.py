@@ -15,7 +15,7 @@ Configurations, all trained with AdamW on batches of GSM8K text (``--batch`` x `
   pays; ``top`` minus ``floor`` is what the circuit's own slices cost.
 
 Step time: forward + backward + AdamW step, median over ``--steps`` measured steps after
-``--warmup`` steps; the four models live in one process and take their steps in turn. On CPU the
+``--warmup`` steps; the six models live in one process and take their steps in turn. On CPU the
 ratios use the process CPU time of each step with one torch thread (on a shared box wall time
 swings with the other jobs; CPU time is the work done); wall times are printed too. Training
 memory: on CUDA ``max_memory_allocated`` during a step; on CPU the bytes autograd saves for the
@@ -37,8 +37,9 @@ import random
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from tqdm import tqdm
@@ -144,20 +145,28 @@ def _residual_needs_grad(module: torch.nn.Module, args: tuple, kwargs: dict) -> 
     return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
 
 
+@contextmanager
+def _two_matmul_path() -> Iterator[None]:
+    """Inside the block circuit layers never fuse (``MIN_FUSED_TOKENS`` out of reach), restored after."""
+    from circuit_peft.tuner import layer
+
+    min_tokens, layer.MIN_FUSED_TOKENS = layer.MIN_FUSED_TOKENS, 2**62
+    try:
+        yield
+    finally:
+        layer.MIN_FUSED_TOKENS = min_tokens
+
+
 def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], fused: bool = True) -> Any:
     """A training step ``() -> (wall_s, cpu_s, saved_activation_bytes)``; ``fused=False``: circuit layers take
     their inference path (base matmul, then the slices' own matmuls)."""
-    from circuit_peft.tuner import layer
-
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params or [torch.zeros(1, requires_grad=True)], lr=1e-5, weight_decay=0.01)
 
     def step() -> tuple[float, float, int]:
         wall, cpu = time.perf_counter(), time.process_time()
-        min_tokens, layer.MIN_FUSED_TOKENS = layer.MIN_FUSED_TOKENS, (layer.MIN_FUSED_TOKENS if fused else 2**62)
-        with saved_for_backward() as storages:  # each storage autograd keeps for backward, once
-            loss = model(**batch).loss
-        layer.MIN_FUSED_TOKENS = min_tokens
+        with saved_for_backward() as storages, (nullcontext() if fused else _two_matmul_path()):
+            loss = model(**batch).loss  # saved_for_backward: each storage autograd keeps for backward, once
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -39,3 +39,15 @@ def fraction(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
+
+
+def add_side_effect_sizes(group: argparse._ArgumentGroup, mmlu_limit: int | None, truthfulqa_limit: int | None,
+                          kl_chunks: int = 8) -> None:
+    """``--mmlu-limit``, ``--truthfulqa-limit``, ``--kl-chunks``: how much the side-effect measurement reads
+    (None: every row)."""
+    group.add_argument("--mmlu-limit", type=positive(int), default=mmlu_limit,
+                       help=f"MMLU rows per subject (default {mmlu_limit or 'all'})")
+    group.add_argument("--truthfulqa-limit", type=positive(int), default=truthfulqa_limit,
+                       help=f"TruthfulQA rows (default {truthfulqa_limit or 'all'})")
+    group.add_argument("--kl-chunks", type=positive(int), default=kl_chunks,
+                       help=f"128-token chunks of text for the KL (default {kl_chunks})")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ._args import fraction, non_negative, positive
+from ._args import add_side_effect_sizes, fraction, non_negative, positive
 from ._cca import (
     add_mining_args, add_problem_args, add_runtime_args, load_problem_rows, load_runtime, mining_config, open_run,
 )
@@ -52,9 +52,7 @@ def add_amplify_args(p: argparse.ArgumentParser) -> None:
                         "the tiny slices shipped with circuit-peft; 'none': skip side effects")
     e.add_argument("--side-effects", default="mmlu,truthfulqa,kl", help="comma-separated subset of mmlu,truthfulqa,kl")
     e.add_argument("--mmlu-subjects", default=None, help="comma-separated MMLU subjects (default: all in the folder's default set)")
-    e.add_argument("--mmlu-limit", type=positive(int), default=None, help="MMLU rows per subject")
-    e.add_argument("--truthfulqa-limit", type=positive(int), default=None)
-    e.add_argument("--kl-chunks", type=positive(int), default=8, help="128-token chunks of text for the KL (default 8)")
+    add_side_effect_sizes(e, mmlu_limit=None, truthfulqa_limit=None)
 
 
 def package_side_effect_dir() -> tuple[str, tuple[str, ...]]:

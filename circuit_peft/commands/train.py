@@ -11,7 +11,7 @@ import random
 import shlex
 from typing import Any
 
-from ._args import fraction, non_negative, positive
+from ._args import add_side_effect_sizes, fraction, non_negative, positive
 from ..files import read_rows
 from ._cca import resolve_shots
 from ..recipe.pipeline import LOCATORS
@@ -138,9 +138,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="folder with mmlu/test, truthfulqa/, text/ for side effects (default: skipped)")
     e.add_argument("--mmlu-subjects", default=None,
                    help="comma-separated MMLU subjects (default: the usual six found in the folder)")
-    e.add_argument("--mmlu-limit", type=positive(int), default=20, help="MMLU rows per subject (default 20)")
-    e.add_argument("--truthfulqa-limit", type=positive(int), default=60, help="TruthfulQA rows (default 60)")
-    e.add_argument("--kl-chunks", type=positive(int), default=8, help="128-token chunks of text for the KL (default 8)")
+    add_side_effect_sizes(e, mmlu_limit=20, truthfulqa_limit=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive(int), default=None)
 

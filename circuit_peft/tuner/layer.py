@@ -332,7 +332,7 @@ class CircuitLinear(nn.Module, CircuitLayer):
         if len(active) == 1 and not args and not kwargs and self._can_fuse(x, active[0]):  # training: one matmul
             return self._add_lora(x, self._fused_forward(x, active[0]), active[0])
         result = self.base_layer(x, *args, **kwargs)
-        for adapter in self.active_adapters:
+        for adapter in active:
             result = self._add_adapter(x, result, adapter)
         return result
 
