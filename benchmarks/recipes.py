@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", default="/tmp/recipes_bench")
     p.add_argument("--out", default=None, help="also write the JSON result here")
     p.add_argument("--plot", default=None, help="PNG: located - layer-matched random per locator and size (mean, SE)")
+    p.add_argument("--locate-only", action="store_true",
+                   help="mine and score the circuits of --seeds and --locators (cached), then stop: lets a second "
+                        "process prepare later seeds while the first seed's learning-rate grid runs")
     p.add_argument("--from-saved", action="store_true",
                    help="no model work: summarise the (arm, seed) results already saved under --work-dir")
     p.add_argument("--quick", action="store_true",
@@ -113,11 +116,13 @@ def settings_key(args: argparse.Namespace, locating: bool = False) -> str:
     """What changes a single (arm, seed) result (the list of seeds and arms to run does not); with
     ``locating``, what changes the mined records, the circuits' scores and the base's side effects."""
     ignored = ("threads", "work_dir", "out", "arms", "quick", "seeds", "from_saved", "fractions", "locators", "plot",
-               "also_transfer_cap")
+               "also_transfer_cap", "locate_only")
     if args.task == "arithmetic":  # the default task keeps the keys of results saved before --task existed
         ignored += ("task",)
     if args.transfer_max_new_tokens is None or locating:  # keys saved before the flag existed stay valid
         ignored += ("transfer_max_new_tokens",)
+    if locating:  # the learning-rate grids train the arms; they do not change what is mined or located
+        ignored += ("circuit_lrs", "full_lrs")
     return _bench.settings_key(args, ignored)
 
 
@@ -399,6 +404,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_mmlu(args.data_dir, subjects), load_truthfulqa(args.data_dir, 1), load_text(args.data_dir)  # fail early
     bench = Bench(args)
     bench.subjects, bench.fractions, bench.locators = subjects, fractions, locators
+    if args.locate_only:
+        for seed in seeds:
+            for locator in locators:
+                bench.scored_circuit(locator, seed)
+        return {"located": [[loc, seed] for seed in seeds for loc in locators]}
     baseline = bench.baseline()
     results: dict[str, list[dict[str, Any]]] = {}
     for group in groups:  # group by group; inside a group seed by seed, so a stopped run has whole pairs
