@@ -15,7 +15,10 @@ measured the same way; only what is trained (and, where named, the loss weights)
 * ``lora16``: LoRA r=16, alpha 32, dropout 0.1, all linear layers, the same pivotal weights;
 * ``lora_matched_<locator>@<f>``: LoRA with the rank whose trainable parameters come closest to
   ``located_<locator>@<f>``'s (first locator, largest size);
-* ``full``: full fine-tuning with the same pivotal weights.
+* ``full``: full fine-tuning with the same pivotal weights;
+* ``cca_<locator>@<f>``: the CCA update instead of SFT: the located circuit trained on (at most
+  ``--cca-records``) first-wrong-digit pivot records of the base model (Adam, bounded log-sigmoid
+  loss, ``--cca-steps`` full-batch steps, the step kept by validation accuracy).
 
 Choices are made on validation only: each arm's learning rate is picked from its grid by
 validation accuracy on the first seed, then used for every seed. Test accuracy is reported on the
@@ -76,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "inside a group; default: all arms in one group)")
     p.add_argument("--circuit-lrs", default="1e-3,3e-3", help="learning-rate grid of circuit and LoRA arms")
     p.add_argument("--full-lrs", default="1e-5,3e-5", help="learning-rate grid of full fine-tuning")
+    p.add_argument("--cca-steps", type=int, default=16, help="cca arm: full-batch update steps")
+    p.add_argument("--cca-records", type=int, default=48, help="cca arm: at most this many pivot records (seeded draw)")
     p.add_argument("--mmlu-subjects", default="elementary_mathematics,high_school_geography")
     p.add_argument("--mmlu-limit", type=int, default=30)
     p.add_argument("--truthfulqa-limit", type=int, default=60)
@@ -108,7 +113,7 @@ def arm_names(fractions: list[float], locators: list[str]) -> list[str]:
             names += [f"located_{loc}@{f:g}", f"random_layer_{loc}@{f:g}"]
     big = max(fractions)
     names += [f"random_anywhere_{locators[0]}@{big:g}", f"located_{locators[0]}@{big:g}_unweighted",
-              "lora16", f"lora_matched_{locators[0]}@{big:g}", "full"]
+              "lora16", f"lora_matched_{locators[0]}@{big:g}", "full", f"cca_{locators[0]}@{big:g}"]
     return names
 
 
@@ -121,8 +126,10 @@ def settings_key(args: argparse.Namespace, locating: bool = False) -> str:
         ignored += ("task",)
     if args.transfer_max_new_tokens is None or locating:  # keys saved before the flag existed stay valid
         ignored += ("transfer_max_new_tokens",)
+    if (args.cca_steps, args.cca_records) == (16, 48):  # keys saved before the cca arm existed stay valid
+        ignored += ("cca_steps", "cca_records")
     if locating:  # the learning-rate grids train the arms; they do not change what is mined or located
-        ignored += ("circuit_lrs", "full_lrs")
+        ignored += ("circuit_lrs", "full_lrs", "cca_steps", "cca_records")
     return _bench.settings_key(args, ignored)
 
 
@@ -193,6 +200,17 @@ class Bench(ArmBench):
             return random_circuit(located, "anywhere", seed)
         return located
 
+    def pivot_records(self, seed: int, limit: int) -> list[dict]:
+        """At most ``limit`` first-wrong-digit pivot records of the base on seed ``seed``'s training
+        problems (a seeded draw; mined by the ``attr`` locator, reused from its mining folder)."""
+        import random
+
+        from circuit_peft.cca.mining import RECORDS_FILE, load_records
+
+        self.scored_circuit("attr", seed)
+        rows = list(load_records(self.work / f"mining-{self.locating_key}-{seed}" / RECORDS_FILE))
+        return random.Random(seed).sample(rows, min(limit, len(rows)))
+
     # ----- models -------------------------------------------------------------------------------
     def trainable(self, arm: str, seed: int):
         """A fresh model prepared for ``arm`` and the size facts of what it trains."""
@@ -231,6 +249,8 @@ class Bench(ArmBench):
     def train(self, arm: str, seed: int, lr: float):
         from circuit_peft.recipe.sft import SFTSettings, gold_examples, train_sft
 
+        if arm.startswith("cca_"):
+            return self.cca_update(arm, seed, lr)
         model, size = self.trainable(arm, seed)
         weight = 1.0 if arm.endswith("_unweighted") else self.args.pivotal_weight
         settings = SFTSettings(learning_rate=lr, epochs=self.args.epochs, batch_size=self.args.batch_size,
@@ -238,6 +258,21 @@ class Bench(ArmBench):
         examples = gold_examples(self.tok, self.problems(seed)["train"], self.style, self.shots)
         train_sft(model, self.tok, examples, settings, str(self.work / "trainer"), style=self.style)
         return model, size
+
+    def cca_update(self, arm: str, seed: int, lr: float):
+        """The CCA update of ``located_<rest of arm>``'s circuit, the best validation step kept."""
+        from circuit_peft.cca.update import accuracy_validator, amplify_update
+        from circuit_peft.models import load_model
+
+        circuit = self.circuit_for("located_" + arm.removeprefix("cca_"), seed)
+        validate = accuracy_validator(self.tok, self.problems(seed)["val"], style=self.style, shots=self.shots,
+                                      max_new_tokens=self.args.max_new_tokens, batch_size=50)
+        records = self.pivot_records(seed, self.args.cca_records)
+        result = amplify_update(load_model(self.args.model), records, circuit, validate, tokenizer=self.tok,
+                                steps=self.args.cca_steps, lr=lr, optimizer="adam", loss="logsigmoid", eval_every=4,
+                                patience=2, progress=False)
+        return result.model, {"trainable_params": result.size["trainable_params"], "counts": circuit.counts(),
+                              "cca_best_step": result.best_step, "cca_records": len(records)}
 
     # ----- arms ---------------------------------------------------------------------------------
     def grid(self, arm: str) -> list[float]:
