@@ -398,6 +398,21 @@ def summarise(results: dict[str, list[dict[str, Any]]], fractions: list[float], 
         if "lora16" in arms:
             out["lora_weighted_acc"], out["lora_kl"] = arms["lora16"].get("test_acc"), arms["lora16"].get("kl")
             out["circuit_params_fraction_of_lora"] = arms[main]["trainable_params"] / arms["lora16"]["trainable_params"]
+        out["located_minus"] = _gaps_to_every_arm(results, main)
+    return out
+
+
+def _gaps_to_every_arm(results, main: str) -> dict[str, dict[str, Any]]:
+    """Paired ``main`` - other arm accuracy (test and held-out format) over the seeds both ran."""
+    out = {}
+    for other in results:
+        if other in (main, "base"):
+            continue
+        seeds = sorted({r["seed"] for r in results[main]} & {r["seed"] for r in results[other]})
+        gaps = {split: _paired_gap(results, main, other, f"{split}_acc") for split in ("test", "transfer")}
+        if seeds:
+            out[other] = {"seeds": seeds, **{f"{k}_gap": v[0] for k, v in gaps.items()},
+                          **{f"{k}_gap_se": v[1] for k, v in gaps.items()}}
     return out
 
 
