@@ -181,9 +181,10 @@ def recall_by_candidates(exact, att, k: int, multiples=(1.0, 1.5, 2.0, 2.5, 3.0)
     scores of attribution's top ``ceil(m k)`` heads ranked (the exact scan scores a head the same
     whichever other heads it scans, so this equals running ``refined_head_scan`` at each ``m``)."""
     top_exact = {c for c, _ in exact.ranked(["q"])[:k]}
+    by_attribution = [c for c, _ in att.ranked(["q"])]
     out = {}
     for m in multiples:
-        pool = [c for c, _ in att.ranked(["q"])[: math.ceil(m * k)]]
+        pool = by_attribution[: math.ceil(m * k)]
         kept = sorted(pool, key=lambda c: exact.scores[c], reverse=True)[:k]
         out[f"{m:g}"] = round(len(top_exact & set(kept)) / k, 4)
     return out

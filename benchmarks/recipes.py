@@ -48,6 +48,7 @@ import _bench
 from _bench import ArmBench, mean_se
 
 LOCATORS = ("attr", "grad", "gradc")
+CCA_DEFAULTS = {"cca_steps": 16, "cca_records": 48}  # results saved before the cca arm keep their keys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,8 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "inside a group; default: all arms in one group)")
     p.add_argument("--circuit-lrs", default="1e-3,3e-3", help="learning-rate grid of circuit and LoRA arms")
     p.add_argument("--full-lrs", default="1e-5,3e-5", help="learning-rate grid of full fine-tuning")
-    p.add_argument("--cca-steps", type=int, default=16, help="cca arm: full-batch update steps")
-    p.add_argument("--cca-records", type=int, default=48, help="cca arm: at most this many pivot records (seeded draw)")
+    p.add_argument("--cca-steps", type=int, default=CCA_DEFAULTS["cca_steps"], help="cca arm: full-batch update steps")
+    p.add_argument("--cca-records", type=int, default=CCA_DEFAULTS["cca_records"],
+                   help="cca arm: at most this many pivot records (seeded draw)")
     p.add_argument("--mmlu-subjects", default="elementary_mathematics,high_school_geography")
     p.add_argument("--mmlu-limit", type=int, default=30)
     p.add_argument("--truthfulqa-limit", type=int, default=60)
@@ -126,10 +128,10 @@ def settings_key(args: argparse.Namespace, locating: bool = False) -> str:
         ignored += ("task",)
     if args.transfer_max_new_tokens is None or locating:  # keys saved before the flag existed stay valid
         ignored += ("transfer_max_new_tokens",)
-    if (args.cca_steps, args.cca_records) == (16, 48):  # keys saved before the cca arm existed stay valid
-        ignored += ("cca_steps", "cca_records")
+    if locating or all(getattr(args, k) == v for k, v in CCA_DEFAULTS.items()):
+        ignored += tuple(CCA_DEFAULTS)  # the cca arm's settings train it; they do not change what is located
     if locating:  # the learning-rate grids train the arms; they do not change what is mined or located
-        ignored += ("circuit_lrs", "full_lrs", "cca_steps", "cca_records")
+        ignored += ("circuit_lrs", "full_lrs")
     return _bench.settings_key(args, ignored)
 
 
@@ -185,7 +187,11 @@ class Bench(ArmBench):
                           side_effect_data_dir=self.args.data_dir,
                           sft=SFTSettings(pivotal_weight=self.args.pivotal_weight))
         return locate_for_training(self.base, self.tok, self.problems(seed)["train"], self.style, cfg,
-                                   self.work / f"mining-{self.locating_key}-{seed}", keep_fraction=None, progress=False)
+                                   self.mining_dir(seed), keep_fraction=None, progress=False)
+
+    def mining_dir(self, seed: int) -> Path:
+        """Where the ``attr`` locator mines seed ``seed``'s pivot records (shared with the cca arm)."""
+        return self.work / f"mining-{self.locating_key}-{seed}"
 
     def circuit_for(self, arm: str, seed: int):
         from circuit_peft.locate import random_circuit
@@ -208,7 +214,7 @@ class Bench(ArmBench):
         from circuit_peft.cca.mining import RECORDS_FILE, load_records
 
         self.scored_circuit("attr", seed)
-        rows = list(load_records(self.work / f"mining-{self.locating_key}-{seed}" / RECORDS_FILE))
+        rows = list(load_records(self.mining_dir(seed) / RECORDS_FILE))
         return random.Random(seed).sample(rows, min(limit, len(rows)))
 
     # ----- models -------------------------------------------------------------------------------
@@ -409,8 +415,8 @@ def _gaps_to_every_arm(results, main: str) -> dict[str, dict[str, Any]]:
         if other in (main, "base"):
             continue
         seeds = sorted({r["seed"] for r in results[main]} & {r["seed"] for r in results[other]})
-        gaps = {split: _paired_gap(results, main, other, f"{split}_acc") for split in ("test", "transfer")}
         if seeds:
+            gaps = {split: _paired_gap(results, main, other, f"{split}_acc") for split in ("test", "transfer")}
             out[other] = {"seeds": seeds, **{f"{k}_gap": v[0] for k, v in gaps.items()},
                           **{f"{k}_gap_se": v[1] for k, v in gaps.items()}}
     return out
