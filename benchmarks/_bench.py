@@ -57,7 +57,7 @@ class ArmBench:
     def __init__(self, args: argparse.Namespace, key: str):
         from circuit_peft.cca.problems import TASKS
         from circuit_peft.evaluate.prompts import default_prompt_style
-        from circuit_peft.models import load_model, load_tokenizer
+        from circuit_peft.models import load_tokenizer
 
         self.args, self.key = args, key
         self.work = Path(args.work_dir)
@@ -67,8 +67,17 @@ class ArmBench:
         self.style = default_prompt_style(self.tok, log=print)
         self.task = TASKS[getattr(args, "task", "arithmetic")]
         self.shots = [dict(s) for s in self.task["shots"]]
-        self.base = load_model(args.model)
+        self._base = None
         self.started = time.perf_counter()
+
+    @property
+    def base(self):
+        """The base model, loaded on first use (a summary of saved arms never loads it)."""
+        if self._base is None:
+            from circuit_peft.models import load_model
+
+            self._base = load_model(self.args.model)
+        return self._base
 
     def log(self, msg: str) -> None:
         print(f"[{time.perf_counter() - self.started:6.0f} s] {msg}", flush=True)

@@ -70,3 +70,15 @@ def test_demo_runs_the_train_command_by_default():
     args = build_parser().parse_args(["train", *TRAIN_DEMO_ARGS, "--out", "x"])
     assert (args.locate, args.n_train, args.n_heldout, args.max_new_tokens) == ("gradient", 64, 100, 32)
     assert not build_parser().parse_args(["demo"]).cca
+
+
+def test_train_flags_default_to_the_train_config():
+    from dataclasses import fields
+
+    from circuit_peft.commands.train import config_from_args
+    from circuit_peft.recipe import TrainConfig
+
+    built = config_from_args(build_parser().parse_args(["train", "--data", "file.jsonl", "--out", "x"]))
+    default = TrainConfig()
+    differ = [f.name for f in fields(TrainConfig) if getattr(built, f.name) != getattr(default, f.name)]
+    assert differ == []

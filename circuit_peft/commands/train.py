@@ -14,7 +14,7 @@ from typing import Any
 from ._args import add_side_effect_sizes, fraction, non_negative, positive
 from ..files import read_rows
 from ._cca import resolve_shots
-from ..recipe.pipeline import LOCATORS
+from ..recipe.pipeline import LOCATORS, SELECTORS, UPDATES, TrainConfig
 
 DATA_KEYWORDS = ("arithmetic", "multiplication")  # generated tasks (circuit_peft.cca.problems.TASKS)
 
@@ -99,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
+    """The flags of ``train`` (and ``demo``); their defaults are :class:`TrainConfig`'s, written once there."""
+    cfg = TrainConfig()
     p.add_argument("--model", default="smollm2", help="hub id, local folder, 'smollm2' or 'gemma3-270m'")
     d = p.add_argument_group("data")
     d.add_argument("--data", default="arithmetic",
@@ -117,29 +119,30 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--prompt-style", choices=("chat", "fewshot"), default=None,
                    help="default: chat when the tokenizer has a chat template, else few-shot")
     s = p.add_argument_group("selection, circuit, training")
-    s.add_argument("--select", choices=("circuitseer", "ifd", "random"), default=None)
-    s.add_argument("--select-fraction", type=fraction, default=0.25)
-    s.add_argument("--locate", choices=LOCATORS, default="gradient",
+    s.add_argument("--select", choices=SELECTORS, default=cfg.select)
+    s.add_argument("--select-fraction", type=fraction, default=cfg.select_fraction)
+    s.add_argument("--locate", choices=LOCATORS, default=cfg.locate,
                    help="gradient: SFT-loss gradient norm per component; gradient_contrast: that norm divided by "
                         "the general-text gradient's (needs --side-effects-data); attribution: digit pivots + "
                         "logit difference")
-    s.add_argument("--circuit-fraction", type=fraction, default=0.02, help="share of each kind kept (default 0.02)")
-    s.add_argument("--lora-rank", type=non_negative(int), default=0, help="> 0: circuit + LoRA in one adapter")
-    s.add_argument("--update", choices=("sft", "cca"), default="sft",
+    s.add_argument("--circuit-fraction", type=fraction, default=cfg.circuit_fraction,
+                   help=f"share of each kind kept (default {cfg.circuit_fraction})")
+    s.add_argument("--lora-rank", type=non_negative(int), default=cfg.lora_rank, help="> 0: circuit + LoRA in one adapter")
+    s.add_argument("--update", choices=UPDATES, default=cfg.update,
                    help="sft: pivotal-weighted SFT on gold solutions; cca: the CCA update on mined digit pivots")
-    s.add_argument("--update-steps", type=positive(int), default=100, help="steps of the CCA update")
-    s.add_argument("--lr", type=positive(float), default=1e-3)
-    s.add_argument("--epochs", type=positive(float), default=3.0)
-    s.add_argument("--batch-size", type=positive(int), default=8)
-    s.add_argument("--pivotal-weight", type=non_negative(float), default=5.0, help="loss weight of the final answer's tokens")
+    s.add_argument("--update-steps", type=positive(int), default=cfg.update_steps, help="steps of the CCA update")
+    s.add_argument("--lr", type=positive(float), default=cfg.sft.learning_rate)
+    s.add_argument("--epochs", type=positive(float), default=cfg.sft.epochs)
+    s.add_argument("--batch-size", type=positive(int), default=cfg.sft.batch_size)
+    s.add_argument("--pivotal-weight", type=non_negative(float), default=cfg.sft.pivotal_weight, help="loss weight of the final answer's tokens")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--max-new-tokens", type=positive(int), default=64)
+    e.add_argument("--max-new-tokens", type=positive(int), default=cfg.max_new_tokens)
     e.add_argument("--side-effects-data", default=None,
                    help="folder with mmlu/test, truthfulqa/, text/ for side effects (default: skipped)")
     e.add_argument("--mmlu-subjects", default=None,
                    help="comma-separated MMLU subjects (default: the usual six found in the folder)")
-    add_side_effect_sizes(e, mmlu_limit=20, truthfulqa_limit=60)
-    p.add_argument("--seed", type=int, default=0)
+    add_side_effect_sizes(e, mmlu_limit=cfg.mmlu_limit, truthfulqa_limit=cfg.truthfulqa_limit, kl_chunks=cfg.kl_chunks)
+    p.add_argument("--seed", type=int, default=cfg.seed)
     p.add_argument("--threads", type=positive(int), default=None)
 
 
