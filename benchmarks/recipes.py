@@ -478,19 +478,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = {"model": args.model, "settings": vars(args), "baseline": baseline, **summary,
            "seconds": time.perf_counter() - bench.started}
     print_table(summary)
-    if args.plot:
-        print(f"plot written to {plot_gaps(res, args.plot)}")
-    line = json.dumps(res, default=float)
-    if args.out:
-        atomic_write_text(args.out, line + "\n")
-    print(line)
-    return res
+    return _finish(res, args)
 
 
 def summarise_saved(args: argparse.Namespace, groups, seeds, fractions, locators) -> dict[str, Any]:
     """The summary of every saved (arm, seed) result of these settings (arms/seeds not run are left out)."""
-    from circuit_peft.files import atomic_write_text
-
     arms_dir = Path(args.work_dir) / f"arms-{settings_key(args)}"
     results: dict[str, list[dict[str, Any]]] = {}
     for arm in [a for g in groups for a in g]:
@@ -503,6 +495,13 @@ def summarise_saved(args: argparse.Namespace, groups, seeds, fractions, locators
            "baseline": json.loads(baseline_file.read_text()) if baseline_file.exists() else None,
            **summarise(results, fractions, locators)}
     print(markdown_table(res))
+    return _finish(res, args)
+
+
+def _finish(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Plot (``--plot``), write (``--out``) and print the result as the final JSON line."""
+    from circuit_peft.files import atomic_write_text
+
     if args.plot:
         print(f"plot written to {plot_gaps(res, args.plot)}")
     line = json.dumps(res, default=float)
