@@ -220,20 +220,19 @@ class Bench(ArmBench):
     # ----- models -------------------------------------------------------------------------------
     def trainable(self, arm: str, seed: int):
         """A fresh model prepared for ``arm`` and the size facts of what it trains."""
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         from circuit_peft.models import load_model
+        from circuit_peft.recipe import control_model
         from circuit_peft.tuner import circuit_size
 
         model = load_model(self.args.model)
         if arm == "full":
             return model, {"trainable_params": sum(p.numel() for p in model.parameters())}
-        if arm.startswith("lora"):
-            rank = 16 if arm == "lora16" else self.matched_rank(arm.removeprefix("lora_matched_"), seed)
-            model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.1,
-                                                     target_modules="all-linear"))
-            return model, {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                           "lora_rank": rank}
+        if arm.startswith("lora"):  # the same LoRA arms as `circuit-peft train --controls lora,lora_matched`
+            circuit = None if arm == "lora16" else self.circuit_for(f"located_{arm.removeprefix('lora_matched_')}", seed)
+            return control_model("lora" if arm == "lora16" else "lora_matched", model, circuit,
+                                 lambda c: c.to_config(projections="paper"), seed)
         circuit = self.circuit_for(arm, seed)
         config = circuit.to_config(projections="paper")
         model = get_peft_model(model, config)
@@ -241,16 +240,6 @@ class Bench(ArmBench):
         return model, {"trainable_params": size["trainable_params"], "components": size["components"],
                        "component_fraction": size["component_fraction"], "counts": circuit.counts(),
                        "layers": sorted({c.layer for c in circuit.components})}
-
-    def matched_rank(self, circuit: str, seed: int) -> int:
-        """The LoRA rank whose trainable parameters come closest to ``located_<circuit>``'s."""
-        from circuit_peft.tuner import circuit_size
-
-        config = self.circuit_for(f"located_{circuit}", seed).to_config(projections="paper")
-        params = circuit_size(config, self.base)["trainable_params"]
-        per_rank = sum(m.in_features + m.out_features for m in self.base.modules()
-                       if isinstance(m, torch.nn.Linear) and m is not self.base.get_output_embeddings())
-        return max(1, round(params / per_rank))
 
     def train(self, arm: str, seed: int, lr: float):
         from circuit_peft.recipe.sft import SFTSettings, gold_examples, train_sft

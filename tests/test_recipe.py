@@ -111,10 +111,51 @@ def test_pivotal_dataset_weights_the_answer_tokens():
     (dict(locate="dcm"), "locate must be one of"), (dict(circuit_fraction=0.0), "circuit_fraction"),
     (dict(select="best"), "select must be one of"), (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(lora_rank=-1), "lora_rank"), (dict(locate="gradient_contrast"), "--side-effects-data"),
+    (dict(controls=("random_layer", "lora32")), r"controls: unknown \['lora32'\]"),
 ])
 def test_train_config_refuses_bad_settings(bad, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**bad)
+
+
+def test_paired_gap_is_the_mean_and_standard_error_of_per_problem_differences():
+    from circuit_peft.recipe import paired_gap
+
+    gap, se = paired_gap([1, 1, 0, 1], [0, 1, 0, 0])  # differences 1, 0, 0, 1
+    assert gap == pytest.approx(0.5) and se == pytest.approx((1 / 3) ** 0.5 / 2)
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        paired_gap([1, 0], [1])
+
+
+def test_matched_lora_rank_matches_the_parameters_of_a_real_lora():
+    from peft import LoraConfig, get_peft_model
+
+    from circuit_peft.recipe import matched_lora_rank
+
+    model = tiny_model("llama")
+    lora = get_peft_model(tiny_model("llama"), LoraConfig(r=3, target_modules="all-linear"))
+    params = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert matched_lora_rank(model, params) == 3 and matched_lora_rank(model, params * 1.1) == 3
+    assert matched_lora_rank(model, 1) == 1
+
+
+def test_control_models_train_what_they_say():
+    from peft import get_peft_model
+
+    from circuit_peft.recipe import control_model
+    from circuit_peft.tuner import circuit_size
+
+    located = _located(tiny_model("llama"))
+    to_config = lambda c: c.to_config(projections="paper")  # noqa: E731
+    twin, size = control_model("random_layer", tiny_model("llama"), located, to_config, seed=0)
+    assert size["trainable_params"] == sum(p.numel() for p in twin.parameters() if p.requires_grad)
+    own = get_peft_model(tiny_model("llama"), to_config(located))
+    assert size["trainable_params"] == circuit_size(to_config(located), own)["trainable_params"]
+    assert twin.peft_config["default"].components != to_config(located).components
+    lora, lora_size = control_model("lora", tiny_model("llama"), located, to_config, seed=0)
+    assert lora_size["lora_rank"] == 16 and lora.peft_config["default"].peft_type.value == "LORA"
+    with pytest.raises(ValueError, match="unknown control"):
+        control_model("full", tiny_model("llama"), located, to_config, seed=0)
 
 
 @pytest.mark.parametrize("bad, match", [(dict(learning_rate=0), "learning_rate"), (dict(batch_size=1.5), "batch_size"),

@@ -51,6 +51,22 @@ def test_train_writes_a_loadable_adapter_and_resumes(tmp_path, capsys, smollm2):
     err = capsys.readouterr().err
     assert "holds another run" in err and "config.sft.learning_rate" in err
 
+    # controls may be added to the finished run: its stages are reused, each control trains like the circuit
+    assert main([*rerun, "--controls", "random_layer,lora_matched"]) == 0
+    with_controls = capsys.readouterr().out
+    assert "[train] done earlier" in with_controls and "located - control" in with_controls
+    report = json.loads((out / "report.json").read_text())
+    random_layer, lora = report["controls"]["random_layer"], report["controls"]["lora_matched"]
+    assert random_layer["trainable_params"] == report["trainable_params"]
+    from circuit_peft.recipe import matched_lora_rank
+
+    assert lora["lora_rank"] == matched_lora_rank(model, report["trainable_params"])
+    for control in (random_layer, lora):
+        assert control["count"] == 6 and control["side_effects"]["kl"] >= 0
+        assert control["gap"] == pytest.approx(report["after"]["accuracy"] - control["accuracy"])
+        assert control["gap_se"] is not None
+    assert "| random_layer |" in (out / "adapter" / "README.md").read_text()
+
 
 def test_bad_train_arguments_are_refused_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):

@@ -14,6 +14,7 @@ from typing import Any
 from ._args import add_side_effect_sizes, fraction, non_negative, positive
 from ..files import read_rows
 from ._cca import resolve_shots
+from ..recipe.controls import CONTROLS
 from ..recipe.pipeline import LOCATORS, SELECTORS, UPDATES, TrainConfig
 
 DATA_KEYWORDS = ("arithmetic", "multiplication")  # generated tasks (circuit_peft.cca.problems.TASKS)
@@ -78,7 +79,7 @@ def config_from_args(args: argparse.Namespace):
                        side_effect_data_dir=args.side_effects_data, question_field=args.question_field,
                        mmlu_subjects=tuple(x for x in args.mmlu_subjects.split(",") if x) if args.mmlu_subjects else None,
                        mmlu_limit=args.mmlu_limit, truthfulqa_limit=args.truthfulqa_limit, kl_chunks=args.kl_chunks,
-                       answer_field=args.answer_field, seed=args.seed)
+                       answer_field=args.answer_field, seed=args.seed, controls=args.controls)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,6 +97,15 @@ def run(args: argparse.Namespace) -> int:
     train(args.model, train_rows, held, args.out, config, command=command)
     print(f"adapter, circuit.json, circuit.png and report.json are in {args.out}/")
     return 0
+
+
+def control_list(text: str) -> tuple[str, ...]:
+    """``--controls``: comma-separated names from :data:`~circuit_peft.recipe.controls.CONTROLS`."""
+    names = tuple(x for x in text.split(",") if x)
+    unknown = [x for x in names if x not in CONTROLS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(CONTROLS)}")
+    return names
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -131,6 +141,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--update", choices=UPDATES, default=cfg.update,
                    help="sft: pivotal-weighted SFT on gold solutions; cca: the CCA update on mined digit pivots")
     s.add_argument("--update-steps", type=positive(int), default=cfg.update_steps, help="steps of the CCA update")
+    s.add_argument("--controls", type=control_list, default=cfg.controls,
+                   help=f"comma-separated arms trained after the circuit with the same rows and recipe, reported as "
+                        f"located minus control on the held-out rows: {', '.join(CONTROLS)} (may be added to a "
+                        "finished run folder)")
     s.add_argument("--lr", type=positive(float), default=cfg.sft.learning_rate)
     s.add_argument("--epochs", type=positive(float), default=cfg.sft.epochs)
     s.add_argument("--batch-size", type=positive(int), default=cfg.sft.batch_size)

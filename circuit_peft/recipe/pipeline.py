@@ -4,7 +4,7 @@
 
 - ``run.json``: the settings and the inputs' fingerprint (a folder made with other settings is refused);
 - ``stages/<stage>.json``: one file per finished stage (``select``, ``locate``, ``before``, ``train``,
-  ``after``, ``side_effects``), so that a re-run after a stop skips what is done;
+  ``after``, ``side_effects``, ``control_<name>``), so that a re-run after a stop skips what is done;
 - ``circuit.json`` / ``circuit.png``: the located circuit and its heatmap;
 - ``adapter/``: a normal PEFT adapter (written to a temporary sibling, then renamed into place) whose
   ``README.md`` model card shows the heatmap, the components, the before/after numbers and the command;
@@ -27,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..files import atomic_dir, atomic_write_json, atomic_write_text
 from ..runs import OpenRun, fingerprint as _fingerprint
+from .controls import CONTROLS
 from .sft import SFTSettings, gold_examples, pivotal_dataset, train_sft
 
 LOCATORS: tuple[str, ...] = ("gradient", "gradient_contrast", "attribution")
@@ -41,7 +42,9 @@ class TrainConfig:
     kept; ``lora_rank`` > 0 adds a LoRA branch to the circuit adapter; ``max_new_tokens`` caps
     generation at evaluation (the report gives the share of answers that hit it). ``update``: ``"sft"``
     (pivotal-weighted SFT on the gold solutions, the default) or ``"cca"`` (the CCA update: logit
-    difference on mined digit pivots, ``update_steps`` SGD steps at the paper's lr 1e-4, last step kept)."""
+    difference on mined digit pivots, ``update_steps`` SGD steps at the paper's lr 1e-4, last step kept).
+    ``controls``: arms trained after the circuit with the same data and recipe (:mod:`.controls`:
+    ``random_layer``, ``random_anywhere``, ``lora``, ``lora_matched``); they may be added to a finished run."""
 
     locate: str = "gradient"
     circuit_fraction: float = 0.02
@@ -63,8 +66,13 @@ class TrainConfig:
     question_field: str = "question"
     answer_field: str = "answer"
     seed: int = 0
+    controls: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.controls = tuple(self.controls)
+        unknown = [c for c in self.controls if c not in CONTROLS]
+        if unknown:
+            raise ValueError(f"controls: unknown {unknown}; choose from {CONTROLS}")
         if self.locate not in LOCATORS:
             raise ValueError(f"locate must be one of {LOCATORS}, got {self.locate!r}")
         if self.locate == "gradient_contrast" and self.side_effect_data_dir is None:
@@ -120,7 +128,8 @@ def _accuracy(model, tokenizer, rows, style, cfg: TrainConfig) -> dict[str, Any]
 
     r = evaluate_accuracy(model, tokenizer, rows, style=style, shots=cfg.shots, question_field=cfg.question_field,
                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, progress=True)
-    return {"accuracy": r.accuracy, "stderr": r.stderr, "count": r.count, "capped_fraction": r.capped_fraction}
+    return {"accuracy": r.accuracy, "stderr": r.stderr, "count": r.count, "capped_fraction": r.capped_fraction,
+            "correct": [int(x["correct"]) for x in r.records]}
 
 
 def _select(model, tokenizer, rows, cfg: TrainConfig) -> dict[str, Any]:
@@ -245,6 +254,13 @@ def model_card(report: dict[str, Any], command: str | None) -> str:
     effects = report.get("side_effects") or {}
     if effects:
         lines += ["Side effects: " + ", ".join(f"{k} {v:+.4f}" for k, v in effects.items() if k != "seconds"), ""]
+    if report.get("controls"):
+        lines += ["Controls trained the same way on the same rows (located minus control paired over the held-out "
+                  "problems; one training run each, so the SE does not cover another training seed):", "",
+                  "| control | trainable parameters | accuracy | located - control |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {name} | {c['trainable_params']:,} | {c['accuracy']:.3f} | {_gap_text(c)} |"
+                  for name, c in report["controls"].items()]
+        lines += [""]
     lines += ["![circuit](circuit.png)", ""]
     if command:
         lines += ["Made with:", "", "```bash", command, "```", ""]
@@ -263,7 +279,22 @@ def summary_table(report: dict[str, Any]) -> str:
         f"change {gain:+.3f} ({gain / se if se else float('nan'):+.1f} SE); circuit "
         f"{report['locate']['components']} components ({100 * report['locate']['component_fraction']:.2f} %), "
         f"{report['trainable_params']:,} trainable parameters",
+        *_control_lines(report.get("controls") or {}),
     ])
+
+
+def _gap_text(control: dict[str, Any]) -> str:
+    se = control.get("gap_se")
+    return f"{control['gap']:+.3f}" + (f" +/- {se:.3f}" if se is not None else " (unpaired)")
+
+
+def _control_lines(controls: dict[str, dict[str, Any]]) -> list[str]:
+    """The summary's rows for the controls: accuracy like before/after, then located minus control."""
+    if not controls:
+        return []
+    return ["controls: same rows and recipe, one training run each (located - control paired over held-out problems)",
+            *[f"{name:16s} {c['accuracy']:9.3f} {c['stderr']:7.3f} {c['capped_fraction']:7.3f}   located - control "
+              f"{_gap_text(c)}; {c['trainable_params']:,} parameters" for name, c in controls.items()]]
 
 
 def train(
@@ -289,7 +320,9 @@ def train(
         from ..evaluate.data import load_text
 
         load_text(cfg.side_effect_data_dir)
-    settings = {"model": model_name, "config": asdict(cfg), "train": _fingerprint(train_rows),
+    config = asdict(cfg)
+    config.pop("controls")  # trained after the circuit: adding controls to a finished run reuses it
+    settings = {"model": model_name, "config": config, "train": _fingerprint(train_rows),
                 "heldout": _fingerprint(heldout_rows)}
     run = RunFolder(output_dir, settings)
     run.open()
@@ -337,16 +370,56 @@ def _mmlu_subjects(cfg: TrainConfig) -> tuple[str, ...] | None:
     return tuple(s for s in DEFAULT_MMLU_SUBJECTS if s in present) or tuple(present) or None
 
 
-def _side_effects(run: RunFolder, peft_model, tokenizer, cfg: TrainConfig, log) -> dict[str, Any]:
+def _measure_side_effects(peft_model, tokenizer, cfg: TrainConfig) -> dict[str, Any]:
+    """MMLU / TruthfulQA deltas and KL of ``peft_model`` against itself with the adapter disabled."""
     from ..evaluate.side_effects import side_effects
 
-    def measure():
-        se = side_effects(peft_model, tokenizer, cfg.side_effect_data_dir, progress=True, kl_chunks=cfg.kl_chunks,
-                          mmlu_subjects=_mmlu_subjects(cfg), mmlu_limit=cfg.mmlu_limit,
-                          truthfulqa_limit=cfg.truthfulqa_limit)
-        return {k: se[k] for k in ("mmlu_delta", "truthfulqa_delta", "kl") if se.get(k) is not None}
+    se = side_effects(peft_model, tokenizer, cfg.side_effect_data_dir, progress=True, kl_chunks=cfg.kl_chunks,
+                      mmlu_subjects=_mmlu_subjects(cfg), mmlu_limit=cfg.mmlu_limit,
+                      truthfulqa_limit=cfg.truthfulqa_limit)
+    return {k: se[k] for k in ("mmlu_delta", "truthfulqa_delta", "kl") if se.get(k) is not None}
 
-    return run.stage("side_effects", measure, log)
+
+def _side_effects(run: RunFolder, peft_model, tokenizer, cfg: TrainConfig, log) -> dict[str, Any]:
+    return run.stage("side_effects", lambda: _measure_side_effects(peft_model, tokenizer, cfg), log)
+
+
+def _controls(run: RunFolder, model_name: str, tokenizer, circuit, rows, heldout_rows, style: str, cfg: TrainConfig,
+              after: dict[str, Any], log) -> dict[str, dict[str, Any]]:
+    """Train and measure every ``cfg.controls`` arm like the circuit (one stage each, a fresh base model
+    each); located minus control, paired over the held-out problems."""
+    from .controls import paired_gap
+
+    out = {}
+    for name in cfg.controls:
+        result = dict(run.stage(f"control_{name}", lambda: _control(run, name, model_name, tokenizer, circuit, rows,
+                                                                    heldout_rows, style, cfg, log), log))
+        if len(after.get("correct", [])) == len(result["correct"]):
+            result["gap"], result["gap_se"] = paired_gap(after["correct"], result["correct"])
+        else:  # an "after" stage saved before per-problem results were kept
+            result["gap"], result["gap_se"] = after["accuracy"] - result["accuracy"], None
+        log(f"[control {name}] held-out accuracy {result['accuracy']:.3f}; located - control {result['gap']:+.3f}")
+        out[name] = result
+    return out
+
+
+def _control(run: RunFolder, name: str, model_name: str, tokenizer, circuit, rows, heldout_rows, style: str,
+             cfg: TrainConfig, log) -> dict[str, Any]:
+    """One control: trained with the circuit's SFT settings on the same rows, measured on the same held-out rows."""
+    from ..models import load_model
+    from .controls import control_model
+
+    model, size = control_model(name, load_model(model_name), circuit, lambda c: _adapter_config(c, cfg), cfg.seed)
+    examples = gold_examples(tokenizer, rows, style, cfg.shots, cfg.question_field, cfg.answer_field)
+    log(f"[control {name}] training {size['trainable_params']:,} parameters with the circuit's recipe")
+    trainer_dir = run.path / f"trainer_{name}"
+    train_sft(model, tokenizer, examples, cfg.sft, str(trainer_dir), style=style, progress=True)
+    shutil.rmtree(trainer_dir, ignore_errors=True)
+    model.eval()
+    result = {**size, **_accuracy(model, tokenizer, heldout_rows, style, cfg)}
+    if cfg.side_effect_data_dir:
+        result["side_effects"] = _measure_side_effects(model, tokenizer, cfg)
+    return result
 
 
 def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]], heldout_rows: list[dict[str, Any]],
@@ -382,9 +455,10 @@ def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]
     after = run.stage("after", lambda: _accuracy(peft_model, tokenizer, heldout_rows, style, cfg), log)
     log(f"[after] held-out accuracy {after['accuracy']:.3f} +/- {after['stderr']:.3f}")
     effects = _side_effects(run, peft_model, tokenizer, cfg, log) if cfg.side_effect_data_dir else {}
+    controls = _controls(run, model_name, tokenizer, circuit, chosen, heldout_rows, style, cfg, after, log)
     report = {"model": model_name, "settings": settings, "style": style, "n_train": len(chosen),
               "n_heldout": len(heldout_rows), "locate": located, "before": before, "after": after,
-              "side_effects": effects, "trainable_params": size["trainable_params"],
+              "side_effects": effects, "controls": controls, "trainable_params": size["trainable_params"],
               "param_fraction": size["param_fraction"], "command": command,
               "files": {"adapter": str(out / "adapter"), "circuit": str(out / "circuit.json"),
                         "heatmap": str(out / "circuit.png")}}
