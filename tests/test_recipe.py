@@ -112,6 +112,7 @@ def test_pivotal_dataset_weights_the_answer_tokens():
     (dict(select="best"), "select must be one of"), (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(lora_rank=-1), "lora_rank"), (dict(locate="gradient_contrast"), "--side-effects-data"),
     (dict(controls=("random_layer", "lora32")), r"controls: unknown \['lora32'\]"),
+    (dict(controls=("lora",), update="cca"), "update='sft'"),
 ])
 def test_train_config_refuses_bad_settings(bad, match):
     with pytest.raises(ValueError, match=match):

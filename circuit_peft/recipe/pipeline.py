@@ -73,6 +73,9 @@ class TrainConfig:
         unknown = [c for c in self.controls if c not in CONTROLS]
         if unknown:
             raise ValueError(f"controls: unknown {unknown}; choose from {CONTROLS}")
+        if self.controls and self.update != "sft":
+            raise ValueError("controls are trained with pivotal SFT like the circuit; with update='cca' they would "
+                             "compare two recipes: use update='sft' (--update sft) with --controls")
         if self.locate not in LOCATORS:
             raise ValueError(f"locate must be one of {LOCATORS}, got {self.locate!r}")
         if self.locate == "gradient_contrast" and self.side_effect_data_dir is None:
