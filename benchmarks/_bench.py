@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,12 +21,11 @@ def settings_key(args: argparse.Namespace, ignored: tuple[str, ...]) -> str:
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (sample SD / sqrt(n)); NaN error for one value."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
+    """:func:`circuit_peft.stats.mean_se`, with NaN (not None) as the error of one value, as saved results have it."""
+    from circuit_peft.stats import mean_se as _mean_se
+
+    mean, se = _mean_se(values)
+    return mean, float("nan") if se is None else se
 
 
 @contextmanager

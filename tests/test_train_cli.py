@@ -98,3 +98,32 @@ def test_train_flags_default_to_the_train_config():
     default = TrainConfig()
     differ = [f.name for f in fields(TrainConfig) if getattr(built, f.name) != getattr(default, f.name)]
     assert differ == []
+
+
+def test_train_over_seeds_with_a_control_averages_the_gaps(tmp_path, capsys):
+    from circuit_peft.models import load_tokenizer, tiny_model
+
+    tok = load_tokenizer("smollm2")
+    model_dir = tmp_path / "model"
+    tiny_model("llama", vocab_size=len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "seeds"
+    argv = ["train", "--model", str(model_dir), "--data", "arithmetic", "--n-train", "4", "--heldout", "arithmetic",
+            "--n-heldout", "3", "--epochs", "1", "--max-new-tokens", "4", "--circuit-fraction", "0.1",
+            "--controls", "random_layer", "--seeds", "0,1", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "over seeds 0, 1" in printed and "located - random_layer" in printed
+    summary = json.loads((out / "seeds.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    reports = [json.loads((out / f"seed{s}" / "report.json").read_text()) for s in (0, 1)]
+    gaps = [r["controls"]["random_layer"]["gap"] for r in reports]
+    assert summary["minus_random_layer"] == pytest.approx(sum(gaps) / 2)
+    assert summary["gain"] == pytest.approx(sum(r["after"]["accuracy"] - r["before"]["accuracy"] for r in reports) / 2)
+    assert reports[0]["settings"]["config"]["seed"] == 0 and reports[1]["settings"]["config"]["seed"] == 1
+    # a folder holding a single-seed run is refused, and so are bad seed lists, before any work
+    assert main([*argv[:-2], "--out", str(out / "seed0")]) == 2
+    assert "single-seed run" in capsys.readouterr().err
+    for bad in ("0,0", "a,1", ","):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["train", "--seeds", bad, "--out", "x"])

@@ -86,17 +86,39 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..recipe import train
+    from ..recipe.seeds import check_seeds_folder, seed_folder, seeds_table, write_seeds_summary
 
-    config = config_from_args(args)  # every setting checked before data or model work
-    train_rows, held = split_examples(args)
+    seeds = args.seeds or [args.seed]
+    runs = []  # every seed's settings and data checked before any model work
+    for seed in seeds:
+        one = argparse.Namespace(**{**vars(args), "seed": seed})
+        runs.append((seed, config_from_args(one), *split_examples(one)))
+    if args.seeds:
+        check_seeds_folder(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     argv = getattr(args, "argv", None)
     command = "circuit-peft " + " ".join(shlex.quote(a) for a in argv) if argv else None
-    print(f"circuit-peft train: {args.model}, {len(train_rows)} training / {len(held)} held-out examples -> {args.out}")
-    train(args.model, train_rows, held, args.out, config, command=command)
-    print(f"adapter, circuit.json, circuit.png and report.json are in {args.out}/")
+    reports = {}
+    for seed, config, train_rows, held in runs:
+        out = seed_folder(args.out, seed) if args.seeds else args.out
+        print(f"circuit-peft train: {args.model}, {len(train_rows)} training / {len(held)} held-out examples -> {out}")
+        reports[seed] = train(args.model, train_rows, held, out, config, command=command).report
+        print(f"adapter, circuit.json, circuit.png and report.json are in {out}/")
+    if args.seeds:
+        print(seeds_table(write_seeds_summary(args.out, reports)))
     return 0
+
+
+def seed_list(text: str) -> list[int]:
+    """``--seeds``: distinct comma-separated integers."""
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated integers, got {text!r}")
+    return seeds
 
 
 def control_list(text: str) -> tuple[str, ...]:
@@ -157,6 +179,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated MMLU subjects (default: the usual six found in the folder)")
     add_side_effect_sizes(e, mmlu_limit=cfg.mmlu_limit, truthfulqa_limit=cfg.truthfulqa_limit, kl_chunks=cfg.kl_chunks)
     p.add_argument("--seed", type=int, default=cfg.seed)
+    p.add_argument("--seeds", type=seed_list, default=None,
+                   help="comma-separated seeds: one run per seed in OUT/seed<k>/ (the seed draws the held-out split "
+                        "or the generated problems, the training order and the random controls), then mean +/- "
+                        "standard error over seeds in OUT/seeds.json")
     p.add_argument("--threads", type=positive(int), default=None)
 
 

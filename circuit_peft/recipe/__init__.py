@@ -2,7 +2,8 @@
 
 from .controls import CONTROLS, control_model, matched_lora_rank, paired_gap
 from .pipeline import LOCATORS, SELECTORS, RunFolder, TrainConfig, TrainResult, model_card, summary_table, train
+from .seeds import seeds_table, summarise_seeds, write_seeds_summary
 from .sft import SFTSettings, answer_spans, gold_examples, pivotal_dataset, train_sft
 
 __all__ = ["CONTROLS", "LOCATORS", "control_model", "matched_lora_rank", "paired_gap", "SELECTORS", "RunFolder", "SFTSettings", "TrainConfig", "TrainResult", "answer_spans",
-           "gold_examples", "model_card", "pivotal_dataset", "summary_table", "train", "train_sft"]
+           "gold_examples", "model_card", "seeds_table", "summarise_seeds", "write_seeds_summary", "pivotal_dataset", "summary_table", "train", "train_sft"]

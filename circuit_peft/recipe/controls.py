@@ -10,16 +10,17 @@ rows, and reports located minus control, paired over the held-out problems:
 * ``lora_matched``: LoRA with the rank whose trainable parameters come closest to the circuit's.
 
 The paired standard error covers the draw of held-out problems only: one training run per arm cannot
-show how much another training seed would move either (``benchmarks/recipes.py`` repeats over seeds).
+show how much another training seed would move either; ``--seeds 0,1,2`` (:mod:`.seeds`) repeats the run
+and gives the standard error over seeds.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
-import torch
 from torch import nn
+
+from ..stats import mean_se
 
 CONTROLS: tuple[str, ...] = ("random_layer", "random_anywhere", "lora", "lora_matched")
 LORA_RANK = 16
@@ -62,14 +63,12 @@ def control_model(name: str, model: nn.Module, circuit: Any, adapter_config: Any
     return peft_model, {"trainable_params": trainable, "lora_rank": rank}
 
 
-def paired_gap(a: Sequence[int], b: Sequence[int]) -> tuple[float, float]:
+def paired_gap(a: Sequence[int], b: Sequence[int]) -> tuple[float, float | None]:
     """Mean and standard error of ``a[i] - b[i]`` (per-problem correctness, 0/1, of two arms on the same
     held-out problems)."""
     if len(a) != len(b) or not a:
         raise ValueError(f"paired_gap needs two equal, non-empty lists (got {len(a)} and {len(b)})")
-    diffs = torch.tensor([float(x) - float(y) for x, y in zip(a, b)], dtype=torch.float64)
-    se = float(diffs.std(unbiased=True)) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-    return float(diffs.mean()), se
+    return mean_se([float(x) - float(y) for x, y in zip(a, b)])
 
 
 __all__ = ["CONTROLS", "LORA_RANK", "control_model", "matched_lora_rank", "paired_gap"]
