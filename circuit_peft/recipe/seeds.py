@@ -9,7 +9,7 @@ held-out accuracy before and after, the gain, and located minus each control.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..files import atomic_write_json
 from ..stats import mean_se
