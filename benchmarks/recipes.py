@@ -511,7 +511,7 @@ def plot_gaps(summary: dict[str, Any], path: str) -> str:
     prefix = "located_minus_random_layer_acc_"
     tags = sorted({k[len(prefix):].removesuffix("_transfer") for k in summary
                    if k.startswith(prefix) and not k.endswith("_se")})
-    fig, ax = plt.subplots(figsize=(1.2 * len(tags) + 2, 3.2))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.2 * len(tags) + 2), 3.2))
     for j, (suffix, label) in enumerate((("", "test (training format)"), ("_transfer", "held-out format"))):
         xs = [i + 0.2 * (2 * j - 1) for i in range(len(tags))]
         ys = [summary.get(f"{prefix}{t}{suffix}", float("nan")) for t in tags]
