@@ -5,5 +5,9 @@ from .pipeline import LOCATORS, SELECTORS, RunFolder, TrainConfig, TrainResult, 
 from .seeds import seeds_table, summarise_seeds, write_seeds_summary
 from .sft import SFTSettings, answer_spans, gold_examples, pivotal_dataset, train_sft
 
-__all__ = ["CONTROLS", "LOCATORS", "control_model", "matched_lora_rank", "paired_gap", "SELECTORS", "RunFolder", "SFTSettings", "TrainConfig", "TrainResult", "answer_spans",
-           "gold_examples", "model_card", "seeds_table", "summarise_seeds", "write_seeds_summary", "pivotal_dataset", "summary_table", "train", "train_sft"]
+__all__ = [
+    "CONTROLS", "LOCATORS", "SELECTORS", "answer_spans", "control_model", "gold_examples",
+    "matched_lora_rank", "model_card", "paired_gap", "pivotal_dataset", "RunFolder", "seeds_table",
+    "SFTSettings", "summarise_seeds", "summary_table", "train", "train_sft", "TrainConfig", "TrainResult",
+    "write_seeds_summary",
+]
