@@ -113,6 +113,8 @@ def test_pivotal_dataset_weights_the_answer_tokens():
     (dict(lora_rank=-1), "lora_rank"), (dict(locate="gradient_contrast"), "--side-effects-data"),
     (dict(controls=("random_layer", "lora32")), r"controls: unknown \['lora32'\]"),
     (dict(controls=("lora",), update="cca"), "update='sft'"),
+    (dict(learning_rates=(1e-3, 0.0)), "learning_rates"), (dict(learning_rates=(1e-3, 1e-3)), "learning_rates"),
+    (dict(learning_rates=(1e-3,), update="cca"), "--lrs"), (dict(validation_fraction=1.0), "validation_fraction"),
 ])
 def test_train_config_refuses_bad_settings(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -164,6 +166,65 @@ def test_control_models_train_what_they_say():
 def test_sft_settings_refuse_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
         SFTSettings(**bad)
+
+
+def test_validation_split_is_seeded_disjoint_and_refuses_an_empty_side():
+    from circuit_peft.recipe import validation_split
+
+    rows = [{"question": str(i), "answer": str(i)} for i in range(10)]
+    fit, val = validation_split(rows, 0.2, seed=3)
+    assert len(val) == 2 and len(fit) == 8
+    assert sorted(r["question"] for r in fit + val) == sorted(r["question"] for r in rows)
+    assert validation_split(rows, 0.2, seed=3) == (fit, val) and validation_split(rows, 0.2, seed=4)[1] != val
+    with pytest.raises(ValueError, match="--validation-fraction"):
+        validation_split(rows[:2], 0.2, seed=0)
+
+
+def test_fit_on_grid_keeps_the_best_rate_each_trained_from_the_same_start(tmp_path):
+    """Each rate starts from the initial adapter (not from the previous rate's weights), the best
+    validation score wins (the first on ties), and the model ends holding that rate's weights."""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    from circuit_peft.recipe import fit_on_grid
+
+    def build():
+        torch.manual_seed(0)
+        return get_peft_model(tiny_model("llama"), _located(tiny_model("llama")).to_config(projections="paper"))
+
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+
+    def train_at(model, lr):  # three plain SGD steps on the LM loss
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+        for _ in range(3):
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+
+    def state(model):
+        return {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+
+    scores = {0.1: 0.2, 0.3: 0.5, 1.0: 0.5}  # a tie: the first of the two best rates is kept
+    run = RunFolder(tmp_path / "run", {"model": "tiny"})
+    run.open()
+    model = build()
+    measured = []
+
+    def measure(m):
+        measured.append(state(m))
+        return scores[list(scores)[len(measured) - 1]]
+
+    choice = fit_on_grid(run, "train", model, train_at, measure, list(scores), print)
+    assert choice.lr == 0.3 and choice.validation_accuracy == {"0.1": 0.2, "0.3": 0.5, "1": 0.5}
+    alone = build()
+    train_at(alone, 0.3)  # the same rate trained from a fresh start
+    for k, v in state(alone).items():
+        assert torch.equal(state(model)[k], v) and torch.equal(measured[1][k], v)
+    assert any(not torch.equal(measured[0][k], measured[1][k]) for k in measured[0])
+    assert sorted(p.name for p in (tmp_path / "run" / "stages").glob("train_lr*.safetensors")) == [
+        "train_lr0.1.safetensors", "train_lr0.3.safetensors", "train_lr1.safetensors"]
+    again = build()  # a re-run reuses every finished rate and loads the chosen weights
+    rerun = fit_on_grid(run, "train", again, lambda m, lr: pytest.fail("retrained"), lambda m: 0.0, list(scores), print)
+    assert rerun.lr == 0.3 and all(torch.equal(state(again)[k], v) for k, v in state(alone).items())
 
 
 def test_run_folder_refuses_other_settings_and_foreign_folders(tmp_path):

@@ -127,3 +127,42 @@ def test_train_over_seeds_with_a_control_averages_the_gaps(tmp_path, capsys):
     for bad in ("0,0", "a,1", ","):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["train", "--seeds", bad, "--out", "x"])
+
+
+def test_train_with_a_rate_grid_chooses_each_arm_on_held_back_rows(tmp_path, capsys):
+    from circuit_peft.models import load_tokenizer, tiny_model
+
+    tok = load_tokenizer("smollm2")
+    model_dir = tmp_path / "model"
+    tiny_model("llama", vocab_size=len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(model_dir), "--data", "arithmetic", "--n-train", "6", "--heldout", "arithmetic",
+            "--n-heldout", "3", "--epochs", "1", "--max-new-tokens", "4", "--circuit-fraction", "0.1",
+            "--controls", "random_layer", "--lrs", "1e-3,3e-2", "--validation-fraction", "0.34", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "learning rate chosen per arm on 2 validation rows" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_train"] == 4 and report["n_heldout"] == 3  # two training rows held back, held-out untouched
+    stages = out / "stages"
+    for arm in (report["training"], report["controls"]["random_layer"]):
+        scores = arm["validation_accuracy"]
+        assert list(scores) == ["0.001", "0.03"] and arm["n_validation"] == 2
+        assert arm["lr"] == max((1e-3, 3e-2), key=lambda lr: scores[f"{lr:g}"])
+    for tag in ("train", "control_random_layer"):
+        assert {p.name for p in stages.glob(f"{tag}_lr*.safetensors")} == {f"{tag}_lr0.001.safetensors",
+                                                                          f"{tag}_lr0.03.safetensors"}
+    from safetensors.torch import load_file
+
+    kept = load_file(str(stages / "train.safetensors"))
+    chosen = load_file(str(stages / f"train_lr{report['training']['lr']:g}.safetensors"))
+    other = load_file(str(stages / f"train_lr{({1e-3, 3e-2} - {report['training']['lr']}).pop():g}.safetensors"))
+    assert all(torch.equal(kept[k], chosen[k]) for k in kept)
+    assert any(not torch.equal(kept[k], other[k]) for k in kept)
+    assert "learning rate chosen per arm" in (out / "adapter" / "README.md").read_text()
+    assert main(argv) == 0  # a re-run reuses every stage
+    again = capsys.readouterr().out
+    assert "[train] done earlier" in again and "[control_random_layer] done earlier" in again
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv[:-2], "--lrs", "1e-3,0", "--out", "x"])

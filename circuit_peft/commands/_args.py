@@ -41,6 +41,23 @@ def fraction(text: str) -> float:
     return value
 
 
+def distinct_list(kind: type = int, ok: Callable[[float], bool] = lambda v: True,
+                  rule: str = "") -> Callable[[str], list]:
+    """Comma-separated distinct ``kind`` values, each satisfying ``ok`` (``--seeds``, ``--lrs``)."""
+    what = f"distinct comma-separated {'integers' if kind is int else 'numbers'}{rule}"
+
+    def parse(text: str) -> list:
+        try:
+            values = [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not values or len(set(values)) != len(values) or not all(ok(v) for v in values):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return values
+    parse.__name__ = f"list of {kind.__name__}"
+    return parse
+
+
 def add_side_effect_sizes(group: argparse._ArgumentGroup, mmlu_limit: int | None, truthfulqa_limit: int | None,
                           kl_chunks: int = 8) -> None:
     """``--mmlu-limit``, ``--truthfulqa-limit``, ``--kl-chunks``: how much the side-effect measurement reads

@@ -11,7 +11,7 @@ import random
 import shlex
 from typing import Any
 
-from ._args import add_side_effect_sizes, fraction, non_negative, positive
+from ._args import add_side_effect_sizes, distinct_list, fraction, non_negative, positive
 from ..files import read_rows
 from ._cca import resolve_shots
 from ..recipe.controls import CONTROLS
@@ -79,7 +79,8 @@ def config_from_args(args: argparse.Namespace):
                        side_effect_data_dir=args.side_effects_data, question_field=args.question_field,
                        mmlu_subjects=tuple(x for x in args.mmlu_subjects.split(",") if x) if args.mmlu_subjects else None,
                        mmlu_limit=args.mmlu_limit, truthfulqa_limit=args.truthfulqa_limit, kl_chunks=args.kl_chunks,
-                       answer_field=args.answer_field, seed=args.seed, controls=args.controls)
+                       answer_field=args.answer_field, seed=args.seed, controls=args.controls,
+                       learning_rates=tuple(args.lrs), validation_fraction=args.validation_fraction)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,17 +109,6 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds:
         print(seeds_table(write_seeds_summary(args.out, reports)))
     return 0
-
-
-def seed_list(text: str) -> list[int]:
-    """``--seeds``: distinct comma-separated integers."""
-    try:
-        seeds = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"expected distinct comma-separated integers, got {text!r}")
-    return seeds
 
 
 def control_list(text: str) -> tuple[str, ...]:
@@ -167,7 +157,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated arms trained after the circuit with the same rows and recipe, reported as "
                         f"located minus control on the held-out rows: {', '.join(CONTROLS)} (may be added to a "
                         "finished run folder)")
-    s.add_argument("--lr", type=positive(float), default=cfg.sft.learning_rate)
+    s.add_argument("--lr", type=positive(float), default=cfg.sft.learning_rate,
+                   help=f"learning rate of every arm (default {cfg.sft.learning_rate:g}; --lrs chooses one per arm)")
+    s.add_argument("--lrs", type=distinct_list(float, lambda v: v > 0, " > 0"), default=cfg.learning_rates,
+                   help="comma-separated learning rates: the circuit and each control train at every rate and keep "
+                        "the one with the best accuracy on --validation-fraction of the training rows (held back "
+                        "from training); overrides --lr")
+    s.add_argument("--validation-fraction", type=fraction, default=cfg.validation_fraction,
+                   help=f"share of the training rows held back to choose the rate with --lrs "
+                        f"(default {cfg.validation_fraction})")
     s.add_argument("--epochs", type=positive(float), default=cfg.sft.epochs)
     s.add_argument("--batch-size", type=positive(int), default=cfg.sft.batch_size)
     s.add_argument("--pivotal-weight", type=non_negative(float), default=cfg.sft.pivotal_weight, help="loss weight of the final answer's tokens")
@@ -179,7 +177,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated MMLU subjects (default: the usual six found in the folder)")
     add_side_effect_sizes(e, mmlu_limit=cfg.mmlu_limit, truthfulqa_limit=cfg.truthfulqa_limit, kl_chunks=cfg.kl_chunks)
     p.add_argument("--seed", type=int, default=cfg.seed)
-    p.add_argument("--seeds", type=seed_list, default=None,
+    p.add_argument("--seeds", type=distinct_list(int), default=None,
                    help="comma-separated seeds: one run per seed in OUT/seed<k>/ (the seed draws the held-out split "
                         "or the generated problems, the training order and the random controls), then mean +/- "
                         "standard error over seeds in OUT/seeds.json")

@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from ..files import atomic_dir, atomic_write_json, atomic_write_text
 from ..runs import OpenRun, fingerprint as _fingerprint
 from .controls import CONTROLS
+from .rates import fit_on_grid, load_weights, save_weights, validation_split
 from .sft import SFTSettings, gold_examples, pivotal_dataset, train_sft
 
 LOCATORS: tuple[str, ...] = ("gradient", "gradient_contrast", "attribution")
@@ -44,7 +45,10 @@ class TrainConfig:
     (pivotal-weighted SFT on the gold solutions, the default) or ``"cca"`` (the CCA update: logit
     difference on mined digit pivots, ``update_steps`` SGD steps at the paper's lr 1e-4, last step kept).
     ``controls``: arms trained after the circuit with the same data and recipe (:mod:`.controls`:
-    ``random_layer``, ``random_anywhere``, ``lora``, ``lora_matched``); they may be added to a finished run."""
+    ``random_layer``, ``random_anywhere``, ``lora``, ``lora_matched``); they may be added to a finished run.
+    ``learning_rates``: a grid; the circuit and each control then keep the rate with the best accuracy on
+    ``validation_fraction`` of the training rows, held back from training (:mod:`.rates`); empty: every
+    arm trains at ``sft.learning_rate``."""
 
     locate: str = "gradient"
     circuit_fraction: float = 0.02
@@ -67,9 +71,19 @@ class TrainConfig:
     answer_field: str = "answer"
     seed: int = 0
     controls: tuple[str, ...] = ()
+    learning_rates: tuple[float, ...] = ()
+    validation_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         self.controls = tuple(self.controls)
+        self.learning_rates = tuple(self.learning_rates)
+        if any(not lr > 0 for lr in self.learning_rates) or len(set(self.learning_rates)) != len(self.learning_rates):
+            raise ValueError(f"learning_rates must be distinct rates > 0, got {self.learning_rates!r}")
+        if self.learning_rates and self.update != "sft":
+            raise ValueError("learning_rates choose the SFT rate on validation; update='cca' has its own step size: "
+                             "use update='sft' (--update sft) with --lrs")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}")
         unknown = [c for c in self.controls if c not in CONTROLS]
         if unknown:
             raise ValueError(f"controls: unknown {unknown}; choose from {CONTROLS}")
@@ -218,17 +232,6 @@ def _adapter_config(circuit, cfg: TrainConfig):
     return circuit.to_config(projections="paper")
 
 
-def _save_weights(peft_model, path: Path) -> None:
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    from ..files import atomic_path
-
-    state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp))
-
-
 def _save_adapter(peft_model, out: Path, card: str) -> None:
     """Write ``out/adapter`` so that a kill leaves the old adapter or the new one, never a mix."""
     with atomic_dir(out / "adapter") as tmp:
@@ -264,7 +267,7 @@ def model_card(report: dict[str, Any], command: str | None) -> str:
         lines += [f"| {name} | {c['trainable_params']:,} | {c['accuracy']:.3f} | {_gap_text(c)} |"
                   for name, c in report["controls"].items()]
         lines += [""]
-    lines += ["![circuit](circuit.png)", ""]
+    lines += [*(f"{line}." for line in _rate_lines(report)), "", "![circuit](circuit.png)", ""]
     if command:
         lines += ["Made with:", "", "```bash", command, "```", ""]
     return "\n".join(lines)
@@ -283,7 +286,20 @@ def summary_table(report: dict[str, Any]) -> str:
         f"{report['locate']['components']} components ({100 * report['locate']['component_fraction']:.2f} %), "
         f"{report['trainable_params']:,} trainable parameters",
         *_control_lines(report.get("controls") or {}),
+        *_rate_lines(report),
     ])
+
+
+def _rate_lines(report: dict[str, Any]) -> list[str]:
+    """One line naming each arm's learning rate and its validation accuracy, when a grid chose them."""
+    arms = {"circuit": report.get("training") or {}, **(report.get("controls") or {})}
+    chosen = {name: a for name, a in arms.items() if "validation_accuracy" in a}
+    if not chosen:
+        return []
+    n = next(iter(chosen.values()))["n_validation"]
+    return [f"learning rate chosen per arm on {n} validation rows held back from training (validation accuracy): "
+            + ", ".join(f"{name} {a['lr']:g} ({a['validation_accuracy'][format(a['lr'], 'g')]:.3f})"
+                        for name, a in chosen.items())]
 
 
 def _gap_text(control: dict[str, Any]) -> str:
@@ -325,42 +341,64 @@ def train(
         load_text(cfg.side_effect_data_dir)
     config = asdict(cfg)
     config.pop("controls")  # trained after the circuit: adding controls to a finished run reuses it
+    if not cfg.learning_rates:  # run folders made before the grid existed keep their settings
+        config.pop("learning_rates"), config.pop("validation_fraction")
     settings = {"model": model_name, "config": config, "train": _fingerprint(train_rows),
                 "heldout": _fingerprint(heldout_rows)}
+    val_rows: list[dict[str, Any]] = []
+    if cfg.learning_rates:  # rows held back to choose each arm's rate: never located on or trained on
+        train_rows, val_rows = validation_split(train_rows, cfg.validation_fraction, cfg.seed)
     run = RunFolder(output_dir, settings)
     run.open()
     try:
-        return _run_stages(run, model_name, train_rows, heldout_rows, cfg, command, log)
+        return _run_stages(run, model_name, train_rows, val_rows, heldout_rows, cfg, command, log)
     finally:
         run.close()
 
 
-def _fit(run: RunFolder, peft_model, tokenizer, rows, style: str, cfg: TrainConfig, log) -> None:
+def _fit(run: RunFolder, peft_model, tokenizer, rows, val_rows, style: str, cfg: TrainConfig, log) -> dict[str, Any]:
     """The train stage: pivotal SFT of the circuit, its weights saved atomically (reloaded on a re-run)."""
     weights = run.path / "stages" / "train.safetensors"
     if (run.path / "stages" / "train.json").exists() and weights.exists():
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(peft_model, load_file(str(weights)))
+        load_weights(peft_model, weights)
         log("[train] done earlier: reused")
-        return
+        return json.loads((run.path / "stages" / "train.json").read_text())
 
     def fit():
         if cfg.update == "cca":
             out = _cca_update(peft_model, tokenizer, rows, style, cfg, run, log)
-            _save_weights(peft_model, weights)
+            save_weights(peft_model, weights)
             return out
         examples = gold_examples(tokenizer, rows, style, cfg.shots, cfg.question_field, cfg.answer_field)
         steps = math.ceil(math.ceil(len(examples) / cfg.sft.batch_size) * cfg.sft.epochs)
         log(f"[train] pivotal SFT of the circuit on {len(examples)} examples, {cfg.sft.epochs:g} epochs "
             f"({steps} optimizer steps of {cfg.sft.batch_size}; the bar shows the time left)")
-        train_sft(peft_model, tokenizer, examples, cfg.sft, str(run.path / "trainer"), style=style, progress=True)
-        shutil.rmtree(run.path / "trainer", ignore_errors=True)
-        _save_weights(peft_model, weights)
-        return {"examples": len(examples)}
+        out = _train_arm(run, "train", peft_model, tokenizer, examples, val_rows, style, cfg, log)
+        save_weights(peft_model, weights)
+        return {"examples": len(examples), **out}
 
-    run.stage("train", fit, log)
+    return run.stage("train", fit, log)
+
+
+def _train_arm(run: RunFolder, tag: str, model, tokenizer, examples, val_rows, style: str, cfg: TrainConfig,
+               log) -> dict[str, Any]:
+    """Pivotal SFT of ``model``'s adapter at ``cfg.sft.learning_rate``, or with ``cfg.learning_rates`` at
+    each rate, keeping the one with the best accuracy on ``val_rows``. Returns the rate (and the
+    validation accuracy per rate)."""
+    trainer_dir = run.path / f"trainer_{tag}"
+
+    def train_at(m, lr: float) -> None:
+        train_sft(m, tokenizer, examples, replace(cfg.sft, learning_rate=lr), str(trainer_dir), style=style,
+                  progress=True)
+        shutil.rmtree(trainer_dir, ignore_errors=True)
+
+    if not cfg.learning_rates:
+        train_at(model, cfg.sft.learning_rate)
+        return {"lr": cfg.sft.learning_rate}
+    choice = fit_on_grid(run, tag, model, train_at,
+                         lambda m: _accuracy(m, tokenizer, val_rows, style, cfg)["accuracy"], cfg.learning_rates, log)
+    log(f"[{tag}] learning rate {choice.lr:g} chosen on {len(val_rows)} validation rows")
+    return {"lr": choice.lr, "validation_accuracy": choice.validation_accuracy, "n_validation": len(val_rows)}
 
 
 def _mmlu_subjects(cfg: TrainConfig) -> tuple[str, ...] | None:
@@ -387,8 +425,8 @@ def _side_effects(run: RunFolder, peft_model, tokenizer, cfg: TrainConfig, log) 
     return run.stage("side_effects", lambda: _measure_side_effects(peft_model, tokenizer, cfg), log)
 
 
-def _controls(run: RunFolder, model_name: str, tokenizer, circuit, rows, heldout_rows, style: str, cfg: TrainConfig,
-              after: dict[str, Any], log) -> dict[str, dict[str, Any]]:
+def _controls(run: RunFolder, model_name: str, tokenizer, circuit, rows, val_rows, heldout_rows, style: str,
+              cfg: TrainConfig, after: dict[str, Any], log) -> dict[str, dict[str, Any]]:
     """Train and measure every ``cfg.controls`` arm like the circuit (one stage each, a fresh base model
     each); located minus control, paired over the held-out problems."""
     from .controls import paired_gap
@@ -396,7 +434,7 @@ def _controls(run: RunFolder, model_name: str, tokenizer, circuit, rows, heldout
     out = {}
     for name in cfg.controls:
         result = dict(run.stage(f"control_{name}", lambda: _control(run, name, model_name, tokenizer, circuit, rows,
-                                                                    heldout_rows, style, cfg, log), log))
+                                                                    val_rows, heldout_rows, style, cfg, log), log))
         if len(after.get("correct", [])) == len(result["correct"]):
             result["gap"], result["gap_se"] = paired_gap(after["correct"], result["correct"])
         else:  # an "after" stage saved before per-problem results were kept
@@ -406,27 +444,27 @@ def _controls(run: RunFolder, model_name: str, tokenizer, circuit, rows, heldout
     return out
 
 
-def _control(run: RunFolder, name: str, model_name: str, tokenizer, circuit, rows, heldout_rows, style: str,
+def _control(run: RunFolder, name: str, model_name: str, tokenizer, circuit, rows, val_rows, heldout_rows, style: str,
              cfg: TrainConfig, log) -> dict[str, Any]:
-    """One control: trained with the circuit's SFT settings on the same rows, measured on the same held-out rows."""
+    """One control: trained with the circuit's SFT settings (and rate grid) on the same rows, measured on
+    the same held-out rows."""
     from ..models import load_model
     from .controls import control_model
 
     model, size = control_model(name, load_model(model_name), circuit, lambda c: _adapter_config(c, cfg), cfg.seed)
     examples = gold_examples(tokenizer, rows, style, cfg.shots, cfg.question_field, cfg.answer_field)
     log(f"[control {name}] training {size['trainable_params']:,} parameters with the circuit's recipe")
-    trainer_dir = run.path / f"trainer_{name}"
-    train_sft(model, tokenizer, examples, cfg.sft, str(trainer_dir), style=style, progress=True)
-    shutil.rmtree(trainer_dir, ignore_errors=True)
+    rate = _train_arm(run, f"control_{name}", model, tokenizer, examples, val_rows, style, cfg, log)
     model.eval()
-    result = {**size, **_accuracy(model, tokenizer, heldout_rows, style, cfg)}
+    result = {**size, **rate, **_accuracy(model, tokenizer, heldout_rows, style, cfg)}
     if cfg.side_effect_data_dir:
         result["side_effects"] = _measure_side_effects(model, tokenizer, cfg)
     return result
 
 
-def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]], heldout_rows: list[dict[str, Any]],
-                cfg: TrainConfig, command: str | None, log: Callable[[str], None]) -> TrainResult:
+def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]],
+                heldout_rows: list[dict[str, Any]], cfg: TrainConfig, command: str | None,
+                log: Callable[[str], None]) -> TrainResult:
     from peft import get_peft_model
 
     from ..circuit import Circuit
@@ -440,6 +478,9 @@ def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]
     style = cfg.prompt_style or default_prompt_style(tokenizer, log=log)
     model = load_model(model_name)
 
+    if val_rows:
+        log(f"[rates] {len(val_rows)} training rows held back to choose each arm's learning rate from "
+            f"{', '.join(f'{lr:g}' for lr in cfg.learning_rates)}")
     chosen = train_rows
     if cfg.select:
         sel = run.stage("select", lambda: _select(model, tokenizer, train_rows, cfg), log)
@@ -453,15 +494,16 @@ def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]
     circuit = Circuit.load(out / "circuit.json", model)
     peft_model = get_peft_model(model, _adapter_config(circuit, cfg))
     size = circuit_size(peft_model.peft_config["default"], peft_model)
-    _fit(run, peft_model, tokenizer, chosen, style, cfg, log)
+    fitted = _fit(run, peft_model, tokenizer, chosen, val_rows, style, cfg, log)
     peft_model.eval()
     after = run.stage("after", lambda: _accuracy(peft_model, tokenizer, heldout_rows, style, cfg), log)
     log(f"[after] held-out accuracy {after['accuracy']:.3f} +/- {after['stderr']:.3f}")
     effects = _side_effects(run, peft_model, tokenizer, cfg, log) if cfg.side_effect_data_dir else {}
-    controls = _controls(run, model_name, tokenizer, circuit, chosen, heldout_rows, style, cfg, after, log)
+    controls = _controls(run, model_name, tokenizer, circuit, chosen, val_rows, heldout_rows, style, cfg, after, log)
     report = {"model": model_name, "settings": settings, "style": style, "n_train": len(chosen),
               "n_heldout": len(heldout_rows), "locate": located, "before": before, "after": after,
               "side_effects": effects, "controls": controls, "trainable_params": size["trainable_params"],
+              "training": {k: v for k, v in fitted.items() if k != "seconds"},
               "param_fraction": size["param_fraction"], "command": command,
               "files": {"adapter": str(out / "adapter"), "circuit": str(out / "circuit.json"),
                         "heatmap": str(out / "circuit.png")}}

@@ -1,0 +1,88 @@
+"""Each arm's learning rate chosen on a validation split of the training rows (``--lrs``).
+
+A rate that suits one arm can be wrong for another: on Gemma-3-270M a located circuit trained at the
+rate chosen for a different circuit looked worse than a random one; at its own rate, chosen on
+validation, it tied (``benchmarks/README.md``, recipes.py). So with ``TrainConfig.learning_rates`` the
+circuit and every control train once per rate from the same initial weights, are measured on rows held
+back from training (:func:`validation_split`), and keep their best rate (the first on ties). The
+held-out rows that the report measures are never seen while choosing.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+
+def validation_split(rows: Sequence[dict[str, Any]], fraction: float,
+                     seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(fit, validation)``: a seeded ``fraction`` of ``rows`` held back to choose the learning rate."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    k = round(len(rows) * fraction)
+    if k < 1 or k >= len(rows):
+        raise ValueError(f"validation_fraction (--validation-fraction) {fraction} of {len(rows)} training rows "
+                         "leaves an empty split: give more rows or another fraction")
+    return [dict(rows[i]) for i in order[k:]], [dict(rows[i]) for i in order[:k]]
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """The PEFT adapter's weights of ``model`` into a safetensors file, written atomically."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from ..files import atomic_path
+
+    state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Put the adapter weights saved by :func:`save_weights` back into ``model``."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(path)))
+
+
+@dataclass
+class RateChoice:
+    """The rate kept and the validation accuracy of every rate tried (keys written as ``f"{lr:g}"``)."""
+
+    lr: float
+    validation_accuracy: dict[str, float]
+
+
+def fit_on_grid(run, tag: str, model: nn.Module, train_at: Callable[[nn.Module, float], None],
+                measure: Callable[[nn.Module], float], rates: Sequence[float],
+                log: Callable[[str], None]) -> RateChoice:
+    """Train ``model``'s adapter at each of ``rates`` from the same initial weights, one resumable stage
+    ``<tag>_lr<rate>`` of ``run`` each (its weights saved beside it), score each with ``measure`` (a
+    validation accuracy), and leave ``model`` holding the weights of the best rate (the first on ties)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    scores: dict[float, float] = {}
+    for lr in rates:
+        stage = f"{tag}_lr{lr:g}"
+        path = run.path / "stages" / f"{stage}.safetensors"
+
+        def fit_one(lr: float = lr, path: Path = path) -> dict[str, Any]:
+            set_peft_model_state_dict(model, initial)
+            train_at(model, lr)
+            save_weights(model, path)
+            return {"lr": lr, "validation_accuracy": measure(model)}
+
+        scores[lr] = run.stage(stage, fit_one, log)["validation_accuracy"]
+        log(f"[{tag}] lr {lr:g}: validation accuracy {scores[lr]:.3f}")
+    best = max(rates, key=scores.__getitem__)  # max keeps the first of equal scores
+    load_weights(model, run.path / "stages" / f"{tag}_lr{best:g}.safetensors")
+    return RateChoice(best, {f"{lr:g}": scores[lr] for lr in rates})
+
+
+__all__ = ["RateChoice", "fit_on_grid", "load_weights", "save_weights", "validation_split"]
