@@ -8,7 +8,9 @@ measured the same way; only what is trained (and, where named, the loss weights)
   each kind (q/k/v heads, MLP neurons): ``attr`` = logit-difference attribution on first-wrong-digit
   pivots (CCA stage 2), ``grad`` = norm of the SFT-loss gradient on the component's slices, ``gradc`` =
   that norm divided by the same norm of the LM-loss gradient on general text (what the task moves
-  more than everything else);
+  more than everything else), ``dcm`` = the DCM mask learned on the same pivots (60 Adam steps at 0.05
+  with cosine decay, L1 weight 0.05: the schedule that prunes in ``benchmarks/dcm.py``; masks clamp at
+  1, so equal masks are ordered by a seeded random draw: DCM cannot tell them apart);
 * ``random_layer_<locator>@<f>``: a random circuit with the same kinds and counts in the same layers;
 * ``random_anywhere_<locator>@<f>``: the same kinds and counts, random layers;
 * ``located_<locator>@<f>_unweighted``: the located circuit without pivotal weights;
@@ -47,7 +49,8 @@ import torch
 import _bench
 from _bench import ArmBench, mean_se
 
-LOCATORS = ("attr", "grad", "gradc")
+LOCATORS = ("attr", "grad", "gradc", "dcm")
+DCM_SETTINGS = {"lambda_l1": 0.05, "lr": 0.05, "steps": 60, "check_every": 10}  # benchmarks/dcm.py: keeps 1.3 %
 CCA_DEFAULTS = {"cca_steps": 16, "cca_records": 48}  # results saved before the cca arm keep their keys
 
 
@@ -182,12 +185,30 @@ class Bench(ArmBench):
         from circuit_peft.recipe import SFTSettings, TrainConfig
         from circuit_peft.recipe.pipeline import locate_for_training
 
+        if locator == "dcm":
+            return self._dcm(seed)
         method = {"grad": "gradient", "gradc": "gradient_contrast", "attr": "attribution"}[locator]
         cfg = TrainConfig(locate=method, shots=self.shots, max_new_tokens=self.args.max_new_tokens, seed=seed,
                           side_effect_data_dir=self.args.data_dir,
                           sft=SFTSettings(pivotal_weight=self.args.pivotal_weight))
         return locate_for_training(self.base, self.tok, self.problems(seed)["train"], self.style, cfg,
                                    self.mining_dir(seed), keep_fraction=None, progress=False)
+
+    def _dcm(self, seed: int):
+        """DCM masks learned on every pivot record the ``attr`` locator mined for ``seed``; scores = final
+        mask plus a seeded draw below 1e-6, so masks DCM left equal (e.g. clamped at 1) are ordered at random."""
+        import random
+
+        from circuit_peft import Circuit
+        from circuit_peft.cca.mining import RECORDS_FILE, load_records
+        from circuit_peft.locate import learn_masks
+
+        self.scored_circuit("attr", seed)  # mines the records
+        records = list(load_records(self.mining_dir(seed) / RECORDS_FILE))
+        masks = learn_masks(self.base, records, tokenizer=self.tok, seed=seed, progress=False, **DCM_SETTINGS)
+        draw = random.Random(seed)
+        scores = {c: m + 1e-6 * draw.random() for c, m in sorted(masks.scores.items())}
+        return Circuit(masks.components, scores, masks.fingerprint, "dcm", masks.meta)
 
     def mining_dir(self, seed: int) -> Path:
         """Where the ``attr`` locator mines seed ``seed``'s pivot records (shared with the cca arm)."""
