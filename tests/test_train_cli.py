@@ -161,6 +161,12 @@ def test_train_with_a_rate_grid_chooses_each_arm_on_held_back_rows(tmp_path, cap
     assert all(torch.equal(kept[k], chosen[k]) for k in kept)
     assert any(not torch.equal(kept[k], other[k]) for k in kept)
     assert "learning rate chosen per arm" in (out / "adapter" / "README.md").read_text()
+    from circuit_peft.recipe import seeds_table, summarise_seeds
+
+    summary = summarise_seeds({0: report, 1: report})
+    assert summary["learning_rates"][0] == {"circuit": report["training"]["lr"],
+                                            "random_layer": report["controls"]["random_layer"]["lr"]}
+    assert "learning rate chosen on validation, per seed: circuit" in seeds_table(summary)
     assert main(argv) == 0  # a re-run reuses every stage
     again = capsys.readouterr().out
     assert "[train] done earlier" in again and "[control_random_layer] done earlier" in again

@@ -39,7 +39,16 @@ def summarise_seeds(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
     summary = {"seeds": sorted(rows), "per_seed": rows}
     for key in keys:
         summary[key], summary[f"{key}_se"] = mean_se([row[key] for row in rows.values()])
+    rates = {seed: _chosen_rates(r) for seed, r in sorted(reports.items())}
+    if any(rates.values()):
+        summary["learning_rates"] = rates
     return summary
+
+
+def _chosen_rates(report: dict[str, Any]) -> dict[str, float]:
+    """The rate each arm of one run kept, where ``--lrs`` chose it on validation."""
+    arms = {"circuit": report.get("training") or {}, **(report.get("controls") or {})}
+    return {name: a["lr"] for name, a in arms.items() if "validation_accuracy" in a}
 
 
 def write_seeds_summary(output_dir: str | Path, reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -59,6 +68,11 @@ def seeds_table(summary: dict[str, Any]) -> str:
         name = "after - before" if key == "gain" else key.replace("minus_", "located - ")
         lines.append(f"  {name:28s} {fmt.format(summary[key]):>7s}" + (f" +/- {se:.3f}" if se is not None else "")
                      + f"   (per seed: {per})")
+    rates = summary.get("learning_rates")
+    if rates:
+        arms = list(next(iter(rates.values())))
+        lines.append("  learning rate chosen on validation, per seed: " + "; ".join(
+            f"{arm} {', '.join(format(r[arm], 'g') for r in rates.values() if arm in r)}" for arm in arms))
     return "\n".join(lines)
 
 
