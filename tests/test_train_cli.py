@@ -100,13 +100,19 @@ def test_train_flags_default_to_the_train_config():
     assert differ == []
 
 
-def test_train_over_seeds_with_a_control_averages_the_gaps(tmp_path, capsys):
+def _tiny_saved_model(tmp_path):
+    """A tiny random llama with SmolLM2's tokenizer saved to a folder: the train command end to end in seconds."""
     from circuit_peft.models import load_tokenizer, tiny_model
 
     tok = load_tokenizer("smollm2")
     model_dir = tmp_path / "model"
     tiny_model("llama", vocab_size=len(tok)).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
+    return model_dir
+
+
+def test_train_over_seeds_with_a_control_averages_the_gaps(tmp_path, capsys):
+    model_dir = _tiny_saved_model(tmp_path)
     out = tmp_path / "seeds"
     argv = ["train", "--model", str(model_dir), "--data", "arithmetic", "--n-train", "4", "--heldout", "arithmetic",
             "--n-heldout", "3", "--epochs", "1", "--max-new-tokens", "4", "--circuit-fraction", "0.1",
@@ -130,12 +136,7 @@ def test_train_over_seeds_with_a_control_averages_the_gaps(tmp_path, capsys):
 
 
 def test_train_with_a_rate_grid_chooses_each_arm_on_held_back_rows(tmp_path, capsys):
-    from circuit_peft.models import load_tokenizer, tiny_model
-
-    tok = load_tokenizer("smollm2")
-    model_dir = tmp_path / "model"
-    tiny_model("llama", vocab_size=len(tok)).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir = _tiny_saved_model(tmp_path)
     out = tmp_path / "run"
     argv = ["train", "--model", str(model_dir), "--data", "arithmetic", "--n-train", "6", "--heldout", "arithmetic",
             "--n-heldout", "3", "--epochs", "1", "--max-new-tokens", "4", "--circuit-fraction", "0.1",
