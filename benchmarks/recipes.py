@@ -94,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", default="/tmp/recipes_bench")
     p.add_argument("--out", default=None, help="also write the JSON result here")
     p.add_argument("--plot", default=None, help="PNG: located - layer-matched random per locator and size (mean, SE)")
+    p.add_argument("--plot-tradeoff", default=None,
+                   help="PNG: test accuracy against KL drift on general text, one point per trained arm (mean, SE)")
     p.add_argument("--locate-only", action="store_true",
                    help="mine and score the circuits of --seeds and --locators (cached), then stop: lets a second "
                         "process prepare later seeds while the first seed's learning-rate grid runs")
@@ -126,7 +128,7 @@ def settings_key(args: argparse.Namespace, locating: bool = False) -> str:
     """What changes a single (arm, seed) result (the list of seeds and arms to run does not); with
     ``locating``, what changes the mined records, the circuits' scores and the base's side effects."""
     ignored = ("threads", "work_dir", "out", "arms", "quick", "seeds", "from_saved", "fractions", "locators", "plot",
-               "also_transfer_cap", "locate_only")
+               "plot_tradeoff", "also_transfer_cap", "locate_only")
     if args.task == "arithmetic":  # the default task keeps the keys of results saved before --task existed
         ignored += ("task",)
     if args.transfer_max_new_tokens is None or locating:  # keys saved before the flag existed stay valid
@@ -514,6 +516,8 @@ def _finish(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
     if args.plot:
         print(f"plot written to {plot_gaps(res, args.plot)}")
+    if args.plot_tradeoff:
+        print(f"plot written to {plot_tradeoff(res, args.plot_tradeoff)}")
     line = json.dumps(res, default=float)
     if args.out:
         atomic_write_text(args.out, line + "\n")
@@ -549,6 +553,39 @@ def plot_gaps(summary: dict[str, Any], path: str) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_tradeoff(summary: dict[str, Any], path: str) -> str:
+    """Test accuracy (y) against mean KL on general text (x, log scale) per trained arm, one standard
+    error both ways, the base's accuracy as a line; a PNG at ``path``. Up and left is better."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for arm, st in summary["arms"].items():
+        if arm == "base" or st.get("kl") is None:
+            continue
+        lr = "" if st.get("lr") is None else f", lr {st['lr']:g}"
+        ax.errorbar(st["kl"], st["test_acc"], xerr=_finite(st.get("kl_se")), yerr=_finite(st.get("test_acc_se")),
+                    fmt="o", capsize=3, label=f"{arm} ({len(st['seeds'])} seeds{lr})")
+    if "base" in summary["arms"]:
+        ax.axhline(summary["arms"]["base"]["test_acc"], color="grey", ls="--", lw=0.8, label="base model")
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("KL on general text (drift; lower is better)")
+    ax.set_ylabel("held-out accuracy (training format)")
+    ax.set_title(f"{summary.get('model', '')}: accuracy against drift, each arm at its own learning rate", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _finite(x: float | None) -> float:
+    return 0.0 if x is None or x != x else x
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
