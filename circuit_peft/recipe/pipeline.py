@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from ..files import atomic_dir, atomic_write_json, atomic_write_text
 from ..runs import OpenRun, fingerprint as _fingerprint
 from .controls import CONTROLS
-from .rates import fit_on_grid, load_weights, save_weights, validation_split
+from .rates import arms_with_chosen_rate, fit_on_grid, load_weights, save_weights, validation_split
 from .sft import SFTSettings, gold_examples, pivotal_dataset, train_sft
 
 LOCATORS: tuple[str, ...] = ("gradient", "gradient_contrast", "attribution")
@@ -292,8 +292,7 @@ def summary_table(report: dict[str, Any]) -> str:
 
 def _rate_lines(report: dict[str, Any]) -> list[str]:
     """One line naming each arm's learning rate and its validation accuracy, when a grid chose them."""
-    arms = {"circuit": report.get("training") or {}, **(report.get("controls") or {})}
-    chosen = {name: a for name, a in arms.items() if "validation_accuracy" in a}
+    chosen = arms_with_chosen_rate(report)
     if not chosen:
         return []
     n = next(iter(chosen.values()))["n_validation"]

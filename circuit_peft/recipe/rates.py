@@ -85,4 +85,11 @@ def fit_on_grid(run, tag: str, model: nn.Module, train_at: Callable[[nn.Module, 
     return RateChoice(best, {f"{lr:g}": scores[lr] for lr in rates})
 
 
-__all__ = ["RateChoice", "fit_on_grid", "load_weights", "save_weights", "validation_split"]
+def arms_with_chosen_rate(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The arms of a :func:`~circuit_peft.recipe.train` report (``circuit`` and each control) whose rate a
+    grid chose: ``{name: {"lr", "validation_accuracy", "n_validation", ...}}`` (empty without ``--lrs``)."""
+    arms = {"circuit": report.get("training") or {}, **(report.get("controls") or {})}
+    return {name: a for name, a in arms.items() if "validation_accuracy" in a}
+
+
+__all__ = ["RateChoice", "arms_with_chosen_rate", "fit_on_grid", "load_weights", "save_weights", "validation_split"]

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..files import atomic_write_json
 from ..stats import mean_se
+from .rates import arms_with_chosen_rate
 
 SEEDS_FILE = "seeds.json"
 
@@ -39,16 +40,10 @@ def summarise_seeds(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
     summary = {"seeds": sorted(rows), "per_seed": rows}
     for key in keys:
         summary[key], summary[f"{key}_se"] = mean_se([row[key] for row in rows.values()])
-    rates = {seed: _chosen_rates(r) for seed, r in sorted(reports.items())}
+    rates = {seed: {name: a["lr"] for name, a in arms_with_chosen_rate(r).items()} for seed, r in sorted(reports.items())}
     if any(rates.values()):
         summary["learning_rates"] = rates
     return summary
-
-
-def _chosen_rates(report: dict[str, Any]) -> dict[str, float]:
-    """The rate each arm of one run kept, where ``--lrs`` chose it on validation."""
-    arms = {"circuit": report.get("training") or {}, **(report.get("controls") or {})}
-    return {name: a["lr"] for name, a in arms.items() if "validation_accuracy" in a}
 
 
 def write_seeds_summary(output_dir: str | Path, reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
