@@ -202,12 +202,9 @@ class Bench(ArmBench):
         import random
 
         from circuit_peft import Circuit
-        from circuit_peft.cca.mining import RECORDS_FILE, load_records
         from circuit_peft.locate import learn_masks
 
-        self.scored_circuit("attr", seed)  # mines the records
-        records = list(load_records(self.mining_dir(seed) / RECORDS_FILE))
-        masks = learn_masks(self.base, records, tokenizer=self.tok, seed=seed, progress=False, **DCM_SETTINGS)
+        masks = learn_masks(self.base, self.mined_records(seed), tokenizer=self.tok, seed=seed, progress=False, **DCM_SETTINGS)
         draw = random.Random(seed)
         scores = {c: m + 1e-6 * draw.random() for c, m in sorted(masks.scores.items())}
         return Circuit(masks.components, scores, masks.fingerprint, "dcm", masks.meta)
@@ -229,15 +226,19 @@ class Bench(ArmBench):
             return random_circuit(located, "anywhere", seed)
         return located
 
-    def pivot_records(self, seed: int, limit: int) -> list[dict]:
-        """At most ``limit`` first-wrong-digit pivot records of the base on seed ``seed``'s training
-        problems (a seeded draw; mined by the ``attr`` locator, reused from its mining folder)."""
-        import random
-
+    def mined_records(self, seed: int) -> list[dict]:
+        """Every first-wrong-digit pivot record of the base on seed ``seed``'s training problems (mined by
+        the ``attr`` locator, reused from its mining folder)."""
         from circuit_peft.cca.mining import RECORDS_FILE, load_records
 
         self.scored_circuit("attr", seed)
-        rows = list(load_records(self.mining_dir(seed) / RECORDS_FILE))
+        return list(load_records(self.mining_dir(seed) / RECORDS_FILE))
+
+    def pivot_records(self, seed: int, limit: int) -> list[dict]:
+        """At most ``limit`` of :meth:`mined_records` (a seeded draw)."""
+        import random
+
+        rows = self.mined_records(seed)
         return random.Random(seed).sample(rows, min(limit, len(rows)))
 
     # ----- models -------------------------------------------------------------------------------
@@ -540,8 +541,8 @@ def plot_gaps(summary: dict[str, Any], path: str) -> str:
     for j, (suffix, label) in enumerate((("", "test (training format)"), ("_transfer", "held-out format"))):
         xs = [i + 0.2 * (2 * j - 1) for i in range(len(tags))]
         ys = [summary.get(f"{prefix}{t}{suffix}", float("nan")) for t in tags]
-        es = [summary.get(f"{prefix}{t}{suffix}_se", 0) or 0 for t in tags]
-        ax.bar(xs, ys, width=0.4, yerr=[0 if e != e else e for e in es], capsize=3, label=label)
+        es = [_finite(summary.get(f"{prefix}{t}{suffix}_se")) for t in tags]
+        ax.bar(xs, ys, width=0.4, yerr=es, capsize=3, label=label)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(tags)), [f"{t}\n{len(summary['arms'].get('located_' + t, {}).get('seeds', []))} seeds"
                                       for t in tags], fontsize=8)
@@ -585,6 +586,7 @@ def plot_tradeoff(summary: dict[str, Any], path: str) -> str:
 
 
 def _finite(x: float | None) -> float:
+    """An error bar's length: 0 for a missing or NaN standard error (one seed)."""
     return 0.0 if x is None or x != x else x
 
 
