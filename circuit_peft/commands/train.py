@@ -7,7 +7,6 @@ command after a stop skips the finished stages; a folder made with other setting
 from __future__ import annotations
 
 import argparse
-import random
 import shlex
 from typing import Any
 
@@ -16,6 +15,7 @@ from ..files import read_rows
 from ._cca import resolve_shots
 from ..recipe.controls import CONTROLS
 from ..recipe.pipeline import LOCATORS, SELECTORS, UPDATES, TrainConfig
+from ..recipe.rates import seeded_split
 
 DATA_KEYWORDS = ("arithmetic", "multiplication")  # generated tasks (circuit_peft.cca.problems.TASKS)
 
@@ -57,12 +57,10 @@ def split_examples(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list
         held = load_examples(args.heldout, "test", args.n_heldout, args.seed, args.data_config)
         _check_fields(held, (args.question_field, args.answer_field), f"--heldout {args.heldout}")
     else:
-        order = list(range(len(rows)))
-        random.Random(args.seed).shuffle(order)
         k = int(len(rows) * args.heldout_fraction)
         if k < 1 or k >= len(rows):
             raise ValueError(f"--heldout-fraction {args.heldout_fraction} of {len(rows)} rows leaves an empty split")
-        held, rows = [rows[i] for i in order[:k]], [rows[i] for i in order[k:]]
+        rows, held = seeded_split(rows, k, args.seed)
     return rows, held
 
 

@@ -18,16 +18,21 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 
+def seeded_split(rows: Sequence[Any], k: int, seed: int) -> tuple[list[Any], list[Any]]:
+    """``(rest, held)``: ``k`` of ``rows`` drawn by a seeded shuffle, and the others in shuffled order."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [rows[i] for i in order[k:]], [rows[i] for i in order[:k]]
+
+
 def validation_split(rows: Sequence[dict[str, Any]], fraction: float,
                      seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``(fit, validation)``: a seeded ``fraction`` of ``rows`` held back to choose the learning rate."""
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
     k = round(len(rows) * fraction)
     if k < 1 or k >= len(rows):
         raise ValueError(f"validation_fraction (--validation-fraction) {fraction} of {len(rows)} training rows "
                          "leaves an empty split: give more rows or another fraction")
-    return [dict(rows[i]) for i in order[k:]], [dict(rows[i]) for i in order[:k]]
+    return seeded_split(rows, k, seed)
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
@@ -92,4 +97,5 @@ def arms_with_chosen_rate(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {name: a for name, a in arms.items() if "validation_accuracy" in a}
 
 
-__all__ = ["RateChoice", "arms_with_chosen_rate", "fit_on_grid", "load_weights", "save_weights", "validation_split"]
+__all__ = ["RateChoice", "arms_with_chosen_rate", "fit_on_grid", "load_weights", "save_weights", "seeded_split",
+           "validation_split"]
