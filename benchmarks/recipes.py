@@ -10,7 +10,9 @@ measured the same way; only what is trained (and, where named, the loss weights)
   that norm divided by the same norm of the LM-loss gradient on general text (what the task moves
   more than everything else), ``dcm`` = the DCM mask learned on the same pivots (60 Adam steps at 0.05
   with cosine decay, L1 weight 0.05: the schedule that prunes in ``benchmarks/dcm.py``; masks clamp at
-  1, so equal masks are ordered by a seeded random draw: DCM cannot tell them apart);
+  1, so equal masks are ordered by a seeded random draw: DCM cannot tell them apart), ``scan`` = the
+  exact head-ablation scan of the gold solutions' loss (``locate="ablation"``: query heads only, so
+  ``f`` is a share of query heads and the circuit trains their q rows);
 * ``random_layer_<locator>@<f>``: a random circuit with the same kinds and counts in the same layers;
 * ``random_anywhere_<locator>@<f>``: the same kinds and counts, random layers;
 * ``located_<locator>@<f>_unweighted``: the located circuit without pivotal weights;
@@ -49,7 +51,7 @@ import torch
 import _bench
 from _bench import ArmBench, mean_se
 
-LOCATORS = ("attr", "grad", "gradc", "dcm")
+LOCATORS = ("attr", "grad", "gradc", "dcm", "scan")
 DCM_SETTINGS = {"lambda_l1": 0.05, "lr": 0.05, "steps": 60, "check_every": 10}  # benchmarks/dcm.py: keeps 1.3 %
 CCA_DEFAULTS = {"cca_steps": 16, "cca_records": 48}  # results saved before the cca arm keep their keys
 
@@ -189,7 +191,7 @@ class Bench(ArmBench):
 
         if locator == "dcm":
             return self._dcm(seed)
-        method = {"grad": "gradient", "gradc": "gradient_contrast", "attr": "attribution"}[locator]
+        method = {"grad": "gradient", "gradc": "gradient_contrast", "attr": "attribution", "scan": "ablation"}[locator]
         cfg = TrainConfig(locate=method, shots=self.shots, max_new_tokens=self.args.max_new_tokens, seed=seed,
                           side_effect_data_dir=self.args.data_dir,
                           sft=SFTSettings(pivotal_weight=self.args.pivotal_weight))

@@ -91,6 +91,31 @@ def test_gradient_contrast_divides_the_task_norm_by_the_general_text_norm():
         gradient_scan(model, rows, reference=[], progress=False)
 
 
+def test_ablation_locator_scans_the_sft_rows_query_heads_only():
+    """locate='ablation': the exact head-ablation scan of the prompt + gold-solution tokens SFT trains on
+    (checked against the naive one-forward-per-head scan of the same rows)."""
+    from circuit_peft.cca.problems import make_problems
+    from circuit_peft.locate import head_ablation_scan
+    from circuit_peft.models import load_tokenizer
+    from circuit_peft.recipe.pipeline import locate_for_training
+    from circuit_peft.recipe.sft import gold_examples
+
+    tok = load_tokenizer("smollm2")
+    model = tiny_model("llama", vocab_size=len(tok))
+    rows = make_problems(3, "train", seed=0)
+    cfg = TrainConfig(locate="ablation")
+    circuit = locate_for_training(model, tok, rows, "fewshot", cfg, "unused", keep_fraction=None, progress=False)
+    assert circuit.method == "ablation" and {c.kind for c in circuit.scores} == {"q"} and len(circuit.scores) == 12
+    data = pivotal_dataset(tok, gold_examples(tok, rows, "fewshot", cfg.shots), 5.0, "fewshot")
+    starts = [r["labels"].count(-100) for r in data]  # the prompt's tokens carry no label
+    probe = [{"prompt_ids": r["input_ids"][:n], "solution_ids": r["input_ids"][n:]} for r, n in zip(data, starts)]
+    naive = head_ablation_scan(model, None, probe, naive=True, keep_fraction=None, progress=False)
+    assert max(abs(s) for s in naive.scores.values()) > 5e-5  # heads matter, so a wrong probe would show
+    assert circuit.scores == pytest.approx(naive.scores, abs=1e-6)
+    kept = locate_for_training(model, tok, rows, "fewshot", cfg, "unused", keep_fraction=0.25, progress=False)
+    assert len(kept.components) == 3
+
+
 def test_answer_spans_find_whole_numbers_only():
     text = "47 + 38 = 85\nThe answer is 85."
     assert answer_spans(text, "85") == [[10, 12], [27, 29]]

@@ -144,7 +144,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--locate", choices=LOCATORS, default=cfg.locate,
                    help="gradient: SFT-loss gradient norm per component; gradient_contrast: that norm divided by "
                         "the general-text gradient's (needs --side-effects-data); attribution: digit pivots + "
-                        "logit difference")
+                        "logit difference; ablation: exact head-ablation scan of the gold solutions' loss "
+                        "(query heads only)")
     s.add_argument("--circuit-fraction", type=fraction, default=cfg.circuit_fraction,
                    help=f"share of each kind kept (default {cfg.circuit_fraction})")
     s.add_argument("--lora-rank", type=non_negative(int), default=cfg.lora_rank, help="> 0: circuit + LoRA in one adapter")

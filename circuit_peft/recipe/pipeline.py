@@ -31,7 +31,7 @@ from .controls import CONTROLS
 from .rates import arms_with_chosen_rate, fit_on_grid, load_weights, save_weights, validation_split
 from .sft import SFTSettings, gold_examples, pivotal_dataset, train_sft
 
-LOCATORS: tuple[str, ...] = ("gradient", "gradient_contrast", "attribution")
+LOCATORS: tuple[str, ...] = ("gradient", "gradient_contrast", "attribution", "ablation")
 SELECTORS: tuple[str, ...] = ("circuitseer", "ifd", "random")
 UPDATES: tuple[str, ...] = ("sft", "cca")
 STAGES: tuple[str, ...] = ("select", "locate", "before", "train", "after", "side_effects")
@@ -166,20 +166,36 @@ def locate_for_training(model, tokenizer, rows, style: str, cfg: TrainConfig, mi
                         keep_fraction: float | None, progress: bool = True):
     """The circuit :func:`train` trains: ``cfg.locate`` = ``"gradient"`` (SFT-loss gradient on the gold
     solutions, answer tokens weighted ``cfg.sft.pivotal_weight``), ``"gradient_contrast"`` (that gradient's
-    norm divided by the LM-loss gradient's on general text from ``cfg.side_effect_data_dir``) or ``"attribution"`` (first-wrong-digit
-    pivots mined into ``mining_dir``, then logit-difference attribution). ``keep_fraction`` of each kind
-    is kept (None: every component scored, e.g. to draw several sizes from one scan)."""
+    norm divided by the LM-loss gradient's on general text from ``cfg.side_effect_data_dir``), ``"attribution"`` (first-wrong-digit
+    pivots mined into ``mining_dir``, then logit-difference attribution) or ``"ablation"`` (the exact head
+    ablation scan: query heads only, scored by how much the gold solutions' loss rises when each alone
+    is ablated). ``keep_fraction`` of each kind is kept (None: every component scored, e.g. to draw
+    several sizes from one scan)."""
     from ..locate import attribution_scan, gradient_scan
 
-    if cfg.locate in ("gradient", "gradient_contrast"):
+    if cfg.locate in ("gradient", "gradient_contrast", "ablation"):
         examples = gold_examples(tokenizer, rows, style, cfg.shots, cfg.question_field, cfg.answer_field)
         data = pivotal_dataset(tokenizer, examples, cfg.sft.pivotal_weight, style)
+        if cfg.locate == "ablation":
+            return _ablation_scan(model, tokenizer, data, keep_fraction, progress)
         reference = _reference_rows(tokenizer, cfg) if cfg.locate == "gradient_contrast" else None
         return gradient_scan(model, data, keep_fraction=keep_fraction, pad_token_id=tokenizer.pad_token_id,
                              progress=progress, reference=reference)
     records = _mine_digit_pivots(model, tokenizer, rows, style, cfg, mining_dir, progress)
     return attribution_scan(model, None, records, target="logit_diff", keep_fraction=keep_fraction,
                             progress=progress)
+
+
+def _ablation_scan(model, tokenizer, data, keep_fraction: float | None, progress: bool):
+    """:func:`~circuit_peft.locate.head_ablation_scan` of the training rows as tokenised for SFT (the
+    prompt's tokens, then the gold solution's with EOS): every query head, uniform ablation."""
+    from ..locate import head_ablation_scan
+
+    probe = []
+    for row in data:
+        start = next(i for i, label in enumerate(row["labels"]) if label != -100)
+        probe.append({"prompt_ids": row["input_ids"][:start], "solution_ids": row["input_ids"][start:]})
+    return head_ablation_scan(model, tokenizer, probe, keep_fraction=keep_fraction, progress=progress)
 
 
 def _reference_rows(tokenizer, cfg: TrainConfig, n_chunks: int = 32, chunk_length: int = 128) -> list[dict]:
