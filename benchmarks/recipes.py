@@ -31,7 +31,7 @@ saw (word problems), with the fraction of generations that hit ``--max-new-token
 mean KL on general text, MMLU and TruthfulQA deltas. Each finished (arm, seed) is saved under
 ``--work-dir`` and reused on a re-run with the same settings. The last line printed is JSON.
 
-    python benchmarks/recipes.py --quick                     # 4 arms, one seed (~4-5 min per arm on 2 idle cores)
+    python benchmarks/recipes.py --quick                     # 4 arms, one seed: 12.4 min on 2 idle cores
     python benchmarks/recipes.py --out benchmarks/results/recipes_smollm2.json
     python benchmarks/recipes.py --table-from benchmarks/results/recipes_smollm2.json   # markdown table
 """
