@@ -11,8 +11,9 @@ measured the same way; only what is trained (and, where named, the loss weights)
   more than everything else), ``dcm`` = the DCM mask learned on the same pivots (60 Adam steps at 0.05
   with cosine decay, L1 weight 0.05: the schedule that prunes in ``benchmarks/dcm.py``; masks clamp at
   1, so equal masks are ordered by a seeded random draw: DCM cannot tell them apart), ``scan`` = the
-  exact head-ablation scan of the gold solutions' loss (``locate="ablation"``: query heads only, so
-  ``f`` is a share of query heads and the circuit trains their q rows);
+  exact head-ablation scan of the gold solutions' loss on the first ``--scan-rows`` training problems
+  (``locate="ablation"``: query heads only, so ``f`` is a share of query heads and the circuit trains
+  their q rows);
 * ``random_layer_<locator>@<f>``: a random circuit with the same kinds and counts in the same layers;
 * ``random_anywhere_<locator>@<f>``: the same kinds and counts, random layers;
 * ``located_<locator>@<f>_unweighted``: the located circuit without pivotal weights;
@@ -88,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cca-steps", type=int, default=CCA_DEFAULTS["cca_steps"], help="cca arm: full-batch update steps")
     p.add_argument("--cca-records", type=int, default=CCA_DEFAULTS["cca_records"],
                    help="cca arm: at most this many pivot records (seeded draw)")
+    p.add_argument("--scan-rows", type=int, default=8,
+                   help="scan locator: the exact head-ablation scan reads the first N training problems (8, the "
+                        "probe size of benchmarks/locate.py: the scan costs about half a forward per head)")
     p.add_argument("--mmlu-subjects", default="elementary_mathematics,high_school_geography")
     p.add_argument("--mmlu-limit", type=int, default=30)
     p.add_argument("--truthfulqa-limit", type=int, default=60)
@@ -130,7 +134,7 @@ def settings_key(args: argparse.Namespace, locating: bool = False) -> str:
     """What changes a single (arm, seed) result (the list of seeds and arms to run does not); with
     ``locating``, what changes the mined records, the circuits' scores and the base's side effects."""
     ignored = ("threads", "work_dir", "out", "arms", "quick", "seeds", "from_saved", "fractions", "locators", "plot",
-               "plot_tradeoff", "also_transfer_cap", "locate_only")
+               "plot_tradeoff", "also_transfer_cap", "locate_only", "scan_rows")  # scan_rows: in the scan's cache name
     if args.task == "arithmetic":  # the default task keeps the keys of results saved before --task existed
         ignored += ("task",)
     if args.transfer_max_new_tokens is None or locating:  # keys saved before the flag existed stay valid
@@ -174,7 +178,8 @@ class Bench(ArmBench):
             return self.circuits[(locator, seed)]
         from circuit_peft import Circuit
 
-        path = self.work / f"scores-{self.locating_key}-{locator}-{seed}.json"
+        tag = f"scan{self.args.scan_rows}" if locator == "scan" else locator
+        path = self.work / f"scores-{self.locating_key}-{tag}-{seed}.json"
         if path.exists():
             circuit = Circuit.load(path)
         else:
@@ -195,7 +200,8 @@ class Bench(ArmBench):
         cfg = TrainConfig(locate=method, shots=self.shots, max_new_tokens=self.args.max_new_tokens, seed=seed,
                           side_effect_data_dir=self.args.data_dir,
                           sft=SFTSettings(pivotal_weight=self.args.pivotal_weight))
-        return locate_for_training(self.base, self.tok, self.problems(seed)["train"], self.style, cfg,
+        rows = self.problems(seed)["train"][: self.args.scan_rows if locator == "scan" else None]
+        return locate_for_training(self.base, self.tok, rows, self.style, cfg,
                                    self.mining_dir(seed), keep_fraction=None, progress=False)
 
     def _dcm(self, seed: int):

@@ -4,7 +4,7 @@ command before any model is loaded (argparse prints ``argument --flag: must be .
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from typing import Callable, Sequence
 
 
 def _checked(kind: type, ok: Callable[[float], bool], rule: str, name: str) -> Callable[[str], float]:
@@ -39,6 +39,17 @@ def fraction(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
+
+
+def known_names(text: str, known: Sequence[str], allow_empty: bool = False) -> list[str]:
+    """Comma-separated names, each one of ``known`` (``--controls``, ``eval --tasks``); ValueError
+    naming the unknown ones, or an empty list unless ``allow_empty``."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in names if x not in known]
+    if unknown or not (names or allow_empty):
+        raise ValueError(f"unknown {unknown}; choose from {', '.join(known)}" if unknown
+                         else f"name at least one of {', '.join(known)}")
+    return names
 
 
 def distinct_list(kind: type = int, ok: Callable[[float], bool] = lambda v: True,

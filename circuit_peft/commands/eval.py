@@ -6,18 +6,18 @@ import argparse
 import time
 from typing import Any
 
-from ._args import non_negative, positive
+from ._args import known_names, non_negative, positive
 from ..files import atomic_write_json, check_adapter_folder
 
 EVAL_TASKS: tuple[str, ...] = ("gsm8k", "mmlu", "truthfulqa", "kl")
 
 
 def parse_tasks(text: str) -> list[str]:
-    tasks = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in EVAL_TASKS]
-    if not tasks or unknown:
-        raise ValueError(f"--tasks must be a comma-separated subset of {','.join(EVAL_TASKS)}; got {text!r}")
-    return tasks
+    """``--tasks`` (read at run time: ``--harness`` takes lm-eval task names instead)."""
+    try:
+        return known_names(text, EVAL_TASKS)
+    except ValueError as e:
+        raise ValueError(f"--tasks: {e}; got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import argparse
 import shlex
 from typing import Any
 
-from ._args import add_side_effect_sizes, distinct_list, fraction, non_negative, positive
+from ._args import add_side_effect_sizes, distinct_list, fraction, known_names, non_negative, positive
 from ..files import read_rows
 from ._cca import resolve_shots
 from ..recipe.controls import CONTROLS
@@ -111,11 +111,10 @@ def run(args: argparse.Namespace) -> int:
 
 def control_list(text: str) -> tuple[str, ...]:
     """``--controls``: comma-separated names from :data:`~circuit_peft.recipe.controls.CONTROLS`."""
-    names = tuple(x for x in text.split(",") if x)
-    unknown = [x for x in names if x not in CONTROLS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(CONTROLS)}")
-    return names
+    try:
+        return tuple(known_names(text, CONTROLS, allow_empty=True))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
