@@ -78,6 +78,19 @@ def test_bad_train_arguments_are_refused_before_any_work(tmp_path, capsys):
     assert main(["train", "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "'question'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*ARGS, "--controls", "random_layer,lora2", "--out", str(tmp_path)])
+    assert "unknown ['lora2']; choose from random_layer" in capsys.readouterr().err
+
+
+def test_eval_tasks_name_the_unknown_task():
+    from circuit_peft.commands.eval import parse_tasks
+
+    assert parse_tasks("gsm8k, kl") == ["gsm8k", "kl"]
+    with pytest.raises(ValueError, match=r"--tasks: unknown \['trivia'\]; choose from gsm8k"):
+        parse_tasks("gsm8k,trivia")
+    with pytest.raises(ValueError, match="--tasks: name at least one of"):
+        parse_tasks(",")
 
 
 def test_demo_runs_the_train_command_by_default():
