@@ -54,6 +54,7 @@ from _bench import ArmBench, mean_se
 
 LOCATORS = ("attr", "grad", "gradc", "dcm", "scan")
 DCM_SETTINGS = {"lambda_l1": 0.05, "lr": 0.05, "steps": 60, "check_every": 10}  # benchmarks/dcm.py: keeps 1.3 %
+SCAN_ROWS = 8  # the scan locator's default probe size: the probe size of benchmarks/locate.py
 CCA_DEFAULTS = {"cca_steps": 16, "cca_records": 48}  # results saved before the cca arm keep their keys
 
 
@@ -89,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cca-steps", type=int, default=CCA_DEFAULTS["cca_steps"], help="cca arm: full-batch update steps")
     p.add_argument("--cca-records", type=int, default=CCA_DEFAULTS["cca_records"],
                    help="cca arm: at most this many pivot records (seeded draw)")
-    p.add_argument("--scan-rows", type=int, default=8,
+    p.add_argument("--scan-rows", type=int, default=SCAN_ROWS,
                    help="scan locator: the exact head-ablation scan reads the first N training problems (8, the "
                         "probe size of benchmarks/locate.py: the scan costs about half a forward per head)")
     p.add_argument("--mmlu-subjects", default="elementary_mathematics,high_school_geography")
@@ -134,13 +135,15 @@ def settings_key(args: argparse.Namespace, locating: bool = False) -> str:
     """What changes a single (arm, seed) result (the list of seeds and arms to run does not); with
     ``locating``, what changes the mined records, the circuits' scores and the base's side effects."""
     ignored = ("threads", "work_dir", "out", "arms", "quick", "seeds", "from_saved", "fractions", "locators", "plot",
-               "plot_tradeoff", "also_transfer_cap", "locate_only", "scan_rows")  # scan_rows: in the scan's cache name
+               "plot_tradeoff", "also_transfer_cap", "locate_only")
     if args.task == "arithmetic":  # the default task keeps the keys of results saved before --task existed
         ignored += ("task",)
     if args.transfer_max_new_tokens is None or locating:  # keys saved before the flag existed stay valid
         ignored += ("transfer_max_new_tokens",)
     if locating or all(getattr(args, k) == v for k, v in CCA_DEFAULTS.items()):
         ignored += tuple(CCA_DEFAULTS)  # the cca arm's settings train it; they do not change what is located
+    if locating or args.scan_rows == SCAN_ROWS:  # the scan's cache name carries its row count; arm results
+        ignored += ("scan_rows",)              # saved with the default keep their key
     if locating:  # the learning-rate grids train the arms; they do not change what is mined or located
         ignored += ("circuit_lrs", "full_lrs")
     return _bench.settings_key(args, ignored)
