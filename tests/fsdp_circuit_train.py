@@ -8,6 +8,7 @@ AdamW for ``STEPS`` steps. Each rank writes ``OUT_DIR/rank<r>.pt`` with the full
 tensors and a checksum of the frozen base weights.
 """
 
+import gc
 import os
 import sys
 
@@ -53,6 +54,16 @@ def main(out_dir: str) -> None:
     adapter = {n: v for n, v in full.items() if "circuit_" in n}
     base = sum(float(v.double().sum()) for n, v in full.items() if "circuit_" not in n)
     torch.save({"adapter": adapter, "base_checksum": base, "world_size": world}, os.path.join(out_dir, f"rank{rank}.pt"))
+    del model, opt, full, adapter
+    shut_down()
+
+
+def shut_down() -> None:
+    """Free what FSDP left (its modules hold gloo work handles; the caller dropped them), wait for the other
+    rank, then destroy the group: a handle freed during interpreter shutdown aborted a rank once in CI
+    ("terminate called without an active exception", SIGABRT)."""
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
