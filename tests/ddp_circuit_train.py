@@ -48,6 +48,7 @@ def main(out_dir: str) -> None:
          "world_size": trainer.args.world_size},
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
+    trainer.accelerator.end_training()  # trackers, then the process group: gloo's threads end before exit
 
 
 if __name__ == "__main__":

@@ -18,8 +18,11 @@ DATA = Path(__file__).parent / "data" / "gsm8k" / "train.jsonl"
 HEADS = [(0, 1), (1, 2)]
 
 WORKER = textwrap.dedent("""
-    import json, sys
+    import atexit, json, os, sys
     import torch
+    # registered before the library's handler, so it runs after it: was the group ended before exit?
+    atexit.register(lambda: open(sys.argv[2] + ".ended" + os.environ["RANK"], "w").write(
+        str(not torch.distributed.is_initialized())))
     torch.set_num_threads(1)
     from circuit_peft.models import load_tokenizer, tiny_model
     from circuit_peft.select import CircuitSeerSampler, CircuitSeerScorer
@@ -41,7 +44,6 @@ WORKER = textwrap.dedent("""
                                                    "scores": scores.tolist()})
     if rank == 0:
         json.dump(gathered, open(out, "w"))
-    torch.distributed.destroy_process_group()
 """ % (HEADS,))
 
 
@@ -50,11 +52,13 @@ def test_torchrun_two_processes_shard_gather_and_disjoint_sampler(tmp_path):
     script.write_text(WORKER)
     out = tmp_path / "out.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(script), str(DATA), str(out), str(tmp_path / "cache")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = sorted(json.loads(out.read_text()), key=lambda r: r["rank"])
+    # the process group the scorer started was destroyed at exit by the library (not left to shutdown)
+    assert [Path(f"{out}.ended{r}").read_text() for r in (0, 1)] == ["True", "True"]
 
     rows = [json.loads(line) for line in open(DATA)][:11]
     tok = load_tokenizer("smollm2")

@@ -9,6 +9,7 @@ so every process returns the full score vector.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -50,8 +51,16 @@ def dist_info(init: bool = True) -> tuple[int, int]:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(backend=backend)
+        atexit.register(_end_process_group)  # the group this started ends before the interpreter does
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def _end_process_group() -> None:
+    """Destroy the default process group if it is still up: a gloo group left to interpreter shutdown can
+    abort the process ("terminate called without an active exception") after all its work is done."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 class ScoreCache:
