@@ -48,7 +48,10 @@ def main(out_dir: str) -> None:
          "world_size": trainer.args.world_size},
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
-    trainer.accelerator.end_training()  # trackers, then the process group: gloo's threads end before exit
+    # every rank past its last collective before the group goes: a gloo work object still being freed by the
+    # group's thread while the group is destroyed deadlocked (or aborted) a rank at exit under load
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -59,13 +59,12 @@ def main(out_dir: str) -> None:
 
 
 def shut_down() -> None:
-    """Free what FSDP left (its modules hold gloo work handles; the caller dropped them), wait for the other
-    rank, then destroy the group: a handle freed during interpreter shutdown aborted a rank once in CI
-    ("terminate called without an active exception", SIGABRT)."""
-    gc.collect()
+    """Wait until both ranks are past their last all-gather, free what FSDP left (the caller dropped the model
+    and optimizer), then destroy the group: a gloo work object still being freed by the group's thread while
+    the group was torn down aborted a rank once in CI ("terminate called without an active exception")."""
     dist.barrier()
+    gc.collect()
     dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main(sys.argv[1])
