@@ -26,7 +26,9 @@ measured the same way; only what is trained (and, where named, the loss weights)
   loss, ``--cca-steps`` full-batch steps, the step kept by validation accuracy).
 
 Choices are made on validation only: each arm's learning rate is picked from its grid by
-validation accuracy on the first seed, then used for every seed. Test accuracy is reported on the
+validation accuracy on the first seed, then used for every seed (ties: the first rate of the grid, the
+rule every saved arm was chosen by; ``circuit-peft train --lrs`` breaks ties by validation loss instead,
+which this benchmark's saved results predate). Test accuracy is reported on the
 training format (``add``/``sub``: "What is 47 + 38?") and on a held-out format that training never
 saw (word problems), with the fraction of generations that hit ``--max-new-tokens``. Side effects:
 mean KL on general text, MMLU and TruthfulQA deltas. Each finished (arm, seed) is saved under

@@ -205,9 +205,22 @@ def test_validation_split_is_seeded_disjoint_and_refuses_an_empty_side():
         validation_split(rows[:2], 0.2, seed=0)
 
 
+def test_choose_rate_breaks_accuracy_ties_by_validation_loss_then_grid_order():
+    from circuit_peft.recipe.rates import choose_rate
+
+    rates = [3e-4, 1e-3, 3e-3]
+    acc = {3e-4: 0.5, 1e-3: 0.5, 3e-3: 0.4}
+    assert choose_rate(rates, acc) == 3e-4  # no losses: the first of the tied rates
+    assert choose_rate(rates, acc, {3e-4: 0.9, 1e-3: 0.7, 3e-3: 0.1}) == 1e-3  # the tie goes to the lower loss
+    assert choose_rate(rates, acc, {1e-3: 0.7}) == 1e-3  # a rate without a loss loses the tie
+    assert choose_rate(rates, {3e-4: 0.4, 1e-3: 0.5, 3e-3: 0.6}, {3e-3: 9.0}) == 3e-3  # accuracy decides first
+    assert choose_rate(rates, acc, {3e-4: 0.7, 1e-3: 0.7}) == 3e-4  # equal losses too: grid order
+
+
 def test_fit_on_grid_keeps_the_best_rate_each_trained_from_the_same_start(tmp_path):
     """Each rate starts from the initial adapter (not from the previous rate's weights), the best
-    validation score wins (the first on ties), and the model ends holding that rate's weights."""
+    validation score wins (ties: the lower validation loss), and the model ends holding that rate's
+    weights."""
     from peft import get_peft_model, get_peft_model_state_dict
 
     from circuit_peft.recipe import fit_on_grid
@@ -228,7 +241,8 @@ def test_fit_on_grid_keeps_the_best_rate_each_trained_from_the_same_start(tmp_pa
     def state(model):
         return {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
 
-    scores = {0.1: 0.2, 0.3: 0.5, 1.0: 0.5}  # a tie: the first of the two best rates is kept
+    scores = {0.1: 0.2, 0.3: 0.5, 1.0: 0.5}  # a tie: the lower validation loss (1.0's) breaks it
+    losses = {0.1: 0.1, 0.3: 2.0, 1.0: 1.0}
     run = RunFolder(tmp_path / "run", {"model": "tiny"})
     run.open()
     model = build()
@@ -238,18 +252,23 @@ def test_fit_on_grid_keeps_the_best_rate_each_trained_from_the_same_start(tmp_pa
         measured.append(state(m))
         return scores[list(scores)[len(measured) - 1]]
 
-    choice = fit_on_grid(run, "train", model, train_at, measure, list(scores), print)
-    assert choice.lr == 0.3 and choice.validation_accuracy == {"0.1": 0.2, "0.3": 0.5, "1": 0.5}
+    def loss(m):
+        return losses[list(losses)[len(measured) - 1]]
+
+    choice = fit_on_grid(run, "train", model, train_at, measure, list(scores), print, tie_break=loss)
+    assert choice.lr == 1.0 and choice.validation_accuracy == {"0.1": 0.2, "0.3": 0.5, "1": 0.5}
+    assert choice.validation_loss == {"0.1": 0.1, "0.3": 2.0, "1": 1.0}
     alone = build()
-    train_at(alone, 0.3)  # the same rate trained from a fresh start
+    train_at(alone, 1.0)  # the same rate trained from a fresh start
     for k, v in state(alone).items():
-        assert torch.equal(state(model)[k], v) and torch.equal(measured[1][k], v)
+        assert torch.equal(state(model)[k], v) and torch.equal(measured[2][k], v)
     assert any(not torch.equal(measured[0][k], measured[1][k]) for k in measured[0])
     assert sorted(p.name for p in (tmp_path / "run" / "stages").glob("train_lr*.safetensors")) == [
         "train_lr0.1.safetensors", "train_lr0.3.safetensors", "train_lr1.safetensors"]
     again = build()  # a re-run reuses every finished rate and loads the chosen weights
-    rerun = fit_on_grid(run, "train", again, lambda m, lr: pytest.fail("retrained"), lambda m: 0.0, list(scores), print)
-    assert rerun.lr == 0.3 and all(torch.equal(state(again)[k], v) for k, v in state(alone).items())
+    rerun = fit_on_grid(run, "train", again, lambda m, lr: pytest.fail("retrained"), lambda m: 0.0, list(scores), print,
+                        tie_break=lambda m: pytest.fail("re-measured"))
+    assert rerun.lr == 1.0 and all(torch.equal(state(again)[k], v) for k, v in state(alone).items())
 
 
 def test_run_folder_refuses_other_settings_and_foreign_folders(tmp_path):

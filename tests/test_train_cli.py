@@ -161,9 +161,10 @@ def test_train_with_a_rate_grid_chooses_each_arm_on_held_back_rows(tmp_path, cap
     assert report["n_train"] == 4 and report["n_heldout"] == 3  # two training rows held back, held-out untouched
     stages = out / "stages"
     for arm in (report["training"], report["controls"]["random_layer"]):
-        scores = arm["validation_accuracy"]
-        assert list(scores) == ["0.001", "0.03"] and arm["n_validation"] == 2
-        assert arm["lr"] == max((1e-3, 3e-2), key=lambda lr: scores[f"{lr:g}"])
+        scores, losses = arm["validation_accuracy"], arm["validation_loss"]
+        assert list(scores) == list(losses) == ["0.001", "0.03"] and arm["n_validation"] == 2
+        assert all(v > 0 for v in losses.values()) and losses["0.001"] != losses["0.03"]  # gold-solution loss
+        assert arm["lr"] == max((1e-3, 3e-2), key=lambda lr: (scores[f"{lr:g}"], -losses[f"{lr:g}"]))
     for tag in ("train", "control_random_layer"):
         assert {p.name for p in stages.glob(f"{tag}_lr*.safetensors")} == {f"{tag}_lr0.001.safetensors",
                                                                           f"{tag}_lr0.03.safetensors"}

@@ -160,7 +160,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--lrs", type=distinct_list(float, lambda v: v > 0, " > 0"), default=cfg.learning_rates,
                    help="comma-separated learning rates: the circuit and each control train at every rate and keep "
                         "the one with the best accuracy on --validation-fraction of the training rows (held back "
-                        "from training); overrides --lr")
+                        "from training; ties: the lower gold-solution loss there); overrides --lr")
     s.add_argument("--validation-fraction", type=fraction, default=cfg.validation_fraction,
                    help=f"share of the training rows held back to choose the rate with --lrs "
                         f"(default {cfg.validation_fraction})")

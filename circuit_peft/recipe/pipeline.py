@@ -191,11 +191,32 @@ def _ablation_scan(model, tokenizer, data, keep_fraction: float | None, progress
     prompt's tokens, then the gold solution's with EOS): every query head, uniform ablation."""
     from ..locate import head_ablation_scan
 
+    return head_ablation_scan(model, tokenizer, _probe_rows(data), keep_fraction=keep_fraction, progress=progress)
+
+
+def _probe_rows(data) -> list[dict[str, list[int]]]:
+    """Tokenised SFT rows (``input_ids``, ``labels``) as probe rows: the prompt's ids, then the gold
+    solution's (with EOS), the part SFT trains on."""
     probe = []
     for row in data:
         start = next(i for i, label in enumerate(row["labels"]) if label != -100)
         probe.append({"prompt_ids": row["input_ids"][:start], "solution_ids": row["input_ids"][start:]})
-    return head_ablation_scan(model, tokenizer, probe, keep_fraction=keep_fraction, progress=progress)
+    return probe
+
+
+def _validation_loss(model, tokenizer, rows, style: str, cfg: TrainConfig) -> float:
+    """Mean loss of the gold solutions' tokens on ``rows`` (nats per token, unweighted), tokenised as SFT
+    trains on them: what breaks a tie between learning rates of equal validation accuracy."""
+    from ..locate.ablation import probe_batches, solution_losses
+
+    examples = gold_examples(tokenizer, rows, style, cfg.shots, cfg.question_field, cfg.answer_field)
+    data = pivotal_dataset(tokenizer, examples, cfg.sft.pivotal_weight, style)
+    was_training = model.training
+    model.eval()
+    try:
+        return solution_losses(model, probe_batches(model, tokenizer, _probe_rows(data), cfg.eval_batch_size))
+    finally:
+        model.train(was_training)
 
 
 def _reference_rows(tokenizer, cfg: TrainConfig, n_chunks: int = 32, chunk_length: int = 128) -> list[dict]:
@@ -312,7 +333,8 @@ def _rate_lines(report: dict[str, Any]) -> list[str]:
     if not chosen:
         return []
     n = next(iter(chosen.values()))["n_validation"]
-    return [f"learning rate chosen per arm on {n} validation rows held back from training (validation accuracy): "
+    return [f"learning rate chosen per arm on {n} validation rows held back from training (validation accuracy; "
+            "ties: the lower gold-solution loss): "
             + ", ".join(f"{name} {a['lr']:g} ({a['validation_accuracy'][format(a['lr'], 'g')]:.3f})"
                         for name, a in chosen.items())]
 
@@ -398,8 +420,8 @@ def _fit(run: RunFolder, peft_model, tokenizer, rows, val_rows, style: str, cfg:
 def _train_arm(run: RunFolder, tag: str, model, tokenizer, examples, val_rows, style: str, cfg: TrainConfig,
                log) -> dict[str, Any]:
     """Pivotal SFT of ``model``'s adapter at ``cfg.sft.learning_rate``, or with ``cfg.learning_rates`` at
-    each rate, keeping the one with the best accuracy on ``val_rows``. Returns the rate (and the
-    validation accuracy per rate)."""
+    each rate, keeping the one with the best accuracy on ``val_rows`` (ties: the lower gold-solution loss
+    there). Returns the rate (and the validation accuracy and loss per rate)."""
     trainer_dir = run.path / f"trainer_{tag}"
 
     def train_at(m, lr: float) -> None:
@@ -411,9 +433,11 @@ def _train_arm(run: RunFolder, tag: str, model, tokenizer, examples, val_rows, s
         train_at(model, cfg.sft.learning_rate)
         return {"lr": cfg.sft.learning_rate}
     choice = fit_on_grid(run, tag, model, train_at,
-                         lambda m: _accuracy(m, tokenizer, val_rows, style, cfg)["accuracy"], cfg.learning_rates, log)
+                         lambda m: _accuracy(m, tokenizer, val_rows, style, cfg)["accuracy"], cfg.learning_rates, log,
+                         tie_break=lambda m: _validation_loss(m, tokenizer, val_rows, style, cfg))
     log(f"[{tag}] learning rate {choice.lr:g} chosen on {len(val_rows)} validation rows")
-    return {"lr": choice.lr, "validation_accuracy": choice.validation_accuracy, "n_validation": len(val_rows)}
+    return {"lr": choice.lr, "validation_accuracy": choice.validation_accuracy,
+            "validation_loss": choice.validation_loss, "n_validation": len(val_rows)}
 
 
 def _mmlu_subjects(cfg: TrainConfig) -> tuple[str, ...] | None:
