@@ -204,19 +204,23 @@ def _probe_rows(data) -> list[dict[str, list[int]]]:
     return probe
 
 
-def _validation_loss(model, tokenizer, rows, style: str, cfg: TrainConfig) -> float:
-    """Mean loss of the gold solutions' tokens on ``rows`` (nats per token, unweighted), tokenised as SFT
-    trains on them: what breaks a tie between learning rates of equal validation accuracy."""
-    from ..locate.ablation import probe_batches, solution_losses
+def _gold_solution_batches(model, tokenizer, rows, style: str, cfg: TrainConfig) -> list[dict]:
+    """``rows``' gold solutions as probe batches (prompt, then solution), tokenised as SFT trains on them."""
+    from ..locate.ablation import probe_batches
 
     examples = gold_examples(tokenizer, rows, style, cfg.shots, cfg.question_field, cfg.answer_field)
     data = pivotal_dataset(tokenizer, examples, cfg.sft.pivotal_weight, style)
-    was_training = model.training
-    model.eval()
-    try:
-        return solution_losses(model, probe_batches(model, tokenizer, _probe_rows(data), cfg.eval_batch_size))
-    finally:
-        model.train(was_training)
+    return probe_batches(model, tokenizer, _probe_rows(data), cfg.eval_batch_size)
+
+
+def _gold_solution_loss(model, batches: list[dict]) -> float:
+    """Mean loss of the gold solutions' tokens in ``batches`` (nats per token, unweighted), in eval mode:
+    what breaks a tie between learning rates of equal validation accuracy."""
+    from ..evaluate.generation import eval_mode
+    from ..locate.ablation import solution_losses
+
+    with eval_mode(model):
+        return solution_losses(model, batches)
 
 
 def _reference_rows(tokenizer, cfg: TrainConfig, n_chunks: int = 32, chunk_length: int = 128) -> list[dict]:
@@ -432,9 +436,10 @@ def _train_arm(run: RunFolder, tag: str, model, tokenizer, examples, val_rows, s
     if not cfg.learning_rates:
         train_at(model, cfg.sft.learning_rate)
         return {"lr": cfg.sft.learning_rate}
+    val_batches = _gold_solution_batches(model, tokenizer, val_rows, style, cfg)  # tokenised once, every rate
     choice = fit_on_grid(run, tag, model, train_at,
                          lambda m: _accuracy(m, tokenizer, val_rows, style, cfg)["accuracy"], cfg.learning_rates, log,
-                         tie_break=lambda m: _validation_loss(m, tokenizer, val_rows, style, cfg))
+                         tie_break=lambda m: _gold_solution_loss(m, val_batches))
     log(f"[{tag}] learning rate {choice.lr:g} chosen on {len(val_rows)} validation rows")
     return {"lr": choice.lr, "validation_accuracy": choice.validation_accuracy,
             "validation_loss": choice.validation_loss, "n_validation": len(val_rows)}
