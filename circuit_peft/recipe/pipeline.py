@@ -162,6 +162,16 @@ def _select(model, tokenizer, rows, cfg: TrainConfig) -> dict[str, Any]:
     return {"rows": sorted(int(i) for i in result.indices), "method": cfg.select}
 
 
+
+def _gold_examples(tokenizer, rows, style: str, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """``rows``' gold solutions as SFT examples in ``style``, with ``cfg``'s shots and fields."""
+    return gold_examples(tokenizer, rows, style, cfg.shots, cfg.question_field, cfg.answer_field)
+
+
+def _gold_sft_rows(tokenizer, rows, style: str, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """``rows``' gold solutions tokenised as pivotal SFT trains on them (``input_ids``, ``labels``, weights)."""
+    return pivotal_dataset(tokenizer, _gold_examples(tokenizer, rows, style, cfg), cfg.sft.pivotal_weight, style)
+
 def locate_for_training(model, tokenizer, rows, style: str, cfg: TrainConfig, mining_dir: str | os.PathLike,
                         keep_fraction: float | None, progress: bool = True):
     """The circuit :func:`train` trains: ``cfg.locate`` = ``"gradient"`` (SFT-loss gradient on the gold
@@ -174,8 +184,7 @@ def locate_for_training(model, tokenizer, rows, style: str, cfg: TrainConfig, mi
     from ..locate import attribution_scan, gradient_scan
 
     if cfg.locate in ("gradient", "gradient_contrast", "ablation"):
-        examples = gold_examples(tokenizer, rows, style, cfg.shots, cfg.question_field, cfg.answer_field)
-        data = pivotal_dataset(tokenizer, examples, cfg.sft.pivotal_weight, style)
+        data = _gold_sft_rows(tokenizer, rows, style, cfg)
         if cfg.locate == "ablation":
             return _ablation_scan(model, tokenizer, data, keep_fraction, progress)
         reference = _reference_rows(tokenizer, cfg) if cfg.locate == "gradient_contrast" else None
@@ -208,9 +217,8 @@ def _gold_solution_batches(model, tokenizer, rows, style: str, cfg: TrainConfig)
     """``rows``' gold solutions as probe batches (prompt, then solution), tokenised as SFT trains on them."""
     from ..locate.ablation import probe_batches
 
-    examples = gold_examples(tokenizer, rows, style, cfg.shots, cfg.question_field, cfg.answer_field)
-    data = pivotal_dataset(tokenizer, examples, cfg.sft.pivotal_weight, style)
-    return probe_batches(model, tokenizer, _probe_rows(data), cfg.eval_batch_size)
+    rows = _probe_rows(_gold_sft_rows(tokenizer, rows, style, cfg))
+    return probe_batches(model, tokenizer, rows, cfg.eval_batch_size)
 
 
 def _gold_solution_loss(model, batches: list[dict]) -> float:
@@ -410,7 +418,7 @@ def _fit(run: RunFolder, peft_model, tokenizer, rows, val_rows, style: str, cfg:
             out = _cca_update(peft_model, tokenizer, rows, style, cfg, run, log)
             save_weights(peft_model, weights)
             return out
-        examples = gold_examples(tokenizer, rows, style, cfg.shots, cfg.question_field, cfg.answer_field)
+        examples = _gold_examples(tokenizer, rows, style, cfg)
         steps = math.ceil(math.ceil(len(examples) / cfg.sft.batch_size) * cfg.sft.epochs)
         log(f"[train] pivotal SFT of the circuit on {len(examples)} examples, {cfg.sft.epochs:g} epochs "
             f"({steps} optimizer steps of {cfg.sft.batch_size}; the bar shows the time left)")
@@ -496,7 +504,7 @@ def _control(run: RunFolder, name: str, model_name: str, tokenizer, circuit, row
     from .controls import control_model
 
     model, size = control_model(name, load_model(model_name), circuit, lambda c: _adapter_config(c, cfg), cfg.seed)
-    examples = gold_examples(tokenizer, rows, style, cfg.shots, cfg.question_field, cfg.answer_field)
+    examples = _gold_examples(tokenizer, rows, style, cfg)
     log(f"[control {name}] training {size['trainable_params']:,} parameters with the circuit's recipe")
     rate = _train_arm(run, f"control_{name}", model, tokenizer, examples, val_rows, style, cfg, log)
     model.eval()
