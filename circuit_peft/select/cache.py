@@ -147,6 +147,9 @@ def score_in_chunks(
         torch.distributed.all_gather_object(gathered, {c: results[c] for c in todo})
         for part in gathered:
             results.update(part)
+        # every rank got here through the gather; the barrier settles its work before anything can end the
+        # group (ending a gloo group while it still frees the gather's work deadlocks or aborts the process)
+        torch.distributed.barrier()
     missing = [c for c in range(len(bounds)) if c not in results]
     if missing:
         raise RuntimeError(f"chunks {missing[:5]} were not scored by any process")
