@@ -162,7 +162,6 @@ def _select(model, tokenizer, rows, cfg: TrainConfig) -> dict[str, Any]:
     return {"rows": sorted(int(i) for i in result.indices), "method": cfg.select}
 
 
-
 def _gold_examples(tokenizer, rows, style: str, cfg: TrainConfig) -> list[dict[str, Any]]:
     """``rows``' gold solutions as SFT examples in ``style``, with ``cfg``'s shots and fields."""
     return gold_examples(tokenizer, rows, style, cfg.shots, cfg.question_field, cfg.answer_field)
@@ -171,6 +170,7 @@ def _gold_examples(tokenizer, rows, style: str, cfg: TrainConfig) -> list[dict[s
 def _gold_sft_rows(tokenizer, rows, style: str, cfg: TrainConfig) -> list[dict[str, Any]]:
     """``rows``' gold solutions tokenised as pivotal SFT trains on them (``input_ids``, ``labels``, weights)."""
     return pivotal_dataset(tokenizer, _gold_examples(tokenizer, rows, style, cfg), cfg.sft.pivotal_weight, style)
+
 
 def locate_for_training(model, tokenizer, rows, style: str, cfg: TrainConfig, mining_dir: str | os.PathLike,
                         keep_fraction: float | None, progress: bool = True):
@@ -217,8 +217,8 @@ def _gold_solution_batches(model, tokenizer, rows, style: str, cfg: TrainConfig)
     """``rows``' gold solutions as probe batches (prompt, then solution), tokenised as SFT trains on them."""
     from ..locate.ablation import probe_batches
 
-    rows = _probe_rows(_gold_sft_rows(tokenizer, rows, style, cfg))
-    return probe_batches(model, tokenizer, rows, cfg.eval_batch_size)
+    probe = _probe_rows(_gold_sft_rows(tokenizer, rows, style, cfg))
+    return probe_batches(model, tokenizer, probe, cfg.eval_batch_size)
 
 
 def _gold_solution_loss(model, batches: list[dict]) -> float:
