@@ -108,6 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--locate-only", action="store_true",
                    help="mine and score the circuits of --seeds and --locators (cached), then stop: lets a second "
                         "process prepare later seeds while the first seed's learning-rate grid runs")
+    p.add_argument("--val-loss-at", default=None,
+                   help="comma-separated rates: no test evaluation; train each --arms arm on the first seed at each "
+                        "rate and save its validation accuracy and gold-solution loss (the loss is how `circuit-peft "
+                        "train --lrs` breaks a tie in validation accuracy; the saved arms were chosen before it)")
     p.add_argument("--from-saved", action="store_true",
                    help="no model work: summarise the (arm, seed) results already saved under --work-dir")
     p.add_argument("--quick", action="store_true",
@@ -137,7 +141,7 @@ def settings_key(args: argparse.Namespace, locating: bool = False) -> str:
     """What changes a single (arm, seed) result (the list of seeds and arms to run does not); with
     ``locating``, what changes the mined records, the circuits' scores and the base's side effects."""
     ignored = ("threads", "work_dir", "out", "arms", "quick", "seeds", "from_saved", "fractions", "locators", "plot",
-               "plot_tradeoff", "also_transfer_cap", "locate_only")
+               "plot_tradeoff", "also_transfer_cap", "locate_only", "val_loss_at")
     if args.task == "arithmetic":  # the default task keeps the keys of results saved before --task existed
         ignored += ("task",)
     if args.transfer_max_new_tokens is None or locating:  # keys saved before the flag existed stay valid
@@ -320,6 +324,27 @@ class Bench(ArmBench):
 
         atomic_write_json(self.arms_dir / f"{arm}-seed{seed}.json", result)
 
+    def val_fit(self, arm: str, seed: int, lr: float) -> dict[str, Any]:
+        """Validation accuracy and mean gold-solution loss (nats/token, unweighted: the library's tie-break)
+        of ``arm`` trained on seed ``seed`` at ``lr`` (saved; reused on a re-run)."""
+        from circuit_peft.files import atomic_write_json
+        from circuit_peft.recipe import SFTSettings, TrainConfig
+        from circuit_peft.recipe.pipeline import _gold_solution_batches, _gold_solution_loss
+
+        path = self.arms_dir / f"valfit-{arm}-seed{seed}-lr{lr:g}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        t0 = time.perf_counter()
+        model, _ = self.train(arm, seed, lr)
+        val = self.problems(seed)["val"]
+        cfg = TrainConfig(shots=self.shots, sft=SFTSettings(pivotal_weight=self.args.pivotal_weight))
+        out = {"arm": arm, "seed": seed, "lr": lr, "val_acc": self.accuracy(model, val).accuracy,
+               "val_loss": _gold_solution_loss(model, _gold_solution_batches(model, self.tok, val, self.style, cfg))}
+        out["seconds"] = time.perf_counter() - t0
+        atomic_write_json(path, out)
+        self.log(f"{arm} seed {seed} lr {lr:g}: val acc {out['val_acc']:.3f}, val loss {out['val_loss']:.4f}")
+        return out
+
     def chosen_lr(self, arm: str, first_seed: int) -> float | None:
         saved = self.load_arm(arm, first_seed)
         return None if saved is None else saved.get("lr")
@@ -491,6 +516,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for locator in locators:
                 bench.scored_circuit(locator, seed)
         return {"located": [[loc, seed] for seed in seeds for loc in locators]}
+    if args.val_loss_at:
+        return tie_break(bench, arms, seeds[0], [float(x) for x in args.val_loss_at.split(",")])
     baseline = bench.baseline()
     results: dict[str, list[dict[str, Any]]] = {}
     for group in groups:  # group by group; inside a group seed by seed, so a stopped run has whole pairs
@@ -505,6 +532,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "seconds": time.perf_counter() - bench.started}
     print_table(summary)
     return _finish(res, args)
+
+
+def tie_break(bench: Bench, arms: list[str], seed: int, lrs: list[float]) -> dict[str, Any]:
+    """Per arm, the validation accuracy and loss at each rate, and the rate `circuit-peft train --lrs` would
+    keep (best accuracy, ties: the lower loss); the final line is JSON."""
+    res: dict[str, Any] = {"seed": seed, "arms": {}}
+    for arm in arms:
+        fits = [bench.val_fit(arm, seed, lr) for lr in lrs]
+        best = min(fits, key=lambda f: (-f["val_acc"], f["val_loss"]))
+        res["arms"][arm] = {"by_lr": {f"{f['lr']:g}": {k: f[k] for k in ("val_acc", "val_loss")} for f in fits},
+                            "chosen_lr": best["lr"]}
+    print(json.dumps(res))
+    return res
 
 
 def summarise_saved(args: argparse.Namespace, groups, seeds, fractions, locators) -> dict[str, Any]:
