@@ -27,8 +27,8 @@ measured the same way; only what is trained (and, where named, the loss weights)
 
 Choices are made on validation only: each arm's learning rate is picked from its grid by
 validation accuracy on the first seed, then used for every seed (ties: the first rate of the grid, the
-rule every saved arm was chosen by; ``circuit-peft train --lrs`` breaks ties by validation loss instead,
-which this benchmark's saved results predate). Test accuracy is reported on the
+rule every saved arm was chosen by; with ``--tie-break loss`` the lower gold-solution loss on the validation
+problems, as ``circuit-peft train --lrs`` does; ``--val-loss-at`` measures that loss for saved arms' tied rates). Test accuracy is reported on the
 training format (``add``/``sub``: "What is 47 + 38?") and on a held-out format that training never
 saw (word problems), with the fraction of generations that hit ``--max-new-tokens``. Side effects:
 mean KL on general text, MMLU and TruthfulQA deltas. Each finished (arm, seed) is saved under
@@ -108,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--locate-only", action="store_true",
                    help="mine and score the circuits of --seeds and --locators (cached), then stop: lets a second "
                         "process prepare later seeds while the first seed's learning-rate grid runs")
+    p.add_argument("--tie-break", default="first", choices=("first", "loss"),
+                   help="rates of equal validation accuracy: keep the first of the grid (every saved result), or "
+                        "the lower gold-solution loss on the validation problems (`circuit-peft train --lrs`)")
     p.add_argument("--val-loss-at", default=None,
                    help="comma-separated rates: no test evaluation; train each --arms arm on the first seed at each "
                         "rate and save its validation accuracy and gold-solution loss (the loss is how `circuit-peft "
@@ -148,6 +151,8 @@ def settings_key(args: argparse.Namespace, locating: bool = False) -> str:
         ignored += ("transfer_max_new_tokens",)
     if locating or all(getattr(args, k) == v for k, v in CCA_DEFAULTS.items()):
         ignored += tuple(CCA_DEFAULTS)  # the cca arm's settings train it; they do not change what is located
+    if locating or args.tie_break == "first":  # results saved before --tie-break keep their key
+        ignored += ("tie_break",)
     if locating or args.scan_rows == SCAN_ROWS:  # the scan's cache name carries its row count; arm results
         ignored += ("scan_rows",)              # saved with the default keep their key
     if locating:  # the learning-rate grids train the arms; they do not change what is mined or located
@@ -324,12 +329,18 @@ class Bench(ArmBench):
 
         atomic_write_json(self.arms_dir / f"{arm}-seed{seed}.json", result)
 
-    def val_fit(self, arm: str, seed: int, lr: float) -> dict[str, Any]:
-        """Validation accuracy and mean gold-solution loss (nats/token, unweighted: the library's tie-break)
-        of ``arm`` trained on seed ``seed`` at ``lr`` (saved; reused on a re-run)."""
-        from circuit_peft.files import atomic_write_json
+    def val_loss(self, model, rows: list[dict]) -> float:
+        """Mean gold-solution loss of ``rows`` (nats/token, unweighted): the library's tie-break."""
         from circuit_peft.recipe import SFTSettings, TrainConfig
         from circuit_peft.recipe.pipeline import _gold_solution_batches, _gold_solution_loss
+
+        cfg = TrainConfig(shots=self.shots, sft=SFTSettings(pivotal_weight=self.args.pivotal_weight))
+        return _gold_solution_loss(model, _gold_solution_batches(model, self.tok, rows, self.style, cfg))
+
+    def val_fit(self, arm: str, seed: int, lr: float) -> dict[str, Any]:
+        """Validation accuracy and :meth:`val_loss` of ``arm`` trained on seed ``seed`` at ``lr`` (saved;
+        reused on a re-run)."""
+        from circuit_peft.files import atomic_write_json
 
         path = self.arms_dir / f"valfit-{arm}-seed{seed}-lr{lr:g}.json"
         if path.exists():
@@ -337,9 +348,8 @@ class Bench(ArmBench):
         t0 = time.perf_counter()
         model, _ = self.train(arm, seed, lr)
         val = self.problems(seed)["val"]
-        cfg = TrainConfig(shots=self.shots, sft=SFTSettings(pivotal_weight=self.args.pivotal_weight))
         out = {"arm": arm, "seed": seed, "lr": lr, "val_acc": self.accuracy(model, val).accuracy,
-               "val_loss": _gold_solution_loss(model, _gold_solution_batches(model, self.tok, val, self.style, cfg))}
+               "val_loss": self.val_loss(model, val)}
         out["seconds"] = time.perf_counter() - t0
         atomic_write_json(path, out)
         self.log(f"{arm} seed {seed} lr {lr:g}: val acc {out['val_acc']:.3f}, val loss {out['val_loss']:.4f}")
@@ -356,14 +366,16 @@ class Bench(ArmBench):
         t0 = time.perf_counter()
         probs = self.problems(seed)
         if arm == "base":
-            model, size, lr, val_by_lr = self.base, {"trainable_params": 0}, None, {}
+            model, size, lr, val_by_lr, loss_by_lr = self.base, {"trainable_params": 0}, None, {}, {}
         elif seed == first_seed:
-            model, size, lr, val_by_lr = self.pick_lr(arm, seed, probs["val"])
+            model, size, lr, val_by_lr, loss_by_lr = self.pick_lr(arm, seed, probs["val"])
         else:
             lr = self.chosen_lr(arm, first_seed)
             model, size = self.train(arm, seed, lr)
-            val_by_lr = {}
+            val_by_lr, loss_by_lr = {}, {}
         result = {"arm": arm, "seed": seed, "lr": lr, "val_by_lr": val_by_lr, **size}
+        if loss_by_lr:
+            result["val_loss_by_lr"] = loss_by_lr
         if val_by_lr:  # the chosen learning rate's validation accuracy was measured while choosing it
             result["val_acc"] = val_by_lr[str(lr)]
         splits = ("val", "test", "transfer") if arm == "base" else ("test", "transfer")
@@ -384,14 +396,20 @@ class Bench(ArmBench):
         return result
 
     def pick_lr(self, arm: str, seed: int, val: list[dict]):
+        """Train ``arm`` at each rate of its grid; keep the best validation accuracy (ties: the first rate of
+        the grid, or with ``--tie-break loss`` the lower :meth:`val_loss`, as ``circuit-peft train --lrs``)."""
         best = None
-        val_by_lr = {}
+        val_by_lr, loss_by_lr = {}, {}
         for lr in self.grid(arm):
             model, size = self.train(arm, seed, lr)
             val_by_lr[str(lr)] = self.accuracy(model, val).accuracy
-            if best is None or val_by_lr[str(lr)] > best[0]:
-                best = (val_by_lr[str(lr)], model, size, lr)
-        return best[1], best[2], best[3], val_by_lr
+            rank = [val_by_lr[str(lr)]]
+            if self.args.tie_break == "loss":
+                loss_by_lr[str(lr)] = self.val_loss(model, val)
+                rank.append(-loss_by_lr[str(lr)])
+            if best is None or rank > best[0]:
+                best = (rank, model, size, lr)
+        return best[1], best[2], best[3], val_by_lr, loss_by_lr
 
     def effects(self, model, arm: str, baseline: dict[str, Any]) -> dict[str, Any]:
         from circuit_peft.evaluate.side_effects import side_effects
