@@ -186,6 +186,26 @@ def test_control_models_train_what_they_say():
         control_model("full", tiny_model("llama"), located, to_config, seed=0)
 
 
+def test_lora_control_initialisation_follows_its_seed_not_the_process_history():
+    from circuit_peft.recipe import control_model
+
+    located = _located(tiny_model("llama"))
+    to_config = lambda c: c.to_config(projections="paper")  # noqa: E731
+
+    def lora_a(seed: int) -> tuple[torch.Tensor, bool]:
+        base = tiny_model("llama")
+        before = torch.random.get_rng_state()
+        model, _ = control_model("lora", base, located, to_config, seed=seed)
+        untouched = torch.equal(torch.random.get_rng_state(), before)  # the caller's random state is left alone
+        return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_A" in n]), untouched
+
+    first, untouched = lora_a(0)
+    torch.rand(1000)  # other work in the same process between two arms
+    again, _ = lora_a(0)
+    assert untouched and torch.equal(again, first)
+    assert not torch.equal(lora_a(1)[0], first)
+
+
 @pytest.mark.parametrize("bad, match", [(dict(learning_rate=0), "learning_rate"), (dict(batch_size=1.5), "batch_size"),
                                         (dict(pivotal_weight=-1), "pivotal_weight")])
 def test_sft_settings_refuse_bad_values(bad, match):

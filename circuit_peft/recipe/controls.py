@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
 from torch import nn
 
 from ..stats import mean_se
@@ -41,9 +42,9 @@ def control_model(name: str, model: nn.Module, circuit: Any, adapter_config: Any
     Args:
         circuit: the located :class:`~circuit_peft.circuit.Circuit` (random controls copy its kinds and counts).
         adapter_config: ``circuit -> CircuitConfig``, the located adapter's own recipe (a LoRA branch included).
-        seed: the random circuits' draw.
+        seed: the random circuits' draw and the LoRA controls' initialisation.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     from ..locate import random_circuit
     from ..tuner import circuit_size
@@ -52,15 +53,25 @@ def control_model(name: str, model: nn.Module, circuit: Any, adapter_config: Any
         raise ValueError(f"unknown control {name!r}; choose from {CONTROLS}")
     if name.startswith("random_"):
         config = adapter_config(random_circuit(circuit, name.removeprefix("random_"), seed))
-        peft_model = get_peft_model(model, config)
+        peft_model = _seeded_peft_model(model, config, seed)
         return peft_model, {"trainable_params": circuit_size(config, peft_model)["trainable_params"]}
     rank = LORA_RANK
     if name == "lora_matched":
         rank = matched_lora_rank(model, circuit_size(adapter_config(circuit), model)["trainable_params"])
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.1,
-                                                  target_modules="all-linear"))
+    peft_model = _seeded_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.1,
+                                                      target_modules="all-linear"), seed)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     return peft_model, {"trainable_params": trainable, "lora_rank": rank}
+
+
+def _seeded_peft_model(model: nn.Module, config: Any, seed: int) -> nn.Module:
+    """``get_peft_model`` with the adapter's random initialisation (LoRA's A) drawn from ``seed``, not from
+    whatever the process drew before; the global random state is left as it was."""
+    from peft import get_peft_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
 
 
 def paired_gap(a: Sequence[int], b: Sequence[int]) -> tuple[float, float | None]:
