@@ -34,8 +34,14 @@ saw (word problems), with the fraction of generations that hit ``--max-new-token
 mean KL on general text, MMLU and TruthfulQA deltas. Each finished (arm, seed) is saved under
 ``--work-dir`` and reused on a re-run with the same settings. The last line printed is JSON.
 
+The defaults are the settings of the SmolLM2 results in ``benchmarks/README.md`` (64 training, 32 validation,
+100 test, 50 held-out-format problems, 4 epochs, 32 new tokens, the grids {3e-4, 1e-3, 3e-3} and {1e-5, 3e-5,
+1e-4}). Every arm at every seed was never run in one go: at 5-10 minutes per (arm, seed) and per extra grid rate
+on this 2-core box, the full default run is about 5 hours in one process, half that in two (``--arms`` groups
+in separate processes sharing ``--work-dir`` after one ``--locate-only``).
+
     python benchmarks/recipes.py --quick                     # 4 arms, one seed: 12.4 min on 2 idle cores
-    python benchmarks/recipes.py --out benchmarks/results/recipes_smollm2.json
+    python benchmarks/recipes.py --out benchmarks/results/recipes_smollm2.json   # every arm, seeds 0-2
     python benchmarks/recipes.py --table-from benchmarks/results/recipes_smollm2.json   # markdown table
 """
 
@@ -68,18 +74,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(25 %%); held-out format: word problems of the same operation")
     p.add_argument("--data-dir", default="../shared/data", help="mmlu/test, truthfulqa/, text/ (side effects)")
     p.add_argument("--seeds", default="0,1,2", help="training seed and problem draw, comma-separated")
-    p.add_argument("--n-train", type=int, default=160)
-    p.add_argument("--n-val", type=int, default=48)
-    p.add_argument("--n-test", type=int, default=200)
-    p.add_argument("--n-transfer", type=int, default=100, help="held-out-format test problems (word problems)")
+    p.add_argument("--n-train", type=int, default=64)
+    p.add_argument("--n-val", type=int, default=32)
+    p.add_argument("--n-test", type=int, default=100)
+    p.add_argument("--n-transfer", type=int, default=50, help="held-out-format test problems (word problems)")
     p.add_argument("--transfer-max-new-tokens", type=int, default=None,
                    help="token cap of the held-out-format answers (default: --max-new-tokens); a larger cap "
                         "checks that a held-out-format gap is not made by answers cut at the cap")
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--also-transfer-cap", type=int, default=None,
                    help="also measure the held-out format under this token cap (transfer_capN_acc; an extra "
                         "measurement, so results saved without it keep their key)")
-    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--epochs", type=float, default=4.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--pivotal-weight", type=float, default=5.0)
     p.add_argument("--fractions", default="0.005,0.02", help="circuit sizes (share of each kind)")
@@ -87,8 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arms", default=None,
                    help="comma-separated arm names, groups separated by ';' (run group by group, seed by seed "
                         "inside a group; default: all arms in one group)")
-    p.add_argument("--circuit-lrs", default="1e-3,3e-3", help="learning-rate grid of circuit and LoRA arms")
-    p.add_argument("--full-lrs", default="1e-5,3e-5", help="learning-rate grid of full fine-tuning")
+    p.add_argument("--circuit-lrs", default="3e-4,1e-3,3e-3", help="learning-rate grid of circuit and LoRA arms")
+    p.add_argument("--full-lrs", default="1e-5,3e-5,1e-4", help="learning-rate grid of full fine-tuning")
     p.add_argument("--cca-steps", type=int, default=CCA_DEFAULTS["cca_steps"], help="cca arm: full-batch update steps")
     p.add_argument("--cca-records", type=int, default=CCA_DEFAULTS["cca_records"],
                    help="cca arm: at most this many pivot records (seeded draw)")
@@ -96,9 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="scan locator: the exact head-ablation scan reads the first N training problems (8, the "
                         "probe size of benchmarks/locate.py: the scan costs about half a forward per head)")
     p.add_argument("--mmlu-subjects", default="elementary_mathematics,high_school_geography")
-    p.add_argument("--mmlu-limit", type=int, default=30)
-    p.add_argument("--truthfulqa-limit", type=int, default=60)
-    p.add_argument("--kl-chunks", type=int, default=8)
+    p.add_argument("--mmlu-limit", type=int, default=10)
+    p.add_argument("--truthfulqa-limit", type=int, default=30)
+    p.add_argument("--kl-chunks", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work-dir", default="/tmp/recipes_bench")
     p.add_argument("--out", default=None, help="also write the JSON result here")
@@ -126,6 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.fractions, args.circuit_lrs, args.full_lrs, args.locators = "0.02", "1e-3", "3e-5", "grad"
         args.arms = args.arms or "base,located_grad@0.02,random_layer_grad@0.02,lora16"
         args.mmlu_limit, args.truthfulqa_limit, args.kl_chunks = 15, 30, 4
+        args.epochs, args.max_new_tokens = 3.0, 40  # the measured --quick (benchmarks/README.md)
     return args
 
 
