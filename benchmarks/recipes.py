@@ -405,18 +405,19 @@ class Bench(ArmBench):
     def pick_lr(self, arm: str, seed: int, val: list[dict]):
         """Train ``arm`` at each rate of its grid; keep the best validation accuracy (ties: the first rate of
         the grid, or with ``--tie-break loss`` the lower :meth:`val_loss`, as ``circuit-peft train --lrs``)."""
+        from circuit_peft.recipe.rates import choose_rate
+
         best = None
-        val_by_lr, loss_by_lr = {}, {}
+        seen, accuracy, loss = [], {}, {}
         for lr in self.grid(arm):
             model, size = self.train(arm, seed, lr)
-            val_by_lr[str(lr)] = self.accuracy(model, val).accuracy
-            rank = [val_by_lr[str(lr)]]
+            seen.append(lr)
+            accuracy[lr] = self.accuracy(model, val).accuracy
             if self.args.tie_break == "loss":
-                loss_by_lr[str(lr)] = self.val_loss(model, val)
-                rank.append(-loss_by_lr[str(lr)])
-            if best is None or rank > best[0]:
-                best = (rank, model, size, lr)
-        return best[1], best[2], best[3], val_by_lr, loss_by_lr
+                loss[lr] = self.val_loss(model, val)
+            if choose_rate(seen, accuracy, loss) == lr:  # kept only if it beats every rate trained so far
+                best = (model, size, lr)
+        return (*best, {str(lr): a for lr, a in accuracy.items()}, {str(lr): x for lr, x in loss.items()})
 
     def effects(self, model, arm: str, baseline: dict[str, Any]) -> dict[str, Any]:
         from circuit_peft.evaluate.side_effects import side_effects
@@ -562,12 +563,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def tie_break(bench: Bench, arms: list[str], seed: int, lrs: list[float]) -> dict[str, Any]:
     """Per arm, the validation accuracy and loss at each rate, and the rate `circuit-peft train --lrs` would
     keep (best accuracy, ties: the lower loss); the final line is JSON."""
+    from circuit_peft.recipe.rates import choose_rate
+
     res: dict[str, Any] = {"seed": seed, "arms": {}}
     for arm in arms:
         fits = [bench.val_fit(arm, seed, lr) for lr in lrs]
-        best = min(fits, key=lambda f: (-f["val_acc"], f["val_loss"]))
+        chosen = choose_rate(lrs, {f["lr"]: f["val_acc"] for f in fits}, {f["lr"]: f["val_loss"] for f in fits})
         res["arms"][arm] = {"by_lr": {f"{f['lr']:g}": {k: f[k] for k in ("val_acc", "val_loss")} for f in fits},
-                            "chosen_lr": best["lr"]}
+                            "chosen_lr": chosen}
     print(json.dumps(res))
     return res
 
