@@ -7,14 +7,17 @@ the solution), three loss paths, each through a real trainer's ``training_step``
 * ``full_logits``: the weighting as ``PivotalWeighting.attach`` did it before issue 11: the model's
   ordinary forward (logits at every position, prompt included) and ``pivotal_weighted_loss``;
 * ``pivotal_trainer``: :class:`~circuit_peft.cca.trainers.PivotalTrainer` (``transformers.Trainer``):
-  the LM head only at positions whose next token has a label;
+  the LM head only at positions whose next token has a label, and the prompt prefix every row shares
+  (system message, few-shot examples) run once, its KV cache repeated for the rows;
+* ``pivotal_trainer_rows_whole``: the same trainer with ``share_prompt_prefix = False`` (every row runs
+  its whole prompt: the trainer before the shared prefix), the peer of the prefix sharing;
 * ``pivotal_sft_trainer``: :class:`~circuit_peft.cca.trainers.PivotalSFTTrainer` (``trl.SFTTrainer``):
   TRL's own chunked LM head (never materialises full logits), its metrics kept.
 
 Time: median over ``--steps`` measured steps after ``--warmup``, the three paths in turn; on CPU the
 process CPU time with one thread (wall time swings with other jobs), on CUDA wall time. Memory: on
 CUDA ``max_memory_allocated`` above the step's start; on CPU the activation bytes autograd saves for
-backward (each storage once, the model's weights left out), which is where full logits cost. The three losses must agree (same weighted
+backward (each storage once, the model's weights left out), which is where full logits cost. The losses must agree (same weighted
 loss): reported as ``max_loss_rel_diff``.
 
     python benchmarks/pivotal_step.py --model smollm2
@@ -38,7 +41,7 @@ from transformers import Trainer, TrainingArguments
 from _bench import saved_for_backward
 from adapter_step import circuit_components
 
-PATHS = ("full_logits", "pivotal_trainer", "pivotal_sft_trainer")
+PATHS = ("full_logits", "pivotal_trainer", "pivotal_trainer_rows_whole", "pivotal_sft_trainer")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,8 +94,10 @@ def make_trainer(path: str, model, tokenizer, data, out: str, batch: int):
         return PivotalSFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data,
                                  processing_class=tokenizer)
     args = TrainingArguments(**common)
-    if path == "pivotal_trainer":
-        return PivotalTrainer(model=model, args=args, train_dataset=data)
+    if path.startswith("pivotal_trainer"):
+        trainer = PivotalTrainer(model=model, args=args, train_dataset=data)
+        trainer.share_prompt_prefix = path == "pivotal_trainer"
+        return trainer
     trainer = FullLogitsTrainer(model=model, args=args, train_dataset=data)
     install_pivotal_columns(trainer)
     return trainer
@@ -124,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from peft import get_peft_model
 
     from circuit_peft import CircuitConfig, get_arch, load_model, load_tokenizer
+    from circuit_peft.cca.trainers import labelled_positions
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -143,6 +149,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batches = {p: next(iter(t.get_train_dataloader())) for p, t in trainers.items()}
         n_positions = int(batches["full_logits"]["input_ids"].numel())
         n_labels = int((batches["full_logits"]["labels"] != -100).sum())
+        first_labelled = int(labelled_positions(batches["full_logits"]["labels"])[0])
+        shared_prefix = trainers["pivotal_trainer"].shared_prefix_length(
+            model.train(), {k: batches["full_logits"][k] for k in ("input_ids", "attention_mask")}, first_labelled)
         for i in range(args.warmup + args.steps):
             for p in PATHS:
                 w, c, saved, loss = timed_step(trainers[p], batches[p])
@@ -158,13 +167,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ref = losses["full_logits"]
     result = {
         "model": args.model, "vocab": model.get_output_embeddings().out_features, "batch": args.batch,
-        "positions": n_positions, "labelled_tokens": n_labels,
+        "positions": n_positions, "labelled_tokens": n_labels, "shared_prefix_tokens": shared_prefix,
         "median_step_s": median, "median_wall_s": {p: statistics.median(wall[p]) for p in PATHS},
         "timing": "process_cpu" if device == "cpu" else "wall",
         "memory_bytes": memory,
         "memory_measure": "cuda_max_allocated" if device == "cuda" else "saved_for_backward",
         "pivotal_trainer_vs_full_logits_time": median["pivotal_trainer"] / median["full_logits"],
         "pivotal_sft_trainer_vs_full_logits_time": median["pivotal_sft_trainer"] / median["full_logits"],
+        "shared_prefix_vs_rows_whole_time": median["pivotal_trainer"] / median["pivotal_trainer_rows_whole"],
+        "shared_prefix_vs_rows_whole_memory": memory["pivotal_trainer"] / memory["pivotal_trainer_rows_whole"],
         "pivotal_trainer_vs_full_logits_memory": memory["pivotal_trainer"] / memory["full_logits"],
         "pivotal_sft_trainer_vs_full_logits_memory": memory["pivotal_sft_trainer"] / memory["full_logits"],
         "max_loss_rel_diff": max(abs(v - ref) / abs(ref) for v in losses.values()),

@@ -77,6 +77,15 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tens
     return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
 
 
+def batch_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, limit: int) -> int:
+    """Number of leading positions (at most ``limit``) where every row of ``input_ids`` (B, T) holds the same
+    real (unmasked) token: the prompt prefix a batch can run once (system message, few-shot examples)."""
+    same = (input_ids == input_ids[:1]).all(0)
+    if attention_mask is not None:
+        same &= (attention_mask == 1).all(0)
+    return int(same[: max(limit, 0)].long().cumprod(0).sum())
+
+
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Row indices grouped into batches of similar length (less padding); deterministic."""
     if batch_size < 1:
@@ -85,4 +94,4 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-__all__ = ["accepts_logits_to_keep", "left_pad", "length_batches", "model_device", "pad_batch", "pad_token_id", "to_device"]
+__all__ = ["accepts_logits_to_keep", "batch_prefix_length", "left_pad", "length_batches", "model_device", "pad_batch", "pad_token_id", "to_device"]

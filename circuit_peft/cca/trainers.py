@@ -2,7 +2,10 @@
 own trainers extend ``Trainer``), for data from :func:`~circuit_peft.cca.weighting.build_pivotal_dataset`.
 
 * :class:`PivotalTrainer` (``transformers.Trainer``): runs the LM head only at positions that have a
-  label (``logits_to_keep`` with the positions), so prompts cost no vocabulary projection;
+  label (``logits_to_keep`` with the positions), so prompts cost no vocabulary projection, and runs the
+  prompt prefix that every row of a batch shares (system message, few-shot examples) once, its KV cache
+  repeated for the rows (the same loss and gradients up to float rounding; see
+  :meth:`PivotalLossMixin.shared_prefix_length`);
 * :class:`PivotalSFTTrainer` (``trl.SFTTrainer``): keeps TRL's own loss path (its fused, chunked LM
   head that never materialises full logits) and its logged metrics (mean token accuracy, entropy),
   and re-reduces TRL's per-token log-probabilities with the weights.
@@ -18,7 +21,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from ..batching import accepts_logits_to_keep
+from ..batching import accepts_logits_to_keep, batch_prefix_length
 from .weighting import IGNORE_INDEX, aligned_weighted_loss, install_pivotal_columns
 
 
@@ -38,6 +41,8 @@ class PivotalLossMixin:
     """
 
     unlikelihood_weight: float = 0.0
+    share_prompt_prefix: bool = True  # run the batch's shared prompt prefix once (exact: see shared_prefix_length)
+    min_shared_prefix: int = 16  # tokens: a shorter shared prefix is not worth the second forward call
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "token_weights" not in inputs:
@@ -46,12 +51,7 @@ class PivotalLossMixin:
         weights, undesired = inputs.pop("token_weights"), inputs.pop("undesired_ids", None)
         labels = inputs.pop("labels")
         keep = labelled_positions(labels)
-        if accepts_logits_to_keep(model):
-            outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
-            logits = outputs.logits
-        else:
-            outputs = model(**inputs, use_cache=False)
-            logits = outputs.logits[:, keep]
+        outputs, logits = self._logits_at(model, inputs, keep)
         nxt = keep + 1
         loss = aligned_weighted_loss(logits, labels[:, nxt], weights[:, nxt],
                                      undesired[:, nxt] if undesired is not None else None,
@@ -59,6 +59,79 @@ class PivotalLossMixin:
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as Trainer: DDP averages the gradients
         return (loss, outputs) if return_outputs else loss
+
+    def _logits_at(self, model, inputs: dict[str, torch.Tensor], keep: torch.Tensor):
+        """``(outputs, logits (B, len(keep), V))`` at positions ``keep``, the shared prefix run once if it can."""
+        prefix = self.shared_prefix_length(model, inputs, int(keep[0]))
+        shared = self._forward_after_prefix(model, inputs, keep, prefix) if prefix else None
+        if shared is not None:
+            return shared
+        if accepts_logits_to_keep(model):
+            outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
+            return outputs, outputs.logits
+        outputs = model(**inputs, use_cache=False)
+        return outputs, outputs.logits[:, keep]
+
+    def shared_prefix_length(self, model, inputs: dict[str, torch.Tensor], first_labelled: int) -> int:
+        """Tokens of the prompt prefix every row of the batch shares and that this step may run once
+        (0: run the batch as it is).
+
+        Sharing is exact (the same loss and gradients as running every row, up to float rounding) when
+        the prefix predicts no label (it ends at or before ``first_labelled``, the first position whose
+        next token has a label), nothing random acts on it (no active dropout: LoRA's ``lora_dropout``
+        would otherwise draw one mask for all rows), the model keeps a KV cache (no gradient
+        checkpointing) and the parameters are whole in this process (one process or DDP, not FSDP or
+        DeepSpeed). Otherwise, or below ``min_shared_prefix`` tokens, 0.
+        """
+        ids = inputs.get("input_ids")
+        if not self.share_prompt_prefix or ids is None or ids.shape[0] < 2 or set(inputs) - {"input_ids",
+                                                                                           "attention_mask"}:
+            return 0
+        if not _whole_parameters(self.accelerator) or _checkpoints_activations(model) or _has_active_dropout(model):
+            return 0
+        length = batch_prefix_length(ids, inputs.get("attention_mask"), first_labelled)
+        return length if length >= self.min_shared_prefix else 0
+
+    def _forward_after_prefix(self, model, inputs: dict[str, torch.Tensor], keep: torch.Tensor, prefix: int):
+        """The prefix through the model once (batch 1), its KV cache repeated per row, then every row's rest.
+        The prefix goes through the unwrapped model so that a DDP wrapper runs its forward (and gradient
+        sync) once a step; autograd carries the rows' gradients back through the repeated cache. None when the
+        model returns no cache (it then runs the batch whole)."""
+        ids = inputs["input_ids"]
+        last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+        cache = self.accelerator.unwrap_model(model)(input_ids=ids[:1, :prefix], use_cache=True, **last).past_key_values
+        if cache is None:
+            return None
+        cache.batch_repeat_interleave(ids.shape[0])
+        rest = {"input_ids": ids[:, prefix:], "attention_mask": inputs.get("attention_mask", torch.ones_like(ids)),
+                "past_key_values": cache, "use_cache": True}
+        if last:
+            outputs = model(**rest, logits_to_keep=keep - prefix)
+            return outputs, outputs.logits
+        outputs = model(**rest)
+        return outputs, outputs.logits[:, keep - prefix]
+
+
+def _whole_parameters(accelerator) -> bool:
+    """Whether every parameter is whole in this process (one process or DDP; not FSDP / DeepSpeed / TP)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+
+
+def _checkpoints_activations(model: torch.nn.Module) -> bool:
+    """Whether activation (gradient) checkpointing is on: the model then keeps no KV cache in training."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def _has_active_dropout(model: torch.nn.Module) -> bool:
+    """Whether a dropout (a module with ``p > 0`` in training mode, or the config's attention dropout) acts."""
+    from ..arch import unwrap_model
+
+    config = getattr(unwrap_model(model), "config", None)
+    if model.training and float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
+        return True
+    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in model.modules())
 
 
 class PivotalTrainer(PivotalLossMixin, Trainer):
