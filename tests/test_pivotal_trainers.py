@@ -152,3 +152,18 @@ def test_shared_prompt_prefix_is_not_shared_under_activation_checkpointing(tmp_p
     model.train()
     assert trainer.shared_prefix_length(model, {k: batch[k] for k in ("input_ids", "attention_mask")}, 20) == 0
     assert trainer.compute_loss(model, dict(batch)).item() == pytest.approx(_reference(model.eval(), batch), rel=1e-5)
+
+
+def test_shared_prompt_prefix_under_two_process_ddp_trains_what_whole_rows_train(tmp_path):
+    """Under DDP (2 CPU processes) the prefix runs once per step and rank, and both ranks end with the adapter
+    that running every row whole gives (DDP's gradient sync still happens once, in backward)."""
+    from test_tuner_training import _torchrun_two_ranks
+
+    r0, r1 = _torchrun_two_ranks("ddp_pivotal_prefix.py", tmp_path)
+    assert r0["world_size"] == 2
+    assert r0["shared_shapes"][0] == (1, 24) and all(s[0] == 2 for s in r0["whole_shapes"])
+    assert r0["shared"].keys() == r0["whole"].keys() and r0["shared"]
+    for name, value in r0["whole"].items():
+        assert value.abs().sum() > 0, name
+        assert torch.equal(r0["shared"][name], r1["shared"][name]), name
+        torch.testing.assert_close(r0["shared"][name], value, rtol=1e-4, atol=1e-6, msg=name)
