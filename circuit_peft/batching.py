@@ -86,6 +86,14 @@ def batch_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     return int(same[: max(limit, 0)].long().cumprod(0).sum())
 
 
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest id prefix that every sequence starts with, leaving each at least one id."""
+    if not sequences:
+        return 0
+    ids, mask = pad_batch(sequences, 0, side="right")
+    return batch_prefix_length(ids, mask, min(len(s) for s in sequences) - 1)
+
+
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Row indices grouped into batches of similar length (less padding); deterministic."""
     if batch_size < 1:
@@ -94,4 +102,4 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-__all__ = ["accepts_logits_to_keep", "batch_prefix_length", "left_pad", "length_batches", "model_device", "pad_batch", "pad_token_id", "to_device"]
+__all__ = ["accepts_logits_to_keep", "batch_prefix_length", "left_pad", "length_batches", "model_device", "pad_batch", "pad_token_id", "shared_prefix_length", "to_device"]

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..batching import accepts_logits_to_keep, model_device, pad_batch, pad_token_id
+from ..batching import accepts_logits_to_keep, model_device, pad_batch, pad_token_id, shared_prefix_length
 
 
 @contextmanager
@@ -32,17 +32,6 @@ def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pad_id
         extra = gen_cfg.eos_token_id
         stops |= set(extra if isinstance(extra, list) else [extra])
     return stops
-
-
-def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    """Length of the longest id prefix that every sequence starts with, leaving each at least one id."""
-    if not sequences:
-        return 0
-    first, n = sequences[0], min(len(s) for s in sequences) - 1
-    for j in range(max(n, 0)):
-        if any(s[j] != first[j] for s in sequences):
-            return j
-    return max(n, 0)
 
 
 @torch.no_grad()
