@@ -66,7 +66,7 @@ SCAN_ROWS = 8  # the scan locator's default probe size: the probe size of benchm
 CCA_DEFAULTS = {"cca_steps": 16, "cca_records": 48}  # results saved before the cca arm keep their keys
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--task", default="arithmetic", choices=("arithmetic", "multiplication"),
@@ -106,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--truthfulqa-limit", type=int, default=30)
     p.add_argument("--kl-chunks", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes: locate every circuit and the baseline here, then train the arms in this "
+                        "many processes at once (arms split by expected cost; --threads shared among them), then "
+                        "summarise what they saved")
     p.add_argument("--work-dir", default="/tmp/recipes_bench")
     p.add_argument("--out", default=None, help="also write the JSON result here")
     p.add_argument("--plot", default=None, help="PNG: located - layer-matched random per locator and size (mean, SE)")
@@ -126,7 +130,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="one seed, 64 training / 32 val / 100 test / 50 transfer problems, 2 %% gradient circuit vs "
                         "layer-matched random vs LoRA r=16, one lr")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
     if args.quick:
         args.seeds, args.n_train, args.n_val, args.n_test, args.n_transfer = "0", 64, 32, 100, 50
         args.fractions, args.circuit_lrs, args.full_lrs, args.locators = "0.02", "1e-3", "3e-5", "grad"
@@ -150,7 +160,7 @@ def arm_names(fractions: list[float], locators: list[str]) -> list[str]:
 def settings_key(args: argparse.Namespace, locating: bool = False) -> str:
     """What changes a single (arm, seed) result (the list of seeds and arms to run does not); with
     ``locating``, what changes the mined records, the circuits' scores and the base's side effects."""
-    ignored = ("threads", "work_dir", "out", "arms", "quick", "seeds", "from_saved", "fractions", "locators", "plot",
+    ignored = ("threads", "jobs", "work_dir", "out", "arms", "quick", "seeds", "from_saved", "fractions", "locators", "plot",
                "plot_tradeoff", "also_transfer_cap", "locate_only", "val_loss_at")
     if args.task == "arithmetic":  # the default task keeps the keys of results saved before --task existed
         ignored += ("task",)
@@ -304,7 +314,7 @@ class Bench(ArmBench):
         settings = SFTSettings(learning_rate=lr, epochs=self.args.epochs, batch_size=self.args.batch_size,
                                pivotal_weight=weight, seed=seed)
         examples = gold_examples(self.tok, self.problems(seed)["train"], self.style, self.shots)
-        train_sft(model, self.tok, examples, settings, str(self.work / "trainer"), style=self.style)
+        train_sft(model, self.tok, examples, settings, str(self.work / f"trainer-{os.getpid()}"), style=self.style)
         return model, size
 
     def cca_update(self, arm: str, seed: int, lr: float):
@@ -544,6 +554,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"located": [[loc, seed] for seed in seeds for loc in locators]}
     if args.val_loss_at:
         return tie_break(bench, arms, seeds[0], [float(x) for x in args.val_loss_at.split(",")])
+    if args.jobs > 1:
+        return run_in_jobs(bench, args, arms, seeds, fractions, locators)
     baseline = bench.baseline()
     results: dict[str, list[dict[str, Any]]] = {}
     for group in groups:  # group by group; inside a group seed by seed, so a stopped run has whole pairs
@@ -558,6 +570,61 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "seconds": time.perf_counter() - bench.started}
     print_table(summary)
     return _finish(res, args)
+
+
+ARM_COST = {"lora": 3.0, "cca": 2.0, "full": 1.7, "base": 0.2}  # relative time of an arm (LoRA: no shared prefix)
+
+
+def split_arms(arms: list[str], jobs: int) -> list[list[str]]:
+    """``arms`` in ``jobs`` groups of about equal expected cost (:data:`ARM_COST`; 1 for a circuit arm),
+    each group in the order given."""
+    load, groups = [0.0] * jobs, [[] for _ in range(jobs)]
+    cost = {a: next((c for k, c in ARM_COST.items() if a.startswith(k)), 1.0) for a in arms}
+    for arm in sorted(arms, key=lambda a: -cost[a]):
+        j = load.index(min(load))
+        groups[j].append(arm)
+        load[j] += cost[arm]
+    return [[a for a in arms if a in g] for g in groups if g]
+
+
+def job_argv(args: argparse.Namespace, arms: list[str], threads: int) -> list[str]:
+    """The command-line options of one worker: every setting of ``args`` written out (so ``--quick``'s
+    values carry over), its ``arms`` and ``threads``, no output files."""
+    skip = {"help", "jobs", "arms", "threads", "out", "plot", "plot_tradeoff", "quick", "from_saved", "locate_only",
+            "val_loss_at"}
+    out = []
+    for action in build_parser()._actions:
+        if action.dest in skip or not action.option_strings:
+            continue
+        value = getattr(args, action.dest)
+        if isinstance(action, argparse._StoreTrueAction):
+            out += [action.option_strings[0]] if value else []
+        elif value is not None:
+            out += [action.option_strings[0], str(value)]
+    return out + ["--arms", ",".join(arms), "--threads", str(threads)]
+
+
+def run_in_jobs(bench: Bench, args: argparse.Namespace, arms: list[str], seeds: list[int], fractions, locators):
+    """Locate every circuit and measure the baseline here, train ``arms`` in ``args.jobs`` worker processes
+    sharing ``--work-dir`` (logs ``job<i>.log`` there), then summarise what they saved."""
+    import subprocess
+
+    for seed in seeds:
+        for locator in locators:
+            bench.scored_circuit(locator, seed)
+    bench.baseline()
+    threads = max(1, args.threads // args.jobs)
+    procs = []
+    for i, group in enumerate(split_arms(arms, args.jobs)):
+        log = bench.work / f"job{i}.log"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *job_argv(args, group, threads)]
+        bench.log(f"job {i}: {','.join(group)} ({threads} thread(s); log {log})")
+        procs.append((subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT), log))
+    failed = [str(log) for proc, log in procs if proc.wait() != 0]
+    if failed:
+        raise SystemExit(f"--jobs: worker(s) failed, see {', '.join(failed)}")
+    res = summarise_saved(args, [arms], seeds, fractions, locators, seconds=time.perf_counter() - bench.started)
+    return res
 
 
 def tie_break(bench: Bench, arms: list[str], seed: int, lrs: list[float]) -> dict[str, Any]:
@@ -575,8 +642,10 @@ def tie_break(bench: Bench, arms: list[str], seed: int, lrs: list[float]) -> dic
     return res
 
 
-def summarise_saved(args: argparse.Namespace, groups, seeds, fractions, locators) -> dict[str, Any]:
-    """The summary of every saved (arm, seed) result of these settings (arms/seeds not run are left out)."""
+def summarise_saved(args: argparse.Namespace, groups, seeds, fractions, locators,
+                    seconds: float | None = None) -> dict[str, Any]:
+    """The summary of every saved (arm, seed) result of these settings (arms/seeds not run are left out);
+    ``seconds``: the wall time of the run that saved them, when there was one."""
     arms_dir = Path(args.work_dir) / f"arms-{settings_key(args)}"
     results: dict[str, list[dict[str, Any]]] = {}
     for arm in [a for g in groups for a in g]:
@@ -585,9 +654,11 @@ def summarise_saved(args: argparse.Namespace, groups, seeds, fractions, locators
             if path.exists():
                 results.setdefault(arm, []).append(json.loads(path.read_text()))
     baseline_file = Path(args.work_dir) / f"baseline-{settings_key(args, locating=True)}.json"
-    res = {"model": args.model, "settings": vars(args), "from_saved": True,
+    res = {"model": args.model, "settings": vars(args), "from_saved": seconds is None,
            "baseline": json.loads(baseline_file.read_text()) if baseline_file.exists() else None,
            **summarise(results, fractions, locators)}
+    if seconds is not None:
+        res["seconds"] = seconds
     print(markdown_table(res))
     return _finish(res, args)
 
