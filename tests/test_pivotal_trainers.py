@@ -167,3 +167,16 @@ def test_shared_prompt_prefix_under_two_process_ddp_trains_what_whole_rows_train
         assert value.abs().sum() > 0, name
         assert torch.equal(r0["shared"][name], r1["shared"][name]), name
         torch.testing.assert_close(r0["shared"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_shared_prompt_prefix_is_not_shared_under_prompt_learning(tmp_path):
+    """Prefix tuning brings its own key/value prefix: the rows run whole, and training still works."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("llama"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3, report_to=[], use_cpu=True)
+    trainer = PivotalTrainer(model=model, args=args, train_dataset=_prefix_data(20))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    model.train()
+    assert trainer.shared_prefix_length(model, {k: batch[k] for k in ("input_ids", "attention_mask")}, 20) == 0
+    assert torch.isfinite(trainer.compute_loss(model, dict(batch)))

@@ -80,14 +80,15 @@ class PivotalLossMixin:
         the prefix predicts no label (it ends at or before ``first_labelled``, the first position whose
         next token has a label), nothing random acts on it (no active dropout: LoRA's ``lora_dropout``
         would otherwise draw one mask for all rows), the model keeps a KV cache (no gradient
-        checkpointing) and the parameters are whole in this process (one process or DDP, not FSDP or
-        DeepSpeed). Otherwise, or below ``min_shared_prefix`` tokens, 0.
+        checkpointing), the adapter adds no key/value prefix of its own (no prompt learning) and the
+        parameters are whole in this process (one process or DDP, not FSDP or DeepSpeed). Otherwise, or
+        below ``min_shared_prefix`` tokens, 0.
         """
         ids = inputs.get("input_ids")
         if not self.share_prompt_prefix or ids is None or ids.shape[0] < 2 or set(inputs) - {"input_ids",
                                                                                            "attention_mask"}:
             return 0
-        if not _whole_parameters(self.accelerator) or _checkpoints_activations(model) or _has_active_dropout(model):
+        if not _sharing_is_exact(model, self.accelerator):
             return 0
         length = batch_prefix_length(ids, inputs.get("attention_mask"), first_labelled)
         return length if length >= self.min_shared_prefix else 0
@@ -110,6 +111,15 @@ class PivotalLossMixin:
             return outputs, outputs.logits
         outputs = model(**rest)
         return outputs, outputs.logits[:, keep - prefix]
+
+
+def _sharing_is_exact(model: torch.nn.Module, accelerator) -> bool:
+    """Whether running a shared prefix once computes what the whole rows compute (see
+    :meth:`PivotalLossMixin.shared_prefix_length`)."""
+    config = getattr(accelerator.unwrap_model(model), "active_peft_config", None)
+    if getattr(config, "is_prompt_learning", False):  # prefix tuning & co. bring their own KV cache
+        return False
+    return _whole_parameters(accelerator) and not _checkpoints_activations(model) and not _has_active_dropout(model)
 
 
 def _whole_parameters(accelerator) -> bool:
