@@ -107,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-chunks", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--jobs", type=int, default=1,
-                   help="worker processes: locate every circuit and the baseline here, then train the arms in this "
-                        "many processes at once (arms split by expected cost; --threads shared among them), then "
-                        "summarise what they saved")
+                   help="worker processes: locate the circuits (seeds dealt out) and then train the arms (split by "
+                        "expected cost) in this many processes at once, --threads shared among them; then summarise "
+                        "what they saved")
     p.add_argument("--work-dir", default="/tmp/recipes_bench")
     p.add_argument("--out", default=None, help="also write the JSON result here")
     p.add_argument("--plot", default=None, help="PNG: located - layer-matched random per locator and size (mean, SE)")
@@ -587,11 +587,11 @@ def split_arms(arms: list[str], jobs: int) -> list[list[str]]:
     return [[a for a in arms if a in g] for g in groups if g]
 
 
-def job_argv(args: argparse.Namespace, arms: list[str], threads: int) -> list[str]:
+def job_argv(args: argparse.Namespace, **overrides: str) -> list[str]:
     """The command-line options of one worker: every setting of ``args`` written out (so ``--quick``'s
-    values carry over), its ``arms`` and ``threads``, no output files."""
+    values carry over), no output files, then ``overrides`` (option dest -> value; ``""`` for a flag)."""
     skip = {"help", "jobs", "arms", "threads", "out", "plot", "plot_tradeoff", "quick", "from_saved", "locate_only",
-            "val_loss_at"}
+            "val_loss_at", *overrides}
     out = []
     for action in build_parser()._actions:
         if action.dest in skip or not action.option_strings:
@@ -601,30 +601,38 @@ def job_argv(args: argparse.Namespace, arms: list[str], threads: int) -> list[st
             out += [action.option_strings[0]] if value else []
         elif value is not None:
             out += [action.option_strings[0], str(value)]
-    return out + ["--arms", ",".join(arms), "--threads", str(threads)]
+    for dest, value in overrides.items():
+        out += ["--" + dest.replace("_", "-")] + ([value] if value != "" else [])
+    return out
 
 
-def run_in_jobs(bench: Bench, args: argparse.Namespace, arms: list[str], seeds: list[int], fractions, locators):
-    """Locate every circuit and measure the baseline here, train ``arms`` in ``args.jobs`` worker processes
-    sharing ``--work-dir`` (logs ``job<i>.log`` there), then summarise what they saved."""
+def run_workers(bench: Bench, args: argparse.Namespace, overrides: list[dict[str, str]], tag: str) -> None:
+    """Run this script once per entry of ``overrides`` (:func:`job_argv`), all at once (logs ``<tag><i>.log``
+    in the work folder); raise naming the logs of the workers that failed."""
     import subprocess
 
-    for seed in seeds:
-        for locator in locators:
-            bench.scored_circuit(locator, seed)
-    bench.baseline()
-    threads = max(1, args.threads // args.jobs)
     procs = []
-    for i, group in enumerate(split_arms(arms, args.jobs)):
-        log = bench.work / f"job{i}.log"
-        cmd = [sys.executable, str(Path(__file__).resolve()), *job_argv(args, group, threads)]
-        bench.log(f"job {i}: {','.join(group)} ({threads} thread(s); log {log})")
+    for i, changes in enumerate(overrides):
+        log = bench.work / f"{tag}{i}.log"
+        bench.log(f"{tag} {i}: {changes} (log {log})")
+        cmd = [sys.executable, str(Path(__file__).resolve()), *job_argv(args, **changes)]
         procs.append((subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT), log))
     failed = [str(log) for proc, log in procs if proc.wait() != 0]
     if failed:
         raise SystemExit(f"--jobs: worker(s) failed, see {', '.join(failed)}")
-    res = summarise_saved(args, [arms], seeds, fractions, locators, seconds=time.perf_counter() - bench.started)
-    return res
+
+
+def run_in_jobs(bench: Bench, args: argparse.Namespace, arms: list[str], seeds: list[int], fractions, locators):
+    """``args.jobs`` worker processes sharing ``--work-dir`` (``--threads`` split among them): they locate
+    the seeds' circuits (seeds dealt out in turn), then, after the baseline here, train ``arms`` (split by
+    expected cost); the summary is of what they saved."""
+    threads = str(max(1, args.threads // args.jobs))
+    seed_groups = [seeds[i :: args.jobs] for i in range(min(args.jobs, len(seeds)))]
+    run_workers(bench, args, [{"seeds": ",".join(map(str, g)), "locate_only": "", "threads": threads}
+                              for g in seed_groups], "locate")
+    bench.baseline()
+    run_workers(bench, args, [{"arms": ",".join(g), "threads": threads} for g in split_arms(arms, args.jobs)], "job")
+    return summarise_saved(args, [arms], seeds, fractions, locators, seconds=time.perf_counter() - bench.started)
 
 
 def tie_break(bench: Bench, arms: list[str], seed: int, lrs: list[float]) -> dict[str, Any]:
