@@ -36,11 +36,14 @@ mean KL on general text, MMLU and TruthfulQA deltas. Each finished (arm, seed) i
 
 The defaults are the settings of the SmolLM2 results in ``benchmarks/README.md`` (64 training, 32 validation,
 100 test, 50 held-out-format problems, 4 epochs, 32 new tokens, the grids {3e-4, 1e-3, 3e-3} and {1e-5, 3e-5,
-1e-4}). Every arm at every seed was never run in one go: at 5-10 minutes per (arm, seed) and per extra grid rate
-on this 2-core box, the full default run is about 5 hours in one process, half that in two (``--arms`` groups
-in separate processes sharing ``--work-dir`` after one ``--locate-only``).
+1e-4}). Every arm at every seed has never been run in one go. Measured in session 16 (``PivotalTrainer`` runs the
+batch's shared prompt prefix once) on this 2-core box with ``--jobs 2``: locating 11 min (one process; the workers
+now share it), a circuit arm's seed 0 (three rates) ~520 s per worker, LoRA's 1,500-2,000 s (its dropout keeps
+the rows whole); seed 0 of every arm but cca in 5,400 s. Estimated full default run with ``--jobs 2``: 2.6-2.9
+hours (seeds 1-2 and the cca arm not reached: stopped for time); in one process about 4-5 hours.
 
-    python benchmarks/recipes.py --quick                     # 4 arms, one seed: 12.4 min on 2 idle cores
+    python benchmarks/recipes.py --quick                     # 4 arms, one seed: 12 min on 2 idle cores
+    python benchmarks/recipes.py --quick --jobs 2            # the same in two worker processes: 10 min
     python benchmarks/recipes.py --out benchmarks/results/recipes_smollm2.json   # every arm, seeds 0-2
     python benchmarks/recipes.py --table-from benchmarks/results/recipes_smollm2.json   # markdown table
 """
