@@ -3,7 +3,11 @@ attribution vs the exact scan, and DCM on contrastive records.
 
 Keys of the final JSON line:
   naive_ablation_s   one full forward per head, timed on every 10th head, extrapolated to all heads
-  ablation_s         the project's exact scan (cached residual, layers >= l only, batched heads), all heads
+  ablation_s         the project's exact scan (cached residual, layers >= l only, batched heads, the probe's
+                     shared prompt prefix run once per head group), all heads
+  ablation_whole_s   the same scan with the rows run whole (share_prompt_prefix=False), timed on the naive
+                     scan's heads and extrapolated: the peer of the shared prefix
+  shared_prefix      prompt tokens every probe row shares (the scan runs them once per head group)
   max_abs_diff       |project - naive| over the timed heads (nats per solution token)
   attribution_s      attribution_scan (one forward + backward per batch; heads and neurons)
   spearman           attribution vs exact ablation over all heads
@@ -21,7 +25,8 @@ gold solution prefix up to the first digit after the first "=", desired = that g
 undesired = the model's most likely other token there.
 
 --probe arithmetic uses generated two-digit problems (short rows: the scans take minutes on a CPU)
-instead of GSM8K.
+instead of GSM8K; --probe arithmetic-shots the same problems in the prompt the recipes train and locate on
+(chat template, two worked examples: a long prompt prefix every row shares).
 
 Usage: python benchmarks/locate.py [--data-dir ../shared/data] [--probe-rows 8] [--dcm-records 16]
 """
@@ -40,8 +45,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from circuit_peft.arch import get_arch  # noqa: E402
-from circuit_peft.evaluate.prompts import build_prompt_ids  # noqa: E402
-from circuit_peft.cca.problems import make_problems  # noqa: E402
+from circuit_peft.evaluate.prompts import build_prompt_ids, encode_prompts  # noqa: E402
+from circuit_peft.cca.problems import TASKS, make_problems  # noqa: E402
+from circuit_peft.recipe.sft import gold_examples  # noqa: E402
 from circuit_peft.locate import ProbeSpec, attribution_scan, head_ablation_scan, learn_masks, refined_head_scan  # noqa: E402
 from circuit_peft.models import load_model, load_tokenizer  # noqa: E402
 
@@ -89,11 +95,20 @@ def contrastive_records(model, tok, rows: list[dict]) -> list[dict]:
     return records
 
 
+def recipe_probe_rows(tok, rows: list[dict]) -> list[dict]:
+    """``rows`` as the recipes' ablation locator scans them: the chat prompt with the task's two worked
+    examples, then the gold solution and EOS (token ids)."""
+    examples = gold_examples(tok, rows, "chat", TASKS["arithmetic"]["shots"])
+    return [{"prompt_ids": encode_prompts(tok, [e["prompt"]], "chat")[0],
+             "solution_ids": tok(e["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]}
+            for e in examples]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default="../shared/data")
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--probe", choices=("gsm8k", "arithmetic"), default="gsm8k")
+    p.add_argument("--probe", choices=("gsm8k", "arithmetic", "arithmetic-shots"), default="gsm8k")
     p.add_argument("--probe-rows", type=int, default=8, help="training problems in the probe set")
     p.add_argument("--candidates", type=float, default=3.0, help="refined scan: candidates x kept heads")
     p.add_argument("--naive-every", type=int, default=10, help="time the naive scan on every n-th head")
@@ -108,7 +123,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    if args.probe == "arithmetic":
+    if args.probe.startswith("arithmetic"):
         train = make_problems(4 * args.probe_rows + 4 * args.dcm_records, split="train", seed=0)
     else:
         train = [json.loads(line) for line in open(Path(args.data_dir) / "gsm8k" / "train.jsonl")]
@@ -116,6 +131,8 @@ def main() -> None:
         r["_index"] = i
     probe = train[: args.probe_rows]
     model, tok = load_model(args.model), load_tokenizer(args.model)
+    if args.probe == "arithmetic-shots":
+        probe = recipe_probe_rows(tok, probe)
     arch = get_arch(model)
 
     result: dict = {}
@@ -142,7 +159,13 @@ def run_scans(args, model, tok, probe, arch) -> dict:
     ablation_s = time.perf_counter() - t
     diff = max(abs(exact.scores[c] - naive.scores[c]) for c in naive.scores)
     print(f"exact scan: {ablation_s:.1f} s ({naive_s / ablation_s:.2f}x faster), max |diff| {diff:.2e}, "
-          f"base loss {exact.meta['base_loss']:.4f}, solution tokens {exact.meta['solution_tokens']}")
+          f"base loss {exact.meta['base_loss']:.4f}, solution tokens {exact.meta['solution_tokens']}, "
+          f"shared prefix {exact.meta['shared_prefix']} tokens")
+    t = time.perf_counter()
+    head_ablation_scan(model, tok, probe, heads=timed, heads_per_pass=args.heads_per_pass, share_prompt_prefix=False,
+                       **common)
+    whole_s = (time.perf_counter() - t) * len(all_heads) / len(timed)
+    print(f"exact scan, rows whole: {whole_s:.1f} s extrapolated ({naive_s / whole_s:.2f}x faster than naive)")
 
     t = time.perf_counter()
     att = attribution_scan(model, tok, probe, **dict(common, batch_size=min(4, args.batch_size)))
@@ -170,6 +193,8 @@ def run_scans(args, model, tok, probe, arch) -> dict:
         exact.top(fraction=0.05).save(Path(args.out) / "ablation.json")
         att.save(Path(args.out) / "attribution.json")
     return {"naive_ablation_s": round(naive_s, 2), "ablation_s": round(ablation_s, 2), "max_abs_diff": diff,
+            "ablation_whole_s": round(whole_s, 2), "shared_prefix": exact.meta["shared_prefix"],
+            "ablation_speedup": round(naive_s / ablation_s, 2),
             "attribution_s": round(attribution_s, 2), "spearman": round(rho, 4), "top5pct_recall": round(recall, 4),
             "timed_heads": len(timed), "refined_s": round(refined_s, 2), "refined_recall": round(refined_recall, 4),
             "refined_speedup": round(naive_s / refined_s, 2), "refined_candidates": refined.meta["candidates"],

@@ -241,19 +241,25 @@ class HeadAblation:
 ABLATION_METHODS = ("uniform", "zero", "mean")
 
 
-def uniform_attention_output(values: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def uniform_attention_output(
+    values: torch.Tensor, attention_mask: torch.Tensor | None, prefix_values: torch.Tensor | None = None
+) -> torch.Tensor:
     """Output of uniform causal attention: at position i the mean of V over valid positions <= i.
 
-    values (B, T, KV, d); attention_mask (B, T) with 1 for real tokens. Returns (B, T, KV, d).
+    values (B, T, KV, d); attention_mask (B, T) with 1 for real tokens; prefix_values (1 or B, P, KV, d):
+    the V of P real positions before these (a cached prompt prefix), averaged in too. Returns (B, T, KV, d).
     """
     if attention_mask is None:
         csum = values.cumsum(1)
-        count = torch.arange(1, values.shape[1] + 1, device=values.device, dtype=values.dtype)
-        return csum / count[None, :, None, None]
-    m = attention_mask.to(values.dtype)[:, :, None, None]
-    csum = (values * m).cumsum(1)
-    count = m.cumsum(1).clamp(min=1)
-    return csum / count
+        count = torch.arange(1, values.shape[1] + 1, device=values.device, dtype=values.dtype)[None, :, None, None]
+    else:
+        m = attention_mask.to(values.dtype)[:, :, None, None]
+        csum = (values * m).cumsum(1)
+        count = m.cumsum(1)
+    if prefix_values is not None:
+        csum = csum + prefix_values.to(values.dtype).sum(1, keepdim=True)
+        count = count + prefix_values.shape[1]
+    return csum / count.clamp(min=1)
 
 
 @contextmanager
@@ -264,12 +270,14 @@ def ablate_heads(
     attention_mask: torch.Tensor | None = None,
     means: dict[int, torch.Tensor] | None = None,
     arch: ModelArch | None = None,
+    prefix_values: dict[int, torch.Tensor] | None = None,
 ) -> Iterator[None]:
     """Replace chosen query heads' outputs (the input of ``o_proj``).
 
     ``uniform``: the head attends uniformly to positions <= i (mean of its value head's V
-    over valid positions; ``attention_mask`` (B, T) marks real tokens). ``zero``: output 0.
-    ``mean``: ``means[layer]`` (n_heads, head_dim), e.g. from :func:`head_output_means`.
+    over valid positions; ``attention_mask`` (B, T) marks real tokens; when the forward runs after a
+    cached prompt prefix, ``prefix_values[layer]`` (1, P, KV, d) is that prefix's V, averaged in too).
+    ``zero``: output 0. ``mean``: ``means[layer]`` (n_heads, head_dim), e.g. from :func:`head_output_means`.
     """
     if method not in ABLATION_METHODS:
         raise ValueError(f"unknown ablation method {method!r}; use one of {ABLATION_METHODS}")
@@ -293,7 +301,8 @@ def ablate_heads(
 
             def replace(block, items=items, values=values, layer=layer):
                 out = block.clone()
-                uniform = uniform_attention_output(values["v"], attention_mask) if method == "uniform" else None
+                uniform = (uniform_attention_output(values["v"], attention_mask, (prefix_values or {}).get(layer))
+                           if method == "uniform" else None)
                 for a in items:
                     rows = a.rows if a.rows is not None else slice(None)
                     if method == "zero":

@@ -90,6 +90,38 @@ def test_cached_batched_scan_equals_naive_scan(tiny):
     assert fast.meta["base_loss"] == pytest.approx(slow.meta["base_loss"], abs=1e-6)
 
 
+def _probe_with_shared_prefix(prefix_length=7, n=6, seed=3):
+    """Probe rows whose prompts all start with the same ``prefix_length`` ids (a system message, say)."""
+    g = torch.Generator().manual_seed(seed)
+    shared = [BOS] + torch.randint(10, 120, (prefix_length - 1,), generator=g).tolist()
+    return [dict(r, prompt_ids=shared + r["prompt_ids"][1:]) for r in _probe(n, seed)]
+
+
+def test_scan_runs_the_shared_prompt_prefix_once_and_matches_naive(tiny):
+    family, model = tiny
+    probe = _probe_with_shared_prefix()
+    shared = head_ablation_scan(model, None, probe, batch_size=4, heads_per_pass=3, min_shared_prefix=4,
+                                keep_fraction=None, progress=False)
+    slow = head_ablation_scan(model, None, probe, batch_size=4, naive=True, keep_fraction=None, progress=False)
+    assert shared.meta["shared_prefix"] == 7 and slow.meta["shared_prefix"] == 0
+    assert max(abs(shared.scores[c] - slow.scores[c]) for c in slow.scores) < 1e-5
+    assert max(abs(v) for v in shared.scores.values()) > 1e-5
+    assert shared.meta["base_loss"] == pytest.approx(slow.meta["base_loss"], abs=1e-6)
+    short = head_ablation_scan(model, None, probe, heads=[(0, 0)], keep_fraction=None, progress=False)
+    assert short.meta["shared_prefix"] == 0  # 7 shared ids are below the default 16: rows run whole
+
+
+@pytest.mark.parametrize("method", ["uniform", "zero", "mean"])
+def test_shared_prefix_scan_every_method_matches_whole_rows(method):
+    model = tiny_model("gemma3")
+    probe = _probe_with_shared_prefix(prefix_length=9)
+    kw = dict(method=method, batch_size=3, keep_fraction=None, progress=False)
+    shared = head_ablation_scan(model, None, probe, min_shared_prefix=8, **kw)
+    whole = head_ablation_scan(model, None, probe, share_prompt_prefix=False, **kw)
+    assert shared.meta["shared_prefix"] == 9 and whole.meta["shared_prefix"] == 0
+    assert max(abs(shared.scores[c] - whole.scores[c]) for c in whole.scores) < 1e-5
+
+
 @pytest.mark.parametrize("method", ["zero", "mean"])
 def test_scan_methods_match_naive_and_direct_loss(method):
     model = tiny_model("qwen2")

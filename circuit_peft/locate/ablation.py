@@ -9,12 +9,14 @@ real tokens), all from :func:`circuit_peft.interventions.ablate_heads`.
 The exact scan does not pay a full forward per head: per probe batch one plain forward caches
 the residual stream entering every layer; the heads of layer ``l`` then run only layers >= ``l``
 from that cache, several heads per pass (the batch is replicated, each copy ablates one head).
-``naive=True`` runs one full forward per head instead (for tests and benchmarks); both give
-the same numbers.
+When every probe row's prompt starts with the same ids (system message, worked examples), that prefix
+runs once per group of ablated heads and its KV cache serves every row. ``naive=True`` runs one full
+forward per head instead (for tests and benchmarks); all paths give the same numbers up to float rounding.
 """
 
 from __future__ import annotations
 
+import copy
 from contextlib import ExitStack
 from typing import Any, Iterable, Sequence
 
@@ -22,13 +24,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..batching import length_batches, model_device, pad_token_id, to_device
+from ..batching import (
+    accepts_logits_to_keep, length_batches, model_device, pad_token_id, shared_prefix_length, to_device,
+)
 from ..arch import Component, get_arch
 from ..circuit import Circuit
 from ..interventions import (
-    ABLATION_METHODS, HeadAblation, ablate_heads, capture_layer_input, head_output_means, start_at_layer,
+    ABLATION_METHODS, HeadAblation, ablate_heads, capture_components, capture_layer_input, head_output_means,
+    start_at_layer,
 )
-from .data import ProbeSpec, collate_probe, encode_probe, last_logits, model_inputs, solution_loss_sums
+from .data import (
+    EncodedProbe, ProbeSpec, collate_probe_after_prefix, encode_probe, last_logits, model_inputs, solution_loss_sums,
+)
 
 DEFAULT_KEEP_FRACTION = 0.05
 
@@ -41,10 +48,26 @@ def probe_batches(
     """Encode probe rows (``spec``, or the loose fields) and group them into left-padded batches of
     similar length (on the model's device)."""
     encoded = encode_probe(tokenizer, probe, prompt_field, solution_field, chat_template, max_length, spec)
-    pad = pad_token_id(model, tokenizer)
+    return _collate_batches(model, encoded, batch_size, pad_token_id(model, tokenizer))
+
+
+def _collate_batches(model: nn.Module, encoded: list[EncodedProbe], batch_size: int, pad: int,
+                     prefix_length: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Encoded probe rows in left-padded batches of similar length on the model's device; with
+    ``prefix_length`` the rows' first ``prefix_length`` ids (a prompt prefix they all share) are left out
+    of every batch, to run once (:func:`~circuit_peft.locate.data.collate_probe_after_prefix`)."""
     device = model_device(model)
-    return [to_device(collate_probe([encoded[i] for i in idx], pad), device)
-            for idx in length_batches([len(e.ids) for e in encoded], batch_size)]
+    rest = [EncodedProbe(e.ids[prefix_length:], e.n_solution) for e in encoded]
+    return [to_device(collate_probe_after_prefix([rest[i] for i in idx], prefix_length, pad), device)
+            for idx in length_batches([len(e.ids) for e in rest], batch_size)]
+
+
+def _shared_prompt_prefix(encoded: list[EncodedProbe], min_length: int) -> list[int]:
+    """The ids every probe row's prompt starts with (leaving each prompt at least one id, so no shared
+    position predicts a solution token); empty when shorter than ``min_length``."""
+    prompts = [e.ids[: len(e.ids) - e.n_solution] for e in encoded]
+    length = shared_prefix_length(prompts)
+    return encoded[0].ids[:length] if length >= max(min_length, 1) else []
 
 
 def _select_heads(arch, layers: Iterable[int] | None, heads: Iterable[tuple[int, int]] | None) -> list[tuple[int, int]]:
@@ -85,6 +108,8 @@ def head_ablation_scan(
     heads_per_pass: int | None = None,
     max_pass_tokens: int = 8192,
     naive: bool = False,
+    share_prompt_prefix: bool = True,
+    min_shared_prefix: int = 16,
     keep_fraction: float | None = DEFAULT_KEEP_FRACTION,
     prompt_field: str = "prompt",
     solution_field: str = "solution",
@@ -103,6 +128,9 @@ def head_ablation_scan(
         heads_per_pass: ablated heads batched into one forward (default: as many of the layer's
             heads as fit ``max_pass_tokens`` = replicated rows x sequence length).
         naive: one full forward per head (slow reference path).
+        share_prompt_prefix: run the prompt prefix every probe row starts with (system message, few-shot
+            examples), when it is at least ``min_shared_prefix`` tokens, once per ablated head instead of
+            once per row; the scores equal the whole rows' up to float rounding.
         keep_fraction: the returned circuit keeps this share of the scanned heads (top scores);
             None keeps all; use ``circuit.top(...)`` for other choices.
         prompt_field / solution_field / chat_template / max_length: how rows become token ids, or
@@ -121,9 +149,13 @@ def head_ablation_scan(
         raise ValueError("no heads to scan: layers/heads selected nothing")
     spec = ProbeSpec.resolve(spec, prompt_field=prompt_field, solution_field=solution_field,
                              chat_template=chat_template, max_length=max_length)
-    batches = probe_batches(model, tokenizer, probe, batch_size, spec=spec)
+    encoded = encode_probe(tokenizer, probe, spec=spec)
+    pad = pad_token_id(model, tokenizer)
+    prefix = _shared_prompt_prefix(encoded, min_shared_prefix) if share_prompt_prefix and not naive else []
+    whole = _collate_batches(model, encoded, batch_size, pad)
+    batches = _collate_batches(model, encoded, batch_size, pad, len(prefix)) if prefix else whole
     n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
-    means = head_output_means(model, [model_inputs(b) for b in batches], arch) if method == "mean" else None
+    means = head_output_means(model, [model_inputs(b) for b in whole], arch) if method == "mean" else None
 
     was_training = model.training
     model.eval()
@@ -131,6 +163,10 @@ def head_ablation_scan(
         with torch.no_grad():
             if naive:
                 base_sum, sums = _naive(model, batches, scan, method, means, progress)
+            elif prefix:
+                prefix_ids = torch.tensor([prefix], device=model_device(model))
+                base_sum, sums = _cached_after_prefix(model, arch, prefix_ids, batches, scan, method, means,
+                                                      heads_per_pass, max_pass_tokens, progress)
             else:
                 base_sum, sums = _cached(model, arch, batches, scan, method, means, heads_per_pass,
                                          max_pass_tokens, progress)
@@ -138,8 +174,8 @@ def head_ablation_scan(
         model.train(was_training)
     base = base_sum / n_tokens
     scores = {Component("q", l, h): sums[(l, h)] / n_tokens - base for l, h in scan}
-    meta = {"base_loss": base, "ablation": method, "probe_rows": sum(len(b["input_ids"]) for b in batches),
-            "solution_tokens": n_tokens, "naive": naive, "score": "loss increase (nats per solution token)"}
+    meta = {"base_loss": base, "ablation": method, "probe_rows": len(encoded), "solution_tokens": n_tokens,
+            "naive": naive, "shared_prefix": len(prefix), "score": "loss increase (nats per solution token)"}
     circuit = Circuit.from_scores(model, scores, method="ablation", meta=meta)
     return circuit.top(fraction=keep_fraction) if keep_fraction is not None else circuit
 
@@ -159,10 +195,15 @@ def _naive(model, batches, scan, method, means, progress) -> tuple[float, dict[t
     return base, sums
 
 
-def _cached(model, arch, batches, scan, method, means, heads_per_pass, max_pass_tokens, progress):
+def _by_layer(scan: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
     by_layer: dict[int, list[int]] = {}
     for l, h in scan:
         by_layer.setdefault(l, []).append(h)
+    return by_layer
+
+
+def _cached(model, arch, batches, scan, method, means, heads_per_pass, max_pass_tokens, progress):
+    by_layer = _by_layer(scan)
     base = 0.0
     sums = {lh: 0.0 for lh in scan}
     bar = tqdm(total=len(scan) * len(batches), desc="ablation scan", disable=not progress)
@@ -190,3 +231,61 @@ def _cached(model, arch, batches, scan, method, means, heads_per_pass, max_pass_
                 bar.update(g)
     bar.close()
     return base, sums
+
+
+def _cached_after_prefix(model, arch, prefix_ids, batches, scan, method, means, heads_per_pass, max_pass_tokens,
+                         progress):
+    """:func:`_cached` for batches that continue the shared ``prefix_ids`` (1, P). Per group of ablated heads
+    the prefix runs once (one row per head, the head ablated there too) and its KV cache serves every batch;
+    the batches' rows run only layers >= l after it, from their cached residual stream."""
+    by_layer = _by_layer(scan)
+    with capture_components(model, "v", list(by_layer), arch=arch) as prefix_v:
+        base_cache = _prefix_cache(model, prefix_ids, 1)
+    base, hidden = 0.0, []
+    for b in batches:
+        with ExitStack() as stack:
+            cached = {l: stack.enter_context(capture_layer_input(model, l, arch)) for l in by_layer}
+            logits = last_logits(model, model_inputs(b), int(b["n_keep"]),
+                                 past_key_values=_repeat_cache(base_cache, len(b["input_ids"])))
+        base += float(solution_loss_sums(logits, b["labels"])[0])
+        hidden.append({l: c["hidden"] for l, c in cached.items()})
+    sums = {lh: 0.0 for lh in scan}
+    widest = max(b["input_ids"].numel() for b in batches)
+    g_max = heads_per_pass or max(1, max_pass_tokens // widest)
+    P = prefix_ids.shape[1]
+    bar = tqdm(total=len(scan) * len(batches), desc="ablation scan (shared prefix)", disable=not progress)
+    for l, layer_heads in by_layer.items():
+        for start in range(0, len(layer_heads), g_max):
+            group = layer_heads[start : start + g_max]
+            g = len(group)
+            with ablate_heads(model, [HeadAblation(l, h, rows=slice(j, j + 1)) for j, h in enumerate(group)],
+                              method, None, means, arch):
+                cache = _prefix_cache(model, prefix_ids, g)
+            for b, h_in in zip(batches, hidden):
+                B = len(b["input_ids"])
+                ablations = [HeadAblation(l, h, rows=slice(j * B, (j + 1) * B)) for j, h in enumerate(group)]
+                rep = model_inputs(b, repeat=g)
+                with start_at_layer(model, l, h_in[l].repeat(g, 1, 1), arch), \
+                        ablate_heads(model, ablations, method, rep["attention_mask"][:, P:], means, arch,
+                                     prefix_values={l: prefix_v[l]}):
+                    logits = last_logits(model, rep, int(b["n_keep"]), past_key_values=_repeat_cache(cache, B))
+                group_sums = solution_loss_sums(logits, b["labels"], groups=g)
+                for j, h in enumerate(group):
+                    sums[(l, h)] += float(group_sums[j])
+                bar.update(g)
+    bar.close()
+    return base, sums
+
+
+def _prefix_cache(model: nn.Module, prefix_ids: torch.Tensor, rows: int):
+    """KV cache of ``prefix_ids`` (1, P) run as ``rows`` identical rows (each may ablate its own head)."""
+    keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    return model(input_ids=prefix_ids.repeat(rows, 1), use_cache=True, **keep).past_key_values
+
+
+def _repeat_cache(cache, times: int):
+    """A copy of ``cache`` with each row repeated ``times`` times in a row (``batch_repeat_interleave``)."""
+    out = copy.deepcopy(cache)
+    if times > 1:
+        out.batch_repeat_interleave(times)
+    return out

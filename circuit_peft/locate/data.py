@@ -180,6 +180,17 @@ def collate_probe(rows: Sequence[EncodedProbe], pad_id: int) -> dict[str, torch.
     return batch
 
 
+def collate_probe_after_prefix(rows: Sequence[EncodedProbe], prefix_length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """:func:`collate_probe` for rows that continue a cached prompt prefix of ``prefix_length`` tokens: ``rows``
+    hold the ids after it; ``position_ids`` count on from the prefix and ``attention_mask`` (B, prefix + T)
+    covers the prefix too (the padding sits between prefix and rest)."""
+    batch = collate_probe(rows, pad_id)
+    batch["position_ids"] = batch["position_ids"] + prefix_length
+    prefix_mask = torch.ones(len(rows), prefix_length, dtype=batch["attention_mask"].dtype)
+    batch["attention_mask"] = torch.cat([prefix_mask, batch["attention_mask"]], 1)
+    return batch
+
+
 def model_inputs(batch: dict[str, torch.Tensor], repeat: int = 1) -> dict[str, torch.Tensor]:
     """The tensors a model forward takes, optionally repeated ``repeat`` times along the batch."""
     out = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
@@ -201,7 +212,8 @@ def last_logits(model: Any, inputs: dict[str, torch.Tensor], keep: int, **kwargs
     model supports ``logits_to_keep``)."""
     if accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = int(keep)
-    logits = model(**inputs, use_cache=False, **kwargs).logits
+    kwargs.setdefault("use_cache", kwargs.get("past_key_values") is not None)
+    logits = model(**inputs, **kwargs).logits
     return logits[:, -int(keep):]
 
 
