@@ -236,10 +236,12 @@ def _cached(model, arch, batches, scan, method, means, heads_per_pass, max_pass_
 def _cached_after_prefix(model, arch, prefix_ids, batches, scan, method, means, heads_per_pass, max_pass_tokens,
                          progress):
     """:func:`_cached` for batches that continue the shared ``prefix_ids`` (1, P). Per group of ablated heads
-    the prefix runs once (one row per head, the head ablated there too) and its KV cache serves every batch;
-    the batches' rows run only layers >= l after it, from their cached residual stream."""
+    the prefix runs once (one row per head, the head ablated there too; layers >= l only, from the base
+    prefix pass's residual stream) and its KV cache serves every batch; the batches' rows run only layers >= l
+    after it, from their cached residual stream."""
     by_layer = _by_layer(scan)
-    with capture_components(model, "v", list(by_layer), arch=arch) as prefix_v:
+    with capture_components(model, "v", list(by_layer), arch=arch) as prefix_v, ExitStack() as stack:
+        prefix_in = {l: stack.enter_context(capture_layer_input(model, l, arch)) for l in by_layer}
         base_cache = _prefix_cache(model, prefix_ids, 1)
     base, hidden = 0.0, []
     for b in batches:
@@ -258,9 +260,10 @@ def _cached_after_prefix(model, arch, prefix_ids, batches, scan, method, means, 
         for start in range(0, len(layer_heads), g_max):
             group = layer_heads[start : start + g_max]
             g = len(group)
-            with ablate_heads(model, [HeadAblation(l, h, rows=slice(j, j + 1)) for j, h in enumerate(group)],
-                              method, None, means, arch):
-                cache = _prefix_cache(model, prefix_ids, g)
+            with start_at_layer(model, l, prefix_in[l]["hidden"].repeat(g, 1, 1), arch), \
+                    ablate_heads(model, [HeadAblation(l, h, rows=slice(j, j + 1)) for j, h in enumerate(group)],
+                                 method, None, means, arch):
+                cache = _prefix_cache(model, prefix_ids, g, below=(base_cache, l))
             for b, h_in in zip(batches, hidden):
                 B = len(b["input_ids"])
                 ablations = [HeadAblation(l, h, rows=slice(j * B, (j + 1) * B)) for j, h in enumerate(group)]
@@ -277,10 +280,19 @@ def _cached_after_prefix(model, arch, prefix_ids, batches, scan, method, means, 
     return base, sums
 
 
-def _prefix_cache(model: nn.Module, prefix_ids: torch.Tensor, rows: int):
-    """KV cache of ``prefix_ids`` (1, P) run as ``rows`` identical rows (each may ablate its own head)."""
+def _prefix_cache(model: nn.Module, prefix_ids: torch.Tensor, rows: int, below: tuple[Any, int] | None = None):
+    """KV cache of ``prefix_ids`` (1, P) run as ``rows`` identical rows (each may ablate its own head).
+
+    ``below=(base_cache, l)``: the forward runs only layers >= l (under :func:`start_at_layer`); the cache's
+    layers < l are taken from ``base_cache`` (the rows after the prefix skip those layers too: only their
+    length, P, is read, for positions and masks)."""
     keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-    return model(input_ids=prefix_ids.repeat(rows, 1), use_cache=True, **keep).past_key_values
+    cache = model(input_ids=prefix_ids.repeat(rows, 1), use_cache=True, **keep).past_key_values
+    if below is not None:
+        base_cache, layer = below
+        for i in range(layer):
+            cache.layers[i] = base_cache.layers[i]
+    return cache
 
 
 def _repeat_cache(cache, times: int):
