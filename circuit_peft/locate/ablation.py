@@ -202,6 +202,21 @@ def _by_layer(scan: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
     return by_layer
 
 
+def _group_losses(model, arch, batch, layer, group, hidden, method, means, prefix_values=None,
+                  **forward_kwargs) -> torch.Tensor:
+    """Summed solution loss (len(group),) of ``batch`` with each head of ``group`` (of ``layer``) ablated in its
+    own copy of the batch; only layers >= ``layer`` run, from ``hidden`` (B, T, D), the batch's residual entering
+    it. ``prefix_values`` / ``forward_kwargs`` (``past_key_values``) when the batch continues a cached prefix."""
+    B, T = batch["input_ids"].shape
+    ablations = [HeadAblation(layer, h, rows=slice(j * B, (j + 1) * B)) for j, h in enumerate(group)]
+    rep = model_inputs(batch, repeat=len(group))
+    with start_at_layer(model, layer, hidden.repeat(len(group), 1, 1), arch), \
+            ablate_heads(model, ablations, method, rep["attention_mask"][:, -T:], means, arch,
+                         prefix_values=prefix_values):
+        logits = last_logits(model, rep, int(batch["n_keep"]), **forward_kwargs)
+    return solution_loss_sums(logits, batch["labels"], groups=len(group))
+
+
 def _cached(model, arch, batches, scan, method, means, heads_per_pass, max_pass_tokens, progress):
     by_layer = _by_layer(scan)
     base = 0.0
@@ -219,16 +234,9 @@ def _cached(model, arch, batches, scan, method, means, heads_per_pass, max_pass_
             hidden = cached[l]["hidden"]
             for start in range(0, len(layer_heads), g_max):
                 group = layer_heads[start : start + g_max]
-                g = len(group)
-                ablations = [HeadAblation(l, h, rows=slice(j * B, (j + 1) * B)) for j, h in enumerate(group)]
-                rep = model_inputs(b, repeat=g)
-                with start_at_layer(model, l, hidden.repeat(g, 1, 1), arch), \
-                        ablate_heads(model, ablations, method, rep["attention_mask"], means, arch):
-                    logits = last_logits(model, rep, keep)
-                group_sums = solution_loss_sums(logits, b["labels"], groups=g)
-                for j, h in enumerate(group):
-                    sums[(l, h)] += float(group_sums[j])
-                bar.update(g)
+                for h, loss in zip(group, _group_losses(model, arch, b, l, group, hidden, method, means)):
+                    sums[(l, h)] += float(loss)
+                bar.update(len(group))
     bar.close()
     return base, sums
 
@@ -254,7 +262,6 @@ def _cached_after_prefix(model, arch, prefix_ids, batches, scan, method, means, 
     sums = {lh: 0.0 for lh in scan}
     widest = max(b["input_ids"].numel() for b in batches)
     g_max = heads_per_pass or max(1, max_pass_tokens // widest)
-    P = prefix_ids.shape[1]
     bar = tqdm(total=len(scan) * len(batches), desc="ablation scan (shared prefix)", disable=not progress)
     for l, layer_heads in by_layer.items():
         for start in range(0, len(layer_heads), g_max):
@@ -265,16 +272,11 @@ def _cached_after_prefix(model, arch, prefix_ids, batches, scan, method, means, 
                                  method, None, means, arch):
                 cache = _prefix_cache(model, prefix_ids, g, below=(base_cache, l))
             for b, h_in in zip(batches, hidden):
-                B = len(b["input_ids"])
-                ablations = [HeadAblation(l, h, rows=slice(j * B, (j + 1) * B)) for j, h in enumerate(group)]
-                rep = model_inputs(b, repeat=g)
-                with start_at_layer(model, l, h_in[l].repeat(g, 1, 1), arch), \
-                        ablate_heads(model, ablations, method, rep["attention_mask"][:, P:], means, arch,
-                                     prefix_values={l: prefix_v[l]}):
-                    logits = last_logits(model, rep, int(b["n_keep"]), past_key_values=_repeat_cache(cache, B))
-                group_sums = solution_loss_sums(logits, b["labels"], groups=g)
-                for j, h in enumerate(group):
-                    sums[(l, h)] += float(group_sums[j])
+                losses = _group_losses(model, arch, b, l, group, h_in[l], method, means,
+                                       prefix_values={l: prefix_v[l]},
+                                       past_key_values=_repeat_cache(cache, len(b["input_ids"])))
+                for h, loss in zip(group, losses):
+                    sums[(l, h)] += float(loss)
                 bar.update(g)
     bar.close()
     return base, sums
