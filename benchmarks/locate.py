@@ -8,6 +8,8 @@ Keys of the final JSON line:
   ablation_whole_s   the same scan with the rows run whole (share_prompt_prefix=False), timed on the naive
                      scan's heads and extrapolated: the peer of the shared prefix
   shared_prefix      prompt tokens every probe row shares (the scan runs them once per head group)
+  *_cpu_s, *_speedup_cpu  the same times on process CPU time (with --threads 1 the work done, which other
+                     jobs on the box do not move; wall-time ratios do move when the load changes between stages)
   max_abs_diff       |project - naive| over the timed heads (nats per solution token)
   attribution_s      attribution_scan (one forward + backward per batch; heads and neurons)
   spearman           attribution vs exact ablation over all heads
@@ -145,32 +147,45 @@ def main() -> None:
     print(json.dumps(result))
 
 
+class Stopwatch:
+    """Wall and process CPU seconds of a ``with`` block. With one torch thread the CPU time is the work done,
+    steady while other jobs share the box (wall time is not: the ratios below use both)."""
+
+    def __enter__(self) -> "Stopwatch":
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
+
+
 def run_scans(args, model, tok, probe, arch) -> dict:
     all_heads = [(l, h) for l in range(arch.dims.n_layers) for h in range(arch.dims.n_heads)]
     timed = all_heads[:: args.naive_every]
     common = dict(prompt_field="question", solution_field="answer", batch_size=args.batch_size, keep_fraction=None)
     print(f"{len(probe)} probe problems, {len(all_heads)} heads; naive scan timed on {len(timed)} heads")
-    t = time.perf_counter()
-    naive = head_ablation_scan(model, tok, probe, heads=timed, naive=True, **common)
-    naive_s = (time.perf_counter() - t) * len(all_heads) / len(timed)
+    scale = len(all_heads) / len(timed)
+    with Stopwatch() as sw_naive:
+        naive = head_ablation_scan(model, tok, probe, heads=timed, naive=True, **common)
+    naive_s, naive_cpu = sw_naive.wall * scale, sw_naive.cpu * scale
     print(f"naive scan: {naive_s:.1f} s extrapolated to all heads")
 
-    t = time.perf_counter()
-    exact = head_ablation_scan(model, tok, probe, heads_per_pass=args.heads_per_pass, **common)
-    ablation_s = time.perf_counter() - t
+    with Stopwatch() as sw_exact:
+        exact = head_ablation_scan(model, tok, probe, heads_per_pass=args.heads_per_pass, **common)
+    ablation_s = sw_exact.wall
     diff = max(abs(exact.scores[c] - naive.scores[c]) for c in naive.scores)
     print(f"exact scan: {ablation_s:.1f} s ({naive_s / ablation_s:.2f}x faster), max |diff| {diff:.2e}, "
           f"base loss {exact.meta['base_loss']:.4f}, solution tokens {exact.meta['solution_tokens']}, "
           f"shared prefix {exact.meta['shared_prefix']} tokens")
-    t = time.perf_counter()
-    head_ablation_scan(model, tok, probe, heads=timed, heads_per_pass=args.heads_per_pass, share_prompt_prefix=False,
-                       **common)
-    whole_s = (time.perf_counter() - t) * len(all_heads) / len(timed)
+    with Stopwatch() as sw_whole:
+        head_ablation_scan(model, tok, probe, heads=timed, heads_per_pass=args.heads_per_pass,
+                           share_prompt_prefix=False, **common)
+    whole_s, whole_cpu = sw_whole.wall * scale, sw_whole.cpu * scale
     print(f"exact scan, rows whole: {whole_s:.1f} s extrapolated ({naive_s / whole_s:.2f}x faster than naive)")
 
-    t = time.perf_counter()
-    att = attribution_scan(model, tok, probe, **dict(common, batch_size=min(4, args.batch_size)))
-    attribution_s = time.perf_counter() - t
+    with Stopwatch() as sw_att:
+        att = attribution_scan(model, tok, probe, **dict(common, batch_size=min(4, args.batch_size)))
+    attribution_s = sw_att.wall
     heads = sorted(exact.scores)
     rho = spearman([exact.scores[c] for c in heads], [att.scores[c] for c in heads])
     k = max(1, math.ceil(0.05 * len(heads)))
@@ -179,10 +194,10 @@ def run_scans(args, model, tok, probe, arch) -> dict:
     recall = len(top_exact & top_att) / k
     print(f"attribution: {attribution_s:.1f} s ({naive_s / attribution_s:.0f}x faster than naive), "
           f"spearman {rho:.3f}, top-5% recall {recall:.3f} ({len(top_exact & top_att)}/{k})")
-    t = time.perf_counter()
-    refined = refined_head_scan(model, tok, probe, keep_fraction=None, k=k, candidates=args.candidates,
-                                batch_size=args.batch_size, spec=ProbeSpec("question", "answer"))
-    refined_s = time.perf_counter() - t
+    with Stopwatch() as sw_refined:
+        refined = refined_head_scan(model, tok, probe, keep_fraction=None, k=k, candidates=args.candidates,
+                                    batch_size=args.batch_size, spec=ProbeSpec("question", "answer"))
+    refined_s = sw_refined.wall
     refined_recall = len(top_exact & set(refined.components)) / k
     print(f"refined (attribution + exact scan of {refined.meta['candidates']} heads): {refined_s:.1f} s "
           f"({naive_s / refined_s:.1f}x faster than naive), top-5% recall {refined_recall:.3f}")
@@ -199,7 +214,14 @@ def run_scans(args, model, tok, probe, arch) -> dict:
             "attribution_s": round(attribution_s, 2), "spearman": round(rho, 4), "top5pct_recall": round(recall, 4),
             "timed_heads": len(timed), "refined_s": round(refined_s, 2), "refined_recall": round(refined_recall, 4),
             "refined_speedup": round(naive_s / refined_s, 2), "refined_candidates": refined.meta["candidates"],
-            "refined_recall_by_candidates": by_candidates}
+            "refined_recall_by_candidates": by_candidates,
+            # the same on process CPU time (one thread: the work done, not moved by other jobs on the box)
+            "naive_ablation_cpu_s": round(naive_cpu, 2), "ablation_cpu_s": round(sw_exact.cpu, 2),
+            "ablation_whole_cpu_s": round(whole_cpu, 2), "attribution_cpu_s": round(sw_att.cpu, 2),
+            "refined_cpu_s": round(sw_refined.cpu, 2), "ablation_speedup_cpu": round(naive_cpu / sw_exact.cpu, 2),
+            "ablation_whole_speedup_cpu": round(naive_cpu / whole_cpu, 2),
+            "attribution_speedup_cpu": round(naive_cpu / sw_att.cpu, 2),
+            "refined_speedup_cpu": round(naive_cpu / sw_refined.cpu, 2)}
 
 
 def recall_by_candidates(exact, att, k: int, multiples=(1.0, 1.5, 2.0, 2.5, 3.0)) -> dict[str, float]:
