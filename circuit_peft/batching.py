@@ -6,6 +6,7 @@ Nothing here knows about prompts, circuits or tasks; ``evaluate/``, ``locate/``,
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -94,6 +95,15 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     return batch_prefix_length(ids, mask, min(len(s) for s in sequences) - 1)
 
 
+def repeat_cache(cache: Any, times: int) -> Any:
+    """A copy of a KV cache (e.g. a shared prompt prefix's) with each row repeated ``times`` times in a row,
+    for a batch that continues it; the original is left as it was."""
+    out = copy.deepcopy(cache)
+    if times > 1:
+        out.batch_repeat_interleave(times)
+    return out
+
+
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Row indices grouped into batches of similar length (less padding); deterministic."""
     if batch_size < 1:
@@ -102,4 +112,5 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-__all__ = ["accepts_logits_to_keep", "batch_prefix_length", "left_pad", "length_batches", "model_device", "pad_batch", "pad_token_id", "shared_prefix_length", "to_device"]
+__all__ = ["accepts_logits_to_keep", "batch_prefix_length", "left_pad", "length_batches", "model_device", "pad_batch", "pad_token_id", "repeat_cache", "shared_prefix_length",
+           "to_device"]

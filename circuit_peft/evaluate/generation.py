@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -10,7 +9,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..batching import accepts_logits_to_keep, model_device, pad_batch, pad_token_id, shared_prefix_length
+from ..batching import (
+    accepts_logits_to_keep, model_device, pad_batch, pad_token_id, repeat_cache, shared_prefix_length,
+)
 
 
 @contextmanager
@@ -114,8 +115,7 @@ def _decode_batch(model, rests: list[list[int]], prefix_cache, prefix_len: int, 
     positions = (mask.cumsum(-1) - 1).clamp(min=0) + prefix_len
     cache = None
     if prefix_cache is not None:
-        cache = copy.deepcopy(prefix_cache)
-        cache.batch_repeat_interleave(len(rests))
+        cache = repeat_cache(prefix_cache, len(rests))
         mask = torch.cat([torch.ones(len(rests), prefix_len, dtype=mask.dtype, device=device), mask], 1)
     new: list[list[int]] = [[] for _ in rests]
     running = [True] * len(rests)
@@ -196,8 +196,7 @@ def continuation_logprobs(
             positions = (mask.cumsum(-1) - 1).clamp(min=0) + len(prefix)
             kwargs: dict = {"use_cache": False}
             if prefix_cache is not None:
-                cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(len(chunk))
+                cache = repeat_cache(prefix_cache, len(chunk))
                 mask = torch.cat([torch.ones(len(chunk), len(prefix), dtype=mask.dtype, device=device), mask], 1)
                 kwargs = {"past_key_values": cache, "use_cache": True}
             keep = max(len(continuations[idx[0]]) + 1 if len(seq) > len(contexts[idx[0]]) - len(prefix) else 1

@@ -16,7 +16,6 @@ forward per head instead (for tests and benchmarks); all paths give the same num
 
 from __future__ import annotations
 
-import copy
 from contextlib import ExitStack
 from typing import Any, Iterable, Sequence
 
@@ -25,7 +24,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..batching import (
-    accepts_logits_to_keep, length_batches, model_device, pad_token_id, shared_prefix_length, to_device,
+    accepts_logits_to_keep, length_batches, model_device, pad_token_id, repeat_cache, shared_prefix_length,
+    to_device,
 )
 from ..arch import Component, get_arch
 from ..circuit import Circuit
@@ -256,7 +256,7 @@ def _cached_after_prefix(model, arch, prefix_ids, batches, scan, method, means, 
         with ExitStack() as stack:
             cached = {l: stack.enter_context(capture_layer_input(model, l, arch)) for l in by_layer}
             logits = last_logits(model, model_inputs(b), int(b["n_keep"]),
-                                 past_key_values=_repeat_cache(base_cache, len(b["input_ids"])))
+                                 past_key_values=repeat_cache(base_cache, len(b["input_ids"])))
         base += float(solution_loss_sums(logits, b["labels"])[0])
         hidden.append({l: c["hidden"] for l, c in cached.items()})
     sums = {lh: 0.0 for lh in scan}
@@ -274,7 +274,7 @@ def _cached_after_prefix(model, arch, prefix_ids, batches, scan, method, means, 
             for b, h_in in zip(batches, hidden):
                 losses = _group_losses(model, arch, b, l, group, h_in[l], method, means,
                                        prefix_values={l: prefix_v[l]},
-                                       past_key_values=_repeat_cache(cache, len(b["input_ids"])))
+                                       past_key_values=repeat_cache(cache, len(b["input_ids"])))
                 for h, loss in zip(group, losses):
                     sums[(l, h)] += float(loss)
                 bar.update(g)
@@ -295,11 +295,3 @@ def _prefix_cache(model: nn.Module, prefix_ids: torch.Tensor, rows: int, below: 
         for i in range(layer):
             cache.layers[i] = base_cache.layers[i]
     return cache
-
-
-def _repeat_cache(cache, times: int):
-    """A copy of ``cache`` with each row repeated ``times`` times in a row (``batch_repeat_interleave``)."""
-    out = copy.deepcopy(cache)
-    if times > 1:
-        out.batch_repeat_interleave(times)
-    return out
