@@ -17,7 +17,8 @@ measured the same way; only what is trained (and, where named, the loss weights)
 * ``random_layer_<locator>@<f>``: a random circuit with the same kinds and counts in the same layers;
 * ``random_anywhere_<locator>@<f>``: the same kinds and counts, random layers;
 * ``located_<locator>@<f>_unweighted``: the located circuit without pivotal weights;
-* ``lora16``: LoRA r=16, alpha 32, dropout 0.1, all linear layers, the same pivotal weights;
+* ``lora16``: LoRA r=16, alpha 32, dropout ``--lora-dropout`` (0, PEFT's default; 0.1 before session 18), all linear
+  layers, the same pivotal weights;
 * ``lora_matched_<locator>@<f>``: LoRA with the rank whose trainable parameters come closest to
   ``located_<locator>@<f>``'s (first locator, largest size);
 * ``full``: full fine-tuning with the same pivotal weights;
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", default=None,
                    help="comma-separated arm names, groups separated by ';' (run group by group, seed by seed "
                         "inside a group; default: all arms in one group)")
+    p.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="dropout of the LoRA arms (0: PEFT's default, the prompt prefix runs once per batch; the "
+                        "results saved before session 18 used 0.1 and are rerun, not reused, under another value)")
     p.add_argument("--circuit-lrs", default="3e-4,1e-3,3e-3", help="learning-rate grid of circuit and LoRA arms")
     p.add_argument("--full-lrs", default="1e-5,3e-5,1e-4", help="learning-rate grid of full fine-tuning")
     p.add_argument("--cca-steps", type=int, default=CCA_DEFAULTS["cca_steps"], help="cca arm: full-batch update steps")
@@ -164,7 +168,8 @@ def settings_key(args: argparse.Namespace, locating: bool = False) -> str:
     """What changes a single (arm, seed) result (the list of seeds and arms to run does not); with
     ``locating``, what changes the mined records, the circuits' scores and the base's side effects."""
     ignored = ("threads", "jobs", "work_dir", "out", "arms", "quick", "seeds", "from_saved", "fractions", "locators", "plot",
-               "plot_tradeoff", "also_transfer_cap", "locate_only", "val_loss_at")
+               "plot_tradeoff", "also_transfer_cap", "locate_only", "val_loss_at",
+               "lora_dropout")  # only the LoRA arms depend on it: their saved results carry it (load_arm)
     if args.task == "arithmetic":  # the default task keeps the keys of results saved before --task existed
         ignored += ("task",)
     if args.transfer_max_new_tokens is None or locating:  # keys saved before the flag existed stay valid
@@ -298,7 +303,7 @@ class Bench(ArmBench):
         if arm.startswith("lora"):  # the same LoRA arms as `circuit-peft train --controls lora,lora_matched`
             circuit = None if arm == "lora16" else self.circuit_for(f"located_{arm.removeprefix('lora_matched_')}", seed)
             return control_model("lora" if arm == "lora16" else "lora_matched", model, circuit,
-                                 lambda c: c.to_config(projections="paper"), seed)
+                                 lambda c: c.to_config(projections="paper"), seed, self.args.lora_dropout)
         circuit = self.circuit_for(arm, seed)
         config = circuit.to_config(projections="paper")
         model = get_peft_model(model, config)
@@ -341,8 +346,15 @@ class Bench(ArmBench):
         return [float(x) for x in text.split(",")]
 
     def load_arm(self, arm: str, seed: int) -> dict[str, Any] | None:
+        """The saved result of ``arm`` on ``seed``; None if there is none, or if it is a LoRA arm trained at
+        another ``--lora-dropout`` (results saved before the flag trained at 0.1)."""
         path = self.arms_dir / f"{arm}-seed{seed}.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        saved = json.loads(path.read_text()) if path.exists() else None
+        if saved is not None and arm.startswith("lora") and saved.get("lora_dropout", 0.1) != self.args.lora_dropout:
+            self.log(f"{path.name}: trained at LoRA dropout {saved.get('lora_dropout', 0.1)}, not "
+                     f"{self.args.lora_dropout}: run again")
+            return None
+        return saved
 
     def save_arm(self, arm: str, seed: int, result: dict[str, Any]) -> None:
         from circuit_peft.files import atomic_write_json
@@ -575,7 +587,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return _finish(res, args)
 
 
-ARM_COST = {"lora": 3.0, "cca": 2.0, "full": 1.7, "base": 0.2}  # relative time of an arm (LoRA: no shared prefix)
+ARM_COST = {"lora": 2.0, "cca": 1.5, "full": 1.7, "base": 0.2}  # relative time of an arm (session 18 estimates)
 
 
 def split_arms(arms: list[str], jobs: int) -> list[list[str]]:

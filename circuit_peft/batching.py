@@ -78,6 +78,17 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tens
     return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
 
 
+def continue_after_prefix(batch: dict[str, torch.Tensor], prefix_length: int) -> dict[str, torch.Tensor]:
+    """A left-padded ``batch`` (from :func:`left_pad`) of rows that continue a cached prefix of ``prefix_length``
+    ids: ``position_ids`` count on from the prefix and ``attention_mask`` becomes (B, prefix + T), covering the
+    prefix (the padding sits between prefix and rest, masked). A new dict; other keys are kept."""
+    out = dict(batch)
+    mask = batch["attention_mask"]
+    out["position_ids"] = batch["position_ids"] + prefix_length
+    out["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], prefix_length), mask], 1)
+    return out
+
+
 def batch_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, limit: int) -> int:
     """Number of leading positions (at most ``limit``) where every row of ``input_ids`` (B, T) holds the same
     real (unmasked) token: the prompt prefix a batch can run once (system message, few-shot examples)."""

@@ -182,6 +182,11 @@ def test_control_models_train_what_they_say():
     assert twin.peft_config["default"].components != to_config(located).components
     lora, lora_size = control_model("lora", tiny_model("llama"), located, to_config, seed=0)
     assert lora_size["lora_rank"] == 16 and lora.peft_config["default"].peft_type.value == "LORA"
+    from circuit_peft.cca.trainers import _has_active_dropout  # no dropout: the pivotal trainer shares the prefix
+
+    assert lora_size["lora_dropout"] == 0.0 and not _has_active_dropout(lora.train())
+    dropped, _ = control_model("lora", tiny_model("llama"), located, to_config, seed=0, lora_dropout=0.1)
+    assert dropped.peft_config["default"].lora_dropout == 0.1 and _has_active_dropout(dropped.train())
     with pytest.raises(ValueError, match="unknown control"):
         control_model("full", tiny_model("llama"), located, to_config, seed=0)
 

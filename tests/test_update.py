@@ -67,6 +67,39 @@ def test_cached_update_equals_plain_update(family):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
 
 
+def _prefixed_records(n=10, prefix_len=20, vocab=128):
+    prefix = torch.randint(3, vocab, (prefix_len,), generator=torch.Generator().manual_seed(7)).tolist()
+    return [{**r, "context_ids": prefix + r["context_ids"]} for r in _records(n)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3", "gpt2"])
+@pytest.mark.parametrize("cached", [True, False])
+def test_shared_prompt_prefix_update_equals_whole_records(family, cached):
+    """Records sharing a 20-token prompt prefix: running it once per micro-batch (its cache repeated for the rows,
+    the lower-layer cache on or off) gives the losses, margins and trained weights of running every record whole."""
+    runs = []
+    for share in (True, False):
+        model = tiny_model(family)
+        r = amplify_update(model, _prefixed_records(), CircuitConfig.from_components(CIRCUIT, projections="paper"),
+                           steps=4, lr=1e-2, optimizer="adam", loss="logsigmoid", cache_lower_layers=cached,
+                           share_prompt_prefix=share, micro_batch_size=4, progress=False)
+        weights = [p.detach().clone() for n, p in r.model.named_parameters() if p.requires_grad]
+        runs.append(([h["loss"] for h in r.history if "loss" in h] + [r.final_margin], weights))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5, abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(runs[0][1], runs[1][1]))
+    assert runs[0][0][-1] != pytest.approx(runs[0][0][0])  # it trained
+
+
+def test_shared_prompt_prefix_is_used_only_when_long_enough():
+    from circuit_peft.cca.update import _shared_prompt_prefix
+
+    contexts = [r["context_ids"] for r in _prefixed_records(prefix_len=20)]
+    assert len(_shared_prompt_prefix(contexts, UpdateConfig())) >= 20
+    assert _shared_prompt_prefix(contexts, UpdateConfig(min_shared_prefix=64)) == []
+    assert _shared_prompt_prefix(contexts, UpdateConfig(share_prompt_prefix=False)) == []
+    assert _shared_prompt_prefix(contexts[:1], UpdateConfig()) == []
+
+
 def test_speedup_measurement_restores_model():
     model = tiny_model("llama", n_layers=6)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -15,7 +15,10 @@ Speed: the records are fixed and every layer below the lowest trained component 
 hidden states entering that layer are computed once
 (:func:`~circuit_peft.interventions.capture_layer_input`) and each step runs only the layers above
 (:func:`~circuit_peft.interventions.start_at_layer`); ``cache_lower_layers=False`` runs the plain
-loop (same losses, see :func:`measure_update_speedup`).
+loop (same losses, see :func:`measure_update_speedup`). The prompt prefix that every record shares (system
+message, few-shot examples) runs once per micro-batch and its KV cache is repeated for the rows
+(``share_prompt_prefix``; the same losses and gradients up to float rounding: the update runs in eval mode, so
+no dropout acts on it).
 
 ``mask=False`` is the paper's "without mask" ablation: the same update on every component of the
 same kinds and projections (every row of those projections in every layer).
@@ -38,7 +41,9 @@ from tqdm.auto import tqdm
 from ..arch import get_arch, unwrap_model
 from ..circuit import Circuit
 from ..interventions import capture_layer_input, forward_until, start_at_layer
-from ..batching import length_batches, pad_token_id
+from ..batching import (
+    accepts_logits_to_keep, length_batches, pad_token_id, repeat_cache, shared_prefix_length, to_device,
+)
 from ..locate.data import collate_records, last_logits, validate_records
 from ..tuner import CircuitConfig, circuit_size
 
@@ -63,6 +68,8 @@ class UpdateConfig:
     keep_best: bool = True
     micro_batch_size: int = 16  # memory only: gradients are accumulated to the full-batch gradient
     cache_lower_layers: bool = True
+    share_prompt_prefix: bool = True  # run the records' shared prompt prefix once per micro-batch (same losses)
+    min_shared_prefix: int = 16  # tokens: a shorter shared prefix runs inside every record
     projections: str | dict[str, list[str]] = "paper"  # used when a Circuit (not a config) is given
 
     def __post_init__(self) -> None:
@@ -136,35 +143,51 @@ def circuit_config_for(
 
 
 class _Objective:
-    """Full-batch loss and gradient on fixed records, optionally from cached lower-layer states."""
+    """Full-batch loss and gradient on fixed records, optionally from cached lower-layer states and with the
+    records' shared prompt prefix run once per micro-batch."""
 
     def __init__(self, model: PeftModel, rows: list[dict], lowest: int, cfg: UpdateConfig, pad: int):
         self.model, self.cfg = model, cfg
         self.base = unwrap_model(model)
         self.arch = get_arch(self.base)
         self.n = len(rows)
+        device = next(model.parameters()).device
+        prefix = _shared_prompt_prefix([r["context_ids"] for r in rows], cfg)
+        self.prefix = torch.tensor([prefix], device=device) if prefix else None
         groups = length_batches([len(r["context_ids"]) for r in rows], cfg.micro_batch_size)
-        self.batches = [collate_records([rows[i] for i in g], pad) for g in groups]
+        self.batches = [to_device(collate_records([rows[i] for i in g], pad, len(prefix)), device) for g in groups]
         self.lowest = lowest if cfg.cache_lower_layers else 0
         self.hidden: list[torch.Tensor | None] = [None] * len(self.batches)
-        device = next(model.parameters()).device
-        self.batches = [{k: v.to(device) for k, v in b.items()} for b in self.batches]
         if self.lowest > 0:
             with torch.no_grad():
+                plain = self._prefix_cache(self.base) if prefix else None  # frozen layers < lowest: exact
                 for i, b in enumerate(self.batches):
+                    cache = {"past_key_values": repeat_cache(plain, len(b["desired"]))} if prefix else {}
                     with capture_layer_input(self.base, self.lowest, self.arch) as store:
-                        forward_until(self.base, self.lowest, self.arch, **self._inputs(b))
+                        forward_until(self.base, self.lowest, self.arch, **self._inputs(b), **cache)
                     self.hidden[i] = store["hidden"]
+
+    def _prefix_cache(self, model: nn.Module):
+        """The shared prefix's KV cache (batch 1) under the current adapter weights (differentiable)."""
+        last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+        return model(input_ids=self.prefix, use_cache=True, **last).past_key_values
 
     @staticmethod
     def _inputs(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: b[k] for k in ("input_ids", "attention_mask", "position_ids")}
 
     def margins(self, i: int) -> torch.Tensor:
+        """``z[desired] - z[undesired]`` (B,) at the last position of micro-batch ``i``; the shared prefix (every
+        layer, so that the cache is whole) runs first, its cache repeated for the rows; autograd carries the
+        rows' gradients back through it."""
         b = self.batches[i]
+        cache = {}
+        if self.prefix is not None:
+            cache["past_key_values"] = self._prefix_cache(self.model)
+            cache["past_key_values"].batch_repeat_interleave(len(b["desired"]))
         ctx = start_at_layer(self.base, self.lowest, self.hidden[i], self.arch) if self.lowest > 0 else nullcontext()
         with ctx:
-            logits = last_logits(self.model, self._inputs(b), 1)[:, -1].float()
+            logits = last_logits(self.model, self._inputs(b), 1, **cache)[:, -1].float()
         rows = torch.arange(len(b["desired"]), device=logits.device)
         return logits[rows, b["desired"]] - logits[rows, b["undesired"]]
 
@@ -182,6 +205,13 @@ class _Objective:
     @torch.no_grad()
     def mean_margin(self) -> float:
         return sum(float(self.margins(i).sum()) for i in range(len(self.batches))) / self.n
+
+
+def _shared_prompt_prefix(contexts: list[list[int]], cfg: UpdateConfig) -> list[int]:
+    """The ids every context starts with (leaving each at least one), if ``cfg.share_prompt_prefix`` and at least
+    ``cfg.min_shared_prefix`` long; else ``[]`` (every record runs whole)."""
+    length = shared_prefix_length(contexts) if cfg.share_prompt_prefix and len(contexts) > 1 else 0
+    return list(contexts[0][:length]) if length >= cfg.min_shared_prefix else []
 
 
 def _circuit_model(model: nn.Module, circuit: Circuit | CircuitConfig | None, mask: bool, projections: str,

@@ -10,7 +10,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..batching import (
-    accepts_logits_to_keep, model_device, pad_batch, pad_token_id, repeat_cache, shared_prefix_length,
+    accepts_logits_to_keep, continue_after_prefix, left_pad, model_device, pad_token_id, repeat_cache,
+    shared_prefix_length, to_device,
 )
 
 
@@ -110,13 +111,9 @@ def _decode_batch(model, rests: list[list[int]], prefix_cache, prefix_len: int, 
                   stop_strings: Sequence[str] | None) -> list[list[int]]:
     """New ids for one batch of prompt rests after a cached prefix of ``prefix_len`` ids."""
     device = model_device(model)
-    ids, mask = pad_batch(rests, pad_id, side="left")
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0) + prefix_len
-    cache = None
-    if prefix_cache is not None:
-        cache = repeat_cache(prefix_cache, len(rests))
-        mask = torch.cat([torch.ones(len(rests), prefix_len, dtype=mask.dtype, device=device), mask], 1)
+    batch = to_device(continue_after_prefix(left_pad(rests, pad_id), prefix_len), device)
+    ids, mask, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+    cache = repeat_cache(prefix_cache, len(rests)) if prefix_cache is not None else None
     new: list[list[int]] = [[] for _ in rests]
     running = [True] * len(rests)
     last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
@@ -191,18 +188,13 @@ def continuation_logprobs(
         bar = tqdm(total=len(contexts), desc=desc, disable=not progress, leave=False)
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
-            ids, mask = pad_batch([seq for seq, _ in chunk], pad_id, side="left")
-            ids, mask = ids.to(device), mask.to(device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0) + len(prefix)
+            batch = to_device(continue_after_prefix(left_pad([seq for seq, _ in chunk], pad_id), len(prefix)), device)
             kwargs: dict = {"use_cache": False}
             if prefix_cache is not None:
-                cache = repeat_cache(prefix_cache, len(chunk))
-                mask = torch.cat([torch.ones(len(chunk), len(prefix), dtype=mask.dtype, device=device), mask], 1)
-                kwargs = {"past_key_values": cache, "use_cache": True}
+                kwargs = {"past_key_values": repeat_cache(prefix_cache, len(chunk)), "use_cache": True}
             keep = max(len(continuations[idx[0]]) + 1 if len(seq) > len(contexts[idx[0]]) - len(prefix) else 1
                        for seq, idx in chunk)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep,
-                           **kwargs).logits
+            logits = model(**batch, logits_to_keep=keep, **kwargs).logits
             logp = torch.log_softmax(logits[:, -keep:].float(), dim=-1)  # position -1 = last real token
             for row, (seq, idx) in enumerate(chunk):
                 for i in idx:
@@ -236,9 +228,7 @@ def last_token_logits(
     rows: list[torch.Tensor] = []
     with eval_mode(model):
         for start in tqdm(range(0, len(contexts), batch_size), desc="logits", disable=not progress, leave=False):
-            ids, mask = pad_batch(contexts[start : start + batch_size], pad_id, side="left")
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                        logits_to_keep=1, use_cache=False)
+            batch = to_device(left_pad(contexts[start : start + batch_size], pad_id), device)
+            out = model(**batch, logits_to_keep=1, use_cache=False)
             rows.append(out.logits[:, -1].float().cpu())
     return torch.cat(rows)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..batching import accepts_logits_to_keep, left_pad
+from ..batching import accepts_logits_to_keep, continue_after_prefix, left_pad
 from ..evaluate.prompts import build_prompt_ids
 
 RECORD_FIELDS = ("context_ids", "desired_id", "undesired_id")
@@ -68,9 +68,13 @@ def validate_records(data: Any, vocab_size: int) -> list[dict[str, Any]]:
     return out
 
 
-def collate_records(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """A left-padded batch plus ``desired``/``undesired`` (B,) id tensors."""
-    batch = left_pad([r["context_ids"] for r in rows], pad_id)
+def collate_records(rows: Sequence[dict[str, Any]], pad_id: int, prefix_length: int = 0) -> dict[str, torch.Tensor]:
+    """A left-padded batch plus ``desired``/``undesired`` (B,) id tensors. ``prefix_length``: the first that many
+    ids of every context are a shared prefix run (and cached) separately; the batch holds the rest, continuing
+    it (:func:`~circuit_peft.batching.continue_after_prefix`)."""
+    batch = left_pad([r["context_ids"][prefix_length:] for r in rows], pad_id)
+    if prefix_length:
+        batch = continue_after_prefix(batch, prefix_length)
     batch["desired"] = torch.tensor([r["desired_id"] for r in rows], dtype=torch.long)
     batch["undesired"] = torch.tensor([r["undesired_id"] for r in rows], dtype=torch.long)
     return batch
@@ -183,13 +187,8 @@ def collate_probe(rows: Sequence[EncodedProbe], pad_id: int) -> dict[str, torch.
 
 def collate_probe_after_prefix(rows: Sequence[EncodedProbe], prefix_length: int, pad_id: int) -> dict[str, torch.Tensor]:
     """:func:`collate_probe` for rows that continue a cached prompt prefix of ``prefix_length`` tokens: ``rows``
-    hold the ids after it; ``position_ids`` count on from the prefix and ``attention_mask`` (B, prefix + T)
-    covers the prefix too (the padding sits between prefix and rest)."""
-    batch = collate_probe(rows, pad_id)
-    batch["position_ids"] = batch["position_ids"] + prefix_length
-    prefix_mask = torch.ones(len(rows), prefix_length, dtype=batch["attention_mask"].dtype)
-    batch["attention_mask"] = torch.cat([prefix_mask, batch["attention_mask"]], 1)
-    return batch
+    hold the ids after it (see :func:`~circuit_peft.batching.continue_after_prefix`)."""
+    return continue_after_prefix(collate_probe(rows, pad_id), prefix_length)
 
 
 def model_inputs(batch: dict[str, torch.Tensor], repeat: int = 1) -> dict[str, torch.Tensor]:

@@ -6,7 +6,8 @@ rows, and reports located minus control, paired over the held-out problems:
 
 * ``random_layer``: a random circuit with the located one's kinds and counts in the same layers;
 * ``random_anywhere``: the same kinds and counts in random layers;
-* ``lora``: LoRA r=16, alpha 32, dropout 0.1 on every linear layer (what most users train instead);
+* ``lora``: LoRA r=16, alpha 32 on every linear layer (what most users train instead), dropout
+  :data:`LORA_DROPOUT`;
 * ``lora_matched``: LoRA with the rank whose trainable parameters come closest to the circuit's.
 
 The paired standard error covers the draw of held-out problems only: one training run per arm cannot
@@ -25,6 +26,10 @@ from ..stats import mean_se
 
 CONTROLS: tuple[str, ...] = ("random_layer", "random_anywhere", "lora", "lora_matched")
 LORA_RANK = 16
+# PEFT's own default. Without dropout the pivotal trainer runs the prompt prefix every row shares once (with
+# dropout it must run rows whole, ~3x slower on chat prompts); benchmarks/README.md compares 0.0 with the 0.1
+# the controls used before (session 18) on the same seeds.
+LORA_DROPOUT = 0.0
 
 
 def matched_lora_rank(model: nn.Module, trainable_params: int) -> int:
@@ -36,13 +41,15 @@ def matched_lora_rank(model: nn.Module, trainable_params: int) -> int:
     return max(1, round(trainable_params / per_rank))
 
 
-def control_model(name: str, model: nn.Module, circuit: Any, adapter_config: Any, seed: int) -> tuple[nn.Module, dict]:
+def control_model(name: str, model: nn.Module, circuit: Any, adapter_config: Any, seed: int,
+                  lora_dropout: float = LORA_DROPOUT) -> tuple[nn.Module, dict]:
     """``model`` (a fresh base model) prepared for control ``name`` and what it trains.
 
     Args:
         circuit: the located :class:`~circuit_peft.circuit.Circuit` (random controls copy its kinds and counts).
         adapter_config: ``circuit -> CircuitConfig``, the located adapter's own recipe (a LoRA branch included).
         seed: the random circuits' draw and the LoRA controls' initialisation.
+        lora_dropout: the LoRA controls' dropout on their branch input.
     """
     from peft import LoraConfig
 
@@ -58,10 +65,10 @@ def control_model(name: str, model: nn.Module, circuit: Any, adapter_config: Any
     rank = LORA_RANK
     if name == "lora_matched":
         rank = matched_lora_rank(model, circuit_size(adapter_config(circuit), model)["trainable_params"])
-    peft_model = _seeded_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.1,
+    peft_model = _seeded_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=lora_dropout,
                                                       target_modules="all-linear"), seed)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    return peft_model, {"trainable_params": trainable, "lora_rank": rank}
+    return peft_model, {"trainable_params": trainable, "lora_rank": rank, "lora_dropout": lora_dropout}
 
 
 def _seeded_peft_model(model: nn.Module, config: Any, seed: int) -> nn.Module:
@@ -82,4 +89,4 @@ def paired_gap(a: Sequence[int], b: Sequence[int]) -> tuple[float, float | None]
     return mean_se([float(x) - float(y) for x, y in zip(a, b)])
 
 
-__all__ = ["CONTROLS", "LORA_RANK", "control_model", "matched_lora_rank", "paired_gap"]
+__all__ = ["CONTROLS", "LORA_DROPOUT", "LORA_RANK", "control_model", "matched_lora_rank", "paired_gap"]
