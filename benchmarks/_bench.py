@@ -28,6 +28,18 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return mean, float("nan") if se is None else se
 
 
+class Stopwatch:
+    """Wall and process CPU seconds of a ``with`` block. With one torch thread the CPU time is the work done,
+    steady while other jobs share the box (wall time is not: the ratios below use both)."""
+
+    def __enter__(self) -> "Stopwatch":
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
+
+
 @contextmanager
 def saved_for_backward(exclude: Iterable[int] = ()) -> Iterator[dict[int, int]]:
     """Count the bytes autograd saves for backward inside the block, each storage once; yields the

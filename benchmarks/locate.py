@@ -147,18 +147,6 @@ def main() -> None:
     print(json.dumps(result))
 
 
-class Stopwatch:
-    """Wall and process CPU seconds of a ``with`` block. With one torch thread the CPU time is the work done,
-    steady while other jobs share the box (wall time is not: the ratios below use both)."""
-
-    def __enter__(self) -> "Stopwatch":
-        self.t0, self.c0 = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.wall, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
-
-
 def run_scans(args, model, tok, probe, arch) -> dict:
     all_heads = [(l, h) for l in range(arch.dims.n_layers) for h in range(arch.dims.n_heads)]
     timed = all_heads[:: args.naive_every]

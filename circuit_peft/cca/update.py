@@ -349,7 +349,8 @@ def measure_update_speedup(
     model: nn.Module, records: Any, circuit: Circuit | CircuitConfig, steps: int = 3, tokenizer: Any = None,
     **overrides: Any,
 ) -> dict[str, float]:
-    """Seconds per update step with and without the lower-layer cache (and their ratio).
+    """Seconds per update step with and without the lower-layer cache and the shared prompt prefix (and their
+    ratio; ``benchmarks/update_step.py`` times each separately).
 
     Runs ``steps`` steps each way (lr as configured) on ``model`` and removes the adapter
     afterwards, so ``model`` is returned to its original weights. Includes the one-off caching
@@ -359,7 +360,7 @@ def measure_update_speedup(
     for cached in (False, True):
         t0 = time.perf_counter()
         result = amplify_update(model, records, circuit, None, tokenizer=tokenizer, progress=False, steps=steps,
-                                cache_lower_layers=cached, **overrides)
+                                cache_lower_layers=cached, share_prompt_prefix=cached, **overrides)
         total = time.perf_counter() - t0
         per_step = sum(h.get("seconds", 0.0) for h in result.history) / steps
         times["cached_step_s" if cached else "plain_step_s"] = per_step
