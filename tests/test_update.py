@@ -174,3 +174,5 @@ def test_bad_input():
                        progress=False)
     with pytest.raises(ValueError, match="loss"):
         UpdateConfig(loss="huber")
+    with pytest.raises(ValueError, match="min_shared_prefix"):
+        UpdateConfig(min_shared_prefix=0)

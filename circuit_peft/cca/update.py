@@ -77,8 +77,8 @@ class UpdateConfig:
             raise ValueError(f"loss must be one of {UPDATE_LOSSES}, got {self.loss!r}")
         if self.optimizer not in UPDATE_OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {UPDATE_OPTIMIZERS}, got {self.optimizer!r}")
-        if self.steps < 1 or self.eval_every < 1 or self.micro_batch_size < 1:
-            raise ValueError("steps, eval_every and micro_batch_size must be >= 1")
+        if self.steps < 1 or self.eval_every < 1 or self.micro_batch_size < 1 or self.min_shared_prefix < 1:
+            raise ValueError("steps, eval_every, micro_batch_size and min_shared_prefix must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.patience is not None and self.patience < 1:

@@ -44,7 +44,8 @@ def add_amplify_args(p: argparse.ArgumentParser) -> None:
     u.add_argument("--patience", type=positive(int), default=None, help="stop after N validations without improvement")
     u.add_argument("--projections", choices=("paper", "all"), default="paper",
                    help="paper: q/k/v rows + up_proj rows; all: every slice of each component")
-    u.add_argument("--no-cache", action="store_true", help="run every layer at each step (slower; same result)")
+    u.add_argument("--no-cache", action="store_true", help="run every record whole through every layer at each step: no lower-layer cache, no shared "
+                        "prompt prefix (slower; same result)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-max-new-tokens", type=positive(int), default=None, help="default: --max-new-tokens")
     e.add_argument("--side-effect-data", default=PACKAGE_SIDE_EFFECT_DATA,
@@ -96,7 +97,8 @@ def build_configs(args: argparse.Namespace):
         subjects = tuple(s.strip() for s in args.mmlu_subjects.split(",") if s.strip())
     update = UpdateConfig(steps=args.steps, lr=args.lr, optimizer=args.optimizer, loss=args.loss,
                           margin_cap=args.margin_cap, eval_every=args.eval_every, patience=args.patience,
-                          projections=args.projections, cache_lower_layers=not args.no_cache)
+                          projections=args.projections, cache_lower_layers=not args.no_cache,
+                          share_prompt_prefix=not args.no_cache)
     config = AmplifyConfig(locate=args.locate, circuit_fraction=args.circuit_fraction, dcm_lambda=args.dcm_lambda,
                            dcm_epochs=args.dcm_epochs, dcm_steps=args.dcm_steps, dcm_lr=args.dcm_lr,
                            eval_max_new_tokens=args.eval_max_new_tokens,
