@@ -37,11 +37,10 @@ mean KL on general text, MMLU and TruthfulQA deltas. Each finished (arm, seed) i
 
 The defaults are the settings of the SmolLM2 results in ``benchmarks/README.md`` (64 training, 32 validation,
 100 test, 50 held-out-format problems, 4 epochs, 32 new tokens, the grids {3e-4, 1e-3, 3e-3} and {1e-5, 3e-5,
-1e-4}). Every arm at every seed has never been run in one go. Measured in session 16 (``PivotalTrainer`` runs the
-batch's shared prompt prefix once) on this 2-core box with ``--jobs 2``: locating 11 min (one process; the workers
-now share it), a circuit arm's seed 0 (three rates) ~520 s per worker, LoRA's 1,500-2,000 s (its dropout keeps
-the rows whole); seed 0 of every arm but cca in 5,400 s. Estimated full default run with ``--jobs 2``: 2.6-2.9
-hours (seeds 1-2 and the cca arm not reached: stopped for time); in one process about 4-5 hours.
+1e-4}). Every arm at seeds 0-2 was run in sessions 16-17 (two segments, ~3.9 h of two-worker time on a loaded
+box); since session 18 (the CCA update runs the records' shared prompt prefix once, LoRA arms train at dropout 0 so
+the trainer shares it too) the per-arm times sum to 17,088 worker-seconds: about 2.6 hours with ``--jobs 2``
+including locating (projected from per-arm times; benchmarks/README.md).
 
     python benchmarks/recipes.py --quick                     # 4 arms, one seed: 12 min on 2 idle cores
     python benchmarks/recipes.py --quick --jobs 2            # the same in two worker processes: 10 min
@@ -587,7 +586,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return _finish(res, args)
 
 
-ARM_COST = {"lora": 2.0, "cca": 1.5, "full": 1.7, "base": 0.2}  # relative time of an arm (session 18 estimates)
+ARM_COST = {"lora": 1.0, "cca": 1.2, "full": 1.5, "base": 0.15}  # relative time of an arm (session 18, 3 seeds)
 
 
 def split_arms(arms: list[str], jobs: int) -> list[list[str]]:
@@ -724,7 +723,7 @@ def plot_gaps(summary: dict[str, Any], path: str) -> str:
     ax.set_ylabel("accuracy: located - random")
     ax.set_title(f"{summary.get('model', '')} {summary.get('settings', {}).get('task', 'arithmetic')}: "
                  "does locating beat a random circuit?", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes, not over the points
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -739,13 +738,13 @@ def plot_tradeoff(summary: dict[str, Any], path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for arm, st in summary["arms"].items():
-        if arm == "base" or st.get("kl") is None:
-            continue
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    arms = [(a, st) for a, st in summary["arms"].items() if a != "base" and st.get("kl") is not None]
+    for i, (arm, st) in enumerate(arms):  # 20 colours x 4 markers: no two arms look alike
         lr = "" if st.get("lr") is None else f", lr {st['lr']:g}"
         ax.errorbar(st["kl"], st["test_acc"], xerr=_finite(st.get("kl_se")), yerr=_finite(st.get("test_acc_se")),
-                    fmt="o", capsize=3, label=f"{arm} ({len(st['seeds'])} seeds{lr})")
+                    fmt="osD^"[i // 20 % 4], color=plt.cm.tab20(i % 20), capsize=3,
+                    label=f"{arm} ({len(st['seeds'])} seeds{lr})")
     if "base" in summary["arms"]:
         ax.axhline(summary["arms"]["base"]["test_acc"], color="grey", ls="--", lw=0.8, label="base model")
     ax.set_xscale("log")
@@ -753,7 +752,7 @@ def plot_tradeoff(summary: dict[str, Any], path: str) -> str:
     ax.set_xlabel("KL on general text (drift; lower is better)")
     ax.set_ylabel("held-out accuracy (training format)")
     ax.set_title(f"{summary.get('model', '')}: accuracy against drift, each arm at its own learning rate", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes, not over the points
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
