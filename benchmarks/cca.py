@@ -10,7 +10,8 @@ SFT), validation problems (CCA's best-step selection), held-out test problems (a
 * cca_nomask - the branching update on every weight of the same projections (the paper's ablation).
 * circuit_sft - the branching circuit as a ``CircuitConfig`` adapter trained by SFT on the gold
   solutions with pivotal-token weighting (answer digits weight 5; ``circuit_peft.cca.weighting``).
-* lora - LoRA r=16, alpha 32, dropout 0.1 on all linear layers, SFT on the same gold solutions.
+* lora - LoRA r=16, alpha 32, dropout ``--lora-dropout`` (0; 0.1 before session 18) on all linear layers, SFT on
+  the same gold solutions.
 * full - full fine-tuning, SFT on the same gold solutions.
 
 Side effects per method against the base: MMLU delta (5-shot, log-likelihood), TruthfulQA MC1
@@ -61,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sft-batch-size", type=int, default=8)
     p.add_argument("--sft-lr", type=float, default=1e-3, help="LoRA and circuit SFT learning rate")
     p.add_argument("--full-lr", type=float, default=3e-5, help="full fine-tuning learning rate")
+    p.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="LoRA dropout (0, PEFT's default and the library's LoRA controls' since session 18: the "
+                        "trainer then runs the prompt prefix the rows share once; the results before used 0.1)")
     p.add_argument("--pivotal-weight", type=float, default=5.0)
     p.add_argument("--source", default="cca_branching", choices=("cca_prefix", "cca_branching", "cca_digit"),
                    help="whose records/circuit cca_nomask, circuit_sft and the speed-up use (default cca_branching)")
@@ -278,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 res["circuit_sft_components_fraction"] = size["component_fraction"]
                 lr = args.sft_lr
             elif name == "lora":
-                model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1,
+                model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=args.lora_dropout,
                                                          target_modules="all-linear"))
                 res["lora_trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
                 lr = args.sft_lr
