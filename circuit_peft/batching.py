@@ -106,6 +106,20 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     return batch_prefix_length(ids, mask, min(len(s) for s in sequences) - 1)
 
 
+def shared_prefix_ids(sequences: Sequence[Sequence[int]], min_length: int = 1) -> list[int]:
+    """The ids every sequence starts with, leaving each at least one (:func:`shared_prefix_length`); ``[]`` when
+    that is shorter than ``min_length`` (a prompt prefix too short to be worth running once on its own)."""
+    length = shared_prefix_length(sequences)
+    return list(sequences[0][:length]) if length >= max(min_length, 1) else []
+
+
+def prefix_kv_cache(model: Any, input_ids: torch.Tensor) -> Any:
+    """The KV cache of ``input_ids`` (B, P) run through ``model`` (the LM head only on the last position when the
+    model takes ``logits_to_keep``): a prompt prefix that later batches continue. Differentiable under grad."""
+    keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    return model(input_ids=input_ids, use_cache=True, **keep).past_key_values
+
+
 def repeat_cache(cache: Any, times: int) -> Any:
     """A copy of a KV cache (e.g. a shared prompt prefix's) with each row repeated ``times`` times in a row,
     for a batch that continues it; the original is left as it was."""
@@ -123,5 +137,5 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-__all__ = ["accepts_logits_to_keep", "batch_prefix_length", "left_pad", "length_batches", "model_device", "pad_batch", "pad_token_id", "repeat_cache", "shared_prefix_length",
-           "to_device"]
+__all__ = ["accepts_logits_to_keep", "batch_prefix_length", "left_pad", "length_batches", "model_device", "pad_batch", "pad_token_id", "prefix_kv_cache", "repeat_cache",
+           "shared_prefix_ids", "shared_prefix_length", "to_device"]

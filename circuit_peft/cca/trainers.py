@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from ..batching import accepts_logits_to_keep, batch_prefix_length
+from ..batching import accepts_logits_to_keep, batch_prefix_length, prefix_kv_cache
 from .weighting import IGNORE_INDEX, aligned_weighted_loss, install_pivotal_columns
 
 
@@ -100,7 +100,7 @@ class PivotalLossMixin:
         model returns no cache (it then runs the batch whole)."""
         ids = inputs["input_ids"]
         last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-        cache = self.accelerator.unwrap_model(model)(input_ids=ids[:1, :prefix], use_cache=True, **last).past_key_values
+        cache = prefix_kv_cache(self.accelerator.unwrap_model(model), ids[:1, :prefix])
         if cache is None:
             return None
         cache.batch_repeat_interleave(ids.shape[0])

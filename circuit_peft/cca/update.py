@@ -42,7 +42,7 @@ from ..arch import get_arch, unwrap_model
 from ..circuit import Circuit
 from ..interventions import capture_layer_input, forward_until, start_at_layer
 from ..batching import (
-    accepts_logits_to_keep, length_batches, pad_token_id, repeat_cache, shared_prefix_length, to_device,
+    length_batches, pad_token_id, prefix_kv_cache, repeat_cache, shared_prefix_ids, to_device,
 )
 from ..locate.data import collate_records, last_logits, validate_records
 from ..tuner import CircuitConfig, circuit_size
@@ -160,17 +160,12 @@ class _Objective:
         self.hidden: list[torch.Tensor | None] = [None] * len(self.batches)
         if self.lowest > 0:
             with torch.no_grad():
-                plain = self._prefix_cache(self.base) if prefix else None  # frozen layers < lowest: exact
+                plain = prefix_kv_cache(self.base, self.prefix) if prefix else None  # frozen layers < lowest: exact
                 for i, b in enumerate(self.batches):
                     cache = {"past_key_values": repeat_cache(plain, len(b["desired"]))} if prefix else {}
                     with capture_layer_input(self.base, self.lowest, self.arch) as store:
                         forward_until(self.base, self.lowest, self.arch, **self._inputs(b), **cache)
                     self.hidden[i] = store["hidden"]
-
-    def _prefix_cache(self, model: nn.Module):
-        """The shared prefix's KV cache (batch 1) under the current adapter weights (differentiable)."""
-        last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-        return model(input_ids=self.prefix, use_cache=True, **last).past_key_values
 
     @staticmethod
     def _inputs(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -183,7 +178,7 @@ class _Objective:
         b = self.batches[i]
         cache = {}
         if self.prefix is not None:
-            cache["past_key_values"] = self._prefix_cache(self.model)
+            cache["past_key_values"] = prefix_kv_cache(self.model, self.prefix)  # under the adapter's weights
             cache["past_key_values"].batch_repeat_interleave(len(b["desired"]))
         ctx = start_at_layer(self.base, self.lowest, self.hidden[i], self.arch) if self.lowest > 0 else nullcontext()
         with ctx:
@@ -210,8 +205,7 @@ class _Objective:
 def _shared_prompt_prefix(contexts: list[list[int]], cfg: UpdateConfig) -> list[int]:
     """The ids every context starts with (leaving each at least one), if ``cfg.share_prompt_prefix`` and at least
     ``cfg.min_shared_prefix`` long; else ``[]`` (every record runs whole)."""
-    length = shared_prefix_length(contexts) if cfg.share_prompt_prefix and len(contexts) > 1 else 0
-    return list(contexts[0][:length]) if length >= cfg.min_shared_prefix else []
+    return shared_prefix_ids(contexts, cfg.min_shared_prefix) if cfg.share_prompt_prefix and len(contexts) > 1 else []
 
 
 def _circuit_model(model: nn.Module, circuit: Circuit | CircuitConfig | None, mask: bool, projections: str,

@@ -10,8 +10,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..batching import (
-    accepts_logits_to_keep, continue_after_prefix, left_pad, model_device, pad_token_id, repeat_cache,
-    shared_prefix_length, to_device,
+    accepts_logits_to_keep, continue_after_prefix, left_pad, model_device, pad_token_id, prefix_kv_cache,
+    repeat_cache, shared_prefix_ids, to_device,
 )
 
 
@@ -86,14 +86,14 @@ def generate_with_shared_prefix(
         raise ValueError("every prompt needs at least one token")
     pad_id = pad_token_id(None, tokenizer)
     stops = _stop_ids(model, tokenizer, pad_id)
-    prefix = list(prompt_ids[0][: shared_prefix_length(prompt_ids)])
+    prefix = shared_prefix_ids(prompt_ids)
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     out: list[list[int]] = [[] for _ in prompt_ids]
     device = model_device(model)
     with eval_mode(model):
         prefix_cache = None
         if prefix:
-            prefix_cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+            prefix_cache = prefix_kv_cache(model, torch.tensor([prefix], device=device))
         bar = tqdm(total=len(order), desc=desc, disable=not progress, leave=False)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -184,7 +184,7 @@ def continuation_logprobs(
     with eval_mode(model):
         prefix_cache = None
         if prefix:
-            prefix_cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+            prefix_cache = prefix_kv_cache(model, torch.tensor([prefix], device=device))
         bar = tqdm(total=len(contexts), desc=desc, disable=not progress, leave=False)
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]

@@ -24,8 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..batching import (
-    accepts_logits_to_keep, length_batches, model_device, pad_token_id, repeat_cache, shared_prefix_length,
-    to_device,
+    length_batches, model_device, pad_token_id, prefix_kv_cache, repeat_cache, shared_prefix_ids, to_device,
 )
 from ..arch import Component, get_arch
 from ..circuit import Circuit
@@ -65,9 +64,7 @@ def _collate_batches(model: nn.Module, encoded: list[EncodedProbe], batch_size: 
 def _shared_prompt_prefix(encoded: list[EncodedProbe], min_length: int) -> list[int]:
     """The ids every probe row's prompt starts with (leaving each prompt at least one id, so no shared
     position predicts a solution token); empty when shorter than ``min_length``."""
-    prompts = [e.ids[: len(e.ids) - e.n_solution] for e in encoded]
-    length = shared_prefix_length(prompts)
-    return encoded[0].ids[:length] if length >= max(min_length, 1) else []
+    return shared_prefix_ids([e.ids[: len(e.ids) - e.n_solution] for e in encoded], min_length)
 
 
 def _select_heads(arch, layers: Iterable[int] | None, heads: Iterable[tuple[int, int]] | None) -> list[tuple[int, int]]:
@@ -288,8 +285,7 @@ def _prefix_cache(model: nn.Module, prefix_ids: torch.Tensor, rows: int, below: 
     ``below=(base_cache, l)``: the forward runs only layers >= l (under :func:`start_at_layer`); the cache's
     layers < l are taken from ``base_cache`` (the rows after the prefix skip those layers too: only their
     length, P, is read, for positions and masks)."""
-    keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-    cache = model(input_ids=prefix_ids.repeat(rows, 1), use_cache=True, **keep).past_key_values
+    cache = prefix_kv_cache(model, prefix_ids.repeat(rows, 1))
     if below is not None:
         base_cache, layer = below
         for i in range(layer):
