@@ -329,7 +329,7 @@ def head_output_means(
         for batch in batches:
             model(**batch)
             mask = batch.get("attention_mask")
-            m = torch.ones(store[0].shape[:2]) if mask is None else mask.float()
+            m = torch.ones(store[0].shape[:2], device=store[0].device) if mask is None else mask.float()
             count += m.sum().item()
             for layer, block in store.items():
                 s = (block.float() * m[:, :, None, None]).sum((0, 1))

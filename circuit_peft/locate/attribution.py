@@ -164,7 +164,7 @@ def _ablation_attribution(model, arch, batches, method, kinds, progress):
             else:
                 uniform = uniform_attention_output(at_least_float32(values[l]), b["attention_mask"])
                 replaced = uniform.repeat_interleave(arch.dims.group_size, dim=2)
-            totals[k][l] += ((replaced - a) * at_least_float32(g) * real).sum((0, 1, 3)).double()
+            totals[k][l] += ((replaced - a) * at_least_float32(g) * real).sum((0, 1, 3)).double().cpu()
     meta = {"base_loss": base, "ablation": method, "solution_tokens": n_tokens,
             "score": "estimated loss increase (nats per solution token)"}
     return _scores_dict(arch, totals), meta
@@ -193,7 +193,7 @@ def _logit_diff_attribution(model, arch, tokenizer, data, kinds, batch_size, pro
             if g is None:
                 continue
             a = at_least_float32(acts[k][l].detach()[:, -1])  # last position: (B, n, w)
-            totals[k][l] += (a * at_least_float32(g[:, -1])).sum((0, 2)).double()
+            totals[k][l] += (a * at_least_float32(g[:, -1])).sum((0, 2)).double().cpu()
     meta = {"mean_logit_diff": margin, "records": len(records),
             "score": "activation x gradient of logit[desired] - logit[undesired] at the last position"}
     return _scores_dict(arch, totals), meta

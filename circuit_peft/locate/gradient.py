@@ -23,10 +23,10 @@ GRADIENT_KINDS: tuple[str, ...] = ("q", "k", "v", "mlp")
 
 
 def _feature_sq_norms(module: nn.Module, axis: str) -> torch.Tensor:
-    """Squared L2 norm of ``module.weight.grad`` per feature on ``axis``, shape ``(features,)``."""
+    """Squared L2 norm of ``module.weight.grad`` per feature on ``axis``, shape ``(features,)`` (float64, CPU)."""
     g = module.weight.grad.detach().double().pow(2)
     dim = ModelArch.weight_dim(module, axis)
-    return g.sum(1 - dim)
+    return g.sum(1 - dim).cpu()
 
 
 def _component_scores(model: nn.Module, arch: ModelArch, kinds: tuple[str, ...], projections: str
