@@ -17,6 +17,10 @@ Keys of the final JSON line:
   refined_s, refined_recall, refined_speedup   refined_head_scan (attribution, then the exact scan of
                      its top --candidates x 5 % heads): time, share of the exact top 5 % it keeps,
                      naive / refined time
+  ig_s, ig_spearman, ig_top5pct_recall   attribution by integrated gradients (--ig-steps points on the path
+                     where every head moves toward its ablation at once; 0 skips)
+  refined_ig_s, refined_ig_recall, refined_ig_speedup, refined_ig_candidates   the refined scan whose candidates
+                     are first-order attribution's top --ig-first-candidates x k plus integrated gradients' top k
   refined_recall_by_candidates   the recall the refined scan reaches at 1, 1.5, 2, 2.5, 3 x k candidates,
                      read off the two full scans (equal to refined_recall at --candidates)
   dcm_s, dcm_kept_fraction   DCM with default settings on contrastive records (kept q+k+v heads and
@@ -46,6 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _bench import Stopwatch  # noqa: E402
 from circuit_peft.arch import get_arch  # noqa: E402
 from circuit_peft.evaluate.prompts import build_prompt_ids, default_prompt_style, encode_prompts  # noqa: E402
 from circuit_peft.cca.problems import TASKS, make_problems  # noqa: E402
@@ -114,6 +119,12 @@ def main() -> None:
     p.add_argument("--probe", choices=("gsm8k", "arithmetic", "arithmetic-shots"), default="gsm8k")
     p.add_argument("--probe-rows", type=int, default=8, help="training problems in the probe set")
     p.add_argument("--candidates", type=float, default=3.0, help="refined scan: candidates x kept heads")
+    p.add_argument("--ig-steps", type=int, default=4,
+                   help="the refined scan with integrated gradients: points on the joint ablation path (0: skip)")
+    p.add_argument("--ig-first-candidates", type=float, default=2.0,
+                   help="... with first-order attribution's top N x kept heads (and integrated gradients' top 1 x)")
+    p.add_argument("--probe-offset", type=int, default=0,
+                   help="take the probe rows from this index of the training draw (another draw checks a result)")
     p.add_argument("--naive-every", type=int, default=10, help="time the naive scan on every n-th head")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--heads-per-pass", type=int, default=None)
@@ -132,7 +143,7 @@ def main() -> None:
         train = [json.loads(line) for line in open(Path(args.data_dir) / "gsm8k" / "train.jsonl")]
     for i, r in enumerate(train):
         r["_index"] = i
-    probe = train[: args.probe_rows]
+    probe = train[args.probe_offset : args.probe_offset + args.probe_rows]
     model, tok = load_model(args.model), load_tokenizer(args.model)
     if args.probe == "arithmetic-shots":
         probe = recipe_probe_rows(tok, probe)
@@ -189,6 +200,7 @@ def run_scans(args, model, tok, probe, arch) -> dict:
     refined_recall = len(top_exact & set(refined.components)) / k
     print(f"refined (attribution + exact scan of {refined.meta['candidates']} heads): {refined_s:.1f} s "
           f"({naive_s / refined_s:.1f}x faster than naive), top-5% recall {refined_recall:.3f}")
+    ig = run_ig(args, model, tok, probe, exact, top_exact, k, naive_s, naive_cpu) if args.ig_steps else {}
     by_candidates = recall_by_candidates(exact, att, k)
     print("refined recall by candidates x k (from the two full scans):", by_candidates)
     print("exact top heads:", [tuple(c)[1:] for c, _ in exact.ranked(["q"])[:k]])
@@ -209,7 +221,32 @@ def run_scans(args, model, tok, probe, arch) -> dict:
             "refined_cpu_s": round(sw_refined.cpu, 2), "ablation_speedup_cpu": round(naive_cpu / sw_exact.cpu, 2),
             "ablation_whole_speedup_cpu": round(naive_cpu / whole_cpu, 2),
             "attribution_speedup_cpu": round(naive_cpu / sw_att.cpu, 2),
-            "refined_speedup_cpu": round(naive_cpu / sw_refined.cpu, 2)}
+            "refined_speedup_cpu": round(naive_cpu / sw_refined.cpu, 2), **ig}
+
+
+def run_ig(args, model, tok, probe, exact, top_exact, k, naive_s, naive_cpu) -> dict:
+    """Integrated-gradient attribution alone, and the refined scan whose candidates are first-order attribution's
+    top ``--ig-first-candidates`` x k plus integrated gradients' top k."""
+    common = dict(prompt_field="question", solution_field="answer", keep_fraction=None)
+    with Stopwatch() as sw_ig:
+        ig = attribution_scan(model, tok, probe, batch_size=min(4, args.batch_size), ig_steps=args.ig_steps, **common)
+    heads = sorted(exact.scores)
+    rho = spearman([exact.scores[c] for c in heads], [ig.scores[c] for c in heads])
+    recall = len(top_exact & {c for c, _ in ig.ranked(["q"])[:k]}) / k
+    print(f"integrated gradients ({args.ig_steps} steps): {sw_ig.wall:.1f} s, spearman {rho:.3f}, "
+          f"top-5% recall {recall:.3f}")
+    with Stopwatch() as sw:
+        refined = refined_head_scan(model, tok, probe, keep_fraction=None, k=k, candidates=args.ig_first_candidates,
+                                    ig_steps=args.ig_steps, batch_size=args.batch_size,
+                                    spec=ProbeSpec("question", "answer"))
+    refined_recall = len(top_exact & set(refined.components)) / k
+    print(f"refined with integrated gradients ({refined.meta['candidates']} candidates): {sw.wall:.1f} s "
+          f"({naive_s / sw.wall:.1f}x faster than naive), top-5% recall {refined_recall:.3f}")
+    return {"ig_steps": args.ig_steps, "ig_s": round(sw_ig.wall, 2), "ig_spearman": round(rho, 4),
+            "ig_top5pct_recall": round(recall, 4), "refined_ig_s": round(sw.wall, 2),
+            "refined_ig_recall": round(refined_recall, 4), "refined_ig_candidates": refined.meta["candidates"],
+            "refined_ig_first_candidates": args.ig_first_candidates,
+            "refined_ig_speedup": round(naive_s / sw.wall, 2), "refined_ig_speedup_cpu": round(naive_cpu / sw.cpu, 2)}
 
 
 def recall_by_candidates(exact, att, k: int, multiples=(1.0, 1.5, 2.0, 2.5, 3.0)) -> dict[str, float]:

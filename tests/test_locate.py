@@ -8,9 +8,12 @@ import torch
 
 from circuit_peft.arch import Component, get_arch
 from circuit_peft.circuit import Circuit
-from circuit_peft.interventions import edit_components
+from contextlib import ExitStack
+
+from circuit_peft.interventions import edit_components, head_output_means
 from circuit_peft.locate import attribution_scan, circuit_margin, head_ablation_scan, learn_masks, solution_losses
 from circuit_peft.locate.ablation import probe_batches
+from circuit_peft.locate.data import model_inputs
 from circuit_peft.locate.dcm import NaNLossError
 from circuit_peft.models import tiny_model
 
@@ -209,6 +212,38 @@ def test_attribution_is_the_first_order_term_of_partial_ablation(family):
                 losses.append(solution_losses(model, batches))
         assert c.scores[Component(kind, layer, idx)] == pytest.approx((losses[0] - losses[1]) / (2 * eps),
                                                                       rel=rel, abs=abs_)
+
+
+@pytest.mark.parametrize("family,kinds,method", [("llama", ("q",), "uniform"), ("qwen3", ("q", "mlp"), "zero"),
+                                                 ("gpt2", ("q",), "mean")])
+def test_integrated_attribution_sums_to_the_loss_of_ablating_everything(family, kinds, method):
+    """Completeness: integrated-gradient scores add up to L(all scored components ablated) - L(clean);
+    first-order scores do not. (Not Gemma-2/3 with zero ablation: their post-attention/post-MLP norms
+    undo a joint scaling, so the loss stays flat until the path's very end.)"""
+    model = tiny_model(family).double()
+    with torch.no_grad():  # larger weights: ablating everything is far from the linear regime
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "emb" not in name and "wte" not in name and "wpe" not in name:
+                p.mul_(4)
+    probe = _probe()
+    batches = probe_batches(model, None, probe, batch_size=4)
+    heads = [(c.layer, c.index) for c in get_arch(model).all_components(["q"])]
+    means = head_output_means(model, [model_inputs(b) for b in batches]) if method == "mean" else None
+    with ExitStack() as stack:
+        if "mlp" in kinds:
+            for layer in range(get_arch(model).dims.n_layers):
+                stack.enter_context(edit_components(model, "mlp", layer, torch.zeros_like))
+        ablated = solution_losses(model, batches, heads, method, means)
+    change = ablated - solution_losses(model, batches)
+    ig = attribution_scan(model, None, probe, method=method, kinds=kinds, keep_fraction=None, ig_steps=24,
+                          progress=False)
+    first = attribution_scan(model, None, probe, method=method, kinds=kinds, keep_fraction=None, progress=False)
+    assert abs(change) > 2e-3
+    assert sum(ig.scores.values()) == pytest.approx(change, rel=0.02)
+    assert sum(first.scores.values()) != pytest.approx(change, rel=0.1)
+    assert ig.meta["ig_steps"] == 24 and "base_loss" not in ig.meta
+    with pytest.raises(ValueError, match="ig_steps"):
+        attribution_scan(model, None, _records(2), target="logit_diff", ig_steps=2, progress=False)
 
 
 def test_attribution_runs_on_every_family(tiny):
@@ -440,6 +475,28 @@ def test_refined_scan_keeps_the_exact_top_heads_of_its_candidates():
         refined_head_scan(model, None, _probe(), candidates=0.5, progress=False)
     with pytest.raises(ValueError, match="one of keep_fraction= or k="):
         refined_head_scan(model, None, _probe(), k=3, progress=False)
+
+
+def test_refined_scan_adds_the_integrated_gradient_top_heads_to_its_candidates():
+    from circuit_peft.locate import refined_head_scan
+
+    model = tiny_model("llama")
+    k = 2
+    first = [c for c, _ in attribution_scan(model, None, _probe(), kinds=["q"], keep_fraction=None,
+                                             progress=False).ranked()]
+    ig = [c for c, _ in attribution_scan(model, None, _probe(), kinds=["q"], keep_fraction=None, ig_steps=3,
+                                          progress=False).ranked()]
+    both = refined_head_scan(model, None, _probe(), keep_fraction=None, k=k, candidates=1, ig_steps=3,
+                             ig_candidates=2, progress=False)
+    expected = set(first[:k]) | set(ig[: 2 * k])
+    assert len(expected) > k  # the two rankings differ on this model, so the test can fail
+    assert set(both.scores) == expected and both.meta["candidates"] == len(expected)
+    assert set(both.meta["ig_candidates"]) == {f"{c.layer}.{c.index}" for c in expected - set(first[:k])}
+    exact = head_ablation_scan(model, None, _probe(), keep_fraction=None, progress=False)
+    assert both.components == sorted(sorted(expected, key=lambda c: -exact.scores[c])[:k])
+    with pytest.raises(ValueError, match="ig_candidates > 0"):
+        refined_head_scan(model, None, _probe(), k=k, keep_fraction=None, ig_steps=2, ig_candidates=0,
+                          progress=False)
 
 
 def test_refined_scan_finds_the_planted_head(planted):

@@ -56,6 +56,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     a.add_argument("--naive", action="store_true", help="ablation: one full forward per head (slow reference)")
     a.add_argument("--candidates", type=at_least_one(float), default=3.0,
                    help="refined: the exact scan re-scores attribution's top CANDIDATES x kept heads (default 3)")
+    a.add_argument("--ig-steps", type=non_negative(int), default=0,
+                   help="attribution (ablation target) / refined: integrated gradients over N points of the joint "
+                        "ablation path (N more forward + backward passes per batch; default 0: first order). "
+                        "refined: its top --ig-candidates x kept heads join the candidates")
+    a.add_argument("--ig-candidates", type=positive(float), default=1.0,
+                   help="refined with --ig-steps: how many times the kept heads integrated gradients adds (default 1)")
     d = p.add_argument_group("dcm")
     d.add_argument("--dcm-lambda", dest="lambda_l1", type=non_negative(float), default=0.01,
                    help="L1 weight (default 0.01; the same flag as amplify's)")
@@ -151,6 +157,8 @@ def _check_request(args: argparse.Namespace, rows: list[dict]) -> str:
     target = args.target or ("logit_diff" if records else "ablation")
     if args.method == "attribution" and (target == "logit_diff") != records:
         raise ValueError(f"--target {target} does not fit this data ({'contrastive records' if records else 'probe rows'})")
+    if args.ig_steps and (args.method not in ("attribution", "refined") or target != "ablation"):
+        raise ValueError("--ig-steps works with --method attribution (ablation target: probe rows) or refined")
     if Path(args.out).suffix.lower() != ".json":
         raise ValueError(f"--out should be a .json file, got {args.out}")
     check_output_path(args.out, "--out", (args.data,))  # before the scan, not after it
@@ -194,8 +202,9 @@ def _scan(args: argparse.Namespace, model, tok, rows: list[dict], target: str):
                                   naive=args.naive, keep_fraction=keep, spec=spec)
     if args.method == "refined":
         return refined_head_scan(model, tok, rows, keep_fraction=keep, candidates=args.candidates,
-                                 method=args.ablation, batch_size=args.batch_size or 8, spec=spec)
-    return attribution_scan(model, tok, rows, target=target, method=args.ablation,
+                                 ig_steps=args.ig_steps, ig_candidates=args.ig_candidates, method=args.ablation,
+                                 batch_size=args.batch_size or 8, spec=spec)
+    return attribution_scan(model, tok, rows, target=target, method=args.ablation, ig_steps=args.ig_steps,
                             batch_size=args.batch_size or 4, keep_fraction=keep, spec=spec)
 
 

@@ -27,7 +27,9 @@ from tqdm.auto import tqdm
 from ..batching import length_batches, model_device, pad_token_id, to_device
 from ..arch import Component, ModelArch, get_arch
 from ..circuit import Circuit
-from ..interventions import ABLATION_METHODS, uniform_attention_output, capture_components, head_output_means
+from ..interventions import (
+    ABLATION_METHODS, capture_components, edit_components, head_output_means, uniform_attention_output,
+)
 from .ablation import DEFAULT_KEEP_FRACTION, probe_batches
 from .data import (
     ProbeSpec, at_least_float32, collate_records, last_logits, model_inputs, solution_loss_sums, validate_records,
@@ -73,6 +75,7 @@ def attribution_scan(
     max_length: int = 1024,
     progress: bool = True,
     spec: ProbeSpec | None = None,
+    ig_steps: int = 0,
 ) -> Circuit:
     """Score heads and neurons by a first-order (gradient) estimate of their effect.
 
@@ -88,6 +91,12 @@ def attribution_scan(
             None keeps all.
         prompt_field / solution_field / chat_template / max_length: how probe rows become token ids
             (``"ablation"``), or all four at once as ``spec`` (a :class:`~circuit_peft.locate.data.ProbeSpec`).
+        ig_steps: ``"ablation"`` only. 0 (default): first-order scores at the clean model. ``m > 0``:
+            integrated gradients: every scored component is moved part of the way to its ablation at once,
+            ``alpha = (i + 1/2) / m`` for ``i < m`` (m forwards + backwards per batch), and
+            ``(a' - a) . dL/dy`` is averaged over the path; the scores then sum to the loss increase of
+            ablating all of them together (exactly as ``m`` grows) and see effects a first-order score
+            misses where the loss is flat at the clean model.
 
     Returns:
         a :class:`Circuit` with every scored component's estimate in ``scores``.
@@ -101,6 +110,8 @@ def attribution_scan(
     bad = [k for k in kinds if k not in allowed]
     if bad or not kinds:
         raise ValueError(f"target {target!r} scores kinds {allowed}; got {list(kinds)}")
+    if ig_steps < 0 or (ig_steps and target != "ablation"):
+        raise ValueError(f"ig_steps must be >= 0 and works with target='ablation' only (got {ig_steps}, {target!r})")
     arch = get_arch(model)
     was_training = model.training
     model.eval()
@@ -110,7 +121,7 @@ def attribution_scan(
                 spec = ProbeSpec.resolve(spec, prompt_field=prompt_field, solution_field=solution_field,
                                          chat_template=chat_template, max_length=max_length)
                 batches = probe_batches(model, tokenizer, data, batch_size, spec=spec)
-                scores, meta = _ablation_attribution(model, arch, batches, method, kinds, progress)
+                scores, meta = _ablation_attribution(model, arch, batches, method, kinds, progress, ig_steps)
             else:
                 scores, meta = _logit_diff_attribution(model, arch, tokenizer, data, kinds, batch_size, progress)
     finally:
@@ -127,47 +138,70 @@ def _scores_dict(arch: ModelArch, totals: dict[str, torch.Tensor]) -> dict[Compo
             for l in range(t.shape[0]) for i, v in enumerate(t[l].tolist())}
 
 
-def _ablation_attribution(model, arch, batches, method, kinds, progress):
+def _ablation_attribution(model, arch, batches, method, kinds, progress, ig_steps=0):
     n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
-    layers = range(arch.dims.n_layers)
     means = None
     if method == "mean" and "q" in kinds:
         with torch.no_grad():
             means = head_output_means(model, [model_inputs(b) for b in batches], arch)
-    # "q" scores are read at the head's output (the input of o_proj).
-    site = {"q": "o", "mlp": "mlp"}
+    alphas = [0.0] if ig_steps == 0 else [(i + 0.5) / ig_steps for i in range(ig_steps)]
     totals = {k: torch.zeros(arch.dims.n_layers, arch.num_components(k), dtype=torch.float64) for k in kinds}
-    base = 0.0
+    loss_at_first_alpha = 0.0
     for b in tqdm(batches, desc="attribution (ablation)", disable=not progress):
-        inputs = model_inputs(b)
-        with ExitStack() as stack:
-            acts = {k: stack.enter_context(capture_components(model, site[k], layers, detach=False, arch=arch))
-                    for k in kinds}
-            values = (stack.enter_context(capture_components(model, "v", layers, arch=arch))
-                      if "q" in kinds and method == "uniform" else None)
-            logits = _forward_with_grad_inputs(model, inputs, int(b["n_keep"]))
-        loss = solution_loss_sums(logits, b["labels"])[0] / n_tokens
-        base += float(loss.detach())
-        flat = [(k, l) for k in kinds for l in layers]
-        grads = torch.autograd.grad(loss, [acts[k][l] for k, l in flat], allow_unused=True)
-        real = b["attention_mask"][:, :, None, None]
-        for (k, l), g in zip(flat, grads):
-            if g is None:
-                continue
-            a = at_least_float32(acts[k][l].detach())
-            if k == "mlp":
-                replaced = torch.zeros_like(a)
-            elif method == "zero":
-                replaced = torch.zeros_like(a)
-            elif method == "mean":
-                replaced = at_least_float32(means[l])[None, None].expand_as(a)
-            else:
-                uniform = uniform_attention_output(at_least_float32(values[l]), b["attention_mask"])
-                replaced = uniform.repeat_interleave(arch.dims.group_size, dim=2)
-            totals[k][l] += ((replaced - a) * at_least_float32(g) * real).sum((0, 1, 3)).double().cpu()
-    meta = {"base_loss": base, "ablation": method, "solution_tokens": n_tokens,
+        for alpha in alphas:
+            loss, terms = _partly_ablated_terms(model, arch, b, method, kinds, means, alpha, n_tokens)
+            loss_at_first_alpha += loss if alpha == alphas[0] else 0.0
+            for (k, l), t in terms.items():
+                totals[k][l] += t / len(alphas)
+    meta = {"ablation": method, "solution_tokens": n_tokens,
             "score": "estimated loss increase (nats per solution token)"}
+    if ig_steps:
+        meta.update(ig_steps=ig_steps, score="integrated gradients along the joint ablation path "
+                    "(nats per solution token; the scores sum to the loss increase of ablating them all)")
+    else:
+        meta["base_loss"] = loss_at_first_alpha
     return _scores_dict(arch, totals), meta
+
+
+def _partly_ablated_terms(model, arch, batch, method, kinds, means, alpha, n_tokens):
+    """One forward + backward with every scored component moved ``alpha`` of the way to its ablation
+    (``y = a + alpha (a' - a)``, ``a'`` computed from the same forward); returns the loss and, per
+    (kind, layer), ``sum_{rows, positions} (a' - a) . dL/dy`` as a CPU float64 vector over components.
+    At ``alpha = 0`` this is first-order attribution; averaged over ``alpha`` it is integrated gradients."""
+    layers = range(arch.dims.n_layers)
+    outputs, deltas = {}, {}
+    with ExitStack() as stack:
+        for k in kinds:
+            for l in layers:
+                replacement = _replacement(stack, model, arch, k, l, method, means, batch["attention_mask"])
+
+                def move(block, k=k, l=l, replacement=replacement):
+                    delta = replacement(block) - block
+                    deltas[k, l] = at_least_float32(delta.detach())
+                    outputs[k, l] = block + alpha * delta if alpha else block.view_as(block)
+                    return outputs[k, l]
+
+                stack.enter_context(edit_components(model, "o" if k == "q" else "mlp", l, move, arch))
+        logits = _forward_with_grad_inputs(model, model_inputs(batch), int(batch["n_keep"]))
+    loss = solution_loss_sums(logits, batch["labels"])[0] / n_tokens
+    keys = list(outputs)
+    grads = torch.autograd.grad(loss, [outputs[key] for key in keys], allow_unused=True)
+    real = batch["attention_mask"][:, :, None, None]
+    terms = {key: (deltas[key] * at_least_float32(g) * real).sum((0, 1, 3)).double().cpu()
+             for key, g in zip(keys, grads) if g is not None}
+    return float(loss.detach()), terms
+
+
+def _replacement(stack, model, arch, kind, layer, method, means, attention_mask):
+    """``block -> its ablated value`` at ``layer``: neurons 0; query heads by ``method`` (``uniform``:
+    the mean of the head's V over positions <= i, read from the same forward)."""
+    if kind == "mlp" or method == "zero":
+        return torch.zeros_like
+    if method == "mean":
+        return lambda block: at_least_float32(means[layer])[None, None].to(block.dtype).expand_as(block)
+    values = stack.enter_context(capture_components(model, "v", [layer], detach=False, arch=arch))
+    return lambda block: uniform_attention_output(values[layer], attention_mask).repeat_interleave(
+        arch.dims.group_size, dim=2).to(block.dtype)
 
 
 def _logit_diff_attribution(model, arch, tokenizer, data, kinds, batch_size, progress):

@@ -6,7 +6,9 @@ estimate misorders the top heads (on SmolLM2 GSM8K it found 57 % of the exact sc
 re-scores only those with the exact ablation scan
 (:func:`~circuit_peft.locate.ablation.head_ablation_scan`), so the kept heads are ranked by their
 exact loss increase; it misses an exact top head only when attribution ranks it below
-``candidates x k``.
+``candidates x k``. A head whose first-order score is near zero (the loss is flat at the clean model but
+not along the way to the head's ablation) can sit far below that line; with ``ig_steps > 0`` the top
+``ig_candidates x k`` heads by integrated gradients along the joint ablation path join the candidates.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def refined_head_scan(
     keep_fraction: float | None = DEFAULT_KEEP_FRACTION,
     candidates: float = 3.0,
     k: int | None = None,
+    ig_steps: int = 0,
+    ig_candidates: float = 1.0,
     method: str = "uniform",
     batch_size: int = 8,
     prompt_field: str = "prompt",
@@ -46,6 +50,9 @@ def refined_head_scan(
         keep_fraction: share of all query heads kept (k = :func:`~circuit_peft.fractions.keep_count`,
             rounded down), or ``k`` heads instead (then ``keep_fraction`` must be None).
         candidates: how many times k heads attribution passes to the exact scan (>= 1).
+        ig_steps / ig_candidates: with ``ig_steps > 0``, also pass the top ``ig_candidates x k`` heads by
+            integrated-gradient attribution (``attribution_scan(..., ig_steps=)``, ``ig_steps`` more forward +
+            backward passes per batch) to the exact scan.
         method: ablation operator (``uniform``, ``zero``, ``mean``) of both stages.
         prompt_field / solution_field / chat_template / max_length: how rows become token ids, or
             all four at once as ``spec``.
@@ -53,26 +60,33 @@ def refined_head_scan(
     Returns:
         a :class:`Circuit` of the top k candidates by exact score (nats per solution token);
         ``scores`` holds the exact scores of every candidate, ``meta["attribution"]`` the
-        attribution score of each candidate and ``meta["candidates"]`` their number.
+        attribution score of each candidate (first-order), ``meta["ig_candidates"]`` those integrated gradients
+        added, and ``meta["candidates"]`` their number.
     """
-    if candidates < 1:
-        raise ValueError(f"candidates must be >= 1 (got {candidates}): the exact scan re-scores "
-                         "attribution's top candidates x kept heads")
+    if candidates < 1 or (ig_steps and ig_candidates <= 0):
+        raise ValueError(f"candidates must be >= 1 and ig_candidates > 0 (got {candidates}, {ig_candidates}): "
+                         "the exact scan re-scores attribution's top candidates x kept heads")
     if (k is None) == (keep_fraction is None):
         raise ValueError("give one of keep_fraction= or k=")
     if k is not None and k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     spec = ProbeSpec.resolve(spec, prompt_field=prompt_field, solution_field=solution_field,
                              chat_template=chat_template, max_length=max_length)
-    att = attribution_scan(model, tokenizer, probe, target="ablation", method=method, kinds=("q",),
-                           batch_size=max(1, batch_size // 2), keep_fraction=None, spec=spec, progress=progress)
-    ranked = att.ranked(["q"])
+    common = dict(target="ablation", method=method, kinds=("q",), batch_size=max(1, batch_size // 2),
+                  keep_fraction=None, spec=spec, progress=progress)
+    ranked = attribution_scan(model, tokenizer, probe, **common).ranked(["q"])
     k = min(k, len(ranked)) if k is not None else keep_count(len(ranked), keep_fraction)
-    chosen = ranked[: min(len(ranked), math.ceil(candidates * k))]
-    exact = head_ablation_scan(model, tokenizer, probe, method=method, batch_size=batch_size,
-                               heads=[(c.layer, c.index) for c, _ in chosen], keep_fraction=None,
-                               spec=spec, progress=progress)
-    meta = dict(exact.meta, candidates=len(chosen), candidates_factor=candidates,
-                attribution={f"{c.layer}.{c.index}": s for c, s in chosen})
+    chosen = ranked[: math.ceil(candidates * k)]
+    added = []
+    if ig_steps:
+        first = {c for c, _ in chosen}
+        by_ig = attribution_scan(model, tokenizer, probe, ig_steps=ig_steps, **common).ranked(["q"])
+        added = [(c, s) for c, s in by_ig[: math.ceil(ig_candidates * k)] if c not in first]
+    heads = [(c.layer, c.index) for c, _ in chosen + added]
+    exact = head_ablation_scan(model, tokenizer, probe, method=method, batch_size=batch_size, heads=heads,
+                               keep_fraction=None, spec=spec, progress=progress)
+    meta = dict(exact.meta, candidates=len(heads), candidates_factor=candidates, ig_steps=ig_steps,
+                attribution={f"{c.layer}.{c.index}": s for c, s in chosen},
+                ig_candidates={f"{c.layer}.{c.index}": s for c, s in added})
     refined = Circuit(exact.components, exact.scores, exact.fingerprint, method="refined_ablation", meta=meta)
     return refined.top(k=k)
