@@ -176,9 +176,9 @@ def _partly_ablated_terms(model, arch, batch, method, kinds, means, alpha, n_tok
                 replacement = _replacement(stack, model, arch, k, l, method, means, batch["attention_mask"])
 
                 def move(block, k=k, l=l, replacement=replacement):
-                    delta = replacement(block) - block
-                    deltas[k, l] = at_least_float32(delta.detach())
-                    outputs[k, l] = block + alpha * delta if alpha else block.view_as(block)
+                    delta = replacement(block) - at_least_float32(block)  # float32 at least, as the scores
+                    deltas[k, l] = delta.detach()
+                    outputs[k, l] = block + (alpha * delta).to(block.dtype) if alpha else block.view_as(block)
                     return outputs[k, l]
 
                 stack.enter_context(edit_components(model, "o" if k == "q" else "mlp", l, move, arch))
@@ -193,15 +193,15 @@ def _partly_ablated_terms(model, arch, batch, method, kinds, means, alpha, n_tok
 
 
 def _replacement(stack, model, arch, kind, layer, method, means, attention_mask):
-    """``block -> its ablated value`` at ``layer``: neurons 0; query heads by ``method`` (``uniform``:
-    the mean of the head's V over positions <= i, read from the same forward)."""
+    """``block -> its ablated value`` (float32 at least) at ``layer``: neurons 0; query heads by ``method``
+    (``uniform``: the mean of the head's V over positions <= i, read from the same forward)."""
     if kind == "mlp" or method == "zero":
-        return torch.zeros_like
+        return lambda block: torch.zeros_like(at_least_float32(block))
     if method == "mean":
-        return lambda block: at_least_float32(means[layer])[None, None].to(block.dtype).expand_as(block)
+        return lambda block: at_least_float32(means[layer])[None, None].expand(block.shape)
     values = stack.enter_context(capture_components(model, "v", [layer], detach=False, arch=arch))
-    return lambda block: uniform_attention_output(values[layer], attention_mask).repeat_interleave(
-        arch.dims.group_size, dim=2).to(block.dtype)
+    return lambda block: uniform_attention_output(at_least_float32(values[layer]), attention_mask).repeat_interleave(
+        arch.dims.group_size, dim=2)
 
 
 def _logit_diff_attribution(model, arch, tokenizer, data, kinds, batch_size, progress):
