@@ -160,9 +160,10 @@ def trainer_check(family: str) -> dict[str, float]:
 
 
 def passed(r: dict[str, float], rtol: float, score_atol: float) -> bool:
+    """Every difference under its tolerance; the Trainer ran on the device, lowered the loss, kept frozen weights."""
     return (all(r[k] < rtol for k in ("adapter", "merge", "gradient", "seer", "update"))
-            and all(r[k] < score_atol for k in ("scan_vs_naive", "scan", "attribution")) and r["trainer_on_device"] == 1.0 and r["trainer_loss_drop"] > 0
-            and r["trainer_frozen_moved"] == 0.0)
+            and all(r[k] < score_atol for k in ("scan_vs_naive", "scan", "attribution"))
+            and r["trainer_on_device"] == 1.0 and r["trainer_loss_drop"] > 0 and r["trainer_frozen_moved"] == 0.0)
 
 
 def main() -> None:
@@ -171,7 +172,8 @@ def main() -> None:
     p.add_argument("--rtol", type=float, default=1e-4, help="logits, gradients, merged weights, CCA margin")
     p.add_argument("--score-atol", type=float, default=1e-5,
                    help="scan and attribution scores (nats per solution token; differences of losses)")
-    p.add_argument("--device", default="cuda", help="'cpu' checks the script itself (every difference 0)")
+    p.add_argument("--device", default="cuda",
+                   help="'cpu' checks the script itself (CPU against CPU: every difference 0 but scan_vs_naive)")
     args = p.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -188,7 +190,8 @@ def main() -> None:
             r = {"passed": False, "error": f"{type(e).__name__}: {e}", "where": traceback.format_exc()[-1500:]}
         results[family] = r
         print(family, json.dumps(r), flush=True)
-    print(json.dumps({"device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__, "rtol": args.rtol, "score_atol": args.score_atol,
+    print(json.dumps({"device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE,
+                      "torch": torch.__version__, "rtol": args.rtol, "score_atol": args.score_atol,
                       "all_passed": all(r["passed"] for r in results.values()),
                       "seconds": round(time.perf_counter() - start, 1), "families": results}))
 
