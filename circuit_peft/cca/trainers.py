@@ -99,14 +99,13 @@ class PivotalLossMixin:
         sync) once a step; autograd carries the rows' gradients back through the repeated cache. None when the
         model returns no cache (it then runs the batch whole)."""
         ids = inputs["input_ids"]
-        last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
         cache = prefix_kv_cache(self.accelerator.unwrap_model(model), ids[:1, :prefix])
         if cache is None:
             return None
         cache.batch_repeat_interleave(ids.shape[0])
         rest = {"input_ids": ids[:, prefix:], "attention_mask": inputs.get("attention_mask", torch.ones_like(ids)),
                 "past_key_values": cache, "use_cache": True}
-        if last:
+        if accepts_logits_to_keep(model):
             outputs = model(**rest, logits_to_keep=keep - prefix)
             return outputs, outputs.logits
         outputs = model(**rest)

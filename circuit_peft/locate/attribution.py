@@ -146,11 +146,11 @@ def _ablation_attribution(model, arch, batches, method, kinds, progress, ig_step
             means = head_output_means(model, [model_inputs(b) for b in batches], arch)
     alphas = [0.0] if ig_steps == 0 else [(i + 0.5) / ig_steps for i in range(ig_steps)]
     totals = {k: torch.zeros(arch.dims.n_layers, arch.num_components(k), dtype=torch.float64) for k in kinds}
-    loss_at_first_alpha = 0.0
+    clean_loss = 0.0  # read only without ig_steps, where the one alpha is 0
     for b in tqdm(batches, desc="attribution (ablation)", disable=not progress):
         for alpha in alphas:
             loss, terms = _partly_ablated_terms(model, arch, b, method, kinds, means, alpha, n_tokens)
-            loss_at_first_alpha += loss if alpha == alphas[0] else 0.0
+            clean_loss += loss
             for (k, l), t in terms.items():
                 totals[k][l] += t / len(alphas)
     meta = {"ablation": method, "solution_tokens": n_tokens,
@@ -159,7 +159,7 @@ def _ablation_attribution(model, arch, batches, method, kinds, progress, ig_step
         meta.update(ig_steps=ig_steps, score="integrated gradients along the joint ablation path "
                     "(nats per solution token; the scores sum to the loss increase of ablating them all)")
     else:
-        meta["base_loss"] = loss_at_first_alpha
+        meta["base_loss"] = clean_loss
     return _scores_dict(arch, totals), meta
 
 
