@@ -14,9 +14,11 @@ Keys of the final JSON line:
   attribution_s      attribution_scan (one forward + backward per batch; heads and neurons)
   spearman           attribution vs exact ablation over all heads
   top5pct_recall     share of the exact top 5 % heads found in attribution's top 5 %
+  bound_spearman, bound_top5pct_recall   the bound of the first-order term (attribution_scan(estimate="bound"),
+                     query heads) against the exact scan
   refined_s, refined_recall, refined_speedup   refined_head_scan (attribution, then the exact scan of
-                     its top --candidates x 5 % heads): time, share of the exact top 5 % it keeps,
-                     naive / refined time
+                     its top --candidates x 5 % heads and the bound's top --bound-candidates x 5 %): time,
+                     share of the exact top 5 % it keeps, naive / refined time
   ig_s, ig_spearman, ig_top5pct_recall   attribution by integrated gradients (--ig-steps points on the path
                      where every head moves toward its ablation at once; 0 skips)
   refined_ig_s, refined_ig_recall, refined_ig_speedup, refined_ig_candidates   the refined scan whose candidates
@@ -118,7 +120,11 @@ def main() -> None:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--probe", choices=("gsm8k", "arithmetic", "arithmetic-shots"), default="gsm8k")
     p.add_argument("--probe-rows", type=int, default=8, help="training problems in the probe set")
-    p.add_argument("--candidates", type=float, default=3.0, help="refined scan: candidates x kept heads")
+    p.add_argument("--candidates", type=float, default=2.0, help="refined scan: candidates x kept heads")
+    p.add_argument("--bound-candidates", type=float, default=1.0,
+                   help="refined scan: also the bound's top N x kept heads (the library's default 1; 0: none)")
+    p.add_argument("--save-scores", default=None,
+                   help="JSON: every query head's exact, attribution and bound score (layer.head -> nats/token)")
     p.add_argument("--ig-steps", type=int, default=4,
                    help="the refined scan with integrated gradients: points on the joint ablation path (0: skip)")
     p.add_argument("--ig-first-candidates", type=float, default=2.0,
@@ -193,9 +199,18 @@ def run_scans(args, model, tok, probe, arch) -> dict:
     recall = len(top_exact & top_att) / k
     print(f"attribution: {attribution_s:.1f} s ({naive_s / attribution_s:.0f}x faster than naive), "
           f"spearman {rho:.3f}, top-5% recall {recall:.3f} ({len(top_exact & top_att)}/{k})")
+    bound = attribution_scan(model, tok, probe, **dict(common, batch_size=min(4, args.batch_size)), kinds=("q",),
+                             estimate="bound")
+    bound_rho = spearman([exact.scores[c] for c in heads], [bound.scores[c] for c in heads])
+    bound_recall = len(top_exact & {c for c, _ in bound.ranked(["q"])[:k]}) / k
+    print(f"bound of the first-order term: spearman {bound_rho:.3f}, top-5% recall {bound_recall:.3f}")
+    if args.save_scores:
+        scores = {name: head_scores(c) for name, c in (("exact", exact), ("att", att), ("bound", bound))}
+        Path(args.save_scores).write_text(json.dumps(scores))
     with Stopwatch() as sw_refined:
         refined = refined_head_scan(model, tok, probe, keep_fraction=None, k=k, candidates=args.candidates,
-                                    batch_size=args.batch_size, spec=ProbeSpec("question", "answer"))
+                                    bound_candidates=args.bound_candidates, batch_size=args.batch_size,
+                                    spec=ProbeSpec("question", "answer"))
     refined_s = sw_refined.wall
     refined_recall = len(top_exact & set(refined.components)) / k
     print(f"refined (attribution + exact scan of {refined.meta['candidates']} heads): {refined_s:.1f} s "
@@ -214,7 +229,8 @@ def run_scans(args, model, tok, probe, arch) -> dict:
             "attribution_s": round(attribution_s, 2), "spearman": round(rho, 4), "top5pct_recall": round(recall, 4),
             "timed_heads": len(timed), "refined_s": round(refined_s, 2), "refined_recall": round(refined_recall, 4),
             "refined_speedup": round(naive_s / refined_s, 2), "refined_candidates": refined.meta["candidates"],
-            "refined_recall_by_candidates": by_candidates,
+            "refined_recall_by_candidates": by_candidates, "refined_bound_candidates": args.bound_candidates,
+            "bound_spearman": round(bound_rho, 4), "bound_top5pct_recall": round(bound_recall, 4),
             # the same on process CPU time (one thread: the work done, not moved by other jobs on the box)
             "naive_ablation_cpu_s": round(naive_cpu, 2), "ablation_cpu_s": round(sw_exact.cpu, 2),
             "ablation_whole_cpu_s": round(whole_cpu, 2), "attribution_cpu_s": round(sw_att.cpu, 2),
@@ -237,7 +253,7 @@ def run_ig(args, model, tok, probe, exact, top_exact, k, naive_s, naive_cpu) -> 
           f"top-5% recall {recall:.3f}")
     with Stopwatch() as sw:
         refined = refined_head_scan(model, tok, probe, keep_fraction=None, k=k, candidates=args.ig_first_candidates,
-                                    ig_steps=args.ig_steps, batch_size=args.batch_size,
+                                    bound_candidates=0, ig_steps=args.ig_steps, batch_size=args.batch_size,
                                     spec=ProbeSpec("question", "answer"))
     refined_recall = len(top_exact & set(refined.components)) / k
     print(f"refined with integrated gradients ({refined.meta['candidates']} candidates): {sw.wall:.1f} s "
@@ -247,6 +263,11 @@ def run_ig(args, model, tok, probe, exact, top_exact, k, naive_s, naive_cpu) -> 
             "refined_ig_recall": round(refined_recall, 4), "refined_ig_candidates": refined.meta["candidates"],
             "refined_ig_first_candidates": args.ig_first_candidates,
             "refined_ig_speedup": round(naive_s / sw.wall, 2), "refined_ig_speedup_cpu": round(naive_cpu / sw.cpu, 2)}
+
+
+def head_scores(circuit) -> dict[str, float]:
+    """``{"layer.head": score}`` of every query head ``circuit`` scored."""
+    return {f"{c.layer}.{c.index}": s for c, s in circuit.scores.items() if c.kind == "q"}
 
 
 def recall_by_candidates(exact, att, k: int, multiples=(1.0, 1.5, 2.0, 2.5, 3.0)) -> dict[str, float]:

@@ -246,6 +246,38 @@ def test_integrated_attribution_sums_to_the_loss_of_ablating_everything(family, 
         attribution_scan(model, None, _records(2), target="logit_diff", ig_steps=2, progress=False)
 
 
+def test_attribution_bound_is_the_norm_product_of_each_row_and_bounds_the_first_order_term():
+    """estimate="bound": sum over rows of ||a' - a|| ||dL/da|| (here zero ablation, so ||a||), checked against
+    one row at a time (no padding) for a head and a neuron; it is never below |first-order score|."""
+    from circuit_peft.locate.data import last_logits, solution_loss_sums
+
+    model = tiny_model("llama").double()
+    probe = _probe()
+    bound = attribution_scan(model, None, probe, method="zero", keep_fraction=None, estimate="bound", progress=False)
+    first = attribution_scan(model, None, probe, method="zero", keep_fraction=None, progress=False)
+    n_tokens = sum(len(r["solution_ids"]) for r in probe)
+    for kind, layer, idx in (("q", 1, 3), ("mlp", 0, 50)):
+        expected = 0.0
+        for row in probe:
+            b = probe_batches(model, None, [row], batch_size=1)[0]
+            seen = {}
+
+            def keep(block):
+                seen["a"] = block.view_as(block)
+                return seen["a"]
+
+            with edit_components(model, "o" if kind == "q" else "mlp", layer, keep):
+                logits = last_logits(model, model_inputs(b), int(b["n_keep"]))
+            (g,) = torch.autograd.grad(solution_loss_sums(logits, b["labels"])[0] / n_tokens, seen["a"])
+            expected += float(g[0, :, idx].norm() * seen["a"][0, :, idx].detach().norm())
+        assert bound.scores[Component(kind, layer, idx)] == pytest.approx(expected, rel=1e-6)
+    assert all(bound.scores[c] >= abs(first.scores[c]) - 1e-12 for c in first.scores)
+    assert bound.meta["estimate"] == "bound" and first.meta["estimate"] == "first_order"
+    assert sorted(bound.scores.values()) != sorted(abs(v) for v in first.scores.values())  # not |first order|
+    with pytest.raises(ValueError, match="'bound' works with target='ablation' and ig_steps=0"):
+        attribution_scan(model, None, probe, estimate="bound", ig_steps=2, progress=False)
+
+
 def test_attribution_runs_on_every_family(tiny):
     family, model = tiny
     c = attribution_scan(model, None, _probe(), progress=False)
@@ -466,7 +498,8 @@ def test_refined_scan_keeps_the_exact_top_heads_of_its_candidates():
     every = refined_head_scan(model, None, _probe(), keep_fraction=0.25, candidates=n_heads, progress=False)
     k = len(every.components)
     assert every.components == sorted(c for c, _ in exact.ranked()[:k])  # all heads re-scanned = the exact top k
-    some = refined_head_scan(model, None, _probe(), keep_fraction=0.25, candidates=2, progress=False)
+    some = refined_head_scan(model, None, _probe(), keep_fraction=0.25, candidates=2, bound_candidates=0,
+                             progress=False)
     assert some.meta["candidates"] == 2 * k and len(some.scores) == 2 * k
     assert set(some.scores) == {c for c, _ in att.ranked()[: 2 * k]}  # attribution chose what to re-scan
     assert all(some.scores[c] == pytest.approx(exact.scores[c], abs=1e-6) for c in some.scores)
@@ -486,8 +519,8 @@ def test_refined_scan_adds_the_integrated_gradient_top_heads_to_its_candidates()
                                              progress=False).ranked()]
     ig = [c for c, _ in attribution_scan(model, None, _probe(), kinds=["q"], keep_fraction=None, ig_steps=3,
                                           progress=False).ranked()]
-    both = refined_head_scan(model, None, _probe(), keep_fraction=None, k=k, candidates=1, ig_steps=3,
-                             ig_candidates=2, progress=False)
+    both = refined_head_scan(model, None, _probe(), keep_fraction=None, k=k, candidates=1, bound_candidates=0,
+                             ig_steps=3, ig_candidates=2, progress=False)
     expected = set(first[:k]) | set(ig[: 2 * k])
     assert len(expected) > k  # the two rankings differ on this model, so the test can fail
     assert set(both.scores) == expected and both.meta["candidates"] == len(expected)
@@ -497,6 +530,27 @@ def test_refined_scan_adds_the_integrated_gradient_top_heads_to_its_candidates()
     with pytest.raises(ValueError, match="ig_candidates > 0"):
         refined_head_scan(model, None, _probe(), k=k, keep_fraction=None, ig_steps=2, ig_candidates=0,
                           progress=False)
+
+
+def test_refined_scan_adds_the_bound_top_heads_to_its_candidates():
+    from circuit_peft.locate import refined_head_scan
+
+    model = tiny_model("llama")
+    k = 2
+    first = [c for c, _ in attribution_scan(model, None, _probe(), kinds=["q"], keep_fraction=None,
+                                             progress=False).ranked()]
+    bound = [c for c, _ in attribution_scan(model, None, _probe(), kinds=["q"], keep_fraction=None, estimate="bound",
+                                             progress=False).ranked()]
+    both = refined_head_scan(model, None, _probe(), keep_fraction=None, k=k, candidates=1, bound_candidates=2,
+                             progress=False)
+    expected = set(first[:k]) | set(bound[: 2 * k])
+    assert len(expected) > k  # the two rankings differ on this model, so the test can fail
+    assert set(both.scores) == expected and both.meta["candidates"] == len(expected)
+    assert set(both.meta["bound_candidates"]) == {f"{c.layer}.{c.index}" for c in expected - set(first[:k])}
+    exact = head_ablation_scan(model, None, _probe(), keep_fraction=None, progress=False)
+    assert both.components == sorted(sorted(expected, key=lambda c: -exact.scores[c])[:k])
+    with pytest.raises(ValueError, match="bound_candidates >= 0"):
+        refined_head_scan(model, None, _probe(), k=k, keep_fraction=None, bound_candidates=-1, progress=False)
 
 
 def test_refined_scan_finds_the_planted_head(planted):

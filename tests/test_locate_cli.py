@@ -58,17 +58,27 @@ def test_cli_refined_rescans_attribution_candidates(files, capsys):
     d, model = files
     out = d / "refined.json"
     assert main(["locate", "--model", str(d / "model"), "--data", str(d / "probe.jsonl"), "--method", "refined",
-                 "--keep-fraction", "0.25", "--candidates", "2", "--out", str(out)]) == 0
+                 "--keep-fraction", "0.25", "--candidates", "2", "--bound-candidates", "0", "--out", str(out)]) == 0
     circuit = Circuit.load(out, model=model)
     assert circuit.method == "refined_ablation" and len(circuit.scores) == 2 * len(circuit.components)
     assert main(["locate", "--model", str(d / "model"), "--data", str(d / "probe.jsonl"), "--method", "refined",
-                 "--keep-fraction", "0.25", "--candidates", "1", "--ig-steps", "2", "--ig-candidates", "3",
+                 "--keep-fraction", "0.25", "--candidates", "1", "--bound-candidates", "3",
+                 "--out", str(d / "refined_bound.json")]) == 0
+    bound = Circuit.load(d / "refined_bound.json", model=model)
+    assert len(bound.meta["bound_candidates"]) > 0
+    assert len(bound.scores) == len(bound.components) + len(bound.meta["bound_candidates"])
+    assert main(["locate", "--model", str(d / "model"), "--data", str(d / "probe.jsonl"), "--method", "refined",
+                 "--keep-fraction", "0.25", "--candidates", "1", "--bound-candidates", "0", "--ig-steps", "2",
+                 "--ig-candidates", "3",
                  "--out", str(d / "refined_ig.json")]) == 0
     ig = Circuit.load(d / "refined_ig.json", model=model)
     assert ig.meta["ig_steps"] == 2 and len(ig.scores) == len(ig.components) + len(ig.meta["ig_candidates"])
     assert main(["locate", "--model", str(d / "model"), "--data", str(d / "records.jsonl"), "--method", "attribution",
                  "--ig-steps", "2", "--out", str(d / "ig.json")]) == 2
     assert "--ig-steps works with" in capsys.readouterr().err
+    assert main(["locate", "--model", str(d / "model"), "--data", str(d / "probe.jsonl"), "--method", "ablation",
+                 "--estimate", "bound", "--out", str(d / "bound.json")]) == 2
+    assert "--estimate bound works with" in capsys.readouterr().err
     assert main(["locate", "--model", str(d / "model"), "--data", str(d / "records.jsonl"), "--method", "refined",
                  "--out", str(out)]) == 2
     assert "needs probe rows" in capsys.readouterr().err

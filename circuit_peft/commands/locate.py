@@ -54,8 +54,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="attribution target (default: logit_diff for contrastive records, else ablation)")
     a.add_argument("--batch-size", type=positive(int), default=None, help="rows per forward (ablation 8, attribution 4, dcm 8)")
     a.add_argument("--naive", action="store_true", help="ablation: one full forward per head (slow reference)")
-    a.add_argument("--candidates", type=at_least_one(float), default=3.0,
-                   help="refined: the exact scan re-scores attribution's top CANDIDATES x kept heads (default 3)")
+    a.add_argument("--candidates", type=at_least_one(float), default=2.0,
+                   help="refined: the exact scan re-scores attribution's top CANDIDATES x kept heads (default 2)")
+    a.add_argument("--bound-candidates", type=non_negative(float), default=1.0,
+                   help="refined: also the top N x kept heads by the bound of the first-order term (same pass; "
+                        "default 1; 0: none)")
+    a.add_argument("--estimate", choices=("first_order", "bound"), default="first_order",
+                   help="attribution (ablation target): the signed first-order estimate (default) or its bound "
+                        "sum_rows ||a' - a|| ||dL/da||")
     a.add_argument("--ig-steps", type=non_negative(int), default=0,
                    help="attribution (ablation target) / refined: integrated gradients over N points of the joint "
                         "ablation path (N more forward + backward passes per batch; default 0: first order). "
@@ -159,6 +165,9 @@ def _check_request(args: argparse.Namespace, rows: list[dict]) -> str:
         raise ValueError(f"--target {target} does not fit this data ({'contrastive records' if records else 'probe rows'})")
     if args.ig_steps and (args.method not in ("attribution", "refined") or target != "ablation"):
         raise ValueError("--ig-steps works with --method attribution (ablation target: probe rows) or refined")
+    if args.estimate == "bound" and (args.method != "attribution" or target != "ablation" or args.ig_steps):
+        raise ValueError("--estimate bound works with --method attribution on probe rows (ablation target), "
+                         "without --ig-steps")
     if Path(args.out).suffix.lower() != ".json":
         raise ValueError(f"--out should be a .json file, got {args.out}")
     check_output_path(args.out, "--out", (args.data,))  # before the scan, not after it
@@ -202,10 +211,10 @@ def _scan(args: argparse.Namespace, model, tok, rows: list[dict], target: str):
                                   naive=args.naive, keep_fraction=keep, spec=spec)
     if args.method == "refined":
         return refined_head_scan(model, tok, rows, keep_fraction=keep, candidates=args.candidates,
-                                 ig_steps=args.ig_steps, ig_candidates=args.ig_candidates, method=args.ablation,
+                                 bound_candidates=args.bound_candidates, ig_steps=args.ig_steps, ig_candidates=args.ig_candidates, method=args.ablation,
                                  batch_size=args.batch_size or 8, spec=spec)
     return attribution_scan(model, tok, rows, target=target, method=args.ablation, ig_steps=args.ig_steps,
-                            batch_size=args.batch_size or 4, keep_fraction=keep, spec=spec)
+                            estimate=args.estimate, batch_size=args.batch_size or 4, keep_fraction=keep, spec=spec)
 
 
 def _select(args: argparse.Namespace, circuit):

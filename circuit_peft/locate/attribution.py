@@ -13,6 +13,13 @@ Two targets:
   neurons: the first-order drop of the logit difference if the component were zeroed there.
 
 Higher scores mean more important in both cases.
+
+``estimate="bound"`` (ablation target) scores each component instead by the Cauchy-Schwarz bound of its
+first-order term, ``sum_rows ||a_ablated - a|| ||dL/da||`` (norms over the row's positions and the
+component's width): how far its ablation *could* move the loss to first order. It is large where the signed
+sum cancels across positions or where a big change meets a sensitive loss, which is where the first-order
+estimate misses heads whose exact ablation matters (:func:`~circuit_peft.locate.refine.refined_head_scan`
+uses it to add candidates).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from .data import (
 )
 
 TARGETS = ("ablation", "logit_diff")
+ESTIMATES = ("first_order", "bound")
 _DEFAULT_KINDS = {"ablation": ("q", "mlp"), "logit_diff": ("q", "k", "v", "mlp")}
 
 
@@ -76,6 +84,7 @@ def attribution_scan(
     progress: bool = True,
     spec: ProbeSpec | None = None,
     ig_steps: int = 0,
+    estimate: str = "first_order",
 ) -> Circuit:
     """Score heads and neurons by a first-order (gradient) estimate of their effect.
 
@@ -97,6 +106,8 @@ def attribution_scan(
             ``(a' - a) . dL/dy`` is averaged over the path; the scores then sum to the loss increase of
             ablating all of them together (exactly as ``m`` grows) and see effects a first-order score
             misses where the loss is flat at the clean model.
+        estimate: ``"first_order"`` (default) or, ablation target without ``ig_steps``, ``"bound"``:
+            ``sum_rows ||a' - a|| ||dL/da||``, an upper bound of the first-order term's size (module docstring).
 
     Returns:
         a :class:`Circuit` with every scored component's estimate in ``scores``.
@@ -112,25 +123,50 @@ def attribution_scan(
         raise ValueError(f"target {target!r} scores kinds {allowed}; got {list(kinds)}")
     if ig_steps < 0 or (ig_steps and target != "ablation"):
         raise ValueError(f"ig_steps must be >= 0 and works with target='ablation' only (got {ig_steps}, {target!r})")
-    arch = get_arch(model)
+    if estimate not in ESTIMATES or (estimate == "bound" and (target != "ablation" or ig_steps)):
+        raise ValueError(f"estimate must be one of {ESTIMATES}; 'bound' works with target='ablation' and "
+                         f"ig_steps=0 only (got {estimate!r}, {target!r}, ig_steps={ig_steps})")
+    if target == "ablation":
+        spec = ProbeSpec.resolve(spec, prompt_field=prompt_field, solution_field=solution_field,
+                                 chat_template=chat_template, max_length=max_length)
+        circuit = ablation_estimates(model, tokenizer, data, method, kinds, batch_size, spec, progress,
+                                     ig_steps)[estimate]
+    else:
+        with _attribution_mode(model):
+            scores, meta = _logit_diff_attribution(model, get_arch(model), tokenizer, data, kinds, batch_size,
+                                                   progress)
+        meta.update(target=target, kinds=list(kinds))
+        circuit = Circuit.from_scores(model, scores, method="attribution", meta=meta)
+    if keep_fraction is None:
+        return circuit
+    return circuit.top_each_kind(keep_fraction)
+
+
+def ablation_estimates(model: nn.Module, tokenizer: Any, data: Any, method: str, kinds: Iterable[str],
+                       batch_size: int, spec: ProbeSpec, progress: bool = True,
+                       ig_steps: int = 0) -> dict[str, Circuit]:
+    """Both ablation-target estimates of every component in ``kinds`` from the same passes:
+    ``{"first_order": ..., "bound": ...}`` (circuits of all scored components; nats per solution token;
+    with ``ig_steps`` the first is integrated gradients and the bound is left out)."""
+    with _attribution_mode(model):
+        batches = probe_batches(model, tokenizer, data, batch_size, spec=spec)
+        by_estimate, meta = _ablation_attribution(model, get_arch(model), batches, method, kinds, progress,
+                                                  ig_steps)
+    meta.update(target="ablation", kinds=list(kinds))
+    return {name: Circuit.from_scores(model, scores, method="attribution", meta=dict(meta, estimate=name))
+            for name, scores in by_estimate.items()}
+
+
+@contextmanager
+def _attribution_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode, parameters frozen, gradients on (the previous mode restored on exit)."""
     was_training = model.training
     model.eval()
     try:
         with frozen_parameters(model), torch.enable_grad():
-            if target == "ablation":
-                spec = ProbeSpec.resolve(spec, prompt_field=prompt_field, solution_field=solution_field,
-                                         chat_template=chat_template, max_length=max_length)
-                batches = probe_batches(model, tokenizer, data, batch_size, spec=spec)
-                scores, meta = _ablation_attribution(model, arch, batches, method, kinds, progress, ig_steps)
-            else:
-                scores, meta = _logit_diff_attribution(model, arch, tokenizer, data, kinds, batch_size, progress)
+            yield
     finally:
         model.train(was_training)
-    meta.update(target=target, kinds=list(kinds))
-    circuit = Circuit.from_scores(model, scores, method="attribution", meta=meta)
-    if keep_fraction is None:
-        return circuit
-    return circuit.top_each_kind(keep_fraction)
 
 
 def _scores_dict(arch: ModelArch, totals: dict[str, torch.Tensor]) -> dict[Component, float]:
@@ -146,28 +182,31 @@ def _ablation_attribution(model, arch, batches, method, kinds, progress, ig_step
             means = head_output_means(model, [model_inputs(b) for b in batches], arch)
     alphas = [0.0] if ig_steps == 0 else [(i + 0.5) / ig_steps for i in range(ig_steps)]
     totals = {k: torch.zeros(arch.dims.n_layers, arch.num_components(k), dtype=torch.float64) for k in kinds}
+    bounds = {k: torch.zeros_like(t) for k, t in totals.items()}  # read only without ig_steps (alpha 0)
     clean_loss = 0.0  # read only without ig_steps, where the one alpha is 0
     for b in tqdm(batches, desc="attribution (ablation)", disable=not progress):
         for alpha in alphas:
-            loss, terms = _partly_ablated_terms(model, arch, b, method, kinds, means, alpha, n_tokens)
+            loss, terms, bound_terms = _partly_ablated_terms(model, arch, b, method, kinds, means, alpha, n_tokens)
             clean_loss += loss
             for (k, l), t in terms.items():
                 totals[k][l] += t / len(alphas)
+                bounds[k][l] += bound_terms[k, l]
     meta = {"ablation": method, "solution_tokens": n_tokens,
             "score": "estimated loss increase (nats per solution token)"}
     if ig_steps:
         meta.update(ig_steps=ig_steps, score="integrated gradients along the joint ablation path "
                     "(nats per solution token; the scores sum to the loss increase of ablating them all)")
-    else:
-        meta["base_loss"] = clean_loss
-    return _scores_dict(arch, totals), meta
+        return {"first_order": _scores_dict(arch, totals)}, meta
+    meta["base_loss"] = clean_loss
+    return {"first_order": _scores_dict(arch, totals), "bound": _scores_dict(arch, bounds)}, meta
 
 
 def _partly_ablated_terms(model, arch, batch, method, kinds, means, alpha, n_tokens):
     """One forward + backward with every scored component moved ``alpha`` of the way to its ablation
     (``y = a + alpha (a' - a)``, ``a'`` computed from the same forward); returns the loss and, per
-    (kind, layer), ``sum_{rows, positions} (a' - a) . dL/dy`` as a CPU float64 vector over components.
-    At ``alpha = 0`` this is first-order attribution; averaged over ``alpha`` it is integrated gradients."""
+    (kind, layer), ``sum_{rows, positions} (a' - a) . dL/dy`` and the bound ``sum_rows ||a' - a|| ||dL/dy||``
+    as CPU float64 vectors over components. At ``alpha = 0`` the first is first-order attribution; averaged
+    over ``alpha`` it is integrated gradients."""
     layers = range(arch.dims.n_layers)
     outputs, deltas = {}, {}
     with ExitStack() as stack:
@@ -187,9 +226,14 @@ def _partly_ablated_terms(model, arch, batch, method, kinds, means, alpha, n_tok
     keys = list(outputs)
     grads = torch.autograd.grad(loss, [outputs[key] for key in keys], allow_unused=True)
     real = batch["attention_mask"][:, :, None, None]
-    terms = {key: (deltas[key] * at_least_float32(g) * real).sum((0, 1, 3)).double().cpu()
-             for key, g in zip(keys, grads) if g is not None}
-    return float(loss.detach()), terms
+    terms, bounds = {}, {}
+    for key, g in zip(keys, grads):
+        if g is None:
+            continue
+        g, delta = at_least_float32(g) * real, deltas[key] * real  # (rows, positions, components, width)
+        terms[key] = (delta * g).sum((0, 1, 3)).double().cpu()
+        bounds[key] = (g.square().sum((1, 3)) * delta.square().sum((1, 3))).sqrt().sum(0).double().cpu()
+    return float(loss.detach()), terms, bounds
 
 
 def _replacement(stack, model, arch, kind, layer, method, means, attention_mask):
