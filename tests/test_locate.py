@@ -551,6 +551,8 @@ def test_refined_scan_adds_the_bound_top_heads_to_its_candidates():
     assert both.components == sorted(sorted(expected, key=lambda c: -exact.scores[c])[:k])
     with pytest.raises(ValueError, match="bound_candidates >= 0"):
         refined_head_scan(model, None, _probe(), k=k, keep_fraction=None, bound_candidates=-1, progress=False)
+    with pytest.raises(ValueError, match="unknown ablation method"):
+        refined_head_scan(model, None, _probe(), k=k, keep_fraction=None, method="resample", progress=False)
 
 
 def test_refined_scan_finds_the_planted_head(planted):

@@ -211,7 +211,8 @@ def _scan(args: argparse.Namespace, model, tok, rows: list[dict], target: str):
                                   naive=args.naive, keep_fraction=keep, spec=spec)
     if args.method == "refined":
         return refined_head_scan(model, tok, rows, keep_fraction=keep, candidates=args.candidates,
-                                 bound_candidates=args.bound_candidates, ig_steps=args.ig_steps, ig_candidates=args.ig_candidates, method=args.ablation,
+                                 bound_candidates=args.bound_candidates, ig_steps=args.ig_steps,
+                                 ig_candidates=args.ig_candidates, method=args.ablation,
                                  batch_size=args.batch_size or 8, spec=spec)
     return attribution_scan(model, tok, rows, target=target, method=args.ablation, ig_steps=args.ig_steps,
                             estimate=args.estimate, batch_size=args.batch_size or 4, keep_fraction=keep, spec=spec)

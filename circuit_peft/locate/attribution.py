@@ -114,8 +114,6 @@ def attribution_scan(
     """
     if target not in TARGETS:
         raise ValueError(f"unknown attribution target {target!r}; use one of {TARGETS}")
-    if method not in ABLATION_METHODS:
-        raise ValueError(f"unknown ablation method {method!r}; use one of {ABLATION_METHODS}")
     kinds = tuple(_DEFAULT_KINDS[target] if kinds is None else kinds)
     allowed = ("q", "mlp") if target == "ablation" else ("q", "k", "v", "mlp")
     bad = [k for k in kinds if k not in allowed]
@@ -148,6 +146,8 @@ def ablation_estimates(model: nn.Module, tokenizer: Any, data: Any, method: str,
     """Both ablation-target estimates of every component in ``kinds`` from the same passes:
     ``{"first_order": ..., "bound": ...}`` (circuits of all scored components; nats per solution token;
     with ``ig_steps`` the first is integrated gradients and the bound is left out)."""
+    if method not in ABLATION_METHODS:
+        raise ValueError(f"unknown ablation method {method!r}; use one of {ABLATION_METHODS}")
     with _attribution_mode(model):
         batches = probe_batches(model, tokenizer, data, batch_size, spec=spec)
         by_estimate, meta = _ablation_attribution(model, get_arch(model), batches, method, kinds, progress,
