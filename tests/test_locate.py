@@ -510,47 +510,31 @@ def test_refined_scan_keeps_the_exact_top_heads_of_its_candidates():
         refined_head_scan(model, None, _probe(), k=3, progress=False)
 
 
-def test_refined_scan_adds_the_integrated_gradient_top_heads_to_its_candidates():
+@pytest.mark.parametrize("second,ranking,extra,bad", [
+    ("ig_candidates", dict(ig_steps=3), dict(ig_steps=3, ig_candidates=2, bound_candidates=0),
+     (dict(ig_steps=2, ig_candidates=0), "ig_candidates > 0")),
+    ("bound_candidates", dict(estimate="bound"), dict(bound_candidates=2),
+     (dict(bound_candidates=-1), "bound_candidates >= 0")),
+])
+def test_refined_scan_adds_a_second_ranking_top_heads_to_its_candidates(second, ranking, extra, bad):
+    """First-order attribution's top k plus the second ranking's (integrated gradients or the bound) top 2k."""
     from circuit_peft.locate import refined_head_scan
 
     model = tiny_model("llama")
     k = 2
     first = [c for c, _ in attribution_scan(model, None, _probe(), kinds=["q"], keep_fraction=None,
                                              progress=False).ranked()]
-    ig = [c for c, _ in attribution_scan(model, None, _probe(), kinds=["q"], keep_fraction=None, ig_steps=3,
-                                          progress=False).ranked()]
-    both = refined_head_scan(model, None, _probe(), keep_fraction=None, k=k, candidates=1, bound_candidates=0,
-                             ig_steps=3, ig_candidates=2, progress=False)
-    expected = set(first[:k]) | set(ig[: 2 * k])
+    other = [c for c, _ in attribution_scan(model, None, _probe(), kinds=["q"], keep_fraction=None, progress=False,
+                                             **ranking).ranked()]
+    both = refined_head_scan(model, None, _probe(), keep_fraction=None, k=k, candidates=1, progress=False, **extra)
+    expected = set(first[:k]) | set(other[: 2 * k])
     assert len(expected) > k  # the two rankings differ on this model, so the test can fail
     assert set(both.scores) == expected and both.meta["candidates"] == len(expected)
-    assert set(both.meta["ig_candidates"]) == {f"{c.layer}.{c.index}" for c in expected - set(first[:k])}
+    assert set(both.meta[second]) == {f"{c.layer}.{c.index}" for c in expected - set(first[:k])}
     exact = head_ablation_scan(model, None, _probe(), keep_fraction=None, progress=False)
     assert both.components == sorted(sorted(expected, key=lambda c: -exact.scores[c])[:k])
-    with pytest.raises(ValueError, match="ig_candidates > 0"):
-        refined_head_scan(model, None, _probe(), k=k, keep_fraction=None, ig_steps=2, ig_candidates=0,
-                          progress=False)
-
-
-def test_refined_scan_adds_the_bound_top_heads_to_its_candidates():
-    from circuit_peft.locate import refined_head_scan
-
-    model = tiny_model("llama")
-    k = 2
-    first = [c for c, _ in attribution_scan(model, None, _probe(), kinds=["q"], keep_fraction=None,
-                                             progress=False).ranked()]
-    bound = [c for c, _ in attribution_scan(model, None, _probe(), kinds=["q"], keep_fraction=None, estimate="bound",
-                                             progress=False).ranked()]
-    both = refined_head_scan(model, None, _probe(), keep_fraction=None, k=k, candidates=1, bound_candidates=2,
-                             progress=False)
-    expected = set(first[:k]) | set(bound[: 2 * k])
-    assert len(expected) > k  # the two rankings differ on this model, so the test can fail
-    assert set(both.scores) == expected and both.meta["candidates"] == len(expected)
-    assert set(both.meta["bound_candidates"]) == {f"{c.layer}.{c.index}" for c in expected - set(first[:k])}
-    exact = head_ablation_scan(model, None, _probe(), keep_fraction=None, progress=False)
-    assert both.components == sorted(sorted(expected, key=lambda c: -exact.scores[c])[:k])
-    with pytest.raises(ValueError, match="bound_candidates >= 0"):
-        refined_head_scan(model, None, _probe(), k=k, keep_fraction=None, bound_candidates=-1, progress=False)
+    with pytest.raises(ValueError, match=bad[1]):
+        refined_head_scan(model, None, _probe(), k=k, keep_fraction=None, progress=False, **bad[0])
     with pytest.raises(ValueError, match="unknown ablation method"):
         refined_head_scan(model, None, _probe(), k=k, keep_fraction=None, method="resample", progress=False)
 
