@@ -55,9 +55,9 @@ def refined_head_scan(
             rounded down), or ``k`` heads instead (then ``keep_fraction`` must be None).
         candidates: how many times k heads attribution passes to the exact scan (>= 1).
         bound_candidates: also pass the top ``bound_candidates x k`` heads by the bound of the first-order
-            term (no extra pass; 0: none). Defaults 2 and 1: on the recipes' prompt (SmolLM2, two draws of 8
-            problems) first-order attribution alone reached recall 0.79 / 0.86 of the exact top 5 %, with the
-            bound's candidates 1.0 / 1.0 (``benchmarks/README.md``, locate.py).
+            term (no extra pass; 0: none). Defaults 2 and 1: on the recipes' prompt (SmolLM2, three draws of 8
+            problems) first-order candidates alone reached recall 0.79 / 0.86 / 0.71 of the exact top 5 %, with
+            the bound's candidates 1.0 / 1.0 / 0.93 (``benchmarks/README.md``, locate.py).
         ig_steps / ig_candidates: with ``ig_steps > 0``, also pass the top ``ig_candidates x k`` heads by
             integrated-gradient attribution (``attribution_scan(..., ig_steps=)``, ``ig_steps`` more forward +
             backward passes per batch) to the exact scan.
