@@ -191,18 +191,14 @@ def run_scans(args, model, tok, probe, arch) -> dict:
     with Stopwatch() as sw_att:
         att = attribution_scan(model, tok, probe, **dict(common, batch_size=min(4, args.batch_size)))
     attribution_s = sw_att.wall
-    heads = sorted(exact.scores)
-    rho = spearman([exact.scores[c] for c in heads], [att.scores[c] for c in heads])
-    k = max(1, math.ceil(0.05 * len(heads)))
+    k = max(1, math.ceil(0.05 * len(exact.scores)))
     top_exact = {c for c, _ in exact.ranked(["q"])[:k]}
-    top_att = {c for c, _ in att.ranked(["q"])[:k]}
-    recall = len(top_exact & top_att) / k
+    rho, recall = agreement(exact, att, k)
     print(f"attribution: {attribution_s:.1f} s ({naive_s / attribution_s:.0f}x faster than naive), "
-          f"spearman {rho:.3f}, top-5% recall {recall:.3f} ({len(top_exact & top_att)}/{k})")
+          f"spearman {rho:.3f}, top-5% recall {recall:.3f} ({round(recall * k)}/{k})")
     bound = attribution_scan(model, tok, probe, **dict(common, batch_size=min(4, args.batch_size)), kinds=("q",),
                              estimate="bound")
-    bound_rho = spearman([exact.scores[c] for c in heads], [bound.scores[c] for c in heads])
-    bound_recall = len(top_exact & {c for c, _ in bound.ranked(["q"])[:k]}) / k
+    bound_rho, bound_recall = agreement(exact, bound, k)
     print(f"bound of the first-order term: spearman {bound_rho:.3f}, top-5% recall {bound_recall:.3f}")
     if args.save_scores:
         scores = {name: head_scores(c) for name, c in (("exact", exact), ("att", att), ("bound", bound))}
@@ -246,9 +242,7 @@ def run_ig(args, model, tok, probe, exact, top_exact, k, naive_s, naive_cpu) -> 
     common = dict(prompt_field="question", solution_field="answer", keep_fraction=None)
     with Stopwatch() as sw_ig:
         ig = attribution_scan(model, tok, probe, batch_size=min(4, args.batch_size), ig_steps=args.ig_steps, **common)
-    heads = sorted(exact.scores)
-    rho = spearman([exact.scores[c] for c in heads], [ig.scores[c] for c in heads])
-    recall = len(top_exact & {c for c, _ in ig.ranked(["q"])[:k]}) / k
+    rho, recall = agreement(exact, ig, k)
     print(f"integrated gradients ({args.ig_steps} steps): {sw_ig.wall:.1f} s, spearman {rho:.3f}, "
           f"top-5% recall {recall:.3f}")
     with Stopwatch() as sw:
@@ -263,6 +257,15 @@ def run_ig(args, model, tok, probe, exact, top_exact, k, naive_s, naive_cpu) -> 
             "refined_ig_recall": round(refined_recall, 4), "refined_ig_candidates": refined.meta["candidates"],
             "refined_ig_first_candidates": args.ig_first_candidates,
             "refined_ig_speedup": round(naive_s / sw.wall, 2), "refined_ig_speedup_cpu": round(naive_cpu / sw.cpu, 2)}
+
+
+def agreement(exact, other, k: int) -> tuple[float, float]:
+    """``other``'s query-head scores against the exact scan's: Spearman over every exact-scanned head, and the
+    share of the exact top k heads in ``other``'s top k."""
+    heads = sorted(exact.scores)
+    rho = spearman([exact.scores[c] for c in heads], [other.scores[c] for c in heads])
+    top_exact, top_other = ({h for h, _ in c.ranked(["q"])[:k]} for c in (exact, other))
+    return rho, len(top_exact & top_other) / k
 
 
 def head_scores(circuit) -> dict[str, float]:
