@@ -26,12 +26,12 @@ def add_mining_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", choices=("branching", "prefix"), default="branching",
                    help="pivotal-token method (default branching, the causal one)")
     g.add_argument("--pivot", choices=("token", "digit"), default="token",
-                   help="digit: the first wrong digit of a wrong final answer (final-number tasks; cheap)")
-    g.add_argument("--n-samples", type=positive(int), default=10, help="sampled traces per problem (default 10)")
+                   help="digit: the first wrong digit of a wrong final answer (final-number tasks; cheap); default %(default)s")
+    g.add_argument("--n-samples", type=positive(int), default=10, help="sampled traces per problem (default %(default)s)")
     g.add_argument("--temperature-if-right", type=positive(float), default=1.2)
     g.add_argument("--temperature-if-wrong", type=positive(float), default=0.8)
-    g.add_argument("--max-new-tokens", type=positive(int), default=64, help="trace length cap (default 64)")
-    g.add_argument("--batch-size", type=positive(int), default=8, help="problems per chunk (default 8)")
+    g.add_argument("--max-new-tokens", type=positive(int), default=64, help="trace length cap (default %(default)s)")
+    g.add_argument("--batch-size", type=positive(int), default=8, help="problems per chunk (default %(default)s)")
     g.add_argument("--generation-batch-size", type=positive(int), default=32, help="sequences per generate call (default 32)")
     g.add_argument("--max-branch-completions", type=positive(int), default=16,
                    help="branching: greedy completions per problem at most (default 16)")

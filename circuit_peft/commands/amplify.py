@@ -20,13 +20,13 @@ def add_amplify_args(p: argparse.ArgumentParser) -> None:
     h.add_argument("--heldout", default=None,
                    help="validation + test problems: a file (first --n-val rows validate, the next --n-test test), "
                         "'arithmetic' or 'demo' (default: the same kind as --problems; a file needs --heldout)")
-    h.add_argument("--n-val", type=positive(int), default=32, help="validation problems (pick the best update step; default 32)")
-    h.add_argument("--n-test", type=positive(int), default=64, help="test problems (accuracy before/after; default 64)")
+    h.add_argument("--n-val", type=positive(int), default=32, help="validation problems (pick the best update step; default %(default)s)")
+    h.add_argument("--n-test", type=positive(int), default=64, help="test problems (accuracy before/after; default %(default)s)")
     loc = p.add_argument_group("locate")
     loc.add_argument("--locate", choices=("attribution", "dcm"), default="attribution",
                      help="attribution of the logit difference (fast, default) or DCM masks (the paper's)")
     loc.add_argument("--circuit-fraction", type=fraction, default=0.02,
-                     help="share of components kept (attribution: per kind; dcm: a cap); default 0.02")
+                     help="share of components kept (attribution: per kind; dcm: a cap); default %(default)s")
     loc.add_argument("--dcm-lambda", type=non_negative(float), default=0.01)
     loc.add_argument("--dcm-epochs", type=positive(int), default=50)
     loc.add_argument("--dcm-steps", type=positive(int), default=None,
@@ -34,13 +34,13 @@ def add_amplify_args(p: argparse.ArgumentParser) -> None:
     loc.add_argument("--dcm-lr", type=positive(float), default=None,
                      help="DCM Adam lr (default 5e-3, the paper's; ~0.05 with --dcm-steps)")
     u = p.add_argument_group("update")
-    u.add_argument("--steps", type=positive(int), default=100, help="update steps (default 100)")
-    u.add_argument("--lr", type=positive(float), default=1e-4, help="learning rate (default 1e-4, the paper's)")
-    u.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="sgd = full-batch gradient descent")
+    u.add_argument("--steps", type=positive(int), default=100, help="update steps (default %(default)s)")
+    u.add_argument("--lr", type=positive(float), default=1e-4, help="learning rate (default %(default)s; the paper's is 1e-4)")
+    u.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="sgd = full-batch gradient descent (default %(default)s)")
     u.add_argument("--loss", choices=("logit_diff", "logsigmoid", "capped"), default="logit_diff",
-                   help="logit_diff (paper, unbounded), logsigmoid or capped (bounded)")
+                   help="logit_diff (paper, unbounded), logsigmoid or capped (bounded); default %(default)s")
     u.add_argument("--margin-cap", type=positive(float), default=5.0)
-    u.add_argument("--eval-every", type=positive(int), default=10, help="validate every N steps (default 10)")
+    u.add_argument("--eval-every", type=positive(int), default=10, help="validate every N steps (default %(default)s)")
     u.add_argument("--patience", type=positive(int), default=None, help="stop after N validations without improvement")
     u.add_argument("--projections", choices=("paper", "all"), default="paper",
                    help="paper: q/k/v rows + up_proj rows; all: every slice of each component")

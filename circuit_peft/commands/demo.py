@@ -81,7 +81,7 @@ def run_demo(model_name: str = "smollm2", steps: int = 6, lr: float = 2e-3, outp
              problems: int = 4, max_length: int = 128) -> dict[str, float]:
     """Train the demo circuit; returns ``{"loss_before", "loss_after", "seconds"}``."""
     if not 1 <= problems <= len(demo_problems()):
-        raise ValueError(f"--problems must be between 1 and {len(demo_problems())}")
+        raise ValueError(f"--adapter-problems must be between 1 and {len(demo_problems())}")
     _check_adapter_folder(output_dir)  # before any training
     torch.manual_seed(0)
     model, tokenizer = load_model(model_name), load_tokenizer(model_name, padding_side="right")
