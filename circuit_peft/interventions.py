@@ -1,4 +1,5 @@
-"""Component-level hooks: the only module that registers forward hooks.
+"""Component-level hooks: the only module that registers forward hooks (bar the tuner's
+``adapter_names`` pre-hook, PEFT's own mixed-batch pattern).
 
 Built on :mod:`circuit_peft.arch`, so every function works on every supported family.
 Every function here is a context manager (hooks are always removed on exit) or a plain
@@ -12,6 +13,7 @@ component width (``head_dim`` for heads, 1 for neurons), ``D`` hidden size.
 * :func:`ablate_heads` - uniform / zero / mean ablation of head outputs, per batch row if wanted.
 * :func:`capture_components` - record the (B, T, n, w) block of one kind at some layers.
 * :func:`capture_qk` - record query and key states after rotary embedding, from the attention call.
+* :func:`capture_module_output` - record what a module (a whole model, say) returns.
 * :func:`capture_layer_input` / :func:`start_at_layer` / :func:`forward_until` - cache the residual
   stream entering a layer, re-run only the layers from there, stop the forward after a layer.
 """
@@ -342,6 +344,21 @@ def head_output_means(
 
 def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def capture_module_output(module: nn.Module) -> Iterator[dict[str, Any]]:
+    """Record what ``module``'s forward returns, as ``store["out"]`` (the last call's output, as is)."""
+    store: dict[str, Any] = {}
+
+    def hook(_m, _args, out):
+        store["out"] = out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
 
 
 @contextmanager

@@ -118,7 +118,7 @@ def load_tokenizer(name_or_path: str, padding_side: str = "left") -> PreTrainedT
 
 # ----- tiny random models for tests -------------------------------------------------------
 
-TINY_FAMILIES: tuple[str, ...] = ("llama", "qwen2", "mistral", "gemma2", "gemma3", "olmo2", "phi3", "gpt2")
+TINY_FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "olmo2", "phi3", "gpt2")
 
 
 def tiny_config(family: str, vocab_size: int = 128, n_layers: int = 3) -> Any:
@@ -137,6 +137,8 @@ def tiny_config(family: str, vocab_size: int = 128, n_layers: int = 3) -> Any:
         model_type = "gemma3_text" if family == "gemma3" else "gemma2"
         return AutoConfig.for_model(model_type, head_dim=16, sliding_window=64, query_pre_attn_scalar=16,
                                     **common)
+    if family == "gemma":  # its config's default head_dim (256) is not hidden / heads
+        return AutoConfig.for_model("gemma", head_dim=16, **common)
     if family == "phi3":
         return AutoConfig.for_model("phi3", **common)
     return AutoConfig.for_model(family, **common)

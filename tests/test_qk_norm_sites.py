@@ -3,7 +3,6 @@ scaled after the norm, where a head's scale reaches the attention scores (issue 
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from circuit_peft.arch import get_arch
 from circuit_peft.interventions import capture_components, scale_components
@@ -11,16 +10,6 @@ from circuit_peft.locate import attribution_scan
 from circuit_peft.models import tiny_model
 
 QK_NORM_FAMILIES = ("gemma3", "olmo2", "qwen3")
-
-
-def _model(family: str):
-    if family == "qwen3":
-        torch.manual_seed(0)
-        cfg = AutoConfig.for_model("qwen3", vocab_size=128, hidden_size=64, num_hidden_layers=3,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                   intermediate_size=96, max_position_embeddings=256)
-        return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    return tiny_model(family)
 
 
 def _ids():
@@ -32,7 +21,7 @@ def _ids():
 @pytest.mark.parametrize("kind", ["q", "k"])
 @torch.no_grad()
 def test_scaling_one_head_after_the_norm_changes_the_logits(family, kind):
-    model = _model(family)
+    model = tiny_model(family)
     arch = get_arch(model)
     assert arch.qk_norm_site(kind) is not None
     ids = _ids()
@@ -47,7 +36,7 @@ def test_scaling_one_head_after_the_norm_changes_the_logits(family, kind):
 @pytest.mark.parametrize("family", QK_NORM_FAMILIES)
 @torch.no_grad()
 def test_captured_query_heads_are_the_norm_output(family):
-    model = _model(family)
+    model = tiny_model(family)
     arch = get_arch(model)
     ids = _ids()
     seen = {}

@@ -22,6 +22,7 @@ import torch
 from transformers import Trainer
 
 from ..batching import accepts_logits_to_keep, batch_prefix_length, prefix_kv_cache
+from ..interventions import capture_module_output
 from .weighting import IGNORE_INDEX, aligned_weighted_loss, install_pivotal_columns
 
 
@@ -173,16 +174,8 @@ def _sft_trainer_class():
                                             num_items_in_batch=num_items_in_batch)
             weights = inputs.pop("token_weights")
             inputs.pop("undesired_ids", None)
-            captured: dict[str, Any] = {}
-
-            def keep_outputs(_module, _args, out):  # TRL's fused forward output (per-token log-probs)
-                captured["out"] = out
-
-            handle = model.register_forward_hook(keep_outputs)
-            try:
+            with capture_module_output(model) as captured:  # TRL's fused forward output (per-token log-probs)
                 super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)  # logs TRL's metrics
-            finally:
-                handle.remove()
             outputs = captured.get("out")
             log_probs = getattr(outputs, "log_probs", None)
             if log_probs is None:
