@@ -33,11 +33,20 @@ class Stopwatch:
     steady while other jobs share the box (wall time is not: the ratios below use both)."""
 
     def __enter__(self) -> "Stopwatch":
+        _sync_cuda()
         self.t0, self.c0 = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc) -> None:
+        _sync_cuda()  # CUDA kernels run asynchronously: wall time counts their end
         self.wall, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
+
+
+def _sync_cuda() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 @contextmanager

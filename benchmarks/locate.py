@@ -137,6 +137,7 @@ def main() -> None:
     p.add_argument("--dcm-records", type=int, default=16)
     p.add_argument("--dcm-epochs", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU read the wall-time ratios)")
     p.add_argument("--only", choices=("scan", "dcm"), default=None,
                    help="run only the scans (naive, exact, attribution) or only DCM")
     p.add_argument("--out", default=None, help="also save the three circuits as JSON under this folder")
@@ -150,7 +151,7 @@ def main() -> None:
     for i, r in enumerate(train):
         r["_index"] = i
     probe = train[args.probe_offset : args.probe_offset + args.probe_rows]
-    model, tok = load_model(args.model), load_tokenizer(args.model)
+    model, tok = load_model(args.model).to(args.device), load_tokenizer(args.model)
     if args.probe == "arithmetic-shots":
         probe = recipe_probe_rows(tok, probe)
     arch = get_arch(model)
@@ -160,7 +161,7 @@ def main() -> None:
         result.update(run_scans(args, model, tok, probe, arch))
     if args.only != "scan":
         result.update(run_dcm(args, model, tok, train))
-    result.update(probe_rows=len(probe), threads=args.threads)
+    result.update(probe_rows=len(probe), threads=args.threads, device=args.device)
     print(json.dumps(result))
 
 
