@@ -86,7 +86,9 @@ def test_shared_prompt_prefix_update_equals_whole_records(family, cached):
         weights = [p.detach().clone() for n, p in r.model.named_parameters() if p.requires_grad]
         runs.append(([h["loss"] for h in r.history if "loss" in h] + [r.final_margin], weights))
     assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5, abs=1e-6)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(runs[0][1], runs[1][1]))
+    # Adam divides each gradient element by its own scale, so float rounding in a near-zero gradient becomes
+    # part of a full step: the weights agree to lr / 1000 (1.9e-6 seen on GPT-2 on one CPU), not to 1e-6
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(runs[0][1], runs[1][1]))
     assert runs[0][0][-1] != pytest.approx(runs[0][0][0])  # it trained
 
 
