@@ -139,8 +139,6 @@ def tiny_config(family: str, vocab_size: int = 128, n_layers: int = 3) -> Any:
                                     **common)
     if family == "gemma":  # its config's default head_dim (256) is not hidden / heads
         return AutoConfig.for_model("gemma", head_dim=16, **common)
-    if family == "phi3":
-        return AutoConfig.for_model("phi3", **common)
     return AutoConfig.for_model(family, **common)
 
 
