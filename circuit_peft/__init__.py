@@ -6,6 +6,7 @@ Importing this package registers the ``CIRCUIT`` PEFT type (idempotent), so ``ge
 
 __version__ = "0.1.0"
 
+from .errors import CircuitPeftError  # noqa: F401
 from .arch import Component, ModelArch, UnsupportedArchitectureError, get_arch, supported_families  # noqa: F401
 from .models import load_model, load_tokenizer, tiny_model  # noqa: F401
 
@@ -38,6 +39,7 @@ from .select import (  # noqa: F401
 )
 
 __all__ = [
+    "CircuitPeftError",
     "Component", "ModelArch", "UnsupportedArchitectureError", "get_arch", "supported_families",
     "load_model", "load_tokenizer", "tiny_model",
     "CircuitConfig", "CircuitModel", "circuit_size",

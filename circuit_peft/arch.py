@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from .errors import CircuitPeftError
+
 COMPONENT_KINDS: tuple[str, ...] = ("q", "k", "v", "o", "mlp")
 PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -159,7 +161,7 @@ FAMILIES: dict[str, FamilySpec] = {
 _MODEL_TYPE_TO_FAMILY = {mt: spec for spec in FAMILIES.values() for mt in spec.model_types}
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(CircuitPeftError):
     """Raised for a model family that :data:`FAMILIES` does not describe."""
 
 
