@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from .errors import CircuitPeftError  # noqa: F401
 from .arch import Component, ModelArch, UnsupportedArchitectureError, get_arch, supported_families  # noqa: F401
-from .models import load_model, load_tokenizer, tiny_model  # noqa: F401
+from .models import LoadSpec, load_model, load_tokenizer, tiny_model  # noqa: F401
 
 # --- adapter (tuner/) ---
 from .tuner import CircuitConfig, CircuitModel, circuit_size  # noqa: F401  (registers the CIRCUIT PEFT type)
@@ -41,7 +41,7 @@ from .select import (  # noqa: F401
 __all__ = [
     "CircuitPeftError",
     "Component", "ModelArch", "UnsupportedArchitectureError", "get_arch", "supported_families",
-    "load_model", "load_tokenizer", "tiny_model",
+    "LoadSpec", "load_model", "load_tokenizer", "tiny_model",
     "CircuitConfig", "CircuitModel", "circuit_size",
     "Circuit", "NaNLossError", "ProbeSpec", "attribution_scan", "circuit_margin", "head_ablation_scan", "learn_masks",
     "refined_head_scan",

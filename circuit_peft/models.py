@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,20 +90,128 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+# ----- where and in what precision a model loads: THE one place (commands, TrainConfig, AmplifyConfig) ---
+
+DEVICES: tuple[str, ...] = ("auto", "cuda", "cpu")  # also "cuda:N"
+DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_device(device: str, where: str = "device") -> str:
+    """``device`` if it is one of :data:`DEVICES` or ``cuda:N``; else a CircuitPeftError naming ``where``."""
+    from .errors import located
+
+    text = str(device)
+    if text in DEVICES or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise located(where, f"must be one of {', '.join(DEVICES)} or cuda:N, got {text!r}")
+
+
+def check_dtype(dtype: str | torch.dtype, where: str = "dtype") -> str:
+    """``dtype``'s name if it is one of :data:`DTYPES` (a ``torch.dtype`` is accepted); else a CircuitPeftError."""
+    from .errors import located
+
+    text = str(dtype).removeprefix("torch.")
+    if text not in DTYPES:
+        raise located(where, f"must be one of {', '.join(DTYPES)}, got {text!r}")
+    return text
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"``: CUDA when present, else the CPU. Under ``torchrun``/``accelerate launch`` (``LOCAL_RANK``
+    set) a bare ``"cuda"`` is this process's GPU, ``cuda:LOCAL_RANK``. Refuses ``cuda`` without a GPU."""
+    from .errors import located
+
+    device = check_device(device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise located("--device", f"{device} asked for, but torch sees no CUDA GPU (torch {torch.__version__}); "
+                                  "use --device cpu or auto")
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    """``"auto"``: bfloat16 on a GPU that supports it, float16 on an older GPU, float32 on the CPU."""
+    name = check_dtype(dtype)
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_device_dtype(device: str = "auto", dtype: str | torch.dtype = "auto") -> tuple[torch.device, torch.dtype]:
+    """The device and dtype ``"auto"`` (or explicit names) resolve to on this machine and process."""
+    dev = resolve_device(device)
+    return dev, resolve_dtype(dtype, dev)
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """How every model of a command or recipe loads: ``device`` (``auto``/``cuda``/``cpu``/``cuda:N``) and
+    ``dtype`` (``auto``/``float32``/``bfloat16``/``float16``); ``auto`` is resolved once, here. The
+    adapter's trainable tensors stay float32 whatever the base's dtype (see ``tuner/layer.py``).
+
+    To add a loading option (e.g. quantization): a field here, its flag in
+    :func:`circuit_peft.commands._args.add_model_args`, and its effect in :meth:`from_pretrained_kwargs`
+    (and :meth:`settings` if it changes what a run computes)."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device", check_device(self.device, "device"))
+        object.__setattr__(self, "dtype", check_dtype(self.dtype, "dtype"))
+
+    @classmethod
+    def of(cls, value: "LoadSpec | dict[str, Any] | None") -> "LoadSpec":
+        """``value`` as a LoadSpec (a dict of its fields, e.g. read back from JSON; None: the defaults)."""
+        if isinstance(value, cls):
+            return value
+        return cls(**(value or {}))
+
+    def resolved(self) -> tuple[torch.device, torch.dtype]:
+        """(device, dtype) on this machine: see :func:`resolve_device_dtype`."""
+        return resolve_device_dtype(self.device, self.dtype)
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``AutoModelForCausalLM.from_pretrained`` (the dtype, resolved)."""
+        return {"dtype": self.resolved()[1]}
+
+    def settings(self) -> dict[str, Any]:
+        """What of this spec changes a run's numbers (recorded in run folders): the resolved dtype when it is
+        not float32 (the device does not change what is computed beyond rounding; float32 records nothing,
+        so run folders made before these options existed keep their settings)."""
+        dtype = self.resolved()[1]
+        return {} if dtype == torch.float32 else {"dtype": str(dtype).removeprefix("torch.")}
+
+
 def load_model(
     name_or_path: str,
     dtype: torch.dtype | str = torch.float32,
     attn_implementation: str | None = None,
     device: str | torch.device | None = None,
+    spec: LoadSpec | None = None,
     **kwargs: Any,
 ) -> PreTrainedModel:
-    """Load a causal LM by hub id (``"org/name"``), local folder, or the keyword ``smollm2``."""
+    """Load a causal LM by hub id (``"org/name"``), local folder, or the keyword ``smollm2``, in eval mode.
+
+    ``spec`` (a :class:`LoadSpec`; what the commands and recipes pass) decides device and dtype, ``"auto"``
+    resolved on this machine; without it, ``dtype`` (default float32; ``"auto"`` allowed) and ``device``
+    (default: where ``from_pretrained`` puts it, the CPU)."""
     path = resolve_model_path(name_or_path)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    if device is not None:
-        model.to(device)
+    if spec is not None:
+        target, load_kwargs = spec.resolved()[0], spec.from_pretrained_kwargs()
+    else:
+        target = None if device is None else (resolve_device(device) if isinstance(device, str) else device)
+        load_kwargs = {"dtype": resolve_dtype(dtype, target or "cpu")}
+    model = AutoModelForCausalLM.from_pretrained(path, **{**load_kwargs, **kwargs})
+    if target is not None and getattr(model, "hf_device_map", None) is None:
+        model.to(target)
     model.eval()
     return model
 

@@ -79,3 +79,35 @@ def add_side_effect_sizes(group: argparse._ArgumentGroup, mmlu_limit: int | None
                        help=f"TruthfulQA rows (default {truthfulqa_limit or 'all'})")
     group.add_argument("--kl-chunks", type=positive(int), default=kl_chunks,
                        help=f"128-token chunks of text for the KL (default {kl_chunks})")
+
+
+def device_name(text: str) -> str:
+    """``--device``: auto, cuda, cpu or cuda:N (checked at parse time)."""
+    from ..models import check_device
+
+    try:
+        return check_device(text, "--device")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto, cuda, cpu or cuda:N, got {text}") from None
+
+
+def add_model_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The flags that say how a command loads its model(s): ``--device``, ``--dtype`` (the one place to add a
+    loading flag; :func:`load_spec` turns them into a :class:`~circuit_peft.models.LoadSpec`)."""
+    from ..models import DTYPES
+
+    g = p.add_argument_group("model loading") if isinstance(p, argparse.ArgumentParser) else p
+    g.add_argument("--device", type=device_name, default="auto",
+                   help="auto (default: cuda when present, else cpu), cuda, cuda:N or cpu; under torchrun / "
+                        "accelerate launch, cuda is each process's own GPU")
+    g.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="weights' dtype: auto (default: bfloat16 on a GPU that supports it, float16 on an older "
+                        "GPU, float32 on the CPU), float32, bfloat16 or float16; the trained slices, optimizer "
+                        "state and located scores stay float32")
+
+
+def load_spec(args: argparse.Namespace):
+    """The :class:`~circuit_peft.models.LoadSpec` of the flags :func:`add_model_args` added."""
+    from ..models import LoadSpec
+
+    return LoadSpec(device=args.device, dtype=args.dtype)
