@@ -391,3 +391,29 @@ def test_fused_training_forward_matches_the_two_matmul_path(family, r, checkpoin
     assert fused.keys() == ref.keys() and len(fused) > 0
     for name in ref:
         torch.testing.assert_close(fused[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("unfreeze", ["bias", "weight"])
+def test_fused_path_gives_an_unfrozen_base_weight_or_bias_its_gradient(unfreeze):
+    """A training forward above MIN_FUSED_TOKENS with the base weight or bias unfrozen (a user's choice) gives it
+    the gradient of the dense reference ``x @ (W + slice deltas).T + b``, as the slices get theirs (the fused
+    _SliceLinear path returned none for either, silently)."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("qwen2"), CircuitConfig(components={"q": {"1": [0, 2]}}, init_weights=False))
+    module = model.base_model.model.model.layers[1].self_attn.q_proj  # qwen2's q_proj has a bias
+    base = module.get_base_layer()
+    getattr(base, unfreeze).requires_grad_(True)
+    x = torch.randn(4, 40, module.in_features, requires_grad=True)  # 160 rows: above MIN_FUSED_TOKENS
+    module.train()
+    module(x).square().sum().backward()
+    got = {"base": getattr(base, unfreeze).grad, "slice": module.circuit_rows["default"].grad, "x": x.grad}
+    assert got["base"] is not None, f"the unfrozen base {unfreeze} got no gradient"
+
+    ref_param = getattr(base, unfreeze).detach().clone().requires_grad_(True)
+    rows = module.circuit_rows["default"].detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    w = ref_param if unfreeze == "weight" else base.weight.detach()
+    b = ref_param if unfreeze == "bias" else base.bias.detach()
+    torch.nn.functional.linear(x_ref, w.index_add(0, module.circuit_row_index["default"], rows), b).square().sum().backward()
+    for name, ref in (("base", ref_param.grad), ("slice", rows.grad), ("x", x_ref.grad)):
+        torch.testing.assert_close(got[name], ref, rtol=1e-4, atol=1e-5, msg=name)

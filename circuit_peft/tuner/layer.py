@@ -10,8 +10,9 @@ Orientation: every delta is stored in ``nn.Linear`` orientation, whatever the ba
 * ``circuit_lora_A[a]`` (r, in) / ``circuit_lora_B[a]`` (out, r): the optional LoRA branch,
   scaled by ``circuit_scaling[a] = lora_alpha / r``.
 
-Training forwards (gradients on, >= ``MIN_FUSED_TOKENS`` input rows, one dtype, plain base layer) run
-base and slices as one matmul, :class:`_SliceLinear`; the ``index_add`` path above is the fallback.
+Training forwards (gradients on, >= ``MIN_FUSED_TOKENS`` input rows, one dtype, plain base layer whose weight
+and bias are frozen) run base and slices as one matmul, :class:`_SliceLinear`; the ``index_add`` path above is
+the fallback (and the path whenever the base weight or bias is trainable: they get their gradients there).
 
 No full-size delta and no gradient mask: the frozen entries of the base weight are never touched,
 so weight decay cannot move them and optimizer state is the size of the slices.
@@ -266,11 +267,13 @@ class CircuitLinear(nn.Module, CircuitLayer):
 
     def _can_fuse(self, x: torch.Tensor, adapter: str) -> bool:
         """Whether a training forward of ``adapter`` can run as one :class:`_SliceLinear` matmul: slices that
-        need gradients, one dtype throughout, no autocast, a plain ``nn.Linear``/``Conv1D`` without hooks."""
+        need gradients, a frozen base weight and bias (_SliceLinear gives them no gradient), one dtype
+        throughout, no autocast, a plain ``nn.Linear``/``Conv1D`` without hooks."""
         base = self.base_layer
         slices = [t[adapter] for t in (self.circuit_rows, self.circuit_cols) if adapter in t]
         return (torch.is_grad_enabled() and any(p.requires_grad for p in slices)
                 and type(base) in (nn.Linear, Conv1D) and not hasattr(base, "_hf_hook")
+                and not any(p is not None and p.requires_grad for p in (base.weight, base.bias))
                 and not (base._forward_hooks or base._forward_pre_hooks)
                 and not torch.is_autocast_enabled(x.device.type)
                 and all(t.dtype == x.dtype for t in (base.weight, *slices))
