@@ -19,7 +19,9 @@ from typing import Any, Iterable, Mapping
 
 from torch import nn
 
-from .arch import COMPONENT_KINDS, Component, fingerprint_diff, get_arch
+from . import validation
+from .arch import COMPONENT_KINDS, Component, get_arch
+from .errors import located
 from .files import atomic_path, atomic_write_text
 from .fractions import keep_count
 
@@ -30,14 +32,7 @@ _HEAD_KINDS = ("q", "k", "v", "o")
 
 
 def _as_component(c: Component | tuple | list) -> Component:
-    if isinstance(c, Component):
-        return c
-    if len(c) != 3:
-        raise ValueError(f"a component is (kind, layer, index); got {c!r}")
-    kind, layer, index = c
-    if kind not in COMPONENT_KINDS:
-        raise ValueError(f"unknown component kind {kind!r} in {c!r}; use one of {COMPONENT_KINDS}")
-    return Component(str(kind), int(layer), int(index))
+    return validation.circuit_component(c, "component")
 
 
 def _per_layer_count(fp: Mapping[str, Any], kind: str) -> int:
@@ -55,6 +50,11 @@ class Circuit:
         fingerprint: ``get_arch(model).fingerprint()`` of the model the circuit was located on.
         method: how it was located (``"dcm"``, ``"ablation"``, ``"attribution"``, ...).
         meta: any JSON-able details (settings, losses, ...).
+        source: the file the circuit was read from (named in refusals).
+
+    Raises :class:`~circuit_peft.errors.CircuitPeftError` (:func:`circuit_peft.validation.circuit_parts`)
+    for an unknown kind, a layer or index that is not an integer >= 0 or (with a fingerprint) is out of
+    range for the model's sizes, or a score that is not a finite number.
     """
 
     def __init__(
@@ -64,10 +64,14 @@ class Circuit:
         fingerprint: dict[str, Any] | None = None,
         method: str | None = None,
         meta: dict[str, Any] | None = None,
+        *,
+        source: str | os.PathLike | None = None,
     ):
-        self.components: list[Component] = sorted({_as_component(c) for c in components}, key=_sort_key)
-        self.scores: dict[Component, float] = {_as_component(c): float(s) for c, s in (scores or {}).items()}
-        self.fingerprint = dict(fingerprint) if fingerprint is not None else None
+        kept, checked, fp = validation.circuit_parts(components, scores, fingerprint, str(source) if source else None)
+        self.components: list[Component] = sorted(set(kept), key=_sort_key)
+        self.scores: dict[Component, float] = checked
+        self.fingerprint = fp
+        self.source = str(source) if source else None
         self.method = method
         self.meta: dict[str, Any] = dict(meta or {})
 
@@ -80,7 +84,7 @@ class Circuit:
         none keeps every scored component). A non-finite score (an overflowed scan) is refused, never ranked."""
         bad = [c for c, v in scores.items() if not math.isfinite(float(v))]
         if bad:
-            raise ValueError(f"{method or 'locating'}: {len(bad)} of {len(scores)} component scores are not finite "
+            raise located(method or "locating", f"{len(bad)} of {len(scores)} component scores are not finite "
                              f"(first: {list(bad[:3])}); the scan overflowed or the data gave an empty loss. "
                              "Try float32, check the rows, or lower the learning rate of what produced them")
         fp = get_arch(model).fingerprint() if model is not None else None
@@ -222,15 +226,9 @@ class Circuit:
 
     # ----- model checks ----------------------------------------------------------------------
     def check_model(self, model: nn.Module) -> None:
-        """Raise ``ValueError`` naming each differing field if ``model`` is not the circuit's model."""
-        actual = get_arch(model).fingerprint()
-        if self.fingerprint is None:
-            return
-        diffs = fingerprint_diff(self.fingerprint, actual)
-        if diffs:
-            raise ValueError("this circuit was located on a different model: "
-                             + "; ".join(d.replace("adapter", "circuit") for d in diffs)
-                             + ". Locate the circuit again on this model.")
+        """Raise :class:`~circuit_peft.errors.CircuitPeftError` if ``model`` is not the circuit's model: each
+        differing field named, or the circuit has no fingerprint (its indices cannot be checked)."""
+        validation.circuit_on_model(self.fingerprint, get_arch(model).fingerprint(), self.source)
 
     # ----- adapter ---------------------------------------------------------------------------
     def to_config(self, projections: str | dict[str, list[str]] = "all", **kwargs: Any):
@@ -261,18 +259,11 @@ class Circuit:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Circuit":
-        if not isinstance(data, Mapping) or "components" not in data:
-            raise ValueError("not a circuit-peft circuit: the JSON has no 'components' list")
-        if data.get("version", 1) > CIRCUIT_FORMAT_VERSION:
-            raise ValueError(f"circuit format version {data['version']} is newer than this circuit-peft "
-                             f"understands ({CIRCUIT_FORMAT_VERSION}); upgrade circuit-peft")
-        scores = {}
-        for row in data.get("scores", []):
-            if len(row) != 4:
-                raise ValueError(f"a score row is [kind, layer, index, score]; got {row!r}")
-            scores[_as_component(row[:3])] = float(row[3]) if row[3] is not None else float("nan")
-        return cls(data["components"], scores, data.get("fingerprint"), data.get("method"), data.get("meta"))
+    def from_dict(cls, data: Mapping[str, Any], source: str | os.PathLike | None = None) -> "Circuit":
+        """A circuit from :meth:`to_dict`'s JSON, checked field by field (:func:`circuit_peft.validation.circuit_file`);
+        ``source``: the file it came from, named in refusals with the field (``c.json: components[2]: ...``)."""
+        src = str(source) if source else None
+        return cls(**validation.circuit_file(data, src, CIRCUIT_FORMAT_VERSION), source=src)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the circuit as JSON atomically (temporary file + rename)."""
@@ -280,16 +271,17 @@ class Circuit:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "Circuit":
-        """Read a circuit saved by :meth:`save`; with ``model``, check it is the circuit's model
-        (``ValueError`` naming the differing fields otherwise)."""
+        """Read a circuit saved by :meth:`save`, every field checked (:meth:`from_dict`); with ``model``, check
+        it is the circuit's model (:meth:`check_model`: a circuit without a fingerprint is refused there).
+        Without a model the indices are checked against the file's own fingerprint, when it has one."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no circuit file at {path}")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); is it a circuit saved by Circuit.save?") from err
-        circuit = cls.from_dict(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise located(str(path), f"not valid JSON ({err}); is it a circuit saved by Circuit.save?") from err
+        circuit = cls.from_dict(data, source=path)
         if model is not None:
             circuit.check_model(model)
         return circuit

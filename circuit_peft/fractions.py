@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 
+from .validation import share
+
 
 def keep_count(n: int, fraction: float) -> int:
     """How many of ``n`` ranked items a ``fraction`` keeps: rounded down, so that the share kept never
     exceeds the share asked for, and at least 1. ``fraction`` must be in (0, 1]."""
-    if isinstance(fraction, bool) or not 0 < float(fraction) <= 1:
-        raise ValueError(f"fraction must be in (0, 1] (e.g. 0.1 for 10 %), got {fraction!r}")
+    share(fraction, "fraction")
     if n < 1:
         raise ValueError("nothing to keep a fraction of: the list is empty")
     return max(1, min(n, math.floor(float(fraction) * n + 1e-9)))

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import validation
+from ..errors import located
 from .baselines import (
     METHODS, ResponseLossScorer, ifd_indices, length_matched_indices, max_loss_indices, prompt_lengths, random_indices,
 )
@@ -54,7 +56,8 @@ def select_data(
     profile of the CircuitSeer subset; ``max-loss``: top ``L(answer|question)``; ``ifd``: top
     ``L(answer|question)/L(answer)`` among IFD <= 1. ``scorer_kwargs`` go to the scorer
     (``batch_size``, ``max_length``, ``on_long``, ``cache_dir``, ``query``, ``exclude_sink``, ...).
-    The subset gets a ``score_column`` and a ``pool_index`` column.
+    The subset gets a ``score_column`` (not random) and a ``pool_index`` column: names the data must not
+    already use (refused before any scoring, :func:`check_added_columns`).
     """
     import datasets
 
@@ -65,6 +68,7 @@ def select_data(
         raise ValueError(f"unknown selection method {method!r}; use one of {METHODS}")
     if not isinstance(dataset, datasets.Dataset):
         dataset = datasets.Dataset.from_list(list(dataset))
+    check_added_columns(dataset.column_names, method, score_column, "score_column")
     k = subset_size(len(dataset), fraction)
     if method != "random" and (model is None or tokenizer is None):
         raise ValueError(f"method {method!r} needs the reference model and its tokenizer")
@@ -78,6 +82,7 @@ def select_data(
             raise ValueError("CircuitSeer needs reasoning heads: pass a heads file (--heads) or a list of (layer, head)")
         scorer = CircuitSeerScorer(model, tokenizer, heads, question_field=question_field, **scorer_kwargs)
         scores = scorer.score(dataset)
+        info["non_finite_scores"] = _check_finite(scores, k, method)
         idx = select_indices(scores, k=k, tau=tau, seed=seed)
         info["score_length_spearman"] = scorer.length_spearman
         info["heads"] = [list(h) for h in scorer.heads.heads]
@@ -89,13 +94,13 @@ def select_data(
                                      if k_ in ("batch_size", "max_length", "on_long", "cache_dir", "progress")})
         cond = loss.conditional(dataset)
         if method == "max-loss":
+            info["non_finite_scores"] = _check_finite(cond, k, method)
             scores, idx = cond, max_loss_indices(cond, k=k)
         else:
             scores = loss.ifd(dataset, conditional=cond)
+            info["non_finite_scores"] = _check_finite(scores, k, method)
             idx = ifd_indices(scores, k=k)
         info["score_length_spearman"] = length_spearman(scores, prompt_lengths(tokenizer, dataset, question_field))
-    if scores is not None:
-        info["non_finite_scores"] = _check_finite(scores, k, method)
     seconds = time.perf_counter() - t0
     info.update(seconds=round(seconds, 2), examples_per_s=round(len(dataset) / max(seconds, 1e-9), 2))
     subset = dataset.select(idx.tolist())
@@ -105,12 +110,25 @@ def select_data(
     return SelectionResult(subset, idx, scores, info)
 
 
+def check_added_columns(columns: list[str], method: str, score_column: str, flag: str) -> None:
+    """Refuse a ``score_column`` (``flag``: ``score_column`` or ``--score-column``) or a ``pool_index`` column
+    the data already has: the subset would not be written (``datasets`` refuses a second column of a name),
+    or its scores would overwrite the data's."""
+    if method != "random":
+        validation.new_column(columns, score_column, flag)
+    if "pool_index" in columns:
+        raise located("pool_index", f"the data already has a column 'pool_index' (an earlier selection's subset?); "
+                                    "the subset adds one with each row's index in this pool: rename or drop it first")
+    if method != "random" and score_column == "pool_index":
+        raise located(flag, "'pool_index' is the column of each row's index in the pool; choose another name")
+
+
 def _check_finite(scores: np.ndarray, k: int, method: str) -> int:
     """The number of rows without a finite score; raises when fewer than ``k`` rows have one (a subset
     padded with unscored rows, or NaN written as a score, would be silent garbage)."""
     bad = np.flatnonzero(~np.isfinite(np.asarray(scores, dtype=float)))
     if len(scores) - len(bad) < k:
-        raise ValueError(f"{method}: only {len(scores) - len(bad)} of {len(scores)} rows have a finite score, fewer "
+        raise located(method, f"only {len(scores) - len(bad)} of {len(scores)} rows have a finite score, fewer "
                          f"than the {k} to keep (rows without one: {bad[:8].tolist()}...); rows too short to "
                          "score (e.g. one-word questions or empty answers) cannot be ranked: drop them or lower "
                          "the fraction")

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..arch import fingerprint_diff, get_arch
 from ..circuit import Circuit
+from ..errors import located
 from ..fractions import keep_count
 
 HEADS_FORMAT = "circuit-peft/reasoning-heads"  # the old file format (read, no longer written)
@@ -157,14 +158,14 @@ class ReasoningHeads:
             raise FileNotFoundError(f"heads file {path} does not exist")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not a JSON heads file: {err}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise located(str(path), f"not a JSON heads file: {err}") from None
         if isinstance(data, dict) and data.get("format") == HEADS_FORMAT:  # the format before 0.x: still read
             scores = {tuple(int(x) for x in k.split(".")): float(v) for k, v in (data.get("scores") or {}).items()}
             out = cls([tuple(h) for h in data["heads"]], data.get("model_fingerprint"), scores,
                       data.get("source", "file"))
         else:
-            circuit = Circuit.from_dict(data)  # the file is read once, here
+            circuit = Circuit.from_dict(data, source=path)  # the file is read once, here; every field checked
             out = cls._from_view(circuit) if circuit.method == REASONING_HEADS_METHOD else cls.from_circuit(circuit)
         if model is not None:
             out.check_model(model)

@@ -14,17 +14,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .. import validation
+from ..errors import located
 from ..fractions import keep_count
 
 DEFAULT_TAU = 0.5
 
 
 def subset_size(n: int, fraction: float | None = None, k: int | None = None) -> int:
-    """Number of items to keep: ``k``, or :func:`~circuit_peft.fractions.keep_count` of ``fraction``."""
+    """Number of items to keep: ``k`` (an integer in [1, n]), or :func:`~circuit_peft.fractions.keep_count` of
+    ``fraction``; anything else is refused (:class:`~circuit_peft.errors.CircuitPeftError`)."""
     if k is not None:
-        if not 1 <= k <= n:
-            raise ValueError(f"k must be between 1 and the pool size {n}, got {k}")
-        return int(k)
+        return validation.count(k, "k", at_most=n, of="the rows in the pool")
     if n == 0:
         raise ValueError("the pool is empty: nothing to select from")
     if fraction is None:
@@ -76,14 +77,13 @@ def select_indices(
 
 
 def _scores_of(dataset: Any, scores: Sequence[float] | str) -> np.ndarray:
+    """One finite score per row, from ``scores`` or the dataset's column of that name; a NaN, an inf or a
+    value that is not a number is refused (:func:`circuit_peft.validation.finite_scores`)."""
     if isinstance(scores, str):
         if scores not in getattr(dataset, "column_names", []):
-            raise ValueError(f"the dataset has no score column {scores!r} (columns: {dataset.column_names})")
-        scores = dataset[scores]
-    s = np.asarray(scores, dtype=np.float64)
-    if s.ndim != 1 or len(s) != len(dataset):
-        raise ValueError(f"got {s.size} scores for a dataset of {len(dataset)} rows")
-    return s
+            raise located("scores", f"the dataset has no score column {scores!r} (columns: {dataset.column_names})")
+        return validation.finite_scores(dataset[scores], f"scores (column {scores!r})", len(dataset))
+    return validation.finite_scores(scores, "scores", len(dataset))
 
 
 def select_subset(
@@ -92,7 +92,8 @@ def select_subset(
 ) -> Any:
     """The soft-sampled subset of ``dataset`` as a ``datasets.Dataset`` (original order kept).
 
-    ``scores``: one float per row, or the name of a score column (e.g. ``"circuitseer_score"``).
+    ``scores``: one float per row, or the name of a score column (e.g. ``"circuitseer_score"``); every
+    score must be a finite number (a row without one cannot be ranked). ``k``: an integer >= 1.
     """
     import datasets
 
