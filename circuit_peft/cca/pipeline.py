@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -22,6 +22,7 @@ from torch import nn
 from ..circuit import Circuit
 from ..fractions import keep_count
 from ..files import atomic_dir, atomic_write_json
+from ..models import LoadSpec
 from .mining import MiningConfig, mine_pivotal_tokens
 from .update import UpdateConfig, accuracy_validator, amplify_update
 
@@ -32,7 +33,9 @@ LOCATE_METHODS: tuple[str, ...] = ("attribution", "dcm")
 
 @dataclass
 class AmplifyConfig:
-    """Settings of :func:`amplify` beyond mining (:class:`MiningConfig`) and update (:class:`UpdateConfig`)."""
+    """Settings of :func:`amplify` beyond mining (:class:`MiningConfig`) and update (:class:`UpdateConfig`).
+    ``load``: where and in what dtype :func:`amplify` loads the model when given its name
+    (:class:`~circuit_peft.models.LoadSpec`; a model given loaded is used as it is)."""
 
     locate: str = "attribution"  # our choice for speed; "dcm" is the paper's
     circuit_fraction: float | None = 0.02  # attribution: share of each kind kept; dcm: optional cap
@@ -48,8 +51,10 @@ class AmplifyConfig:
     mmlu_limit: int | None = None
     truthfulqa_limit: int | None = None
     kl_chunks: int = 8
+    load: LoadSpec = field(default_factory=LoadSpec)
 
     def __post_init__(self) -> None:
+        self.load = LoadSpec.of(self.load)
         if self.locate not in LOCATE_METHODS:
             raise ValueError(f"locate must be one of {LOCATE_METHODS}, got {self.locate!r}")
         if self.circuit_fraction is not None and not 0 < self.circuit_fraction <= 1:
@@ -94,7 +99,7 @@ class AmplifyResult:
 
 
 def amplify(
-    model: nn.Module,
+    model: nn.Module | str,
     tokenizer: Any,
     train_problems: Sequence[dict[str, Any]],
     val_problems: Sequence[dict[str, Any]],
@@ -112,9 +117,15 @@ def amplify(
     ``train_problems`` are mined; ``val_problems`` pick the best update step (held-out accuracy);
     ``test_problems`` measure accuracy before and after. All are rows with a question and a gold
     answer (read by ``answer_format``, default :class:`~circuit_peft.evaluate.answers.NumberAnswer`). The model is wrapped in place by the adapter (``result.model``). ``log`` receives one line per stage.
+    ``model`` may be a name (hub id, folder, ``smollm2``): it is then loaded as ``config.load`` says, and
+    ``tokenizer`` (None: the model's own) with it.
     """
     mining, update, config = mining or MiningConfig(), update or UpdateConfig(), config or AmplifyConfig()
     _check_inputs(val_problems, test_problems, config)  # before any model work
+    if isinstance(model, str):
+        from ..models import load_model, load_tokenizer
+
+        model, tokenizer = load_model(model, spec=config.load), tokenizer or load_tokenizer(model)
     from ..evaluate.accuracy import evaluate_accuracy
 
     out = Path(output_dir)

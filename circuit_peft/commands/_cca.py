@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ..files import read_rows
-from ._args import positive
+from ._args import add_model_args, load_spec, positive
 
 
 def add_problem_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -49,7 +49,7 @@ def add_mining_args(p: argparse.ArgumentParser) -> None:
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="hub id, local folder, or 'smollm2' (offline SmolLM2-135M-Instruct)")
     p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads")
-    p.add_argument("--device", default=None, help="e.g. cuda; default cpu")
+    add_model_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -99,11 +99,13 @@ def load_runtime(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load_model(args.model, device=args.device), load_tokenizer(args.model)
+    return load_model(args.model, spec=load_spec(args)), load_tokenizer(args.model)
 
 
 # flags that change how a run goes, not what it writes (a resumed run may change them)
-RUN_FLAGS_IGNORED = ("out", "threads", "no_progress", "verbose", "func", "command", "argv", "max_problems", "device")
+# (--dtype is recorded resolved, by open_run: "auto" is bfloat16 on a GPU and float32 on the CPU)
+RUN_FLAGS_IGNORED = ("out", "threads", "no_progress", "verbose", "func", "command", "argv", "max_problems", "device",
+                     "dtype")
 
 
 def open_run(args: argparse.Namespace, folder_flag: str = "out", ignored: tuple[str, ...] = (), adopt=None,
@@ -114,7 +116,9 @@ def open_run(args: argparse.Namespace, folder_flag: str = "out", ignored: tuple[
     from ..runs import OpenRun, fingerprint
 
     flags = {k: v for k, v in sorted(vars(args).items()) if k not in RUN_FLAGS_IGNORED + ignored}
-    settings = {"command": args.command, "flags": flags, **{k: fingerprint(v) for k, v in inputs.items()}}
+    loading = load_spec(args).settings() if hasattr(args, "dtype") else {}  # {} in float32: older folders open
+    settings = {"command": args.command, "flags": {**flags, **loading},
+                **{k: fingerprint(v) for k, v in inputs.items()}}
     run = OpenRun(getattr(args, folder_flag), settings, "--" + folder_flag.replace("_", "-"), adopt)
     run.open()
     return run

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ._args import add_side_effect_sizes, fraction, non_negative, positive
+from ._args import add_side_effect_sizes, fraction, load_spec, non_negative, positive
 from ._cca import (
     add_mining_args, add_problem_args, add_runtime_args, load_problem_rows, load_runtime, mining_config, open_run,
 )
@@ -103,7 +103,8 @@ def build_configs(args: argparse.Namespace):
                            dcm_epochs=args.dcm_epochs, dcm_steps=args.dcm_steps, dcm_lr=args.dcm_lr,
                            eval_max_new_tokens=args.eval_max_new_tokens,
                            side_effects=tasks, side_effect_data_dir=data_dir, mmlu_subjects=subjects,
-                           mmlu_limit=args.mmlu_limit, truthfulqa_limit=args.truthfulqa_limit, kl_chunks=args.kl_chunks)
+                           mmlu_limit=args.mmlu_limit, truthfulqa_limit=args.truthfulqa_limit, kl_chunks=args.kl_chunks,
+                           load=load_spec(args))
     return update, config
 
 

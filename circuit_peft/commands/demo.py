@@ -28,10 +28,10 @@ import torch
 from peft import get_peft_model
 from tqdm import tqdm
 
-from ._args import positive
+from ._args import load_spec, positive
 from ..arch import get_arch
 from ..files import atomic_dir
-from ..models import load_model, load_tokenizer
+from ..models import LoadSpec, load_model, load_tokenizer
 from ..tuner import CircuitConfig, circuit_size
 
 
@@ -77,20 +77,22 @@ def _batch(tokenizer: Any, rows: list[dict[str, str]], max_length: int) -> dict[
 
 
 def run_demo(model_name: str = "smollm2", steps: int = 6, lr: float = 2e-3, output_dir: str = "circuit-demo-adapter",
-             problems: int = 4, max_length: int = 128) -> dict[str, float]:
-    """Train the demo circuit; returns ``{"loss_before", "loss_after", "seconds"}``."""
+             problems: int = 4, max_length: int = 128, load: LoadSpec | None = None) -> dict[str, float]:
+    """Train the demo circuit (the model loaded as ``load`` says); returns ``{"loss_before", "loss_after",
+    "seconds"}``."""
     if not 1 <= problems <= len(demo_problems()):
         raise ValueError(f"--adapter-problems must be between 1 and {len(demo_problems())}")
     _check_adapter_folder(output_dir)  # before any training
     torch.manual_seed(0)
-    model, tokenizer = load_model(model_name), load_tokenizer(model_name, padding_side="right")
+    model = load_model(model_name, spec=load or LoadSpec())
+    tokenizer = load_tokenizer(model_name, padding_side="right")
     config = demo_circuit(model)
     size = circuit_size(config, model)
     print(f"circuit: {size['components']} components of {size['total_components']} "
           f"({100 * size['component_fraction']:.3f} %), {size['trainable_params']:,} trainable parameters "
           f"({100 * size['param_fraction']:.3f} % of {size['total_params']:,})")
     model = get_peft_model(model, config)
-    batch = _batch(tokenizer, demo_problems()[:problems], max_length)
+    batch = {k: v.to(model.device) for k, v in _batch(tokenizer, demo_problems()[:problems], max_length).items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
 
     def loss_now() -> float:
@@ -124,7 +126,8 @@ def _check_adapter_folder(output_dir: str) -> None:
 
 
 def run_adapter_only(args: argparse.Namespace) -> int:
-    run_demo(args.model, steps=args.steps, lr=args.lr, output_dir=args.output_dir, problems=args.adapter_problems)
+    run_demo(args.model, steps=args.steps, lr=args.lr, output_dir=args.output_dir, problems=args.adapter_problems,
+             load=load_spec(args))
     return 0
 
 
@@ -154,6 +157,7 @@ def run_train_demo(args: argparse.Namespace) -> int:
     out = args.out or "circuit-demo"
     argv = ["train", "--model", args.model, *TRAIN_DEMO_ARGS, "--side-effects-data", str(package_side_effect_dir()[0]),
             "--out", out] + (["--threads", str(args.threads)] if args.threads else [])
+    argv += [x for flag in ("device", "dtype") if getattr(args, flag) != "auto" for x in (f"--{flag}", getattr(args, flag))]
     print("demo: circuit-peft " + " ".join(argv))
     start = time.perf_counter()
     train_args = build_parser().parse_args(argv)

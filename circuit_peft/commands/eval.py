@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from ._args import known_names, non_negative, positive
+from ._args import add_model_args, known_names, load_spec, non_negative, positive
 from ..files import atomic_write_json, check_adapter_folder
 
 EVAL_TASKS: tuple[str, ...] = ("gsm8k", "mmlu", "truthfulqa", "kl")
@@ -82,13 +82,14 @@ def _load_models(args: argparse.Namespace):
     or ``--model`` and a separate ``--base-model`` (None when neither is given)."""
     from ..models import load_model, load_tokenizer
 
-    tokenizer, model, base = load_tokenizer(args.model), load_model(args.model), None
+    spec = load_spec(args)
+    tokenizer, model, base = load_tokenizer(args.model), load_model(args.model, spec=spec), None
     if args.adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, args.adapter).eval()
     elif args.base_model:
-        base = load_model(args.base_model)
+        base = load_model(args.base_model, spec=spec)
     return model, tokenizer, base
 
 
@@ -177,10 +178,12 @@ def run_lm_eval(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    device, dtype = load_spec(args).resolved()
     with tempfile.TemporaryDirectory(prefix="circuit-peft-harness-") as work:
         results = run_harness(resolve_model_path(args.model), tasks, adapter=args.adapter, data_dir=args.data_dir,
                               work_dir=work, limit=args.limit, batch_size=args.batch_size,
-                              num_fewshot=args.harness_shots, max_gen_toks=args.harness_max_gen_toks)
+                              num_fewshot=args.harness_shots, max_gen_toks=args.harness_max_gen_toks,
+                              device=str(device), dtype=str(dtype).removeprefix("torch."))
     print(harness_table(results))
     if args.out:
         atomic_write_json(args.out, json.loads(json.dumps({"harness": "lm-eval", "model": args.model,
@@ -223,4 +226,5 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--harness-max-gen-toks", type=positive(int), help="lm-eval generation cap (default: the task's)")
     p.add_argument("--threads", type=positive(int), help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_model_args(p)
     p.set_defaults(func=run)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import ROW_FILE_SUFFIXES, read_rows
-from ._args import at_least_one, fraction, non_negative, positive
+from ._args import add_model_args, at_least_one, fraction, load_spec, non_negative, positive
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +83,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     d.add_argument("--dcm-check-every", type=positive(int), default=10, help="step schedule: check every N steps")
     d.add_argument("--objective", choices=("logit_diff", "logsigmoid"), default="logit_diff")
     d.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="e.g. cuda; default cpu")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    add_model_args(p)
     p.set_defaults(func=run)
     return p
 
@@ -178,11 +177,9 @@ def _check_request(args: argparse.Namespace, rows: list[dict]) -> str:
 
 def _load(args: argparse.Namespace):
     """The model and its tokenizer (None when there is none: the data must then be token ids)."""
-    import torch
-
     from ..models import load_model, load_tokenizer
 
-    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    model = load_model(args.model, spec=load_spec(args))
     try:
         return model, load_tokenizer(args.model)
     except (OSError, ValueError) as err:

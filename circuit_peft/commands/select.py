@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ._args import fraction, non_negative, positive
+from ._args import add_model_args, fraction, load_spec, non_negative, positive
 from ..files import atomic_write_text, read_rows
 
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -83,7 +83,7 @@ def _select(args: argparse.Namespace, dataset) -> int:
 
     model = tokenizer = heads = None
     if args.method != "random":
-        model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+        model, tokenizer = load_model(args.model, spec=load_spec(args)), load_tokenizer(args.model)
     if args.method in ("circuitseer", "length-matched"):
         if args.heads:
             heads = ReasoningHeads.load(args.heads, model=model)
@@ -158,4 +158,5 @@ def add_parser(subparsers: Any) -> None:
                    help="what to do with rows longer than the context")
     p.add_argument("--cache-dir", help="folder for resumable score caches (one pool and scoring setting per "
                                         "folder; another is refused)")
+    add_model_args(p)
     p.set_defaults(func=run)

@@ -10,7 +10,9 @@ import argparse
 import shlex
 from typing import Any
 
-from ._args import add_side_effect_sizes, distinct_list, fraction, known_names, non_negative, positive
+from ._args import (
+    add_model_args, add_side_effect_sizes, distinct_list, fraction, known_names, load_spec, non_negative, positive,
+)
 from ..files import read_rows
 from ._cca import resolve_shots
 from ..recipe.controls import CONTROLS
@@ -78,7 +80,8 @@ def config_from_args(args: argparse.Namespace):
                        mmlu_subjects=tuple(x for x in args.mmlu_subjects.split(",") if x) if args.mmlu_subjects else None,
                        mmlu_limit=args.mmlu_limit, truthfulqa_limit=args.truthfulqa_limit, kl_chunks=args.kl_chunks,
                        answer_field=args.answer_field, seed=args.seed, controls=args.controls,
-                       learning_rates=tuple(args.lrs), validation_fraction=args.validation_fraction)
+                       learning_rates=tuple(args.lrs), validation_fraction=args.validation_fraction,
+                       load=load_spec(args))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,6 +124,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     """The flags of ``train`` (and ``demo``); their defaults are :class:`TrainConfig`'s, written once there."""
     cfg = TrainConfig()
     p.add_argument("--model", default="smollm2", help="hub id, local folder, 'smollm2' or 'gemma3-270m'")
+    add_model_args(p)
     d = p.add_argument_group("data")
     d.add_argument("--data", default="arithmetic",
                    help="training examples: .jsonl/.json/.csv file, hub dataset id, or a generated task: 'arithmetic' "

@@ -95,6 +95,7 @@ def run_harness(
     max_gen_toks: int | None = None,
     device: str | None = None,
     log_samples: bool = False,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """lm-eval ``simple_evaluate`` results (``results[task][metric]``) of ``model`` with ``adapter``.
 
@@ -102,7 +103,8 @@ def run_harness(
         model: a hub id or local folder (``pretrained=``); ``adapter``: a PEFT adapter folder (``peft=``).
         tasks: lm-eval task names; with ``data_dir`` only ``gsm8k`` and ``mmlu_<subject>`` (local files).
         limit: the first N documents per task; ``max_gen_toks``: overrides the task's generation cap.
-        device: ``"cuda"``, ``"cpu"``, ... (default: CUDA when there is one, else CPU).
+        device: ``"cuda"``, ``"cpu"``, ... (default: CUDA when there is one, else CPU); ``dtype``: the
+            weights' dtype name (``eval`` passes its ``--dtype`` resolved).
         log_samples: keep per-document requests and responses under ``results["samples"]``.
     """
     try:
@@ -120,7 +122,7 @@ def run_harness(
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lm = HFLM(pretrained=str(model), peft=None if adapter is None else str(adapter), batch_size=batch_size,
-              dtype="float32", device=device)
+              dtype=dtype, device=device)
     gen_kwargs = None if max_gen_toks is None else {"max_gen_toks": max_gen_toks}
     return simple_evaluate(model=lm, tasks=specs, limit=limit, num_fewshot=num_fewshot, gen_kwargs=gen_kwargs,
                            task_manager=TaskManager(), log_samples=log_samples)

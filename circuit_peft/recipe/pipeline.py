@@ -26,6 +26,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..files import atomic_dir, atomic_write_json, atomic_write_text
+from ..models import LoadSpec
 from ..runs import OpenRun, fingerprint as _fingerprint
 from .controls import CONTROLS
 from .rates import arms_with_chosen_rate, fit_on_grid, load_weights, save_weights, validation_split
@@ -48,7 +49,9 @@ class TrainConfig:
     ``random_layer``, ``random_anywhere``, ``lora``, ``lora_matched``); they may be added to a finished run.
     ``learning_rates``: a grid; the circuit and each control then keep the rate with the best accuracy on
     ``validation_fraction`` of the training rows, held back from training (:mod:`.rates`); empty: every
-    arm trains at ``sft.learning_rate``."""
+    arm trains at ``sft.learning_rate``. ``load``: where and in what dtype every model of the run loads
+    (:class:`~circuit_peft.models.LoadSpec`, default ``auto``: cuda + bfloat16 on a GPU, cpu + float32
+    otherwise; a dict of its fields is accepted); the trained slices stay float32."""
 
     locate: str = "gradient"
     circuit_fraction: float = 0.02
@@ -73,8 +76,10 @@ class TrainConfig:
     controls: tuple[str, ...] = ()
     learning_rates: tuple[float, ...] = ()
     validation_fraction: float = 0.2
+    load: LoadSpec = field(default_factory=LoadSpec)
 
     def __post_init__(self) -> None:
+        self.load = LoadSpec.of(self.load)
         self.controls = tuple(self.controls)
         self.learning_rates = tuple(self.learning_rates)
         if any(not lr > 0 for lr in self.learning_rates) or len(set(self.learning_rates)) != len(self.learning_rates):
@@ -389,6 +394,8 @@ def train(
 
         load_text(cfg.side_effect_data_dir)
     config = asdict(cfg)
+    config.update(cfg.load.settings())  # the resolved dtype, not the device: a run may resume on another device
+    config.pop("load")
     config.pop("controls")  # trained after the circuit: adding controls to a finished run reuses it
     if not cfg.learning_rates:  # run folders made before the grid existed keep their settings
         config.pop("learning_rates"), config.pop("validation_fraction")
@@ -503,7 +510,7 @@ def _control(run: RunFolder, name: str, model_name: str, tokenizer, circuit, row
     from ..models import load_model
     from .controls import control_model
 
-    model, size = control_model(name, load_model(model_name), circuit, lambda c: _adapter_config(c, cfg), cfg.seed)
+    model, size = control_model(name, load_model(model_name, spec=cfg.load), circuit, lambda c: _adapter_config(c, cfg), cfg.seed)
     examples = _gold_examples(tokenizer, rows, style, cfg)
     log(f"[control {name}] training {size['trainable_params']:,} parameters with the circuit's recipe")
     rate = _train_arm(run, f"control_{name}", model, tokenizer, examples, val_rows, style, cfg, log)
@@ -528,7 +535,7 @@ def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]
     out = run.path
     tokenizer: PreTrainedTokenizerBase = load_tokenizer(model_name)
     style = cfg.prompt_style or default_prompt_style(tokenizer, log=log)
-    model = load_model(model_name)
+    model = load_model(model_name, spec=cfg.load)
 
     if val_rows:
         log(f"[rates] {len(val_rows)} training rows held back to choose each arm's learning rate from "
