@@ -10,8 +10,11 @@ own trainers extend ``Trainer``), for data from :func:`~circuit_peft.cca.weighti
   head that never materialises full logits) and its logged metrics (mean token accuracy, entropy),
   and re-reduces TRL's per-token log-probabilities with the weights.
 
-Batches without ``token_weights`` fall back to the parent's loss. ``PivotalWeighting.attach`` stays
-as a thin convenience for an existing trainer instance.
+Each trainer (and any ``class MyTrainer(PivotalLossMixin, SFTTrainer)``) installs its weight columns
+itself at ``__init__``: the collator pads them and ``remove_unused_columns`` keeps them. A batch whose
+dataset has a weight column but that arrives without it raises :class:`~circuit_peft.errors.CircuitPeftError`
+(naming the column) rather than training unweighted; data with no weight column at all train the
+parent's loss. ``PivotalWeighting.attach`` stays as a thin convenience for an existing trainer instance.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import torch
 from transformers import Trainer
 
 from ..batching import accepts_logits_to_keep, batch_prefix_length, prefix_kv_cache
+from ..errors import CircuitPeftError
 from ..interventions import capture_module_output
-from .weighting import IGNORE_INDEX, aligned_weighted_loss, install_pivotal_columns
+from .weighting import IGNORE_INDEX, WEIGHT_COLUMNS, aligned_weighted_loss, install_pivotal_columns
 
 
 def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -36,16 +40,24 @@ def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
 class PivotalLossMixin:
     """Trainer mixin: the pivotal-weighted loss in ``compute_loss``, the LM head only where labels are.
 
-    Batches without ``token_weights`` go to the parent's ``compute_loss`` (``super()``). Compose it
-    first: ``class MyTrainer(PivotalLossMixin, Trainer)``; :class:`PivotalTrainer` is that for
-    ``transformers.Trainer``. ``unlikelihood_weight`` as in :class:`~circuit_peft.cca.weighting.PivotalWeighting`.
+    Compose it first: ``class MyTrainer(PivotalLossMixin, SFTTrainer)`` (or ``Trainer``; :class:`PivotalTrainer`
+    is that for ``transformers.Trainer``). ``__init__`` takes ``unlikelihood_weight=`` (as in
+    :class:`~circuit_peft.cca.weighting.PivotalWeighting`) and installs the weight columns (collator,
+    ``remove_unused_columns``). Data without weight columns go to the parent's ``compute_loss``
+    (``super()``); a batch that lost a column its dataset has raises (:func:`missing_weight_columns`).
     """
 
     unlikelihood_weight: float = 0.0
     share_prompt_prefix: bool = True  # run the batch's shared prompt prefix once (exact: see shared_prefix_length)
     min_shared_prefix: int = 16  # tokens: a shorter shared prefix is not worth the second forward call
 
+    def __init__(self, *args: Any, unlikelihood_weight: float = 0.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.unlikelihood_weight = unlikelihood_weight
+        install_pivotal_columns(self)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        check_weight_columns(self, inputs)
         if "token_weights" not in inputs:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
@@ -144,13 +156,43 @@ def _has_active_dropout(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in model.modules())
 
 
-class PivotalTrainer(PivotalLossMixin, Trainer):
-    """``transformers.Trainer`` with the pivotal-weighted loss (:class:`PivotalLossMixin`)."""
+def _dataset_columns(dataset: Any) -> set[str]:
+    """Column names of a ``datasets`` dataset or a dict of them (empty when unknown, e.g. a torch Dataset)."""
+    if isinstance(dataset, dict):
+        return set().union(*(_dataset_columns(d) for d in dataset.values())) if dataset else set()
+    names = getattr(dataset, "column_names", None)
+    if isinstance(names, dict):  # a DatasetDict
+        return {c for cols in names.values() for c in cols}
+    return set(names or ())
 
-    def __init__(self, *args: Any, unlikelihood_weight: float = 0.0, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.unlikelihood_weight = unlikelihood_weight
-        install_pivotal_columns(self)
+
+def missing_weight_columns(trainer: Any, inputs: dict[str, Any]) -> list[str]:
+    """Weight columns the batch lacks although they were asked for: the dataset of the current mode
+    (``train_dataset`` when the model trains, else ``eval_dataset``) has them, or ``undesired_ids`` when
+    ``unlikelihood_weight > 0`` and the batch has ``token_weights``."""
+    training = getattr(trainer.model, "training", True)
+    columns = _dataset_columns(getattr(trainer, "train_dataset" if training else "eval_dataset", None))
+    missing = [c for c in WEIGHT_COLUMNS if c in columns and c not in inputs]
+    if "token_weights" in inputs and getattr(trainer, "unlikelihood_weight", 0.0) > 0 and "undesired_ids" not in inputs:
+        missing.append("undesired_ids")
+    return sorted(set(missing), key=WEIGHT_COLUMNS.index)
+
+
+def check_weight_columns(trainer: Any, inputs: dict[str, Any]) -> None:
+    """Raise :class:`CircuitPeftError` naming the weight columns ``inputs`` lost (see
+    :func:`missing_weight_columns`) instead of silently training the unweighted loss."""
+    missing = missing_weight_columns(trainer, inputs)
+    if missing:
+        raise CircuitPeftError(
+            f"{type(trainer).__name__}: the batch has no {', '.join(repr(c) for c in missing)} column although "
+            f"the {'train' if getattr(trainer.model, 'training', True) else 'eval'} dataset (or unlikelihood_weight) "
+            f"asks for it; batch columns: {sorted(inputs)}. A collator or remove_unused_columns dropped it: build the "
+            "trainer with PivotalLossMixin first in its bases (it installs the columns), or call "
+            "circuit_peft.cca.weighting.install_pivotal_columns(trainer) after replacing the collator")
+
+
+class PivotalTrainer(PivotalLossMixin, Trainer):
+    """``transformers.Trainer`` with the pivotal-weighted loss (:class:`PivotalLossMixin`; ``unlikelihood_weight=``)."""
 
 
 def _sft_trainer_class():
@@ -169,6 +211,7 @@ def _sft_trainer_class():
             install_pivotal_columns(self)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            check_weight_columns(self, inputs)
             if "token_weights" not in inputs:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
@@ -198,4 +241,5 @@ def __getattr__(name: str):  # TRL is imported only when PivotalSFTTrainer is as
     raise AttributeError(name)
 
 
-__all__ = ["PivotalLossMixin", "PivotalSFTTrainer", "PivotalTrainer", "labelled_positions"]
+__all__ = ["PivotalLossMixin", "PivotalSFTTrainer", "PivotalTrainer", "check_weight_columns", "labelled_positions",
+           "missing_weight_columns"]
