@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -34,9 +35,19 @@ _KIND_NAMES = {"q": "query head", "o": "head output", "k": "key head", "v": "val
 
 
 def _whole(value: Any) -> bool:
-    """An integer, or a float with an integral value (2.0); not a bool, a string or 2.7."""
-    return not isinstance(value, bool) and (
-        isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer()))
+    """An integer (Python, numpy or a 0-d torch integer), or a float with an integral value (2.0); not a
+    bool, a string or 2.7."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, float):
+        return value.is_integer()
+    if isinstance(value, numbers.Integral):
+        return True
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def integer(value: Any, where: str, what: str = "value", minimum: int | None = None) -> int:

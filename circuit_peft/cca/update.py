@@ -262,7 +262,7 @@ def amplify_update(
     if overrides:
         cfg = UpdateConfig(**{**asdict(cfg), **overrides})
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    rows = validate_records(records, get_arch(base).dims.vocab_size)  # before the model is wrapped
+    rows = validate_records(records, get_arch(base).dims.vocab_size, model=base)  # before the model is wrapped
     start = time.perf_counter()
     peft_model, peft_config, size = _circuit_model(model, circuit, mask, cfg.projections, adapter_name)
     lowest = min(peft_config.layers())
@@ -393,7 +393,7 @@ def margin_validator(records: Any, micro_batch_size: int = 16, tokenizer: Any = 
     @torch.no_grad()
     def validate(model: nn.Module) -> float:
         base = unwrap_model(model)
-        checked = validate_records(rows, get_arch(base).dims.vocab_size)
+        checked = validate_records(rows, get_arch(base).dims.vocab_size, model=base)
         objective = _Objective(model, checked, 0, UpdateConfig(micro_batch_size=micro_batch_size),
                                pad_token_id(base, tokenizer))
         return objective.mean_margin()

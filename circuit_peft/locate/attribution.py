@@ -249,7 +249,7 @@ def _replacement(stack, model, arch, kind, layer, method, means, attention_mask)
 
 
 def _logit_diff_attribution(model, arch, tokenizer, data, kinds, batch_size, progress):
-    records = validate_records(data, arch.dims.vocab_size)
+    records = validate_records(data, arch.dims.vocab_size, model=model)
     pad = pad_token_id(model, tokenizer)
     layers = range(arch.dims.n_layers)
     totals = {k: torch.zeros(arch.dims.n_layers, arch.num_components(k), dtype=torch.float64) for k in kinds}

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..batching import accepts_logits_to_keep, continue_after_prefix, left_pad
+from ..errors import located
+from ..validation import integer, within_context
 from ..evaluate.prompts import build_prompt_ids
 
 RECORD_FIELDS = ("context_ids", "desired_id", "undesired_id")
@@ -39,33 +41,45 @@ def _rows(data: Any) -> list[dict[str, Any]]:
 # ----- contrastive records -------------------------------------------------------------------
 
 
-def validate_records(data: Any, vocab_size: int) -> list[dict[str, Any]]:
+def validate_records(data: Any, vocab_size: int, model: Any = None) -> list[dict[str, Any]]:
     """Check contrastive records; return them as a list of dicts.
 
-    Raises ``ValueError`` (naming the row and problem) for a missing field, an empty context,
-    equal desired and undesired tokens, or an id outside ``[0, vocab_size)``.
+    Raises :class:`~circuit_peft.errors.CircuitPeftError` (naming the record and problem) for a missing
+    field, an empty context, a token id that is not an integer, equal desired and undesired tokens, an id
+    outside ``[0, vocab_size)`` or (with ``model``) a context longer than the model's
+    (``max_position_embeddings``).
     """
     rows = _rows(data)
     out = []
     for i, r in enumerate(rows):
-        where = f"record {i}" + (f" (problem_id {r['problem_id']!r})" if r.get("problem_id") is not None else "")
+        where = _record_name(i, r)
         missing = [f for f in RECORD_FIELDS if f not in r]
         if missing:
-            raise ValueError(f"{where} lacks {missing}; a contrastive record is "
-                             "{'context_ids': [...], 'desired_id': int, 'undesired_id': int, 'problem_id': str}")
-        ctx = [int(t) for t in r["context_ids"]]
+            raise located(where, f"lacks {missing}; a contrastive record is "
+                                 "{'context_ids': [...], 'desired_id': int, 'undesired_id': int, 'problem_id': str}")
+        if isinstance(r["context_ids"], (str, bytes)) or not hasattr(r["context_ids"], "__iter__"):
+            raise located(f"{where}: context_ids", f"expected a list of token ids, got {r['context_ids']!r}")
+        at = f"{where}: context_ids"
+        ctx = [integer(t, at, "token id") for t in r["context_ids"]]
         if not ctx:
-            raise ValueError(f"{where} has an empty context_ids list")
-        d, u = int(r["desired_id"]), int(r["undesired_id"])
+            raise located(f"{where}: context_ids", "the list is empty")
+        d, u = (integer(r[f], f"{where}: {f}", "token id") for f in ("desired_id", "undesired_id"))
         if d == u:
-            raise ValueError(f"{where}: desired_id and undesired_id are both {d}; a record must contrast two "
-                             "different tokens (drop it)")
+            raise located(where, f"desired_id and undesired_id are both {d}; a record must contrast two "
+                                 "different tokens (drop it)")
         bad = [t for t in (d, u, *ctx) if not 0 <= t < vocab_size]
         if bad:
-            raise ValueError(f"{where}: token id {bad[0]} is outside the model's vocabulary [0, {vocab_size}); "
-                             "were the records mined with another tokenizer?")
+            raise located(where, f"token id {bad[0]} is outside the model's vocabulary [0, {vocab_size}); "
+                                 "were the records mined with another tokenizer?")
         out.append({"context_ids": ctx, "desired_id": d, "undesired_id": u, "problem_id": r.get("problem_id")})
+    if model is not None:
+        within_context([len(r["context_ids"]) for r in out], model, None, lambda i: _record_name(i, rows[i]),
+                       what="context_ids", fix="were they mined with a model of a longer context? drop those records")
     return out
+
+
+def _record_name(i: int, row: dict[str, Any]) -> str:
+    return f"record {i}" + (f" (problem_id {row['problem_id']!r})" if row.get("problem_id") is not None else "")
 
 
 def collate_records(rows: Sequence[dict[str, Any]], pad_id: int, prefix_length: int = 0) -> dict[str, torch.Tensor]:

@@ -94,7 +94,7 @@ def learn_masks(
     if steps is not None and (steps < 1 or check_every < 1):
         raise ValueError(f"steps and check_every must be >= 1 (got {steps}, {check_every})")
     arch = get_arch(model)
-    rows = validate_records(records, arch.dims.vocab_size)
+    rows = validate_records(records, arch.dims.vocab_size, model=model)
     pad = pad_token_id(model, tokenizer) if pad_id is None else int(pad_id)
     masks = {k: nn.Parameter(torch.ones(arch.dims.n_layers, arch.num_components(k), device=model_device(model)))
              for k in kinds}
@@ -190,7 +190,7 @@ def circuit_margin(
     empty)`` of these margins (empty: a circuit keeping nothing), a share only when full > empty.
     """
     arch = get_arch(model)
-    rows = validate_records(records, arch.dims.vocab_size)
+    rows = validate_records(records, arch.dims.vocab_size, model=model)
     pad = pad_token_id(model, tokenizer) if pad_id is None else int(pad_id)
     device = model_device(model)
     scales: dict[str, torch.Tensor] = {}  # none: the unmodified model

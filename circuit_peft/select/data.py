@@ -6,7 +6,7 @@ import hashlib
 import logging
 from typing import Any, Sequence
 
-from torch import nn
+from ..validation import context_length  # noqa: F401  (the one definition; select's modules import it from here)
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +49,6 @@ def row_texts(rows: Any, field: str = "question", template: str | None = None, w
             raise ValueError(f"row {i}: the {what} field {field!r} is empty or not text ({text!r})")
         out.append(text)
     return out
-
-
-def context_length(model: nn.Module, tokenizer: Any = None) -> int:
-    """The longest sequence the model takes (config ``max_position_embeddings`` / ``n_positions``)."""
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    tok_n = getattr(tokenizer, "model_max_length", None)
-    candidates = [x for x in (n, tok_n) if isinstance(x, int) and 0 < x < 10**8]
-    return min(candidates) if candidates else 10**8
 
 
 def tokenize_texts(
