@@ -2,7 +2,8 @@
 
 ``--merged OUT`` writes the base model with the circuit merged in (a plain transformers folder, with
 the tokenizer); ``--lora OUT`` writes an exact standard LoRA adapter (``peft.save_as_lora``: a slice
-delta has rank at most its width, so the SVD at that rank is exact).
+delta has rank at most its width, so the SVD at that rank is exact) and prints the ``max_lora_rank`` a
+vLLM server needs to load it (or, when a module is wider than vLLM's 512, that it cannot, and ``--merged``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..export import export_lora, serving_note
 from ..files import check_adapter_folder
 
 
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     import peft
     from peft import PeftModel
 
-    from ..models import load_model, load_tokenizer
+    from ..models import load_model, load_tokenizer, resolve_model_path
 
     if not args.merged and not args.lora:
         raise ValueError("give --merged OUT and/or --lora OUT")
@@ -38,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{adapter / 'adapter_config.json'} names no base model: pass --model")
     model = PeftModel.from_pretrained(load_model(base_name), str(adapter))
     if args.lora:
-        peft.save_as_lora(args.lora, model, rank=1.0)
+        export_lora(model, args.lora)
         print(f"LoRA adapter (exact) written to {args.lora}")
+        print(serving_note(args.lora, base=resolve_model_path(base_name), adapter=str(adapter)))
     if args.merged:
         merged = model.merge_and_unload()
         merged.save_pretrained(args.merged)
