@@ -42,8 +42,9 @@ from tqdm.auto import tqdm
 from ..evaluate.accuracy import FEWSHOT_STOP
 from ..evaluate.answers import AnswerFormat, NumberAnswer
 from ..evaluate.generation import generate_batched
-from ..evaluate.prompts import PROMPT_STYLES, build_prompt, encode_prompts
+from ..evaluate.prompts import PROMPT_STYLES, encode_prompts, row_prompt
 from ..files import atomic_write_text
+from ..validation import within_context
 
 logger = logging.getLogger(__name__)
 
@@ -394,7 +395,7 @@ def _parse_problems(tokenizer: Any, problems: Sequence[dict[str, Any]], cfg: Min
     bad_gold: list[str] = []
     ids_seen: set[str] = set()
     for i, row in enumerate(problems):
-        if cfg.question_field not in row:
+        if cfg.question_field not in row and "prompt" not in row:
             raise ValueError(f"problem {i} has no {cfg.question_field!r} field (fields: {sorted(row)}); "
                              "set question_field")
         pid = str(row.get(cfg.id_field, i))
@@ -405,8 +406,8 @@ def _parse_problems(tokenizer: Any, problems: Sequence[dict[str, Any]], cfg: Min
         if gold is None:
             bad_gold.append(pid)
             continue
-        prompt = build_prompt(tokenizer, row[cfg.question_field], cfg.prompt_style, cfg.shots, system=cfg.system,
-                              instruction=cfg.instruction)
+        prompt = row_prompt(tokenizer, row, cfg.prompt_style, cfg.shots, cfg.question_field, system=cfg.system,
+                            instruction=cfg.instruction)
         valid.append(_Problem(pid, gold, encode_prompts(tokenizer, [prompt], cfg.prompt_style)[0]))
     if bad_gold:
         logger.warning("skipping %d of %d problems without a parsable gold answer (first: %s)",
@@ -415,6 +416,15 @@ def _parse_problems(tokenizer: Any, problems: Sequence[dict[str, Any]], cfg: Min
         raise ValueError(f"none of the {len(problems)} problems has a parsable gold answer (first ids: "
                          f"{bad_gold[:5]}); GSM8K answers end with '#### n', or pass answer_format=...")
     return valid, bad_gold
+
+
+def _check_context(model: Any, tokenizer: Any, valid: list[_Problem], cfg: MiningConfig) -> None:
+    """Refuse, before any mining, a problem whose prompt plus ``max_new_tokens`` does not fit in the model's
+    context (``max_position_embeddings``): naming the problem, its prompt's length in tokens and the context."""
+    within_context([len(p.prompt_ids) for p in valid], model, tokenizer, lambda i: f"problem {valid[i].pid!r}",
+                   what="prompt (question, instruction and shots)", reserve=cfg.max_new_tokens,
+                   reserve_name="max_new_tokens",
+                   fix="shorten or drop those problems, use fewer shots, or lower max_new_tokens (--max-new-tokens)")
 
 
 def _mine_chunks(miner: "_Miner", valid: list[_Problem], cfg: MiningConfig, out: Path | None,
@@ -486,6 +496,7 @@ def mine_pivotal_tokens(
         raise ValueError("no problems given: pass rows with a question and a gold answer")
     miner = _Miner(model, tokenizer, cfg, fmt)
     valid, bad_gold = _parse_problems(tokenizer, problems, cfg, fmt)
+    _check_context(model, tokenizer, valid, cfg)
     out = Path(output_dir) if output_dir is not None else None
     done, records = _resume_state(out, cfg) if out is not None else ({}, [])
     was_training = model.training

@@ -30,7 +30,9 @@ def load_rows(path: str, split: str = "train") -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..select.api import check_added_columns
     from ..select.data import row_texts
+    from ..select.heads import ReasoningHeads
     from ..select.sampling import subset_size
 
     if args.fraction is None or not 0 < args.fraction <= 1:
@@ -46,9 +48,12 @@ def run(args: argparse.Namespace) -> int:
     row_texts(dataset, args.question_field, None, what="question")
     if args.method in ("max-loss", "ifd"):
         row_texts(dataset, args.answer_field, None, what="answer")
+    check_added_columns(dataset.column_names, args.method, args.score_column, "--score-column")
+    # a heads file is read and checked (fields, indices against its own fingerprint) before the model loads
+    heads = ReasoningHeads.load(args.heads) if args.heads and args.method in ("circuitseer", "length-matched") else None
     cache = _open_cache(args, dataset)
     try:
-        return _select(args, dataset)
+        return _select(args, dataset, heads)
     finally:
         if cache is not None:
             cache.close()
@@ -76,17 +81,17 @@ def _only_score_caches(folder: Path) -> bool:
     return all(p.is_dir() and "-" in p.name for p in folder.iterdir())
 
 
-def _select(args: argparse.Namespace, dataset) -> int:
+def _select(args: argparse.Namespace, dataset, heads=None) -> int:
     from ..models import load_model, load_tokenizer
     from ..select.api import plot_scores, select_data
     from ..select.heads import ReasoningHeads, find_reasoning_heads
 
-    model = tokenizer = heads = None
+    model = tokenizer = None
     if args.method != "random":
         model, tokenizer = load_model(args.model, spec=load_spec(args)), load_tokenizer(args.model)
     if args.method in ("circuitseer", "length-matched"):
-        if args.heads:
-            heads = ReasoningHeads.load(args.heads, model=model)
+        if heads is not None:
+            heads.check_model(model)
         else:
             probe = dataset.select(range(min(args.probe_rows, len(dataset))))
             if args.answer_field not in dataset.column_names:
