@@ -3,7 +3,9 @@
 The circuit is chosen for what training will do to it: the components whose trainable slices
 (``projections``, default the CCA paper's: q/k/v rows of heads, ``up_proj`` rows of neurons) get
 the largest gradient of the (pivotal-weighted) completion loss, summed over the training set.
-Scores are L2 norms of that gradient (per kind; kinds are ranked separately).
+Scores are L2 norms of that gradient (per kind; kinds are ranked separately). On a bfloat16/float16
+model each batch's weight gradient is added into a float32 sum (the scored weights' size in float32), so
+many batches do not add up in bfloat16; the norms are taken in float64.
 """
 
 from __future__ import annotations
@@ -22,22 +24,23 @@ from ..batching import model_device, to_device
 GRADIENT_KINDS: tuple[str, ...] = ("q", "k", "v", "mlp")
 
 
-def _feature_sq_norms(module: nn.Module, axis: str) -> torch.Tensor:
-    """Squared L2 norm of ``module.weight.grad`` per feature on ``axis``, shape ``(features,)`` (float64, CPU)."""
-    g = module.weight.grad.detach().double().pow(2)
+def _feature_sq_norms(module: nn.Module, axis: str, sums: dict[nn.Parameter, torch.Tensor]) -> torch.Tensor:
+    """Squared L2 norm of ``module.weight``'s gradient (its float32 sum in ``sums``, else ``.grad``) per feature
+    on ``axis``, shape ``(features,)`` (float64, CPU)."""
+    g = sums.get(module.weight, module.weight.grad).detach().double().pow(2)
     dim = ModelArch.weight_dim(module, axis)
     return g.sum(1 - dim).cpu()
 
 
-def _component_scores(model: nn.Module, arch: ModelArch, kinds: tuple[str, ...], projections: str
-                      ) -> dict[Component, float]:
+def _component_scores(model: nn.Module, arch: ModelArch, kinds: tuple[str, ...], projections: str,
+                      sums: dict[nn.Parameter, torch.Tensor]) -> dict[Component, float]:
     scores: dict[Component, float] = {}
     for layer in range(arch.dims.n_layers):
         for kind in kinds:
             n = arch.num_components(kind)
             sq = torch.zeros(n, dtype=torch.float64)
             for p in arch.projections_for(kind, PROJECTION_PRESETS[projections][kind]):
-                feats = _feature_sq_norms(arch.projection_module(model, layer, p), arch.axis(p))
+                feats = _feature_sq_norms(arch.projection_module(model, layer, p), arch.axis(p), sums)
                 start, _ = arch.feature_range(kind, 0, p)
                 _, stop = arch.feature_range(kind, n - 1, p)
                 sq += feats[start:stop].reshape(n, -1).sum(1)
@@ -53,6 +56,7 @@ def _gradient_norms(model: nn.Module, arch: ModelArch, rows: list[dict[str, Any]
 
     for p in model.parameters():
         p.grad = None
+    sums: dict[nn.Parameter, torch.Tensor] = {}
     collate = PivotalCollator(None, pad_token_id=pad_token_id)
     device = model_device(model)
     for s in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress):
@@ -60,7 +64,18 @@ def _gradient_norms(model: nn.Module, arch: ModelArch, rows: list[dict[str, Any]
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         loss = pivotal_weighted_loss(logits, batch["labels"], batch["token_weights"])
         (loss * len(rows[s : s + batch_size]) / len(rows)).backward()
-    return _component_scores(model, arch, kinds, projections)
+        add_low_precision_grads(model, sums)
+    return _component_scores(model, arch, kinds, projections, sums)
+
+
+def add_low_precision_grads(model: nn.Module, sums: dict[nn.Parameter, torch.Tensor]) -> None:
+    """Move every bfloat16/float16 ``.grad`` of ``model`` into its float32 sum in ``sums`` (``.grad`` cleared),
+    so that gradients of many batches add up in float32 on a low-precision model."""
+    for p in model.parameters():
+        if p.grad is not None and p.grad.dtype in (torch.bfloat16, torch.float16):
+            g = p.grad.float()
+            sums[p] = sums[p].add_(g) if p in sums else g
+            p.grad = None
 
 
 def gradient_scan(

@@ -95,14 +95,16 @@ def fit_on_grid(run, tag: str, model: nn.Module, train_at: Callable[[nn.Module, 
 
         def fit_one(lr: float = lr, path: Path = path) -> dict[str, Any]:
             set_peft_model_state_dict(model, initial)
-            train_at(model, lr)
+            train_at(model, lr)  # data-parallel on every process under a launcher
+            if not getattr(run, "is_main", True):  # measured and saved once, by the main process
+                return {}
             save_weights(model, path)
             out = {"lr": lr, "validation_accuracy": measure(model)}
             if tie_break is not None:
                 out["validation_loss"] = tie_break(model)
             return out
 
-        result = run.stage(stage, fit_one, log)
+        result = run.stage(stage, fit_one, log, **({"every_process": True} if hasattr(run, "is_main") else {}))
         scores[lr] = result["validation_accuracy"]
         if "validation_loss" in result:
             losses[lr] = result["validation_loss"]
