@@ -76,7 +76,7 @@ def _row_from_record(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase | N
         return _row_from_contrastive(row, pivotal_weight)
     if "input_ids" in row:
         return _row_from_token_ids(row, pivotal_weight)
-    return _row_from_text(row, tokenizer, pivotal_weight, add_eos, special)
+    return _row_from_text(row, tokenizer, pivotal_weight, bool(row.get("add_eos", add_eos)), special)
 
 
 def _row_from_contrastive(row: dict[str, Any], pivotal_weight: float) -> dict[str, list]:
@@ -175,8 +175,9 @@ def build_pivotal_dataset(
     - a contrastive record ``{"context_ids", "desired_id", "undesired_id"}`` (optional
       ``prompt_length``: tokens before it get no loss; default: only the desired token is trained);
     - ``{"input_ids", "pivotal_positions", "undesired_ids"?, "completion_mask"?}`` (token positions);
-    - ``{"prompt", "completion", "pivotal_spans"?, "undesired_ids"?}``: char spans in the
-      completion (EOS appended when ``add_eos``); prompt tokens get ``completion_mask`` 0;
+    - ``{"prompt", "completion", "pivotal_spans"?, "undesired_ids"?, "add_eos"?}``: char spans in the
+      completion (EOS appended when the row's ``add_eos``, default ``add_eos``: a chat template's
+      completion ends with its own end-of-turn text); prompt tokens get ``completion_mask`` 0;
     - ``{"text", "pivotal_spans"?, "undesired_ids"?}``: char spans in the text.
 
     ``undesired_ids`` gives one token id per position / span (spans: placed on the span's first

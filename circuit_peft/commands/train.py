@@ -13,6 +13,7 @@ from typing import Any
 from ._args import (
     add_model_args, add_side_effect_sizes, distinct_list, fraction, known_names, load_spec, non_negative, positive,
 )
+from ..evaluate.answers import ANSWER_CHECKERS
 from ..files import read_rows
 from ._cca import resolve_shots
 from ..recipe.controls import CONTROLS
@@ -44,20 +45,22 @@ def load_examples(source: str, split: str, n: int | None, seed: int, config: str
     return rows[:n] if n is not None else rows
 
 
-def _check_fields(rows: list[dict[str, Any]], fields: tuple[str, ...], what: str) -> None:
-    for i, row in enumerate(rows):
-        missing = [f for f in fields if f not in row]
-        if missing:
-            raise ValueError(f"{what}: row {i + 1} has no {missing} field (fields: {sorted(row)}); "
-                             "use --question-field / --answer-field")
+def _check_rows(rows: list[dict[str, Any]], args: argparse.Namespace, source: str, split: str) -> None:
+    """Every row in one of the formats ``train`` reads, with a gold the ``--answer`` checker reads; a bad
+    row is named ``file:line`` with its field (:func:`~circuit_peft.evaluate.formats.task_rows`)."""
+    from ..evaluate.answers import answer_checker
+    from ..evaluate.formats import row_places, task_rows
+
+    checker = answer_checker(getattr(args, "answer", "number"), args.answer_field, args.question_field)
+    task_rows(rows, checker, args.question_field, args.answer_field, row_places(source, len(rows), split))
 
 
 def split_examples(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     rows = load_examples(args.data, args.data_split, args.n_train, args.seed, args.data_config)
-    _check_fields(rows, (args.question_field, args.answer_field), f"--data {args.data}")
+    _check_rows(rows, args, args.data, args.data_split)
     if args.heldout:
         held = load_examples(args.heldout, "test", args.n_heldout, args.seed, args.data_config)
-        _check_fields(held, (args.question_field, args.answer_field), f"--heldout {args.heldout}")
+        _check_rows(held, args, args.heldout, "test")
     else:
         k = int(len(rows) * args.heldout_fraction)
         if k < 1 or k >= len(rows):
@@ -80,14 +83,13 @@ def config_from_args(args: argparse.Namespace):
                        mmlu_subjects=tuple(x for x in args.mmlu_subjects.split(",") if x) if args.mmlu_subjects else None,
                        mmlu_limit=args.mmlu_limit, truthfulqa_limit=args.truthfulqa_limit, kl_chunks=args.kl_chunks,
                        answer_field=args.answer_field, seed=args.seed, controls=args.controls,
-                       learning_rates=tuple(args.lrs), validation_fraction=args.validation_fraction,
+                       learning_rates=tuple(args.lrs), validation_fraction=args.validation_fraction, answer=args.answer,
                        load=load_spec(args))
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..distributed import is_main_process
     from ..recipe import train
     from ..recipe.seeds import check_seeds_folder, seed_folder, seeds_table, write_seeds_summary
 
@@ -103,13 +105,12 @@ def run(args: argparse.Namespace) -> int:
     argv = getattr(args, "argv", None)
     command = "circuit-peft " + " ".join(shlex.quote(a) for a in argv) if argv else None
     reports = {}
-    say = print if is_main_process() else (lambda *_: None)  # under a launcher, one process speaks and writes
     for seed, config, train_rows, held in runs:
         out = seed_folder(args.out, seed) if args.seeds else args.out
-        say(f"circuit-peft train: {args.model}, {len(train_rows)} training / {len(held)} held-out examples -> {out}")
+        print(f"circuit-peft train: {args.model}, {len(train_rows)} training / {len(held)} held-out examples -> {out}")
         reports[seed] = train(args.model, train_rows, held, out, config, command=command).report
-        say(f"adapter, circuit.json, circuit.png and report.json are in {out}/")
-    if args.seeds and is_main_process():
+        print(f"adapter, circuit.json, circuit.png and report.json are in {out}/")
+    if args.seeds:
         print(seeds_table(write_seeds_summary(args.out, reports)))
     return 0
 
@@ -138,7 +139,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--heldout-fraction", type=fraction, default=0.2)
     d.add_argument("--n-heldout", type=positive(int), default=None)
     d.add_argument("--question-field", default="question")
-    d.add_argument("--answer-field", default="answer", help="gold answer: GSM8K '... #### n' or a bare number")
+    d.add_argument("--answer-field", default="answer", help="gold answer of question/answer rows (with --answer number: "
+                   "GSM8K '... #### n' or a bare number)")
+    d.add_argument("--answer", choices=tuple(ANSWER_CHECKERS), default="number",
+                   help="how answers are checked: number (the final number), choice (an option letter; rows may list "
+                        "'options'/'choices'), exact (the string, case/space/end punctuation ignored), none (no "
+                        "generation: held-out completion loss before/after; refuses --update cca, --locate "
+                        "attribution, --lrs, --controls). Rows: question/answer, or TRL's messages or prompt/completion")
     d.add_argument("--shots", default=None, help="worked examples: .jsonl, 'arithmetic', 'multiplication' or 'none' "
                         "(default: the generated task's own, else none)")
     d.add_argument("--prompt-style", choices=("chat", "fewshot"), default=None,

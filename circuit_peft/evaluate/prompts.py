@@ -1,7 +1,10 @@
-"""Prompts for math problems: a chat-template prompt or a plain few-shot prompt.
+"""Prompts: a chat-template prompt or a plain few-shot prompt for a question, or a TRL row's own prompt.
 
-Shared by evaluation (``accuracy``) and pivotal-token mining (``cca.mining``) so that a model is
-mined and measured with the same prompt.
+Shared by evaluation (``accuracy``), SFT (``recipe.sft``) and pivotal-token mining (``cca.mining``) so
+that a model is trained, mined and measured with the same prompt. :func:`row_prompt` and
+:func:`row_completion` turn one row of any format :mod:`~circuit_peft.evaluate.formats` reads into text:
+``question``/``answer`` rows through :func:`build_prompt`, TRL ``prompt``/``completion`` rows as TRL does
+(conversational ones through :func:`trl.data_utils.maybe_apply_chat_template`).
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
-PromptStyle = Literal["chat", "fewshot"]
-PROMPT_STYLES: tuple[str, ...] = ("chat", "fewshot")
+PromptStyle = Literal["chat", "fewshot", "text"]
+# "text": the prompt as written (TRL's prompt/completion strings); the tokenizer adds its special tokens
+PROMPT_STYLES: tuple[str, ...] = ("chat", "fewshot", "text")
 
 # Our choice: two short worked problems whose solutions end with "The answer is N." (the phrase
 # ``extract_model_answer`` looks for first).
@@ -68,6 +72,8 @@ def build_prompt(
     - ``style="fewshot"``: ``"Question: ...\\nAnswer: ...\\n\\n"`` per shot (default
       :data:`DEFAULT_SHOTS`), then ``"Question: {question}\\nAnswer:"``. ``tokenizer`` may be None.
 
+    - ``style="text"``: the question as written (no template, no shots).
+
     Shots are ``{"question", "answer"}`` dicts (GSM8K ``#### n`` answers are reformatted) or pairs.
     ``instruction`` (e.g. ``"End with 'The answer is N.'"``) is appended to the question.
     Tokenize the result with :func:`encode_prompts` (chat templates already hold special tokens).
@@ -77,6 +83,8 @@ def build_prompt(
     if not isinstance(question, str) or not question.strip():
         raise ValueError("question must be a non-empty string")
     text = question.strip() if instruction is None else f"{question.strip()} {instruction.strip()}"
+    if style == "text":
+        return question if instruction is None else f"{question.rstrip()} {instruction.strip()}"
     if style == "fewshot":
         pairs = [_shot_pair(s) for s in (DEFAULT_SHOTS if shots is None else shots)]
         blocks = [f"Question: {q.strip()}\nAnswer: {a.strip()}\n\n" for q, a in pairs]
@@ -103,11 +111,70 @@ def default_prompt_style(tokenizer: PreTrainedTokenizerBase | None, log: Any = N
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], style: PromptStyle) -> list[list[int]]:
     """Token ids of prompts made by :func:`build_prompt` (no padding).
 
-    Chat prompts already carry the template's special tokens, so none are added; few-shot
-    prompts get the tokenizer's usual ones (e.g. a BOS token).
+    Chat prompts already carry the template's special tokens, so none are added; few-shot and
+    text prompts get the tokenizer's usual ones (e.g. a BOS token), as TRL tokenizes non-chat prompts.
     """
-    enc = tokenizer(list(prompts), add_special_tokens=(style == "fewshot"))
+    enc = tokenizer(list(prompts), add_special_tokens=(style != "chat"))
     return [list(ids) for ids in enc["input_ids"]]
+
+
+def _templated(tokenizer: PreTrainedTokenizerBase, row: Mapping[str, Any]) -> dict[str, str]:
+    """TRL's text of a conversational prompt/completion row (prompt with the generation prompt)."""
+    from trl.data_utils import maybe_apply_chat_template
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("conversational rows need a tokenizer with a chat template; this one has none")
+    example = {k: row[k] for k in ("prompt", "completion") if k in row}
+    return maybe_apply_chat_template(example, tokenizer)
+
+
+def _is_trl_row(row: Mapping[str, Any], question_field: str) -> bool:
+    return question_field not in row and "prompt" in row
+
+
+def row_prompt(
+    tokenizer: PreTrainedTokenizerBase | None,
+    row: Mapping[str, Any],
+    style: PromptStyle = "chat",
+    shots: Sequence[Any] | None = None,
+    question_field: str = "question",
+    system: str | None = None,
+    instruction: str | None = None,
+) -> str:
+    """The prompt text of one row: a TRL ``prompt`` (a string as written; turns through TRL's chat
+    template, with the generation prompt), else :func:`build_prompt` of ``row[question_field]``."""
+    if _is_trl_row(row, question_field):
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            return prompt if instruction is None else f"{prompt.rstrip()} {instruction.strip()}"
+        return _templated(tokenizer, row)["prompt"]
+    if question_field not in row:
+        raise ValueError(f"row has no {question_field!r} field and no 'prompt' (fields: {sorted(row)}); "
+                         "pass question_field=...")
+    return build_prompt(tokenizer, row[question_field], style, shots, system=system, instruction=instruction)
+
+
+def row_completion(
+    tokenizer: PreTrainedTokenizerBase | None,
+    row: Mapping[str, Any],
+    style: PromptStyle = "chat",
+    question_field: str = "question",
+    answer_field: str = "answer",
+) -> tuple[str, bool]:
+    """``(text, add_eos)``: the gold completion of one row as SFT trains on it, and whether EOS follows.
+
+    ``question``/``answer`` rows: the answer as a solution (GSM8K ``#### n`` written ``The answer is n.``;
+    a leading space in the few-shot style), then EOS. TRL rows as TRL's ``SFTTrainer`` tokenizes them:
+    a completion string, then EOS unless it ends with it; completion turns through the chat template
+    (its end-of-turn text ends them; no EOS added)."""
+    if _is_trl_row(row, question_field):
+        completion = row["completion"]
+        if isinstance(completion, str):
+            eos = getattr(tokenizer, "eos_token", None)
+            return completion, not (eos and completion.endswith(eos))
+        return _templated(tokenizer, row)["completion"], False
+    text = format_gsm8k_solution(str(row[answer_field]))
+    return (" " + text if style == "fewshot" else text), True
 
 
 def build_prompt_ids(

@@ -25,7 +25,6 @@ from typing import Any, Callable, Sequence
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..distributed import end_process_group_at_exit
 from ..files import atomic_dir, atomic_write_json, atomic_write_text
 from ..models import LoadSpec
 from ..runs import OpenRun, fingerprint as _fingerprint
@@ -78,9 +77,11 @@ class TrainConfig:
     learning_rates: tuple[float, ...] = ()
     validation_fraction: float = 0.2
     load: LoadSpec = field(default_factory=LoadSpec)
+    answer: str = "number"  # the answer checker (evaluate.answers.ANSWER_CHECKERS); "none": completion loss
 
     def __post_init__(self) -> None:
         self.load = LoadSpec.of(self.load)
+        _check_answer_settings(self)
         self.controls = tuple(self.controls)
         self.learning_rates = tuple(self.learning_rates)
         if any(not lr > 0 for lr in self.learning_rates) or len(set(self.learning_rates)) != len(self.learning_rates):
@@ -127,46 +128,18 @@ class TrainResult:
 
 
 class RunFolder(OpenRun):
-    """:class:`~circuit_peft.runs.OpenRun` plus finished stages (``stages/<name>.json``) for :func:`train`.
-
-    Under ``torchrun`` / ``accelerate launch`` only the main process opens (and locks) the folder and writes
-    into it; the others wait for its ``run.json`` and for each stage's file (:mod:`circuit_peft.distributed`)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        from ..distributed import is_main_process
-
-        super().__init__(*args, **kwargs)
-        self.is_main = is_main_process()
+    """:class:`~circuit_peft.runs.OpenRun` plus finished stages (``stages/<name>.json``) for :func:`train`."""
 
     def open(self) -> None:
-        if not self.is_main:  # the main process checks, locks and writes the folder; this one reads it
-            from ..distributed import wait_for_file
-
-            wait_for_file(self.path / "run.json", lambda p: p.exists() and json.loads(p.read_text())["key"] == self.key)
-            wait_for_file(self.path / "stages")
-            return
         super().open()
         (self.path / "stages").mkdir(exist_ok=True)
 
-    def close(self) -> None:
-        if self.is_main:
-            super().close()
-
-    def stage(self, name: str, fn: Callable[[], dict[str, Any]], log: Callable[[str], None],
-              every_process: bool = False) -> dict[str, Any]:
-        """The stage's saved result, or run ``fn`` and save what it returns (JSON). With several processes, the
-        main one runs ``fn`` and saves; the others wait for its file, having run ``fn`` too when
-        ``every_process`` (a stage that trains data-parallel; ``fn`` then measures on the main process only)."""
+    def stage(self, name: str, fn: Callable[[], dict[str, Any]], log: Callable[[str], None]) -> dict[str, Any]:
+        """The stage's saved result, or run ``fn`` and save what it returns (JSON)."""
         path = self.path / "stages" / f"{name}.json"
         if path.exists():
             log(f"[{name}] done earlier: reused")
             return json.loads(path.read_text())
-        if not self.is_main:
-            from ..distributed import wait_for_file
-
-            if every_process:
-                fn()
-            return json.loads(wait_for_file(path).read_text())
         t0 = time.perf_counter()
         result = fn()
         result["seconds"] = time.perf_counter() - t0
@@ -174,10 +147,39 @@ class RunFolder(OpenRun):
         return result
 
 
+def _check_answer_settings(cfg: TrainConfig) -> None:
+    """``cfg.answer`` names a checker; ``"none"`` (no generation) refuses what needs a checked answer."""
+    from ..evaluate.answers import ANSWER_CHECKERS
+
+    if cfg.answer not in ANSWER_CHECKERS:
+        raise ValueError(f"answer must be one of {tuple(ANSWER_CHECKERS)}, got {cfg.answer!r}")
+    if cfg.answer != "none":
+        return
+    needs = {"update='cca' (--update cca)": cfg.update == "cca",
+             "locate='attribution' (--locate attribution)": cfg.locate == "attribution",
+             "learning_rates (--lrs)": bool(cfg.learning_rates), "controls (--controls)": bool(cfg.controls)}
+    refused = [name for name, on in needs.items() if on]
+    if refused:
+        raise ValueError(f"answer='none' (--answer none) checks no answers, and {', '.join(refused)} need checked "
+                         "answers (mined pivotal tokens, or accuracy to compare): choose --answer number|choice|exact, "
+                         "or drop " + ", ".join(refused))
+
+
+def _checker(cfg: TrainConfig):
+    """The answer checker ``cfg.answer`` names, reading ``cfg``'s fields."""
+    from ..evaluate.answers import answer_checker
+
+    return answer_checker(cfg.answer, cfg.answer_field, cfg.question_field)
+
+
 def _accuracy(model, tokenizer, rows, style, cfg: TrainConfig) -> dict[str, Any]:
+    """Held-out accuracy with ``cfg``'s checker; with ``answer='none'`` the completion loss instead."""
     from ..evaluate.accuracy import evaluate_accuracy
 
+    if cfg.answer == "none":
+        return _completion_loss(model, tokenizer, rows, style, cfg)
     r = evaluate_accuracy(model, tokenizer, rows, style=style, shots=cfg.shots, question_field=cfg.question_field,
+                          answer_format=_checker(cfg),
                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, progress=True)
     return {"accuracy": r.accuracy, "stderr": r.stderr, "count": r.count, "capped_fraction": r.capped_fraction,
             "correct": [int(x["correct"]) for x in r.records]}
@@ -196,9 +198,19 @@ def _select(model, tokenizer, rows, cfg: TrainConfig) -> dict[str, Any]:
     return {"rows": sorted(int(i) for i in result.indices), "method": cfg.select}
 
 
+def _completion_loss(model, tokenizer, rows, style, cfg: TrainConfig) -> dict[str, Any]:
+    """Mean held-out completion loss per token (nats) with its standard error, per row in ``losses``."""
+    from ..evaluate.accuracy import completion_loss
+    from ..evaluate.generation import eval_mode
+
+    data = pivotal_dataset(tokenizer, _gold_examples(tokenizer, rows, style, cfg), 1.0, style)
+    with eval_mode(model):
+        return completion_loss(model, tokenizer, [dict(r) for r in data], batch_size=cfg.eval_batch_size)
+
+
 def _gold_examples(tokenizer, rows, style: str, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """``rows``' gold solutions as SFT examples in ``style``, with ``cfg``'s shots and fields."""
-    return gold_examples(tokenizer, rows, style, cfg.shots, cfg.question_field, cfg.answer_field)
+    """``rows``' gold solutions as SFT examples in ``style``, with ``cfg``'s shots, fields and checker."""
+    return gold_examples(tokenizer, rows, style, cfg.shots, cfg.question_field, cfg.answer_field, _checker(cfg))
 
 
 def _gold_sft_rows(tokenizer, rows, style: str, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -278,12 +290,14 @@ def _reference_rows(tokenizer, cfg: TrainConfig, n_chunks: int = 32, chunk_lengt
 
 def _mine_digit_pivots(model, tokenizer, rows, style: str, cfg: TrainConfig, mining_dir: str | os.PathLike,
                        progress: bool = True):
-    """First-wrong-digit pivot records of ``model`` on ``rows`` (mined once into ``mining_dir``, resumable)."""
+    """Pivot records of ``model`` on ``rows`` (mined once into ``mining_dir``, resumable), checked by
+    ``cfg.answer``'s checker: the first wrong digit for ``number``, else the paper's branching pivots."""
     from ..cca.mining import MiningConfig, mine_pivotal_tokens
 
-    mining = MiningConfig(pivot="digit", shots=cfg.shots, prompt_style=style, max_new_tokens=cfg.max_new_tokens,
-                          question_field=cfg.question_field, seed=cfg.seed)
-    return mine_pivotal_tokens(model, tokenizer, rows, mining_dir, mining, progress=progress).records
+    mining = MiningConfig(pivot="digit" if cfg.answer == "number" else "token", shots=cfg.shots, prompt_style=style,
+                          max_new_tokens=cfg.max_new_tokens, question_field=cfg.question_field, seed=cfg.seed)
+    return mine_pivotal_tokens(model, tokenizer, rows, mining_dir, mining, answer_format=_checker(cfg),
+                               progress=progress).records
 
 
 def _cca_update(peft_model, tokenizer, rows, style: str, cfg: TrainConfig, run: "RunFolder", log) -> dict[str, Any]:
@@ -294,8 +308,8 @@ def _cca_update(peft_model, tokenizer, rows, style: str, cfg: TrainConfig, run: 
     with peft_model.disable_adapter():
         records = _mine_digit_pivots(peft_model, tokenizer, rows, style, cfg, run.path / "mining")
     if not len(records):
-        raise ValueError("the base model made no digit mistakes on the training examples: nothing for the CCA "
-                         "update to learn from; use update='sft'")
+        raise ValueError("mining found no pivotal token on the training examples (the base model made no "
+                         "mistake a pivot fixes): nothing for the CCA update to learn from; use update='sft'")
     log(f"[train] CCA update of the circuit on {len(records)} pivot records, {cfg.update_steps} steps")
     result = amplify_update(peft_model, records, None, tokenizer=tokenizer, steps=cfg.update_steps)
     return {"records": len(records), "initial_margin": result.initial_margin, "final_margin": result.final_margin}
@@ -336,10 +350,15 @@ def model_card(report: dict[str, Any], command: str | None) -> str:
              f"Trained by circuit-peft: only {report['locate']['components']} components "
              f"({100 * report['locate']['component_fraction']:.2f} % of q/k/v heads and MLP neurons, "
              f"{report['trainable_params']:,} parameters) changed. Load with `PeftModel.from_pretrained` "
-             "after `import circuit_peft`.", "",
-             "| held-out | accuracy | standard error | answers hitting the token cap |", "| --- | ---: | ---: | ---: |",
-             f"| before | {b['accuracy']:.3f} | {b['stderr']:.3f} | {b['capped_fraction']:.3f} |",
-             f"| after | {a['accuracy']:.3f} | {a['stderr']:.3f} | {a['capped_fraction']:.3f} |", ""]
+             "after `import circuit_peft`.", ""]
+    if "loss" in b:  # answer='none': the held-out completion loss
+        lines += ["| held-out | completion loss (nats/token) | standard error |", "| --- | ---: | ---: |",
+                  f"| before | {b['loss']:.4f} | {b['stderr']:.4f} |", f"| after | {a['loss']:.4f} | {a['stderr']:.4f} |",
+                  "", _loss_change(b, a), ""]
+    else:
+        lines += ["| held-out | accuracy | standard error | answers hitting the token cap |", "| --- | ---: | ---: | ---: |",
+                  f"| before | {b['accuracy']:.3f} | {b['stderr']:.3f} | {b['capped_fraction']:.3f} |",
+                  f"| after | {a['accuracy']:.3f} | {a['stderr']:.3f} | {a['capped_fraction']:.3f} |", ""]
     effects = report.get("side_effects") or {}
     if effects:
         lines += ["Side effects: " + ", ".join(f"{k} {v:+.4f}" for k, v in effects.items() if k != "seconds"), ""]
@@ -357,8 +376,15 @@ def model_card(report: dict[str, Any], command: str | None) -> str:
 
 
 def summary_table(report: dict[str, Any]) -> str:
-    """A short human summary: before/after accuracy with standard errors and the circuit size."""
+    """A short human summary: before/after accuracy (or completion loss) with standard errors and the circuit size."""
     b, a = report["before"], report["after"]
+    if "loss" in b:
+        return "\n".join([
+            f"{'':8s} {'loss':>9s} {'+/- SE':>7s}   (nats per completion token, {b['count']} held-out rows)",
+            f"{'before':8s} {b['loss']:9.4f} {b['stderr']:7.4f}", f"{'after':8s} {a['loss']:9.4f} {a['stderr']:7.4f}",
+            f"{_loss_change(b, a)}; circuit {report['locate']['components']} components "
+            f"({100 * report['locate']['component_fraction']:.2f} %), {report['trainable_params']:,} trainable parameters",
+        ])
     gain = a["accuracy"] - b["accuracy"]
     se = (a["stderr"] ** 2 + b["stderr"] ** 2) ** 0.5
     return "\n".join([
@@ -371,6 +397,18 @@ def summary_table(report: dict[str, Any]) -> str:
         *_control_lines(report.get("controls") or {}),
         *_rate_lines(report),
     ])
+
+
+def _loss_change(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """After minus before completion loss, with the standard error paired over the same held-out rows."""
+    from ..evaluate.accuracy import ratio_mean_se
+
+    counts = before["counts"]
+    diff = [(x - y) * n for x, y, n in zip(after["losses"], before["losses"], counts)]
+    change = ratio_mean_se(diff, counts)
+    se = change["stderr"]
+    return (f"change {change['loss']:+.4f} nats/token (paired SE {se:.4f}, "
+            f"{change['loss'] / se if se else float('nan'):+.1f} SE)")
 
 
 def _rate_lines(report: dict[str, Any]) -> list[str]:
@@ -410,14 +448,17 @@ def train(
 ) -> TrainResult:
     """Locate the circuit of ``model_name`` on ``train_rows``, train it, evaluate on ``heldout_rows``.
 
-    Rows are ``{question, answer}`` dicts (field names in ``config``; answers GSM8K-style ``... #### n``
-    or a bare number). Each stage is resumable (see the module docstring). Returns a :class:`TrainResult`.
+    Rows are in one of the formats :func:`~circuit_peft.evaluate.formats.task_rows` reads: TRL's ``messages``
+    or ``prompt``/``completion`` (strings or turns), or ``{question, answer}`` dicts (field names in
+    ``config``); ``config.answer`` chooses how answers are checked (a number, GSM8K-style ``... #### n`` or
+    bare, by default). Each stage is resumable (see the module docstring). Returns a :class:`TrainResult`.
     """
     cfg = config or TrainConfig()
     train_rows, heldout_rows = [dict(r) for r in train_rows], [dict(r) for r in heldout_rows]
     for name, rows in (("training", train_rows), ("held-out", heldout_rows)):
         if not rows:
             raise ValueError(f"the {name} set is empty")
+    train_rows, heldout_rows = _task_rows(train_rows, heldout_rows, cfg)
     if cfg.locate == "gradient_contrast":  # read the general text now, not after the model has loaded
         from ..evaluate.data import load_text
 
@@ -426,6 +467,8 @@ def train(
     config.update(cfg.load.settings())  # the resolved dtype, not the device: a run may resume on another device
     config.pop("load")
     config.pop("controls")  # trained after the circuit: adding controls to a finished run reuses it
+    if cfg.answer == "number":  # run folders made before the checker choice keep their settings
+        config.pop("answer")
     if not cfg.learning_rates:  # run folders made before the grid existed keep their settings
         config.pop("learning_rates"), config.pop("validation_fraction")
     settings = {"model": model_name, "config": config, "train": _fingerprint(train_rows),
@@ -434,9 +477,6 @@ def train(
     if cfg.learning_rates:  # rows held back to choose each arm's rate: never located on or trained on
         train_rows, val_rows = validation_split(train_rows, cfg.validation_fraction, cfg.seed)
     run = RunFolder(output_dir, settings)
-    if not run.is_main:  # one process speaks (and writes); see circuit_peft.distributed
-        log = _silent
-    end_process_group_at_exit()
     run.open()
     try:
         return _run_stages(run, model_name, train_rows, val_rows, heldout_rows, cfg, command, log)
@@ -444,8 +484,21 @@ def train(
         run.close()
 
 
-def _silent(_: str) -> None:
-    """The log of a process that is not the main one."""
+def _task_rows(train_rows, heldout_rows, cfg: TrainConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Both sets checked and normalised by :func:`~circuit_peft.evaluate.formats.task_rows` (one format);
+    refuses what reads only question/answer rows (selection, shots) on the other formats."""
+    from ..evaluate.formats import task_rows
+
+    train_rows, kind = task_rows(train_rows, _checker(cfg), cfg.question_field, cfg.answer_field, what="training")
+    heldout_rows, held = task_rows(heldout_rows, _checker(cfg), cfg.question_field, cfg.answer_field, what="held-out")
+    if held != kind:
+        raise ValueError(f"the training rows are {kind.replace('_', '/')} rows and the held-out rows "
+                         f"{held.replace('_', '/')} rows: give both sets in one format")
+    if kind != "question_answer":
+        for name, on in (("select (--select)", cfg.select), ("shots (--shots)", cfg.shots)):
+            if on:
+                raise ValueError(f"{name} reads question/answer rows; these are {kind} prompt/completion rows")
+    return train_rows, heldout_rows
 
 
 def _fit(run: RunFolder, peft_model, tokenizer, rows, val_rows, style: str, cfg: TrainConfig, log) -> dict[str, Any]:
@@ -457,7 +510,7 @@ def _fit(run: RunFolder, peft_model, tokenizer, rows, val_rows, style: str, cfg:
         return json.loads((run.path / "stages" / "train.json").read_text())
 
     def fit():
-        if cfg.update == "cca":  # its own loop, on the main process: the others load its weights below
+        if cfg.update == "cca":
             out = _cca_update(peft_model, tokenizer, rows, style, cfg, run, log)
             save_weights(peft_model, weights)
             return out
@@ -466,14 +519,10 @@ def _fit(run: RunFolder, peft_model, tokenizer, rows, val_rows, style: str, cfg:
         log(f"[train] pivotal SFT of the circuit on {len(examples)} examples, {cfg.sft.epochs:g} epochs "
             f"({steps} optimizer steps of {cfg.sft.batch_size}; the bar shows the time left)")
         out = _train_arm(run, "train", peft_model, tokenizer, examples, val_rows, style, cfg, log)
-        if run.is_main:
-            save_weights(peft_model, weights)
+        save_weights(peft_model, weights)
         return {"examples": len(examples), **out}
 
-    result = run.stage("train", fit, log, every_process=cfg.update == "sft")  # SFT: data-parallel on every process
-    if not run.is_main:  # exactly the weights the main process saved
-        load_weights(peft_model, weights)
-    return result
+    return run.stage("train", fit, log)
 
 
 def _train_arm(run: RunFolder, tag: str, model, tokenizer, examples, val_rows, style: str, cfg: TrainConfig,
@@ -533,8 +582,7 @@ def _controls(run: RunFolder, model_name: str, tokenizer, circuit, rows, val_row
     out = {}
     for name in cfg.controls:
         result = dict(run.stage(f"control_{name}", lambda: _control(run, name, model_name, tokenizer, circuit, rows,
-                                                                    val_rows, heldout_rows, style, cfg, log), log,
-                                every_process=True))  # trained data-parallel, measured on the main process
+                                                                    val_rows, heldout_rows, style, cfg, log), log))
         if len(after.get("correct", [])) == len(result["correct"]):
             result["gap"], result["gap_se"] = paired_gap(after["correct"], result["correct"])
         else:  # an "after" stage saved before per-problem results were kept
@@ -555,13 +603,18 @@ def _control(run: RunFolder, name: str, model_name: str, tokenizer, circuit, row
     examples = _gold_examples(tokenizer, rows, style, cfg)
     log(f"[control {name}] training {size['trainable_params']:,} parameters with the circuit's recipe")
     rate = _train_arm(run, f"control_{name}", model, tokenizer, examples, val_rows, style, cfg, log)
-    if not run.is_main:
-        return {}
     model.eval()
     result = {**size, **rate, **_accuracy(model, tokenizer, heldout_rows, style, cfg)}
     if cfg.side_effect_data_dir:
         result["side_effects"] = _measure_side_effects(model, tokenizer, cfg)
     return result
+
+
+def _measured(result: dict[str, Any]) -> str:
+    """One measurement in words: accuracy, or completion loss, with its standard error."""
+    if "loss" in result:
+        return f"completion loss {result['loss']:.4f} +/- {result['stderr']:.4f} nats/token"
+    return f"accuracy {result['accuracy']:.3f} +/- {result['stderr']:.3f}"
 
 
 def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]],
@@ -570,14 +623,14 @@ def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]
     from peft import get_peft_model
 
     from ..circuit import Circuit
-    from ..evaluate.prompts import default_prompt_style
+    from ..evaluate.formats import data_style, rows_kind
     from ..models import load_model, load_tokenizer
     from ..tuner import circuit_size
 
     settings = run.settings
     out = run.path
     tokenizer: PreTrainedTokenizerBase = load_tokenizer(model_name)
-    style = cfg.prompt_style or default_prompt_style(tokenizer, log=log)
+    style = data_style(tokenizer, rows_kind(train_rows, cfg.question_field, cfg.answer_field), cfg.prompt_style, log)
     model = load_model(model_name, spec=cfg.load)
 
     if val_rows:
@@ -585,14 +638,13 @@ def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]
             f"{', '.join(f'{lr:g}' for lr in cfg.learning_rates)}")
     chosen = train_rows
     if cfg.select:
-        sel = run.stage("select", lambda: _select(model, tokenizer, train_rows, cfg), log,
-                        every_process=cfg.select == "circuitseer")  # CircuitSeer scores a shard per process
+        sel = run.stage("select", lambda: _select(model, tokenizer, train_rows, cfg), log)
         chosen = [train_rows[i] for i in sel["rows"]]
         log(f"[select] {cfg.select}: {len(chosen)} of {len(train_rows)} training examples")
     located = run.stage("locate", lambda: _locate(model, tokenizer, chosen, style, cfg, out), log)
     log(f"[locate] {cfg.locate}: {located['components']} components ({100 * located['component_fraction']:.2f} %)")
     before = run.stage("before", lambda: _accuracy(model, tokenizer, heldout_rows, style, cfg), log)
-    log(f"[before] held-out accuracy {before['accuracy']:.3f} +/- {before['stderr']:.3f}")
+    log(f"[before] held-out {_measured(before)}")
 
     circuit = Circuit.load(out / "circuit.json", model)
     peft_model = get_peft_model(model, _adapter_config(circuit, cfg))
@@ -600,7 +652,7 @@ def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]
     fitted = _fit(run, peft_model, tokenizer, chosen, val_rows, style, cfg, log)
     peft_model.eval()
     after = run.stage("after", lambda: _accuracy(peft_model, tokenizer, heldout_rows, style, cfg), log)
-    log(f"[after] held-out accuracy {after['accuracy']:.3f} +/- {after['stderr']:.3f}")
+    log(f"[after] held-out {_measured(after)}")
     effects = _side_effects(run, peft_model, tokenizer, cfg, log) if cfg.side_effect_data_dir else {}
     controls = _controls(run, model_name, tokenizer, circuit, chosen, val_rows, heldout_rows, style, cfg, after, log)
     report = {"model": model_name, "settings": settings, "style": style, "n_train": len(chosen),
@@ -610,9 +662,8 @@ def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]
               "param_fraction": size["param_fraction"], "command": command,
               "files": {"adapter": str(out / "adapter"), "circuit": str(out / "circuit.json"),
                         "heatmap": str(out / "circuit.png")}}
-    if run.is_main:  # one adapter and one report, however many processes trained
-        _save_adapter(peft_model, out, model_card(report, command))
-        atomic_write_json(out / "report.json", report)
+    _save_adapter(peft_model, out, model_card(report, command))
+    atomic_write_json(out / "report.json", report)
     log(summary_table(report))
     return TrainResult(report=report, model=peft_model, output_dir=out)
 
