@@ -90,6 +90,7 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..distributed import is_main_process
     from ..recipe import train
     from ..recipe.seeds import check_seeds_folder, seed_folder, seeds_table, write_seeds_summary
 
@@ -105,12 +106,13 @@ def run(args: argparse.Namespace) -> int:
     argv = getattr(args, "argv", None)
     command = "circuit-peft " + " ".join(shlex.quote(a) for a in argv) if argv else None
     reports = {}
+    say = print if is_main_process() else (lambda *_: None)  # under a launcher, one process speaks and writes
     for seed, config, train_rows, held in runs:
         out = seed_folder(args.out, seed) if args.seeds else args.out
-        print(f"circuit-peft train: {args.model}, {len(train_rows)} training / {len(held)} held-out examples -> {out}")
+        say(f"circuit-peft train: {args.model}, {len(train_rows)} training / {len(held)} held-out examples -> {out}")
         reports[seed] = train(args.model, train_rows, held, out, config, command=command).report
-        print(f"adapter, circuit.json, circuit.png and report.json are in {out}/")
-    if args.seeds:
+        say(f"adapter, circuit.json, circuit.png and report.json are in {out}/")
+    if args.seeds and is_main_process():
         print(seeds_table(write_seeds_summary(args.out, reports)))
     return 0
 

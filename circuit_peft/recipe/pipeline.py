@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..distributed import end_process_group_at_exit
 from ..files import atomic_dir, atomic_write_json, atomic_write_text
 from ..models import LoadSpec
 from ..runs import OpenRun, fingerprint as _fingerprint
@@ -128,18 +129,46 @@ class TrainResult:
 
 
 class RunFolder(OpenRun):
-    """:class:`~circuit_peft.runs.OpenRun` plus finished stages (``stages/<name>.json``) for :func:`train`."""
+    """:class:`~circuit_peft.runs.OpenRun` plus finished stages (``stages/<name>.json``) for :func:`train`.
+
+    Under ``torchrun`` / ``accelerate launch`` only the main process opens (and locks) the folder and writes
+    into it; the others wait for its ``run.json`` and for each stage's file (:mod:`circuit_peft.distributed`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from ..distributed import is_main_process
+
+        super().__init__(*args, **kwargs)
+        self.is_main = is_main_process()
 
     def open(self) -> None:
+        if not self.is_main:  # the main process checks, locks and writes the folder; this one reads it
+            from ..distributed import wait_for_file
+
+            wait_for_file(self.path / "run.json", lambda p: p.exists() and json.loads(p.read_text())["key"] == self.key)
+            wait_for_file(self.path / "stages")
+            return
         super().open()
         (self.path / "stages").mkdir(exist_ok=True)
 
-    def stage(self, name: str, fn: Callable[[], dict[str, Any]], log: Callable[[str], None]) -> dict[str, Any]:
-        """The stage's saved result, or run ``fn`` and save what it returns (JSON)."""
+    def close(self) -> None:
+        if self.is_main:
+            super().close()
+
+    def stage(self, name: str, fn: Callable[[], dict[str, Any]], log: Callable[[str], None],
+              every_process: bool = False) -> dict[str, Any]:
+        """The stage's saved result, or run ``fn`` and save what it returns (JSON). With several processes, the
+        main one runs ``fn`` and saves; the others wait for its file, having run ``fn`` too when
+        ``every_process`` (a stage that trains data-parallel; ``fn`` then measures on the main process only)."""
         path = self.path / "stages" / f"{name}.json"
         if path.exists():
             log(f"[{name}] done earlier: reused")
             return json.loads(path.read_text())
+        if not self.is_main:
+            from ..distributed import wait_for_file
+
+            if every_process:
+                fn()
+            return json.loads(wait_for_file(path).read_text())
         t0 = time.perf_counter()
         result = fn()
         result["seconds"] = time.perf_counter() - t0
@@ -477,11 +506,18 @@ def train(
     if cfg.learning_rates:  # rows held back to choose each arm's rate: never located on or trained on
         train_rows, val_rows = validation_split(train_rows, cfg.validation_fraction, cfg.seed)
     run = RunFolder(output_dir, settings)
+    if not run.is_main:  # one process speaks (and writes); see circuit_peft.distributed
+        log = _silent
+    end_process_group_at_exit()
     run.open()
     try:
         return _run_stages(run, model_name, train_rows, val_rows, heldout_rows, cfg, command, log)
     finally:
         run.close()
+
+
+def _silent(_: str) -> None:
+    """The log of a process that is not the main one."""
 
 
 def _task_rows(train_rows, heldout_rows, cfg: TrainConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -510,7 +546,7 @@ def _fit(run: RunFolder, peft_model, tokenizer, rows, val_rows, style: str, cfg:
         return json.loads((run.path / "stages" / "train.json").read_text())
 
     def fit():
-        if cfg.update == "cca":
+        if cfg.update == "cca":  # its own loop, on the main process: the others load its weights below
             out = _cca_update(peft_model, tokenizer, rows, style, cfg, run, log)
             save_weights(peft_model, weights)
             return out
@@ -519,10 +555,14 @@ def _fit(run: RunFolder, peft_model, tokenizer, rows, val_rows, style: str, cfg:
         log(f"[train] pivotal SFT of the circuit on {len(examples)} examples, {cfg.sft.epochs:g} epochs "
             f"({steps} optimizer steps of {cfg.sft.batch_size}; the bar shows the time left)")
         out = _train_arm(run, "train", peft_model, tokenizer, examples, val_rows, style, cfg, log)
-        save_weights(peft_model, weights)
+        if run.is_main:
+            save_weights(peft_model, weights)
         return {"examples": len(examples), **out}
 
-    return run.stage("train", fit, log)
+    result = run.stage("train", fit, log, every_process=cfg.update == "sft")  # SFT: data-parallel on every process
+    if not run.is_main:  # exactly the weights the main process saved
+        load_weights(peft_model, weights)
+    return result
 
 
 def _train_arm(run: RunFolder, tag: str, model, tokenizer, examples, val_rows, style: str, cfg: TrainConfig,
@@ -582,7 +622,8 @@ def _controls(run: RunFolder, model_name: str, tokenizer, circuit, rows, val_row
     out = {}
     for name in cfg.controls:
         result = dict(run.stage(f"control_{name}", lambda: _control(run, name, model_name, tokenizer, circuit, rows,
-                                                                    val_rows, heldout_rows, style, cfg, log), log))
+                                                                    val_rows, heldout_rows, style, cfg, log), log,
+                                every_process=True))  # trained data-parallel, measured on the main process
         if len(after.get("correct", [])) == len(result["correct"]):
             result["gap"], result["gap_se"] = paired_gap(after["correct"], result["correct"])
         else:  # an "after" stage saved before per-problem results were kept
@@ -603,6 +644,8 @@ def _control(run: RunFolder, name: str, model_name: str, tokenizer, circuit, row
     examples = _gold_examples(tokenizer, rows, style, cfg)
     log(f"[control {name}] training {size['trainable_params']:,} parameters with the circuit's recipe")
     rate = _train_arm(run, f"control_{name}", model, tokenizer, examples, val_rows, style, cfg, log)
+    if not run.is_main:
+        return {}
     model.eval()
     result = {**size, **rate, **_accuracy(model, tokenizer, heldout_rows, style, cfg)}
     if cfg.side_effect_data_dir:
@@ -638,7 +681,8 @@ def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]
             f"{', '.join(f'{lr:g}' for lr in cfg.learning_rates)}")
     chosen = train_rows
     if cfg.select:
-        sel = run.stage("select", lambda: _select(model, tokenizer, train_rows, cfg), log)
+        sel = run.stage("select", lambda: _select(model, tokenizer, train_rows, cfg), log,
+                        every_process=cfg.select == "circuitseer")  # CircuitSeer scores a shard per process
         chosen = [train_rows[i] for i in sel["rows"]]
         log(f"[select] {cfg.select}: {len(chosen)} of {len(train_rows)} training examples")
     located = run.stage("locate", lambda: _locate(model, tokenizer, chosen, style, cfg, out), log)
@@ -662,8 +706,9 @@ def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]
               "param_fraction": size["param_fraction"], "command": command,
               "files": {"adapter": str(out / "adapter"), "circuit": str(out / "circuit.json"),
                         "heatmap": str(out / "circuit.png")}}
-    _save_adapter(peft_model, out, model_card(report, command))
-    atomic_write_json(out / "report.json", report)
+    if run.is_main:  # one adapter and one report, however many processes trained
+        _save_adapter(peft_model, out, model_card(report, command))
+        atomic_write_json(out / "report.json", report)
     log(summary_table(report))
     return TrainResult(report=report, model=peft_model, output_dir=out)
 

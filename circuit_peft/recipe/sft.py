@@ -101,21 +101,46 @@ def train_sft(
 ) -> nn.Module:
     """Train ``model`` (a PEFT model or a plain one for full fine-tuning) on ``examples`` from
     :func:`gold_examples` with ``transformers.Trainer`` and pivotal weights; returns it in eval mode.
-    ``progress``: the Trainer's progress bar (steps, time left)."""
+    ``progress``: the Trainer's progress bar (steps, time left). ``use_cpu`` (None: whether the model
+    is on the CPU) keeps the Trainer from moving a CPU model to a GPU.
+
+    Under ``torchrun`` / ``accelerate launch`` the Trainer trains data-parallel; ``settings.batch_size`` stays
+    the batch of one optimizer step (each of the N processes takes ``batch_size / N`` rows of it), so the
+    steps and the result are those of one process. The model's dtype is kept (bfloat16: no autocast; the
+    adapter's weights, their gradients and AdamW's state are float32); a float16 model on a GPU trains with
+    ``fp16=True`` (autocast and loss scaling, as PEFT's LoRA recipes do)."""
     import torch
     from transformers import TrainingArguments
 
+    from ..batching import model_device
     from ..cca.trainers import PivotalTrainer
 
     data = pivotal_dataset(tokenizer, examples, settings.pivotal_weight, style)
+    on_cpu = model_device(model).type == "cpu" if use_cpu is None else use_cpu
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    half = any(p.dtype == torch.float16 for p in model.parameters()) and all(p.dtype == torch.float32 for p in trainable)
     args = TrainingArguments(
-        output_dir=output_dir, num_train_epochs=settings.epochs, per_device_train_batch_size=settings.batch_size,
+        output_dir=output_dir, num_train_epochs=settings.epochs,
+        per_device_train_batch_size=per_process_batch_size(settings.batch_size),
         learning_rate=settings.learning_rate, lr_scheduler_type="cosine", weight_decay=settings.weight_decay,
         logging_steps=10**6, save_strategy="no", report_to=[], seed=settings.seed, disable_tqdm=not progress,
-        use_cpu=(not torch.cuda.is_available()) if use_cpu is None else use_cpu,
+        use_cpu=on_cpu, fp16=half and not on_cpu,
     )
     PivotalTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer).train()
     return model.eval()
 
 
-__all__ = ["SFTSettings", "answer_spans", "gold_examples", "pivotal_dataset", "train_sft"]
+def per_process_batch_size(batch_size: int) -> int:
+    """The rows each of the launcher's processes takes of a ``batch_size`` optimizer step; refuses a batch
+    that does not split evenly (the step would differ from one process's)."""
+    from ..distributed import world_size
+    from ..errors import located
+
+    world = world_size()
+    if batch_size % world:
+        raise located("--batch-size", f"{batch_size} rows per optimizer step do not split over {world} processes: "
+                                      f"give a multiple of {world}")
+    return batch_size // world
+
+
+__all__ = ["SFTSettings", "answer_spans", "gold_examples", "pivotal_dataset", "per_process_batch_size", "train_sft"]
