@@ -258,3 +258,81 @@ def test_a_broken_adapter_folder_is_refused_in_one_line_before_the_model_loads(t
         code = main([*argv, "--model", "/no/such/model", "--adapter", str(tmp_path / name)])
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err, (name, err)
+
+
+# ----- part 4: the command line refuses through the same validation layer as the API (tests/test_faults_api.py) -----
+
+
+def _pool_file(tmp_path, extra: dict | None = None):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"question": f"q{i}", "answer": str(i), **(extra or {})}) + "\n" for i in range(6)))
+    return pool
+
+
+@pytest.mark.parametrize("method,column", [("max-loss", "question"), ("circuitseer", "answer"), ("ifd", "pool_index")])
+def test_select_refuses_a_score_column_the_data_has_naming_the_flag_before_the_model_loads(tmp_path, capsys, method,
+                                                                                           column):
+    from circuit_peft.cli import main
+
+    argv = ["select", "--model", "/no/such/model", "--data", str(_pool_file(tmp_path)), "--method", method,
+            "--score-column", column, "--out", str(tmp_path / "o.jsonl")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--score-column: the data already has a column {column!r}" in err or (
+        column == "pool_index" and "--score-column: 'pool_index'" in err), err
+    assert main(["select", "--data", str(_pool_file(tmp_path, {"pool_index": 3})), "--method", "random",
+                 "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "pool_index: the data already has a column 'pool_index'" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def _heads_file(tmp_path, edit) -> str:
+    from circuit_peft.models import tiny_model
+    from circuit_peft.select import ReasoningHeads
+
+    path = ReasoningHeads.from_list([(1, 2), (2, 0)], tiny_model("llama")).save(tmp_path / "heads.json")
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+BAD_HEADS = {
+    "query head 99": (lambda d: d["components"].__setitem__(0, ["q", 1, 99]),
+                      "heads.json: components[0]: query head 99 of layer 1 is outside the model's 4 query heads"),
+    "head -1": (lambda d: d["components"].__setitem__(0, ["q", 1, -1]), "heads.json: components[0]: index -1"),
+    "layer 'one'": (lambda d: d["components"].__setitem__(0, ["q", "one", 2]), "heads.json: components[0]: layer 'one'"),
+    "score 'high'": (lambda d: d.update(scores=[["q", 1, 2, "high"]]), "heads.json: scores[0]: score of ['q', 1, 2]: 'high'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_HEADS))
+def test_select_refuses_a_broken_heads_file_naming_file_and_field_before_the_model_loads(tmp_path, capsys, case):
+    from circuit_peft.cli import main
+
+    edit, message = BAD_HEADS[case]
+    argv = ["select", "--model", "/no/such/model", "--data", str(_pool_file(tmp_path)), "--heads",
+            _heads_file(tmp_path, edit), "--out", str(tmp_path / "o.jsonl")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_mine_refuses_a_question_longer_than_the_context_naming_problem_tokens_and_context(tmp_path, capsys):
+    from circuit_peft.cli import main
+    from circuit_peft.models import load_tokenizer, tiny_model
+
+    tok = load_tokenizer("smollm2")
+    model_dir = tmp_path / "model"
+    tiny_model("llama", vocab_size=len(tok)).save_pretrained(model_dir)  # 256 positions
+    tok.save_pretrained(model_dir)
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"id": "a", "question": "What is 1 + 2?", "answer": "3"}) + "\n"
+                        + json.dumps({"id": "b", "question": "Add " + " + ".join(["1"] * 200), "answer": "200"}) + "\n")
+    argv = ["mine", "--model", str(model_dir), "--problems", str(problems), "--out", str(tmp_path / "m"),
+            "--n-samples", "1", "--max-new-tokens", "4", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "problem 'b': its prompt" in err and "longer than the model's context of 256 tokens (max_position_embeddings)" in err
+    assert not (tmp_path / "m" / "records.jsonl").exists() and not (tmp_path / "m" / "progress.jsonl").exists()
