@@ -9,6 +9,7 @@ update history).
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -111,6 +112,7 @@ def amplify(
     answer_format: Any = None,
     progress: bool = True,
     log: Any = print,
+    preset: str | None = None,
 ) -> AmplifyResult:
     """Run CCA on ``model``; return an :class:`AmplifyResult` (the report is also ``output_dir/report.json``).
 
@@ -118,8 +120,14 @@ def amplify(
     ``test_problems`` measure accuracy before and after. All are rows with a question and a gold
     answer (read by ``answer_format``, default :class:`~circuit_peft.evaluate.answers.NumberAnswer`). The model is wrapped in place by the adapter (``result.model``). ``log`` receives one line per stage.
     ``model`` may be a name (hub id, folder, ``smollm2``): it is then loaded as ``config.load`` says, and
-    ``tokenizer`` (None: the model's own) with it.
+    ``tokenizer`` (None: the model's own) with it. ``preset="paper"``: the paper's settings
+    (:func:`~circuit_peft.cca.presets.cca_preset`) for whichever of ``mining``, ``update``, ``config`` is None.
     """
+    if preset is not None:
+        from .presets import cca_preset
+
+        named = cca_preset(preset)
+        mining, update, config = mining or named.mining, update or named.update, config or named.amplify
     mining, update, config = mining or MiningConfig(), update or UpdateConfig(), config or AmplifyConfig()
     _check_inputs(val_problems, test_problems, config)  # before any model work
     if isinstance(model, str):
@@ -143,6 +151,8 @@ def amplify(
     with _timed(timings, "eval_before_s"):
         before = evaluate_accuracy(model, tokenizer, test_problems, progress=progress, **eval_kwargs)
     log(f"accuracy before: {before.accuracy:.3f} ({before.correct}/{before.count})")
+    # the update without a mask changes the model's own weights: side effects need a copy of the base
+    base = copy.deepcopy(model) if update.target == "all_weights" and config.side_effect_data_dir else None
     with _timed(timings, "update_s"):
         validator = accuracy_validator(tokenizer, val_problems, **eval_kwargs)
         result = amplify_update(model, mined.records, circuit, validator, update, tokenizer=tokenizer,
@@ -157,7 +167,7 @@ def amplify(
     log(f"accuracy after: {after.accuracy:.3f} ({after.correct}/{after.count}); changed "
         f"{100 * size['component_fraction']:.2f} % of components, {100 * size['param_fraction']:.2f} % of parameters")
     with _timed(timings, "side_effects_s"):
-        effects = _side_effects(peft_model, tokenizer, config, progress, log)
+        effects = _side_effects(peft_model, tokenizer, config, progress, log, base=base)
     report = {"settings": {"mining": asdict(mining), "update": asdict(update), "amplify": asdict(config),
                            "n_train": len(train_problems), "n_val": len(val_problems), "n_test": len(test_problems)},
               "mining": mined.stats, **_outcome(before, after, mined, config, circuit, size, effects, result),
@@ -200,14 +210,14 @@ def _locate_and_save(model: nn.Module, records, config: AmplifyConfig, out: Path
     return circuit
 
 
-def _side_effects(peft_model, tokenizer, config: AmplifyConfig, progress: bool, log) -> dict[str, Any]:
-    """MMLU/TruthfulQA deltas and KL against the adapter disabled ({} without a side-effect data folder)."""
+def _side_effects(peft_model, tokenizer, config: AmplifyConfig, progress: bool, log, base=None) -> dict[str, Any]:
+    """MMLU/TruthfulQA deltas and KL against ``base`` or the adapter disabled ({} without a side-effect data folder)."""
     if config.side_effect_data_dir is None or not config.side_effects:
         log("side effects: skipped (no side-effect data folder)")
         return {}
     from ..evaluate.side_effects import side_effects
 
-    effects = side_effects(peft_model, tokenizer, config.side_effect_data_dir, tasks=config.side_effects,
+    effects = side_effects(peft_model, tokenizer, config.side_effect_data_dir, base=base, tasks=config.side_effects,
                            mmlu_subjects=config.mmlu_subjects, mmlu_limit=config.mmlu_limit,
                            truthfulqa_limit=config.truthfulqa_limit, kl_chunks=config.kl_chunks, progress=progress)
     log("side effects: " + ", ".join(f"{k} {effects[k]:+.4f}" if k.endswith("delta") else f"{k} {effects[k]:.4f}"

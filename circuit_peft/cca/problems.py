@@ -2,14 +2,18 @@
 
 The family is chosen so that a small instruct model (SmolLM2-135M) is weak but sometimes right:
 two-digit addition and subtraction, bare (``"What is 47 + 38?"``) or as one-sentence word
-problems (SmolLM2 right on ~20 % of bare ones), and a second skill, a single-digit factor times a
-two-digit one (``"What is 7 * 38?"``, SmolLM2 right on 25 %), bare or as word problems.
+problems (SmolLM2 right on ~20 % of bare ones), a second skill, a single-digit factor times a
+two-digit one (``"What is 7 * 38?"``, SmolLM2 right on 25 %), bare or as word problems, and a third,
+comparison of two two-digit numbers (``"Which number is larger, 47 or 38?"``, answer 47; the larger or
+the smaller, bare or as word problems), on which a small model is right about half the time
+(``benchmarks/regime.py``).
 Each row is ``{"id", "question", "answer", "kind", "a", "b", "op"}`` where ``answer`` is
 a GSM8K solution ending in ``#### n`` (e.g. ``"47 + 38 = 85\\n#### 85"``).
 
 Train and held-out problems are disjoint by construction: a problem's split is a hash of its
 arithmetic ``(op, a, b)``, so the same sum never lands in both splits, whatever the seed, the
-wording or the sizes asked for.
+wording or the sizes asked for. Comparison problems are split by the unordered pair, so
+``47 or 38`` and ``38 or 47`` (larger or smaller) always land in the same split.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from typing import Literal
 
 Split = Literal["train", "test"]
 ARITHMETIC_KINDS: tuple[str, ...] = ("add", "sub", "word_add", "word_sub")  # the default family
-PROBLEM_KINDS: tuple[str, ...] = ARITHMETIC_KINDS + ("mul", "word_mul")
-_OPS = {"add": "+", "sub": "-", "mul": "*"}
+COMPARISON_KINDS: tuple[str, ...] = ("larger", "smaller", "word_larger", "word_smaller")
+PROBLEM_KINDS: tuple[str, ...] = ARITHMETIC_KINDS + ("mul", "word_mul") + COMPARISON_KINDS
+_OPS = {"add": "+", "sub": "-", "mul": "*", "larger": "max", "smaller": "min"}
+_COMPARE = ("max", "min")
 
 # Our choice: one in five (op, a, b) triples is held out.
 _TEST_SHARE = 5
@@ -43,28 +49,49 @@ _WORD_MUL = (
     "A shelf has {a} rows of {b} {t}. How many {t} are on the shelf?",
     "{n} buys {a} packs of {b} {t}. How many {t} did {n} buy?",
 )
-_WORD = {"+": _WORD_ADD, "-": _WORD_SUB, "*": _WORD_MUL}
+_WORD_LARGER = (
+    "{n} has {a} {t} and {m} has {b} {t}. How many {t} does the one with more {t} have?",
+    "One box holds {a} {t} and another holds {b} {t}. How many {t} are in the fuller box?",
+    "{n} scored {a} points and {m} scored {b} points. What was the higher score?",
+)
+_WORD_SMALLER = (
+    "{n} has {a} {t} and {m} has {b} {t}. How many {t} does the one with fewer {t} have?",
+    "One box holds {a} {t} and another holds {b} {t}. How many {t} are in the emptier box?",
+    "{n} scored {a} points and {m} scored {b} points. What was the lower score?",
+)
+_WORD = {"+": _WORD_ADD, "-": _WORD_SUB, "*": _WORD_MUL, "max": _WORD_LARGER, "min": _WORD_SMALLER}
 
 
 def problem_split(op: str, a: int, b: int) -> Split:
-    """Which split the arithmetic ``a op b`` belongs to (a stable hash; independent of seeds)."""
-    digest = hashlib.sha256(f"{op}:{a}:{b}".encode()).digest()
+    """Which split the problem ``a op b`` belongs to (a stable hash; independent of seeds). Comparisons
+    (``op`` ``"max"`` or ``"min"``) hash the unordered pair, whichever is asked."""
+    key = f"cmp:{min(a, b)}:{max(a, b)}" if op in _COMPARE else f"{op}:{a}:{b}"
+    digest = hashlib.sha256(key.encode()).digest()
     return "test" if digest[0] % _TEST_SHARE == 0 else "train"
 
 
 def _render(kind: str, a: int, b: int, rng: random.Random) -> tuple[str, str]:
     op = _OPS[kind.removeprefix("word_")]
-    if not kind.startswith("word_"):
-        question = f"What is {a} {op} {b}?"
-    else:
+    if kind.startswith("word_") and op in _COMPARE:
+        template, (n, m) = rng.choice(_WORD[op]), rng.sample(_NAMES, 2)
+        question = template.format(n=n, m=m, t=rng.choice(_THINGS), a=a, b=b)
+    elif kind.startswith("word_"):  # the draws of the first families, unchanged: their problems stay the same
         template = rng.choice(_WORD[op])
         question = template.format(n=rng.choice(_NAMES), t=rng.choice(_THINGS), a=a, b=b)
+    elif op in _COMPARE:
+        question = f"Which number is {kind}, {a} or {b}?"
+    else:
+        question = f"What is {a} {op} {b}?"
+    if op in _COMPARE:
+        result = max(a, b) if op == "max" else min(a, b)
+        return question, f"The {'larger' if op == 'max' else 'smaller'} number is {result}\n#### {result}"
     result = {"+": a + b, "-": a - b, "*": a * b}[op]
     return question, f"{a} {op} {b} = {result}\n#### {result}"
 
 
 def _operands(op: str, low: int, high: int, rng: random.Random) -> tuple[int, int]:
-    """One draw of ``(a, b)``: both in ``[low, high]`` (``a >= b`` for ``-``); for ``*`` ``a`` is a digit 2-9."""
+    """One draw of ``(a, b)``: both in ``[low, high]`` (``a >= b`` for ``-``; ``a != b`` for comparisons, redrawn
+    by the caller); for ``*`` ``a`` is a digit 2-9."""
     a, b = rng.randint(2, 9) if op == "*" else rng.randint(low, high), rng.randint(low, high)
     return (b, a) if op == "-" and a < b else (a, b)
 
@@ -75,7 +102,7 @@ def count_problems(split: Split, kinds: tuple[str, ...] = ARITHMETIC_KINDS, low:
     ops = {_OPS[k.removeprefix("word_")] for k in kinds}
     firsts = {op: range(2, 10) if op == "*" else range(low, high + 1) for op in ops}
     return sum(problem_split(op, a, b) == split for op in ops for a in firsts[op] for b in range(low, high + 1)
-               if not (op == "-" and a < b))
+               if not (op == "-" and a < b) and not (op in _COMPARE and a == b))
 
 
 def make_problems(
@@ -88,7 +115,7 @@ def make_problems(
 ) -> list[dict]:
     """``n`` distinct problems of ``split`` (``"train"`` or ``"test"``), reproducible from ``seed``.
 
-    Kinds cycle through ``kinds`` (``add``, ``sub``, ``mul`` and their ``word_`` forms); operands are
+    Kinds cycle through ``kinds`` (``add``, ``sub``, ``mul``, ``larger``, ``smaller`` and their ``word_`` forms); operands are
     integers in ``[low, high]`` (for ``mul`` the first is a digit 2-9), and subtraction never goes
     below zero. Ids look like
     ``"train-add-47-38"`` so they are unique across splits.
@@ -116,7 +143,7 @@ def make_problems(
         kind = kinds[len(rows) % len(kinds)]
         op = _OPS[kind.removeprefix("word_")]
         a, b = _operands(op, low, high, rng)
-        if (op, a, b) in seen or problem_split(op, a, b) != split:
+        if (op, a, b) in seen or problem_split(op, a, b) != split or (op in _COMPARE and a == b):
             continue
         seen.add((op, a, b))
         question, answer = _render(kind, a, b, rng)
@@ -135,10 +162,16 @@ MULTIPLICATION_SHOTS: tuple[dict[str, str], ...] = (
     {"question": "What is 3 * 21?", "answer": "3 * 21 = 63\n#### 63"},
     {"question": "Ann buys 4 boxes of 12 pens. How many pens did she buy?", "answer": "4 * 12 = 48\n#### 48"},
 )
+COMPARISON_SHOTS: tuple[dict[str, str], ...] = (
+    {"question": "Which number is larger, 29 or 61?", "answer": "The larger number is 61\n#### 61"},
+    {"question": "Which number is smaller, 84 or 57?", "answer": "The smaller number is 57\n#### 57"},
+)
 # The generated tasks by name: training kinds, the held-out format (word problems) and worked examples.
 TASKS: dict[str, dict[str, tuple]] = {
     "arithmetic": {"kinds": ("add", "sub"), "transfer_kinds": ("word_add", "word_sub"), "shots": ARITHMETIC_SHOTS},
     "multiplication": {"kinds": ("mul",), "transfer_kinds": ("word_mul",), "shots": MULTIPLICATION_SHOTS},
+    "comparison": {"kinds": ("larger", "smaller"), "transfer_kinds": ("word_larger", "word_smaller"),
+                   "shots": COMPARISON_SHOTS},
 }
 
 DEMO_PROBLEMS_FILE = "data/cca_demo_problems.jsonl"

@@ -20,8 +20,11 @@ message, few-shot examples) runs once per micro-batch and its KV cache is repeat
 (``share_prompt_prefix``; the same losses and gradients up to float rounding: the update runs in eval mode, so
 no dropout acts on it).
 
-``mask=False`` is the paper's "without mask" ablation: the same update on every component of the
-same kinds and projections (every row of those projections in every layer).
+What is trained (``UpdateConfig.target``): ``"circuit"`` (the located circuit's slices, the paper's
+masked update), ``"twin"`` (its layer-matched random twin: the same kinds and counts in the same layers,
+:func:`~circuit_peft.locate.controls.random_circuit`), ``"projections"`` (every row of the circuit's
+projections in every layer; ``mask=False``) or ``"all_weights"`` (every parameter of the model, as the
+paper's code does with ``update_using_mask=False``). :meth:`UpdateConfig.paper` is the paper's setting.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import copy
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Literal, Sequence
 
 import torch
@@ -40,6 +43,7 @@ from tqdm.auto import tqdm
 
 from ..arch import get_arch, unwrap_model
 from ..circuit import Circuit
+from ..errors import CircuitPeftError
 from ..interventions import capture_layer_input, forward_until, start_at_layer
 from ..batching import (
     length_batches, pad_token_id, prefix_kv_cache, repeat_cache, shared_prefix_ids, to_device,
@@ -51,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 UPDATE_LOSSES: tuple[str, ...] = ("logit_diff", "logsigmoid", "capped")
 UPDATE_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+UPDATE_TARGETS: tuple[str, ...] = ("circuit", "twin", "projections", "all_weights")
+# The paper's code validates after every second step in the first ten, then every eval_interval steps.
+PAPER_EARLY_EVALS: tuple[int, ...] = (2, 4, 6, 8)
 Validator = Callable[[nn.Module], float]
 
 
@@ -71,8 +78,27 @@ class UpdateConfig:
     share_prompt_prefix: bool = True  # run the records' shared prompt prefix once per micro-batch (same losses)
     min_shared_prefix: int = 16  # tokens: a shorter shared prefix runs inside every record
     projections: str | dict[str, list[str]] = "paper"  # used when a Circuit (not a config) is given
+    target: Literal["circuit", "twin", "projections", "all_weights"] = "circuit"  # what is trained (module doc)
+    twin_seed: int = 0  # target="twin": the seed of the random twin
+    keep_start: bool = True  # our choice: step 0 (the unchanged model) may be the kept step; the paper's code: no
+    eval_also: tuple[int, ...] = ()  # more steps to validate at, besides every eval_every
+
+    @classmethod
+    def paper(cls, lr: float = 1e-4, target: str = "circuit", **overrides: Any) -> "UpdateConfig":
+        """The paper's update (its code's defaults): full-batch gradient descent at ``lr`` (1e-4; the issue's grid
+        adds 1e-3) on the unbounded logit difference, 50 steps, validation after steps 2, 4, 6, 8 and every 5th,
+        the best validated step kept (step 0 is not a candidate), no early stop, ``projections="paper"``.
+        ``target``: ``"circuit"`` (with mask), ``"all_weights"`` (without mask) or ``"twin"``."""
+        settings = dict(steps=50, lr=lr, optimizer="sgd", loss="logit_diff", eval_every=5, eval_also=PAPER_EARLY_EVALS,
+                        patience=None, keep_best=True, keep_start=False, projections="paper", target=target)
+        return cls(**{**settings, **overrides})
 
     def __post_init__(self) -> None:
+        self.eval_also = tuple(int(s) for s in self.eval_also)
+        if self.target not in UPDATE_TARGETS:
+            raise CircuitPeftError(f"target must be one of {UPDATE_TARGETS}, got {self.target!r}")
+        if any(s < 1 for s in self.eval_also):
+            raise CircuitPeftError(f"eval_also: steps must be >= 1, got {self.eval_also!r}")
         if self.loss not in UPDATE_LOSSES:
             raise ValueError(f"loss must be one of {UPDATE_LOSSES}, got {self.loss!r}")
         if self.optimizer not in UPDATE_OPTIMIZERS:
@@ -95,8 +121,8 @@ class UpdateResult:
     :func:`~circuit_peft.tuner.circuit_size` of the trained config.
     """
 
-    model: PeftModel
-    config: CircuitConfig
+    model: nn.Module  # a PeftModel; the model itself for target="all_weights"
+    config: CircuitConfig | None  # None for target="all_weights"
     history: list[dict[str, Any]] = field(default_factory=list)
     best_step: int = 0
     best_val: float | None = None
@@ -108,7 +134,7 @@ class UpdateResult:
     def to_dict(self) -> dict[str, Any]:
         return {"history": self.history, "best_step": self.best_step, "best_val": self.best_val,
                 "initial_margin": self.initial_margin, "final_margin": self.final_margin, "size": self.size,
-                "seconds": self.seconds, "components": self.config.components}
+                "seconds": self.seconds, "components": self.config.components if self.config else "all"}
 
 
 def margin_loss(margin: torch.Tensor, loss: str, margin_cap: float = 5.0) -> torch.Tensor:
@@ -208,6 +234,31 @@ def _shared_prompt_prefix(contexts: list[list[int]], cfg: UpdateConfig) -> list[
     return shared_prefix_ids(contexts, cfg.min_shared_prefix) if cfg.share_prompt_prefix and len(contexts) > 1 else []
 
 
+def _target_circuit(circuit: Circuit | CircuitConfig | None, cfg: UpdateConfig) -> Circuit | CircuitConfig | None:
+    """The circuit the update trains: ``circuit`` itself, or for ``target="twin"`` its layer-matched random twin."""
+    if cfg.target != "twin":
+        return circuit
+    if not isinstance(circuit, Circuit):
+        raise CircuitPeftError("target='twin' draws the random twin of a located Circuit (it needs the circuit's "
+                               f"layers and the model's sizes); got {type(circuit).__name__}")
+    from ..locate.controls import random_circuit
+
+    return random_circuit(circuit, "layer", seed=cfg.twin_seed)
+
+
+def _all_weights_model(model: nn.Module) -> tuple[nn.Module, None, dict[str, Any]]:
+    """``model`` itself with every parameter trainable (the paper's update without a mask) and its size."""
+    if isinstance(model, PeftModel):
+        raise CircuitPeftError("target='all_weights' trains the model's own weights: pass the base model, not a PeftModel")
+    arch = get_arch(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    n = sum(p.numel() for p in model.parameters())
+    total = sum(arch.num_components(k) for k in ("q", "k", "v", "mlp")) * arch.dims.n_layers
+    return model, None, {"components": total, "total_components": total, "component_fraction": 1.0,
+                         "trainable_params": n, "total_params": n, "param_fraction": 1.0}
+
+
 def _circuit_model(model: nn.Module, circuit: Circuit | CircuitConfig | None, mask: bool, projections: str,
                    adapter_name: str) -> tuple[PeftModel, CircuitConfig, dict[str, Any]]:
     """The PEFT model whose circuit adapter the update trains, its config and size: ``model`` wrapped
@@ -253,19 +304,27 @@ def amplify_update(
             :class:`CircuitConfig`; None with a ``PeftModel``.
         validate: ``model -> score`` (higher is better), e.g. :func:`accuracy_validator`; None keeps
             the last step (no selection).
-        mask: False runs the "without mask" ablation.
-        overrides: :class:`UpdateConfig` fields.
+        mask: False is ``target="projections"`` (every row of the circuit's projections in every layer).
+        overrides: :class:`UpdateConfig` fields (``target`` picks what is trained: see the module doc).
 
     Raises ``ValueError`` for an empty circuit, empty or malformed records.
     """
     cfg = config or UpdateConfig()
     if overrides:
         cfg = UpdateConfig(**{**asdict(cfg), **overrides})
+    if not mask:
+        if cfg.target not in ("circuit", "projections"):
+            raise CircuitPeftError(f"mask=False is target='projections'; it contradicts target={cfg.target!r}")
+        cfg = replace(cfg, target="projections")
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     rows = validate_records(records, get_arch(base).dims.vocab_size, model=base)  # before the model is wrapped
     start = time.perf_counter()
-    peft_model, peft_config, size = _circuit_model(model, circuit, mask, cfg.projections, adapter_name)
-    lowest = min(peft_config.layers())
+    if cfg.target == "all_weights":
+        peft_model, peft_config, size = _all_weights_model(model)
+    else:
+        peft_model, peft_config, size = _circuit_model(model, _target_circuit(circuit, cfg),
+                                                       cfg.target != "projections", cfg.projections, adapter_name)
+    lowest = min(peft_config.layers()) if peft_config is not None else 0
     peft_model.eval()  # no dropout; gradients still flow
     params = [p for p in peft_model.parameters() if p.requires_grad]
     if not params:
@@ -320,9 +379,10 @@ def _update_loop(peft_model: nn.Module, objective: "_Objective", params: list[to
     for step in bar:
         t0 = time.perf_counter()
         entry: dict[str, Any] = {"step": step}
-        if validate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+        if validate is not None and (step % cfg.eval_every == 0 or step == cfg.steps or step in cfg.eval_also):
             entry["val"] = float(validate(peft_model))
-            best.observe(step, entry["val"])
+            if step > 0 or cfg.keep_start:
+                best.observe(step, entry["val"])
         if step == cfg.steps or (cfg.patience is not None and best.since >= cfg.patience):
             entry["margin"] = objective.mean_margin()
             history.append(entry)
