@@ -14,6 +14,27 @@ import sys
 
 ENV_SWITCH = "CIRCUIT_PEFT_NO_AUTOLOAD"
 
+# bitsandbytes (the optional 4-bit extra; peft imports it whenever it is installed) logs this warning on
+# every import on a CPU with AVX512-BF16 when the optional `kernels` package (which fetches a faster CPU
+# 4-bit matmul from the Hugging Face hub) is absent. Its own fallback matmul is used and is correct, so
+# the line is noise in every command; this filter drops that one message from that one logger.
+_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+_BNB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _not_the_kernel_notice(record) -> bool:
+    return not str(record.msg).startswith(_BNB_KERNEL_NOTICE)
+
+
+def quiet_bitsandbytes_kernel_notice() -> None:
+    """Drop bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning (only that
+    message, only from its logger); must run before bitsandbytes is imported. Idempotent."""
+    import logging
+
+    logger = logging.getLogger(_BNB_CPU_LOGGER)
+    if _not_the_kernel_notice not in logger.filters:
+        logger.addFilter(_not_the_kernel_notice)
+
 
 class _RegisterAfterPeft:
     """A meta-path finder that lets ``peft`` load normally, then registers the CIRCUIT type."""
@@ -22,6 +43,7 @@ class _RegisterAfterPeft:
         if name != "peft":
             return None
         sys.meta_path.remove(self)  # once: find peft the normal way
+        quiet_bitsandbytes_kernel_notice()  # peft imports bitsandbytes (when installed) as it loads
         try:
             import importlib.util
 

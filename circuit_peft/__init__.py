@@ -6,6 +6,10 @@ Importing this package registers the ``CIRCUIT`` PEFT type (idempotent), so ``ge
 
 __version__ = "0.1.0"
 
+import circuit_peft_autoload as _autoload
+
+_autoload.quiet_bitsandbytes_kernel_notice()  # before peft imports bitsandbytes (see circuit_peft_autoload)
+
 from .errors import CircuitPeftError  # noqa: F401
 from .arch import Component, ModelArch, UnsupportedArchitectureError, get_arch, supported_families  # noqa: F401
 from .models import LoadSpec, load_model, load_tokenizer, tiny_model  # noqa: F401

@@ -42,6 +42,19 @@ def index_digest(rows: list[int], cols: list[int]) -> torch.Tensor:
     return torch.tensor([zlib.crc32(",".join(map(str, idx)).encode()) for idx in (rows, cols)], dtype=torch.long)
 
 
+def is_4bit(module: nn.Module) -> bool:
+    """Whether ``module``'s weight is a bitsandbytes 4-bit one (``Params4bit``; checked by name, as PEFT does,
+    so that bitsandbytes is not imported)."""
+    return type(getattr(module, "weight", None)).__name__ == "Params4bit"
+
+
+def weight_shape(module: nn.Module) -> torch.Size:
+    """Shape of ``module``'s weight as stored unquantized (a 4-bit weight's packed tensor is (n/2, 1))."""
+    weight = module.weight
+    state = getattr(weight, "quant_state", None) if is_4bit(module) else None
+    return state.shape if state is not None else weight.shape
+
+
 class CircuitLayer(BaseTunerLayer):
     """Mixin holding the per-adapter circuit deltas of one (possibly fused) projection module."""
 
@@ -71,9 +84,9 @@ class CircuitLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.is_conv1d = ModelArch.weight_dim(base_layer, "out") == 1
-        weight = base_layer.weight
-        self.out_features = weight.shape[ModelArch.weight_dim(base_layer, "out")]
-        self.in_features = weight.shape[ModelArch.weight_dim(base_layer, "in")]
+        shape = weight_shape(base_layer)
+        self.out_features = shape[ModelArch.weight_dim(base_layer, "out")]
+        self.in_features = shape[ModelArch.weight_dim(base_layer, "in")]
 
     def update_layer(
         self,
@@ -126,7 +139,8 @@ class CircuitLayer(BaseTunerLayer):
         """Dense (out, in) delta of ``adapter`` in ``nn.Linear`` orientation."""
         ref = next((t[adapter] for t in (self.circuit_rows, self.circuit_cols, self.circuit_lora_A) if adapter in t),
                    self.get_base_layer().weight)  # a layer that does not hold ``adapter``: zero delta
-        delta = torch.zeros(self.out_features, self.in_features, device=ref.device, dtype=ref.dtype)
+        dtype = ref.dtype if ref.is_floating_point() else torch.float32  # a 4-bit base's packed weight is uint8
+        delta = torch.zeros(self.out_features, self.in_features, device=ref.device, dtype=dtype)
         if adapter in self.circuit_rows:
             delta.index_add_(0, self.circuit_row_index[adapter], self.circuit_rows[adapter])
         if adapter in self.circuit_cols:

@@ -16,7 +16,9 @@ from transformers.pytorch_utils import Conv1D
 from ..arch import PROJECTIONS, ModelArch, fingerprint_diff, get_arch, unwrap_model
 from ..interventions import stop_gradient_below
 from .config import CircuitConfig
-from .layer import CircuitLayer, CircuitLinear
+from .bnb import dispatch_bnb_4bit, unpack_cpu_layouts
+from .layer import CircuitLayer, CircuitLinear, weight_shape
+from .saving import check_saved_adapter
 
 
 @dataclass
@@ -74,7 +76,13 @@ def _adapter_param_ids(model: nn.Module) -> set[int]:
 def _base_param_count(model: nn.Module) -> int:
     base = unwrap_model(model)
     skip = _adapter_param_ids(base)
-    return sum(p.numel() for p in base.parameters() if id(p) not in skip)
+    return sum(_unpacked_numel(p) for p in base.parameters() if id(p) not in skip)
+
+
+def _unpacked_numel(p: torch.Tensor) -> int:
+    """Entries of ``p`` as a model has them (a bitsandbytes 4-bit weight packs two per stored byte)."""
+    state = getattr(p, "quant_state", None) if type(p).__name__ == "Params4bit" else None
+    return state.shape.numel() if state is not None else p.numel()
 
 
 def _module_shape(root: nn.Module, path: str) -> tuple[int, int]:
@@ -82,8 +90,8 @@ def _module_shape(root: nn.Module, path: str) -> tuple[int, int]:
     module = root.get_submodule(path)
     if isinstance(module, BaseTunerLayer):
         module = module.get_base_layer()
-    out_dim = ModelArch.weight_dim(module, "out")
-    return module.weight.shape[out_dim], module.weight.shape[1 - out_dim]
+    out_dim, shape = ModelArch.weight_dim(module, "out"), weight_shape(module)
+    return shape[out_dim], shape[1 - out_dim]
 
 
 def circuit_size(config: CircuitConfig, model: nn.Module) -> dict[str, Any]:
@@ -176,8 +184,10 @@ class CircuitModel(BaseTuner):
     def _prepare_model(self, peft_config: CircuitConfig, model: nn.Module) -> None:
         arch = get_arch(model)
         fingerprint = arch.fingerprint()
+        loaded_from = getattr(peft_config, "_loaded_from", None)
+        if loaded_from is not None:
+            check_saved_adapter(loaded_from)  # config, weights and their digest agree, before any weight is read
         if peft_config.base_model_fingerprint is None:
-            loaded_from = getattr(peft_config, "_loaded_from", None)
             if loaded_from is not None and peft_config.check_base_model:
                 raise ValueError(
                     f"the circuit adapter at {loaded_from} has no base_model_fingerprint in adapter_config.json, "
@@ -221,9 +231,9 @@ class CircuitModel(BaseTuner):
             target.update_layer(adapter_name, inference_mode=peft_config.inference_mode, **kwargs)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, (nn.Linear, Conv1D)):
+        if not isinstance(base, (nn.Linear, Conv1D)):  # bnb.nn.Linear4bit is an nn.Linear
             raise TypeError(f"circuit adapters support nn.Linear and Conv1D modules, not {type(base).__name__}")
-        new_module = CircuitLinear(target, adapter_name, **kwargs)
+        new_module = dispatch_bnb_4bit(target, adapter_name, **kwargs) or CircuitLinear(target, adapter_name, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -302,6 +312,12 @@ class CircuitModel(BaseTuner):
         if remaining and self.active_adapters != remaining:
             self.set_adapter(remaining if len(remaining) > 1 else remaining[0])
         self._update_gradient_stop()
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        # before any child's: a 4-bit base that bitsandbytes repacked for CPU inference is restored correctly
+        # here (its own inverse, run by each 4-bit layer's save, scrambles the block scales: tuner/bnb.py)
+        unpack_cpu_layouts(self.model)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> torch.nn.Module:
         handle = self.__dict__.pop("_gradient_stop", None)

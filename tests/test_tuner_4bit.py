@@ -1,0 +1,147 @@
+"""The circuit adapter on a bitsandbytes 4-bit (NF4) base, on this CPU: a tiny Llama saved to a folder and loaded
+back with transformers' ``BitsAndBytesConfig(load_in_4bit=True)``, as a QLoRA user loads theirs."""
+
+import warnings
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+
+from peft import PeftModel, get_peft_model  # noqa: E402
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
+
+from circuit_peft.models import tiny_config  # noqa: E402
+from circuit_peft.tuner import CircuitConfig  # noqa: E402
+from circuit_peft.tuner.bnb import CircuitLinear4bit, _dequantized  # noqa: E402
+
+COMPONENTS = {"q": {"1": [0, 3]}, "k": {"1": [1]}, "o": {"2": [2]}, "mlp": {"1": [5], "2": [0, 127]}}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny Llama whose MLP width (128) is a multiple of 64: bitsandbytes' CPU inference repacking
+    (AVX512-BF16 CPUs, eval mode) needs every input width to be one."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    config = tiny_config("llama")
+    config.intermediate_size = 128
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+def _load_4bit(folder):
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, device_map={"": "cpu"}).eval()
+
+
+def _dequantized_twin(folder, model4):
+    """The float model whose every linear weight is ``model4``'s 4-bit weight dequantized (the reference)."""
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for name, module in model4.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            ref.get_submodule(name).weight.data.copy_(_dequantized(module))
+    return ref
+
+
+def _ids(seed=0, batch=2, length=24):
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _circuit(model, seed=0):
+    torch.manual_seed(seed)
+    return get_peft_model(model, CircuitConfig(components=COMPONENTS, init_weights=False))
+
+
+def test_4bit_layers_get_the_4bit_circuit_layer_and_forward_equals_the_dequantized_reference(folder):
+    """Training forwards (gradients on) equal the float model carrying the dequantized weights; eval forwards
+    (which bitsandbytes may run through its repacked CPU kernel, block scales in bfloat16) stay close to it."""
+    model4 = _load_4bit(folder)
+    ref = _dequantized_twin(folder, model4)
+    peft4, peft_ref = _circuit(model4), _circuit(ref)
+    layers = [m for m in peft4.modules() if isinstance(m, CircuitLinear4bit)]
+    assert layers and all(isinstance(m.get_base_layer(), bnb.nn.Linear4bit) for m in layers)
+    assert all(p.dtype == torch.float32 for n, p in peft4.named_parameters() if "circuit_" in n)
+    peft_ref.load_state_dict({k: v for k, v in peft4.state_dict().items() if "circuit_" in k}, strict=False)
+    ids = _ids()
+    want = peft_ref(input_ids=ids).logits.detach()
+    # train mode: bitsandbytes runs its standard dequantize-then-matmul path
+    torch.testing.assert_close(peft4.train()(input_ids=ids).logits.detach(), want, rtol=1e-4, atol=1e-5)
+    peft4.eval()
+    with torch.no_grad():
+        got_eval = peft4(input_ids=ids).logits
+        with peft4.disable_adapter():
+            base_eval = peft4(input_ids=ids).logits
+    assert (got_eval - want).abs().max() < 0.02 * want.abs().max()
+    assert (base_eval - got_eval).abs().max() > 10 * (got_eval - want).abs().max()  # the deltas do change it
+
+
+def test_4bit_training_moves_only_the_slices(folder):
+    model = _circuit(_load_4bit(folder)).train()
+    packed = {n: p.detach().clone() for n, p in model.named_parameters() if type(p).__name__ == "Params4bit"}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert packed and trainable and all("circuit_rows" in n or "circuit_cols" in n for n in trainable)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    ids = _ids(length=70)  # 140 rows: above the 2-D layer's MIN_FUSED_TOKENS (a plain layer would fuse)
+    for _ in range(2):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+        assert all(model.get_parameter(n).grad is not None for n in trainable)
+        opt.step()
+    now = dict(model.named_parameters())
+    assert all(torch.equal(now[n], v) for n, v in frozen.items())  # 4-bit bytes and every other frozen tensor
+    assert set(packed) <= set(frozen)
+
+
+def test_4bit_adapter_saves_and_loads_back_onto_a_4bit_base(folder, tmp_path):
+    """Saving after an eval forward (which may repack the weights for the CPU kernel) leaves the base as it
+    was (bitsandbytes 0.50's own inverse of that repacking, run on save, scrambles the block scales), and
+    the adapter loads back onto a fresh 4-bit base with the same outputs."""
+    model = _circuit(_load_4bit(folder))
+    ids = _ids(1)
+    with torch.no_grad():
+        want = model.train()(input_ids=ids).logits  # train mode: the standard 4-bit layout
+        model.eval()(input_ids=ids)  # may repack
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():  # the repacked forward rounded the block scales to bfloat16: that much changes
+        assert (model.train()(input_ids=ids).logits - want).abs().max() < 0.01 * want.abs().max()
+    loaded = PeftModel.from_pretrained(_load_4bit(folder), tmp_path)
+    assert any(isinstance(m, CircuitLinear4bit) for m in loaded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.train()(input_ids=ids).logits, want, rtol=0, atol=0)
+    # the same adapter also loads onto the float base (the deltas do not depend on the quantization)
+    float_loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder).eval(), tmp_path)
+    with torch.no_grad():
+        assert float_loaded(input_ids=ids).logits.shape == want.shape
+
+
+def test_4bit_merge_and_unmerge_stay_within_quantization_error_and_warn(folder):
+    model = _circuit(_load_4bit(folder))
+    layer = model.base_model.model.model.layers[1].self_attn.q_proj
+    ids = _ids(2)
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits  # eval: may repack (CPU kernel); merge reads either layout
+    before = _dequantized(layer.get_base_layer())
+    target = before + layer.get_delta_weight("default")
+    with pytest.warns(UserWarning, match="4-bit linear may get different generations due to rounding errors"):
+        model.merge_adapter()
+    merged_w = _dequantized(layer.get_base_layer())
+    # NF4: an entry rounds to the nearest of 16 levels times its block's absmax; the widest gap is 0.304 absmax
+    bound = 0.16 * target.abs().max()
+    assert (merged_w - target).abs().max() <= bound
+    rows = layer.circuit_row_index["default"]
+    untouched = torch.ones(layer.out_features, dtype=torch.bool)
+    untouched[rows] = False
+    torch.testing.assert_close(merged_w[untouched], before[untouched], rtol=0, atol=0)  # blocks without a delta
+    with torch.no_grad():
+        merged = model(input_ids=ids).logits
+    assert (merged - unmerged).abs().max() < 0.1 * unmerged.abs().max()
+    with pytest.warns(UserWarning, match="Unmerge circuit module to 4-bit"):
+        model.unmerge_adapter()
+    assert (_dequantized(layer.get_base_layer()) - before).abs().max() <= 2 * bound
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left merged: no second unmerge warning from a forward
+        with torch.no_grad():
+            model(input_ids=ids)
