@@ -116,3 +116,23 @@ def test_comparison_family_splits_by_unordered_pair_and_keeps_old_problems():
     assert old == ["What is 63 + 55?", "What is 96 - 20?",
                    "A box holds 25 cards. Ivan puts in 67 more cards. How many cards are in the box?",
                    "A box holds 81 pencils. Ali takes out 55 pencils. How many pencils are left in the box?"]
+
+
+@pytest.mark.parametrize("argv", [["--preset", "paper", "--lr", "1e-3"], ["--lr", "1e-3", "--preset", "paper"]])
+def test_amplify_cli_preset_sets_the_paper_flags_and_keeps_the_ones_given(argv):
+    from circuit_peft.cca.presets import cca_preset
+    from circuit_peft.cli import build_parser
+    from circuit_peft.commands.amplify import build_configs, mining_config
+
+    args = build_parser().parse_args(["amplify", "--problems", "arithmetic", "--out", "x", *argv,
+                                      "--target", "all_weights", "--side-effect-data", "none"])
+    update, config = build_configs(args)
+    paper = cca_preset("paper", lr=1e-3, target="all_weights")
+    assert update == paper.update
+    assert (config.locate, config.circuit_fraction, config.dcm_lambda, config.dcm_epochs, config.dcm_lr) == \
+        ("dcm", None, 0.01, 50, 5e-3)
+    m = mining_config(args)
+    assert (m.method, m.pivot, m.n_samples, m.temperature_if_right, m.temperature_if_wrong) == \
+        ("branching", "token", 10, 1.2, 0.8)
+    plain, _ = build_configs(build_parser().parse_args(["amplify", "--problems", "arithmetic", "--out", "x"]))
+    assert (plain.steps, plain.eval_also, plain.keep_start, plain.target) == (100, (), True, "circuit")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,24 @@ from ._cca import (
 )
 
 PACKAGE_SIDE_EFFECT_DATA = "package"
+# --preset paper: the flags it sets (circuit_peft.cca.presets.cca_preset; eval_also and keep_start follow from it)
+PAPER_FLAGS: dict[str, Any] = {
+    "method": "branching", "pivot": "token", "n_samples": 10, "temperature_if_right": 1.2, "temperature_if_wrong": 0.8,
+    "locate": "dcm", "circuit_fraction": None, "dcm_lambda": 0.01, "dcm_epochs": 50, "dcm_steps": None,
+    "dcm_lr": 5e-3, "steps": 50, "lr": 1e-4, "optimizer": "sgd", "loss": "logit_diff", "eval_every": 5,
+    "patience": None, "projections": "paper",
+}
+
+
+class _PresetAction(argparse.Action):
+    """``--preset paper``: every flag of :data:`PAPER_FLAGS` still at its default takes the paper's value
+    (a flag given after ``--preset``, or before it with another value, keeps the value given)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        for dest, value in PAPER_FLAGS.items():
+            if getattr(namespace, dest, None) == parser.get_default(dest):
+                setattr(namespace, dest, value)
 
 
 def add_amplify_args(p: argparse.ArgumentParser) -> None:
@@ -34,6 +53,15 @@ def add_amplify_args(p: argparse.ArgumentParser) -> None:
     loc.add_argument("--dcm-lr", type=positive(float), default=None,
                      help="DCM Adam lr (default 5e-3, the paper's; ~0.05 with --dcm-steps)")
     u = p.add_argument_group("update")
+    u.add_argument("--preset", choices=("paper",), default=None, action=_PresetAction,
+                   help="paper: CCA as its paper runs it (10 samples at T 0.8/1.2, token pivots, DCM masks with "
+                        "lambda 0.01 and no cap, SGD 1e-4 on the logit difference for 50 steps, validation after "
+                        "steps 2, 4, 6, 8 and every 5th, the best validated step kept, never step 0); other flags "
+                        "given override it (docs/cca.md)")
+    u.add_argument("--target", choices=("circuit", "all_weights", "twin", "projections"), default="circuit",
+                   help="what the update trains: circuit (with mask, default), all_weights (without mask: every "
+                        "parameter, the paper's update_using_mask=False), twin (the circuit's layer-matched random "
+                        "twin), projections (every row of the circuit's projections in every layer)")
     u.add_argument("--steps", type=positive(int), default=100, help="update steps (default %(default)s)")
     u.add_argument("--lr", type=positive(float), default=1e-4, help="learning rate (default %(default)s; the paper's is 1e-4)")
     u.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="sgd = full-batch gradient descent (default %(default)s)")
@@ -95,10 +123,11 @@ def build_configs(args: argparse.Namespace):
         data_dir = None
     if args.mmlu_subjects:
         subjects = tuple(s.strip() for s in args.mmlu_subjects.split(",") if s.strip())
-    update = UpdateConfig(steps=args.steps, lr=args.lr, optimizer=args.optimizer, loss=args.loss,
-                          margin_cap=args.margin_cap, eval_every=args.eval_every, patience=args.patience,
-                          projections=args.projections, cache_lower_layers=not args.no_cache,
-                          share_prompt_prefix=not args.no_cache)
+    paper = UpdateConfig.paper() if getattr(args, "preset", None) == "paper" else UpdateConfig()
+    update = replace(paper, steps=args.steps, lr=args.lr, optimizer=args.optimizer, loss=args.loss,
+                     margin_cap=args.margin_cap, eval_every=args.eval_every, patience=args.patience,
+                     projections=args.projections, cache_lower_layers=not args.no_cache,
+                     share_prompt_prefix=not args.no_cache, target=getattr(args, "target", "circuit"))
     config = AmplifyConfig(locate=args.locate, circuit_fraction=args.circuit_fraction, dcm_lambda=args.dcm_lambda,
                            dcm_epochs=args.dcm_epochs, dcm_steps=args.dcm_steps, dcm_lr=args.dcm_lr,
                            eval_max_new_tokens=args.eval_max_new_tokens,
