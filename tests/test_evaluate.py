@@ -252,8 +252,8 @@ def test_accuracy_bad_input(tok, tiny_llama):
         evaluate_accuracy(tiny_llama, tok, [])
     with pytest.raises(ValueError, match="answer"):
         evaluate_accuracy(tiny_llama, tok, [{"question": "q"}])
-    with pytest.raises(ValueError, match="question"):
-        evaluate_accuracy(tiny_llama, tok, [{"prompt": "q", "answer": "1"}])
+    with pytest.raises(ValueError, match="question"):  # neither a question nor a TRL prompt
+        evaluate_accuracy(tiny_llama, tok, [{"text": "q", "answer": "1"}])
     with pytest.raises(ValueError, match="parsable"):
         evaluate_accuracy(tiny_llama, tok, [{"question": "q", "answer": "none"}])
     out = generate_batched(tiny_llama, tok, [[5, 6, 7], [8]], max_new_tokens=3, progress=False)
