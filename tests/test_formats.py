@@ -143,6 +143,16 @@ def test_answer_none_refuses_what_needs_checked_answers():
     TrainConfig(answer="none", locate="ablation")  # the loss gradient and the loss-based scan need no checker
 
 
+def test_the_answer_flag_reaches_the_config_and_the_row_checks():
+    from circuit_peft.cli import build_parser
+    from circuit_peft.commands.train import config_from_args
+
+    args = build_parser().parse_args(["train", "--answer", "exact", "--out", "x"])
+    assert config_from_args(args).answer == "exact"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--answer", "letter", "--out", "x"])
+
+
 def test_the_completion_loss_standard_error_is_the_ratio_estimators():
     from circuit_peft.evaluate.accuracy import ratio_mean_se
 
