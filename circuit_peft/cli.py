@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 
-SUBCOMMANDS: tuple[str, ...] = ("info", "locate", "mine", "amplify", "train", "eval", "select", "export", "demo")
+SUBCOMMANDS: tuple[str, ...] = ("info", "locate", "mine", "amplify", "train", "compare", "eval", "select", "export",
+                                "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -406,7 +406,7 @@ def test_train_with_the_cca_update_changes_the_circuit_and_resumes(tmp_path):
     from circuit_peft.recipe import train
 
     folder = "smollm2"  # a real model: a random one writes no digits to mine
-    cfg = TrainConfig(update="cca", update_steps=3, locate="gradient", max_new_tokens=16,
+    cfg = TrainConfig(update="cca", update_steps=3, locate="gradient", max_new_tokens=16, max_cut_share=1.0,
                       shots=[dict(s) for s in ARITHMETIC_SHOTS])
     rows = make_problems(6, "train", seed=0, kinds=("add",), low=100, high=999)
     held = make_problems(4, "test", seed=0, kinds=("add",), low=100, high=999)
@@ -464,7 +464,8 @@ def test_train_stopped_by_ctrl_c_resumes_without_redoing_finished_stages(tmp_pat
     model_dir = tmp_path / "model"  # a tiny model with SmolLM2's tokenizer: the pipeline's cost, not the model's
     tiny_model("llama", vocab_size=49152).save_pretrained(model_dir)
     load_tokenizer("smollm2").save_pretrained(model_dir)
-    cfg = TrainConfig(max_new_tokens=8, shots=[dict(s) for s in ARITHMETIC_SHOTS], sft=SFTSettings(epochs=1.0))
+    cfg = TrainConfig(max_new_tokens=8, max_cut_share=1.0, shots=[dict(s) for s in ARITHMETIC_SHOTS],
+                      sft=SFTSettings(epochs=1.0))
     rows, held = make_problems(8, "train", seed=0), make_problems(4, "test", seed=0)
     fit = pipeline._fit
 

@@ -10,7 +10,7 @@ from circuit_peft.cli import build_parser, main
 
 ARGS = ["train", "--data", "arithmetic", "--n-train", "8", "--heldout", "arithmetic", "--n-heldout", "6",
         "--epochs", "1", "--max-new-tokens", "24", "--circuit-fraction", "0.01", "--mmlu-limit", "2",
-        "--truthfulqa-limit", "4", "--kl-chunks", "1"]
+        "--truthfulqa-limit", "4", "--kl-chunks", "1", "--max-cut-share", "1"]  # the cap is tested in test_compare.py
 
 
 @pytest.mark.slow
@@ -129,7 +129,7 @@ def test_train_over_seeds_with_a_control_averages_the_gaps(tmp_path, capsys):
     out = tmp_path / "seeds"
     argv = ["train", "--model", str(model_dir), "--data", "arithmetic", "--n-train", "4", "--heldout", "arithmetic",
             "--n-heldout", "3", "--epochs", "1", "--max-new-tokens", "4", "--circuit-fraction", "0.1",
-            "--controls", "random_layer", "--seeds", "0,1", "--out", str(out)]
+            "--controls", "random_layer", "--seeds", "0,1", "--max-cut-share", "1", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "over seeds 0, 1" in printed and "located - random_layer" in printed
@@ -153,7 +153,8 @@ def test_train_with_a_rate_grid_chooses_each_arm_on_held_back_rows(tmp_path, cap
     out = tmp_path / "run"
     argv = ["train", "--model", str(model_dir), "--data", "arithmetic", "--n-train", "6", "--heldout", "arithmetic",
             "--n-heldout", "3", "--epochs", "1", "--max-new-tokens", "4", "--circuit-fraction", "0.1",
-            "--controls", "random_layer", "--lrs", "1e-3,3e-2", "--validation-fraction", "0.34", "--out", str(out)]
+            "--controls", "random_layer", "--lrs", "1e-3,3e-2", "--validation-fraction", "0.34", "--max-cut-share", "1",
+            "--grid-extensions", "0", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "learning rate chosen per arm on 2 validation rows" in printed

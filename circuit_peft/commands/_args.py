@@ -111,3 +111,22 @@ def load_spec(args: argparse.Namespace):
     from ..models import LoadSpec
 
     return LoadSpec(device=args.device, dtype=args.dtype)
+
+def share(text: str) -> float:
+    """A share in [0, 1] (0 allowed: ``--max-cut-share 0`` allows no cut answer)."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def add_cap_args(group: argparse._ArgumentGroup, max_new_tokens: int, limit: int, max_cut_share: float) -> None:
+    """``--max-new-tokens``, ``--max-new-tokens-limit``, ``--max-cut-share``: the evaluation's token cap and how
+    far the base model's measurement may raise it (:mod:`circuit_peft.recipe.caps`)."""
+    group.add_argument("--max-new-tokens", type=positive(int), default=max_new_tokens,
+                       help=f"token cap of every answer (default {max_new_tokens}); raised for the whole run when it "
+                            "cuts more than --max-cut-share of the base model's answers")
+    group.add_argument("--max-new-tokens-limit", type=positive(int), default=limit,
+                       help=f"the base's cap is doubled up to this (default {limit}); beyond it the run stops")
+    group.add_argument("--max-cut-share", type=share, default=max_cut_share,
+                       help=f"share of the base's answers that may hit the cap (default {max_cut_share:g})")

@@ -11,7 +11,7 @@ import shlex
 from typing import Any
 
 from ._args import (
-    add_model_args, add_side_effect_sizes, distinct_list, fraction, known_names, load_spec, non_negative, positive,
+    add_cap_args, add_model_args, add_side_effect_sizes, distinct_list, fraction, known_names, load_spec, non_negative, positive,
 )
 from ..evaluate.answers import ANSWER_CHECKERS
 from ..files import read_rows
@@ -84,6 +84,8 @@ def config_from_args(args: argparse.Namespace):
                        mmlu_limit=args.mmlu_limit, truthfulqa_limit=args.truthfulqa_limit, kl_chunks=args.kl_chunks,
                        answer_field=args.answer_field, seed=args.seed, controls=args.controls,
                        learning_rates=tuple(args.lrs), validation_fraction=args.validation_fraction, answer=args.answer,
+                       max_new_tokens_limit=args.max_new_tokens_limit, max_cut_share=args.max_cut_share,
+                       grid_extensions=args.grid_extensions,
                        load=load_spec(args))
 
 
@@ -125,11 +127,9 @@ def control_list(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    """The flags of ``train`` (and ``demo``); their defaults are :class:`TrainConfig`'s, written once there."""
-    cfg = TrainConfig()
-    p.add_argument("--model", default="smollm2", help="hub id, local folder, 'smollm2' or 'gemma3-270m'")
-    add_model_args(p)
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """The data flags of ``train`` (and ``compare``): where the rows come from, the held-out split, fields,
+    shots and prompt style (read by :func:`split_examples`)."""
     d = p.add_argument_group("data")
     d.add_argument("--data", default="arithmetic",
                    help="training examples: .jsonl/.json/.csv file, hub dataset id, or a generated task: 'arithmetic' "
@@ -152,6 +152,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "(default: the generated task's own, else none)")
     d.add_argument("--prompt-style", choices=("chat", "fewshot"), default=None,
                    help="default: chat when the tokenizer has a chat template, else few-shot")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """The flags of ``train`` (and ``demo``); their defaults are :class:`TrainConfig`'s, written once there."""
+    cfg = TrainConfig()
+    p.add_argument("--model", default="smollm2", help="hub id, local folder, 'smollm2' or 'gemma3-270m'")
+    add_model_args(p)
+    add_data_args(p)
     s = p.add_argument_group("selection, circuit, training")
     s.add_argument("--select", choices=SELECTORS, default=cfg.select)
     s.add_argument("--select-fraction", type=fraction, default=cfg.select_fraction)
@@ -179,11 +187,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--validation-fraction", type=fraction, default=cfg.validation_fraction,
                    help=f"share of the training rows held back to choose the rate with --lrs "
                         f"(default {cfg.validation_fraction})")
+    s.add_argument("--grid-extensions", type=non_negative(int), default=cfg.grid_extensions,
+                   help="with --lrs: while an arm keeps the grid's lowest or highest rate, try up to this many rates "
+                        f"beyond it, one grid step further each (default {cfg.grid_extensions}; the report says "
+                        "when the edge is still kept)")
     s.add_argument("--epochs", type=positive(float), default=cfg.sft.epochs)
     s.add_argument("--batch-size", type=positive(int), default=cfg.sft.batch_size)
     s.add_argument("--pivotal-weight", type=non_negative(float), default=cfg.sft.pivotal_weight, help="loss weight of the final answer's tokens")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--max-new-tokens", type=positive(int), default=cfg.max_new_tokens)
+    add_cap_args(e, cfg.max_new_tokens, cfg.max_new_tokens_limit, cfg.max_cut_share)
     e.add_argument("--side-effects-data", default=None,
                    help="folder with mmlu/test, truthfulqa/, text/ for side effects (default: skipped)")
     e.add_argument("--mmlu-subjects", default=None,

@@ -193,7 +193,15 @@ def mean_kl(
     ``base=None`` with a ``PeftModel`` uses ``model.disable_adapter()`` for the base distribution.
     Returns ``kl`` (mean), ``kl_max_chunk`` (largest per-chunk mean), ``tokens``.
     """
-    chunks = text_chunks(tokenizer, text, chunk_length, max_chunks)
+    return chunks_kl(base, model, text_chunks(tokenizer, text, chunk_length, max_chunks), batch_size, progress)
+
+
+@torch.no_grad()
+def chunks_kl(base: PreTrainedModel | None, model: PreTrainedModel, chunks: Sequence[Sequence[int]],
+              batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
+    """:func:`mean_kl` on given token ``chunks`` (equal lengths, e.g. disjoint slices of
+    :func:`text_chunks` for a validation and a test measurement)."""
+    chunks = [list(c) for c in chunks]
     device = model_device(model)
     total, count, per_chunk = 0.0, 0, []
     with eval_mode(model), (eval_mode(base) if base is not None else nullcontext()):

@@ -30,7 +30,8 @@ from ..files import atomic_dir, atomic_write_json, atomic_write_text
 from ..models import LoadSpec
 from ..runs import OpenRun, fingerprint as _fingerprint
 from .controls import CONTROLS
-from .rates import arms_with_chosen_rate, fit_on_grid, load_weights, save_weights, validation_split
+from .caps import MAX_CUT_SHARE, MAX_NEW_TOKENS_LIMIT, check_cap_settings, uncut_measure
+from .rates import GRID_EXTENSIONS, arms_with_chosen_rate, fit_on_grid, load_weights, save_weights, validation_split
 from .sft import SFTSettings, gold_examples, pivotal_dataset, train_sft
 
 LOCATORS: tuple[str, ...] = ("gradient", "gradient_contrast", "attribution", "ablation")
@@ -65,6 +66,9 @@ class TrainConfig:
     prompt_style: str | None = None  # None: chat if the tokenizer has a template, else few-shot
     shots: list[dict[str, str]] | None = None
     max_new_tokens: int = 64
+    max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT  # the base is re-measured up to this cap (.caps)
+    max_cut_share: float = MAX_CUT_SHARE  # ... while more of its answers than this share hit the cap
+    grid_extensions: int = GRID_EXTENSIONS  # rates tried beyond a learning-rate grid's chosen edge (.rates)
     eval_batch_size: int = 32
     side_effect_data_dir: str | None = None
     mmlu_subjects: tuple[str, ...] | None = None  # None: the default subjects found in the data folder
@@ -113,6 +117,9 @@ class TrainConfig:
         for name in ("max_new_tokens", "eval_batch_size", "update_steps", "mmlu_limit", "truthfulqa_limit", "kl_chunks"):
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        check_cap_settings(self.max_new_tokens, self.max_new_tokens_limit, self.max_cut_share)
+        if int(self.grid_extensions) != self.grid_extensions or self.grid_extensions < 0:
+            raise ValueError(f"grid_extensions must be an integer >= 0, got {self.grid_extensions!r}")
         if int(self.lora_rank) != self.lora_rank or self.lora_rank < 0:
             raise ValueError(f"lora_rank must be an integer >= 0, got {self.lora_rank!r}")
         if isinstance(self.sft, dict):
@@ -358,8 +365,9 @@ def _adapter_config(circuit, cfg: TrainConfig):
     return circuit.to_config(projections="paper")
 
 
-def _save_adapter(peft_model, out: Path, card: str) -> None:
-    """Write ``out/adapter`` so that a kill leaves the old adapter or the new one, never a mix."""
+def _save_adapter(peft_model, out: Path, card: str, images: Sequence[str] = ("circuit.png",)) -> None:
+    """Write ``out/adapter`` so that a kill leaves the old adapter or the new one, never a mix; ``images``
+    (files of ``out`` the card shows) are copied beside it."""
     with atomic_dir(out / "adapter") as tmp:
         peft_model.save_pretrained(str(tmp))
         readme = tmp / "README.md"
@@ -369,7 +377,8 @@ def _save_adapter(peft_model, out: Path, card: str) -> None:
             end = existing.index("---", 3) + 3
             front, existing = existing[:end] + "\n\n", existing[end:]
         atomic_write_text(readme, front + card + "\n" + existing)
-        shutil.copy(out / "circuit.png", tmp / "circuit.png")
+        for image in images:
+            shutil.copy(out / image, tmp / image)
 
 
 def model_card(report: dict[str, Any], command: str | None) -> str:
@@ -446,10 +455,12 @@ def _rate_lines(report: dict[str, Any]) -> list[str]:
     if not chosen:
         return []
     n = next(iter(chosen.values()))["n_validation"]
+    edge = [name for name, a in chosen.items() if a.get("lr_at_grid_edge")]
     return [f"learning rate chosen per arm on {n} validation rows held back from training (validation accuracy; "
             "ties: the lower gold-solution loss): "
             + ", ".join(f"{name} {a['lr']:g} ({a['validation_accuracy'][format(a['lr'], 'g')]:.3f})"
-                        for name, a in chosen.items())]
+                        for name, a in chosen.items())
+            + (f"; {', '.join(edge)} kept the widened grid's edge: the best rate may lie outside it" if edge else "")]
 
 
 def _gap_text(control: dict[str, Any]) -> str:
@@ -498,6 +509,8 @@ def train(
     config.pop("controls")  # trained after the circuit: adding controls to a finished run reuses it
     if cfg.answer == "number":  # run folders made before the checker choice keep their settings
         config.pop("answer")
+    for key in ("max_new_tokens_limit", "max_cut_share", "grid_extensions"):  # add measurements or rates only:
+        config.pop(key)  # a folder made before them resumes, its finished stages kept
     if not cfg.learning_rates:  # run folders made before the grid existed keep their settings
         config.pop("learning_rates"), config.pop("validation_fraction")
     settings = {"model": model_name, "config": config, "train": _fingerprint(train_rows),
@@ -583,10 +596,11 @@ def _train_arm(run: RunFolder, tag: str, model, tokenizer, examples, val_rows, s
     val_batches = _gold_solution_batches(model, tokenizer, val_rows, style, cfg)  # tokenised once, every rate
     choice = fit_on_grid(run, tag, model, train_at,
                          lambda m: _accuracy(m, tokenizer, val_rows, style, cfg)["accuracy"], cfg.learning_rates, log,
-                         tie_break=lambda m: _gold_solution_loss(m, val_batches))
-    log(f"[{tag}] learning rate {choice.lr:g} chosen on {len(val_rows)} validation rows")
+                         tie_break=lambda m: _gold_solution_loss(m, val_batches), extensions=cfg.grid_extensions)
+    log(f"[{tag}] learning rate {choice.lr:g} chosen on {len(val_rows)} validation rows"
+        + (" (the grid's edge: the best rate may lie outside)" if choice.at_edge else ""))
     return {"lr": choice.lr, "validation_accuracy": choice.validation_accuracy,
-            "validation_loss": choice.validation_loss, "n_validation": len(val_rows)}
+            "validation_loss": choice.validation_loss, "n_validation": len(val_rows), "lr_at_grid_edge": choice.at_edge}
 
 
 def _mmlu_subjects(cfg: TrainConfig) -> tuple[str, ...] | None:
@@ -653,6 +667,15 @@ def _control(run: RunFolder, name: str, model_name: str, tokenizer, circuit, row
     return result
 
 
+def _before(model, tokenizer, rows, style: str, cfg: TrainConfig, log) -> dict[str, Any]:
+    """The base model on the held-out rows: accuracy at a cap that cuts few answers (:mod:`.caps`), or
+    the completion loss with ``answer='none'`` (nothing generated)."""
+    if cfg.answer == "none":
+        return _accuracy(model, tokenizer, rows, style, cfg)
+    return uncut_measure(lambda cap: _accuracy(model, tokenizer, rows, style, replace(cfg, max_new_tokens=cap)),
+                         cfg.max_new_tokens, cfg.max_new_tokens_limit, cfg.max_cut_share, log)
+
+
 def _measured(result: dict[str, Any]) -> str:
     """One measurement in words: accuracy, or completion loss, with its standard error."""
     if "loss" in result:
@@ -687,8 +710,10 @@ def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]
         log(f"[select] {cfg.select}: {len(chosen)} of {len(train_rows)} training examples")
     located = run.stage("locate", lambda: _locate(model, tokenizer, chosen, style, cfg, out), log)
     log(f"[locate] {cfg.locate}: {located['components']} components ({100 * located['component_fraction']:.2f} %)")
-    before = run.stage("before", lambda: _accuracy(model, tokenizer, heldout_rows, style, cfg), log)
-    log(f"[before] held-out {_measured(before)}")
+    before = run.stage("before", lambda: _before(model, tokenizer, heldout_rows, style, cfg, log), log)
+    cfg = replace(cfg, max_new_tokens=before.get("max_new_tokens", cfg.max_new_tokens))  # every arm at the base's cap
+    log(f"[before] held-out {_measured(before)}" + ("" if "loss" in before else
+        f" ({cfg.max_new_tokens} new tokens, {100 * before['capped_fraction']:.0f} % of answers cut)"))
 
     circuit = Circuit.load(out / "circuit.json", model)
     peft_model = get_peft_model(model, _adapter_config(circuit, cfg))

@@ -67,6 +67,7 @@ class RateChoice:
     lr: float
     validation_accuracy: dict[str, float]
     validation_loss: dict[str, float] = field(default_factory=dict)
+    at_edge: bool = False  # still the grid's lowest or highest rate after widening: the optimum may lie outside
 
 
 def choose_rate(rates: Sequence[float], accuracy: dict[float, float], loss: dict[float, float] | None = None) -> float:
@@ -77,19 +78,38 @@ def choose_rate(rates: Sequence[float], accuracy: dict[float, float], loss: dict
     return rates[ranked[0]]
 
 
+GRID_EXTENSIONS = 2  # rates added beyond a grid's edge at most (per arm) while the edge keeps being chosen
+
+
+def beyond_edge(rates: Sequence[float], chosen: float) -> float | None:
+    """The next rate outside a grid of >= 2 rates whose lowest or highest rate was ``chosen``: one step of
+    the grid's outermost ratio further (3e-3 chosen from 3e-4, 1e-3, 3e-3: 9e-3); None when ``chosen`` is
+    inside the grid (or the grid has one rate: nothing says where its edge is)."""
+    ordered = sorted(rates)
+    if len(ordered) < 2 or ordered[0] < chosen < ordered[-1]:
+        return None
+    if chosen == ordered[-1]:
+        return float(f"{ordered[-1] * ordered[-1] / ordered[-2]:.3g}")
+    return float(f"{ordered[0] * ordered[0] / ordered[1]:.3g}")
+
+
 def fit_on_grid(run, tag: str, model: nn.Module, train_at: Callable[[nn.Module, float], None],
                 measure: Callable[[nn.Module], float], rates: Sequence[float],
-                log: Callable[[str], None], tie_break: Callable[[nn.Module], float] | None = None) -> RateChoice:
+                log: Callable[[str], None], tie_break: Callable[[nn.Module], float] | None = None,
+                extensions: int = 0) -> RateChoice:
     """Train ``model``'s adapter at each of ``rates`` from the same initial weights, one resumable stage
     ``<tag>_lr<rate>`` of ``run`` each (its weights saved beside it), score each with ``measure`` (a
     validation accuracy) and ``tie_break`` (a validation loss, lower is better; optional), and leave
-    ``model`` holding the weights of the rate :func:`choose_rate` keeps."""
+    ``model`` holding the weights of the rate :func:`choose_rate` keeps. While the kept rate is the grid's
+    edge, up to ``extensions`` rates beyond it (:func:`beyond_edge`) are tried too; ``at_edge`` says
+    whether the edge was still kept at the end."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     scores: dict[float, float] = {}
     losses: dict[float, float] = {}
-    for lr in rates:
+    rates, added = list(rates), 0
+    for lr in rates:  # the list grows while the edge is chosen
         stage = f"{tag}_lr{lr:g}"
         path = run.path / "stages" / f"{stage}.safetensors"
 
@@ -110,9 +130,16 @@ def fit_on_grid(run, tag: str, model: nn.Module, train_at: Callable[[nn.Module, 
             losses[lr] = result["validation_loss"]
         log(f"[{tag}] lr {lr:g}: validation accuracy {scores[lr]:.3f}"
             + (f", loss {losses[lr]:.4f}" if lr in losses else ""))
-    best = choose_rate(list(rates), scores, losses)
+        if lr == rates[-1] and added < extensions:
+            wider = beyond_edge(rates, choose_rate(rates, scores, losses))
+            if wider is not None and wider not in rates:
+                log(f"[{tag}] the grid's edge was chosen: trying {wider:g} too")
+                rates.append(wider)
+                added += 1
+    best = choose_rate(rates, scores, losses)
     load_weights(model, run.path / "stages" / f"{tag}_lr{best:g}.safetensors")
-    return RateChoice(best, {f"{lr:g}": scores[lr] for lr in rates}, {f"{lr:g}": losses[lr] for lr in losses})
+    return RateChoice(best, {f"{lr:g}": scores[lr] for lr in rates}, {f"{lr:g}": losses[lr] for lr in losses},
+                      at_edge=beyond_edge(rates, best) is not None)
 
 
 def arms_with_chosen_rate(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -122,5 +149,5 @@ def arms_with_chosen_rate(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {name: a for name, a in arms.items() if "validation_accuracy" in a}
 
 
-__all__ = ["RateChoice", "arms_with_chosen_rate", "choose_rate", "fit_on_grid", "load_weights", "save_weights", "seeded_split",
+__all__ = ["GRID_EXTENSIONS", "RateChoice", "arms_with_chosen_rate", "beyond_edge", "choose_rate", "fit_on_grid", "load_weights", "save_weights", "seeded_split",
            "validation_split"]

@@ -98,10 +98,12 @@ def train_sft(
     style: PromptStyle = "chat",
     use_cpu: bool | None = None,
     progress: bool = False,
+    callbacks: Sequence[Any] = (),
 ) -> nn.Module:
     """Train ``model`` (a PEFT model or a plain one for full fine-tuning) on ``examples`` from
     :func:`gold_examples` with ``transformers.Trainer`` and pivotal weights; returns it in eval mode.
-    ``progress``: the Trainer's progress bar (steps, time left). ``use_cpu`` (None: whether the model
+    ``progress``: the Trainer's progress bar (steps, time left). ``callbacks``: ``TrainerCallback`` objects
+    (e.g. measurements at checkpoints, :mod:`circuit_peft.compare.grid`). ``use_cpu`` (None: whether the model
     is on the CPU) keeps the Trainer from moving a CPU model to a GPU.
 
     Under ``torchrun`` / ``accelerate launch`` the Trainer trains data-parallel; ``settings.batch_size`` stays
@@ -126,7 +128,8 @@ def train_sft(
         logging_steps=10**6, save_strategy="no", report_to=[], seed=settings.seed, disable_tqdm=not progress,
         use_cpu=on_cpu, fp16=half and not on_cpu,
     )
-    PivotalTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer).train()
+    PivotalTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                   callbacks=list(callbacks) or None).train()
     return model.eval()
 
 
