@@ -136,3 +136,15 @@ def test_amplify_cli_preset_sets_the_paper_flags_and_keeps_the_ones_given(argv):
         ("branching", "token", 10, 1.2, 0.8)
     plain, _ = build_configs(build_parser().parse_args(["amplify", "--problems", "arithmetic", "--out", "x"]))
     assert (plain.steps, plain.eval_also, plain.keep_start, plain.target) == (100, (), True, "circuit")
+
+
+def test_kept_step_rule_is_stated_in_the_result():
+    from circuit_peft.cca.update import kept_step_rule
+
+    circuit = [("q", 1, 0), ("mlp", 2, 7)]
+    from circuit_peft.tuner import CircuitConfig
+    r = amplify_update(tiny_model("llama"), _records(), CircuitConfig.from_components(circuit), steps=2, lr=1e-3,
+                       progress=False)
+    assert r.kept == "last step (no validation)" and r.best_step == 2  # what train --update cca gets
+    assert kept_step_rule(lambda m: 0.0, UpdateConfig.paper()) == "best validated step after step 0"
+    assert kept_step_rule(lambda m: 0.0, UpdateConfig()) == "best validated step"

@@ -130,11 +130,12 @@ class UpdateResult:
     final_margin: float = float("nan")
     size: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    kept: str = ""  # which step the model holds and why: :func:`kept_step_rule`
 
     def to_dict(self) -> dict[str, Any]:
         return {"history": self.history, "best_step": self.best_step, "best_val": self.best_val,
                 "initial_margin": self.initial_margin, "final_margin": self.final_margin, "size": self.size,
-                "seconds": self.seconds, "components": self.config.components if self.config else "all"}
+                "seconds": self.seconds, "kept": self.kept, "components": self.config.components if self.config else "all"}
 
 
 def margin_loss(margin: torch.Tensor, loss: str, margin_cap: float = 5.0) -> torch.Tensor:
@@ -332,7 +333,8 @@ def amplify_update(
     objective = _Objective(peft_model, rows, lowest, cfg, pad_token_id(base, tokenizer))
     best = _BestStep(params)
     history = _update_loop(peft_model, objective, params, cfg, validate, best, progress)
-    if validate is None or not cfg.keep_best:
+    kept = kept_step_rule(validate, cfg)
+    if kept.startswith("last"):
         best.step = history[-1]["step"]
     else:
         best.restore()
@@ -340,8 +342,17 @@ def amplify_update(
     return UpdateResult(
         model=peft_model, config=peft_config, history=history, best_step=best.step, best_val=best.val,
         initial_margin=history[0]["margin"], final_margin=final_margin, size=size,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, kept=kept,
     )
+
+
+def kept_step_rule(validate: Validator | None, cfg: UpdateConfig) -> str:
+    """THE rule for which step an update returns (every caller states it by what it passes): the best validated
+    step when a validator is given and ``cfg.keep_best`` (step 0 a candidate only with ``cfg.keep_start``), else
+    the last step. ``amplify`` validates on held-out problems; ``train --update cca`` passes no validator."""
+    if validate is None or not cfg.keep_best:
+        return "last step (no validation)" if validate is None else "last step (keep_best=False)"
+    return "best validated step" + ("" if cfg.keep_start else " after step 0")
 
 
 class _BestStep:
