@@ -153,6 +153,20 @@ def test_the_answer_flag_reaches_the_config_and_the_row_checks():
         build_parser().parse_args(["train", "--answer", "letter", "--out", "x"])
 
 
+def test_mine_and_amplify_check_answers_with_the_chosen_checker():
+    from circuit_peft.cli import build_parser
+    from circuit_peft.commands._cca import problem_checker
+
+    rows = [{"question": "Capital of France?", "choices": ["Rome", "Paris"], "answer": 1}]
+    for command in ("mine", "amplify"):
+        args = build_parser().parse_args([command, "--problems", "x.jsonl", "--answer", "choice", "--out", "o"])
+        checker, prepared = problem_checker(args, rows)
+        assert isinstance(checker, ChoiceAnswer) and prepared[0]["answer"] == "B" and "B) Paris" in prepared[0]["question"]
+    args = build_parser().parse_args(["mine", "--problems", "x.jsonl", "--answer", "exact", "--pivot", "digit", "--out", "o"])
+    with pytest.raises(CircuitPeftError, match="--pivot digit .* --answer exact"):
+        problem_checker(args, rows)
+
+
 def test_the_completion_loss_standard_error_is_the_ratio_estimators():
     from circuit_peft.evaluate.accuracy import ratio_mean_se
 

@@ -18,6 +18,10 @@ def add_problem_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--n-problems", type=positive(int), default=None, help="use the first N problems (arithmetic: generate N; default 64)")
     g.add_argument("--question-field", default="question")
     g.add_argument("--answer-field", default="answer", help="field with the gold answer (default answer)")
+    g.add_argument("--answer", choices=("number", "choice", "exact"), default="number",
+                   help="how answers are checked (circuit_peft.evaluate.answers): number (the final number), choice "
+                        "(an option letter; rows with 'options'/'choices' get them listed), exact (the normalised "
+                        "string); mining needs a checker, so there is no 'none' here")
     g.add_argument("--id-field", default="id", help="field with a unique problem id (default id; else the row number)")
 
 
@@ -63,6 +67,19 @@ def load_problem_rows(source: str, n: int | None, split: str = "train", seed: in
         return make_problems(n or 64, "test" if split in ("val", "test") else "train", seed=seed, kinds=kinds)
     rows = demo_problems(split) if source == "demo" else read_rows(source)
     return rows[:n] if n is not None else rows
+
+
+def problem_checker(args: argparse.Namespace, rows: list[dict[str, Any]]) -> tuple[Any, list[dict[str, Any]]]:
+    """The ``--answer`` checker of ``mine``/``amplify`` and the rows as it reads them (options listed);
+    refuses ``--pivot digit`` (the first wrong digit of a number) with a checker that reads no number."""
+    from ..errors import CircuitPeftError
+    from ..evaluate.answers import answer_checker
+
+    if getattr(args, "pivot", "token") == "digit" and args.answer != "number":
+        raise CircuitPeftError(f"--pivot digit reads the first wrong digit of a final number; --answer {args.answer} "
+                               "answers have none: use --pivot token")
+    checker = answer_checker(args.answer, args.answer_field, args.question_field)
+    return checker, [checker.prepare(dict(r)) for r in rows]
 
 
 def resolve_shots(shots: str | None, problems_source: str) -> list[dict[str, str]] | None:

@@ -178,17 +178,17 @@ def print_report(report: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..cca.pipeline import amplify
-    from ..evaluate.answers import NumberAnswer
+    from ._cca import problem_checker
 
     mining = mining_config(args)
     update, config = build_configs(args)
-    train = load_problem_rows(args.problems, args.n_problems, "train", args.seed)
-    val, test = heldout_rows(args)
+    checker, train = problem_checker(args, load_problem_rows(args.problems, args.n_problems, "train", args.seed))
+    val, test = (problem_checker(args, rows)[1] for rows in heldout_rows(args))
     run = open_run(args, problems=train, heldout=val + test)  # refused before the model loads if not ours
     try:
         model, tokenizer = load_runtime(args)
         report = amplify(model, tokenizer, train, val, test, args.out, mining, update, config,
-                         answer_format=NumberAnswer(args.answer_field), progress=not args.no_progress).report
+                         answer_format=checker, progress=not args.no_progress).report
     finally:
         run.close()
     print_report(report)

@@ -29,14 +29,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from ..cca.mining import mine_pivotal_tokens
-    from ..evaluate.answers import NumberAnswer
+    from ._cca import problem_checker
 
     cfg = mining_config(args)
-    rows = load_problem_rows(args.problems, args.n_problems, "train", args.seed)
+    checker, rows = problem_checker(args, load_problem_rows(args.problems, args.n_problems, "train", args.seed))
     run = open_run(args, problems=rows)  # another run's folder or a second writer: refused before the model loads
     try:
         model, tokenizer = load_runtime(args)
-        result = mine_pivotal_tokens(model, tokenizer, rows, args.out, cfg, answer_format=NumberAnswer(args.answer_field),
+        result = mine_pivotal_tokens(model, tokenizer, rows, args.out, cfg, answer_format=checker,
                                      max_problems=args.max_problems, progress=not args.no_progress)
     finally:
         run.close()
