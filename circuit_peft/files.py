@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import CircuitPeftError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -80,6 +82,15 @@ def recover_dir(path: str | os.PathLike) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def recover_file(path: str | os.PathLike) -> None:
+    """Remove the temporaries that :func:`atomic_path` writers of ``path`` left when killed (dead process ids)."""
+    path = Path(path)
+    for p in path.parent.glob(f"{path.name}.tmp*"):
+        pid = p.name[len(path.name) + 4:]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
@@ -132,24 +143,27 @@ def check_adapter_folder(path: str | os.PathLike, flag: str = "--adapter") -> Pa
     """Refuse, before any model loads, a PEFT adapter folder that cannot load: missing, no or unreadable
     ``adapter_config.json`` (or one without ``peft_type``), no weights file, a truncated safetensors file.
 
-    A hub id (a path that does not exist locally and looks like ``owner/name``) is passed through."""
+    A hub id (a path that does not exist locally and looks like ``owner/name``) is passed through. The CLI
+    checks ``--adapter`` with it; loading a CIRCUIT adapter checks its folder with it too (tuner/saving.py)."""
     folder = Path(path)
     if not folder.exists():
         if len(str(path).split("/")) == 2 and not str(path).startswith((".", "/")):
             return folder  # a hub adapter id: PEFT resolves it
-        raise ValueError(f"{flag} {folder}: no such folder")
+        raise CircuitPeftError(f"{flag} {folder}: no such folder")
     config = folder / "adapter_config.json"
     if not folder.is_dir() or not config.is_file():
-        raise ValueError(f"{flag} {folder}: no adapter_config.json (is it a saved adapter folder?)")
+        raise CircuitPeftError(f"{flag} {folder}: no adapter_config.json (is it a saved adapter folder?)")
     try:
         fields = json.loads(config.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{config}: not valid JSON ({err}); re-save the adapter") from None
+        raise CircuitPeftError(f"{config}: not valid JSON ({err}); re-save the adapter") from None
     if not isinstance(fields, dict) or "peft_type" not in fields:
-        raise ValueError(f"{config}: no 'peft_type' field, so PEFT cannot tell which adapter this is; re-save the adapter")
+        raise CircuitPeftError(f"{config}: no 'peft_type' field, so PEFT cannot tell which adapter this is; "
+                               "re-save the adapter")
     weights = [folder / name for name in ADAPTER_WEIGHT_FILES if (folder / name).is_file()]
     if not weights:
-        raise ValueError(f"{flag} {folder}: no weights ({' or '.join(ADAPTER_WEIGHT_FILES)}); the save did not finish")
+        raise CircuitPeftError(f"{flag} {folder}: no weights ({' or '.join(ADAPTER_WEIGHT_FILES)}); "
+                               "the save did not finish")
     if weights[0].suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
@@ -157,8 +171,8 @@ def check_adapter_folder(path: str | os.PathLike, flag: str = "--adapter") -> Pa
             with safe_open(str(weights[0]), "pt") as f:
                 f.keys()
         except (SafetensorError, OSError) as err:
-            raise ValueError(f"{weights[0]}: unreadable ({err}); the file is truncated or damaged: re-save "
-                             "the adapter") from None
+            raise CircuitPeftError(f"{weights[0]}: unreadable ({err}); the file is truncated or damaged: "
+                                   "re-save the adapter") from None
     return folder
 
 

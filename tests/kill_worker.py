@@ -4,6 +4,7 @@
     python tests/kill_worker.py save FOLDER               # save an adapter into FOLDER again and again
     python tests/kill_worker.py mine FOLDER               # mine pivotal tokens of 4 problems (SmolLM2), resumable
     python tests/kill_worker.py amplify MODEL_DIR FOLDER  # `circuit-peft amplify` on a tiny model, 6 problems
+    python tests/kill_worker.py alternate ROOT SEED TRIALS  # save_pretrained of two adapters alternately, killed
 """
 
 import json
@@ -74,5 +75,58 @@ def amplify(model_dir: str, folder: str) -> None:
     sys.exit(code)
 
 
+def two_adapters(which: str):
+    """PeftModel ``a`` or ``b`` on the tiny llama, each with two CIRCUIT adapters (``default``, ``extra``) of
+    different components and settings; every trained value of an adapter is one number (a: 1 and 3, b: 2 and 4)."""
+    from peft import get_peft_model
+
+    from circuit_peft import CircuitConfig
+    from circuit_peft.models import tiny_model
+
+    spec = {"a": ([("q", 1, 0), ("mlp", 2, 5)], {}, [("k", 0, 1)], 1.0),
+            "b": ([("q", 0, 1), ("o", 1, 2), ("mlp", 1, 3)], {"r": 2}, [("v", 1, 0), ("mlp", 0, 7)], 2.0)}[which]
+    model = get_peft_model(tiny_model("llama"), CircuitConfig.from_components(spec[0], **spec[1]))
+    model.add_adapter("extra", CircuitConfig.from_components(spec[2]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "circuit_" in name:
+                p.fill_(spec[3] + (2.0 if ".extra" in name else 0.0))
+    return model
+
+
+def alternate(root: str, seed: str, trials: str) -> None:
+    """Per trial: fork a child that saves adapters a and b alternately into one folder (``save_pretrained``, no
+    atomic_dir) forever, SIGKILL it at a random moment, print the folder, wait for a line on stdin. Even trials
+    start in a new folder, odd ones save into the folder the trial before left. One process, forked children:
+    no interpreter start per trial."""
+    import os
+    import random
+    import signal
+    import time
+
+    torch.set_num_threads(1)  # no thread pool in the children of fork
+    models = two_adapters("a"), two_adapters("b")
+    start = time.perf_counter()
+    for m in models:
+        m.save_pretrained(os.path.join(root, "timing"))
+    cycle = time.perf_counter() - start  # seconds to save a and b once
+    rng = random.Random(int(seed))
+    for trial in range(int(trials)):
+        folder = os.path.join(root, f"f{trial // 2}")
+        pid = os.fork()
+        if pid == 0:
+            try:
+                while True:
+                    for m in models:
+                        m.save_pretrained(folder)
+            finally:
+                os._exit(1)  # never run the parent's code in the child
+        time.sleep(rng.uniform(0, 3 * cycle))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        print(folder, flush=True)
+        sys.stdin.readline()
+
+
 if __name__ == "__main__":
-    {"score": score, "save": save, "mine": mine, "amplify": amplify}[sys.argv[1]](*sys.argv[2:])
+    {"score": score, "save": save, "mine": mine, "amplify": amplify, "alternate": alternate}[sys.argv[1]](*sys.argv[2:])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from circuit_peft.files import recover_dir
@@ -128,3 +129,55 @@ def test_a_kill_between_the_two_renames_leaves_the_finished_new_folder(tmp_path)
     (tmp_path / f".adapter.tmp{dead}" / "step.txt").write_text("2")
     recover_dir(tmp_path / "adapter")
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"] and (tmp_path / "adapter" / "step.txt").read_text() == "2"
+
+
+
+def _load_outcome(path: Path, name: str, saved: dict) -> str:
+    """``a`` or ``b`` when the adapter folder at ``path`` loads as that save's adapter ``name``; ``refused`` when
+    loading raises a CircuitPeftError naming the folder; anything else fails the test."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    from circuit_peft.errors import CircuitPeftError
+    from circuit_peft.models import tiny_model
+
+    try:
+        model = PeftModel.from_pretrained(tiny_model("llama"), str(path), adapter_name=name)
+    except CircuitPeftError as err:
+        assert str(path) in str(err), err
+        return "refused"
+    loaded = get_peft_model_state_dict(model, adapter_name=name)
+    same = [w for w, adapters in saved.items() if adapters[name].keys() == loaded.keys()
+            and all(torch.equal(adapters[name][k], loaded[k]) for k in loaded)]
+    assert same, f"{path} loaded as neither save: {sorted(loaded)}"
+    return same[0]
+
+
+def test_save_pretrained_killed_at_random_moments_loads_as_one_save_or_names_the_file(tmp_path):
+    """Two models with two CIRCUIT adapters each, saved alternately into one folder by ``save_pretrained`` and
+    SIGKILLed at random moments: every adapter loads as one save's (weights compared), or, in a new folder
+    that no save finished yet, loading refuses naming the folder; an adapter that loaded before a kill
+    loads after it."""
+    from peft.utils import get_peft_model_state_dict
+
+    from kill_worker import two_adapters
+
+    saved = {w: {n: {k: v.clone() for k, v in get_peft_model_state_dict(m, adapter_name=n).items()}
+                 for n in ("default", "extra")} for w, m in (("a", two_adapters("a")), ("b", two_adapters("b")))}
+    trials = 20  # even trials start a new folder, odd ones save into the folder the trial before left
+    proc = subprocess.Popen([sys.executable, str(WORKER), "alternate", str(tmp_path), "11", str(trials)], text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    outcomes = []
+    for trial, line in enumerate(proc.stdout):  # one killed save per line; the worker waits for our go
+        folder = Path(line.strip())
+        outcome = (_load_outcome(folder, "default", saved), _load_outcome(folder / "extra", "extra", saved))
+        if trial % 2:  # an adapter the last kill left loadable must stay loadable
+            assert all(now != "refused" for now, before in zip(outcome, outcomes[-1]) if before != "refused"), \
+                (outcomes[-1], outcome)
+        outcomes.append(outcome)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+    assert proc.wait() == 0, proc.stderr.read()[-2000:]
+    assert len(outcomes) == trials
+    loaded = [o for pair in outcomes for o in pair if o != "refused"]
+    assert {"a", "b"} <= set(loaded) and len(loaded) >= trials, outcomes  # kills landed across both saves

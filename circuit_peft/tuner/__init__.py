@@ -2,7 +2,8 @@
 
 Importing this package registers the method with PEFT (idempotent), so ``get_peft_model``,
 ``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM`` and ``PeftConfig.from_pretrained``
-know ``CircuitConfig``; saved model cards gain a section listing the trained components.
+know ``CircuitConfig``; saved model cards gain a section listing the trained components; saves of a
+circuit adapter survive a kill and a broken adapter folder is refused naming its file (``saving.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from peft import PeftModel
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import PeftType, register_peft_method
 
+from . import saving
 from .config import CircuitConfig, ensure_peft_type
 from .layer import CircuitLayer, CircuitLinear
 from .model import CircuitModel, ModulePlan, build_plan, circuit_size, model_card_section
@@ -73,6 +75,7 @@ def register() -> None:
     if PeftType.CIRCUIT not in PEFT_TYPE_TO_CONFIG_MAPPING:
         register_peft_method(name="circuit", config_cls=CircuitConfig, model_cls=CircuitModel, prefix="circuit_")
     _patch_model_card()
+    saving.install()  # atomic weights and config in save_pretrained; a broken folder refused naming its file
 
 
 register()

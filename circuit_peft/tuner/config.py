@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import numbers
+import os
 
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Union
@@ -113,6 +115,8 @@ class CircuitConfig(PeftConfig):
             would be applied blindly) unless ``check_base_model`` is False.
         check_base_model: False loads a config without a fingerprint onto any base (your decision:
             load the config, set it, pass ``config=`` to ``PeftModel.from_pretrained``).
+        weights_sha256: written by ``save_pretrained``: the digest of the weights file saved with this config;
+            loading refuses a folder whose weights differ (a save stopped between the two files).
         target_modules: derived from ``components`` when the adapter is injected (do not set by hand).
     """
 
@@ -141,6 +145,10 @@ class CircuitConfig(PeftConfig):
     check_base_model: bool = field(
         default=True, metadata={"help": "False: a loaded config without a fingerprint may go onto any base"}
     )
+    weights_sha256: Optional[str] = field(
+        default=None, compare=False,
+        metadata={"help": "sha256 of the adapter_model.safetensors saved with this config (set by save_pretrained)"},
+    )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "derived from components at injection time"}
     )
@@ -150,10 +158,34 @@ class CircuitConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
-        """PEFT's loader; the returned config remembers that it was read from a saved adapter."""
+        """PEFT's loader; the returned config remembers that it was read from a saved adapter. A save into that
+        folder killed between its two renames is finished first (tuner/saving.py)."""
+        from .saving import finish_killed_save
+
+        path = str(pretrained_model_name_or_path)
+        path = os.path.join(path, subfolder) if subfolder else path
+        if os.path.isdir(path):
+            finish_killed_save(path)
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        config._loaded_from = str(pretrained_model_name_or_path)
+        config._loaded_from = path
         return config
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """PEFT's config save, written atomically with the sha256 of the weights that the same
+        ``PeftModel.save_pretrained`` wrote beside it, renamed into place right before it (tuner/saving.py)."""
+        from .saving import saved_weights_digest, write_config
+
+        if os.path.isfile(save_directory):
+            raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")  # as PEFT
+        auto_mapping_dict = kwargs.pop("auto_mapping_dict", None)
+        previous, self.weights_sha256 = self.weights_sha256, saved_weights_digest(save_directory)
+        try:
+            output = {k: list(v) if isinstance(v, set) else v for k, v in self.to_dict().items()}
+        finally:
+            self.weights_sha256 = previous
+        if auto_mapping_dict is not None:
+            output["auto_mapping"] = auto_mapping_dict
+        write_config(save_directory, json.dumps(output, indent=2, sort_keys=True))
 
     def __post_init__(self) -> None:
         super().__post_init__()

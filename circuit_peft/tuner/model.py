@@ -186,7 +186,7 @@ class CircuitModel(BaseTuner):
         fingerprint = arch.fingerprint()
         loaded_from = getattr(peft_config, "_loaded_from", None)
         if loaded_from is not None:
-            check_saved_adapter(loaded_from)  # config, weights and their digest agree, before any weight is read
+            check_saved_adapter(loaded_from, peft_config.weights_sha256)  # before any weight is read
         if peft_config.base_model_fingerprint is None:
             if loaded_from is not None and peft_config.check_base_model:
                 raise ValueError(
