@@ -168,9 +168,9 @@ def within_context(lengths: Sequence[int], model: Any, tokenizer: Any, row_name:
 def circuit_component(c: Any, where: str) -> Component:
     """``c`` (a :class:`Component` or ``[kind, layer, index]``) as a :class:`Component`: a known kind and
     integer layer and index >= 0."""
-    if isinstance(c, Component) and type(c.layer) is int and type(c.index) is int and c.kind in _PER_LAYER:
-        if c.layer >= 0 and c.index >= 0:
-            return c
+    fast = _fast_component(c)
+    if fast is not None:
+        return fast
     if isinstance(c, (str, bytes)) or not isinstance(c, (Sequence, Component)) or len(c) != 3:
         raise located(where, f"a component is [kind, layer, index], got {c!r}")
     kind, layer, index = c
@@ -182,6 +182,17 @@ def circuit_component(c: Any, where: str) -> Component:
         if value < 0:
             raise located(where, f"{name} {value!r} of {list(c)!r} is negative; layers and indices count from 0")
     return Component(str(kind), int(layer), int(index))
+
+
+def _fast_component(c: Any) -> Component | None:
+    """``c`` as a :class:`Component` when it plainly is one (exact ``int`` layer and index >= 0, known kind),
+    else None (then :func:`circuit_component` checks it and names what is wrong). Circuits hold tens of
+    thousands of scored components: this path keeps checking them cheap."""
+    if type(c) in (Component, list, tuple) and len(c) == 3:
+        kind, layer, index = c
+        if type(layer) is int and type(index) is int and layer >= 0 and index >= 0 and kind in _PER_LAYER:
+            return c if type(c) is Component else Component(kind, layer, index)
+    return None
 
 
 def circuit_fingerprint(fp: Any, where: str) -> dict[str, Any] | None:
@@ -219,7 +230,7 @@ def circuit_parts(components: Iterable[Any], scores: Mapping[Any, Any] | Iterabl
     fp = circuit_fingerprint(fingerprint, f"{at}fingerprint")
     if isinstance(components, (str, bytes, Mapping)) or not isinstance(components, Iterable):
         raise located(f"{at}components", f"expected a list of [kind, layer, index], got {components!r}")
-    kept = [circuit_component(c, f"{at}components[{i}]") for i, c in enumerate(components)]
+    kept = [_fast_component(c) or circuit_component(c, f"{at}components[{i}]") for i, c in enumerate(components)]
     if scores is None:
         pairs: Iterable[tuple[Any, Any, Any]] = ()
     elif isinstance(scores, Mapping):
@@ -227,19 +238,21 @@ def circuit_parts(components: Iterable[Any], scores: Mapping[Any, Any] | Iterabl
     elif isinstance(scores, (str, bytes)) or not isinstance(scores, Iterable):
         raise located(f"{at}scores", f"expected a list of [kind, layer, index, score], got {scores!r}")
     else:
-        pairs = (_score_row(row, f"{at}scores[{j}]") + (j,) for j, row in enumerate(scores))
+        pairs = (_score_row(row, at, j) for j, row in enumerate(scores))
     scored: dict[Component, float] = {}
+    sizes = {k: fp[n] for k, n in _PER_LAYER.items()} if fp is not None else None
+    n_layers = fp["n_layers"] if fp is not None else 0
     for c, value, pos in pairs:
-        where = f"{at}scores[{pos!r}]"
-        c = circuit_component(c, where)
+        c = _fast_component(c) or circuit_component(c, f"{at}scores[{pos!r}]")
         if type(value) is not float or not math.isfinite(value):
-            value = finite_number(value, where, f"score of {list(c)!r}:")
-        if fp is not None:
-            component_in_model(c, fp, where)
+            value = finite_number(value, f"{at}scores[{pos!r}]", f"score of {list(c)!r}:")
+        if sizes is not None and not (c.layer < n_layers and c.index < sizes[c.kind]):
+            component_in_model(c, fp, f"{at}scores[{pos!r}]")
         scored[c] = value
-    if fp is not None:
+    if sizes is not None:
         for i, c in enumerate(kept):
-            component_in_model(c, fp, f"{at}components[{i}]")
+            if not (c.layer < n_layers and c.index < sizes[c.kind]):
+                component_in_model(c, fp, f"{at}components[{i}]")
     return kept, scored, fp
 
 
@@ -263,11 +276,11 @@ def circuit_file(data: Any, source: str | None, newest_version: int) -> dict[str
     return {"components": kept, "scores": scores, "fingerprint": fp, "method": method, "meta": meta}
 
 
-def _score_row(row: Any, where: str) -> tuple[Any, Any]:
-    """``[kind, layer, index, score]`` -> (``[kind, layer, index]``, score)."""
-    if isinstance(row, (str, bytes)) or not isinstance(row, Sequence) or len(row) != 4:
-        raise located(where, f"a score row is [kind, layer, index, score]; got {row!r}")
-    return list(row[:3]), row[3]
+def _score_row(row: Any, at: str, j: int) -> tuple[Any, Any, int]:
+    """Row ``j`` ``[kind, layer, index, score]`` of a circuit file -> (``[kind, layer, index]``, score, j)."""
+    if type(row) is not list and (isinstance(row, (str, bytes)) or not isinstance(row, Sequence)) or len(row) != 4:
+        raise located(f"{at}scores[{j}]", f"a score row is [kind, layer, index, score]; got {row!r}")
+    return row[:3], row[3], j
 
 
 def circuit_on_model(fingerprint: Mapping[str, Any] | None, actual: Mapping[str, Any], source: str | None = None,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..batching import accepts_logits_to_keep, continue_after_prefix, left_pad
-from ..errors import located
+from ..errors import CircuitPeftError, located
 from ..validation import integer, within_context
 from ..evaluate.prompts import build_prompt_ids
 
@@ -31,10 +31,10 @@ RECORD_FIELDS = ("context_ids", "desired_id", "undesired_id")
 def _rows(data: Any) -> list[dict[str, Any]]:
     """A list of dicts from a list, a ``datasets.Dataset`` or any iterable of mappings."""
     if data is None:
-        raise ValueError("no data given: pass a list of dicts or a datasets.Dataset")
+        raise CircuitPeftError("no data given: pass a list of dicts or a datasets.Dataset")
     rows = [dict(r) for r in data]
     if not rows:
-        raise ValueError("the data set is empty: give at least one row")
+        raise CircuitPeftError("the data set is empty: give at least one row")
     return rows
 
 
@@ -110,7 +110,7 @@ class ProbeSpec:
 
     def __post_init__(self) -> None:
         if self.max_length is not None and (int(self.max_length) != self.max_length or self.max_length < 2):
-            raise ValueError(f"max_length must be an integer >= 2 tokens or None, got {self.max_length!r}")
+            raise CircuitPeftError(f"max_length must be an integer >= 2 tokens or None, got {self.max_length!r}")
 
     @classmethod
     def resolve(cls, spec: "ProbeSpec | None", **fields: Any) -> "ProbeSpec":
@@ -121,7 +121,7 @@ class ProbeSpec:
         default = cls()
         clash = [k for k, v in fields.items() if v != getattr(default, k)]
         if clash:
-            raise ValueError(f"give either spec= or {', '.join(f'{k}=' for k in clash)}, not both")
+            raise CircuitPeftError(f"give either spec= or {', '.join(f'{k}=' for k in clash)}, not both")
         return spec
 
 
@@ -152,20 +152,20 @@ def encode_probe(tokenizer: Any, data: Any, prompt_field: str = "prompt", soluti
         if "prompt_ids" in r and "solution_ids" in r:  # already tokenised
             prompt_ids, sol_ids = [int(t) for t in r["prompt_ids"]], [int(t) for t in r["solution_ids"]]
             if not prompt_ids or not sol_ids:
-                raise ValueError(f"probe row {i} has an empty prompt_ids or solution_ids list")
+                raise CircuitPeftError(f"probe row {i} has an empty prompt_ids or solution_ids list")
             ids = (prompt_ids + sol_ids)[:max_length]
             if len(ids) <= len(prompt_ids):
-                raise ValueError(f"probe row {i}: the prompt alone fills max_length={max_length}; raise max_length")
+                raise CircuitPeftError(f"probe row {i}: the prompt alone fills max_length={max_length}; raise max_length")
             out.append(EncodedProbe(ids, len(ids) - len(prompt_ids)))
             continue
         if tokenizer is None:
-            raise ValueError("probe rows (prompt, solution) are text: pass the model's tokenizer "
+            raise CircuitPeftError("probe rows (prompt, solution) are text: pass the model's tokenizer "
                              "(or give token ids as prompt_ids / solution_ids)")
         for field, what in ((prompt_field, "prompt"), (solution_field, "solution")):
             v = r.get(field)
             if not isinstance(v, str) or not v.strip():
                 have = ", ".join(sorted(r)) or "nothing"
-                raise ValueError(f"probe row {i} has no {what} text in field {field!r} (it has: {have}); "
+                raise CircuitPeftError(f"probe row {i} has no {what} text in field {field!r} (it has: {have}); "
                                  f"choose the field with {what}_field= / --{what}-field")
         if use_chat:
             prompt_ids = build_prompt_ids(tokenizer, r[prompt_field], style="chat")
@@ -177,7 +177,7 @@ def encode_probe(tokenizer: Any, data: Any, prompt_field: str = "prompt", soluti
         ids = (prompt_ids + sol_ids)[:max_length]
         n_sol = len(ids) - len(prompt_ids)
         if n_sol < 1:
-            raise ValueError(f"probe row {i}: the prompt alone fills max_length={max_length}; raise max_length")
+            raise CircuitPeftError(f"probe row {i}: the prompt alone fills max_length={max_length}; raise max_length")
         out.append(EncodedProbe(ids, n_sol))
     return out
 

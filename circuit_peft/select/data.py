@@ -6,6 +6,7 @@ import hashlib
 import logging
 from typing import Any, Sequence
 
+from ..errors import CircuitPeftError
 from ..validation import context_length  # noqa: F401  (the one definition; select's modules import it from here)
 
 logger = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ def row_texts(rows: Any, field: str = "question", template: str | None = None, w
     """
     if template is None and hasattr(rows, "column_names"):
         if field not in rows.column_names:
-            raise ValueError(
+            raise CircuitPeftError(
                 f"row 0 has no {what} field {field!r} (the data has columns {rows.column_names}); "
                 f"choose the field with --{what}-field / {what}_field="
             )
@@ -35,18 +36,18 @@ def row_texts(rows: Any, field: str = "question", template: str | None = None, w
             try:
                 text = template.format(**row)
             except KeyError as err:
-                raise ValueError(
+                raise CircuitPeftError(
                     f"row {i} has no field {err.args[0]!r} used by the template {template!r} "
                     f"(row fields: {sorted(row)})"
                 ) from None
         else:
             if not isinstance(row, dict) or field not in row:
                 cols = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise ValueError(f"row {i} has no {what} field {field!r} (row fields: {cols}); "
+                raise CircuitPeftError(f"row {i} has no {what} field {field!r} (row fields: {cols}); "
                                  f"choose the field with --{what}-field / {what}_field=")
             text = row[field]
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"row {i}: the {what} field {field!r} is empty or not text ({text!r})")
+            raise CircuitPeftError(f"row {i}: the {what} field {field!r} is empty or not text ({text!r})")
         out.append(text)
     return out
 
@@ -62,7 +63,7 @@ def tokenize_texts(
     row numbers in messages).
     """
     if on_long not in LONG_PROMPT_POLICIES:
-        raise ValueError(f"on_long must be one of {LONG_PROMPT_POLICIES}, got {on_long!r}")
+        raise CircuitPeftError(f"on_long must be one of {LONG_PROMPT_POLICIES}, got {on_long!r}")
     ids = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
     long_rows = [i for i, x in enumerate(ids) if len(x) > max_length]
     if long_rows:
@@ -70,7 +71,7 @@ def tokenize_texts(
         msg = (f"{len(long_rows)} {what}(s) are longer than the model's context of {max_length} tokens "
                f"(first: row {first + offset}, {len(ids[first])} tokens)")
         if on_long == "error":
-            raise ValueError(msg + "; shorten them, or pass on_long='truncate' (--on-long truncate) to keep the "
+            raise CircuitPeftError(msg + "; shorten them, or pass on_long='truncate' (--on-long truncate) to keep the "
                                    "first tokens")
         logger.warning("%s; keeping the first %d tokens of each", msg, max_length)
         ids = [x[:max_length] for x in ids]
