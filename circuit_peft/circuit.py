@@ -139,8 +139,7 @@ class Circuit:
             raise ValueError("this circuit has no scores to rank (scores are empty for the requested kinds)")
         n = len(ranked)
         if k is not None:
-            if isinstance(k, bool) or int(k) != k or k < 1:
-                raise ValueError(f"k must be a positive integer, got {k!r}")
+            k = validation.count(k, "k")
             if k > n:
                 raise ValueError(f"top k={k} is larger than the number of scored components ({n}); use k <= {n}")
             keep = ranked[: int(k)]

@@ -126,6 +126,20 @@ def test_select_subset_refuses_bad_counts_shares_and_scores(case):
         select_subset(_pool(), **kwargs)
 
 
+def test_every_k_is_checked_by_the_one_count_rule(llama):
+    """Circuit.top, top_heads, gumbel_top_k and select_indices take k through validation.count."""
+    from circuit_peft.select import gumbel_top_k, select_indices, top_heads
+
+    circuit = Circuit.from_scores(llama, {("q", 0, h): float(h) for h in range(4)})
+    calls = {"Circuit.top": lambda k: circuit.top(k=k), "top_heads": lambda k: top_heads({(0, 1): 1.0, (0, 2): 2.0}, k=k),
+             "gumbel_top_k": lambda k: gumbel_top_k([1.0, 2.0, 3.0], k=k), "select_indices": lambda k: select_indices([1.0, 2.0, 3.0], k=k)}
+    for name, call in calls.items():
+        for bad in (2.7, 0, "2", True):
+            with pytest.raises(CircuitPeftError, match=rf"^k must be a positive integer \(>= 1\), got {bad!r}"):
+                call(bad)
+        assert len(call(2.0)) == 2, name
+
+
 def test_select_subset_refuses_a_score_column_with_nan_naming_the_column():
     import datasets
 

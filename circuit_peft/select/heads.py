@@ -28,6 +28,7 @@ from ..arch import fingerprint_diff, get_arch
 from ..circuit import Circuit
 from ..errors import located
 from ..fractions import keep_count
+from ..validation import count
 
 HEADS_FORMAT = "circuit-peft/reasoning-heads"  # the old file format (read, no longer written)
 REASONING_HEADS_METHOD = "reasoning_heads"
@@ -181,9 +182,7 @@ def top_heads(
         raise ValueError("no head scores to rank")
     ranked = sorted(scores, key=lambda h: (-scores[h], h))
     if k is not None:
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        return ranked[:k]
+        return ranked[: count(k, "k")]
     if z is not None:
         vals = list(scores.values())
         mean = sum(vals) / len(vals)

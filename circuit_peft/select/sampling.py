@@ -53,8 +53,7 @@ def gumbel_top_k(scores: Sequence[float], k: int, tau: float = DEFAULT_TAU, seed
     if tau < 0 or (isinstance(tau, float) and math.isnan(tau)):
         raise ValueError(f"tau must be >= 0, got {tau}")
     z = zscore(scores)
-    if not 1 <= k <= len(z):
-        raise ValueError(f"k must be between 1 and the pool size {len(z)}, got {k}")
+    k = validation.count(k, "k", at_most=len(z), of="the rows in the pool")
     if tau == 0:
         keys = z
     else:
