@@ -220,6 +220,29 @@ def test_each_format_is_tokenised_as_trl_tokenises_it(tok, name):
     assert weighted and {tok.decode([t]).strip() for t in weighted} == {"5"}  # the gold's tokens (each time written)
 
 
+@pytest.mark.slow
+def test_sft_rows_equal_the_tokens_trls_sft_trainer_makes(tok, tmp_path):
+    """TRL's own SFTTrainer, given the same rows, makes the same input ids and labels as our
+    SFT rows, for prompt/completion turns, prompt/completion strings and messages (as prompt/completion)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from circuit_peft.models import tiny_model
+    from circuit_peft.recipe.sft import gold_examples, pivotal_dataset
+
+    model = tiny_model("llama", vocab_size=49152)
+    for name in ("prompt_completion_turns", "prompt_completion_text", "messages"):
+        rows, kind = task_rows(ROWS[name], NumberAnswer())
+        style = data_style(tok, kind, None)
+        ours = pivotal_dataset(tok, gold_examples(tok, rows, style), 5.0, style)
+        trl_rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+        trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=Dataset.from_list(trl_rows),
+                             args=SFTConfig(output_dir=str(tmp_path / name), report_to=[], use_cpu=True))
+        for mine, theirs in zip(ours, trainer.train_dataset):
+            assert mine["input_ids"] == theirs["input_ids"], name
+            assert mine["labels"] == theirs["labels"], name
+
+
 # ----- the pipeline: --answer none, and train on a messages file end to end ----------------------------
 
 
