@@ -183,7 +183,7 @@ def test_records_are_refused_naming_the_record_when_ids_are_not_integers_or_too_
 
 
 @pytest.mark.slow
-def test_mining_refuses_a_question_longer_than_the_context_before_any_mining(tmp_path):
+def test_mining_refuses_a_question_longer_than_the_context_or_empty_before_any_mining(tmp_path):
     from circuit_peft.cca.mining import mine_pivotal_tokens
     from circuit_peft.models import load_tokenizer
 
@@ -199,3 +199,9 @@ def test_mining_refuses_a_question_longer_than_the_context_before_any_mining(tmp
     near = [{"id": "near", "question": "What is " + " + ".join(["1"] * 100) + "?", "answer": "100"}]
     with pytest.raises(CircuitPeftError, match=r"problem 'near': .* \+ 64 \(max_new_tokens\)"):  # fits, with no room to answer
         mine_pivotal_tokens(model, tok, near, max_new_tokens=64, n_samples=1, progress=False)
+    for row, match in [({"id": "e", "question": " ", "answer": "1"}, r"^problem 0 \(id 'e'\): question must be a non-empty string"),
+                       ({"id": "e", "problem": "1 + 2", "answer": "3"}, r"^problem 0: no 'question' field .*set question_field"),
+                       ({"question": "What is 1 + 1?", "answer": "2"}, r"^problem 1: duplicate problem id '1'")]:
+        with pytest.raises(CircuitPeftError, match=match):
+            mine_pivotal_tokens(model, tok, [row] if "id" in row else [problems[0] | {"id": "1"}, row | {"id": "1"}],
+                                max_new_tokens=4, n_samples=1, progress=False)

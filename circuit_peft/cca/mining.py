@@ -44,6 +44,7 @@ from ..evaluate.answers import AnswerFormat, NumberAnswer
 from ..evaluate.generation import generate_batched
 from ..evaluate.prompts import PROMPT_STYLES, encode_prompts, row_prompt
 from ..files import atomic_write_text
+from ..errors import located
 from ..validation import within_context
 
 logger = logging.getLogger(__name__)
@@ -396,18 +397,21 @@ def _parse_problems(tokenizer: Any, problems: Sequence[dict[str, Any]], cfg: Min
     ids_seen: set[str] = set()
     for i, row in enumerate(problems):
         if cfg.question_field not in row and "prompt" not in row:
-            raise ValueError(f"problem {i} has no {cfg.question_field!r} field (fields: {sorted(row)}); "
-                             "set question_field")
+            raise located(f"problem {i}", f"no {cfg.question_field!r} field (fields: {sorted(row)}); "
+                                          "set question_field (--question-field)")
         pid = str(row.get(cfg.id_field, i))
         if pid in ids_seen:
-            raise ValueError(f"duplicate problem id {pid!r}; problem ids must be unique")
+            raise located(f"problem {i}", f"duplicate problem id {pid!r}; problem ids must be unique")
         ids_seen.add(pid)
         gold = fmt.gold(row)
         if gold is None:
             bad_gold.append(pid)
             continue
-        prompt = row_prompt(tokenizer, row, cfg.prompt_style, cfg.shots, cfg.question_field, system=cfg.system,
-                            instruction=cfg.instruction)
+        try:
+            prompt = row_prompt(tokenizer, row, cfg.prompt_style, cfg.shots, cfg.question_field, system=cfg.system,
+                                instruction=cfg.instruction)
+        except ValueError as err:  # an empty or non-text question: name the problem
+            raise located(f"problem {i} (id {pid!r})", str(err)) from None
         valid.append(_Problem(pid, gold, encode_prompts(tokenizer, [prompt], cfg.prompt_style)[0]))
     if bad_gold:
         logger.warning("skipping %d of %d problems without a parsable gold answer (first: %s)",
