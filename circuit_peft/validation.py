@@ -93,6 +93,8 @@ def finite_number(value: Any, where: str, what: str = "value") -> float:
 def finite_scores(values: Any, name: str, rows: int | None = None) -> np.ndarray:
     """One finite score per row as a float64 array; a non-number, a NaN or an inf anywhere is refused,
     with how many rows and which (``name``: the argument or the column the scores came from)."""
+    if hasattr(values, "detach"):  # a torch tensor
+        values = values.detach().cpu().numpy()
     items = list(values) if not isinstance(values, np.ndarray) else values
     if isinstance(items, list):
         bad = [i for i, v in enumerate(items) if isinstance(v, (bool, str)) or not isinstance(v, (numbers.Real, np.number))]
