@@ -305,3 +305,12 @@ def test_train_runs_end_to_end_on_a_messages_file(tmp_path, tiny_chat_model, cap
     bad.write_text(data.read_text() + json.dumps({"messages": [USER]}) + "\n")
     assert main([*args[:4], str(bad), *args[5:-1], str(tmp_path / "run2")]) == 2
     assert f"{bad}:13: field 'messages': no assistant turn" in capsys.readouterr().err
+
+
+def test_seeds_summarise_the_completion_loss_with_answer_none():
+    from circuit_peft.recipe.seeds import summarise_seeds
+
+    reports = {0: {"before": {"loss": 2.0, "stderr": 0.1}, "after": {"loss": 1.5, "stderr": 0.1}},
+               1: {"before": {"loss": 2.2, "stderr": 0.1}, "after": {"loss": 1.6, "stderr": 0.1}}}
+    summary = summarise_seeds(reports)
+    assert summary["gain"] == pytest.approx(-0.55) and summary["gain_se"] == pytest.approx(0.05)

@@ -31,9 +31,11 @@ def check_seeds_folder(output_dir: str | Path, flag: str = "--out") -> None:
 
 def summarise_seeds(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """``{seed: report}`` (reports of :func:`train`) -> per-seed rows and mean / SE over seeds of the
-    accuracy before and after, the gain, and ``located - control`` for every control all seeds ran."""
-    rows = {seed: {"before": r["before"]["accuracy"], "after": r["after"]["accuracy"],
-                   "gain": r["after"]["accuracy"] - r["before"]["accuracy"],
+    accuracy (the completion loss with ``answer='none'``) before and after, the gain, and ``located - control``
+    for every control all seeds ran."""
+    metric = "loss" if "loss" in next(iter(reports.values()))["before"] else "accuracy"  # loss: --answer none
+    rows = {seed: {"before": r["before"][metric], "after": r["after"][metric],
+                   "gain": r["after"][metric] - r["before"][metric],
                    **{f"minus_{name}": c["gap"] for name, c in (r.get("controls") or {}).items()}}
             for seed, r in sorted(reports.items())}
     keys = [k for k in next(iter(rows.values())) if all(k in row for row in rows.values())]
