@@ -204,3 +204,29 @@ def test_run_folder_other_processes_read_what_the_main_one_writes(tmp_path, monk
     assert (tmp_path / "run" / "lock").exists()  # only the main process holds and releases the lock
     main.close()
     assert not (tmp_path / "run" / "lock").exists()
+
+
+@pytest.mark.slow
+def test_bf16_smollm2_locates_the_same_circuit_and_answers_like_float32(smollm2):
+    """SmolLM2 in bfloat16 on the CPU: the gradient locator keeps (nearly) the float32 circuit and held-out
+    accuracy is the float32 one within noise (paired over the same problems). The whole train run in both
+    dtypes is benchmarks/dtype.py."""
+    import copy
+
+    from circuit_peft.cca.problems import ARITHMETIC_SHOTS, make_problems
+    from circuit_peft.recipe.controls import paired_gap
+    from circuit_peft.recipe.pipeline import _accuracy, locate_for_training
+
+    model, tok = smollm2
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    rows, held = make_problems(8, "train", seed=0), make_problems(12, "test", seed=0)
+    cfg = TrainConfig(max_new_tokens=24, shots=[dict(s) for s in ARITHMETIC_SHOTS])
+    kept, correct = {}, {}
+    for name, m in (("float32", model), ("bfloat16", low)):
+        circuit = locate_for_training(m, tok, rows, "chat", cfg, "unused", 0.02, progress=False)
+        assert all(type(v) is float for v in circuit.scores.values())
+        kept[name], correct[name] = set(circuit.components), _accuracy(m, tok, held, "chat", cfg)["correct"]
+    both = kept["float32"] & kept["bfloat16"]
+    assert len(kept["float32"]) == len(kept["bfloat16"]) and len(both) >= 0.9 * len(kept["float32"])
+    gap, se = paired_gap(correct["bfloat16"], correct["float32"])
+    assert abs(gap) <= max(2 * (se or 0.0), 2 / len(held))
