@@ -152,6 +152,14 @@ def test_checkpoints_and_arms_flags():
                                       "twin@ablation", "lora"]
     assert default_comparisons(arms) == [("located@gradient", "twin@gradient"), ("located@gradient", "lora"),
                                          ("located@ablation", "twin@ablation"), ("located@ablation", "lora")]
+    from circuit_peft.commands.compare import config_from_args, default_budgets, parse_lrs
+
+    assert default_budgets(arms) == ["lora", "lora/10"] and default_budgets(arms[:2]) == ["located@gradient",
+                                                                                        "located@gradient/10"]
+    assert parse_lrs("3e-4,1e-3;full=1e-5") == {"*": (3e-4, 1e-3), "full": (1e-5,)}
+    cfg = config_from_args(build_parser().parse_args(["compare", "--arms", "base,located,full", "--lrs", "1e-3;full=1e-5",
+                                                      "--budgets", "located,0.01", "--out", "x"]))
+    assert [cfg.grid(a) for a in cfg.arms] == [(), (1e-3,), (1e-5,)] and cfg.budgets == ("located@gradient", "0.01")
     for bad in ("located,located@gradient", "lora@gradient", "circuit", "located@magic", ","):
         with pytest.raises(CircuitPeftError):
             parse_arms(bad, "gradient", ("gradient", "ablation"))

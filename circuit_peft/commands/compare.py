@@ -83,10 +83,17 @@ def config_from_args(args: argparse.Namespace):
         lrs = {**{a.name: shared for a in arms if a.kind not in ("base", "full")}, **lrs}
     comparisons = tuple((arm_name(x, arms), arm_name(y, arms)) for x, y in args.comparisons or ())
     budgets = tuple(b if _is_number(b) else "/".join([arm_name(b.partition("/")[0], arms), *b.split("/")[1:]])
-                    for b in args.budgets)
+                    for b in args.budgets or default_budgets(arms))
     return CompareConfig(train=train, arms=arms, lrs=lrs, checkpoints=args.checkpoints, seeds=tuple(args.seeds),
                          budgets=budgets, alpha=args.alpha, heldout_fraction=args.heldout_fraction,
                          comparisons=comparisons if args.comparisons is not None else tuple(default_comparisons(arms)))
+
+
+def default_budgets(arms) -> list[str]:
+    """``ARM,ARM/10`` for LoRA r=16 when it runs, else for the first trained arm."""
+    trained = [a.name for a in arms if a.kind != "base"]
+    ref = "lora" if "lora" in trained else (trained[0] if trained else "lora")
+    return [ref, f"{ref}/10"]
 
 
 def _is_number(text: str) -> bool:
@@ -160,9 +167,10 @@ def add_parser(subparsers: Any) -> None:
     a.add_argument("--batch-size", type=positive(int), default=cfg.sft.batch_size)
     a.add_argument("--pivotal-weight", type=non_negative(float), default=cfg.sft.pivotal_weight)
     v = p.add_argument_group("verdict")
-    v.add_argument("--budgets", type=lambda t: [x.strip() for x in t.split(",") if x.strip()], default=["lora", "lora/10"],
+    v.add_argument("--budgets", type=lambda t: [x.strip() for x in t.split(",") if x.strip()], default=None,
                    help="drift budgets: numbers (validation KL, nats/token), ARM (its validation KL at its chosen "
-                        "rate, mean over seeds) or ARM/N (default lora,lora/10)")
+                        "rate, mean over seeds) or ARM/N (default lora,lora/10; without a lora arm, the first "
+                        "trained arm's)")
     v.add_argument("--comparisons", type=parse_comparisons, default=None,
                    help="A:B pairs tested at every budget (default: each located arm against its twin, lora and "
                         "lora_matched)")

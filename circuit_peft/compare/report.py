@@ -150,9 +150,9 @@ def markdown(result: dict[str, Any]) -> str:
                                                         if result["at_edge"].get(arm) else "")
         params = result["sizes"].get(arm, {}).get("trainable_params", 0)
         lines.append(f"| {arm} | {params:,} | {rates or '-'} | " + " | ".join(_cell(by_budget[b]) for b in budgets) + " |")
-    caps = sorted({b["max_new_tokens"] for b in result["base"].values()})
-    lines += ["", f"Answers capped at {', '.join(map(str, caps))} new tokens (the base's cap, raised until at most the "
-              "allowed share of its answers was cut).", ""]
+    lines += ["", "Every answer of a seed capped at the base's cap (raised until at most --max-cut-share of the base's "
+              "answers were cut): " + "; ".join(f"seed {s} {b['max_new_tokens']} new tokens, {100 * b['capped_fraction']:.0f} % "
+                                                 "of the base's answers cut" for s, b in result["base"].items()) + ".", ""]
     tests = result["tests"]
     if tests:
         lines += [f"Paired t over seeds; Holm over the {len(tests)} tests below (alpha {result['alpha']:g}).", "",
