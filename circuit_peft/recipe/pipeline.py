@@ -347,8 +347,11 @@ def _cca_update(peft_model, tokenizer, rows, style: str, cfg: TrainConfig, run: 
         raise ValueError("mining found no pivotal token on the training examples (the base model made no "
                          "mistake a pivot fixes): nothing for the CCA update to learn from; use update='sft'")
     log(f"[train] CCA update of the circuit on {len(records)} pivot records, {cfg.update_steps} steps")
-    result = amplify_update(peft_model, records, None, tokenizer=tokenizer, steps=cfg.update_steps)
-    return {"records": len(records), "initial_margin": result.initial_margin, "final_margin": result.final_margin}
+    # no validator: the last step is kept (kept_step_rule, the one place that decides; amplify validates instead)
+    result = amplify_update(peft_model, records, None, None, tokenizer=tokenizer, steps=cfg.update_steps)
+    log(f"[train] CCA update kept the {result.kept}")
+    return {"records": len(records), "initial_margin": result.initial_margin, "final_margin": result.final_margin,
+            "kept": result.kept}
 
 
 def _locate(model, tokenizer, rows, style, cfg: TrainConfig, out: Path) -> dict[str, Any]:
