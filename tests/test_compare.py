@@ -168,7 +168,8 @@ def test_checkpoints_and_arms_flags():
 def test_bad_compare_flags_are_refused_before_any_work(tmp_path, capsys):
     out = tmp_path / "o"
     for flags in (["--checkpoints", "0"], ["--lrs", "1e-3,-1"], ["--lrs", "located=1e-3;=2"], ["--seeds", "0,0"],
-                  ["--max-cut-share", "1.5"], ["--comparisons", "located"]):
+                  ["--max-cut-share", "1.5"], ["--comparisons", "located"], ["--budgets", "-0.1"],
+                  ["--budgets", "lora/0"], ["--budgets", "lora/x"], ["--budgets", ","]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["compare", *flags, "--out", str(out)])
     for flags, message in ((["--arms", "base,circuit"], "unknown arm 'circuit'"),

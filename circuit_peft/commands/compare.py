@@ -35,6 +35,19 @@ def parse_lrs(text: str) -> dict[str, tuple[float, ...]]:
     return out
 
 
+def budget_list(text: str) -> list[str]:
+    """``--budgets``: comma-separated numbers >= 0 (nats per token), ``ARM`` or ``ARM/N`` (N > 0)."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    for item in items:
+        number = item.rpartition("/")[2] if "/" in item else item
+        if (("/" in item or _is_number(item)) and not (_is_number(number) and float(number) >= 0)) \
+                or ("/" in item and float(number) == 0):
+            raise argparse.ArgumentTypeError(f"expected numbers >= 0, ARM or ARM/N (N > 0), got {item!r}")
+    if not items:
+        raise argparse.ArgumentTypeError("expected at least one budget")
+    return items
+
+
 def parse_comparisons(text: str) -> tuple[tuple[str, str], ...]:
     """``--comparisons``: ``A:B,A:C`` (arm names as in the table, e.g. ``located@gradient:lora``)."""
     pairs = []
@@ -167,7 +180,7 @@ def add_parser(subparsers: Any) -> None:
     a.add_argument("--batch-size", type=positive(int), default=cfg.sft.batch_size)
     a.add_argument("--pivotal-weight", type=non_negative(float), default=cfg.sft.pivotal_weight)
     v = p.add_argument_group("verdict")
-    v.add_argument("--budgets", type=lambda t: [x.strip() for x in t.split(",") if x.strip()], default=None,
+    v.add_argument("--budgets", type=budget_list, default=None,
                    help="drift budgets: numbers (validation KL, nats/token), ARM (its validation KL at its chosen "
                         "rate, mean over seeds) or ARM/N (default lora,lora/10; without a lora arm, the first "
                         "trained arm's)")
