@@ -14,6 +14,7 @@ component width (``head_dim`` for heads, 1 for neurons), ``D`` hidden size.
 * :func:`capture_components` - record the (B, T, n, w) block of one kind at some layers.
 * :func:`capture_qk` - record query and key states after rotary embedding, from the attention call.
 * :func:`capture_module_output` - record what a module (a whole model, say) returns.
+* :func:`accumulate_weight_grads` - the weight gradient of linear modules whose weight holds none (4-bit).
 * :func:`capture_layer_input` / :func:`start_at_layer` / :func:`forward_until` - cache the residual
   stream entering a layer, re-run only the layers from there, stop the forward after a layer.
 """
@@ -359,6 +360,33 @@ def capture_module_output(module: nn.Module) -> Iterator[dict[str, Any]]:
         yield store
     finally:
         handle.remove()
+
+
+@contextmanager
+def accumulate_weight_grads(modules: Iterable[nn.Module]) -> Iterator[dict[nn.Module, torch.Tensor]]:
+    """The gradient each linear module's weight would get, summed over the backward passes run inside:
+    ``store[module]`` = sum of ``grad_output^T @ input``, (out, in) float32, for weights that cannot hold a
+    ``.grad`` themselves (a bitsandbytes 4-bit weight). A module counts only where its output requires
+    grad (make the input embeddings trainable, say)."""
+    store: dict[nn.Module, torch.Tensor] = {}
+
+    def hook(module, args, out):
+        if not out.requires_grad:
+            return
+        x = args[0].detach()
+
+        def on_grad(grad):
+            g = grad.reshape(-1, grad.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+            store[module] = g if module not in store else store[module] + g
+
+        out.register_hook(on_grad)
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextmanager

@@ -160,6 +160,7 @@ class LoadSpec:
 
     device: str = "auto"
     dtype: str = "auto"
+    load_in_4bit: bool = False  # bitsandbytes NF4 (double-quantized scales), computing in ``dtype``
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", check_device(self.device, "device"))
@@ -177,15 +178,33 @@ class LoadSpec:
         return resolve_device_dtype(self.device, self.dtype)
 
     def from_pretrained_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``AutoModelForCausalLM.from_pretrained`` (the dtype, resolved)."""
-        return {"dtype": self.resolved()[1]}
+        """Keyword arguments for ``AutoModelForCausalLM.from_pretrained`` (the dtype, resolved; with
+        ``load_in_4bit`` a ``BitsAndBytesConfig`` and a device map placing every module on the device)."""
+        device, dtype = self.resolved()
+        if not self.load_in_4bit:
+            return {"dtype": dtype}
+        return {"dtype": dtype, "quantization_config": bnb_4bit_config(dtype), "device_map": {"": device}}
 
     def settings(self) -> dict[str, Any]:
         """What of this spec changes a run's numbers (recorded in run folders): the resolved dtype when it is
         not float32 (the device does not change what is computed beyond rounding; float32 records nothing,
         so run folders made before these options existed keep their settings)."""
         dtype = self.resolved()[1]
-        return {} if dtype == torch.float32 else {"dtype": str(dtype).removeprefix("torch.")}
+        out = {} if dtype == torch.float32 else {"dtype": str(dtype).removeprefix("torch.")}
+        return {**out, "load_in_4bit": True} if self.load_in_4bit else out
+
+
+def bnb_4bit_config(compute_dtype: torch.dtype) -> Any:
+    """QLoRA's quantization: NF4 weights, double-quantized block scales, matmuls in ``compute_dtype``.
+    CircuitPeftError naming ``--load-in-4bit`` when bitsandbytes is not installed."""
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        from .errors import located
+
+        raise located("--load-in-4bit", "needs bitsandbytes: pip install 'circuit-peft[4bit]'")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 def load_model(
@@ -210,8 +229,8 @@ def load_model(
         target = None if device is None else (resolve_device(device) if isinstance(device, str) else device)
         load_kwargs = {"dtype": resolve_dtype(dtype, target or "cpu")}
     model = AutoModelForCausalLM.from_pretrained(path, **{**load_kwargs, **kwargs})
-    if target is not None and getattr(model, "hf_device_map", None) is None:
-        model.to(target)
+    if target is not None and getattr(model, "hf_device_map", None) is None and not getattr(model, "is_quantized", False):
+        model.to(target)  # a quantized model was placed by its device_map
     model.eval()
     return model
 

@@ -145,3 +145,68 @@ def test_4bit_merge_and_unmerge_stay_within_quantization_error_and_warn(folder):
         warnings.simplefilter("error")  # nothing left merged: no second unmerge warning from a forward
         with torch.no_grad():
             model(input_ids=ids)
+
+
+def test_gradient_scan_on_a_4bit_base_scores_as_on_the_dequantized_float_model(folder):
+    """The default locator reads weight gradients; a 4-bit weight holds none, so hooks sum them instead
+    (interventions.accumulate_weight_grads): the scores equal the float model carrying the same weights."""
+    from circuit_peft.locate import gradient_scan
+    from circuit_peft.locate.gradient import general_text_rows
+
+    model4 = _load_4bit(folder)
+    ref = _dequantized_twin(folder, model4)
+    flags = [p.requires_grad for p in model4.parameters()]
+    rows = general_text_rows(_ids(3, batch=4, length=16).tolist())
+    got = gradient_scan(model4, rows, keep_fraction=None, batch_size=2, progress=False)
+    want = gradient_scan(ref, rows, keep_fraction=None, batch_size=2, progress=False)
+    assert got.scores.keys() == want.scores.keys() and len(got.scores) > 0
+    for c, v in want.scores.items():
+        assert got.scores[c] == pytest.approx(v, rel=1e-3, abs=1e-7), c
+    assert [p.requires_grad for p in model4.parameters()] == flags  # left as it was
+    assert all(p.grad is None for p in model4.parameters())
+
+
+def test_load_in_4bit_flag_loads_the_base_quantized(folder):
+    from circuit_peft.cli import build_parser
+    from circuit_peft.commands._args import load_spec
+    from circuit_peft.models import LoadSpec, load_model
+
+    for argv in (["train", "--out", "x"], ["locate", "--model", "m", "--data", "d", "--method", "attribution", "--out", "x"],
+                 ["amplify", "--problems", "p", "--out", "x"]):
+        args = build_parser().parse_args([*argv, "--load-in-4bit", "--device", "cpu"])
+        assert load_spec(args).load_in_4bit, argv
+    spec = LoadSpec(device="cpu", dtype="float32", load_in_4bit=True)
+    assert spec.settings() == {"load_in_4bit": True} and LoadSpec(device="cpu", dtype="float32").settings() == {}
+    q = spec.from_pretrained_kwargs()["quantization_config"]
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_compute_dtype == torch.float32
+    model = load_model(str(folder), spec=spec)
+    assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
+
+
+@pytest.mark.slow
+def test_4bit_smollm2_circuit_trains_and_round_trips(tmp_path):
+    """A circuit on the real SmolLM2 in 4 bits: a few AdamW steps lower the loss on their batch, and the saved
+    adapter gives the same logits on a fresh 4-bit base."""
+    from circuit_peft.models import LoadSpec, load_model
+
+    spec = LoadSpec(device="cpu", dtype="float32", load_in_4bit=True)
+    torch.manual_seed(0)
+    model = get_peft_model(load_model("smollm2", spec=spec),
+                           CircuitConfig(components={"q": {"20": [0, 5]}, "mlp": {"24": [3, 14, 100]}})).train()
+    ids = torch.randint(100, 5000, (2, 32), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(load_model("smollm2", spec=spec), tmp_path).train()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=0, atol=0)

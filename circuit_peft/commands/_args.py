@@ -92,8 +92,8 @@ def device_name(text: str) -> str:
 
 
 def add_model_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """The flags that say how a command loads its model(s): ``--device``, ``--dtype`` (the one place to add a
-    loading flag; :func:`load_spec` turns them into a :class:`~circuit_peft.models.LoadSpec`)."""
+    """The flags that say how a command loads its model(s): ``--device``, ``--dtype``, ``--load-in-4bit`` (the one
+    place to add a loading flag; :func:`load_spec` turns them into a :class:`~circuit_peft.models.LoadSpec`)."""
     from ..models import DTYPES
 
     g = p.add_argument_group("model loading") if isinstance(p, argparse.ArgumentParser) else p
@@ -104,13 +104,17 @@ def add_model_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None
                    help="weights' dtype: auto (default: bfloat16 on a GPU that supports it, float16 on an older "
                         "GPU, float32 on the CPU), float32, bfloat16 or float16; the trained slices, optimizer "
                         "state and located scores stay float32")
+    g.add_argument("--load-in-4bit", action="store_true",
+                   help="load the base quantized to 4 bits (bitsandbytes NF4, as QLoRA; computes in --dtype); the "
+                        "circuit's slices train in float32 beside it. Needs pip install 'circuit-peft[4bit]'")
 
 
 def load_spec(args: argparse.Namespace):
     """The :class:`~circuit_peft.models.LoadSpec` of the flags :func:`add_model_args` added."""
     from ..models import LoadSpec
 
-    return LoadSpec(device=args.device, dtype=args.dtype)
+    return LoadSpec(device=args.device, dtype=args.dtype, load_in_4bit=getattr(args, "load_in_4bit", False))
+
 
 def share(text: str) -> float:
     """A share in [0, 1] (0 allowed: ``--max-cut-share 0`` allows no cut answer)."""

@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 from ..arch import PROJECTION_PRESETS, Component, ModelArch, get_arch
 from ..circuit import Circuit
 from ..batching import model_device, to_device
+from ..interventions import accumulate_weight_grads
+from ..tuner.layer import is_4bit
 
 GRADIENT_KINDS: tuple[str, ...] = ("q", "k", "v", "mlp")
 
@@ -49,8 +51,8 @@ def _component_scores(model: nn.Module, arch: ModelArch, kinds: tuple[str, ...],
 
 
 def _gradient_norms(model: nn.Module, arch: ModelArch, rows: list[dict[str, Any]], kinds: tuple[str, ...],
-                    projections: str, batch_size: int, pad_token_id: int, progress: bool, desc: str
-                    ) -> dict[Component, float]:
+                    projections: str, batch_size: int, pad_token_id: int, progress: bool, desc: str,
+                    quantized: frozenset[nn.Module] = frozenset()) -> dict[Component, float]:
     """Per-component L2 norm of the mean pivotal-weighted loss gradient over ``rows`` (``.grad`` cleared first)."""
     from ..cca.weighting import PivotalCollator, pivotal_weighted_loss
 
@@ -59,12 +61,14 @@ def _gradient_norms(model: nn.Module, arch: ModelArch, rows: list[dict[str, Any]
     sums: dict[nn.Parameter, torch.Tensor] = {}
     collate = PivotalCollator(None, pad_token_id=pad_token_id)
     device = model_device(model)
-    for s in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress):
-        batch = to_device(collate(rows[s : s + batch_size]), device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        loss = pivotal_weighted_loss(logits, batch["labels"], batch["token_weights"])
-        (loss * len(rows[s : s + batch_size]) / len(rows)).backward()
-        add_low_precision_grads(model, sums)
+    with accumulate_weight_grads(quantized) as grads:  # a 4-bit weight holds no .grad: hooks sum its gradient
+        for s in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress):
+            batch = to_device(collate(rows[s : s + batch_size]), device)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            loss = pivotal_weighted_loss(logits, batch["labels"], batch["token_weights"])
+            (loss * len(rows[s : s + batch_size]) / len(rows)).backward()
+            add_low_precision_grads(model, sums)
+    sums.update({m.weight: g for m, g in grads.items()})
     return _component_scores(model, arch, kinds, projections, sums)
 
 
@@ -114,13 +118,16 @@ def gradient_scan(
                for p in arch.projections_for(k, PROJECTION_PRESETS[projections][k])}
     saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     was_training = model.training
+    quantized = frozenset(m for m in modules if is_4bit(m))
     norms = partial(_gradient_norms, model, arch, kinds=kinds, projections=projections, batch_size=batch_size,
-                    pad_token_id=pad_token_id, progress=progress)
+                    pad_token_id=pad_token_id, progress=progress, quantized=quantized)
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        for m in modules:
+        for m in modules - quantized:
             m.weight.requires_grad_(True)
+        if quantized:  # a 4-bit weight cannot require grad: gradients flow from the embeddings instead
+            model.get_input_embeddings().weight.requires_grad_(True)
         model.eval()
         scores = norms(rows, desc="gradient scan")
         if ref_rows is not None:
