@@ -233,6 +233,9 @@ class CircuitModel(BaseTuner):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not isinstance(base, (nn.Linear, Conv1D)):  # bnb.nn.Linear4bit is an nn.Linear
             raise TypeError(f"circuit adapters support nn.Linear and Conv1D modules, not {type(base).__name__}")
+        if type(base.weight).__name__ == "Int8Params":  # merge would add float deltas into int8 codes
+            raise TypeError(f"module {current_key!r} is a bitsandbytes 8-bit layer: circuit adapters support 4-bit "
+                            "bases (load_in_4bit) and unquantized ones, not 8-bit")
         new_module = dispatch_bnb_4bit(target, adapter_name, **kwargs) or CircuitLinear(target, adapter_name, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
