@@ -239,9 +239,12 @@ class _Miner:
             full = (s[: k + 1] + completions[i])[: self.cfg.max_new_tokens]
             if self.correct(full, p.gold) == p.greedy_correct:
                 continue
-            # The model's own greedy token after y_1..y_{k-1}: greedy's at the divergence point,
-            # else the first token of the previous completion.
-            alt = g[d] if k == d else (completions[i - 1][0] if completions[i - 1] else None)
+            # The model's own greedy token after y_1..y_{k-1}: greedy's at the divergence point (EOS where
+            # the greedy trace ended there and the sample went on), else the first token of the previous completion.
+            if k == d:
+                alt = g[d] if d < len(g) else self.tok.eos_token_id
+            else:
+                alt = completions[i - 1][0] if completions[i - 1] else self.tok.eos_token_id
             if alt is None:
                 p.status = "no_alternative"
                 return
