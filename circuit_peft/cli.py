@@ -11,6 +11,8 @@ import importlib
 import logging
 import os
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 SUBCOMMANDS: tuple[str, ...] = ("info", "locate", "mine", "amplify", "train", "compare", "eval", "select", "export",
                                 "demo")
@@ -34,6 +36,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def interrupts_delivered(delay_s: float = 0.05) -> Iterator[None]:
+    """Make Ctrl-C stop the command even when it lands in a finalizer. Python raises KeyboardInterrupt in
+    whatever code runs when SIGINT arrives; inside a weakref callback or ``__del__`` (run by the garbage
+    collector at any moment) it is printed as "Exception ignored" and dropped, and the command ran on to
+    exit 0 (docs/reliability.md). Here such a dropped interrupt is raised again in the main thread
+    ``delay_s`` later (again, if that one is dropped too), and one still pending when the command ends is
+    raised then."""
+    import _thread
+    import threading
+
+    previous, dropped = sys.unraisablehook, []
+
+    def hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return previous(unraisable)
+        timer = threading.Timer(delay_s, _thread.interrupt_main)
+        timer.daemon = True
+        dropped.append(timer)
+        timer.start()
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+        for timer in dropped:
+            timer.cancel()
+    if dropped:
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -46,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        with interrupts_delivered():
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"circuit-peft {args.command}: interrupted. Finished stages and records are kept in the output "
               "folder; run the same command again to resume.", file=sys.stderr)

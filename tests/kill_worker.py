@@ -5,6 +5,7 @@
     python tests/kill_worker.py mine FOLDER               # mine pivotal tokens of 4 problems (SmolLM2), resumable
     python tests/kill_worker.py amplify MODEL_DIR FOLDER  # `circuit-peft amplify` on a tiny model, 6 problems
     python tests/kill_worker.py alternate ROOT SEED TRIALS  # save_pretrained of two adapters alternately, killed
+    python tests/kill_worker.py train MODEL_DIR FOLDER    # `circuit-peft train` on a tiny model: controls, rate grid
 """
 
 import json
@@ -75,6 +76,19 @@ def amplify(model_dir: str, folder: str) -> None:
     sys.exit(code)
 
 
+TRAIN_ARGS = ["--data", "arithmetic", "--n-train", "6", "--heldout", "arithmetic", "--n-heldout", "3", "--epochs", "1",
+              "--max-new-tokens", "4", "--circuit-fraction", "0.1", "--controls", "random_layer", "--lrs", "1e-3,3e-2",
+              "--validation-fraction", "0.34", "--mmlu-limit", "1", "--truthfulqa-limit", "2", "--kl-chunks", "1",
+              "--grid-extensions", "0", "--max-cut-share", "1"]
+
+
+def train(model_dir: str, folder: str) -> None:
+    from circuit_peft.cli import main
+
+    torch.set_num_threads(1)
+    sys.exit(main(["train", "--model", model_dir, *TRAIN_ARGS, "--out", folder]))
+
+
 def two_adapters(which: str):
     """PeftModel ``a`` or ``b`` on the tiny llama, each with two CIRCUIT adapters (``default``, ``extra``) of
     different components and settings; every trained value of an adapter is one number (a: 1 and 3, b: 2 and 4)."""
@@ -129,4 +143,5 @@ def alternate(root: str, seed: str, trials: str) -> None:
 
 
 if __name__ == "__main__":
-    {"score": score, "save": save, "mine": mine, "amplify": amplify, "alternate": alternate}[sys.argv[1]](*sys.argv[2:])
+    {"score": score, "save": save, "mine": mine, "amplify": amplify, "alternate": alternate,
+     "train": train}[sys.argv[1]](*sys.argv[2:])

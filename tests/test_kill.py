@@ -181,3 +181,84 @@ def test_save_pretrained_killed_at_random_moments_loads_as_one_save_or_names_the
     assert len(outcomes) == trials
     loaded = [o for pair in outcomes for o in pair if o != "refused"]
     assert {"a", "b"} <= set(loaded) and len(loaded) >= trials, outcomes  # kills landed across both saves
+
+
+def _default_sigint() -> None:
+    """In the child before exec: Ctrl-C's default action. A shell's background job (`make test &`, a CI step
+    run in the background) starts with SIGINT ignored, the child inherits that, and Python then installs no
+    KeyboardInterrupt handler: the SIGINT would be dropped and the command finish with 0 (docs/reliability.md)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _interrupt_at(argv: list[str], start: str, sig: int, delay: float) -> tuple[int, str]:
+    """Run the worker and send ``sig`` ``delay`` seconds after it prints a line starting with ``start`` (a
+    stage that runs for longer than that); its return code and stderr."""
+    import os
+    import threading
+
+    err_file = open(Path(argv[-1]).parent / f"{Path(argv[-1]).name}.stderr", "w+")
+    proc = subprocess.Popen([sys.executable, str(WORKER), *argv], stdout=subprocess.PIPE, stderr=err_file, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_default_sigint)
+    for line in proc.stdout:
+        if line.startswith(start):
+            threading.Timer(delay, proc.send_signal, (sig,)).start()
+            break
+    proc.stdout.read()
+    proc.wait(timeout=600)
+    err_file.seek(0)
+    return proc.returncode, err_file.read()
+
+
+def _train_outputs(folder: Path) -> dict:
+    """What a train run folder holds, less wall times and its own paths: report, circuit, adapter."""
+    import json
+
+    def untimed(value):
+        if isinstance(value, dict):
+            return {k: untimed(v) for k, v in value.items() if k not in ("timings", "files", "seconds", "command")}
+        return [untimed(v) for v in value] if isinstance(value, list) else value
+
+    weights = load_file(folder / "adapter" / "adapter_model.safetensors")
+    return {"report": untimed(json.loads((folder / "report.json").read_text())),
+            "circuit": (folder / "circuit.json").read_text(),
+            "adapter_config": (folder / "adapter" / "adapter_config.json").read_text(),
+            "adapter": {k: v.tolist() for k, v in weights.items()}}
+
+
+def test_train_killed_and_interrupted_in_each_stage_resumes_to_the_uninterrupted_run(tmp_path):
+    """`circuit-peft train` with a control and a rate grid (tiny llama, SmolLM2's tokenizer): a SIGKILL while it
+    locates, Ctrl-C (SIGINT) in the circuit's rate grid, a SIGKILL in the control's, each at a seeded random
+    moment; the re-run's report (less wall times), circuit and adapter equal an uninterrupted run's. Ctrl-C
+    exits 130 with one line saying how to resume, no traceback."""
+    from circuit_peft.models import load_tokenizer, tiny_model
+
+    model_dir = tmp_path / "model"
+    tok = load_tokenizer("smollm2")
+    tiny_model("llama", vocab_size=len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker runs: the same sums in the same order
+    try:  # the uninterrupted run in this process: one interpreter start less
+        from kill_worker import TRAIN_ARGS
+
+        from circuit_peft.cli import main
+
+        assert main(["train", "--model", str(model_dir), *TRAIN_ARGS, "--out", str(tmp_path / "clean")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rng = random.Random(38)
+    resumed = ["train", str(model_dir), str(tmp_path / "resumed")]
+    stages = tmp_path / "resumed" / "stages"
+    code, _ = _interrupt_at(resumed, "[rates]", signal.SIGKILL, rng.uniform(0, 0.5))  # in locate (or before)
+    assert code == -signal.SIGKILL and not (stages / "train.json").exists()
+    code, err = _interrupt_at(resumed, "[train] lr 0.001:", signal.SIGINT, rng.uniform(0, 0.3))  # at lr 0.03
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "circuit-peft train: interrupted. Finished stages and records are kept in the output folder; run the same "
+        "command again to resume.")
+    assert (stages / "train_lr0.001.json").exists() and not (stages / "train.json").exists()
+    code, _ = _interrupt_at(resumed, "[control random_layer] training", signal.SIGKILL, rng.uniform(0, 1))
+    assert code == -signal.SIGKILL and not (stages / "control_random_layer.json").exists()
+    _finish(resumed)
+    assert _train_outputs(tmp_path / "resumed") == _train_outputs(tmp_path / "clean")
+    assert not [p for p in (tmp_path / "resumed").rglob("*") if ".tmp" in p.name or ".old" in p.name]

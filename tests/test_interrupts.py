@@ -1,0 +1,54 @@
+"""Ctrl-C of a command (cli.interrupts_delivered): a KeyboardInterrupt that Python drops because SIGINT landed in
+a finalizer is raised again in the command's own code (docs/reliability.md). The end-to-end SIGINT of
+`circuit-peft train` is in tests/test_kill.py."""
+
+import gc
+import sys
+import time
+
+import pytest
+
+from circuit_peft.cli import interrupts_delivered
+
+
+class _InterruptedFinalizer:
+    """What a SIGINT landing in a finalizer amounts to: a KeyboardInterrupt raised inside ``__del__``, which
+    Python prints as "Exception ignored" and drops."""
+
+    def __del__(self):
+        raise KeyboardInterrupt
+
+
+def _drop_an_interrupt() -> None:
+    _InterruptedFinalizer()
+    gc.collect()
+
+
+def test_an_interrupt_dropped_in_a_finalizer_stops_the_command(recwarn):
+    _drop_an_interrupt()  # outside: dropped, the code runs on (pytest turns it into a warning)
+    ran_on = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_delivered():
+            _drop_an_interrupt()
+            while time.monotonic() - ran_on < 60:  # the command's own work
+                time.sleep(0.001)
+    assert time.monotonic() - ran_on < 30  # raised again (50 ms later on an idle box), not when the work ended
+
+
+def test_an_interrupt_dropped_just_before_the_command_ends_is_raised_at_its_end():
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_delivered(delay_s=60):
+            _drop_an_interrupt()
+
+
+def test_other_unraisable_exceptions_go_to_the_previous_hook(monkeypatch):
+    class Broken:
+        def __del__(self):
+            raise RuntimeError("in a finalizer")
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    with interrupts_delivered():
+        Broken()
+        gc.collect()
+    assert [type(u.exc_value) for u in seen] == [RuntimeError] and sys.unraisablehook == seen.append
