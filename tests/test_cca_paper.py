@@ -165,3 +165,13 @@ def test_branching_pivot_where_the_greedy_trace_ended_and_the_sample_went_on():
     p = _Problem("p", "1", [1, 1], greedy=[5], greedy_correct=False, flip=[5, 7])
     miner._branching(p)
     assert [(r["context_ids"], r["desired_id"], r["undesired_id"]) for r in p.records] == [([1, 1, 5], 7, 2)]
+
+
+def test_amplify_cli_takes_held_out_problems_of_every_generated_task():
+    from circuit_peft.cli import build_parser
+    from circuit_peft.commands.amplify import heldout_rows
+
+    args = build_parser().parse_args(["amplify", "--problems", "comparison", "--out", "x", "--n-val", "4", "--n-test", "6"])
+    val, test = heldout_rows(args)
+    assert len(val) == 4 and len(test) == 6 and all(r["id"].startswith("test-") for r in val + test)
+    assert {r["op"] for r in val + test} <= {"max", "min"}

@@ -138,7 +138,9 @@ def build_configs(args: argparse.Namespace):
 
 
 def heldout_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    source = args.heldout or (args.problems if args.problems in ("arithmetic", "demo") else None)
+    from ..cca.problems import TASKS
+
+    source = args.heldout or (args.problems if args.problems in (*TASKS, "demo") else None)
     if source is None:
         raise ValueError("--problems is a file, so give --heldout FILE with validation and test problems "
                          "(never the training problems)")
