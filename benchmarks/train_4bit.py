@@ -7,7 +7,9 @@ float32 compute, and writes ``benchmarks/results/train_4bit_smollm2.json``: held
 standard errors and the paired change in SEs (from the run's report), and whether the reloaded adapter gives
 the same per-problem results as the run's own after-training evaluation.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_4bit.py [--out RUN_DIR] [--threads 2]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_4bit.py [--out RUN_DIR] [--threads 2] [--n-train 32]
+
+The committed result used ``--n-train 32`` (half the demo's rows, to fit a shared, loaded 2-core box).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/train_4bit_smollm2", help="run folder (resumable)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-train", type=int, default=None, help="training problems (default: the demo's 64)")
+    p.add_argument("--no-reload", action="store_true", help="skip loading the adapter back (result says so)")
     args = p.parse_args()
     extra = ["--n-train", str(args.n_train)] if args.n_train else []
     import torch
@@ -79,7 +82,7 @@ def main() -> None:
 
     change, change_se = mean_se(diffs)
     start = time.perf_counter()
-    reloaded = reload_and_evaluate(out, report)
+    reloaded = "not run (--no-reload)" if args.no_reload else reload_and_evaluate(out, report)
     result = {
         "model": "smollm2 (SmolLM2-135M-Instruct), bitsandbytes NF4 double-quantized, compute float32, CPU",
         "command": report["command"],
