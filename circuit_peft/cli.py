@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        from .distributed import refuse_multiprocess
+
+        refuse_multiprocess(args.command)  # under a launcher, before any work: only some commands run there
         with interrupts_delivered():
             return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -20,7 +20,13 @@ from typing import Callable
 
 import torch
 
+from .errors import CircuitPeftError
+
 POLL_SECONDS = 0.5
+
+# the commands that run under torchrun / accelerate launch: the main process writes, the others wait for its
+# files (train) or score their own shard (select); every other command refuses several processes
+MULTIPROCESS_COMMANDS: tuple[str, ...] = ("train", "select")
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -39,6 +45,17 @@ def is_main_process() -> bool:
 def world_size() -> int:
     """How many processes train together (1 without a launcher)."""
     return rank_and_world()[1]
+
+
+def refuse_multiprocess(command: str) -> None:
+    """Refuse, before any work, to run ``circuit-peft COMMAND`` in several processes (``WORLD_SIZE`` > 1)
+    unless it is one of :data:`MULTIPROCESS_COMMANDS`: the others would write the same files on every
+    process, or wait on one another for ever (``compare``)."""
+    world = world_size()
+    if world > 1 and command not in MULTIPROCESS_COMMANDS:
+        raise CircuitPeftError(
+            f"circuit-peft {command} runs in one process, but WORLD_SIZE is {world} (torchrun / accelerate launch); "
+            f"run it without a launcher. Only {', '.join(MULTIPROCESS_COMMANDS)} run under torchrun / accelerate launch")
 
 
 def wait_for_file(path: str | os.PathLike, ready: Callable[[Path], bool] = Path.exists,
@@ -69,4 +86,5 @@ def _end() -> None:
         torch.distributed.destroy_process_group()
 
 
-__all__ = ["end_process_group_at_exit", "is_main_process", "rank_and_world", "wait_for_file", "world_size"]
+__all__ = ["MULTIPROCESS_COMMANDS", "end_process_group_at_exit", "is_main_process", "rank_and_world",
+           "refuse_multiprocess", "wait_for_file", "world_size"]

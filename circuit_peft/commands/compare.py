@@ -98,6 +98,7 @@ def config_from_args(args: argparse.Namespace):
     budgets = tuple(b if _is_number(b) else "/".join([arm_name(b.partition("/")[0], arms), *b.split("/")[1:]])
                     for b in args.budgets or default_budgets(arms))
     return CompareConfig(train=train, arms=arms, lrs=lrs, checkpoints=args.checkpoints, seeds=tuple(args.seeds),
+                         data_seed=args.data_seed,
                          budgets=budgets, alpha=args.alpha, heldout_fraction=args.heldout_fraction,
                          comparisons=comparisons if args.comparisons is not None else tuple(default_comparisons(arms)))
 
@@ -126,6 +127,18 @@ def arm_name(name: str, arms) -> str:
     return kinds[0] if len(kinds) == 1 else name
 
 
+def load_compare_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The rows and held-out rows (None without ``--heldout``), drawn with ``--data-seed``, not a training seed:
+    reordering ``--seeds`` or adding one in front keeps the rows, so the run folder resumes."""
+    rows = load_examples(args.data, args.data_split, args.n_train, args.data_seed, args.data_config)
+    _check_rows(rows, args, args.data, args.data_split)
+    heldout = None
+    if args.heldout:
+        heldout = load_examples(args.heldout, "test", args.n_heldout, args.data_seed, args.data_config)
+        _check_rows(heldout, args, args.heldout, "test")
+    return rows, heldout
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -135,12 +148,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     check_plan(cfg)
-    rows = load_examples(args.data, args.data_split, args.n_train, cfg.seeds[0], args.data_config)
-    _check_rows(rows, args, args.data, args.data_split)
-    heldout = None
-    if args.heldout:
-        heldout = load_examples(args.heldout, "test", args.n_heldout, cfg.seeds[0], args.data_config)
-        _check_rows(heldout, args, args.heldout, "test")
+    rows, heldout = load_compare_rows(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     argv = getattr(args, "argv", None)
@@ -175,6 +183,9 @@ def add_parser(subparsers: Any) -> None:
                         f"(default {GRID_EXTENSIONS})")
     a.add_argument("--checkpoints", type=positive(int), default=3, help="measured points per run (default 3: 1/3, 2/3, 3/3)")
     a.add_argument("--seeds", type=distinct_list(int), default=[0, 1, 2], help="default 0,1,2 (>= 2 for a test)")
+    a.add_argument("--data-seed", type=non_negative(int), default=0,
+                   help="seed that draws generated rows (--data arithmetic, multiplication); the --seeds may then "
+                        "be reordered or grown and the run resumes (default 0)")
     a.add_argument("--validation-fraction", type=fraction, default=cfg.validation_fraction)
     a.add_argument("--epochs", type=positive(float), default=cfg.sft.epochs)
     a.add_argument("--batch-size", type=positive(int), default=cfg.sft.batch_size)

@@ -70,8 +70,11 @@ def _open_cache(args: argparse.Namespace, dataset):
     of another pool or other scoring flags is refused, and a second live writer is refused."""
     if not args.cache_dir:
         return None
+    from ..distributed import is_main_process
     from ._cca import open_run
 
+    if not is_main_process():  # under torchrun the main process checks and locks the folder; this one only scores
+        return None
     pool = getattr(dataset, "_fingerprint", None) or dataset.to_list()  # datasets' own content hash when it has one
     return open_run(args, "cache_dir", CACHE_FLAGS_IGNORED, adopt=_only_score_caches, pool=pool)
 

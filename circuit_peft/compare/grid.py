@@ -55,6 +55,7 @@ class CompareConfig:
     comparisons: tuple[tuple[str, str], ...] = ()
     alpha: float = 0.05
     heldout_fraction: float = 0.2
+    data_seed: int = 0  # the seed that drew generated rows (recorded in the run settings; not a training seed)
 
     def grid(self, arm: ArmSpec) -> tuple[float, ...]:
         return tuple(self.lrs.get(arm.name, self.lrs.get(arm.kind, arm.spec.lrs)))
@@ -73,7 +74,8 @@ def run_settings(model_name: str, rows, heldout, cfg: CompareConfig) -> dict[str
         recipe.pop(key, None)
     return {"model": model_name, "recipe": recipe, "checkpoints": cfg.checkpoints, "rows": fingerprint(rows),
             "heldout": fingerprint(heldout) if heldout else None,
-            "heldout_fraction": None if heldout else cfg.heldout_fraction}
+            "heldout_fraction": None if heldout else cfg.heldout_fraction,
+            **({"data_seed": cfg.data_seed} if cfg.data_seed else {})}  # absent at 0: older folders still open
 
 
 @dataclass
