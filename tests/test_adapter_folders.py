@@ -121,3 +121,46 @@ def test_several_adapters_each_commit_in_their_own_folder(tmp_path):
     loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
     loaded.load_adapter(tmp_path / "extra", adapter_name="extra")
     assert set(loaded.peft_config) == {"default", "extra"}
+
+
+@pytest.mark.parametrize("subfolder", [None, "lora"])
+def test_a_hub_id_that_cannot_be_fetched_keeps_peft_s_own_error(monkeypatch, subfolder):
+    """Offline, a hub id (any adapter type) fails inside PEFT; circuit-peft must not turn that into its own
+    'no such folder' (the id is not a local folder, so there is nothing of ours to check)."""
+    from peft.config import PeftConfig, PeftConfigMixin
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    unpatched = PeftConfigMixin.__dict__["_get_peft_type"].__func__.__wrapped__
+    with pytest.raises(Exception) as peft_own:
+        unpatched(PeftConfig, "someorg/some-lora", **kwargs)
+    with pytest.raises(Exception) as ours:
+        PeftConfig._get_peft_type("someorg/some-lora", **kwargs)
+    assert type(ours.value) is type(peft_own.value) and str(ours.value) == str(peft_own.value)
+
+
+def test_a_broken_local_subfolder_is_still_refused_naming_the_file(tmp_path):
+    from peft.config import PeftConfig
+
+    _saved(tmp_path / "sub")
+    (tmp_path / "sub" / CONFIG).write_text("")
+    with pytest.raises(CircuitPeftError, match=f"{tmp_path / 'sub' / CONFIG}: not valid JSON"):
+        PeftConfig._get_peft_type(str(tmp_path), subfolder="sub")
+
+
+def test_a_config_read_from_a_folder_seeds_new_adapters_after_that_folder_is_saved_again(tmp_path):
+    """Read a config from A, train an adapter from it, save to A (new weights), then seed another adapter
+    from the same config object: no weight is loaded from A, so A's digest has nothing to refuse."""
+    folder = tmp_path / "A"
+    _saved(folder)
+    config = CircuitConfig.from_pretrained(folder)
+    model = get_peft_model(tiny_model("llama"), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "circuit_" in name:
+                p.fill_(3.0)
+    model.save_pretrained(folder)
+    trained = get_peft_model_state_dict(model)
+    get_peft_model(tiny_model("llama"), config)  # the same config object, once more
+    loaded = get_peft_model_state_dict(PeftModel.from_pretrained(tiny_model("llama"), folder))
+    assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], trained[k]) for k in loaded)

@@ -205,6 +205,10 @@ class CircuitModel(BaseTuner):
         plan = build_plan(peft_config, model)
         self._plans()[self.__dict__["_injecting"]] = plan  # the same config object may serve two adapters
         peft_config.target_modules = sorted(plan)
+        # The folder was checked for the load (if any) that follows this injection; the config now describes
+        # this adapter, so reusing the object seeds a new one and reads nothing from that folder (which a later
+        # save may have changed: its weights would no longer match the recorded digest).
+        peft_config.__dict__.pop("_loaded_from", None)
 
     def _create_and_replace(
         self,

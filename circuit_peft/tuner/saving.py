@@ -21,8 +21,8 @@ Loading: reading a local folder's config (``PeftModel.from_pretrained``, ``load_
 ``CircuitConfig.from_pretrained``) first finishes a killed save (:func:`finish_killed_save`). A config
 that PEFT itself cannot read (empty, cut, missing) is refused by :func:`circuit_peft.files.check_adapter_folder`,
 for any adapter type (the type is not known yet); a CIRCUIT folder without weights or with cut weights is
-refused by the same check when PEFT reads its type to load it. When the tuner injects an adapter whose
-config was read from a local folder, :func:`check_saved_adapter` refuses weights whose sha256 is not the
+refused by the same check when PEFT reads its type to load it (a hub id keeps PEFT's own errors). When the
+tuner first injects an adapter whose config was read from a local folder, :func:`check_saved_adapter` refuses weights whose sha256 is not the
 one the config recorded (and cut weights, for ``config=`` passed by hand), before any weight is read.
 """
 
@@ -192,7 +192,13 @@ def _patch_saving() -> None:
 
 def _patch_config_reading() -> None:
     """PEFT's reading of ``adapter_config.json`` (``from_json_file``, ``_get_peft_type``): a local folder whose
-    config is empty, cut, not JSON, without ``peft_type`` or missing is refused naming the folder and file."""
+    config is empty, cut, not JSON, without ``peft_type`` or missing is refused naming the folder and file.
+    Anything that is not a local folder (a hub id, with or without ``subfolder``) keeps PEFT's own error.
+
+    Version bounds: written against PEFT 0.21.2 (constraints.txt) for ``peft>=0.21,<0.23`` (pyproject.toml);
+    it replaces the classmethods ``PeftConfigMixin.from_json_file(path_json_file, **kwargs)`` and
+    ``PeftConfigMixin._get_peft_type(model_id, **hf_hub_download_kwargs)`` (a private one), calling the
+    originals. Recheck both signatures before widening the PEFT bound."""
     from peft.config import PeftConfigMixin
 
     read_json = PeftConfigMixin.__dict__["from_json_file"].__func__
@@ -218,9 +224,10 @@ def _patch_config_reading() -> None:
         try:
             peft_type = peft_type_of(cls, model_id, **kwargs)
         except (ValueError, KeyError):  # no config found, or one without peft_type
-            check_adapter_folder(folder, flag=FLAG)  # raises, naming the folder or file (a hub id passes)
+            if os.path.isdir(folder):  # only a local folder is ours to explain; a hub failure stays PEFT's
+                check_adapter_folder(folder, flag=FLAG)  # raises, naming the folder or file
             raise
-        if peft_type == PEFT_TYPE_NAME:  # PEFT reads the type to load the adapter: its weights must be there
+        if peft_type == PEFT_TYPE_NAME and os.path.isdir(folder):  # loading it: its weights must be there
             check_adapter_folder(folder, flag=FLAG)
         return peft_type
 
