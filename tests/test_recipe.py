@@ -397,22 +397,28 @@ def test_select_stage_keeps_the_fraction_of_the_pool(method):
     assert all(0 <= i < 16 for i in out["rows"])
 
 
+@pytest.mark.slow
 def test_train_with_the_cca_update_changes_the_circuit_and_resumes(tmp_path):
     """update='cca': digit pivots mined from the base, the CCA update of the located circuit, a saved
-    adapter whose weights moved; a re-run reuses every stage."""
+    adapter whose weights moved; a re-run reuses every stage. locate='attribution' mines into the same
+    folder at the run's cap before the base's cap is raised (chosen on the training rows: no validation
+    rows here, never the held-out ones): CCA reads those records with the same settings, also on a re-run."""
     from safetensors.torch import load_file
 
     from circuit_peft.cca.problems import ARITHMETIC_SHOTS, make_problems
     from circuit_peft.recipe import train
 
     folder = "smollm2"  # a real model: a random one writes no digits to mine
-    cfg = TrainConfig(update="cca", update_steps=3, locate="gradient", max_new_tokens=16, max_cut_share=1.0,
-                      shots=[dict(s) for s in ARITHMETIC_SHOTS])
+    cfg = TrainConfig(update="cca", update_steps=3, locate="attribution", max_new_tokens=16, max_cut_share=0.0,
+                      max_new_tokens_limit=64, shots=[dict(s) for s in ARITHMETIC_SHOTS])
     rows = make_problems(6, "train", seed=0, kinds=("add",), low=100, high=999)
     held = make_problems(4, "test", seed=0, kinds=("add",), low=100, high=999)
     logs: list[str] = []
     result = train(folder, rows, held, tmp_path / "run", cfg, log=logs.append)
     assert result.report["settings"]["config"]["update"] == "cca"
+    before = result.report["before"]
+    assert before["max_new_tokens"] > 16 and before["cap_rows"] == 6 and before["count"] == 4  # raised on training rows
+    assert json.loads((tmp_path / "run" / "mining" / "mining_config.json").read_text())["max_new_tokens"] == 16
     stage = json.loads((tmp_path / "run" / "stages" / "train.json").read_text())
     assert stage["records"] > 0 and stage["final_margin"] != stage["initial_margin"]
     weights = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))

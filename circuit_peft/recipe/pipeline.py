@@ -553,8 +553,10 @@ def _task_rows(train_rows, heldout_rows, cfg: TrainConfig) -> tuple[list[dict[st
     return train_rows, heldout_rows
 
 
-def _fit(run: RunFolder, peft_model, tokenizer, rows, val_rows, style: str, cfg: TrainConfig, log) -> dict[str, Any]:
-    """The train stage: pivotal SFT of the circuit, its weights saved atomically (reloaded on a re-run)."""
+def _fit(run: RunFolder, peft_model, tokenizer, rows, val_rows, style: str, cfg: TrainConfig, log,
+         mining_cfg: TrainConfig | None = None) -> dict[str, Any]:
+    """The train stage: pivotal SFT of the circuit, its weights saved atomically (reloaded on a re-run).
+    ``mining_cfg``: the settings CCA mines with (the run's own cap, as the locate stage mined with)."""
     weights = run.path / "stages" / "train.safetensors"
     if (run.path / "stages" / "train.json").exists() and weights.exists():
         load_weights(peft_model, weights)
@@ -563,7 +565,7 @@ def _fit(run: RunFolder, peft_model, tokenizer, rows, val_rows, style: str, cfg:
 
     def fit():
         if cfg.update == "cca":  # its own loop, on the main process: the others load its weights below
-            out = _cca_update(peft_model, tokenizer, rows, style, cfg, run, log)
+            out = _cca_update(peft_model, tokenizer, rows, style, mining_cfg or cfg, run, log)
             save_weights(peft_model, weights)
             return out
         examples = _gold_examples(tokenizer, rows, style, cfg)
@@ -670,13 +672,22 @@ def _control(run: RunFolder, name: str, model_name: str, tokenizer, circuit, row
     return result
 
 
-def _before(model, tokenizer, rows, style: str, cfg: TrainConfig, log) -> dict[str, Any]:
-    """The base model on the held-out rows: accuracy at a cap that cuts few answers (:mod:`.caps`), or
-    the completion loss with ``answer='none'`` (nothing generated)."""
+CAP_TRAINING_ROWS = 32  # training rows the cap is chosen on when no validation rows are held back
+
+
+def _before(model, tokenizer, rows, cap_rows, style: str, cfg: TrainConfig, log) -> dict[str, Any]:
+    """The base model on the held-out ``rows``: accuracy at a cap chosen on ``cap_rows`` (validation or
+    training rows, never the held-out ones) to cut few answers (:mod:`.caps`); the held-out rows' cut share
+    is reported, not used. With ``answer='none'``: the completion loss (nothing generated)."""
     if cfg.answer == "none":
         return _accuracy(model, tokenizer, rows, style, cfg)
-    return uncut_measure(lambda cap: _accuracy(model, tokenizer, rows, style, replace(cfg, max_new_tokens=cap)),
-                         cfg.max_new_tokens, cfg.max_new_tokens_limit, cfg.max_cut_share, log)
+    chosen = uncut_measure(lambda cap: _accuracy(model, tokenizer, cap_rows, style, replace(cfg, max_new_tokens=cap)),
+                           cfg.max_new_tokens, cfg.max_new_tokens_limit, cfg.max_cut_share, log,
+                           what=f"the base model on {len(cap_rows)} non-held-out rows")
+    cap = chosen["max_new_tokens"]
+    return {**_accuracy(model, tokenizer, rows, style, replace(cfg, max_new_tokens=cap)), "max_new_tokens": cap,
+            "caps_tried": chosen["caps_tried"], "cap_rows": len(cap_rows),
+            "cap_rows_capped_fraction": chosen["capped_fraction"]}
 
 
 def _measured(result: dict[str, Any]) -> str:
@@ -713,15 +724,17 @@ def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]
         log(f"[select] {cfg.select}: {len(chosen)} of {len(train_rows)} training examples")
     located = run.stage("locate", lambda: _locate(model, tokenizer, chosen, style, cfg, out), log)
     log(f"[locate] {cfg.locate}: {located['components']} components ({100 * located['component_fraction']:.2f} %)")
-    before = run.stage("before", lambda: _before(model, tokenizer, heldout_rows, style, cfg, log), log)
+    cap_rows = val_rows or chosen[:CAP_TRAINING_ROWS]  # the cap is chosen on rows the verdict is not read on
+    before = run.stage("before", lambda: _before(model, tokenizer, heldout_rows, cap_rows, style, cfg, log), log)
+    mining_cfg = cfg  # mining keeps the run's own cap: the locate stage mined into the same folder with it
     cfg = replace(cfg, max_new_tokens=before.get("max_new_tokens", cfg.max_new_tokens))  # every arm at the base's cap
     log(f"[before] held-out {_measured(before)}" + ("" if "loss" in before else
-        f" ({cfg.max_new_tokens} new tokens, {100 * before['capped_fraction']:.0f} % of answers cut)"))
+        f" ({cfg.max_new_tokens} new tokens, {100 * before['capped_fraction']:.0f} % of held-out answers cut)"))
 
     circuit = Circuit.load(out / "circuit.json", model)
     peft_model = get_peft_model(model, _adapter_config(circuit, cfg))
     size = circuit_size(peft_model.peft_config["default"], peft_model)
-    fitted = _fit(run, peft_model, tokenizer, chosen, val_rows, style, cfg, log)
+    fitted = _fit(run, peft_model, tokenizer, chosen, val_rows, style, cfg, log, mining_cfg)
     peft_model.eval()
     after = run.stage("after", lambda: _accuracy(peft_model, tokenizer, heldout_rows, style, cfg), log)
     log(f"[after] held-out {_measured(after)}")
