@@ -185,6 +185,22 @@ class LoadSpec:
             return {"dtype": dtype}
         return {"dtype": dtype, "quantization_config": bnb_4bit_config(dtype), "device_map": {"": device}}
 
+    def for_full_training(self, what: str, log: Any = None) -> "LoadSpec":
+        """This spec for a run training every weight of the model (``what`` names it in messages, e.g. "the
+        full arm"): float32 whatever ``dtype`` says, since an optimizer step on bf16/fp16 weights without a float32
+        master copy rounds most updates at lr 1e-4..1e-5 away; ``log`` (a callable) hears of the override.
+        CircuitPeftError naming ``--load-in-4bit`` when the base is quantized (its uint8 weights cannot train)."""
+        from dataclasses import replace
+
+        from .errors import located
+
+        if self.load_in_4bit:
+            raise located("--load-in-4bit", f"{what} trains every weight of the model, and 4-bit weights cannot "
+                          "train: drop --load-in-4bit (or that arm/target)")
+        if log is not None and self.resolved()[1] != torch.float32:
+            log(f"{what}: loading the model in float32 (not --dtype {self.dtype}): it trains every weight")
+        return replace(self, dtype="float32")
+
     def settings(self) -> dict[str, Any]:
         """What of this spec changes a run's numbers (recorded in run folders): the resolved dtype when it is
         not float32 (the device does not change what is computed beyond rounding; float32 records nothing,

@@ -175,3 +175,70 @@ def test_amplify_cli_takes_held_out_problems_of_every_generated_task():
     val, test = heldout_rows(args)
     assert len(val) == 4 and len(test) == 6 and all(r["id"].startswith("test-") for r in val + test)
     assert {r["op"] for r in val + test} <= {"max", "min"}
+
+
+def test_full_weight_training_is_float32_and_refuses_4bit(tmp_path, capsys):
+    """--target all_weights and the compare full arm train float32 weights whatever --dtype says (bf16 weights
+    round most 1e-4..1e-5 updates away) and refuse --load-in-4bit before any work."""
+    from types import SimpleNamespace
+
+    from circuit_peft.cli import build_parser, main
+    from circuit_peft.commands.amplify import build_configs
+    from circuit_peft.compare.arms import ARM_KINDS, ArmContext, parse_arms
+    from circuit_peft.models import LoadSpec, load_model, load_tokenizer
+
+    assert LoadSpec(dtype="bfloat16").for_full_training("x").dtype == "float32"
+    with pytest.raises(CircuitPeftError, match="--load-in-4bit"):
+        LoadSpec(load_in_4bit=True).for_full_training("x")
+    amp = ["amplify", "--problems", "arithmetic", "--out", str(tmp_path / "a"), "--target", "all_weights"]
+    _, config = build_configs(build_parser().parse_args([*amp, "--dtype", "bfloat16"]))
+    assert config.load.dtype == "float32"
+    with pytest.raises(CircuitPeftError, match="--load-in-4bit"):
+        build_configs(build_parser().parse_args([*amp, "--load-in-4bit"]))
+    out = tmp_path / "c"
+    assert main(["compare", "--arms", "base,lora,full", "--load-in-4bit", "--out", str(out)]) == 2
+    assert "--load-in-4bit" in capsys.readouterr().err and not out.exists()
+
+    model = tiny_model("llama").to(torch.bfloat16)  # all_weights on a bf16 model given loaded: cast, then trained
+    amplify_update(model, _records(), None, config=UpdateConfig.paper(target="all_weights", steps=1), progress=False)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+    tok = load_tokenizer("smollm2")
+    tiny_model("llama", vocab_size=len(tok)).save_pretrained(tmp_path / "m")
+    ctx = ArmContext(str(tmp_path / "m"), tok, "plain", [], SimpleNamespace(load=LoadSpec(dtype="bfloat16")),
+                     lambda _: None, 1, tmp_path, lambda: load_model(str(tmp_path / "m"), dtype=torch.bfloat16))
+    full = parse_arms("full", "gradient", ("gradient",))[0]
+    built, _ = ARM_KINDS["full"].build(full, ctx)
+    assert {p.dtype for p in built.parameters() if p.requires_grad} == {torch.float32}
+
+
+def test_amplify_all_weights_writes_a_float32_model_folder_not_an_adapter(tmp_path):
+    """--target all_weights saves the whole updated model as OUT/model (load_model reads it back, in float32)
+    and names it so in the report; mining resumes from records already in OUT/mining."""
+    import json
+    from dataclasses import asdict
+
+    from circuit_peft.cca.mining import MiningConfig
+    from circuit_peft.cca.pipeline import AmplifyConfig, amplify
+    from circuit_peft.models import LoadSpec, load_model, load_tokenizer
+
+    tok = load_tokenizer("smollm2")
+    folder = tmp_path / "base"
+    tiny_model("llama", vocab_size=len(tok)).to(torch.bfloat16).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    rows = [{"id": f"p{i}", "question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(8)]
+    mining = MiningConfig(max_new_tokens=2, n_samples=1, batch_size=8)
+    out = tmp_path / "out"
+    (out / "mining").mkdir(parents=True)
+    (out / "mining" / "mining_config.json").write_text(json.dumps(asdict(mining)))
+    (out / "mining" / "progress.jsonl").write_text("".join(json.dumps(
+        {"problem_id": f"p{i}", "status": "mined", "greedy_correct": False, "n_records": 1}) + "\n" for i in range(8)))
+    (out / "mining" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records()))
+    result = amplify(str(folder), tok, rows, rows[:2], rows[2:4], out, mining,
+                     UpdateConfig.paper(target="all_weights", steps=1),
+                     AmplifyConfig(eval_max_new_tokens=2, load=LoadSpec(dtype="bfloat16")), progress=False,
+                     log=lambda _: None)
+    files = result.report["files"]
+    assert "adapter" not in files and files["model"] == str(out / "model") and not (out / "adapter").exists()
+    assert {p.dtype for p in load_model(files["model"]).parameters()} == {torch.float32}
+    assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "float32"

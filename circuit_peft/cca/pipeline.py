@@ -3,7 +3,8 @@
 :func:`amplify` is what ``circuit-peft amplify`` and ``circuit-peft demo`` run. It writes into
 ``output_dir``: ``mining/`` (resumable records), ``circuit.json`` and ``circuit.png`` (heatmap),
 ``adapter/`` (a PEFT adapter: ``PeftModel.from_pretrained(base, "adapter")`` after
-``import circuit_peft``) and ``report.json`` (accuracy before/after, circuit size, side effects,
+``import circuit_peft``; with ``target="all_weights"`` ``model/`` instead: the whole updated model in float32,
+read by ``load_model``) and ``report.json`` (accuracy before/after, circuit size, side effects,
 update history).
 """
 
@@ -133,7 +134,10 @@ def amplify(
     if isinstance(model, str):
         from ..models import load_model, load_tokenizer
 
-        model, tokenizer = load_model(model, spec=config.load), tokenizer or load_tokenizer(model)
+        load = config.load
+        if update.target == "all_weights":  # float32 whatever config.load.dtype says; 4-bit refused
+            load = load.for_full_training("--target all_weights", log)
+        model, tokenizer = load_model(model, spec=load), tokenizer or load_tokenizer(model)
     from ..evaluate.accuracy import evaluate_accuracy
 
     out = Path(output_dir)
@@ -158,8 +162,12 @@ def amplify(
         result = amplify_update(model, mined.records, circuit, validator, update, tokenizer=tokenizer,
                                 progress=progress)
     peft_model, size = result.model, result.size
-    with atomic_dir(out / "adapter") as tmp:  # a kill leaves the old adapter or the new one, never a mix
+    # all_weights trains the model itself: its folder is the whole model (load_model reads it), not an adapter
+    saved = ("model" if update.target == "all_weights" else "adapter")
+    with atomic_dir(out / saved) as tmp:  # a kill leaves the old folder or the new one, never a mix
         peft_model.save_pretrained(str(tmp))
+        if saved == "model":
+            tokenizer.save_pretrained(str(tmp))
     log(f"update: best step {result.best_step} (validation {result.best_val}), margin "
         f"{result.initial_margin:.2f} -> {result.final_margin:.2f} ({timings['update_s']:.0f} s)")
     with _timed(timings, "eval_after_s"):
@@ -171,7 +179,7 @@ def amplify(
     report = {"settings": {"mining": asdict(mining), "update": asdict(update), "amplify": asdict(config),
                            "n_train": len(train_problems), "n_val": len(val_problems), "n_test": len(test_problems)},
               "mining": mined.stats, **_outcome(before, after, mined, config, circuit, size, effects, result),
-              "timings": timings, "files": {"adapter": str(out / "adapter"), "circuit": str(out / "circuit.json"),
+              "timings": timings, "files": {saved: str(out / saved), "circuit": str(out / "circuit.json"),
                                             "heatmap": str(out / "circuit.png"),
                                             "records": str(out / "mining" / "records.jsonl")}}
     atomic_write_json(out / "report.json", report)

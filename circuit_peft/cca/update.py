@@ -252,6 +252,12 @@ def _all_weights_model(model: nn.Module) -> tuple[nn.Module, None, dict[str, Any
     if isinstance(model, PeftModel):
         raise CircuitPeftError("target='all_weights' trains the model's own weights: pass the base model, not a PeftModel")
     arch = get_arch(model)
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        raise CircuitPeftError("target='all_weights' (--target all_weights) trains every weight and a quantized "
+                               "model's cannot train: load it without --load-in-4bit")
+    if any(p.dtype != torch.float32 for p in model.parameters()):  # no float32 master copy: updates would round away
+        logging.getLogger(__name__).warning("target='all_weights': the model's weights are cast to float32 to train")
+        model.float()
     for p in model.parameters():
         p.requires_grad_(True)
     n = sum(p.numel() for p in model.parameters())

@@ -109,14 +109,15 @@ def mining_config(args: argparse.Namespace):
     )
 
 
-def load_runtime(args: argparse.Namespace):
+def load_runtime(args: argparse.Namespace, spec=None):
+    """The model (as ``spec`` says; None: the flags' :func:`load_spec`) and its tokenizer."""
     import torch
 
     from ..models import load_model, load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load_model(args.model, spec=load_spec(args)), load_tokenizer(args.model)
+    return load_model(args.model, spec=spec or load_spec(args)), load_tokenizer(args.model)
 
 
 # flags that change how a run goes, not what it writes (a resumed run may change them)

@@ -60,8 +60,10 @@ def add_amplify_args(p: argparse.ArgumentParser) -> None:
                         "given override it (docs/cca.md)")
     u.add_argument("--target", choices=("circuit", "all_weights", "twin", "projections"), default="circuit",
                    help="what the update trains: circuit (with mask, default), all_weights (without mask: every "
-                        "parameter, the paper's update_using_mask=False), twin (the circuit's layer-matched random "
-                        "twin), projections (every row of the circuit's projections in every layer)")
+                        "parameter, the paper's update_using_mask=False; loads in float32 whatever --dtype says, "
+                        "refuses --load-in-4bit, writes OUT/model/ instead of OUT/adapter/), twin (the circuit's "
+                        "layer-matched random twin), projections (every row of the circuit's projections in every "
+                        "layer)")
     u.add_argument("--steps", type=positive(int), default=100, help="update steps (default %(default)s)")
     u.add_argument("--lr", type=positive(float), default=1e-4, help="learning rate (default %(default)s; the paper's is 1e-4)")
     u.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="sgd = full-batch gradient descent (default %(default)s)")
@@ -99,7 +101,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "amplify",
         help="CCA in one command: mine pivotal tokens, locate the circuit, update only it, evaluate",
         description="Writes OUT/mining/ (records), OUT/circuit.json + circuit.png (heatmap), OUT/adapter/ "
-                    "(PEFT adapter) and OUT/report.json (accuracy before/after, component and parameter "
+                    "(PEFT adapter; with --target all_weights OUT/model/, the whole updated model in float32) and "
+                    "OUT/report.json (accuracy before/after, component and parameter "
                     "fractions, side effects).",
     )
     add_runtime_args(p)
@@ -134,6 +137,8 @@ def build_configs(args: argparse.Namespace):
                            side_effects=tasks, side_effect_data_dir=data_dir, mmlu_subjects=subjects,
                            mmlu_limit=args.mmlu_limit, truthfulqa_limit=args.truthfulqa_limit, kl_chunks=args.kl_chunks,
                            load=load_spec(args))
+    if update.target == "all_weights":  # refuses --load-in-4bit here, before any work
+        config = replace(config, load=config.load.for_full_training("--target all_weights", print))
     return update, config
 
 
@@ -175,7 +180,8 @@ def print_report(report: dict[str, Any]) -> None:
     else:
         print("side effects: skipped")
     files = report["files"]
-    print(f"adapter: {files['adapter']}  circuit: {files['circuit']}  heatmap: {files['heatmap']}")
+    saved = f"adapter: {files['adapter']}" if "adapter" in files else f"model: {files['model']}"
+    print(f"{saved}  circuit: {files['circuit']}  heatmap: {files['heatmap']}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -188,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     val, test = (problem_checker(args, rows)[1] for rows in heldout_rows(args))
     run = open_run(args, problems=train, heldout=val + test)  # refused before the model loads if not ours
     try:
-        model, tokenizer = load_runtime(args)
+        model, tokenizer = load_runtime(args, config.load)
         report = amplify(model, tokenizer, train, val, test, args.out, mining, update, config,
                          answer_format=checker, progress=not args.no_progress).report
     finally:

@@ -129,7 +129,15 @@ def _control_builder(control: str) -> Callable[[ArmSpec, ArmContext], tuple[nn.M
 
 
 def _build_full(spec: ArmSpec, ctx: ArmContext) -> tuple[nn.Module, dict[str, Any]]:
-    model = ctx.load_model()
+    """A fresh base model, every weight trainable, in float32 whatever ``--dtype`` says
+    (:meth:`~circuit_peft.models.LoadSpec.for_full_training`)."""
+    from ..models import LoadSpec, load_model
+
+    load = getattr(ctx.config, "load", None)
+    if load is None:
+        model = ctx.load_model()
+    else:
+        model = load_model(ctx.model_name, spec=LoadSpec.of(load).for_full_training(f"arm {spec.name}", print))
     for p in model.parameters():
         p.requires_grad_(True)
     return model, {"trainable_params": sum(p.numel() for p in model.parameters())}

@@ -26,8 +26,12 @@ RESULT_FILE, TABLE_FILE, PLOT_FILE = "compare.json", "table.md", "frontier.png"
 
 
 def check_plan(cfg: CompareConfig) -> None:
-    """Refuse, before any work, comparisons and budgets that name arms the run does not have."""
+    """Refuse, before any work, comparisons and budgets that name arms the run does not have, and
+    ``--load-in-4bit`` with the ``full`` arm (4-bit weights cannot train)."""
     names = [a.name for a in cfg.arms]
+    load = getattr(cfg.train, "load", None)
+    if load is not None and any(a.kind == "full" for a in cfg.arms):  # refuses --load-in-4bit with --arms full
+        load.for_full_training("--arms full")
     for a, b in cfg.comparisons:
         for arm in (a, b):
             if arm not in names:
