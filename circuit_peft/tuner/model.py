@@ -320,6 +320,13 @@ class CircuitModel(BaseTuner):
             self.set_adapter(remaining if len(remaining) > 1 else remaining[0])
         self._update_gradient_stop()
 
+    def train(self, mode: bool = True) -> "CircuitModel":
+        # a 4-bit base repacked for CPU inference by an eval forward runs a kernel that passes no correct input
+        # gradient: training starts from the standard layout (tuner/bnb.py), which eval mode alone repacks
+        if mode:
+            unpack_cpu_layouts(self.model)
+        return super().train(mode)
+
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         # before any child's: a 4-bit base that bitsandbytes repacked for CPU inference is restored correctly
         # here (its own inverse, run by each 4-bit layer's save, scrambles the block scales: tuner/bnb.py)
