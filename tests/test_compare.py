@@ -247,6 +247,9 @@ def test_compare_end_to_end_on_a_tiny_model_killed_and_resumed(tmp_path, capsys)
     assert (out / "frontier.png").stat().st_size > 1000
     table = (out / "table.md").read_text()
     assert "| located@gradient |" in table and "Holm" in table
+    base = json.loads((out / "stages" / "base_seed0.json").read_text())
+    assert base["capped_fraction"] == base["val_capped"] and "test_capped" in result["base"]["0"]  # test chooses no cap
+    assert "of the base's validation answers cut" in table
     card = (out / "adapter" / "README.md").read_text()
     assert "Chosen by `circuit-peft compare`" in card and "![frontier](frontier.png)" in card
     assert (out / "adapter" / "frontier.png").exists()

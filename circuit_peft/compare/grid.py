@@ -134,10 +134,9 @@ class Measure:
 
         cfg = replace(self.cfg, max_new_tokens=cap)
         val, test = (_accuracy(model, self.tokenizer, rows, self.style, cfg) for rows in (self.data.val, self.data.test))
-        n = val["count"] + test["count"]
+        # capped_fraction (what the cap is chosen on, .caps) is the validation rows' share: the test split chooses nothing
         return {"val_acc": val["accuracy"], "test_acc": test["accuracy"], "val_capped": val["capped_fraction"],
-                "test_capped": test["capped_fraction"],
-                "capped_fraction": (val["capped_fraction"] * val["count"] + test["capped_fraction"] * test["count"]) / n}
+                "test_capped": test["capped_fraction"], "capped_fraction": val["capped_fraction"]}
 
     def __call__(self, model: nn.Module, cap: int) -> dict[str, Any]:
         from ..evaluate.generation import eval_mode
@@ -181,12 +180,13 @@ def _base(run: RunFolder, seed: int, model: nn.Module, measure: Measure, cfg: Tr
 
     def fn() -> dict[str, Any]:
         out = uncut_measure(lambda cap: measure.accuracy(model, cap), cfg.max_new_tokens, cfg.max_new_tokens_limit,
-                            cfg.max_cut_share, log)
+                            cfg.max_cut_share, log, what="the base model on the validation rows")
         return {**out, "val_kl": 0.0, "test_kl": 0.0}
 
     base = run.stage(f"base_seed{seed}", fn, log)
     log(f"[base seed {seed}] validation accuracy {base['val_acc']:.3f}, test {base['test_acc']:.3f} at "
-        f"{base['max_new_tokens']} new tokens ({100 * base['capped_fraction']:.0f} % cut)")
+        f"{base['max_new_tokens']} new tokens ({100 * base['val_capped']:.0f} % of validation, "
+        f"{100 * base['test_capped']:.0f} % of test answers cut)")
     return base
 
 

@@ -69,7 +69,7 @@ def compare(model_name: str, rows: Sequence[dict[str, Any]], heldout: Sequence[d
         result = verdict(grid.points, resolve_budgets(cfg.budgets, grid.points), cfg.comparisons, cfg.alpha)
         result.update(model=model_name, seeds=list(cfg.seeds), checkpoints=cfg.checkpoints, grids=grid.grids,
                       at_edge=grid.at_edge, sizes=grid.sizes, command=command,
-                      base={s: {k: b.get(k) for k in ("val_acc", "test_acc", "max_new_tokens", "capped_fraction",
+                      base={s: {k: b.get(k) for k in ("val_acc", "test_acc", "max_new_tokens", "capped_fraction", "test_capped",
                                                        "caps_tried")} for s, b in grid.bases.items()},
                       n={s: {"fit": len(d.fit), "val": len(d.val), "test": len(d.test)} for s, d in datas.items()})
         from .plot import plot_frontier
@@ -155,8 +155,10 @@ def markdown(result: dict[str, Any]) -> str:
         params = result["sizes"].get(arm, {}).get("trainable_params", 0)
         lines.append(f"| {arm} | {params:,} | {rates or '-'} | " + " | ".join(_cell(by_budget[b]) for b in budgets) + " |")
     lines += ["", "Every answer of a seed capped at the base's cap (raised until at most --max-cut-share of the base's "
-              "answers were cut): " + "; ".join(f"seed {s} {b['max_new_tokens']} new tokens, {100 * b['capped_fraction']:.0f} % "
-                                                 "of the base's answers cut" for s, b in result["base"].items()) + ".", ""]
+              "validation answers were cut; the test split chooses nothing): " + "; ".join(
+                  f"seed {s} {b['max_new_tokens']} new tokens, {100 * b['capped_fraction']:.0f} % of the base's validation "
+                  "answers cut" + (f" ({100 * b['test_capped']:.0f} % of its test answers)" if b.get("test_capped") is not None
+                                   else "") for s, b in result["base"].items()) + ".", ""]
     tests = result["tests"]
     if tests:
         lines += [f"Paired t over seeds; Holm over the {len(tests)} tests below (alpha {result['alpha']:g}).", "",
