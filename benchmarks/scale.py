@@ -10,8 +10,9 @@ Stages (each in a fresh subprocess per (stage, size), one torch thread, so peaks
 * ``sft_circuit`` / ``sft_lora``: one AdamW step of a 2 % circuit adapter and of its peer, LoRA r=16
   on every linear layer, on ``--batch`` x ``--seq-len`` tokens;
 * ``generate``: greedy decoding (evaluation, and mining's sampled traces), per new token;
-* ``mining`` (SmolLM2 only; it needs a tokenizer that writes numbers): branching pivot mining on
-  arithmetic problems, reported per generated token beside ``generate``.
+* ``mining`` (SmolLM2 only; it needs a tokenizer that writes numbers): branching pivot mining on four
+  comparison problems; its cost model counts the greedy trace and 10 samples per problem at
+  ``--new-tokens`` each, so measured / predicted above 1 is the branching completions' share.
 
 Controls cost what their arms cost: each control arm is one more ``sft_*`` run plus one evaluation.
 
@@ -96,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale_cpu.json"),
                    help="result file, resumed when its settings match (default benchmarks/results/scale_cpu.json)")
+    p.add_argument("--table", action="store_true", help="print the saved result as markdown tables and stop")
     p.add_argument("--one", nargs=2, metavar=("STAGE", "SIZE"), help=argparse.SUPPRESS)  # the child process
     return p.parse_args(argv)
 
@@ -267,14 +269,18 @@ def _setup_generate(model, args):
 
 def _setup_mining(model, args):
     from circuit_peft.cca import make_problems, mine_pivotal_tokens
+    from circuit_peft.cca.problems import TASKS
     from circuit_peft.models import load_tokenizer
 
     tok = load_tokenizer("smollm2")
-    problems = make_problems(2, seed=0)
+    problems = make_problems(4, seed=0, kinds=TASKS["comparison"]["kinds"])  # SmolLM2 is right on some
 
     def work() -> int:
-        result = mine_pivotal_tokens(model, tok, problems, n_samples=10, max_new_tokens=args.new_tokens, progress=False)
-        return int(result.stats.get("generated_tokens", 0)) or len(result.records)
+        try:
+            mine_pivotal_tokens(model, tok, problems, n_samples=10, max_new_tokens=args.new_tokens, progress=False)
+        except ValueError:  # no record on this draw: the traces were still generated, which is what is timed
+            pass
+        return len(problems) * 11  # traces: greedy + 10 samples per problem (branching completions come on top)
     return work
 
 
@@ -312,7 +318,8 @@ def measure(stage: str, size: Size, args: argparse.Namespace, argv: list[str]) -
     if out.returncode:
         raise RuntimeError(f"{stage} on {size.name} failed:\n{out.stderr[-3000:]}")
     row = json.loads(out.stdout.strip().splitlines()[-1])
-    row["flops"] = flops(stage, size, args) * (row["units"] if stage in ("generate", "mining") else 1)
+    per_unit = {"generate": 1, "mining": args.new_tokens}.get(stage)  # tokens; mining's units are traces
+    row["flops"] = flops(stage, size, args) * (row["units"] * per_unit if per_unit else 1)
     row["params"] = size.params
     return row
 
@@ -383,6 +390,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(1)
         print(json.dumps(run_stage(args.one[0], args.one[1], args)))
         return
+    if args.table:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
     from tqdm import tqdm
 
     from circuit_peft.files import atomic_write_text
@@ -404,6 +414,27 @@ def main(argv: list[str] | None = None) -> None:
                               "assumed_mfu": ASSUMED_MFU, "sizes": [asdict(s) for s in SYNTHETIC]}}
     atomic_write_text(out, json.dumps(result, indent=1))
     print(json.dumps({"measured": len(rows), "held_out": result["held_out"], "out": str(out)}))
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The README tables of a saved result: measured CPU seconds, held-out predictions, extrapolations."""
+    lines = ["| stage | size | params | CPU s (measured) | wall s | peak RSS MiB |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['stage']} | {r['size']} | {r['params'] / 1e6:.1f}M | {r['cpu_s']:.2f} | {r['wall_s']:.1f} | "
+              f"{r['peak_rss_bytes'] >> 20} |" for r in result["measured"]]
+    lines += ["", "| stage | held-out model | measured CPU s | predicted CPU s | measured / predicted |",
+              "| --- | --- | ---: | ---: | ---: |"]
+    lines += [f"| {h['stage']} | {h['size']} | {h['measured_cpu_s']:.2f} | {h['predicted_cpu_s']:.2f} | {h['ratio']:.2f} |"
+              for h in result["held_out"]]
+    lines += ["", "| model | stage (one unit as measured) | TFLOP | H100 s (extrapolated) | memory GiB (counted) |",
+              "| --- | --- | ---: | ---: | ---: |"]
+    lines += [f"| {e['model']} | {e['stage']} | {e['flops'] / 1e12:.2f} | {e['h100_s_extrapolated']:.3g} | "
+              f"{e['memory_gib_counted']:.1f} |" for e in result["extrapolated"]]
+    lines += ["", "| model | locate min | SFT min | evaluate min | total min | + per control min | peak GiB |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {d['model']} | {d['locate_h100_s'] / 60:.2f} | {d['sft_h100_s'] / 60:.1f} | {d['evaluate_h100_s'] / 60:.1f} | "
+              f"{d['total_h100_min']:.1f} | {d['per_control_h100_min']:.1f} | {d['peak_memory_gib_counted']:.1f} |"
+              for d in result["default_run"]]
+    return "\n".join(lines)
 
 
 def machine() -> dict[str, Any]:
