@@ -33,7 +33,7 @@ def main(out_dir: str, argv: list[str]) -> int:
             return result
         return wrapper
 
-    pipeline._accuracy = counted("accuracy", pipeline._accuracy)
+    pipeline.measure_accuracy = counted("accuracy", pipeline.measure_accuracy)
     pipeline.locate_for_training = counted("locate", pipeline.locate_for_training)
     pipeline.train_sft = counted("train_sft", pipeline.train_sft)
     code = cli_main(argv)

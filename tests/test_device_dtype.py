@@ -234,7 +234,7 @@ def test_bf16_smollm2_locates_the_same_circuit_and_answers_like_float32(smollm2)
 
     from circuit_peft.cca.problems import ARITHMETIC_SHOTS, make_problems
     from circuit_peft.recipe.controls import paired_gap
-    from circuit_peft.recipe.pipeline import _accuracy, locate_for_training
+    from circuit_peft.recipe.pipeline import measure_accuracy, locate_for_training
 
     model, tok = smollm2
     low = copy.deepcopy(model).to(torch.bfloat16)
@@ -244,7 +244,7 @@ def test_bf16_smollm2_locates_the_same_circuit_and_answers_like_float32(smollm2)
     for name, m in (("float32", model), ("bfloat16", low)):
         circuit = locate_for_training(m, tok, rows, "chat", cfg, "unused", 0.02, progress=False)
         assert all(type(v) is float for v in circuit.scores.values())
-        kept[name], correct[name] = set(circuit.components), _accuracy(m, tok, held, "chat", cfg)["correct"]
+        kept[name], correct[name] = set(circuit.components), measure_accuracy(m, tok, held, "chat", cfg)["correct"]
     both = kept["float32"] & kept["bfloat16"]
     assert len(kept["float32"]) == len(kept["bfloat16"]) and len(both) >= 0.9 * len(kept["float32"])
     gap, se = paired_gap(correct["bfloat16"], correct["float32"])

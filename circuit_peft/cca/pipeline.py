@@ -100,6 +100,40 @@ class AmplifyResult:
     output_dir: Path
 
 
+def _settings(preset: str | None, mining: MiningConfig | None, update: UpdateConfig | None,
+              config: AmplifyConfig | None) -> tuple[MiningConfig, UpdateConfig, AmplifyConfig]:
+    """The three configs of a run: those given, else the ``preset``'s (``"paper"``), else the defaults."""
+    if preset is not None:
+        from .presets import cca_preset
+
+        named = cca_preset(preset)
+        mining, update, config = mining or named.mining, update or named.update, config or named.amplify
+    return mining or MiningConfig(), update or UpdateConfig(), config or AmplifyConfig()
+
+
+def _load_named(name: str, tokenizer: Any, config: AmplifyConfig, update: UpdateConfig, log: Any) -> tuple[Any, Any]:
+    """The model ``name`` loaded as ``config.load`` says (float32 for ``all_weights``, whatever the dtype
+    asked: a step on bfloat16 weights rounds away; 4-bit refused), and its tokenizer unless one is given."""
+    from ..models import load_model, load_tokenizer
+
+    load = config.load
+    if update.target == "all_weights":
+        load = load.for_full_training("--target all_weights", log)
+    return load_model(name, spec=load), tokenizer or load_tokenizer(name)
+
+
+def _save_updated(model: nn.Module, tokenizer: Any, out: Path, target: str) -> str:
+    """Save the updated model under ``out``; returns the folder's name: ``adapter`` (a PEFT adapter), or
+    ``model`` for ``all_weights``, which trains the model itself (a whole model folder ``load_model`` reads).
+    A kill leaves the old folder or the new one, never a mix."""
+    saved = "model" if target == "all_weights" else "adapter"
+    with atomic_dir(out / saved) as tmp:
+        model.save_pretrained(str(tmp))
+        if saved == "model":
+            tokenizer.save_pretrained(str(tmp))
+    return saved
+
+
 def amplify(
     model: nn.Module | str,
     tokenizer: Any,
@@ -124,20 +158,10 @@ def amplify(
     ``tokenizer`` (None: the model's own) with it. ``preset="paper"``: the paper's settings
     (:func:`~circuit_peft.cca.presets.cca_preset`) for whichever of ``mining``, ``update``, ``config`` is None.
     """
-    if preset is not None:
-        from .presets import cca_preset
-
-        named = cca_preset(preset)
-        mining, update, config = mining or named.mining, update or named.update, config or named.amplify
-    mining, update, config = mining or MiningConfig(), update or UpdateConfig(), config or AmplifyConfig()
+    mining, update, config = _settings(preset, mining, update, config)
     _check_inputs(val_problems, test_problems, config)  # before any model work
     if isinstance(model, str):
-        from ..models import load_model, load_tokenizer
-
-        load = config.load
-        if update.target == "all_weights":  # float32 whatever config.load.dtype says; 4-bit refused
-            load = load.for_full_training("--target all_weights", log)
-        model, tokenizer = load_model(model, spec=load), tokenizer or load_tokenizer(model)
+        model, tokenizer = _load_named(model, tokenizer, config, update, log)
     from ..evaluate.accuracy import evaluate_accuracy
 
     out = Path(output_dir)
@@ -162,12 +186,7 @@ def amplify(
         result = amplify_update(model, mined.records, circuit, validator, update, tokenizer=tokenizer,
                                 progress=progress)
     peft_model, size = result.model, result.size
-    # all_weights trains the model itself: its folder is the whole model (load_model reads it), not an adapter
-    saved = ("model" if update.target == "all_weights" else "adapter")
-    with atomic_dir(out / saved) as tmp:  # a kill leaves the old folder or the new one, never a mix
-        peft_model.save_pretrained(str(tmp))
-        if saved == "model":
-            tokenizer.save_pretrained(str(tmp))
+    saved = _save_updated(peft_model, tokenizer, out, update.target)
     log(f"update: best step {result.best_step} (validation {result.best_val}), margin "
         f"{result.initial_margin:.2f} -> {result.final_margin:.2f} ({timings['update_s']:.0f} s)")
     with _timed(timings, "eval_after_s"):

@@ -13,7 +13,7 @@ import shlex
 from typing import Any
 
 from ._args import add_cap_args, add_model_args, distinct_list, fraction, load_spec, non_negative, positive
-from .train import _check_rows, add_data_args, load_examples
+from .train import check_rows, add_data_args, load_examples
 from ..recipe.pipeline import LOCATORS, TrainConfig
 
 DEFAULT_ARMS = "base,located,twin,lora,lora_matched"
@@ -131,11 +131,11 @@ def load_compare_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], l
     """The rows and held-out rows (None without ``--heldout``), drawn with ``--data-seed``, not a training seed:
     reordering ``--seeds`` or adding one in front keeps the rows, so the run folder resumes."""
     rows = load_examples(args.data, args.data_split, args.n_train, args.data_seed, args.data_config)
-    _check_rows(rows, args, args.data, args.data_split)
+    check_rows(rows, args, args.data, args.data_split)
     heldout = None
     if args.heldout:
         heldout = load_examples(args.heldout, "test", args.n_heldout, args.data_seed, args.data_config)
-        _check_rows(heldout, args, args.heldout, "test")
+        check_rows(heldout, args, args.heldout, "test")
     return rows, heldout
 
 

@@ -45,7 +45,7 @@ def load_examples(source: str, split: str, n: int | None, seed: int, config: str
     return rows[:n] if n is not None else rows
 
 
-def _check_rows(rows: list[dict[str, Any]], args: argparse.Namespace, source: str, split: str) -> None:
+def check_rows(rows: list[dict[str, Any]], args: argparse.Namespace, source: str, split: str) -> None:
     """Every row in one of the formats ``train`` reads, with a gold the ``--answer`` checker reads; a bad
     row is named ``file:line`` with its field (:func:`~circuit_peft.evaluate.formats.task_rows`)."""
     from ..evaluate.answers import answer_checker
@@ -57,10 +57,10 @@ def _check_rows(rows: list[dict[str, Any]], args: argparse.Namespace, source: st
 
 def split_examples(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     rows = load_examples(args.data, args.data_split, args.n_train, args.seed, args.data_config)
-    _check_rows(rows, args, args.data, args.data_split)
+    check_rows(rows, args, args.data, args.data_split)
     if args.heldout:
         held = load_examples(args.heldout, "test", args.n_heldout, args.seed, args.data_config)
-        _check_rows(held, args, args.heldout, "test")
+        check_rows(held, args, args.heldout, "test")
     else:
         k = int(len(rows) * args.heldout_fraction)
         if k < 1 or k >= len(rows):

@@ -104,17 +104,17 @@ def parse_arms(text: str, default_locator: str, locators: Sequence[str]) -> list
 
 
 def _adapter_config(ctx: ArmContext) -> Callable[[Any], Any]:
-    from ..recipe.pipeline import _adapter_config
+    from ..recipe.pipeline import adapter_config
 
-    return lambda circuit: _adapter_config(circuit, ctx.config)
+    return lambda circuit: adapter_config(circuit, ctx.config)
 
 
 def _build_located(spec: ArmSpec, ctx: ArmContext) -> tuple[nn.Module, dict[str, Any]]:
-    from ..recipe.controls import _seeded_peft_model
+    from ..recipe.controls import seeded_peft_model
     from ..tuner import circuit_size
 
     config = _adapter_config(ctx)(ctx.circuit(spec.locator))
-    model = _seeded_peft_model(ctx.load_model(), config, ctx.config.seed)
+    model = seeded_peft_model(ctx.load_model(), config, ctx.config.seed)
     size = circuit_size(config, model)
     return model, {"trainable_params": size["trainable_params"], "components": size["components"]}
 
@@ -148,10 +148,10 @@ def train_sft_arm(model: nn.Module, spec: ArmSpec, ctx: ArmContext, lr: float, o
     ``ctx.checkpoints`` evenly spaced optimizer steps (the last one at the end)."""
     import shutil
 
-    from ..recipe.pipeline import _gold_examples
+    from ..recipe.pipeline import training_examples
     from ..recipe.sft import train_sft
 
-    examples = _gold_examples(ctx.tokenizer, ctx.rows, ctx.style, ctx.config)
+    examples = training_examples(ctx.tokenizer, ctx.rows, ctx.style, ctx.config)
     trainer_dir = ctx.workdir / "trainer"
     train_sft(model, ctx.tokenizer, examples, replace(ctx.config.sft, learning_rate=lr), str(trainer_dir),
               style=ctx.style, progress=True, callbacks=[checkpoint_callback(ctx.checkpoints, on_checkpoint)])

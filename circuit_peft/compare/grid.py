@@ -130,10 +130,10 @@ class Measure:
         self.tokenizer, self.style, self.data, self.cfg, self.base = tokenizer, style, data, cfg, base
 
     def accuracy(self, model: nn.Module, cap: int) -> dict[str, Any]:
-        from ..recipe.pipeline import _accuracy
+        from ..recipe.pipeline import measure_accuracy
 
         cfg = replace(self.cfg, max_new_tokens=cap)
-        val, test = (_accuracy(model, self.tokenizer, rows, self.style, cfg) for rows in (self.data.val, self.data.test))
+        val, test = (measure_accuracy(model, self.tokenizer, rows, self.style, cfg) for rows in (self.data.val, self.data.test))
         # capped_fraction (what the cap is chosen on, .caps) is the validation rows' share: the test split chooses nothing
         return {"val_acc": val["accuracy"], "test_acc": test["accuracy"], "val_capped": val["capped_fraction"],
                 "test_capped": test["capped_fraction"], "capped_fraction": val["capped_fraction"]}

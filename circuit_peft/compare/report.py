@@ -109,7 +109,7 @@ def _chosen_point(cfg: CompareConfig, points: dict[str, dict[int, list[dict[str,
 
 def _save_chosen(run: RunFolder, cfg: CompareConfig, grid: GridResult, result: dict[str, Any], log) -> dict | None:
     """Rebuild the chosen arm (:func:`_chosen_point`), load its checkpoint's weights, write ``adapter/``."""
-    from ..recipe.pipeline import _save_adapter
+    from ..recipe.pipeline import save_adapter
     from ..recipe.rates import load_weights
     from .grid import POINTS_DIR
 
@@ -129,7 +129,7 @@ def _save_chosen(run: RunFolder, cfg: CompareConfig, grid: GridResult, result: d
                       "among the trained points within the first drift budget, the arm with the best mean validation "
                       "accuracy. Whether it beats the untrained base is in the table.", "",
                       markdown({**result, "adapter": facts}), f"![frontier]({PLOT_FILE})", ""])
-    _save_adapter(model, run.path, card, images=(PLOT_FILE,))
+    save_adapter(model, run.path, card, images=(PLOT_FILE,))
     log(f"[adapter] {name} (seed {seed}, lr {point['lr']:g}, step {point['step']}) written to {run.path / 'adapter'}")
     return facts
 

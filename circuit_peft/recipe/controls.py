@@ -60,18 +60,18 @@ def control_model(name: str, model: nn.Module, circuit: Any, adapter_config: Any
         raise ValueError(f"unknown control {name!r}; choose from {CONTROLS}")
     if name.startswith("random_"):
         config = adapter_config(random_circuit(circuit, name.removeprefix("random_"), seed))
-        peft_model = _seeded_peft_model(model, config, seed)
+        peft_model = seeded_peft_model(model, config, seed)
         return peft_model, {"trainable_params": circuit_size(config, peft_model)["trainable_params"]}
     rank = LORA_RANK
     if name == "lora_matched":
         rank = matched_lora_rank(model, circuit_size(adapter_config(circuit), model)["trainable_params"])
-    peft_model = _seeded_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=lora_dropout,
+    peft_model = seeded_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=lora_dropout,
                                                       target_modules="all-linear"), seed)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     return peft_model, {"trainable_params": trainable, "lora_rank": rank, "lora_dropout": lora_dropout}
 
 
-def _seeded_peft_model(model: nn.Module, config: Any, seed: int) -> nn.Module:
+def seeded_peft_model(model: nn.Module, config: Any, seed: int) -> nn.Module:
     """``get_peft_model`` with the adapter's random initialisation (LoRA's A) drawn from ``seed``, not from
     whatever the process drew before; the global random state is left as it was."""
     from peft import get_peft_model
@@ -89,4 +89,5 @@ def paired_gap(a: Sequence[int], b: Sequence[int]) -> tuple[float, float | None]
     return mean_se([float(x) - float(y) for x, y in zip(a, b)])
 
 
-__all__ = ["CONTROLS", "LORA_DROPOUT", "LORA_RANK", "control_model", "matched_lora_rank", "paired_gap"]
+__all__ = ["CONTROLS", "LORA_DROPOUT", "LORA_RANK", "control_model", "matched_lora_rank", "paired_gap",
+           "seeded_peft_model"]

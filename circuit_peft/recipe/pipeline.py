@@ -208,7 +208,7 @@ def _checker(cfg: TrainConfig):
     return answer_checker(cfg.answer, cfg.answer_field, cfg.question_field)
 
 
-def _accuracy(model, tokenizer, rows, style, cfg: TrainConfig) -> dict[str, Any]:
+def measure_accuracy(model, tokenizer, rows, style, cfg: TrainConfig) -> dict[str, Any]:
     """Held-out accuracy with ``cfg``'s checker; with ``answer='none'`` the completion loss instead."""
     from ..evaluate.accuracy import evaluate_accuracy
 
@@ -239,19 +239,19 @@ def _completion_loss(model, tokenizer, rows, style, cfg: TrainConfig) -> dict[st
     from ..evaluate.accuracy import completion_loss
     from ..evaluate.generation import eval_mode
 
-    data = pivotal_dataset(tokenizer, _gold_examples(tokenizer, rows, style, cfg), 1.0, style)
+    data = pivotal_dataset(tokenizer, training_examples(tokenizer, rows, style, cfg), 1.0, style)
     with eval_mode(model):
         return completion_loss(model, tokenizer, [dict(r) for r in data], batch_size=cfg.eval_batch_size)
 
 
-def _gold_examples(tokenizer, rows, style: str, cfg: TrainConfig) -> list[dict[str, Any]]:
+def training_examples(tokenizer, rows, style: str, cfg: TrainConfig) -> list[dict[str, Any]]:
     """``rows``' gold solutions as SFT examples in ``style``, with ``cfg``'s shots, fields and checker."""
     return gold_examples(tokenizer, rows, style, cfg.shots, cfg.question_field, cfg.answer_field, _checker(cfg))
 
 
 def _gold_sft_rows(tokenizer, rows, style: str, cfg: TrainConfig) -> list[dict[str, Any]]:
     """``rows``' gold solutions tokenised as pivotal SFT trains on them (``input_ids``, ``labels``, weights)."""
-    return pivotal_dataset(tokenizer, _gold_examples(tokenizer, rows, style, cfg), cfg.sft.pivotal_weight, style)
+    return pivotal_dataset(tokenizer, training_examples(tokenizer, rows, style, cfg), cfg.sft.pivotal_weight, style)
 
 
 def locate_for_training(model, tokenizer, rows, style: str, cfg: TrainConfig, mining_dir: str | os.PathLike,
@@ -362,13 +362,15 @@ def _locate(model, tokenizer, rows, style, cfg: TrainConfig, out: Path) -> dict[
             "component_fraction": circuit.component_fraction()}
 
 
-def _adapter_config(circuit, cfg: TrainConfig):
+def adapter_config(circuit, cfg: TrainConfig):
+    """The CircuitConfig ``cfg`` trains ``circuit`` with: the paper's projections, plus a LoRA branch when
+    ``cfg.lora_rank`` > 0."""
     if cfg.lora_rank:
         return circuit.to_config(projections="paper", r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank)
     return circuit.to_config(projections="paper")
 
 
-def _save_adapter(peft_model, out: Path, card: str, images: Sequence[str] = ("circuit.png",)) -> None:
+def save_adapter(peft_model, out: Path, card: str, images: Sequence[str] = ("circuit.png",)) -> None:
     """Write ``out/adapter`` so that a kill leaves the old adapter or the new one, never a mix; ``images``
     (files of ``out`` the card shows) are copied beside it."""
     with atomic_dir(out / "adapter") as tmp:
@@ -568,7 +570,7 @@ def _fit(run: RunFolder, peft_model, tokenizer, rows, val_rows, style: str, cfg:
             out = _cca_update(peft_model, tokenizer, rows, style, mining_cfg or cfg, run, log)
             save_weights(peft_model, weights)
             return out
-        examples = _gold_examples(tokenizer, rows, style, cfg)
+        examples = training_examples(tokenizer, rows, style, cfg)
         steps = math.ceil(math.ceil(len(examples) / cfg.sft.batch_size) * cfg.sft.epochs)
         log(f"[train] pivotal SFT of the circuit on {len(examples)} examples, {cfg.sft.epochs:g} epochs "
             f"({steps} optimizer steps of {cfg.sft.batch_size}; the bar shows the time left)")
@@ -600,7 +602,7 @@ def _train_arm(run: RunFolder, tag: str, model, tokenizer, examples, val_rows, s
         return {"lr": cfg.sft.learning_rate}
     val_batches = _gold_solution_batches(model, tokenizer, val_rows, style, cfg)  # tokenised once, every rate
     choice = fit_on_grid(run, tag, model, train_at,
-                         lambda m: _accuracy(m, tokenizer, val_rows, style, cfg)["accuracy"], cfg.learning_rates, log,
+                         lambda m: measure_accuracy(m, tokenizer, val_rows, style, cfg)["accuracy"], cfg.learning_rates, log,
                          tie_break=lambda m: _gold_solution_loss(m, val_batches), extensions=cfg.grid_extensions)
     log(f"[{tag}] learning rate {choice.lr:g} chosen on {len(val_rows)} validation rows"
         + (" (the grid's edge: the best rate may lie outside)" if choice.at_edge else ""))
@@ -659,14 +661,14 @@ def _control(run: RunFolder, name: str, model_name: str, tokenizer, circuit, row
     from ..models import load_model
     from .controls import control_model
 
-    model, size = control_model(name, load_model(model_name, spec=cfg.load), circuit, lambda c: _adapter_config(c, cfg), cfg.seed)
-    examples = _gold_examples(tokenizer, rows, style, cfg)
+    model, size = control_model(name, load_model(model_name, spec=cfg.load), circuit, lambda c: adapter_config(c, cfg), cfg.seed)
+    examples = training_examples(tokenizer, rows, style, cfg)
     log(f"[control {name}] training {size['trainable_params']:,} parameters with the circuit's recipe")
     rate = _train_arm(run, f"control_{name}", model, tokenizer, examples, val_rows, style, cfg, log)
     if not run.is_main:
         return {}
     model.eval()
-    result = {**size, **rate, **_accuracy(model, tokenizer, heldout_rows, style, cfg)}
+    result = {**size, **rate, **measure_accuracy(model, tokenizer, heldout_rows, style, cfg)}
     if cfg.side_effect_data_dir:
         result["side_effects"] = _measure_side_effects(model, tokenizer, cfg)
     return result
@@ -680,12 +682,12 @@ def _before(model, tokenizer, rows, cap_rows, style: str, cfg: TrainConfig, log)
     training rows, never the held-out ones) to cut few answers (:mod:`.caps`); the held-out rows' cut share
     is reported, not used. With ``answer='none'``: the completion loss (nothing generated)."""
     if cfg.answer == "none":
-        return _accuracy(model, tokenizer, rows, style, cfg)
-    chosen = uncut_measure(lambda cap: _accuracy(model, tokenizer, cap_rows, style, replace(cfg, max_new_tokens=cap)),
+        return measure_accuracy(model, tokenizer, rows, style, cfg)
+    chosen = uncut_measure(lambda cap: measure_accuracy(model, tokenizer, cap_rows, style, replace(cfg, max_new_tokens=cap)),
                            cfg.max_new_tokens, cfg.max_new_tokens_limit, cfg.max_cut_share, log,
                            what=f"the base model on {len(cap_rows)} non-held-out rows")
     cap = chosen["max_new_tokens"]
-    return {**_accuracy(model, tokenizer, rows, style, replace(cfg, max_new_tokens=cap)), "max_new_tokens": cap,
+    return {**measure_accuracy(model, tokenizer, rows, style, replace(cfg, max_new_tokens=cap)), "max_new_tokens": cap,
             "caps_tried": chosen["caps_tried"], "cap_rows": len(cap_rows),
             "cap_rows_capped_fraction": chosen["capped_fraction"]}
 
@@ -695,6 +697,18 @@ def _measured(result: dict[str, Any]) -> str:
     if "loss" in result:
         return f"completion loss {result['loss']:.4f} +/- {result['stderr']:.4f} nats/token"
     return f"accuracy {result['accuracy']:.3f} +/- {result['stderr']:.3f}"
+
+
+def _selected_rows(run: RunFolder, model, tokenizer, train_rows: list[dict[str, Any]], cfg: TrainConfig,
+                   log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The training rows the run trains on: all of them, or the ``cfg.select`` stage's subset."""
+    if not cfg.select:
+        return train_rows
+    sel = run.stage("select", lambda: _select(model, tokenizer, train_rows, cfg), log,
+                    every_process=cfg.select == "circuitseer")  # CircuitSeer scores a shard per process
+    chosen = [train_rows[i] for i in sel["rows"]]
+    log(f"[select] {cfg.select}: {len(chosen)} of {len(train_rows)} training examples")
+    return chosen
 
 
 def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]],
@@ -716,12 +730,7 @@ def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]
     if val_rows:
         log(f"[rates] {len(val_rows)} training rows held back to choose each arm's learning rate from "
             f"{', '.join(f'{lr:g}' for lr in cfg.learning_rates)}")
-    chosen = train_rows
-    if cfg.select:
-        sel = run.stage("select", lambda: _select(model, tokenizer, train_rows, cfg), log,
-                        every_process=cfg.select == "circuitseer")  # CircuitSeer scores a shard per process
-        chosen = [train_rows[i] for i in sel["rows"]]
-        log(f"[select] {cfg.select}: {len(chosen)} of {len(train_rows)} training examples")
+    chosen = _selected_rows(run, model, tokenizer, train_rows, cfg, log)
     located = run.stage("locate", lambda: _locate(model, tokenizer, chosen, style, cfg, out), log)
     log(f"[locate] {cfg.locate}: {located['components']} components ({100 * located['component_fraction']:.2f} %)")
     cap_rows = val_rows or chosen[:CAP_TRAINING_ROWS]  # the cap is chosen on rows the verdict is not read on
@@ -732,11 +741,11 @@ def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]
         f" ({cfg.max_new_tokens} new tokens, {100 * before['capped_fraction']:.0f} % of held-out answers cut)"))
 
     circuit = Circuit.load(out / "circuit.json", model)
-    peft_model = get_peft_model(model, _adapter_config(circuit, cfg))
+    peft_model = get_peft_model(model, adapter_config(circuit, cfg))
     size = circuit_size(peft_model.peft_config["default"], peft_model)
     fitted = _fit(run, peft_model, tokenizer, chosen, val_rows, style, cfg, log, mining_cfg)
     peft_model.eval()
-    after = run.stage("after", lambda: _accuracy(peft_model, tokenizer, heldout_rows, style, cfg), log)
+    after = run.stage("after", lambda: measure_accuracy(peft_model, tokenizer, heldout_rows, style, cfg), log)
     log(f"[after] held-out {_measured(after)}")
     effects = _side_effects(run, peft_model, tokenizer, cfg, log) if cfg.side_effect_data_dir else {}
     controls = _controls(run, model_name, tokenizer, circuit, chosen, val_rows, heldout_rows, style, cfg, after, log)
@@ -748,11 +757,12 @@ def _run_stages(run: RunFolder, model_name: str, train_rows: list[dict[str, Any]
               "files": {"adapter": str(out / "adapter"), "circuit": str(out / "circuit.json"),
                         "heatmap": str(out / "circuit.png")}}
     if run.is_main:  # one adapter and one report, however many processes trained
-        _save_adapter(peft_model, out, model_card(report, command))
+        save_adapter(peft_model, out, model_card(report, command))
         atomic_write_json(out / "report.json", report)
     log(summary_table(report))
     return TrainResult(report=report, model=peft_model, output_dir=out)
 
 
-__all__ = ["LOCATORS", "SELECTORS", "UPDATES", "TrainConfig", "TrainResult", "RunFolder", "locate_for_training", "model_card",
-           "summary_table", "train"]
+__all__ = ["LOCATORS", "SELECTORS", "UPDATES", "TrainConfig", "TrainResult", "RunFolder", "adapter_config",
+           "locate_for_training", "measure_accuracy", "model_card", "save_adapter", "summary_table", "train",
+           "training_examples"]
