@@ -3,6 +3,7 @@ a finalizer is raised again in the command's own code (docs/reliability.md). The
 `circuit-peft train` is in tests/test_kill.py."""
 
 import gc
+import signal
 import sys
 import time
 
@@ -22,6 +23,16 @@ class _InterruptedFinalizer:
 def _drop_an_interrupt() -> None:
     _InterruptedFinalizer()
     gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _python_handles_sigint():
+    """Python's own SIGINT handler, as in a command started from a terminal. A background job of a
+    non-interactive shell (``make test &``, some CI runners) inherits SIGINT ignored, and then
+    ``_thread.interrupt_main`` does nothing (docs/reliability.md), which is not what these tests are about."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def test_an_interrupt_dropped_in_a_finalizer_stops_the_command(recwarn):

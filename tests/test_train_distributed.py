@@ -33,7 +33,7 @@ def test_two_process_train_trains_on_both_and_measures_and_writes_once(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     main, other = (json.loads((tmp_path / f"calls{r}.json").read_text()) for r in (0, 1))
-    assert main["locate"] == 1 and main["accuracy"] == 3  # before, after, the control
+    assert main["locate"] == 1 and main["accuracy"] == 4  # the cap rows, before, after, the control
     assert other == {"accuracy": 0, "locate": 0, "train_sft": 2}  # it trains the circuit and the control, only
     assert main["train_sft"] == 2
     for k in (1, 2):  # DDP kept the two processes' adapters equal, and training moved them

@@ -190,6 +190,13 @@ def _patch_saving() -> None:
     PeftModel.save_pretrained = save_pretrained
 
 
+def _is_local(model_id: str) -> bool:
+    """Whether ``model_id`` names a local folder, existing or not (an absolute path, or one whose parent
+    folder exists here) rather than a hub id like ``org/name``."""
+    parent = os.path.dirname(str(model_id))
+    return os.path.isdir(model_id) or os.path.isabs(model_id) or bool(parent) and os.path.isdir(parent)
+
+
 def _patch_config_reading() -> None:
     """PEFT's reading of ``adapter_config.json`` (``from_json_file``, ``_get_peft_type``): a local folder whose
     config is empty, cut, not JSON, without ``peft_type`` or missing is refused naming the folder and file.
@@ -224,8 +231,8 @@ def _patch_config_reading() -> None:
         try:
             peft_type = peft_type_of(cls, model_id, **kwargs)
         except (ValueError, KeyError):  # no config found, or one without peft_type
-            if os.path.isdir(folder):  # only a local folder is ours to explain; a hub failure stays PEFT's
-                check_adapter_folder(folder, flag=FLAG)  # raises, naming the folder or file
+            if _is_local(model_id):  # a local folder, or one a kill never made, is ours to explain;
+                check_adapter_folder(folder, flag=FLAG)  # raises, naming the folder or file; a hub failure stays PEFT's
             raise
         if peft_type == PEFT_TYPE_NAME and os.path.isdir(folder):  # loading it: its weights must be there
             check_adapter_folder(folder, flag=FLAG)
