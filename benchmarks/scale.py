@@ -390,15 +390,18 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(1)
         print(json.dumps(run_stage(args.one[0], args.one[1], args)))
         return
-    if args.table:
-        print(markdown(json.loads(Path(args.out).read_text())))
+    from circuit_peft.files import atomic_write_text
+
+    out = Path(args.out)
+    if args.table:  # summarise what is saved (a stopped run too: the pairs not measured are listed), then print
+        saved = json.loads(out.read_text())
+        result = summarize(saved["measured"], args, saved["key"])
+        atomic_write_text(out, json.dumps(result, indent=1))
+        print(markdown(result))
         return
     from tqdm import tqdm
 
-    from circuit_peft.files import atomic_write_text
-
     key = json.dumps({k: v for k, v in vars(args).items() if k not in ("out", "one")}, sort_keys=True)
-    out = Path(args.out)
     rows = load_saved(out, key)
     done = {(r["stage"], r["size"]) for r in rows}
     for stage, size in tqdm(plan(args), desc="scale"):
@@ -406,14 +409,22 @@ def main(argv: list[str] | None = None) -> None:
             continue
         rows.append(measure(stage, size, args, argv))
         atomic_write_text(out, json.dumps({"key": key, "measured": rows}, indent=1))
-    fits = fit(rows)
-    result = {"key": key, "machine": machine(), "measured": rows, "seconds_per_flop_cpu": fits,
-              "held_out": held_out_errors(rows, fits), "extrapolated": extrapolate(args, fits),
-              "default_run": [default_run(t, fits) for t in TARGETS],
-              "assumptions": {"h100_bf16_peak_flops": H100_BF16_PEAK, "h100_bandwidth_bytes_s": H100_BANDWIDTH,
-                              "assumed_mfu": ASSUMED_MFU, "sizes": [asdict(s) for s in SYNTHETIC]}}
+    result = summarize(rows, args, key)
     atomic_write_text(out, json.dumps(result, indent=1))
     print(json.dumps({"measured": len(rows), "held_out": result["held_out"], "out": str(out)}))
+
+
+def summarize(rows: list[dict[str, Any]], args: argparse.Namespace, key: str) -> dict[str, Any]:
+    """The result file: the measured rows, the per-stage fit, held-out predictions, extrapolations, and the
+    planned (stage, size) pairs not measured (a run stopped before its end)."""
+    fits = fit(rows)
+    done = {(r["stage"], r["size"]) for r in rows}
+    return {"key": key, "machine": machine(), "measured": rows, "seconds_per_flop_cpu": fits,
+            "not_measured": [[st, s.name] for st, s in plan(args) if (st, s.name) not in done],
+            "held_out": held_out_errors(rows, fits), "extrapolated": extrapolate(args, fits),
+            "default_run": [default_run(t, fits) for t in TARGETS],
+            "assumptions": {"h100_bf16_peak_flops": H100_BF16_PEAK, "h100_bandwidth_bytes_s": H100_BANDWIDTH,
+                            "assumed_mfu": ASSUMED_MFU, "sizes": [asdict(s) for s in SYNTHETIC]}}
 
 
 def markdown(result: dict[str, Any]) -> str:
