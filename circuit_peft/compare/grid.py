@@ -129,14 +129,23 @@ class Measure:
     def __init__(self, tokenizer, style: str, data: SeedData, cfg: TrainConfig, base: nn.Module):
         self.tokenizer, self.style, self.data, self.cfg, self.base = tokenizer, style, data, cfg, base
 
-    def accuracy(self, model: nn.Module, cap: int) -> dict[str, Any]:
+    def split_accuracy(self, model: nn.Module, cap: int, split: str) -> dict[str, Any]:
+        """Accuracy and cut share of the ``"val"`` or ``"test"`` rows at ``cap`` (keys prefixed by the split)."""
         from ..recipe.pipeline import measure_accuracy
 
-        cfg = replace(self.cfg, max_new_tokens=cap)
-        val, test = (measure_accuracy(model, self.tokenizer, rows, self.style, cfg) for rows in (self.data.val, self.data.test))
-        # capped_fraction (what the cap is chosen on, .caps) is the validation rows' share: the test split chooses nothing
-        return {"val_acc": val["accuracy"], "test_acc": test["accuracy"], "val_capped": val["capped_fraction"],
-                "test_capped": test["capped_fraction"], "capped_fraction": val["capped_fraction"]}
+        rows = self.data.val if split == "val" else self.data.test
+        result = measure_accuracy(model, self.tokenizer, rows, self.style, replace(self.cfg, max_new_tokens=cap))
+        return {f"{split}_acc": result["accuracy"], f"{split}_capped": result["capped_fraction"]}
+
+    def validation(self, model: nn.Module, cap: int) -> dict[str, Any]:
+        """Validation accuracy at ``cap``; ``capped_fraction`` (what the cap is chosen on, .caps) is the
+        validation rows' share: the test split chooses nothing."""
+        val = self.split_accuracy(model, cap, "val")
+        return {**val, "capped_fraction": val["val_capped"]}
+
+    def accuracy(self, model: nn.Module, cap: int) -> dict[str, Any]:
+        """Validation and test accuracy (and their cut shares) at ``cap``."""
+        return {**self.validation(model, cap), **self.split_accuracy(model, cap, "test")}
 
     def __call__(self, model: nn.Module, cap: int) -> dict[str, Any]:
         from ..evaluate.generation import eval_mode
@@ -179,9 +188,10 @@ def _base(run: RunFolder, seed: int, model: nn.Module, measure: Measure, cfg: Tr
     from ..recipe.caps import uncut_measure
 
     def fn() -> dict[str, Any]:
-        out = uncut_measure(lambda cap: measure.accuracy(model, cap), cfg.max_new_tokens, cfg.max_new_tokens_limit,
+        out = uncut_measure(lambda cap: measure.validation(model, cap), cfg.max_new_tokens, cfg.max_new_tokens_limit,
                             cfg.max_cut_share, log, what="the base model on the validation rows")
-        return {**out, "val_kl": 0.0, "test_kl": 0.0}
+        test = measure.split_accuracy(model, out["max_new_tokens"], "test")  # the test split once, at the chosen cap
+        return {**out, **test, "val_kl": 0.0, "test_kl": 0.0}
 
     base = run.stage(f"base_seed{seed}", fn, log)
     log(f"[base seed {seed}] validation accuracy {base['val_acc']:.3f}, test {base['test_acc']:.3f} at "
