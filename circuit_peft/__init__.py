@@ -2,6 +2,9 @@
 
 Importing this package registers the ``CIRCUIT`` PEFT type (idempotent), so ``get_peft_model``,
 ``PeftModel.from_pretrained`` and ``AutoPeftModelForCausalLM`` know ``CircuitConfig``.
+
+The names below are the stable core (``__all__``); research helpers (single locators, CCA pieces,
+CircuitSeer's parts) live in :mod:`circuit_peft.research`.
 """
 
 __version__ = "0.1.0"
@@ -10,49 +13,38 @@ import circuit_peft_autoload as _autoload
 
 _autoload.quiet_bitsandbytes_kernel_notice()  # before peft imports bitsandbytes (see circuit_peft_autoload)
 
-from .errors import CircuitPeftError  # noqa: F401
-from .arch import Component, ModelArch, UnsupportedArchitectureError, get_arch, supported_families  # noqa: F401
-from .models import LoadSpec, load_model, load_tokenizer, tiny_model  # noqa: F401
+from .errors import CircuitPeftError  # noqa: E402
+from .arch import Component, UnsupportedArchitectureError, get_arch, supported_families  # noqa: E402
+from .models import LoadSpec, load_model, load_tokenizer, tiny_model  # noqa: E402
 
-# --- adapter (tuner/) ---
-from .tuner import CircuitConfig, CircuitModel, circuit_size  # noqa: F401  (registers the CIRCUIT PEFT type)
+# --- the adapter (tuner/; importing it registers the CIRCUIT PEFT type) and the circuit it trains ---
+from .tuner import CircuitConfig, CircuitModel, circuit_size  # noqa: E402
+from .circuit import Circuit  # noqa: E402
 
-# --- locate (circuit.py, locate/) ---
-from .circuit import Circuit  # noqa: F401,E402
-from .locate import (  # noqa: F401,E402
-    NaNLossError, ProbeSpec, attribution_scan, circuit_margin, head_ablation_scan, learn_masks, refined_head_scan,
-)
-
-# --- CCA (cca/, evaluate/) ---
-from .cca import (  # noqa: F401,E402
-    AmplifyConfig, MiningConfig, UpdateConfig, amplify, amplify_update, load_records, make_problems,
-    mine_pivotal_tokens,
-)
-from .cca.weighting import PivotalMetricsCallback, PivotalWeighting, build_pivotal_dataset  # noqa: F401,E402
-from .cca.trainers import PivotalTrainer  # noqa: F401,E402  (PivotalSFTTrainer: circuit_peft.cca.trainers)
-from .evaluate import build_prompt, evaluate_accuracy, side_effects  # noqa: F401,E402
-
-# --- the one-call recipe (recipe/) ---
-from .recipe import SFTSettings, TrainConfig, TrainResult, train, train_sft  # noqa: F401,E402
-from .locate import gradient_scan, random_circuit  # noqa: F401,E402
-
-# --- CircuitSeer (select/) ---
-from .select import (  # noqa: F401
-    CircuitSeerSampler, CircuitSeerSamplerMixin, CircuitSeerScorer, ReasoningHeads, find_reasoning_heads, select_data,
-    select_indices, select_subset, use_sampler,
-)
+# --- the main entry points: the one-call recipe, CCA, pivotal-weighted training, data selection, evaluation ---
+from .recipe import SFTSettings, TrainConfig, TrainResult, train  # noqa: E402
+from .cca import AmplifyConfig, amplify, make_problems  # noqa: E402
+from .cca.trainers import PivotalTrainer  # noqa: E402  (PivotalSFTTrainer: circuit_peft.cca.trainers)
+from .select import CircuitSeerSampler, select_data  # noqa: E402
+from .evaluate import evaluate_accuracy  # noqa: E402
 
 __all__ = [
-    "CircuitPeftError",
-    "Component", "ModelArch", "UnsupportedArchitectureError", "get_arch", "supported_families",
+    "CircuitPeftError", "UnsupportedArchitectureError", "Component", "get_arch", "supported_families",
     "LoadSpec", "load_model", "load_tokenizer", "tiny_model",
-    "CircuitConfig", "CircuitModel", "circuit_size",
-    "Circuit", "NaNLossError", "ProbeSpec", "attribution_scan", "circuit_margin", "head_ablation_scan", "learn_masks",
-    "refined_head_scan",
-    "AmplifyConfig", "MiningConfig", "UpdateConfig", "amplify", "amplify_update", "load_records", "make_problems",
-    "mine_pivotal_tokens", "PivotalMetricsCallback", "PivotalWeighting", "build_pivotal_dataset", "PivotalTrainer",
-    "build_prompt", "evaluate_accuracy", "side_effects",
-    "SFTSettings", "TrainConfig", "TrainResult", "train", "train_sft", "gradient_scan", "random_circuit",
-    "CircuitSeerSampler", "CircuitSeerSamplerMixin", "CircuitSeerScorer", "ReasoningHeads", "find_reasoning_heads",
-    "select_data", "select_indices", "select_subset", "use_sampler",
+    "CircuitConfig", "CircuitModel", "circuit_size", "Circuit",
+    "SFTSettings", "TrainConfig", "TrainResult", "train",
+    "AmplifyConfig", "amplify", "make_problems", "PivotalTrainer",
+    "CircuitSeerSampler", "select_data", "evaluate_accuracy",
 ]
+
+
+def __getattr__(name: str):
+    """A name that left the top level says where it went (``circuit_peft.research``) instead of a bare error."""
+    from . import research
+
+    if name == "research":
+        return research
+    if name in research.__all__:
+        raise AttributeError(f"circuit_peft.{name} moved to circuit_peft.research.{name} "
+                             f"(from circuit_peft.research import {name})")
+    raise AttributeError(f"module 'circuit_peft' has no attribute {name!r}")

@@ -2,7 +2,8 @@
 layers (match="layer") or anywhere (match="anywhere"). Train both the same way and compare
 (benchmarks/recipes.py does this over seeds, with standard errors)."""
 
-from circuit_peft import Circuit, random_circuit, tiny_model
+from circuit_peft import Circuit, tiny_model
+from circuit_peft.research import random_circuit
 from circuit_peft.arch import get_arch
 
 model = tiny_model("llama")
