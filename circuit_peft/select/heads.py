@@ -26,9 +26,8 @@ from torch import nn
 
 from ..arch import fingerprint_diff, get_arch
 from ..circuit import Circuit
+from ..circuits.selection import Keep, keep_ranked
 from ..errors import located
-from ..fractions import keep_count
-from ..validation import count
 
 HEADS_FORMAT = "circuit-peft/reasoning-heads"  # the old file format (read, no longer written)
 REASONING_HEADS_METHOD = "reasoning_heads"
@@ -177,21 +176,15 @@ def top_heads(
     scores: dict[tuple[int, int], float], fraction: float | None = DEFAULT_HEAD_FRACTION, k: int | None = None,
     z: float | None = None,
 ) -> list[tuple[int, int]]:
-    """Heads with the highest scores: top ``k``, top ``fraction`` (at least 1), or z-score > ``z``."""
+    """Heads with the highest scores by the one keep rule (:mod:`circuit_peft.circuits.selection`): top ``k``
+    (k wins over ``fraction``), else z-score >= ``z`` (at least the best), else top ``fraction`` (at least 1)."""
     if not scores:
         raise ValueError("no head scores to rank")
-    ranked = sorted(scores, key=lambda h: (-scores[h], h))
-    if k is not None:
-        return ranked[: count(k, "k")]
-    if z is not None:
-        vals = list(scores.values())
-        mean = sum(vals) / len(vals)
-        sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / max(len(vals) - 1, 1)) or 1.0
-        kept = [h for h in ranked if (scores[h] - mean) / sd > z]
-        return kept or ranked[:1]
-    if fraction is None:
+    if k is None and z is None and fraction is None:
         raise ValueError("give one of fraction=, k= or z=")
-    return ranked[: keep_count(len(ranked), fraction)]
+    rule = Keep(k=k) if k is not None else Keep(z=z) if z is not None else Keep(fraction=fraction)
+    ranked = sorted(scores.items(), key=lambda hs: (-hs[1], hs[0]))
+    return keep_ranked(ranked, rule, "scored heads")
 
 
 def find_reasoning_heads(
