@@ -2,12 +2,13 @@
 
     torchrun --standalone --nproc_per_node 2 tests/ddp_train_cli.py OUT_DIR TRAIN-FLAGS...
 
-Runs the command's own entry point (``circuit_peft.cli.main``) after wrapping three recipe functions to
+Runs the command's own entry point (``circuit_peft.cli.main``) after wrapping three recipe functions (in the stage modules that call them) to
 record, per rank, what this process did: ``OUT_DIR/calls<r>.json`` counts evaluations, locating and SFT
 runs, and ``OUT_DIR/rank<r>_sft<k>.pt`` holds the adapter after the k-th SFT run (the wrapped functions
 are called as before; only the counts and copies are added).
 """
 
+import importlib
 import json
 import os
 import sys
@@ -18,7 +19,6 @@ import torch
 def main(out_dir: str, argv: list[str]) -> int:
     torch.set_num_threads(1)
     from circuit_peft.cli import main as cli_main
-    from circuit_peft.recipe import pipeline
 
     rank = int(os.environ["RANK"])
     calls = {"accuracy": 0, "locate": 0, "train_sft": 0}
@@ -33,9 +33,13 @@ def main(out_dir: str, argv: list[str]) -> int:
             return result
         return wrapper
 
-    pipeline.measure_accuracy = counted("accuracy", pipeline.measure_accuracy)
-    pipeline.locate_for_training = counted("locate", pipeline.locate_for_training)
-    pipeline.train_sft = counted("train_sft", pipeline.train_sft)
+    for name, module_names in (("accuracy", ("evaluate", "rates", "controls")), ("locate", ("locate",)),
+                               ("train_sft", ("rates",))):
+        attr = {"accuracy": "measure_accuracy", "locate": "locate_for_training"}.get(name, name)
+        modules = [importlib.import_module(f"circuit_peft.recipe.stages.{m}") for m in module_names]
+        wrapped = counted(name, getattr(modules[0], attr))  # one wrapper, bound wherever a stage looks it up
+        for module in modules:
+            setattr(module, attr, wrapped)
     code = cli_main(argv)
     with open(os.path.join(out_dir, f"calls{rank}.json"), "w") as f:
         json.dump(calls, f)

@@ -386,7 +386,7 @@ def test_select_stage_keeps_the_fraction_of_the_pool(method):
     """train's selection stage returns row numbers of the pool (a quarter of it, each once)."""
     from circuit_peft.cca.problems import make_problems
     from circuit_peft.models import load_tokenizer, tiny_model
-    from circuit_peft.recipe.pipeline import _select
+    from circuit_peft.recipe.stages.select import select_rows as _select
 
     tok = load_tokenizer("smollm2")
     model = tiny_model("llama", vocab_size=len(tok))
@@ -465,7 +465,8 @@ def test_train_stopped_by_ctrl_c_resumes_without_redoing_finished_stages(tmp_pat
     before, trains, and finishes; the interrupted run's lock does not block it."""
     from circuit_peft.cca.problems import ARITHMETIC_SHOTS, make_problems
     from circuit_peft.models import load_tokenizer
-    from circuit_peft.recipe import pipeline, train
+    from circuit_peft.recipe import train
+    from circuit_peft.recipe.stages import fit as fit_module
 
     model_dir = tmp_path / "model"  # a tiny model with SmolLM2's tokenizer: the pipeline's cost, not the model's
     tiny_model("llama", vocab_size=49152).save_pretrained(model_dir)
@@ -473,16 +474,16 @@ def test_train_stopped_by_ctrl_c_resumes_without_redoing_finished_stages(tmp_pat
     cfg = TrainConfig(max_new_tokens=8, max_cut_share=1.0, shots=[dict(s) for s in ARITHMETIC_SHOTS],
                       sft=SFTSettings(epochs=1.0))
     rows, held = make_problems(8, "train", seed=0), make_problems(4, "test", seed=0)
-    fit = pipeline._fit
+    fit = fit_module.fit_stage
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_fit", interrupted)
+    monkeypatch.setattr(fit_module, "fit_stage", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(str(model_dir), rows, held, tmp_path / "run", cfg, log=lambda _: None)
     assert not (tmp_path / "run" / "report.json").exists()
-    monkeypatch.setattr(pipeline, "_fit", fit)
+    monkeypatch.setattr(fit_module, "fit_stage", fit)
     logs: list[str] = []
     result = train(str(model_dir), rows, held, tmp_path / "run", cfg, log=logs.append)
     assert any("[locate] done earlier" in line for line in logs) and any("[before] done earlier" in line for line in logs)

@@ -1,4 +1,6 @@
-"""The training recipe: pivotal SFT of a located circuit (:mod:`.sft`) and the one-call pipeline (:mod:`.pipeline`)."""
+"""The training recipe: pivotal SFT of a located circuit (:mod:`.sft`) and the one-call pipeline (:mod:`.pipeline`):
+its settings (:mod:`.config`), the run context the stages share (:mod:`.context`), the stages (:mod:`.stages`:
+select, locate, evaluate, fit [sft | cca], rate grid, side effects, controls) and the report (:mod:`.report`)."""
 
 from .controls import CONTROLS, control_model, matched_lora_rank, paired_gap
 from .pipeline import LOCATORS, SELECTORS, RunFolder, TrainConfig, TrainResult, model_card, summary_table, train
