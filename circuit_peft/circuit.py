@@ -10,7 +10,6 @@ heads, value heads and MLP neurons (``"o"`` slices are not counted separately).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import Counter
@@ -21,22 +20,17 @@ from torch import nn
 
 from . import validation
 from .arch import COMPONENT_KINDS, Component, get_arch
+from .circuits import io as _io
+from .circuits.plot import plot_circuit
 from .errors import located
-from .files import atomic_path, atomic_write_text
+from .fractions import keep_count
 
-CIRCUIT_FORMAT_VERSION = 1
 # The kinds that count as "components" when reporting fractions (q + k + v heads + MLP neurons).
 COUNTED_KINDS: tuple[str, ...] = ("q", "k", "v", "mlp")
-_HEAD_KINDS = ("q", "k", "v", "o")
 
 
 def _as_component(c: Component | tuple | list) -> Component:
     return validation.circuit_component(c, "component")
-
-
-def _per_layer_count(fp: Mapping[str, Any], kind: str) -> int:
-    return {"q": fp["n_heads"], "o": fp["n_heads"], "k": fp["n_kv_heads"], "v": fp["n_kv_heads"],
-            "mlp": fp["n_neurons"]}[kind]
 
 
 class Circuit:
@@ -123,44 +117,54 @@ class Circuit:
         self, k: int | None = None, fraction: float | None = None, z: float | None = None,
         kinds: Iterable[str] | None = None,
     ) -> "Circuit":
-        """A new circuit keeping the best scored components, pooled over ``kinds`` (default: all).
+        """A new circuit keeping the best scored components.
 
-        Exactly one of ``k``, ``fraction`` or ``z``, by the one keep rule
-        (:mod:`circuit_peft.circuits.selection`): the k best, the best share (rounded down, at least 1),
-        or those with a z-score >= ``z`` (at least the best one). ``kinds`` restricts the choice to some
-        kinds (e.g. ``["q"]``); :meth:`keep` applies a rule to each kind separately.
+        Exactly one of: ``k`` (count), ``fraction`` (share of the scored components, rounded down
+        so that a circuit never exceeds the share asked for, at least 1) or ``z`` (keep components
+        whose z-score of the score, over the scored components, is >= ``z``). ``kinds``
+        restricts the choice to some kinds (e.g. ``["q"]``).
         """
-        from .circuits.selection import Keep, keep_ranked
-
-        rule = Keep(k=k, fraction=fraction, z=z, per_kind=False)
-        kept = keep_ranked(self.ranked(kinds), rule)
+        chosen = [x for x in (k, fraction, z) if x is not None]
+        if len(chosen) != 1:
+            raise ValueError("give exactly one of k=, fraction= or z= to Circuit.top")
+        ranked = self.ranked(kinds)
+        if not ranked:
+            raise ValueError("this circuit has no scores to rank (scores are empty for the requested kinds)")
+        n = len(ranked)
+        if k is not None:
+            k = validation.count(k, "k")
+            if k > n:
+                raise ValueError(f"top k={k} is larger than the number of scored components ({n}); use k <= {n}")
+            keep = ranked[: int(k)]
+        elif fraction is not None:
+            keep = ranked[: keep_count(n, fraction)]
+        else:
+            vals = [_finite(s) for _, s in ranked]
+            mean = sum(vals) / n
+            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / n)
+            if std == 0:
+                raise ValueError("all scores are equal, so z-scores are undefined; use k= or fraction=")
+            keep = [(c, s) for c, s in ranked if (_finite(s) - mean) / std >= z]
         meta = dict(self.meta, selection={"k": k, "fraction": fraction, "z": z,
                                           "kinds": sorted(kinds) if kinds is not None else None})
-        return Circuit(kept, self.scores, self.fingerprint, self.method, meta)
-
-    def keep(self, keep: Any) -> "Circuit":
-        """A new circuit keeping what a :class:`~circuit_peft.circuits.selection.Keep` keeps (a number: that
-        fraction of each kind; None: this circuit unchanged)."""
-        from .circuits.selection import Keep, keep_ranked
-
-        rule = Keep.of(keep)
-        if rule is None:
-            return self
-        if not rule.per_kind:
-            return self.top(k=rule.k, fraction=rule.fraction, z=rule.z)
-        kinds = [k for k in COMPONENT_KINDS if any(c.kind == k for c in self.scores)]
-        kept = [c for kind in kinds for c in keep_ranked(self.ranked([kind]), rule, f"scored {kind!r} components")]
-        return Circuit(kept, self.scores, self.fingerprint, self.method, dict(self.meta, selection=rule.as_dict()))
+        return Circuit([c for c, _ in keep], self.scores, self.fingerprint, self.method, meta)
 
     def top_each_kind(self, fraction: float) -> "Circuit":
         """A new circuit keeping the best ``fraction`` of each scored kind separately (scores of
         different kinds are on different scales, so pooling them would favour one kind)."""
-        out = self.keep(fraction)
-        out.meta = dict(self.meta, keep_fraction_per_kind=fraction)
-        return out
+        kinds = [k for k in COMPONENT_KINDS if any(c.kind == k for c in self.scores)]
+        kept = [c for k in kinds for c in self.top(fraction=fraction, kinds=[k]).components]
+        return Circuit(kept, self.scores, self.fingerprint, self.method,
+                       dict(self.meta, keep_fraction_per_kind=fraction))
 
     # ----- counting --------------------------------------------------------------------------
-    def _require_fingerprint(self, what: str) -> dict[str, Any]:
+    @staticmethod
+    def position(component: Component) -> tuple[int, int, int]:
+        """Where a component stands in the model: (layer, kind in canonical order, index); the circuit's order."""
+        return _sort_key(component)
+
+    def require_fingerprint(self, what: str) -> dict[str, Any]:
+        """The model's sizes (the fingerprint); a ValueError naming ``what`` needs them when there is none."""
         if self.fingerprint is None:
             raise ValueError(f"{what} needs the model's sizes: build the circuit with a model "
                              "(or set circuit.fingerprint = get_arch(model).fingerprint())")
@@ -168,8 +172,8 @@ class Circuit:
 
     def total_components(self) -> int:
         """q + k + v heads + MLP neurons of the whole model (the paper's denominator)."""
-        fp = self._require_fingerprint("total_components")
-        return fp["n_layers"] * sum(_per_layer_count(fp, k) for k in COUNTED_KINDS)
+        fp = self.require_fingerprint("total_components")
+        return fp["n_layers"] * sum(_io.per_layer_count(fp, k) for k in COUNTED_KINDS)
 
     def counts(self) -> dict[str, int]:
         """Kept components per kind."""
@@ -195,7 +199,7 @@ class Circuit:
                 continue
             n = counts.get(kind, 0)
             if fp is not None:
-                total = fp["n_layers"] * _per_layer_count(fp, kind)
+                total = fp["n_layers"] * _io.per_layer_count(fp, kind)
                 lines.append(f"  {kind:>3}: {n:6d} / {total:<7d} ({100 * n / total:.2f} %)")
             else:
                 lines.append(f"  {kind:>3}: {n:6d}")
@@ -220,9 +224,9 @@ class Circuit:
 
     # ----- model checks ----------------------------------------------------------------------
     def check_model(self, model: nn.Module) -> None:
-        """Raise :class:`~circuit_peft.errors.CircuitPeftError` if ``model`` is not the circuit's model: each
-        differing field named, or the circuit has no fingerprint (its indices cannot be checked)."""
-        validation.circuit_on_model(self.fingerprint, get_arch(model).fingerprint(), self.source)
+        """Raise :class:`~circuit_peft.errors.CircuitPeftError` if ``model`` is not the circuit's model
+        (:func:`circuit_peft.circuits.io.check_circuit_model`: each differing field named, or no fingerprint)."""
+        _io.check_circuit_model(self, model)
 
     # ----- adapter ---------------------------------------------------------------------------
     def to_config(self, projections: str | dict[str, list[str]] = "all", **kwargs: Any):
@@ -240,119 +244,35 @@ class Circuit:
             kwargs.setdefault("base_model_fingerprint", self.fingerprint)
         return CircuitConfig.from_components(self.components, projections=projections, **kwargs)
 
-    # ----- JSON ------------------------------------------------------------------------------
+    # ----- views: JSON file (circuits/io.py), picture (circuits/plot.py) -----------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": "circuit-peft circuit",
-            "version": CIRCUIT_FORMAT_VERSION,
-            "method": self.method,
-            "fingerprint": self.fingerprint,
-            "components": [list(c) for c in self.components],
-            "scores": [[*c, s] for c, s in sorted(self.scores.items(), key=lambda cs: _sort_key(cs[0]))],
-            "meta": self.meta,
-        }
+        """The JSON form (:func:`circuit_peft.circuits.io.circuit_to_dict`)."""
+        return _io.circuit_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str | os.PathLike | None = None) -> "Circuit":
         """A circuit from :meth:`to_dict`'s JSON, checked field by field (:func:`circuit_peft.validation.circuit_file`);
         ``source``: the file it came from, named in refusals with the field (``c.json: components[2]: ...``)."""
-        src = str(source) if source else None
-        return cls(**validation.circuit_file(data, src, CIRCUIT_FORMAT_VERSION), source=src)
+        return cls(**_io.circuit_fields(data, source))
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the circuit as JSON atomically (temporary file + rename)."""
-        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1, allow_nan=True))
+        return _io.write_circuit(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "Circuit":
         """Read a circuit saved by :meth:`save`, every field checked (:meth:`from_dict`); with ``model``, check
         it is the circuit's model (:meth:`check_model`: a circuit without a fingerprint is refused there).
         Without a model the indices are checked against the file's own fingerprint, when it has one."""
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"no circuit file at {path}")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise located(str(path), f"not valid JSON ({err}); is it a circuit saved by Circuit.save?") from err
-        circuit = cls.from_dict(data, source=path)
+        circuit = cls.from_dict(_io.read_circuit_json(path), source=Path(path))
         if model is not None:
             circuit.check_model(model)
         return circuit
 
-    # ----- picture ---------------------------------------------------------------------------
     def plot(self, path: str | os.PathLike, title: str | None = None) -> Path:
-        """Write a PNG: a layers x heads heatmap per head kind present (score if scored, else 1 for
-        kept; kept cells outlined) and the kept-neuron count per layer."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fp = self._require_fingerprint("plot")
-        head_kinds = [k for k in _HEAD_KINDS if k in self.kinds()]
-        panels = head_kinds + ["mlp"]
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, max(3.0, 0.18 * fp["n_layers"] + 1.5)),
-                                 squeeze=False)
-        for ax, kind in zip(axes[0], panels):
-            if kind == "mlp":
-                self._plot_neurons(ax, fp)
-            else:
-                self._plot_heads(fig, ax, kind, fp)
-        fig.suptitle(title or f"circuit ({self.method or 'located'}): "
-                     f"{100 * self.component_fraction():.2f} % of components kept")
-        fig.tight_layout()
-        try:
-            with atomic_path(path) as tmp:
-                fig.savefig(tmp, dpi=110, format="png")
-        finally:
-            plt.close(fig)
-        return Path(path)
-
-    def _plot_neurons(self, ax, fp: dict[str, Any]) -> None:
-        """Bar chart: kept MLP neurons per layer."""
-        import numpy as np
-        from matplotlib.ticker import MaxNLocator
-
-        counts = np.zeros(fp["n_layers"])
-        for c in self.components:
-            if c.kind == "mlp":
-                counts[c.layer] += 1
-        ax.barh(np.arange(fp["n_layers"]), counts, color="tab:blue")
-        ax.set_xlabel(f"kept neurons (of {fp['n_neurons']})")
-        ax.set_ylim(fp["n_layers"] - 0.5, -0.5)
-        ax.set_xlim(0, max(1.0, counts.max() * 1.05))
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("layer")
-        ax.set_title("MLP")
-
-    def _plot_heads(self, fig, ax, kind: str, fp: dict[str, Any]) -> None:
-        """Heatmap layers x heads of one head kind: the score if scored, else 1 for kept; kept cells outlined."""
-        import matplotlib.pyplot as plt
-        import numpy as np
-        from matplotlib.ticker import MaxNLocator
-
-        kept = [c for c in self.components if c.kind == kind]
-        grid = np.full((fp["n_layers"], _per_layer_count(fp, kind)), np.nan)
-        scored = any(c.kind == kind for c in self.scores)
-        for c, s in self.scores.items():
-            if c.kind == kind:
-                grid[c.layer, c.index] = s
-        if not scored:
-            grid[:] = 0.0
-            for c in kept:
-                grid[c.layer, c.index] = 1.0
-        im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="score" if scored else "kept")
-        for c in kept:
-            ax.add_patch(plt.Rectangle((c.index - 0.5, c.layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.2))
-        ax.set_xlabel("head")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("layer")
-        ax.set_title({"q": "query heads", "k": "key heads", "v": "value heads", "o": "head outputs"}[kind]
-                     + f" ({len(kept)} kept)")
-
+        """Write a PNG (:func:`circuit_peft.circuits.plot.plot_circuit`): a layers x heads heatmap per head kind
+        present (score if scored, else 1 for kept; kept cells outlined) and the kept-neuron count per layer."""
+        return plot_circuit(self, path, title)
 
 def _ranges(xs: list[int]) -> str:
     """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""

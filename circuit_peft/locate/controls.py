@@ -12,7 +12,8 @@ import random
 from collections import Counter
 
 from ..arch import Component
-from ..circuit import Circuit, _per_layer_count
+from ..circuit import Circuit
+from ..circuits.io import per_layer_count
 
 RANDOM_MATCHES: tuple[str, ...] = ("layer", "anywhere")
 
@@ -24,17 +25,17 @@ def random_circuit(like: Circuit, match: str = "layer", seed: int = 0) -> Circui
     """
     if match not in RANDOM_MATCHES:
         raise ValueError(f"match must be one of {RANDOM_MATCHES}, got {match!r}")
-    fp = like._require_fingerprint("random_circuit")
+    fp = like.require_fingerprint("random_circuit")
     rng = random.Random(f"{seed}:{match}")
     if match == "layer":
         groups = Counter((c.kind, c.layer) for c in like.components)
         kept = [Component(kind, layer, i) for (kind, layer), n in sorted(groups.items())
-                for i in rng.sample(range(_per_layer_count(fp, kind)), n)]
+                for i in rng.sample(range(per_layer_count(fp, kind)), n)]
     else:
         per_kind = Counter(c.kind for c in like.components)
         kept = []
         for kind, n in sorted(per_kind.items()):
-            width = _per_layer_count(fp, kind)
+            width = per_layer_count(fp, kind)
             flat = rng.sample(range(fp["n_layers"] * width), n)
             kept += [Component(kind, f // width, f % width) for f in flat]
     return Circuit(kept, fingerprint=fp, method=f"random_{match}",
