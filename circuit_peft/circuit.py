@@ -23,7 +23,6 @@ from .arch import COMPONENT_KINDS, Component, get_arch
 from .circuits import io as _io
 from .circuits.plot import plot_circuit
 from .errors import located
-from .fractions import keep_count
 
 # The kinds that count as "components" when reporting fractions (q + k + v heads + MLP neurons).
 COUNTED_KINDS: tuple[str, ...] = ("q", "k", "v", "mlp")
@@ -117,45 +116,41 @@ class Circuit:
         self, k: int | None = None, fraction: float | None = None, z: float | None = None,
         kinds: Iterable[str] | None = None,
     ) -> "Circuit":
-        """A new circuit keeping the best scored components.
+        """A new circuit keeping the best scored components, pooled over ``kinds`` (default: all).
 
-        Exactly one of: ``k`` (count), ``fraction`` (share of the scored components, rounded down
-        so that a circuit never exceeds the share asked for, at least 1) or ``z`` (keep components
-        whose z-score of the score, over the scored components, is >= ``z``). ``kinds``
-        restricts the choice to some kinds (e.g. ``["q"]``).
+        Exactly one of ``k``, ``fraction`` or ``z``, by the one keep rule
+        (:mod:`circuit_peft.circuits.selection`): the k best, the best share (rounded down, at least 1),
+        or those with a z-score >= ``z`` (at least the best one). ``kinds`` restricts the choice to some
+        kinds (e.g. ``["q"]``); :meth:`keep` applies a rule to each kind separately.
         """
-        chosen = [x for x in (k, fraction, z) if x is not None]
-        if len(chosen) != 1:
-            raise ValueError("give exactly one of k=, fraction= or z= to Circuit.top")
-        ranked = self.ranked(kinds)
-        if not ranked:
-            raise ValueError("this circuit has no scores to rank (scores are empty for the requested kinds)")
-        n = len(ranked)
-        if k is not None:
-            k = validation.count(k, "k")
-            if k > n:
-                raise ValueError(f"top k={k} is larger than the number of scored components ({n}); use k <= {n}")
-            keep = ranked[: int(k)]
-        elif fraction is not None:
-            keep = ranked[: keep_count(n, fraction)]
-        else:
-            vals = [_finite(s) for _, s in ranked]
-            mean = sum(vals) / n
-            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / n)
-            if std == 0:
-                raise ValueError("all scores are equal, so z-scores are undefined; use k= or fraction=")
-            keep = [(c, s) for c, s in ranked if (_finite(s) - mean) / std >= z]
+        from .circuits.selection import Keep, keep_ranked
+
+        rule = Keep(k=k, fraction=fraction, z=z, per_kind=False)
+        kept = keep_ranked(self.ranked(kinds), rule)
         meta = dict(self.meta, selection={"k": k, "fraction": fraction, "z": z,
                                           "kinds": sorted(kinds) if kinds is not None else None})
-        return Circuit([c for c, _ in keep], self.scores, self.fingerprint, self.method, meta)
+        return Circuit(kept, self.scores, self.fingerprint, self.method, meta)
+
+    def keep(self, keep: Any) -> "Circuit":
+        """A new circuit keeping what a :class:`~circuit_peft.circuits.selection.Keep` keeps (a number: that
+        fraction of each kind; None: this circuit unchanged)."""
+        from .circuits.selection import Keep, keep_ranked
+
+        rule = Keep.of(keep)
+        if rule is None:
+            return self
+        if not rule.per_kind:
+            return self.top(k=rule.k, fraction=rule.fraction, z=rule.z)
+        kinds = [k for k in COMPONENT_KINDS if any(c.kind == k for c in self.scores)]
+        kept = [c for kind in kinds for c in keep_ranked(self.ranked([kind]), rule, f"scored {kind!r} components")]
+        return Circuit(kept, self.scores, self.fingerprint, self.method, dict(self.meta, selection=rule.as_dict()))
 
     def top_each_kind(self, fraction: float) -> "Circuit":
         """A new circuit keeping the best ``fraction`` of each scored kind separately (scores of
         different kinds are on different scales, so pooling them would favour one kind)."""
-        kinds = [k for k in COMPONENT_KINDS if any(c.kind == k for c in self.scores)]
-        kept = [c for k in kinds for c in self.top(fraction=fraction, kinds=[k]).components]
-        return Circuit(kept, self.scores, self.fingerprint, self.method,
-                       dict(self.meta, keep_fraction_per_kind=fraction))
+        out = self.keep(fraction)
+        out.meta = dict(self.meta, keep_fraction_per_kind=fraction)
+        return out
 
     # ----- counting --------------------------------------------------------------------------
     @staticmethod
