@@ -40,8 +40,9 @@ __all__ = [
 
 def __getattr__(name: str):
     """A name that left the top level says where it went (``circuit_peft.research``) instead of a bare error."""
-    from . import research
+    import importlib
 
+    research = importlib.import_module(f"{__name__}.research")  # (``from . import`` would call back here)
     if name == "research":
         return research
     if name in research.__all__:

@@ -26,7 +26,7 @@ from transformers import Trainer
 
 from ..batching import accepts_logits_to_keep, batch_prefix_length, prefix_kv_cache
 from ..errors import CircuitPeftError
-from ..interventions import capture_module_output
+from ..compat import fused_head_outputs
 from .weighting import IGNORE_INDEX, WEIGHT_COLUMNS, aligned_weighted_loss, install_pivotal_columns
 
 
@@ -217,13 +217,9 @@ def _sft_trainer_class():
                                             num_items_in_batch=num_items_in_batch)
             weights = inputs.pop("token_weights")
             inputs.pop("undesired_ids", None)
-            with capture_module_output(model) as captured:  # TRL's fused forward output (per-token log-probs)
-                super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)  # logs TRL's metrics
-            outputs = captured.get("out")
-            log_probs = getattr(outputs, "log_probs", None)
-            if log_probs is None:
-                raise ValueError("PivotalSFTTrainer needs TRL's fused LM head outputs (per-token log_probs); "
-                                 "label smoothing and sequence parallelism are not supported: use PivotalTrainer")
+            # TRL's loss (it logs TRL's metrics) and its fused forward's per-token log-probs (circuit_peft.compat)
+            outputs = fused_head_outputs(super().compute_loss, model, inputs, num_items_in_batch)
+            log_probs = outputs.log_probs
             count = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
             loss = -(log_probs * weights[:, 1:].to(log_probs.dtype)).sum() / torch.as_tensor(count).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, TrainerCallback, default_data_collator
 
 from ..batching import pad_batch, pad_token_id
+from ..compat import keep_signature_columns
 from ..mixins import add_mixin
 from ..evaluate.generation import last_token_logits
 
@@ -357,8 +358,7 @@ def install_pivotal_columns(trainer) -> None:
             base = None
         trainer.data_collator = PivotalCollator(base, pad_token_id=pad,
                                                 truncation_mode=getattr(args, "truncation_mode", "keep_start"))
-    trainer._set_signature_columns_if_needed()
-    trainer._signature_columns = [*trainer._signature_columns, *WEIGHT_COLUMNS]
+    keep_signature_columns(trainer, WEIGHT_COLUMNS)  # a private Trainer list (circuit_peft.compat)
 
 
 # ----- metrics callback ----------------------------------------------------------------------

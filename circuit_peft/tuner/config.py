@@ -12,17 +12,15 @@ from typing import Any, Iterable, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from .. import compat
 from ..arch import COMPONENT_KINDS, PROJECTION_PRESETS, PROJECTIONS, Component
 
 PEFT_TYPE_NAME = "CIRCUIT"
 
 
 def ensure_peft_type() -> None:
-    """Add ``CIRCUIT`` to PEFT's closed ``PeftType`` enum (idempotent)."""
-    if PEFT_TYPE_NAME not in PeftType.__members__:
-        from aenum import extend_enum
-
-        extend_enum(PeftType, PEFT_TYPE_NAME, PEFT_TYPE_NAME)
+    """Add ``CIRCUIT`` to PEFT's closed ``PeftType`` enum (idempotent; the patch: ``compat.extend_peft_type``)."""
+    compat.extend_peft_type(PEFT_TYPE_NAME)
 
 
 ensure_peft_type()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -150,6 +151,32 @@ def model_card_section(config: CircuitConfig, adapter_name: str = "default") -> 
         for layer, indices in layers.items():
             lines.append(f"| {names[kind]} | {layer} | {', '.join(map(str, indices))} |")
     return "\n".join(lines) + "\n"
+
+
+_CARD_MARKER = "## Circuit adapter ("
+
+
+def add_model_card_sections(model: Any, output_dir: str) -> None:
+    """After PEFT wrote ``output_dir/README.md`` for ``model`` (a ``PeftModel``): tag it and add (or replace) one
+    :func:`model_card_section` per CIRCUIT adapter (installed by ``circuit_peft.compat.patch_model_card``)."""
+    circuits = {n: c for n, c in model.peft_config.items() if isinstance(c, CircuitConfig)}
+    if not circuits:
+        return
+    from huggingface_hub import ModelCard
+
+    path = os.path.join(output_dir, "README.md")
+    card = ModelCard.load(path)
+    card.data["tags"] = sorted(set(card.data.get("tags") or []) | {"circuit-peft", "circuit"})
+    text = card.text
+    for name, config in circuits.items():
+        marker = f"{_CARD_MARKER}`{name}`)"
+        if marker in text:  # replace a previous save's section
+            head, _, rest = text.partition(marker)
+            nxt = rest.find("\n## ")
+            text = head.rstrip("\n") + ("\n" + rest[nxt + 1 :] if nxt >= 0 else "")
+        text = text.rstrip("\n") + "\n\n" + model_card_section(config, name)
+    card.text = text
+    card.save(path)
 
 
 def _inject_adapter_names(_module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):

@@ -28,15 +28,16 @@ one the config recorded (and cut weights, for ``config=`` passed by hand), befor
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
+from .. import compat
 from ..errors import CircuitPeftError
 from ..files import ADAPTER_WEIGHT_FILES, atomic_path, check_adapter_folder, pid_alive, recover_file
 from .config import PEFT_TYPE_NAME, CircuitConfig
@@ -156,38 +157,25 @@ def _save_file(original, tensors: dict, filename: str, metadata: Optional[dict] 
     save.pending[path] = (tmp, file_sha256(tmp))
 
 
-def _patch_saving() -> None:
-    """``PeftModel.save_pretrained`` of a model holding a CIRCUIT adapter commits as the module docstring says."""
-    import peft.peft_model as peft_model
-    from peft import PeftModel
-
-    if not getattr(peft_model.safe_save_file, "_circuit_peft", False):
-        wrapped = functools.partial(_save_file, peft_model.safe_save_file)
-        wrapped._circuit_peft = True
-        peft_model.safe_save_file = wrapped
-    original = PeftModel.save_pretrained
-    if getattr(original, "_circuit_peft", False):
+@contextmanager
+def circuit_save(model: Any, save_directory: str) -> Iterator[None]:
+    """The span of one ``PeftModel.save_pretrained`` of ``model``: when it holds a CIRCUIT adapter, its files
+    commit as the module docstring says (installed by :func:`install` through ``circuit_peft.compat``)."""
+    circuits = [name for name, c in model.peft_config.items() if isinstance(c, CircuitConfig)]
+    if not circuits:
+        yield
         return
-
-    @functools.wraps(original)
-    def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> None:
-        circuits = [name for name, c in self.peft_config.items() if isinstance(c, CircuitConfig)]
-        if not circuits:
-            return original(self, save_directory, *args, **kwargs)
-        save = _Save({os.path.abspath(os.path.join(save_directory, n) if n != "default" else save_directory)
-                      for n in circuits})
-        for folder in save.circuit_dirs:
-            finish_killed_save(folder)  # before this save's own temporaries replace the dead one's
-        token = _SAVE.set(save)
-        try:
-            return original(self, save_directory, *args, **kwargs)
-        finally:
-            _SAVE.reset(token)
-            for tmp, _ in save.pending.values():  # weights whose config was never written (an error between)
-                tmp.unlink(missing_ok=True)
-
-    save_pretrained._circuit_peft = True
-    PeftModel.save_pretrained = save_pretrained
+    save = _Save({os.path.abspath(os.path.join(save_directory, n) if n != "default" else save_directory)
+                  for n in circuits})
+    for folder in save.circuit_dirs:
+        finish_killed_save(folder)  # before this save's own temporaries replace the dead one's
+    token = _SAVE.set(save)
+    try:
+        yield
+    finally:
+        _SAVE.reset(token)
+        for tmp, _ in save.pending.values():  # weights whose config was never written (an error between)
+            tmp.unlink(missing_ok=True)
 
 
 def _is_local(model_id: str) -> bool:
@@ -197,53 +185,39 @@ def _is_local(model_id: str) -> bool:
     return os.path.isdir(model_id) or os.path.isabs(model_id) or bool(parent) and os.path.isdir(parent)
 
 
-def _patch_config_reading() -> None:
-    """PEFT's reading of ``adapter_config.json`` (``from_json_file``, ``_get_peft_type``): a local folder whose
-    config is empty, cut, not JSON, without ``peft_type`` or missing is refused naming the folder and file.
-    Anything that is not a local folder (a hub id, with or without ``subfolder``) keeps PEFT's own error.
+def read_config_json(original: Callable[..., Any], path_json_file: str, **kwargs: Any) -> Any:
+    """PEFT's ``from_json_file`` (``original``); an ``adapter_config.json`` that is empty, cut or not JSON is
+    refused naming the folder and file (:func:`check_adapter_folder`)."""
+    try:
+        return original(path_json_file, **kwargs)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        if os.path.basename(path_json_file) == CONFIG_NAME:
+            check_adapter_folder(os.path.dirname(path_json_file) or ".", flag=FLAG)  # raises, naming the file
+        raise
 
-    Version bounds: written against PEFT 0.21.2 (constraints.txt) for ``peft>=0.21,<0.23`` (pyproject.toml);
-    it replaces the classmethods ``PeftConfigMixin.from_json_file(path_json_file, **kwargs)`` and
-    ``PeftConfigMixin._get_peft_type(model_id, **hf_hub_download_kwargs)`` (a private one), calling the
-    originals. Recheck both signatures before widening the PEFT bound."""
-    from peft.config import PeftConfigMixin
 
-    read_json = PeftConfigMixin.__dict__["from_json_file"].__func__
-    if getattr(read_json, "_circuit_peft", False):
-        return
-    peft_type_of = PeftConfigMixin.__dict__["_get_peft_type"].__func__
-
-    @functools.wraps(read_json)
-    def from_json_file(cls, path_json_file: str, **kwargs: Any):
-        try:
-            return read_json(cls, path_json_file, **kwargs)
-        except ValueError:  # JSONDecodeError, UnicodeDecodeError
-            if os.path.basename(path_json_file) == CONFIG_NAME:
-                check_adapter_folder(os.path.dirname(path_json_file) or ".", flag=FLAG)  # raises, naming the file
-            raise
-
-    @functools.wraps(peft_type_of)
-    def _get_peft_type(cls, model_id: str, **kwargs: Any):
-        subfolder = kwargs.get("subfolder")
-        folder = os.path.join(model_id, subfolder) if subfolder else model_id
-        if os.path.isdir(folder):
-            finish_killed_save(folder)  # before the config is read
-        try:
-            peft_type = peft_type_of(cls, model_id, **kwargs)
-        except (ValueError, KeyError):  # no config found, or one without peft_type
-            if _is_local(model_id):  # a local folder, or one a kill never made, is ours to explain;
-                check_adapter_folder(folder, flag=FLAG)  # raises, naming the folder or file; a hub failure stays PEFT's
-            raise
-        if peft_type == PEFT_TYPE_NAME and os.path.isdir(folder):  # loading it: its weights must be there
-            check_adapter_folder(folder, flag=FLAG)
-        return peft_type
-
-    from_json_file._circuit_peft = True
-    PeftConfigMixin.from_json_file = classmethod(from_json_file)
-    PeftConfigMixin._get_peft_type = classmethod(_get_peft_type)
+def read_peft_type(original: Callable[..., Any], model_id: str, **kwargs: Any) -> Any:
+    """PEFT's ``_get_peft_type`` (``original``) for a local folder: a killed save finished first, a config
+    without ``peft_type`` or missing refused naming the folder and file, and a CIRCUIT folder's weights checked
+    before it loads. Anything that is not a local folder (a hub id, with or without ``subfolder``) keeps
+    PEFT's own error."""
+    subfolder = kwargs.get("subfolder")
+    folder = os.path.join(model_id, subfolder) if subfolder else model_id
+    if os.path.isdir(folder):
+        finish_killed_save(folder)  # before the config is read
+    try:
+        peft_type = original(model_id, **kwargs)
+    except (ValueError, KeyError):  # no config found, or one without peft_type
+        if _is_local(model_id):  # a local folder, or one a kill never made, is ours to explain;
+            check_adapter_folder(folder, flag=FLAG)  # raises, naming the folder or file; a hub failure stays PEFT's
+        raise
+    if peft_type == PEFT_TYPE_NAME and os.path.isdir(folder):  # loading it: its weights must be there
+        check_adapter_folder(folder, flag=FLAG)
+    return peft_type
 
 
 def install() -> None:
-    """Install both patches (idempotent); ``circuit_peft.tuner.register`` calls it."""
-    _patch_saving()
-    _patch_config_reading()
+    """Install the saving and config-reading patches (idempotent; their version bounds: ``circuit_peft.compat``);
+    ``circuit_peft.tuner.register`` calls it."""
+    compat.patch_adapter_saving(_save_file, circuit_save)
+    compat.patch_config_reading(read_config_json, read_peft_type)
