@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from circuit_peft.batching import pad_batch
 from circuit_peft.files import atomic_write_text
 from circuit_peft.models import load_model, load_tokenizer
+from circuit_peft.taskdata import PivotalCollator, answer_example
 from circuit_peft.select import (
     CircuitSeerSampler, CircuitSeerScorer, ReasoningHeads, ResponseLossScorer, debias_length, find_reasoning_heads,
     ifd_indices,
@@ -114,22 +115,15 @@ def throughput(model, tok, heads, rows, batch_size: int) -> dict:
 # ----- selection quality ------------------------------------------------------------------------------
 
 
-def encode_sft(tok, rows: list[dict], max_length: int = 512) -> list[tuple[list[int], int]]:
-    """(ids, number of prompt tokens) per row: question, newline, gold solution (same split as the losses)."""
+def encode_sft(tok, rows: list[dict], max_length: int = 512) -> list[dict[str, list[int]]]:
+    """One tokenized example per row (``input_ids``, ``labels``): question, newline, gold solution (same split as
+    the losses), loss on the solution; a longer row keeps its solution's start."""
     out = []
     for r in rows:
         p = tok(r["question"])["input_ids"]
         a = tok("\n" + r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        out.append(((p + a)[:max_length], len(p)))
+        out.append(answer_example(p, a, max_length))
     return out
-
-
-def collate_sft(items, pad_id: int) -> dict[str, torch.Tensor]:
-    x, mask = pad_batch([ids for ids, _ in items], pad_id, side="right")
-    labels = torch.full_like(x, -100)
-    for b, (ids, n_prompt) in enumerate(items):
-        labels[b, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
-    return {"input_ids": x, "attention_mask": mask, "labels": labels}
 
 
 def train_and_eval(args, tok, encoded_pool, indices, test_rows, arm: str) -> tuple[float, float, float]:
@@ -144,7 +138,7 @@ def train_and_eval(args, tok, encoded_pool, indices, test_rows, arm: str) -> tup
     model.train()
     sampler = CircuitSeerSampler.from_indices(indices, len(encoded_pool), seed=0)
     loader = DataLoader(encoded_pool, batch_size=args.batch_size, sampler=sampler,
-                        collate_fn=lambda items: collate_sft(items, tok.pad_token_id))
+                        collate_fn=PivotalCollator(pad_token_id=tok.pad_token_id))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     step, epoch = 0, 0
     bar = tqdm(total=args.steps, desc=f"train {arm}")

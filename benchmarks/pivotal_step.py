@@ -59,7 +59,7 @@ class FullLogitsTrainer(Trainer):
     """The pre-issue-11 weighting: full logits from the ordinary forward, then the weighted loss."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from circuit_peft.cca.weighting import pivotal_weighted_loss
+        from circuit_peft.taskdata.losses import pivotal_weighted_loss
 
         weights, undesired = inputs.pop("token_weights"), inputs.pop("undesired_ids", None)
         labels = inputs.pop("labels")
@@ -84,7 +84,7 @@ def training_rows(tokenizer: Any, n: int, seed: int):
 def make_trainer(path: str, model, tokenizer, data, out: str, batch: int):
     """The trainer of loss path ``path`` over ``model`` (shared: the paths take their steps in turn)."""
     from circuit_peft.cca.trainers import PivotalSFTTrainer, PivotalTrainer
-    from circuit_peft.cca.weighting import install_pivotal_columns
+    from circuit_peft.cca.trainers import install_pivotal_columns
 
     common = dict(output_dir=out, per_device_train_batch_size=batch, report_to=[], save_strategy="no",
                   use_cpu=not torch.cuda.is_available())

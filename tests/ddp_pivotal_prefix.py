@@ -16,7 +16,7 @@ from transformers import TrainingArguments
 
 from circuit_peft import CircuitConfig, tiny_model
 from circuit_peft.cca.trainers import PivotalTrainer
-from circuit_peft.cca.weighting import build_pivotal_dataset
+from circuit_peft.taskdata import build_pivotal_dataset
 
 
 def rows(n: int = 8, prefix_len: int = 24):

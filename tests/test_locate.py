@@ -13,7 +13,7 @@ from contextlib import ExitStack
 from circuit_peft.interventions import edit_components, head_output_means
 from circuit_peft.locate import attribution_scan, circuit_margin, head_ablation_scan, learn_masks, solution_losses
 from circuit_peft.locate.ablation import probe_batches
-from circuit_peft.locate.data import model_inputs
+from circuit_peft.taskdata.collate import model_inputs
 from circuit_peft.locate.dcm import NaNLossError
 from circuit_peft.models import tiny_model
 
@@ -137,7 +137,7 @@ def test_scan_methods_match_naive_and_direct_loss(method):
     means = None
     if method == "mean":
         from circuit_peft.interventions import head_output_means
-        from circuit_peft.locate.data import model_inputs
+        from circuit_peft.taskdata.collate import model_inputs
         means = head_output_means(model, [model_inputs(b) for b in batches])
     direct = solution_losses(model, batches, [(2, 1)], method, means) - solution_losses(model, batches)
     assert fast.scores[Component("q", 2, 1)] == pytest.approx(direct, abs=1e-5)
@@ -249,7 +249,7 @@ def test_integrated_attribution_sums_to_the_loss_of_ablating_everything(family, 
 def test_attribution_bound_is_the_norm_product_of_each_row_and_bounds_the_first_order_term():
     """estimate="bound": sum over rows of ||a' - a|| ||dL/da|| (here zero ablation, so ||a||), checked against
     one row at a time (no padding) for a head and a neuron; it is never below |first-order score|."""
-    from circuit_peft.locate.data import last_logits, solution_loss_sums
+    from circuit_peft.taskdata.losses import last_logits, solution_loss_sums
 
     model = tiny_model("llama").double()
     probe = _probe()

@@ -6,7 +6,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from circuit_peft.cca.trainers import PivotalLossMixin
-from circuit_peft.cca.weighting import IGNORE_INDEX, build_pivotal_dataset
+from circuit_peft.taskdata import IGNORE_INDEX, build_pivotal_dataset
 from circuit_peft.errors import CircuitPeftError
 from circuit_peft.models import load_tokenizer, tiny_model
 

@@ -6,7 +6,7 @@ import torch
 from transformers import TrainingArguments
 
 from circuit_peft.cca.trainers import PivotalTrainer, labelled_positions
-from circuit_peft.cca.weighting import build_pivotal_dataset, pivotal_weighted_loss
+from circuit_peft.taskdata import build_pivotal_dataset, pivotal_weighted_loss
 from circuit_peft.models import tiny_model
 
 

@@ -51,7 +51,7 @@ def _dataset(vocab=128):
 
 
 def test_gradient_scan_matches_direct_slice_gradients_and_restores_the_model():
-    from circuit_peft.cca.weighting import PivotalCollator, pivotal_weighted_loss
+    from circuit_peft.taskdata import PivotalCollator, pivotal_weighted_loss
 
     model = tiny_model("llama")
     rows = _dataset()

@@ -3,7 +3,7 @@ pyproject.toml: on a TRL that changes one, its test fails with a message naming 
 that reads it and the tested range (rather than a trainer silently training something else).
 
 Read by: ``cca/trainers.py`` (PivotalSFTTrainer: the fused LM head's ``log_probs`` / ``label_mask``,
-``SFTConfig.loss_type``, ``get_tp_size``), ``cca/weighting.py`` (``install_pivotal_columns``: signature
+``SFTConfig.loss_type``, ``get_tp_size``), ``cca/trainers.py`` (``install_pivotal_columns``: signature
 columns, TRL's collator and its pre-tokenized dataset path, ``packing`` / ``padding_free`` /
 ``truncation_mode``), ``select/sampler.py`` (``_get_train_sampler``) and ``mixins.py`` (``add_mixin``,
 which re-classes a TRL trainer instance).
@@ -19,7 +19,7 @@ import torch
 import trl
 from trl import SFTConfig, SFTTrainer
 
-from circuit_peft.cca.weighting import IGNORE_INDEX, WEIGHT_COLUMNS, build_pivotal_dataset
+from circuit_peft.taskdata import IGNORE_INDEX, WEIGHT_COLUMNS, build_pivotal_dataset
 from circuit_peft.interventions import capture_module_output
 from circuit_peft.models import tiny_model
 
@@ -79,9 +79,9 @@ def test_sft_config_fields_the_trainers_read():
                 "average_tokens_across_devices": True}
     pinned(all(fields.get(k, "MISSING") == v for k, v in expected.items()),
            f"SFTConfig fields {sorted(expected)} (defaults now { {k: fields.get(k, 'MISSING') for k in expected} })",
-           "cca/trainers.py (PivotalSFTTrainer) and cca/weighting.py (install_pivotal_columns, PivotalCollator)")
+           "cca/trainers.py (PivotalSFTTrainer) and cca/trainers.py (install_pivotal_columns) and taskdata/collate.py (PivotalCollator)")
     pinned(SFTConfig(output_dir="x", truncation_mode="keep_end", report_to=[], use_cpu=True, bf16=False).truncation_mode == "keep_end",
-           "SFTConfig.truncation_mode='keep_end'", "cca/weighting.py (PivotalCollator slices weights the same way)")
+           "SFTConfig.truncation_mode='keep_end'", "taskdata/collate.py (PivotalCollator slices weights the same way)")
 
 
 def test_pre_tokenized_rows_keep_their_columns(sft):
@@ -89,10 +89,10 @@ def test_pre_tokenized_rows_keep_their_columns(sft):
     columns = set(sft.train_dataset.column_names)
     pinned({"input_ids", "labels", *WEIGHT_COLUMNS} <= columns,
            f"SFTTrainer._prepare_dataset on pre-tokenized rows (columns now {sorted(columns)})",
-           "cca/weighting.py build_pivotal_dataset + install_pivotal_columns")
+           "taskdata/examples.py build_pivotal_dataset + cca/trainers.py install_pivotal_columns")
     pinned(sft.train_dataset[0]["labels"] == _rows()[0]["labels"],
            "SFTTrainer._prepare_dataset: a given 'labels' column is no longer taken as is",
-           "cca/weighting.py build_pivotal_dataset (labels=-100 outside the completion)")
+           "taskdata/examples.py build_pivotal_dataset (labels=-100 outside the completion)")
 
 
 def test_collator_pads_with_an_attention_mask(sft):
@@ -101,7 +101,7 @@ def test_collator_pads_with_an_attention_mask(sft):
     batch = sft.trl_collator(rows)
     shapes = {k: tuple(batch[k].shape) for k in ("input_ids", "attention_mask", "labels") if k in batch}
     pinned(len(shapes) == 3 and len(set(shapes.values())) == 1,
-           f"SFTTrainer's data collator output (got {shapes})", "cca/weighting.py PivotalCollator")
+           f"SFTTrainer's data collator output (got {shapes})", "taskdata/collate.py PivotalCollator")
 
 
 def test_fused_lm_head_log_probs_and_label_mask(sft):
@@ -147,19 +147,19 @@ def test_tensor_parallel_size(sft):
 def test_signature_columns(sft):
     """``_set_signature_columns_if_needed`` fills ``_signature_columns``, the list ``remove_unused_columns`` keeps:
     install_pivotal_columns appends the weight columns to it."""
-    from circuit_peft.cca.weighting import install_pivotal_columns
+    from circuit_peft.cca.trainers import install_pivotal_columns
 
     sft._signature_columns = None
     sft._set_signature_columns_if_needed()
     columns = getattr(sft, "_signature_columns", None)
     pinned(isinstance(columns, list) and "input_ids" in columns and "labels" in columns,
            f"SFTTrainer._set_signature_columns_if_needed / _signature_columns (got {columns!r})",
-           "cca/weighting.py install_pivotal_columns")
+           "cca/trainers.py install_pivotal_columns")
     install_pivotal_columns(sft)
     batch = next(iter(sft.get_train_dataloader()))
     pinned(all(c in batch for c in WEIGHT_COLUMNS),
            f"how remove_unused_columns uses _signature_columns (batch columns: {sorted(batch)})",
-           "cca/weighting.py install_pivotal_columns")
+           "cca/trainers.py install_pivotal_columns")
 
 
 def test_train_sampler_hook(sft):

@@ -5,14 +5,8 @@ import torch
 from transformers import Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
-from circuit_peft.cca.weighting import (
-    IGNORE_INDEX,
-    PivotalCollator,
-    PivotalMetricsCallback,
-    PivotalWeighting,
-    build_pivotal_dataset,
-    pivotal_metrics,
-)
+from circuit_peft.cca.weighting import PivotalMetricsCallback, PivotalWeighting, pivotal_metrics
+from circuit_peft.taskdata import IGNORE_INDEX, PivotalCollator, build_pivotal_dataset
 from circuit_peft.models import load_tokenizer, tiny_model
 
 

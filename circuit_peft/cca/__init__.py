@@ -11,7 +11,8 @@ from .update import (
     UpdateConfig, UpdateResult, accuracy_validator, amplify_update, circuit_config_for, margin_loss, margin_validator,
     measure_update_speedup,
 )
-from .weighting import PivotalCollator, PivotalMetricsCallback, PivotalWeighting, build_pivotal_dataset, pivotal_metrics
+from .weighting import PivotalMetricsCallback, PivotalWeighting, pivotal_metrics
+from ..taskdata import PivotalCollator, build_pivotal_dataset  # the task-data layer's; kept public here
 
 __all__ = [
     "ARITHMETIC_SHOTS", "CCAPreset", "COMPARISON_SHOTS", "MULTIPLICATION_SHOTS", "PAPER_LRS", "PRESETS", "TASKS", "cca_preset", "AmplifyConfig", "MiningConfig", "MiningResult", "PivotalCollator", "PivotalMetricsCallback",

@@ -48,7 +48,8 @@ from ..interventions import capture_layer_input, forward_until, start_at_layer
 from ..batching import (
     length_batches, pad_token_id, prefix_kv_cache, repeat_cache, shared_prefix_ids, to_device,
 )
-from ..locate.data import collate_records, last_logits, validate_records
+from ..taskdata.losses import last_logits, logit_margins
+from ..taskdata.records import collate_records, validate_records
 from ..tuner import CircuitConfig, circuit_size
 
 logger = logging.getLogger(__name__)
@@ -210,8 +211,7 @@ class _Objective:
         ctx = start_at_layer(self.base, self.lowest, self.hidden[i], self.arch) if self.lowest > 0 else nullcontext()
         with ctx:
             logits = last_logits(self.model, self._inputs(b), 1, **cache)[:, -1].float()
-        rows = torch.arange(len(b["desired"]), device=logits.device)
-        return logits[rows, b["desired"]] - logits[rows, b["undesired"]]
+        return logit_margins(logits, b["desired"], b["undesired"])
 
     def backward(self) -> tuple[float, float]:
         """Accumulate the full-batch gradient; return (mean loss, mean margin)."""

@@ -30,8 +30,11 @@ from tqdm import tqdm
 
 from ._args import load_spec, positive
 from ..arch import get_arch
+from ..evaluate.prompts import build_prompt_ids
 from ..files import atomic_dir
 from ..models import LoadSpec, load_model, load_tokenizer
+from ..taskdata.collate import PivotalCollator
+from ..taskdata.examples import answer_example
 from ..tuner import CircuitConfig, circuit_size
 
 
@@ -56,24 +59,14 @@ def demo_circuit(model: torch.nn.Module) -> CircuitConfig:
 
 
 def _batch(tokenizer: Any, rows: list[dict[str, str]], max_length: int) -> dict[str, torch.Tensor]:
-    """Chat-formatted prompt + answer; loss only on the answer tokens. Returns input_ids/attention_mask/labels (B, T)."""
-    ids, labels = [], []
+    """Chat-formatted prompt + answer; loss only on the answer tokens, at least half the window kept for them
+    (:func:`~circuit_peft.taskdata.examples.fit_to_length`). Returns input_ids/attention_mask/labels (B, T)."""
+    examples = []
     for r in rows:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=False,
-                                               add_generation_prompt=True)
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        p = build_prompt_ids(tokenizer, r["question"], style="chat")
         a = tokenizer(r["answer"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        a = a[: max(max_length - len(p), max_length // 2)]  # keep at least half the window for the answer
-        p = p[len(p) - (max_length - len(a)):] if len(p) + len(a) > max_length else p
-        ids.append(p + a)
-        labels.append([-100] * len(p) + a)
-    width = max(map(len, ids))
-    pad = tokenizer.pad_token_id
-    return {
-        "input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in ids]),
-        "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids]),
-        "labels": torch.tensor([l + [-100] * (width - len(l)) for l in labels]),
-    }
+        examples.append(answer_example(p, a, max_length, min_answer=max_length // 2))
+    return PivotalCollator(pad_token_id=tokenizer.pad_token_id)(examples)
 
 
 def run_demo(model_name: str = "smollm2", steps: int = 6, lr: float = 2e-3, output_dir: str = "circuit-demo-adapter",

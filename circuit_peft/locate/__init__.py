@@ -3,10 +3,10 @@
 from .ablation import head_ablation_scan, probe_batches, solution_losses
 from .attribution import attribution_scan
 from .controls import RANDOM_MATCHES, random_circuit
-from .data import ProbeSpec
 from .dcm import NaNLossError, circuit_margin, learn_masks
 from .gradient import general_text_rows, gradient_scan
 from .refine import refined_head_scan
+from ..taskdata.examples import ProbeSpec
 
 __all__ = ["NaNLossError", "ProbeSpec", "RANDOM_MATCHES", "attribution_scan", "circuit_margin", "general_text_rows", "gradient_scan", "random_circuit", "refined_head_scan", "head_ablation_scan", "learn_masks", "probe_batches",
            "solution_losses"]

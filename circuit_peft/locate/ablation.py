@@ -32,9 +32,9 @@ from ..interventions import (
     ABLATION_METHODS, HeadAblation, ablate_heads, capture_components, capture_layer_input, head_output_means,
     start_at_layer,
 )
-from .data import (
-    EncodedProbe, ProbeSpec, collate_probe_after_prefix, encode_probe, last_logits, model_inputs, solution_loss_sums,
-)
+from ..taskdata.collate import collate_probe_after_prefix, model_inputs
+from ..taskdata.examples import EncodedProbe, ProbeSpec, encode_probe
+from ..taskdata.losses import last_logits, solution_loss_sums
 
 DEFAULT_KEEP_FRACTION = 0.05
 
@@ -54,7 +54,7 @@ def _collate_batches(model: nn.Module, encoded: list[EncodedProbe], batch_size: 
                      prefix_length: int = 0) -> list[dict[str, torch.Tensor]]:
     """Encoded probe rows in left-padded batches of similar length on the model's device; with
     ``prefix_length`` the rows' first ``prefix_length`` ids (a prompt prefix they all share) are left out
-    of every batch, to run once (:func:`~circuit_peft.locate.data.collate_probe_after_prefix`)."""
+    of every batch, to run once (:func:`~circuit_peft.taskdata.collate.collate_probe_after_prefix`)."""
     device = model_device(model)
     rest = [EncodedProbe(e.ids[prefix_length:], e.n_solution) for e in encoded]
     return [to_device(collate_probe_after_prefix([rest[i] for i in idx], prefix_length, pad), device)
@@ -131,7 +131,7 @@ def head_ablation_scan(
         keep_fraction: the returned circuit keeps this share of the scanned heads (top scores);
             None keeps all; use ``circuit.top(...)`` for other choices.
         prompt_field / solution_field / chat_template / max_length: how rows become token ids, or
-            all four at once as ``spec`` (a :class:`~circuit_peft.locate.data.ProbeSpec`).
+            all four at once as ``spec`` (a :class:`~circuit_peft.taskdata.examples.ProbeSpec`).
 
     Returns:
         a :class:`Circuit` with kind ``"q"`` components (query head ``h`` of layer ``l``) whose

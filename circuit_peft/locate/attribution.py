@@ -38,9 +38,10 @@ from ..interventions import (
     ABLATION_METHODS, capture_components, edit_components, head_output_means, uniform_attention_output,
 )
 from .ablation import DEFAULT_KEEP_FRACTION, probe_batches
-from .data import (
-    ProbeSpec, at_least_float32, collate_records, last_logits, model_inputs, solution_loss_sums, validate_records,
-)
+from ..taskdata.collate import model_inputs
+from ..taskdata.examples import ProbeSpec
+from ..taskdata.losses import at_least_float32, last_logits, logit_margins, solution_loss_sums
+from ..taskdata.records import collate_records, validate_records
 
 TARGETS = ("ablation", "logit_diff")
 ESTIMATES = ("first_order", "bound")
@@ -99,7 +100,7 @@ def attribution_scan(
         keep_fraction: the returned circuit keeps this share of each scored kind (top scores);
             None keeps all.
         prompt_field / solution_field / chat_template / max_length: how probe rows become token ids
-            (``"ablation"``), or all four at once as ``spec`` (a :class:`~circuit_peft.locate.data.ProbeSpec`).
+            (``"ablation"``), or all four at once as ``spec`` (a :class:`~circuit_peft.taskdata.examples.ProbeSpec`).
         ig_steps: ``"ablation"`` only. 0 (default): first-order scores at the clean model. ``m > 0``:
             integrated gradients: every scored component is moved part of the way to its ablation at once,
             ``alpha = (i + 1/2) / m`` for ``i < m`` (m forwards + backwards per batch), and
@@ -261,8 +262,7 @@ def _logit_diff_attribution(model, arch, tokenizer, data, kinds, batch_size, pro
             acts = {k: stack.enter_context(capture_components(model, k, layers, detach=False, arch=arch))
                     for k in kinds}
             logits = _forward_with_grad_inputs(model, model_inputs(b), 1)[:, -1]
-        rows = torch.arange(len(idx), device=logits.device)
-        diff = at_least_float32(logits[rows, b["desired"]] - logits[rows, b["undesired"]])
+        diff = at_least_float32(logit_margins(logits, b["desired"], b["undesired"]))
         total = diff.sum() / len(records)
         margin += float(total.detach())
         flat = [(k, l) for k in kinds for l in layers]

@@ -29,7 +29,9 @@ from ..circuit import Circuit
 from ..interventions import scale_components
 from .attribution import frozen_parameters
 from ..batching import model_device, pad_token_id, to_device
-from .data import collate_records, last_logits, model_inputs, validate_records
+from ..taskdata.collate import model_inputs
+from ..taskdata.losses import last_logits, logit_margins
+from ..taskdata.records import collate_records, validate_records
 
 DCM_KINDS: tuple[str, ...] = ("q", "k", "v", "mlp")
 OBJECTIVES = ("logit_diff", "logsigmoid")
@@ -214,8 +216,7 @@ def _last_position_margins(model: nn.Module, arch, batch: dict[str, torch.Tensor
     last = torch.full((n,), -1, dtype=torch.long, device=batch["desired"].device)
     with scale_components(model, scales, positions=last, arch=arch):
         logits = last_logits(model, model_inputs(batch), 1)[:, -1].float()
-    r = torch.arange(n, device=logits.device)
-    return logits[r, batch["desired"]] - logits[r, batch["undesired"]]
+    return logit_margins(logits, batch["desired"], batch["undesired"])
 
 
 def _check_settings(objective: str, batch_size: int, epochs: int, lr: float, lambda_l1: float,

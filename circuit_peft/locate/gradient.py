@@ -54,7 +54,8 @@ def _gradient_norms(model: nn.Module, arch: ModelArch, rows: list[dict[str, Any]
                     projections: str, batch_size: int, pad_token_id: int, progress: bool, desc: str,
                     quantized: frozenset[nn.Module] = frozenset()) -> dict[Component, float]:
     """Per-component L2 norm of the mean pivotal-weighted loss gradient over ``rows`` (``.grad`` cleared first)."""
-    from ..cca.weighting import PivotalCollator, pivotal_weighted_loss
+    from ..taskdata.collate import PivotalCollator
+    from ..taskdata.losses import pivotal_weighted_loss
 
     for p in model.parameters():
         p.grad = None
@@ -96,7 +97,7 @@ def gradient_scan(
     """Score components by the gradient norm of the pivotal-weighted SFT loss on their weight slices.
 
     Args:
-        dataset: rows of :func:`circuit_peft.cca.weighting.build_pivotal_dataset` (``input_ids``,
+        dataset: rows of :func:`circuit_peft.taskdata.examples.build_pivotal_dataset` (``input_ids``,
             ``labels``, ``token_weights``), e.g. gold solutions with the answer weighted.
         projections: ``"paper"`` or ``"all"`` (which slices of a component count; use the ones you train).
         keep_fraction: the returned circuit keeps this share of each kind (None: keep all).

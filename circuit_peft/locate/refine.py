@@ -25,7 +25,7 @@ from ..circuit import Circuit
 from ..fractions import keep_count
 from .ablation import DEFAULT_KEEP_FRACTION, head_ablation_scan
 from .attribution import ablation_estimates, attribution_scan
-from .data import ProbeSpec
+from ..taskdata.examples import ProbeSpec
 
 
 def refined_head_scan(

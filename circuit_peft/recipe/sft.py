@@ -82,7 +82,7 @@ def gold_examples(
 def pivotal_dataset(tokenizer: PreTrainedTokenizerBase, examples: Sequence[dict[str, Any]], pivotal_weight: float,
                     style: PromptStyle = "chat"):
     """The tokenised training set of :func:`train_sft` (chat prompts carry their special tokens)."""
-    from ..cca.weighting import build_pivotal_dataset
+    from ..taskdata.examples import build_pivotal_dataset
 
     data = build_pivotal_dataset(examples, tokenizer, pivotal_weight=pivotal_weight,
                                  add_special_tokens=(style != "chat"))

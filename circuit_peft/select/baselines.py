@@ -26,7 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..batching import pad_batch, pad_token_id
+from ..batching import pad_token_id
+from ..taskdata.collate import PivotalCollator
+from ..taskdata.examples import answer_example
+from ..taskdata.losses import mean_label_losses
 from .cache import ScoreCache, model_fingerprint, score_in_chunks
 from .data import context_length, row_texts, texts_fingerprint
 from .sampling import select_indices, subset_size
@@ -157,7 +160,9 @@ class ResponseLossScorer:
         if self.start_id is None:
             raise ValueError("the tokenizer has neither a BOS nor an EOS token to start the answer-only pass of IFD")
 
-    def _encode(self, rows: Any, with_question: bool) -> tuple[list[list[int]], list[int], list[str]]:
+    def _encode(self, rows: Any, with_question: bool) -> tuple[list[dict[str, list[int]]], list[str]]:
+        """Each row as a tokenized example (loss on the answer, :func:`~circuit_peft.taskdata.examples.answer_example`:
+        a row longer than ``max_length`` keeps its answer's start), and the texts that key the cache."""
         answers = row_texts(rows, self.answer_field, self.answer_template, what="answer")
         ans = self.tokenizer(answers, add_special_tokens=False)["input_ids"]
         if with_question:
@@ -166,7 +171,6 @@ class ResponseLossScorer:
         else:
             prompts = [""] * len(answers)
             pre = [[self.start_id]] * len(answers)
-        seqs, n_answer = [], []
         long_rows = []
         for i, (p, a) in enumerate(zip(pre, ans)):
             if not a:
@@ -177,31 +181,24 @@ class ResponseLossScorer:
                     raise ValueError(
                         f"row {i}: question + answer are {len(p) + len(a)} tokens, longer than the model's context "
                         f"of {self.max_length}; shorten them or pass on_long='truncate' (--on-long truncate)")
-                a = a[: max(1, self.max_length - len(p))]
-                p = p[: self.max_length - len(a)]
-            seqs.append(list(p) + list(a))
-            n_answer.append(len(a))
         if long_rows:
             logger.warning("%d rows are longer than the context of %d tokens (first: row %d); truncated",
                            len(long_rows), self.max_length, long_rows[0])
-        return seqs, n_answer, [p + "\x01" + a for p, a in zip(prompts, answers)]
+        examples = [answer_example(p, a, self.max_length) for p, a in zip(pre, ans)]
+        return examples, [p + "\x01" + a for p, a in zip(prompts, answers)]
 
     @torch.no_grad()
-    def _loss_batch(self, seqs: Sequence[list[int]], n_answer: Sequence[int]) -> np.ndarray:
+    def _loss_batch(self, examples: Sequence[dict[str, list[int]]]) -> np.ndarray:
+        """Mean loss (nats per answer token) of each example, right-padded into one batch: (B,)."""
         device = next(self.model.parameters()).device
-        B, T = len(seqs), max(len(s) for s in seqs)
-        ids, mask = pad_batch(seqs, self.pad_id, side="right")
-        labels = torch.full((B, T), -100, dtype=torch.long)
-        for b, (s, n) in enumerate(zip(seqs, n_answer)):
-            labels[b, len(s) - n : len(s)] = torch.tensor(s[len(s) - n :])
-        logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        logits, target = logits[:, :-1].float(), labels[:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
-        valid = (target != -100).float()
-        return ((nll * valid).sum(1) / valid.sum(1).clamp_min(1)).cpu().numpy()
+        batch = PivotalCollator(pad_token_id=self.pad_id)(list(examples))
+        logits = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                            use_cache=False).logits
+        return mean_label_losses(logits, batch["labels"].to(device)).cpu().numpy()
 
     def _losses(self, rows: Any, with_question: bool) -> np.ndarray:
-        seqs, n_answer, texts = self._encode(rows, with_question)
+        examples, texts = self._encode(rows, with_question)
+        seqs = [ex["input_ids"] for ex in examples]
         order_all = np.arange(len(seqs))
 
         def score(s: int, e: int, advance: Any) -> np.ndarray:
@@ -209,7 +206,7 @@ class ResponseLossScorer:
             out = np.empty(e - s)
             for j in range(0, len(idx), self.batch_size):
                 part = idx[j : j + self.batch_size]
-                out[np.asarray(part) - s] = self._loss_batch([seqs[i] for i in part], [n_answer[i] for i in part])
+                out[np.asarray(part) - s] = self._loss_batch([examples[i] for i in part])
                 advance(len(part))
             return out
 
