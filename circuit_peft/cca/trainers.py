@@ -1,5 +1,5 @@
 """Trainers with pivotal-token loss weights built in (subclasses calling ``super()``, the way TRL's
-own trainers extend ``Trainer``), for data from :func:`~circuit_peft.cca.weighting.build_pivotal_dataset`.
+own trainers extend ``Trainer``), for data from :func:`~circuit_peft.taskdata.examples.build_pivotal_dataset`.
 
 * :class:`PivotalTrainer` (``transformers.Trainer``): runs the LM head only at positions that have a
   label (``logits_to_keep`` with the positions), so prompts cost no vocabulary projection, and runs the
@@ -22,12 +22,31 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import DataCollatorWithPadding, Trainer, default_data_collator
 
-from ..batching import accepts_logits_to_keep, batch_prefix_length, prefix_kv_cache
+from ..batching import accepts_logits_to_keep, batch_prefix_length, pad_token_id, prefix_kv_cache
 from ..errors import CircuitPeftError
-from ..compat import fused_head_outputs
-from .weighting import IGNORE_INDEX, WEIGHT_COLUMNS, aligned_weighted_loss, install_pivotal_columns
+from ..compat import fused_head_outputs, keep_signature_columns
+from ..taskdata.collate import PivotalCollator
+from ..taskdata.examples import WEIGHT_COLUMNS
+from ..taskdata.losses import IGNORE_INDEX, aligned_weighted_loss
+
+
+def install_pivotal_columns(trainer) -> None:
+    """Make ``trainer`` carry ``token_weights``/``undesired_ids`` to ``compute_loss``: wrap its collator
+    in :class:`~circuit_peft.taskdata.collate.PivotalCollator` and keep the columns through ``remove_unused_columns``."""
+    args = trainer.args
+    if getattr(args, "packing", False) or getattr(args, "padding_free", False):
+        raise ValueError("pivotal weighting needs packing=False and padding_free=False")
+    pad = pad_token_id(trainer.model, getattr(trainer, "processing_class", None))
+    base = trainer.data_collator
+    if not isinstance(base, PivotalCollator):
+        # Trainer's defaults pad no labels (or nothing): pad here instead
+        if base is default_data_collator or isinstance(base, DataCollatorWithPadding):
+            base = None
+        trainer.data_collator = PivotalCollator(base, pad_token_id=pad,
+                                                truncation_mode=getattr(args, "truncation_mode", "keep_start"))
+    keep_signature_columns(trainer, WEIGHT_COLUMNS)  # a private Trainer list (circuit_peft.compat)
 
 
 def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -188,7 +207,7 @@ def check_weight_columns(trainer: Any, inputs: dict[str, Any]) -> None:
             f"the {'train' if getattr(trainer.model, 'training', True) else 'eval'} dataset (or unlikelihood_weight) "
             f"asks for it; batch columns: {sorted(inputs)}. A collator or remove_unused_columns dropped it: build the "
             "trainer with PivotalLossMixin first in its bases (it installs the columns), or call "
-            "circuit_peft.cca.weighting.install_pivotal_columns(trainer) after replacing the collator")
+            "circuit_peft.cca.trainers.install_pivotal_columns(trainer) after replacing the collator")
 
 
 class PivotalTrainer(PivotalLossMixin, Trainer):
@@ -237,5 +256,5 @@ def __getattr__(name: str):  # TRL is imported only when PivotalSFTTrainer is as
     raise AttributeError(name)
 
 
-__all__ = ["PivotalLossMixin", "PivotalSFTTrainer", "PivotalTrainer", "check_weight_columns", "labelled_positions",
-           "missing_weight_columns"]
+__all__ = ["PivotalLossMixin", "PivotalSFTTrainer", "PivotalTrainer", "check_weight_columns", "install_pivotal_columns",
+           "labelled_positions", "missing_weight_columns"]
