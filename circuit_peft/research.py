@@ -6,13 +6,14 @@ may change between minor versions.
 
 from .arch import ModelArch
 from .cca import MiningConfig, UpdateConfig, amplify_update, load_records, mine_pivotal_tokens
-from .cca.weighting import PivotalMetricsCallback, PivotalWeighting, build_pivotal_dataset
+from .cca.weighting import PivotalMetricsCallback, PivotalWeighting
 from .evaluate import build_prompt, side_effects
 from .locate import (
-    NaNLossError, ProbeSpec, attribution_scan, circuit_margin, gradient_scan, head_ablation_scan, learn_masks,
+    NaNLossError, attribution_scan, circuit_margin, gradient_scan, head_ablation_scan, learn_masks,
     random_circuit, refined_head_scan,
 )
 from .recipe import train_sft
+from .taskdata import ProbeSpec, build_pivotal_dataset
 from .select import (
     CircuitSeerSamplerMixin, CircuitSeerScorer, ReasoningHeads, find_reasoning_heads, select_indices, select_subset,
     use_sampler,
