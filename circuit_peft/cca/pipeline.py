@@ -26,7 +26,8 @@ from ..fractions import keep_count
 from ..files import atomic_dir, atomic_write_json
 from ..models import LoadSpec
 from .mining import MiningConfig, mine_pivotal_tokens
-from .update import UpdateConfig, accuracy_validator, amplify_update
+from .fit import KEPT_STEPS, CCAUpdateSpec, cca_update
+from .update import UpdateConfig, accuracy_validator
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +55,12 @@ class AmplifyConfig:
     truthfulqa_limit: int | None = None
     kl_chunks: int = 8
     load: LoadSpec = field(default_factory=LoadSpec)
+    kept_step: str = "best_validated"  # the update's kept step (cca.fit.KEPT_STEPS): the best on val_problems, or "last"
 
     def __post_init__(self) -> None:
         self.load = LoadSpec.of(self.load)
+        if self.kept_step not in KEPT_STEPS:
+            raise ValueError(f"kept_step must be one of {KEPT_STEPS}, got {self.kept_step!r}")
         if self.locate not in LOCATE_METHODS:
             raise ValueError(f"locate must be one of {LOCATE_METHODS}, got {self.locate!r}")
         if self.circuit_fraction is not None and not 0 < self.circuit_fraction <= 1:
@@ -151,7 +155,8 @@ def amplify(
 ) -> AmplifyResult:
     """Run CCA on ``model``; return an :class:`AmplifyResult` (the report is also ``output_dir/report.json``).
 
-    ``train_problems`` are mined; ``val_problems`` pick the best update step (held-out accuracy);
+    ``train_problems`` are mined; ``val_problems`` pick the best update step (held-out accuracy; with
+    ``config.kept_step="last"`` only recorded);
     ``test_problems`` measure accuracy before and after. All are rows with a question and a gold
     answer (read by ``answer_format``, default :class:`~circuit_peft.evaluate.answers.NumberAnswer`). The model is wrapped in place by the adapter (``result.model``). ``log`` receives one line per stage.
     ``model`` may be a name (hub id, folder, ``smollm2``): it is then loaded as ``config.load`` says, and
@@ -181,10 +186,10 @@ def amplify(
     log(f"accuracy before: {before.accuracy:.3f} ({before.correct}/{before.count})")
     # the update without a mask changes the model's own weights: side effects need a copy of the base
     base = copy.deepcopy(model) if update.target == "all_weights" and config.side_effect_data_dir else None
+    spec = CCAUpdateSpec(update, kept_step=config.kept_step)  # the one CCA update, its kept step explicit
     with _timed(timings, "update_s"):
         validator = accuracy_validator(tokenizer, val_problems, **eval_kwargs)
-        result = amplify_update(model, mined.records, circuit, validator, update, tokenizer=tokenizer,
-                                progress=progress)
+        result = cca_update(model, mined.records, circuit, spec, validator, tokenizer=tokenizer, progress=progress)
     peft_model, size = result.model, result.size
     saved = _save_updated(peft_model, tokenizer, out, update.target)
     log(f"update: best step {result.best_step} (validation {result.best_val}), margin "
@@ -195,7 +200,7 @@ def amplify(
         f"{100 * size['component_fraction']:.2f} % of components, {100 * size['param_fraction']:.2f} % of parameters")
     with _timed(timings, "side_effects_s"):
         effects = _side_effects(peft_model, tokenizer, config, progress, log, base=base)
-    report = {"settings": {"mining": asdict(mining), "update": asdict(update), "amplify": asdict(config),
+    report = {"settings": {"mining": asdict(mining), "update": asdict(spec.update), "amplify": asdict(config),
                            "n_train": len(train_problems), "n_val": len(val_problems), "n_test": len(test_problems)},
               "mining": mined.stats, **_outcome(before, after, mined, config, circuit, size, effects, result),
               "timings": timings, "files": {saved: str(out / saved), "circuit": str(out / "circuit.json"),

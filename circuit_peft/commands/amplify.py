@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ._args import add_side_effect_sizes, fraction, load_spec, non_negative, positive
+from ..cca.fit import KEPT_STEPS
 from ._cca import (
     add_mining_args, add_problem_args, add_runtime_args, load_problem_rows, load_runtime, mining_config, open_run,
 )
@@ -34,25 +35,8 @@ class _PresetAction(argparse.Action):
                 setattr(namespace, dest, value)
 
 
-def add_amplify_args(p: argparse.ArgumentParser) -> None:
-    h = p.add_argument_group("held-out problems")
-    h.add_argument("--heldout", default=None,
-                   help="validation + test problems: a file (first --n-val rows validate, the next --n-test test), "
-                        "'arithmetic' or 'demo' (default: the same kind as --problems; a file needs --heldout)")
-    h.add_argument("--n-val", type=positive(int), default=32, help="validation problems (pick the best update step; default %(default)s)")
-    h.add_argument("--n-test", type=positive(int), default=64, help="test problems (accuracy before/after; default %(default)s)")
-    loc = p.add_argument_group("locate")
-    loc.add_argument("--locate", choices=("attribution", "dcm"), default="attribution",
-                     help="attribution of the logit difference (fast, default) or DCM masks (the paper's)")
-    loc.add_argument("--circuit-fraction", type=fraction, default=0.02,
-                     help="share of components kept (attribution: per kind; dcm: a cap); default %(default)s")
-    loc.add_argument("--dcm-lambda", type=non_negative(float), default=0.01)
-    loc.add_argument("--dcm-epochs", type=positive(int), default=50)
-    loc.add_argument("--dcm-steps", type=positive(int), default=None,
-                     help="DCM step schedule: exactly N steps, cosine lr from --dcm-lr (default: the paper's epochs)")
-    loc.add_argument("--dcm-lr", type=positive(float), default=None,
-                     help="DCM Adam lr (default 5e-3, the paper's; ~0.05 with --dcm-steps)")
-    u = p.add_argument_group("update")
+def add_update_args(u: argparse._ArgumentGroup) -> None:
+    """The CCA update's flags (:class:`~circuit_peft.cca.update.UpdateConfig`, the kept step)."""
     u.add_argument("--preset", choices=("paper",), default=None, action=_PresetAction,
                    help="paper: CCA as its paper runs it (10 samples at T 0.8/1.2, token pivots, DCM masks with "
                         "lambda 0.01 and no cap, SGD 1e-4 on the logit difference for 50 steps, validation after "
@@ -76,6 +60,30 @@ def add_amplify_args(p: argparse.ArgumentParser) -> None:
                    help="paper: q/k/v rows + up_proj rows; all: every slice of each component")
     u.add_argument("--no-cache", action="store_true", help="run every record whole through every layer at each step: no lower-layer cache, no shared "
                         "prompt prefix (slower; same result)")
+    u.add_argument("--kept-step", choices=KEPT_STEPS, default="best_validated",
+                   help="the update step kept: best_validated (the best accuracy on the --n-val problems, default) "
+                        "or last (validation only recorded), as train --cca-keep chooses")
+
+
+def add_amplify_args(p: argparse.ArgumentParser) -> None:
+    h = p.add_argument_group("held-out problems")
+    h.add_argument("--heldout", default=None,
+                   help="validation + test problems: a file (first --n-val rows validate, the next --n-test test), "
+                        "'arithmetic' or 'demo' (default: the same kind as --problems; a file needs --heldout)")
+    h.add_argument("--n-val", type=positive(int), default=32, help="validation problems (pick the best update step; default %(default)s)")
+    h.add_argument("--n-test", type=positive(int), default=64, help="test problems (accuracy before/after; default %(default)s)")
+    loc = p.add_argument_group("locate")
+    loc.add_argument("--locate", choices=("attribution", "dcm"), default="attribution",
+                     help="attribution of the logit difference (fast, default) or DCM masks (the paper's)")
+    loc.add_argument("--circuit-fraction", type=fraction, default=0.02,
+                     help="share of components kept (attribution: per kind; dcm: a cap); default %(default)s")
+    loc.add_argument("--dcm-lambda", type=non_negative(float), default=0.01)
+    loc.add_argument("--dcm-epochs", type=positive(int), default=50)
+    loc.add_argument("--dcm-steps", type=positive(int), default=None,
+                     help="DCM step schedule: exactly N steps, cosine lr from --dcm-lr (default: the paper's epochs)")
+    loc.add_argument("--dcm-lr", type=positive(float), default=None,
+                     help="DCM Adam lr (default 5e-3, the paper's; ~0.05 with --dcm-steps)")
+    add_update_args(p.add_argument_group("update"))
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-max-new-tokens", type=positive(int), default=None, help="default: --max-new-tokens")
     e.add_argument("--side-effect-data", default=PACKAGE_SIDE_EFFECT_DATA,
@@ -136,7 +144,7 @@ def build_configs(args: argparse.Namespace):
                            eval_max_new_tokens=args.eval_max_new_tokens,
                            side_effects=tasks, side_effect_data_dir=data_dir, mmlu_subjects=subjects,
                            mmlu_limit=args.mmlu_limit, truthfulqa_limit=args.truthfulqa_limit, kl_chunks=args.kl_chunks,
-                           load=load_spec(args))
+                           load=load_spec(args), kept_step=args.kept_step)
     if update.target == "all_weights":  # refuses --load-in-4bit here, before any work
         config = replace(config, load=config.load.for_full_training("--target all_weights", print))
     return update, config

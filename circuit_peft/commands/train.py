@@ -17,7 +17,8 @@ from ..evaluate.answers import ANSWER_CHECKERS
 from ..files import read_rows
 from ._cca import resolve_shots
 from ..recipe.controls import CONTROLS
-from ..recipe.pipeline import LOCATORS, SELECTORS, UPDATES, TrainConfig
+from ..recipe.config import LOCATORS, SELECTORS, UPDATES, TrainConfig
+from ..recipe.stages.fit import KEPT_STEPS
 from ..recipe.rates import seeded_split
 
 DATA_KEYWORDS = ("arithmetic", "multiplication")  # generated tasks (circuit_peft.cca.problems.TASKS)
@@ -85,7 +86,7 @@ def config_from_args(args: argparse.Namespace):
                        answer_field=args.answer_field, seed=args.seed, controls=args.controls,
                        learning_rates=tuple(args.lrs), validation_fraction=args.validation_fraction, answer=args.answer,
                        max_new_tokens_limit=args.max_new_tokens_limit, max_cut_share=args.max_cut_share,
-                       grid_extensions=args.grid_extensions,
+                       grid_extensions=args.grid_extensions, cca_kept_step=args.cca_keep,
                        load=load_spec(args))
 
 
@@ -154,6 +155,32 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="default: chat when the tokenizer has a chat template, else few-shot")
 
 
+def add_fit_args(s: argparse._ArgumentGroup, cfg: TrainConfig) -> None:
+    """How the circuit is fitted: the update (SFT or CCA, its kept step), the learning rate or grid, the SFT run."""
+    s.add_argument("--update", choices=UPDATES, default=cfg.update,
+                   help="sft: pivotal-weighted SFT on gold solutions; cca: the CCA update on mined digit pivots")
+    s.add_argument("--update-steps", type=positive(int), default=cfg.update_steps, help="steps of the CCA update")
+    s.add_argument("--cca-keep", choices=KEPT_STEPS, default=cfg.cca_kept_step,
+                   help="--update cca: keep the last step (default), or the best validated step (accuracy on "
+                        "--validation-fraction of the training rows, held back from training), as amplify does")
+    s.add_argument("--lr", type=positive(float), default=cfg.sft.learning_rate,
+                   help=f"learning rate of every arm (default {cfg.sft.learning_rate:g}; --lrs chooses one per arm)")
+    s.add_argument("--lrs", type=distinct_list(float, lambda v: v > 0, " > 0"), default=cfg.learning_rates,
+                   help="comma-separated learning rates: the circuit and each control train at every rate and keep "
+                        "the one with the best accuracy on --validation-fraction of the training rows (held back "
+                        "from training; ties: the lower gold-solution loss there); overrides --lr")
+    s.add_argument("--validation-fraction", type=fraction, default=cfg.validation_fraction,
+                   help=f"share of the training rows held back to choose the rate with --lrs (or the CCA step with "
+                        f"--cca-keep best_validated; default {cfg.validation_fraction})")
+    s.add_argument("--grid-extensions", type=non_negative(int), default=cfg.grid_extensions,
+                   help="with --lrs: while an arm keeps the grid's lowest or highest rate, try up to this many rates "
+                        f"beyond it, one grid step further each (default {cfg.grid_extensions}; the report says "
+                        "when the edge is still kept)")
+    s.add_argument("--epochs", type=positive(float), default=cfg.sft.epochs)
+    s.add_argument("--batch-size", type=positive(int), default=cfg.sft.batch_size)
+    s.add_argument("--pivotal-weight", type=non_negative(float), default=cfg.sft.pivotal_weight, help="loss weight of the final answer's tokens")
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """The flags of ``train`` (and ``demo``); their defaults are :class:`TrainConfig`'s, written once there."""
     cfg = TrainConfig()
@@ -171,29 +198,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--circuit-fraction", type=fraction, default=cfg.circuit_fraction,
                    help=f"share of each kind kept (default {cfg.circuit_fraction})")
     s.add_argument("--lora-rank", type=non_negative(int), default=cfg.lora_rank, help="> 0: circuit + LoRA in one adapter")
-    s.add_argument("--update", choices=UPDATES, default=cfg.update,
-                   help="sft: pivotal-weighted SFT on gold solutions; cca: the CCA update on mined digit pivots")
-    s.add_argument("--update-steps", type=positive(int), default=cfg.update_steps, help="steps of the CCA update")
     s.add_argument("--controls", type=control_list, default=cfg.controls,
                    help=f"comma-separated arms trained after the circuit with the same rows and recipe, reported as "
                         f"located minus control on the held-out rows: {', '.join(CONTROLS)} (may be added to a "
                         "finished run folder)")
-    s.add_argument("--lr", type=positive(float), default=cfg.sft.learning_rate,
-                   help=f"learning rate of every arm (default {cfg.sft.learning_rate:g}; --lrs chooses one per arm)")
-    s.add_argument("--lrs", type=distinct_list(float, lambda v: v > 0, " > 0"), default=cfg.learning_rates,
-                   help="comma-separated learning rates: the circuit and each control train at every rate and keep "
-                        "the one with the best accuracy on --validation-fraction of the training rows (held back "
-                        "from training; ties: the lower gold-solution loss there); overrides --lr")
-    s.add_argument("--validation-fraction", type=fraction, default=cfg.validation_fraction,
-                   help=f"share of the training rows held back to choose the rate with --lrs "
-                        f"(default {cfg.validation_fraction})")
-    s.add_argument("--grid-extensions", type=non_negative(int), default=cfg.grid_extensions,
-                   help="with --lrs: while an arm keeps the grid's lowest or highest rate, try up to this many rates "
-                        f"beyond it, one grid step further each (default {cfg.grid_extensions}; the report says "
-                        "when the edge is still kept)")
-    s.add_argument("--epochs", type=positive(float), default=cfg.sft.epochs)
-    s.add_argument("--batch-size", type=positive(int), default=cfg.sft.batch_size)
-    s.add_argument("--pivotal-weight", type=non_negative(float), default=cfg.sft.pivotal_weight, help="loss weight of the final answer's tokens")
+    add_fit_args(s, cfg)
     e = p.add_argument_group("evaluation")
     add_cap_args(e, cfg.max_new_tokens, cfg.max_new_tokens_limit, cfg.max_cut_share)
     e.add_argument("--side-effects-data", default=None,

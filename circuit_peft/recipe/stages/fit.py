@@ -1,60 +1,20 @@
-"""The fit stage: the circuit adapter trained, by pivotal SFT (:mod:`.rates`) or by the CCA update.
-
-:func:`cca_update` is THE CCA update of this library: ``train --update cca`` and ``amplify`` both run it. Which
-step it keeps is chosen by an explicit field, :attr:`CCAUpdateSpec.kept_step`: ``"last"`` (the last step, no
-selection; ``train``'s default) or ``"best_validated"`` (the step with the best accuracy on validation rows;
-``amplify``'s), never by which caller runs it."""
+"""The fit stage: the circuit adapter trained, by pivotal SFT (:mod:`.rates`) or by the CCA update
+(:func:`~circuit_peft.cca.fit.cca_update`, the one ``amplify`` runs too; the kept step is the explicit field
+``cfg.cca_kept_step``: ``"last"``, the default here, or ``"best_validated"`` on the validation rows held back)."""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+from ...cca.fit import KEPT_STEPS, CCAUpdateSpec, cca_update
 from ..config import TrainConfig
 from ..context import RunContext, RunFolder
 from ..examples import training_examples
 from ..rates import load_weights, save_weights
 from .locate import mine_digit_pivots
 from .rates import train_arm
-
-KEPT_STEPS: tuple[str, ...] = ("last", "best_validated")
-
-
-def _update_config():
-    from ...cca.update import UpdateConfig
-
-    return UpdateConfig()
-
-
-@dataclass
-class CCAUpdateSpec:
-    """One CCA update: ``update`` (:class:`~circuit_peft.cca.update.UpdateConfig`: steps, lr, loss, target ...)
-    and ``kept_step``: ``"last"`` keeps the last step (validation, when given, is only recorded) or
-    ``"best_validated"`` keeps the step with the best validation score (a validator is then required)."""
-
-    update: Any = field(default_factory=_update_config)
-    kept_step: str = "last"
-
-    def __post_init__(self) -> None:
-        if self.kept_step not in KEPT_STEPS:
-            raise ValueError(f"kept_step must be one of {KEPT_STEPS}, got {self.kept_step!r}")
-        self.update = replace(self.update, keep_best=self.kept_step == "best_validated")
-
-
-def cca_update(model, records, circuit, spec: CCAUpdateSpec, validate: Callable[[Any], float] | None = None,
-               tokenizer=None, progress: bool = True):
-    """The CCA update (:func:`~circuit_peft.cca.update.amplify_update`) of ``circuit`` in ``model`` (None: the
-    active circuit adapter of a ``PeftModel``, trained in place) on contrastive ``records``, keeping the step
-    ``spec.kept_step`` names; ``validate`` (``model -> score``) is required for ``"best_validated"``.
-    Returns the :class:`~circuit_peft.cca.update.UpdateResult`."""
-    from ...cca.update import amplify_update
-
-    if spec.kept_step == "best_validated" and validate is None:
-        raise ValueError("kept_step='best_validated' needs validation rows to choose the step on; give them, "
-                         "or kept_step='last'")
-    return amplify_update(model, records, circuit, validate, spec.update, tokenizer=tokenizer, progress=progress)
 
 
 def cca_spec(cfg: TrainConfig) -> CCAUpdateSpec:
