@@ -1,5 +1,6 @@
 """The task rows as the stages of :func:`~circuit_peft.recipe.pipeline.train` consume them: gold solutions as
-SFT examples, tokenised SFT rows, probe rows and batches, and the gold-solution loss that breaks rate ties."""
+SFT examples, tokenised SFT rows (what SFT trains on and the locators scan: task data, never converted back into
+probe rows), their probe batches, and the gold-solution loss that breaks rate ties."""
 
 from __future__ import annotations
 
@@ -19,22 +20,12 @@ def _gold_sft_rows(tokenizer, rows, style: str, cfg: TrainConfig) -> list[dict[s
     return pivotal_dataset(tokenizer, training_examples(tokenizer, rows, style, cfg), cfg.sft.pivotal_weight, style)
 
 
-def _probe_rows(data) -> list[dict[str, list[int]]]:
-    """Tokenised SFT rows (``input_ids``, ``labels``) as probe rows: the prompt's ids, then the gold
-    solution's (with EOS), the part SFT trains on."""
-    probe = []
-    for row in data:
-        start = next(i for i, label in enumerate(row["labels"]) if label != -100)
-        probe.append({"prompt_ids": row["input_ids"][:start], "solution_ids": row["input_ids"][start:]})
-    return probe
-
-
 def _gold_solution_batches(model, tokenizer, rows, style: str, cfg: TrainConfig) -> list[dict]:
-    """``rows``' gold solutions as probe batches (prompt, then solution), tokenised as SFT trains on them."""
+    """``rows``' gold solutions as probe batches (prompt, then solution), tokenised as SFT trains on them (the
+    tokenised SFT rows themselves: :func:`~circuit_peft.taskdata.examples.encode_probe` reads their labels)."""
     from ..locate.ablation import probe_batches
 
-    probe = _probe_rows(_gold_sft_rows(tokenizer, rows, style, cfg))
-    return probe_batches(model, tokenizer, probe, cfg.eval_batch_size)
+    return probe_batches(model, tokenizer, _gold_sft_rows(tokenizer, rows, style, cfg), cfg.eval_batch_size)
 
 
 def _gold_solution_loss(model, batches: list[dict]) -> float:
@@ -48,7 +39,7 @@ def _gold_solution_loss(model, batches: list[dict]) -> float:
 
 
 # public names: the stages and the benchmarks read them
-gold_sft_rows, probe_rows = _gold_sft_rows, _probe_rows
+gold_sft_rows = _gold_sft_rows
 gold_solution_batches, gold_solution_loss = _gold_solution_batches, _gold_solution_loss
 
-__all__ = ["gold_sft_rows", "gold_solution_batches", "gold_solution_loss", "probe_rows", "training_examples"]
+__all__ = ["gold_sft_rows", "gold_solution_batches", "gold_solution_loss", "training_examples"]

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..config import TrainConfig, checker
 from ..context import RunContext
-from ..examples import gold_sft_rows, probe_rows
+from ..examples import gold_sft_rows
 
 
 
@@ -38,10 +38,11 @@ def locate_for_training(model, tokenizer, rows, style: str, cfg: TrainConfig, mi
 
 def _ablation_scan(model, tokenizer, data, keep_fraction: float | None, progress: bool):
     """:func:`~circuit_peft.locate.head_ablation_scan` of the training rows as tokenised for SFT (the
-    prompt's tokens, then the gold solution's with EOS): every query head, uniform ablation."""
+    prompt's tokens, then the gold solution's with EOS; the scan reads the rows' labels): every query head,
+    uniform ablation."""
     from ...locate import head_ablation_scan
 
-    return head_ablation_scan(model, tokenizer, probe_rows(data), keep_fraction=keep_fraction, progress=progress)
+    return head_ablation_scan(model, tokenizer, data, keep_fraction=keep_fraction, progress=progress)
 
 
 def _reference_rows(tokenizer, cfg: TrainConfig, n_chunks: int = 32, chunk_length: int = 128) -> list[dict]:
