@@ -75,7 +75,7 @@ class ArmBench:
 
     def __init__(self, args: argparse.Namespace, key: str):
         from circuit_peft.cca.problems import TASKS
-        from circuit_peft.evaluate.prompts import default_prompt_style
+        from circuit_peft.taskdata.prompts import default_prompt_style
         from circuit_peft.models import load_tokenizer
 
         self.args, self.key = args, key

@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from transformers import Trainer, TrainingArguments
 
         from circuit_peft.cca.weighting import PivotalWeighting
-        from circuit_peft.evaluate.prompts import build_prompt, format_gsm8k_solution
+        from circuit_peft.taskdata.prompts import build_prompt, format_gsm8k_solution
 
         def examples():
             out = []

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     from circuit_peft.cca.problems import ARITHMETIC_SHOTS, make_problems
     from circuit_peft.evaluate.generation import generate_with_shared_prefix
-    from circuit_peft.evaluate.prompts import build_prompt, default_prompt_style, encode_prompts
+    from circuit_peft.taskdata.prompts import build_prompt, default_prompt_style, encode_prompts
     from circuit_peft.models import load_model, load_tokenizer
 
     tok, model = load_tokenizer(args.model), load_model(args.model).eval()

@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _bench import Stopwatch  # noqa: E402
 from circuit_peft.arch import get_arch  # noqa: E402
-from circuit_peft.evaluate.prompts import build_prompt_ids, default_prompt_style, encode_prompts  # noqa: E402
+from circuit_peft.taskdata.prompts import build_prompt_ids, default_prompt_style, encode_prompts  # noqa: E402
 from circuit_peft.cca.problems import TASKS, make_problems  # noqa: E402
 from circuit_peft.recipe.sft import gold_examples  # noqa: E402
 from circuit_peft.locate import ProbeSpec, attribution_scan, head_ablation_scan, learn_masks, refined_head_scan  # noqa: E402

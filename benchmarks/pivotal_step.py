@@ -71,7 +71,7 @@ class FullLogitsTrainer(Trainer):
 def training_rows(tokenizer: Any, n: int, seed: int):
     """``n`` pivotal-weighted rows of the recipe (arithmetic problems, the model's prompt style)."""
     from circuit_peft.cca.problems import TASKS, make_problems
-    from circuit_peft.evaluate.prompts import default_prompt_style
+    from circuit_peft.taskdata.prompts import default_prompt_style
     from circuit_peft.recipe.sft import gold_examples, pivotal_dataset
 
     task = TASKS["arithmetic"]

@@ -138,7 +138,7 @@ def main() -> None:
     import torch
 
     import circuit_peft
-    from circuit_peft.evaluate.prompts import default_prompt_style
+    from circuit_peft.taskdata.prompts import default_prompt_style
 
     torch.set_num_threads(args.threads)
     model, tok = circuit_peft.load_model(args.model), circuit_peft.load_tokenizer(args.model)

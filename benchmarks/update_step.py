@@ -60,7 +60,7 @@ def pivot_records(tokenizer: Any, n: int, seed: int) -> list[dict[str, Any]]:
     """``n`` records on the recipe's prompt: prompt + gold solution up to a digit; desired that digit, undesired
     the next one."""
     from circuit_peft.cca.problems import TASKS, make_problems
-    from circuit_peft.evaluate.prompts import build_prompt_ids, default_prompt_style
+    from circuit_peft.taskdata.prompts import build_prompt_ids, default_prompt_style
 
     task = TASKS["arithmetic"]
     style, shots = default_prompt_style(tokenizer, log=print), [dict(s) for s in task["shots"]]

@@ -12,7 +12,7 @@ from circuit_peft.cca import ARITHMETIC_SHOTS, AmplifyConfig, MiningConfig, make
 from circuit_peft.cca.pipeline import locate_circuit
 from circuit_peft.cca.weighting import PivotalWeighting
 from circuit_peft.evaluate.accuracy import evaluate_accuracy
-from circuit_peft.evaluate.prompts import build_prompt, format_gsm8k_solution
+from circuit_peft.taskdata.prompts import build_prompt, format_gsm8k_solution
 
 torch.set_num_threads(2)
 model, tok = load_model("smollm2"), load_tokenizer("smollm2")

@@ -6,7 +6,7 @@ import torch
 from circuit_peft import load_model, load_tokenizer
 from circuit_peft.evaluate.accuracy import evaluate_accuracy
 from circuit_peft.evaluate.generation import generate_batched
-from circuit_peft.evaluate.prompts import build_prompt_ids
+from circuit_peft.taskdata.prompts import build_prompt_ids
 
 torch.set_num_threads(2)
 model, tok = load_model("smollm2"), load_tokenizer("smollm2")

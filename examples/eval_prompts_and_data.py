@@ -5,7 +5,7 @@ from pathlib import Path
 
 from circuit_peft import load_tokenizer
 from circuit_peft.evaluate.data import load_gsm8k, load_mmlu, load_text, load_truthfulqa, read_jsonl
-from circuit_peft.evaluate.prompts import build_prompt, build_prompt_ids, encode_prompts, format_gsm8k_solution
+from circuit_peft.taskdata.prompts import build_prompt, build_prompt_ids, encode_prompts, format_gsm8k_solution
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from circuit_peft import load_model, load_tokenizer
-from circuit_peft.evaluate.prompts import build_prompt_ids
+from circuit_peft.taskdata.prompts import build_prompt_ids
 from circuit_peft.locate import attribution_scan
 
 torch.set_num_threads(2)

@@ -8,7 +8,7 @@ Real records come from pivotal-token mining (`circuit_peft.cca`); the defaults r
 import torch
 
 from circuit_peft import load_model, load_tokenizer
-from circuit_peft.evaluate.prompts import build_prompt_ids
+from circuit_peft.taskdata.prompts import build_prompt_ids
 from circuit_peft.locate import learn_masks
 
 torch.set_num_threads(2)

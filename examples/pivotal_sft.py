@@ -8,7 +8,7 @@ from trl import SFTConfig, SFTTrainer
 
 from circuit_peft import load_model, load_tokenizer
 from circuit_peft.cca.weighting import PivotalMetricsCallback, PivotalWeighting, pivotal_metrics
-from circuit_peft.evaluate.prompts import build_prompt, build_prompt_ids
+from circuit_peft.taskdata.prompts import build_prompt, build_prompt_ids
 
 torch.set_num_threads(2)
 model, tok = load_model("smollm2"), load_tokenizer("smollm2")

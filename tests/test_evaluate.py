@@ -11,7 +11,7 @@ from circuit_peft.evaluate.accuracy import binomial_stderr, evaluate_accuracy
 from circuit_peft.evaluate.answers import is_correct
 from circuit_peft.evaluate.data import load_gsm8k, load_mmlu, load_text, load_truthfulqa, read_jsonl
 from circuit_peft.evaluate.generation import continuation_logprobs, generate_batched, last_token_logits
-from circuit_peft.evaluate.prompts import build_prompt, build_prompt_ids, encode_prompts, format_gsm8k_solution
+from circuit_peft.taskdata.prompts import build_prompt, build_prompt_ids, encode_prompts, format_gsm8k_solution
 from circuit_peft.evaluate.side_effects import (
     mean_kl,
     mmlu_accuracy,

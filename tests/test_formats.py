@@ -194,7 +194,7 @@ def test_each_format_is_tokenised_as_trl_tokenises_it(tok, name):
     """The SFT rows of each format: TRL's prompt then completion ids (chat template for turns, no EOS
     after its end of turn; EOS after a completion string), the loss on the completion only, the answer
     tokens weighted; question/answer rows as before (chat prompt, solution, EOS)."""
-    from circuit_peft.evaluate.prompts import build_prompt
+    from circuit_peft.taskdata.prompts import build_prompt
     from circuit_peft.recipe.sft import gold_examples, pivotal_dataset
 
     rows, kind = task_rows(ROWS[name], NumberAnswer())

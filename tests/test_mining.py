@@ -11,7 +11,7 @@ from circuit_peft.cca.mining import (
 )
 from circuit_peft.cca.problems import ARITHMETIC_SHOTS, demo_problems, make_problems, problem_split
 from circuit_peft.evaluate.answers import NumberAnswer
-from circuit_peft.evaluate.prompts import build_prompt, encode_prompts
+from circuit_peft.taskdata.prompts import build_prompt, encode_prompts
 from circuit_peft.evaluate.generation import generate_batched
 
 SHOTS = [dict(s) for s in ARITHMETIC_SHOTS]

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from ..evaluate.accuracy import FEWSHOT_STOP
 from ..evaluate.answers import AnswerFormat, NumberAnswer
 from ..evaluate.generation import generate_batched
-from ..evaluate.prompts import PROMPT_STYLES, encode_prompts, row_prompt
+from ..taskdata.prompts import PROMPT_STYLES, encode_prompts, row_prompt
 from ..files import atomic_write_text
 from ..errors import located
 from ..validation import within_context

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ._args import load_spec, positive
 from ..arch import get_arch
-from ..evaluate.prompts import build_prompt_ids
+from ..taskdata.prompts import build_prompt_ids
 from ..files import atomic_dir
 from ..models import LoadSpec, load_model, load_tokenizer
 from ..taskdata.collate import PivotalCollator

@@ -54,7 +54,7 @@ def compare(model_name: str, rows: Sequence[dict[str, Any]], heldout: Sequence[d
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every arm over its rates, checkpoints and seeds on the user's rows, then the verdict (see the module
     docstring). Resumable: a re-run with the same data and recipe reuses every finished stage."""
-    from ..evaluate.prompts import default_prompt_style
+    from ..taskdata.prompts import default_prompt_style
     from ..models import load_tokenizer
 
     check_plan(cfg)

@@ -7,5 +7,5 @@ from .answers import (  # noqa: F401
 )
 from .formats import task_rows  # noqa: F401
 from .data import load_gsm8k, load_mmlu, load_text, load_truthfulqa  # noqa: F401
-from .prompts import build_prompt, build_prompt_ids, row_completion, row_prompt  # noqa: F401
+from ..taskdata.prompts import build_prompt, build_prompt_ids, row_completion, row_prompt  # noqa: F401
 from .side_effects import mean_kl, mmlu_accuracy, side_effects, truthfulqa_mc1  # noqa: F401

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .answers import AnswerFormat, NumberAnswer
 from .generation import generate_batched
-from .prompts import PromptStyle, encode_prompts, row_prompt
+from ..taskdata.prompts import PromptStyle, encode_prompts, row_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def evaluate_accuracy(
 ) -> AccuracyResult:
     """Greedy accuracy of ``model`` on ``problems`` (dicts or a ``datasets.Dataset``).
 
-    Each problem's prompt comes from :func:`~circuit_peft.evaluate.prompts.row_prompt` (a question through
+    Each problem's prompt comes from :func:`~circuit_peft.taskdata.prompts.row_prompt` (a question through
     ``build_prompt`` with ``style``, ``shots``, ``system``, ``instruction``; or a TRL row's own prompt);
     the completion's final answer is compared
     with the gold answer read by ``answer_format`` (default :class:`NumberAnswer`: the

@@ -8,10 +8,10 @@ One file (or hub split) holds one format, found from its first row:
 - ``prompt``/``completion``: two strings (TRL's "standard" rows: the prompt is used as written, the
   tokenizer's special tokens and EOS are added as TRL adds them) or two lists of turns (conversational).
 - ``question``/``answer`` (field names configurable): the prompt is built by
-  :func:`~circuit_peft.evaluate.prompts.build_prompt` (chat template, or few-shot on a base model).
+  :func:`~circuit_peft.taskdata.prompts.build_prompt` (chat template, or few-shot on a base model).
 
 Conversational rows are turned into text by TRL's :func:`trl.data_utils.maybe_apply_chat_template`
-(see :func:`~circuit_peft.evaluate.prompts.row_prompt`); a tokenizer without a chat template refuses them
+(see :func:`~circuit_peft.taskdata.prompts.row_prompt`); a tokenizer without a chat template refuses them
 (:func:`data_style`). ``text`` rows (plain language modeling) have no prompt to answer and are refused.
 
 :func:`task_rows` checks every row (a missing field, an empty completion, no assistant turn, a gold the
@@ -210,7 +210,7 @@ def data_style(tokenizer: Any, kind: str, prompt_style: str | None, log: Callabl
     """The prompt style of a run on rows of ``kind`` (see :func:`task_rows`): question/answer rows keep
     ``prompt_style`` (default: chat with a template, else few-shot); conversational rows are ``"chat"``
     and need the tokenizer's chat template; prompt/completion strings are ``"text"`` (used as written)."""
-    from .prompts import default_prompt_style
+    from ..taskdata.prompts import default_prompt_style
 
     if kind == "question_answer":
         return prompt_style or default_prompt_style(tokenizer, log=log)

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..evaluate.answers import AnswerFormat, NumberAnswer
-from ..evaluate.prompts import PromptStyle, row_completion, row_prompt
+from ..taskdata.prompts import PromptStyle, row_completion, row_prompt
 
 
 @dataclass
@@ -58,7 +58,7 @@ def gold_examples(
     answer_format: AnswerFormat | None = None,
 ) -> list[dict[str, Any]]:
     """``{prompt, completion, pivotal_spans, add_eos}`` per problem: the evaluation prompt, the gold
-    completion (:func:`~circuit_peft.evaluate.prompts.row_completion`: a GSM8K ``#### n`` written as
+    completion (:func:`~circuit_peft.taskdata.prompts.row_completion`: a GSM8K ``#### n`` written as
     ``The answer is n.``; a TRL completion as TRL trains on it), the spans of the gold answer in it (read
     by ``answer_format``, default :class:`NumberAnswer`; none when it reads no gold) and whether EOS follows.
     Rows are ``question``/``answer`` rows or TRL prompt/completion rows

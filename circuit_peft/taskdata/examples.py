@@ -313,7 +313,7 @@ def _probe_text_ids(i: int, r: dict[str, Any], tokenizer: Any, spec: ProbeSpec,
                     use_chat: bool) -> tuple[list[int], list[int]]:
     """``(prompt ids, solution ids + EOS)`` of a text probe row: the prompt as a chat user turn
     (``use_chat``) or followed by a newline."""
-    from ..evaluate.prompts import build_prompt_ids
+    from .prompts import build_prompt_ids
 
     if tokenizer is None:
         raise CircuitPeftError("probe rows (prompt, solution) are text: pass the model's tokenizer "
