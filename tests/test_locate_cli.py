@@ -148,3 +148,61 @@ def test_cli_field_flags_have_the_names_of_the_other_commands():
     args = build_parser().parse_args(["locate", "--model", "m", "--data", "d", "--method", "ablation", "--out", "o.json",
                                       "--question-field", "q", "--answer-field", "a"])
     assert (args.prompt_field, args.solution_field) == ("q", "a")
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    """A tiny llama with a tiny word-level tokenizer saved beside it: text probe rows, records, general text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("text")
+    text = "the quick brown fox jumps over a lazy dog near river bank what is"
+    vocab = ["<unk>", "<pad>", "<eos>", *"0123456789+=?", *text.split()]
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    model = tiny_model("llama", vocab_size=64)
+    model.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    probe = [{"question": f"what is {a} + {a + 1} ?", "answer": f"{a} + {a + 1} = {2 * a + 1}"} for a in range(4)]
+    (d / "probe.jsonl").write_text("\n".join(json.dumps(r) for r in probe))
+    records = [{"context_ids": tok(f"{a} + {a + 1} =")["input_ids"], "desired_id": tok("5")["input_ids"][-1],
+                "undesired_id": tok("7")["input_ids"][-1], "problem_id": f"p{a}"} for a in range(4)]
+    (d / "records.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    (d / "text.txt").write_text((text + " ") * 20)
+    return d, model
+
+
+def _every_locator():
+    from circuit_peft.locate.registry import locator_names
+
+    return locator_names()
+
+
+@pytest.mark.parametrize("method", _every_locator())
+def test_every_registered_locator_runs_from_the_cli(text_files, method):
+    """`circuit-peft locate --method NAME` runs each locator of the registry (train's default, gradient, too)."""
+    from circuit_peft.locate.registry import LOCATORS
+
+    d, model = text_files
+    spec = LOCATORS[method]
+    data = d / ("records.jsonl" if spec.reads == "records" else "probe.jsonl")
+    extra = {"dcm": ["--dcm-steps", "2", "--lr", "0.05"], "gradient_contrast": ["--reference", str(d / "text.txt")],
+             "refined": ["--keep-fraction", "0.25"]}.get(method, [])
+    out = d / f"{method}.json"
+    assert main(["locate", "--model", str(d / "model"), "--data", str(data), "--method", method, "--out", str(out),
+                 "--max-length", "64"] + extra) == 0
+    circuit = Circuit.load(out, model=model)
+    assert circuit.scores and {c.kind for c in circuit.scores} <= set(spec.kinds)
+    if not spec.own_keep:  # 5 % of each scored kind (refined: a quarter of the heads)
+        share = 0.25 if method == "refined" else 0.05
+        for kind in {c.kind for c in circuit.scores}:
+            scored = len(get_arch_components(model, kind))
+            assert circuit.counts()[kind] == max(1, int(share * scored + 1e-9))
+
+
+def get_arch_components(model, kind):
+    from circuit_peft.arch import get_arch
+
+    return get_arch(model).all_components((kind,))

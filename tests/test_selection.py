@@ -49,3 +49,24 @@ def test_keep_per_kind_ranks_each_kind_alone_and_pooled_does_not():
     assert circuit.keep(None) is circuit
     with pytest.raises(CircuitPeftError, match="exactly one of k=, fraction= or z="):
         Keep(k=1, z=1.0)
+
+
+@pytest.mark.parametrize("method", ["ablation", "ablation_estimate", "gradient", "refined", "attribution"])
+def test_reasoning_heads_of_every_head_locator_are_its_kept_query_heads(method):
+    """find_reasoning_heads runs the registry's locators ('attribution': the old name of ablation_estimate)
+    and keeps the top heads of their query-head scores by the one rule."""
+    import torch
+
+    from circuit_peft.models import tiny_model
+    from circuit_peft.select import find_reasoning_heads
+
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    probe = [{"prompt_ids": torch.randint(3, 120, (6,), generator=g).tolist(),
+              "solution_ids": torch.randint(3, 120, (4,), generator=g).tolist()} for _ in range(4)]
+    heads = find_reasoning_heads(model, None, probe, method=method, fraction=0.25, progress=False)
+    assert len(heads) == 3 and heads.heads == sorted(top_heads(heads.scores, fraction=0.25 if method != "refined"
+                                                               else None, k=3 if method == "refined" else None))
+    assert heads.source == f"{'ablation_estimate' if method == 'attribution' else method} scan"
+    with pytest.raises(CircuitPeftError, match="unknown locator 'dcm'"):
+        find_reasoning_heads(model, None, probe, method="dcm")

@@ -1,5 +1,5 @@
-"""``circuit-peft locate``: find a circuit with DCM, a head ablation scan or attribution, save it as JSON
-(and a PNG picture)."""
+"""``circuit-peft locate``: run any registered locator (:mod:`circuit_peft.locate.registry`) on probe rows or
+contrastive records, and save its circuit as JSON (and a PNG picture)."""
 
 from __future__ import annotations
 
@@ -9,80 +9,106 @@ from pathlib import Path
 from typing import Any
 
 from ..files import ROW_FILE_SUFFIXES, read_rows
+from ..interventions import ABLATION_METHODS
+from ..locate.attribution import ESTIMATES
+from ..locate.registry import LOCATORS, locator_names
 from ._args import add_model_args, at_least_one, fraction, load_spec, non_negative, positive
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("dcm", "ablation", "attribution", "refined")
+METHODS = locator_names()
+DEFAULT_KEEP_FRACTION = 0.05  # a locator without a kept set of its own keeps this share of each kind
+_PROBE = locator_names(reads="probe")
+_ESTIMATORS = ("ablation_estimate", "refined")
+_ABLATING = ("ablation", "ablation_estimate", "refined")
+REFUSED = ("estimate", "ig_steps", "ig_candidates", "reference", "naive")  # foreign: refused, not ignored
+
+# Each locator's own flags: (flags, dest, the locator option it sets (None: read by this command), the locators
+# that take it, argparse settings). A flag given to a locator that does not take it is refused (_check_request).
+OPTIONS: tuple[tuple[tuple[str, ...], str, str | None, tuple[str, ...], dict[str, Any]], ...] = (
+    (("--ablation",), "ablation", "method", _ABLATING,
+     dict(choices=ABLATION_METHODS, default="uniform", help="head ablation operator")),
+    (("--batch-size",), "batch_size", "batch_size", METHODS,
+     dict(type=positive(int), default=None, help="rows per forward (default: the locator's: ablation 8, "
+                                                  "ablation_estimate/attribution 4, dcm 8)")),
+    (("--naive",), "naive", "naive", ("ablation",),
+     dict(action="store_true", help="one full forward per head (slow reference)")),
+    (("--candidates",), "candidates", "candidates", ("refined",),
+     dict(type=at_least_one(float), default=2.0, help="the exact scan re-scores the estimate's top CANDIDATES x "
+                                                      "kept heads (default 2)")),
+    (("--bound-candidates",), "bound_candidates", "bound_candidates", ("refined",),
+     dict(type=non_negative(float), default=1.0, help="also the top N x kept heads by the bound of the first-order "
+                                                      "term (same pass; default 1; 0: none)")),
+    (("--estimate",), "estimate", "estimate", ("ablation_estimate",),
+     dict(choices=ESTIMATES, default="first_order", help="the signed first-order estimate (default) or its bound "
+                                                         "sum_rows ||a' - a|| ||dL/da||")),
+    (("--ig-steps",), "ig_steps", "ig_steps", _ESTIMATORS,
+     dict(type=non_negative(int), default=0, help="integrated gradients over N points of the joint ablation path "
+          "(N more forward + backward passes per batch; default 0: first order); refined: its top --ig-candidates "
+          "x kept heads join the candidates")),
+    (("--ig-candidates",), "ig_candidates", "ig_candidates", ("refined",),
+     dict(type=positive(float), default=1.0, help="with --ig-steps: how many times the kept heads integrated "
+                                                  "gradients adds (default 1)")),
+    (("--reference",), "reference", None, ("gradient_contrast",),
+     dict(default=None, help="general text the task gradient is divided by: a .txt file or a data folder with "
+                             "text/tinyshakespeare.txt (required)")),
+    (("--dcm-lambda",), "lambda_l1", "lambda_l1", ("dcm",),
+     dict(type=non_negative(float), default=0.01, help="L1 weight (default 0.01; the same flag as amplify's)")),
+    (("--lambda",), "lambda_l1", "lambda_l1", ("dcm",), dict(type=non_negative(float), help=argparse.SUPPRESS)),
+    (("--lr",), "lr", "lr", ("dcm",), dict(type=positive(float), default=5e-3, help="Adam learning rate (default 5e-3)")),
+    (("--dcm-epochs",), "epochs", "epochs", ("dcm",),
+     dict(type=positive(int), default=50, help="maximum epochs (default 50; the same flag as amplify's)")),
+    (("--epochs",), "epochs", "epochs", ("dcm",), dict(type=positive(int), help=argparse.SUPPRESS)),
+    (("--patience",), "patience", "patience", ("dcm",),
+     dict(type=positive(int), default=5, help="early stop after N checks (epochs, or --dcm-check-every steps) with "
+                                              "the same kept set")),
+    (("--dcm-steps",), "dcm_steps", "steps", ("dcm",),
+     dict(type=positive(int), default=None, help="step schedule: exactly N Adam steps, cosine lr (use --lr ~0.05); "
+                                                 "default: the paper's epochs")),
+    (("--dcm-check-every",), "dcm_check_every", "check_every", ("dcm",),
+     dict(type=positive(int), default=10, help="step schedule: check every N steps")),
+    (("--objective",), "objective", "objective", ("dcm",), dict(choices=("logit_diff", "logsigmoid"), default="logit_diff")),
+    (("--seed",), "seed", "seed", ("dcm",), dict(type=int, default=0)),
+)
+
+# (flags, settings) of the data and the keep rule, shared by every locator
+COMMON: tuple[tuple[str, tuple[str, ...], dict[str, Any]], ...] = (
+    ("data", ("--data-config",), dict(default=None, help="hub dataset configuration (e.g. 'main' for gsm8k)")),
+    ("data", ("--split",), dict(default="train", help="hub dataset split (default train)")),
+    ("data", ("--limit",), dict(type=positive(int), default=None, help="use only the first N rows")),
+    ("data", ("--prompt-field", "--question-field"), dict(dest="prompt_field", default=None, help=
+     "probe field with the prompt (default: 'prompt', else 'question' if present)")),
+    ("data", ("--solution-field", "--answer-field"), dict(dest="solution_field", default=None, help=
+     "probe field with the solution (default: 'solution', else 'answer' if present)")),
+    ("data", ("--no-chat-template",), dict(action="store_true", help="probe prompts as plain text, not a chat turn")),
+    ("data", ("--max-length",), dict(type=positive(int), default=1024, help="probe rows are cut to this many tokens")),
+    ("selection", ("--keep-fraction",), dict(type=fraction, default=None, help=
+     f"keep this share of each scored kind (default {DEFAULT_KEEP_FRACTION}; dcm: its masks m >= 0.5)")),
+    ("selection", ("--top-k",), dict(type=positive(int), default=None, help="keep the k best scored components instead")),
+    ("selection", ("--z",), dict(type=float, default=None, help="keep components with score z-score >= Z instead")),
+    ("selection", ("--target",), dict(choices=("ablation", "logit_diff"), default=None, help=argparse.SUPPRESS)),
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    methods = "; ".join(f"{name} ({spec.reads}): {spec.summary}" for name, spec in LOCATORS.items())
     p = subparsers.add_parser(
-        "locate",
-        help="locate a circuit (DCM masks, head ablation scan, attribution, attribution refined by the exact scan) "
-             "and save it as JSON",
-        description="Locate the components that do a task. dcm and attribution --target logit_diff read "
-                    "contrastive records (jsonl of {context_ids, desired_id, undesired_id, problem_id}); "
-                    "ablation, refined and attribution --target ablation read probe rows with a prompt and a "
-                    "solution (e.g. GSM8K question/answer).",
-    )
+        "locate", help="locate a circuit with any registered locator and save it as JSON",
+        description="Locate the components that do a task. Locators reading records take contrastive records "
+                    "(jsonl of {context_ids, desired_id, undesired_id, problem_id}); those reading probe rows take "
+                    "a prompt and a solution (e.g. GSM8K question/answer). " + methods)
     p.add_argument("--model", required=True, help="hub id, local folder, or 'smollm2' (offline SmolLM2-135M-Instruct)")
     p.add_argument("--data", required=True, help="local .jsonl/.json/.csv file, a saved datasets folder, or a hub dataset name")
-    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--method", choices=METHODS, required=True, help="the locator (see above)")
     p.add_argument("--out", required=True, help="where to write the circuit JSON")
     p.add_argument("--plot", default=None, help="also write a PNG picture of the circuit here")
-    g = p.add_argument_group("data")
-    g.add_argument("--data-config", default=None, help="hub dataset configuration (e.g. 'main' for gsm8k)")
-    g.add_argument("--split", default="train", help="hub dataset split (default train)")
-    g.add_argument("--limit", type=positive(int), default=None, help="use only the first N rows")
-    g.add_argument("--prompt-field", "--question-field", dest="prompt_field", default=None,
-                   help="probe field with the prompt (default: 'prompt', else 'question' if present; "
-                        "--question-field as in the other commands)")
-    g.add_argument("--solution-field", "--answer-field", dest="solution_field", default=None,
-                   help="probe field with the solution (default: 'solution', else 'answer' if present; "
-                        "--answer-field as in the other commands)")
-    g.add_argument("--no-chat-template", action="store_true", help="probe prompts as plain text, not a chat turn")
-    g.add_argument("--max-length", type=positive(int), default=1024, help="probe rows are cut to this many tokens")
-    s = p.add_argument_group("selection")
-    s.add_argument("--keep-fraction", type=fraction, default=None,
-                   help="keep this share of each scored kind, as the library call does (ablation/attribution default 0.05)")
-    s.add_argument("--top-k", type=positive(int), default=None, help="keep the k best scored components instead")
-    s.add_argument("--z", type=float, default=None, help="keep components with score z-score >= Z instead")
-    a = p.add_argument_group("ablation / attribution")
-    a.add_argument("--ablation", choices=("uniform", "zero", "mean"), default="uniform", help="head ablation operator")
-    a.add_argument("--target", choices=("ablation", "logit_diff"), default=None,
-                   help="attribution target (default: logit_diff for contrastive records, else ablation)")
-    a.add_argument("--batch-size", type=positive(int), default=None, help="rows per forward (ablation 8, attribution 4, dcm 8)")
-    a.add_argument("--naive", action="store_true", help="ablation: one full forward per head (slow reference)")
-    a.add_argument("--candidates", type=at_least_one(float), default=2.0,
-                   help="refined: the exact scan re-scores attribution's top CANDIDATES x kept heads (default 2)")
-    a.add_argument("--bound-candidates", type=non_negative(float), default=1.0,
-                   help="refined: also the top N x kept heads by the bound of the first-order term (same pass; "
-                        "default 1; 0: none)")
-    a.add_argument("--estimate", choices=("first_order", "bound"), default="first_order",
-                   help="attribution (ablation target): the signed first-order estimate (default) or its bound "
-                        "sum_rows ||a' - a|| ||dL/da||")
-    a.add_argument("--ig-steps", type=non_negative(int), default=0,
-                   help="attribution (ablation target) / refined: integrated gradients over N points of the joint "
-                        "ablation path (N more forward + backward passes per batch; default 0: first order). "
-                        "refined: its top --ig-candidates x kept heads join the candidates")
-    a.add_argument("--ig-candidates", type=positive(float), default=1.0,
-                   help="refined with --ig-steps: how many times the kept heads integrated gradients adds (default 1)")
-    d = p.add_argument_group("dcm")
-    d.add_argument("--dcm-lambda", dest="lambda_l1", type=non_negative(float), default=0.01,
-                   help="L1 weight (default 0.01; the same flag as amplify's)")
-    d.add_argument("--lambda", dest="lambda_l1", type=non_negative(float), help=argparse.SUPPRESS)  # old name
-    d.add_argument("--lr", type=positive(float), default=5e-3, help="Adam learning rate (default 5e-3)")
-    d.add_argument("--dcm-epochs", dest="epochs", type=positive(int), default=50,
-                   help="maximum epochs (default 50; the same flag as amplify's)")
-    d.add_argument("--epochs", dest="epochs", type=positive(int), help=argparse.SUPPRESS)  # old name
-    d.add_argument("--patience", type=positive(int), default=5,
-                   help="early stop after N checks (epochs, or --dcm-check-every steps) with the same kept set")
-    d.add_argument("--dcm-steps", type=positive(int), default=None,
-                   help="step schedule: exactly N Adam steps, cosine lr (use --lr ~0.05); default: the paper's epochs")
-    d.add_argument("--dcm-check-every", type=positive(int), default=10, help="step schedule: check every N steps")
-    d.add_argument("--objective", choices=("logit_diff", "logsigmoid"), default="logit_diff")
-    d.add_argument("--seed", type=int, default=0)
+    groups = {name: p.add_argument_group(name) for name in ("data", "selection", "locator settings")}
+    for group, flags, settings in COMMON:
+        groups[group].add_argument(*flags, **settings)
+    for flags, dest, _, users, settings in OPTIONS:
+        hidden = settings.get("help") is argparse.SUPPRESS
+        groups["locator settings"].add_argument(*flags, dest=dest, **dict(
+            settings, help=settings["help"] if hidden else f"{'/'.join(users)}: {settings.get('help', '')}"))
     add_model_args(p)
     p.set_defaults(func=run)
     return p
@@ -129,10 +155,9 @@ def _probe_fields(rows: list[dict[str, Any]], prompt: str | None, solution: str 
 
 def run(args: argparse.Namespace) -> int:
     rows = load_rows(args.data, args.data_config, args.split, args.limit)
-    target = _check_request(args, rows)
+    method = _check_request(args, rows)
     model, tok = _load(args)
-    circuit = _scan(args, model, tok, rows, target)
-    circuit = _select(args, circuit)
+    circuit = LOCATORS[method](model, tok, rows, _keep(args, method), **_options(args, method, rows))
     circuit.meta.setdefault("source", {"model": args.model, "data": args.data, "rows": len(rows)})
     circuit.save(args.out)
     print(circuit.summary())
@@ -143,36 +168,101 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method(args: argparse.Namespace, records: bool) -> str:
+    """The locator: ``--method``, where the old spellings name ``attribution`` on probe rows (now
+    ``ablation_estimate``) or the hidden ``--target`` (``logit_diff``: attribution, ``ablation``: its estimate)."""
+    method = args.method
+    if method in ("attribution", "ablation_estimate") and args.target is not None:
+        method = "attribution" if args.target == "logit_diff" else "ablation_estimate"
+        if (method == "attribution") != records:
+            raise ValueError(f"--target {args.target} does not fit this data "
+                             f"({'contrastive records' if records else 'probe rows'})")
+    elif args.target is not None:
+        raise ValueError(f"--target works with --method attribution or ablation_estimate, not {method}")
+    elif method == "attribution" and not records:
+        method = "ablation_estimate"
+    if method != args.method:
+        logger.warning("--method %s%s on %s runs the locator %s (attribution is the logit difference on "
+                       "contrastive records)", args.method, f" --target {args.target}" if args.target else "",
+                       "contrastive records" if records else "probe rows", method)
+    return method
+
+
 def _check_request(args: argparse.Namespace, rows: list[dict]) -> str:
-    """Refuse flags that do not fit each other or the data (before the model loads); the attribution target."""
+    """Refuse flags that do not fit each other, the locator or the data (before the model loads); the locator."""
     from ..files import check_output_path
 
     if len([x for x in (args.keep_fraction, args.top_k, args.z) if x is not None]) > 1:
         raise ValueError("give at most one of --keep-fraction, --top-k, --z")
     records = _is_records(rows)
-    if args.method == "dcm" and not records:
-        raise ValueError(f"--method dcm needs contrastive records (context_ids, desired_id, undesired_id); "
+    method = _method(args, records)
+    spec = LOCATORS[method]
+    if spec.reads == "records" and not records:
+        raise ValueError(f"--method {method} needs contrastive records (context_ids, desired_id, undesired_id); "
                          f"{args.data} has fields {sorted(rows[0])}. Mine them with `circuit-peft mine`.")
-    if args.method in ("ablation", "refined") and records:
-        raise ValueError(f"--method {args.method} needs probe rows with a prompt and a solution, not contrastive records")
-    if args.method == "refined" and (args.top_k is not None or args.z is not None):
+    if spec.reads == "probe" and records:
+        raise ValueError(f"--method {method} needs probe rows with a prompt and a solution, not contrastive records")
+    if method == "refined" and (args.top_k is not None or args.z is not None):
         raise ValueError("--method refined keeps --keep-fraction of the heads (default 0.05); --top-k/--z do not apply")
-    if args.method == "refined" and (args.target is not None or args.naive):
+    if method == "refined" and args.naive:
         raise ValueError("--method refined scores heads by the ablation target, exactly; --target/--naive do not apply")
-    target = args.target or ("logit_diff" if records else "ablation")
-    if args.method == "attribution" and (target == "logit_diff") != records:
-        raise ValueError(f"--target {target} does not fit this data ({'contrastive records' if records else 'probe rows'})")
-    if args.ig_steps and (args.method not in ("attribution", "refined") or target != "ablation"):
-        raise ValueError("--ig-steps works with --method attribution (ablation target: probe rows) or refined")
-    if args.estimate == "bound" and (args.method != "attribution" or target != "ablation" or args.ig_steps):
-        raise ValueError("--estimate bound works with --method attribution on probe rows (ablation target), "
-                         "without --ig-steps")
+    _refuse_foreign_flags(args, method)
+    if args.estimate == "bound" and args.ig_steps:
+        raise ValueError("--estimate bound works with --method ablation_estimate without --ig-steps")
+    if method == "gradient_contrast" and args.reference is None:
+        raise ValueError("--method gradient_contrast needs --reference (general text: a .txt file or a data folder)")
     if Path(args.out).suffix.lower() != ".json":
         raise ValueError(f"--out should be a .json file, got {args.out}")
     check_output_path(args.out, "--out", (args.data,))  # before the scan, not after it
     if args.plot:
         check_output_path(args.plot, "--plot", (args.data,))
-    return target
+    return method
+
+
+def _refuse_foreign_flags(args: argparse.Namespace, method: str) -> None:
+    """A locator flag set (away from its default) for a locator that does not take it: refused where it would
+    change what is measured (``REFUSED``), else ignored with a warning."""
+    defaults: dict[str, Any] = {}
+    for flags, dest, _, users, settings in OPTIONS:
+        defaults.setdefault(dest, settings.get("default", False if settings.get("action") == "store_true" else None))
+        value = getattr(args, dest)
+        if method not in users and value != defaults[dest]:
+            shown = f"{flags[0]} {value}" if "choices" in settings else flags[0]
+            if dest not in REFUSED:
+                logger.warning("%s is ignored: it works with --method %s, not %s", shown, " or ".join(users), method)
+                continue
+            raise ValueError(f"{shown} works with --method {' or '.join(users)}, not {method}")
+
+
+def _keep(args: argparse.Namespace, method: str):
+    """The keep rule of ``--top-k`` / ``--z`` (pooled over kinds), ``--keep-fraction`` (each kind), or the default:
+    :data:`DEFAULT_KEEP_FRACTION` of each kind (a locator with a kept set of its own: that set)."""
+    from ..circuits.selection import Keep
+
+    if args.top_k is not None:
+        return Keep(k=args.top_k, per_kind=False)
+    if args.z is not None:
+        return Keep(z=args.z, per_kind=False)
+    if args.keep_fraction is not None:
+        return Keep(fraction=args.keep_fraction)
+    return None if LOCATORS[method].own_keep else Keep(fraction=DEFAULT_KEEP_FRACTION)
+
+
+def _options(args: argparse.Namespace, method: str, rows: list[dict]) -> dict[str, Any]:
+    """The locator's options: its flags (``OPTIONS``), how probe rows become ids, the reference text."""
+    from ..taskdata.examples import ProbeSpec
+
+    options = {option: getattr(args, dest) for _, dest, option, users, _ in OPTIONS
+               if option is not None and method in users and getattr(args, dest) is not None}
+    if method in _PROBE:
+        prompt_field, solution_field = _probe_fields(rows, args.prompt_field, args.solution_field)
+        options["spec"] = ProbeSpec(prompt_field, solution_field, max_length=args.max_length,
+                                    chat_template=False if args.no_chat_template else None)
+    if method == "gradient_contrast":
+        from ..evaluate.data import load_text
+
+        options["reference"] = load_text(args.reference)
+    return options
 
 
 def _load(args: argparse.Namespace):
@@ -186,41 +276,3 @@ def _load(args: argparse.Namespace):
         # contrastive records and prompt_ids/solution_ids rows are token ids already
         logger.warning("no tokenizer for %s (%s); the data must be token ids", args.model, err)
         return model, None
-
-
-def _scan(args: argparse.Namespace, model, tok, rows: list[dict], target: str):
-    """The circuit of ``--method`` with every scored component."""
-    from ..locate import ProbeSpec, attribution_scan, head_ablation_scan, learn_masks, refined_head_scan
-
-    prompt_field, solution_field = _probe_fields(rows, args.prompt_field, args.solution_field)
-    spec = ProbeSpec(prompt_field, solution_field, chat_template=False if args.no_chat_template else None,
-                     max_length=args.max_length)
-    # --keep-fraction goes to the library's own keep rule (a share of each kind), so the CLI keeps
-    # exactly what the Python call with the same number keeps
-    selected = any(x is not None for x in (args.top_k, args.z))
-    keep = args.keep_fraction if args.keep_fraction is not None else (None if selected else 0.05)
-    if args.method == "dcm":
-        return learn_masks(model, rows, lambda_l1=args.lambda_l1, lr=args.lr, batch_size=args.batch_size or 8,
-                           epochs=args.epochs, patience=args.patience, objective=args.objective, seed=args.seed,
-                           tokenizer=tok, steps=args.dcm_steps, check_every=args.dcm_check_every)
-    if args.method == "ablation":
-        return head_ablation_scan(model, tok, rows, method=args.ablation, batch_size=args.batch_size or 8,
-                                  naive=args.naive, keep_fraction=keep, spec=spec)
-    if args.method == "refined":
-        return refined_head_scan(model, tok, rows, keep_fraction=keep, candidates=args.candidates,
-                                 bound_candidates=args.bound_candidates, ig_steps=args.ig_steps,
-                                 ig_candidates=args.ig_candidates, method=args.ablation,
-                                 batch_size=args.batch_size or 8, spec=spec)
-    return attribution_scan(model, tok, rows, target=target, method=args.ablation, ig_steps=args.ig_steps,
-                            estimate=args.estimate, batch_size=args.batch_size or 4, keep_fraction=keep, spec=spec)
-
-
-def _select(args: argparse.Namespace, circuit):
-    """The kept components of ``--keep-fraction`` (DCM), ``--top-k`` or ``--z``."""
-    if args.keep_fraction is not None and args.method == "dcm":
-        return circuit.top_each_kind(args.keep_fraction)
-    if args.top_k is not None:
-        return circuit.top(k=args.top_k)
-    if args.z is not None:
-        return circuit.top(z=args.z)
-    return circuit

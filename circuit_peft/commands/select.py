@@ -13,6 +13,10 @@ from typing import Any
 
 from ._args import add_model_args, fraction, load_spec, non_negative, positive
 from ..files import atomic_write_text, read_rows
+from ..locate.registry import locator_names
+
+# the locators that score query heads on probe rows alone (gradient_contrast needs general text too)
+HEAD_METHODS = tuple(n for n in locator_names(heads=True) if n != "gradient_contrast") + ("attribution",)
 
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -145,8 +149,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="where to write the subset (.jsonl; adds pool_index and score)")
     p.add_argument("--plot", help="PNG histogram of the scores, selected vs not")
     p.add_argument("--heads", help="reasoning heads file (circuit-peft select/locate output) for circuitseer")
-    p.add_argument("--head-method", default="ablation", choices=["ablation", "attribution", "refined"],
-                   help="how to find reasoning heads when --heads is not given")
+    p.add_argument("--head-method", default="ablation", choices=HEAD_METHODS,
+                   help="the locator that finds reasoning heads when --heads is not given ('attribution': the old "
+                        "name of ablation_estimate)")
     p.add_argument("--head-fraction", type=fraction, default=0.05, help="share of heads kept as reasoning heads")
     p.add_argument("--probe-rows", type=positive(int), default=16, help="rows of --data used to find the heads")
     p.add_argument("--save-heads", help="where to save heads found here (default: OUT.heads.json)")

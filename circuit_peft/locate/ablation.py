@@ -28,6 +28,7 @@ from ..batching import (
 )
 from ..arch import Component, get_arch
 from ..circuit import Circuit
+from .registry import register_locator
 from ..interventions import (
     ABLATION_METHODS, HeadAblation, ablate_heads, capture_components, capture_layer_input, head_output_means,
     start_at_layer,
@@ -291,3 +292,11 @@ def _prefix_cache(model: nn.Module, prefix_ids: torch.Tensor, rows: int, below: 
         for i in range(layer):
             cache.layers[i] = base_cache.layers[i]
     return cache
+
+
+@register_locator("ablation", reads="probe", kinds=("q",), heads=True,
+                  summary="the exact head ablation scan: each query head's solution-loss increase when it alone is "
+                          "ablated (nats per solution token)")
+def locate_by_ablation(model: nn.Module, tokenizer: Any, task_data: Any, keep: Any, **options: Any) -> Circuit:
+    """Locator ``ablation``: :func:`head_ablation_scan` of the probe rows (``options``: its settings), then ``keep``."""
+    return head_ablation_scan(model, tokenizer, task_data, keep_fraction=None, **options).keep(keep)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from ..batching import length_batches, model_device, pad_token_id, to_device
 from ..arch import Component, ModelArch, get_arch
 from ..circuit import Circuit
+from .registry import register_locator
 from ..interventions import (
     ABLATION_METHODS, capture_components, edit_components, head_output_means, uniform_attention_output,
 )
@@ -154,7 +155,7 @@ def ablation_estimates(model: nn.Module, tokenizer: Any, data: Any, method: str,
         by_estimate, meta = _ablation_attribution(model, get_arch(model), batches, method, kinds, progress,
                                                   ig_steps)
     meta.update(target="ablation", kinds=list(kinds))
-    return {name: Circuit.from_scores(model, scores, method="attribution", meta=dict(meta, estimate=name))
+    return {name: Circuit.from_scores(model, scores, method="ablation_estimate", meta=dict(meta, estimate=name))
             for name, scores in by_estimate.items()}
 
 
@@ -277,4 +278,20 @@ def _logit_diff_attribution(model, arch, tokenizer, data, kinds, batch_size, pro
     return _scores_dict(arch, totals), meta
 
 
-__all__ = ["attribution_scan", "frozen_parameters", "TARGETS"]
+@register_locator("attribution", reads="records", kinds=_DEFAULT_KINDS["logit_diff"],
+                  summary="attribution of the logit difference desired - undesired on contrastive records "
+                          "(activation x gradient at the last context position; CCA stage 2)")
+def locate_by_attribution(model: nn.Module, tokenizer: Any, task_data: Any, keep: Any, **options: Any) -> Circuit:
+    """Locator ``attribution``: :func:`attribution_scan` with ``target="logit_diff"``, then ``keep``."""
+    return attribution_scan(model, tokenizer, task_data, target="logit_diff", keep_fraction=None, **options).keep(keep)
+
+
+@register_locator("ablation_estimate", reads="probe", kinds=_DEFAULT_KINDS["ablation"], heads=True,
+                  summary="a first-order estimate of the ablation scan on probe rows, one backward pass (or its "
+                          "bound, or integrated gradients with ig_steps)")
+def locate_by_ablation_estimate(model: nn.Module, tokenizer: Any, task_data: Any, keep: Any, **options: Any) -> Circuit:
+    """Locator ``ablation_estimate``: :func:`attribution_scan` with ``target="ablation"``, then ``keep``."""
+    return attribution_scan(model, tokenizer, task_data, target="ablation", keep_fraction=None, **options).keep(keep)
+
+
+__all__ = ["attribution_scan", "frozen_parameters", "locate_by_ablation_estimate", "locate_by_attribution", "TARGETS"]

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..arch import Component, get_arch
 from ..circuit import Circuit
+from .registry import register_locator
 from ..interventions import scale_components
 from .attribution import frozen_parameters
 from ..batching import model_device, pad_token_id, to_device
@@ -282,3 +283,12 @@ def _mask_circuit(masks: dict[str, torch.Tensor], arch, meta: dict[str, Any]) ->
               for l in range(m.shape[0]) for i, v in enumerate(m.detach()[l].tolist())}
     kept = [c for c, v in scores.items() if v >= 0.5]
     return Circuit(kept, scores, arch.fingerprint(), method="dcm", meta=meta)
+
+
+@register_locator("dcm", reads="records", kinds=DCM_KINDS, own_keep=True,
+                  summary="DCM: a mask per component learned on contrastive records (logit difference + L1); "
+                          "keeps m >= 0.5 unless keep says otherwise (the CCA paper's stage 2)")
+def locate_by_dcm(model: nn.Module, tokenizer: Any, task_data: Any, keep: Any, **options: Any) -> Circuit:
+    """Locator ``dcm``: :func:`learn_masks` (``options``: its settings); ``keep`` None keeps ``m >= 0.5``,
+    else ranks the final mask values by it."""
+    return learn_masks(model, task_data, tokenizer=tokenizer, **options).keep(keep)

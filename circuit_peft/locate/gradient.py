@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..arch import PROJECTION_PRESETS, Component, ModelArch, get_arch
 from ..circuit import Circuit
+from .registry import register_locator
 from ..batching import model_device, to_device
 from ..interventions import accumulate_weight_grads
 from ..tuner.layer import is_4bit
@@ -159,4 +160,56 @@ def general_text_rows(chunks: Iterable[Sequence[int]]) -> list[dict[str, Any]]:
     return [{"input_ids": list(c), "labels": list(c), "token_weights": [1.0] * len(c)} for c in chunks]
 
 
-__all__ = ["GRADIENT_KINDS", "gradient_scan", "general_text_rows"]
+def reference_rows(tokenizer: Any, text: str, n_chunks: int = 32, chunk_length: int = 128) -> list[dict[str, Any]]:
+    """General-text rows for ``gradient_contrast``: the last ``n_chunks`` ``chunk_length``-token chunks of
+    ``text`` (a side-effect KL measurement reads the first ones, so the two do not overlap on a long text)."""
+    from ..evaluate.side_effects import text_chunks
+
+    return general_text_rows(text_chunks(tokenizer, text, chunk_length, None)[-n_chunks:])
+
+
+def task_rows(model: nn.Module, tokenizer: Any, task_data: Any, spec: Any = None) -> list[dict[str, Any]]:
+    """``task_data`` as rows :func:`gradient_scan` trains on: tokenized task rows (``input_ids``, ``labels``,
+    ``token_weights``, e.g. pivotal SFT rows) as given; probe rows encoded (:func:`encode_probe`, loss and
+    weight 1 on every solution token)."""
+    from ..taskdata.examples import as_rows, encode_probe
+
+    rows = as_rows(task_data)
+    if rows and {"input_ids", "labels", "token_weights"} <= set(rows[0]):
+        return rows
+    out = []
+    for e in encode_probe(tokenizer, rows, spec=spec):
+        prompt = len(e.ids) - e.n_solution
+        out.append({"input_ids": e.ids, "labels": [-100] * prompt + e.ids[prompt:], "token_weights": [1.0] * len(e.ids)})
+    return out
+
+
+@register_locator("gradient", reads="probe", kinds=GRADIENT_KINDS, heads=True,
+                  summary="the norm of the (answer-weighted) SFT-loss gradient on each component's trained slices")
+def locate_by_gradient(model: nn.Module, tokenizer: Any, task_data: Any, keep: Any, spec: Any = None,
+                       **options: Any) -> Circuit:
+    """Locator ``gradient``: :func:`gradient_scan` of :func:`task_rows` (``options``: its settings), then ``keep``."""
+    from ..batching import pad_token_id
+
+    rows = task_rows(model, tokenizer, task_data, spec)
+    return gradient_scan(model, rows, keep_fraction=None, pad_token_id=pad_token_id(model, tokenizer),
+                         **options).keep(keep)
+
+
+@register_locator("gradient_contrast", reads="probe", kinds=GRADIENT_KINDS, heads=True,
+                  summary="gradient's norm divided by the same norm of the LM loss on general text (reference=: "
+                          "a text, or general_text_rows)")
+def locate_by_gradient_contrast(model: nn.Module, tokenizer: Any, task_data: Any, keep: Any, reference: Any = None,
+                                **options: Any) -> Circuit:
+    """Locator ``gradient_contrast``: :func:`locate_by_gradient` with ``reference`` (a text: its
+    :func:`reference_rows`; or rows) as the general text the task gradient is divided by."""
+    from ..errors import CircuitPeftError
+
+    if reference is None:
+        raise CircuitPeftError("reference: the gradient_contrast locator needs general text (a text, or "
+                               "general_text_rows); got none")
+    rows = reference_rows(tokenizer, reference) if isinstance(reference, str) else reference
+    return locate_by_gradient(model, tokenizer, task_data, keep, reference=rows, **options)
+
+
+__all__ = ["GRADIENT_KINDS", "gradient_scan", "general_text_rows", "reference_rows", "task_rows"]

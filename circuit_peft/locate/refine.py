@@ -22,6 +22,9 @@ from typing import Any
 from torch import nn
 
 from ..circuit import Circuit
+from ..circuits.selection import Keep
+from ..errors import CircuitPeftError
+from .registry import register_locator
 from ..fractions import keep_count
 from .ablation import DEFAULT_KEEP_FRACTION, head_ablation_scan
 from .attribution import ablation_estimates, attribution_scan
@@ -111,3 +114,15 @@ def _not_in(ranked: list, taken: list) -> list:
 def _named(pairs: list) -> dict[str, float]:
     """``{"layer.head": score}`` of (component, score) pairs (the JSON form of a candidate list)."""
     return {f"{c.layer}.{c.index}": s for c, s in pairs}
+
+
+@register_locator("refined", reads="probe", kinds=("q",), heads=True, z=False,
+                  summary="ablation_estimate's (and its bound's) top candidates re-scored by the exact ablation scan")
+def locate_by_refined_scan(model: nn.Module, tokenizer: Any, task_data: Any, keep: Any, **options: Any) -> Circuit:
+    """Locator ``refined``: :func:`refined_head_scan`; ``keep`` gives k or a fraction of the query heads (the
+    exact scan sees only candidates, so a z-score over all heads cannot be taken)."""
+    rule = Keep.of(keep)
+    if rule is None or rule.z is not None:
+        raise CircuitPeftError(f"keep: the refined scan keeps fraction= or k= heads (the exact scan sees only "
+                               f"candidates), got {rule}")
+    return refined_head_scan(model, tokenizer, task_data, keep_fraction=rule.fraction, k=rule.k, **options)

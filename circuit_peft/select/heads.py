@@ -16,6 +16,7 @@ model fingerprint so a heads file made for another model is refused.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from ..arch import fingerprint_diff, get_arch
 from ..circuit import Circuit
 from ..circuits.selection import Keep, keep_ranked
 from ..errors import located
+
+logger = logging.getLogger(__name__)
 
 HEADS_FORMAT = "circuit-peft/reasoning-heads"  # the old file format (read, no longer written)
 REASONING_HEADS_METHOD = "reasoning_heads"
@@ -201,31 +204,27 @@ def find_reasoning_heads(
 
     Rows with other field names: pass ``prompt_field=`` / ``solution_field=`` (e.g. GSM8K's
     ``"question"`` / ``"answer"``).
-    ``method="ablation"``: :func:`circuit_peft.locate.ablation.head_ablation_scan` (loss increase on
-    solution tokens when the head is ablated, uniform ablation by default);
-    ``method="attribution"``: :func:`circuit_peft.locate.attribution.attribution_scan` (first-order
-    estimate, one backward pass); ``method="refined"``:
-    :func:`circuit_peft.locate.refine.refined_head_scan` (attribution, then the exact scan of its top
-    candidates; keeps ``fraction`` or ``k`` heads, not ``z``). Extra keyword arguments go to the scan.
+    ``method``: a registered locator that scores query heads on probe rows
+    (:func:`circuit_peft.locate.registry.locator_names` ``(heads=True)``): ``"ablation"`` (the exact scan: loss
+    increase on solution tokens when the head is ablated, uniform ablation by default), ``"ablation_estimate"``
+    (its first-order estimate, one backward pass; ``"attribution"`` is its old name here), ``"refined"``
+    (the estimate, then the exact scan of its top candidates; keeps ``fraction`` or ``k`` heads, not ``z``),
+    ``"gradient"``... The top ``k`` (k wins), else z-score >= ``z``, else ``fraction`` of the heads are kept
+    (:mod:`circuit_peft.circuits.selection`). Extra keyword arguments go to the locator.
     """
-    if method == "ablation":
-        from ..locate.ablation import head_ablation_scan
+    from ..locate.registry import get_locator, locator_names
 
-        circuit = head_ablation_scan(model, tokenizer, probe, **{"keep_fraction": None, **scan_kwargs})
-    elif method == "attribution":
-        from ..locate.attribution import attribution_scan
-
-        circuit = attribution_scan(model, tokenizer, probe, **{"kinds": ("q",), "keep_fraction": None, **scan_kwargs})
-    elif method == "refined":
-        from ..locate.refine import refined_head_scan
-
-        if z is not None or (fraction is None and k is None):  # k wins over fraction, as for the other methods
-            raise ValueError("method='refined' keeps fraction= or k= heads (the exact scan sees only candidates)")
-        circuit = refined_head_scan(model, tokenizer, probe, keep_fraction=None if k is not None else fraction, k=k,
-                                    **scan_kwargs)
-        fraction, k = None, len(circuit.components)
-    else:
-        raise ValueError(f"unknown reasoning-head method {method!r}; use 'ablation', 'attribution' or 'refined'")
-    out = ReasoningHeads.from_circuit(circuit, fraction=fraction, k=k, z=z, model=model)
-    out.source = f"{method} scan"
+    if method == "attribution":  # the old name: attribution is now the logit difference on contrastive records
+        logger.warning("reasoning heads: method='attribution' on probe rows is the locator 'ablation_estimate'")
+        method = "ablation_estimate"
+    locator = get_locator(method, "method", among=locator_names(heads=True))
+    if k is None and z is None and fraction is None:
+        raise ValueError("give one of fraction=, k= or z=")
+    keep = Keep(k=k) if k is not None else Keep(z=z) if z is not None else Keep(fraction=fraction)
+    options = {} if locator.kinds == ("q",) else {"kinds": ("q",)}
+    circuit = locator(model, tokenizer, probe, keep, **{**options, **scan_kwargs})
+    out = ReasoningHeads([(c.layer, c.index) for c in circuit.components if c.kind == "q"], circuit.fingerprint,
+                         {(c.layer, c.index): v for c, v in circuit.scores.items() if c.kind == "q"},
+                         source=f"{method} scan")
+    out.check_model(model, record=True)
     return out
