@@ -30,7 +30,7 @@ def test_tokenized_task_rows_are_probe_rows_split_at_their_first_label():
         got = encode_probe(None, rows, max_length=max_length)
         assert got == encode_probe(None, split, max_length=max_length)
     assert [(e.ids, e.n_solution) for e in encode_probe(None, rows, max_length=4)] == [([5, 6, 7, 8], 2), ([5, 6, 3, 4], 3)]
-    with pytest.raises(CircuitPeftError, match="no label"):
+    with pytest.raises(CircuitPeftError, match="empty prompt_ids or solution_ids"):
         encode_probe(None, [{"input_ids": [1, 2], "labels": [IGNORE_INDEX] * 2}])
     with pytest.raises(CircuitPeftError, match="prompt alone fills max_length=2"):
         encode_probe(None, rows, max_length=2)

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .answers import AnswerFormat, NumberAnswer
 from .generation import generate_batched
+from ..taskdata.examples import split_task_row
 from ..taskdata.prompts import PromptStyle, encode_prompts, row_prompt
 
 logger = logging.getLogger(__name__)
@@ -150,12 +151,11 @@ def completion_loss(
         raise ValueError("no rows to measure: the evaluation set is empty")
     contexts, completions = [], []
     for i, row in enumerate(rows):
-        labels = list(row["labels"])
-        start = next((k for k, t in enumerate(labels) if t != -100), None)
-        if start is None or start == 0:
+        context, completion = split_task_row(row)
+        if not context or not completion:
             raise ValueError(f"row {i}: needs a prompt and a completion (labels -100 on the prompt only)")
-        contexts.append(list(row["input_ids"][:start]))
-        completions.append(list(row["input_ids"][start:]))
+        contexts.append(context)
+        completions.append(completion)
     sums = [-x for x in continuation_logprobs(model, tokenizer, contexts, completions, batch_size=batch_size,
                                               progress=progress, desc="completion loss")]
     counts = [len(c) for c in completions]

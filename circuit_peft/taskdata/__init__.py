@@ -3,18 +3,19 @@ loss", written once.
 
 * :mod:`.examples`: THE encoder of a tokenized example (ids, loss mask, token weights, undesired ids, prompt
   length) and THE truncation policy (:func:`fit_to_length`); pivotal SFT rows; probe rows.
+* :mod:`.prompts`: the prompt styles (chat template, few-shot, a TRL row's own prompt and completion).
 * :mod:`.records`: contrastive records (validate, collate).
 * :mod:`.collate`: examples -> padded batches (SFT rows right-padded, probe rows left-padded).
 * :mod:`.losses`: the pivotal-weighted loss, the solution loss, the contrastive margin.
 
-Imports only the floor below it (``batching``, ``validation``, ``errors``); SFT, the locators, CCA, CircuitSeer,
+Imports only the floor below it (``batching``, ``validation``, ``errors``; TRL's chat-template helper); SFT, the locators, CCA, CircuitSeer,
 evaluation and the benchmarks import it, never the reverse.
 """
 
 from .collate import PivotalCollator, collate_probe, collate_probe_after_prefix, model_inputs
 from .examples import (
     DEFAULT_PIVOTAL_WEIGHT, WEIGHT_COLUMNS, EncodedProbe, ProbeSpec, answer_example, as_rows, build_pivotal_dataset,
-    encode_probe, fit_to_length, prompt_length,
+    encode_probe, fit_to_length, split_task_row,
 )
 from .losses import (
     IGNORE_INDEX, aligned_weighted_loss, at_least_float32, last_logits, logit_margins, mean_label_losses,
@@ -26,6 +27,6 @@ __all__ = [
     "DEFAULT_PIVOTAL_WEIGHT", "EncodedProbe", "IGNORE_INDEX", "PivotalCollator", "ProbeSpec", "RECORD_FIELDS",
     "WEIGHT_COLUMNS", "aligned_weighted_loss", "answer_example", "as_rows", "at_least_float32",
     "build_pivotal_dataset", "collate_probe", "collate_probe_after_prefix", "collate_records", "encode_probe",
-    "fit_to_length", "last_logits", "logit_margins", "mean_label_losses", "model_inputs", "pivotal_weighted_loss", "prompt_length",
+    "fit_to_length", "last_logits", "logit_margins", "mean_label_losses", "model_inputs", "pivotal_weighted_loss", "split_task_row",
     "record_name", "solution_loss_sums", "validate_records",
 ]

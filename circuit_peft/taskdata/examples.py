@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CircuitPeftError
 from .losses import IGNORE_INDEX
+from .prompts import build_prompt_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -63,13 +64,12 @@ def answer_example(prompt_ids: Sequence[int], answer_ids: Sequence[int], max_len
     return {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}
 
 
-def prompt_length(row: dict[str, Any]) -> int:
-    """Tokens before the first label of a tokenized task row (``input_ids``, ``labels``): its prompt."""
-    start = next((i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX), None)
-    if start is None:
-        raise CircuitPeftError(f"a tokenized row has no label (every entry of its labels is {IGNORE_INDEX}): "
-                               "nothing to score")
-    return start
+def split_task_row(row: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """``(prompt ids, answer ids)`` of a tokenized task row (``input_ids``, ``labels``): the answer starts at the
+    first label (a row without one is all prompt)."""
+    ids = [int(t) for t in row["input_ids"]]
+    start = next((i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX), len(ids))
+    return ids[:start], ids[start:]
 # ----- pivotal SFT rows --------------------------------------------------------------------------------
 
 
@@ -299,9 +299,7 @@ def _given_probe_ids(i: int, r: dict[str, Any]) -> tuple[list[int], list[int]] |
     if "prompt_ids" in r and "solution_ids" in r:
         prompt_ids, sol_ids = [int(t) for t in r["prompt_ids"]], [int(t) for t in r["solution_ids"]]
     elif "input_ids" in r and "labels" in r:
-        ids = [int(t) for t in r["input_ids"]]
-        start = prompt_length(r)
-        prompt_ids, sol_ids = ids[:start], ids[start:]
+        prompt_ids, sol_ids = split_task_row(r)
     else:
         return None
     if not prompt_ids or not sol_ids:
@@ -313,8 +311,6 @@ def _probe_text_ids(i: int, r: dict[str, Any], tokenizer: Any, spec: ProbeSpec,
                     use_chat: bool) -> tuple[list[int], list[int]]:
     """``(prompt ids, solution ids + EOS)`` of a text probe row: the prompt as a chat user turn
     (``use_chat``) or followed by a newline."""
-    from .prompts import build_prompt_ids
-
     if tokenizer is None:
         raise CircuitPeftError("probe rows (prompt, solution) are text: pass the model's tokenizer "
                                "(or give token ids as prompt_ids / solution_ids)")
@@ -335,4 +331,4 @@ def _probe_text_ids(i: int, r: dict[str, Any], tokenizer: Any, spec: ProbeSpec,
 
 
 __all__ = ["DEFAULT_PIVOTAL_WEIGHT", "EncodedProbe", "ProbeSpec", "WEIGHT_COLUMNS", "answer_example", "as_rows",
-           "build_pivotal_dataset", "encode_probe", "fit_to_length", "prompt_length"]
+           "build_pivotal_dataset", "encode_probe", "fit_to_length", "split_task_row"]
