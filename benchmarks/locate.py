@@ -54,9 +54,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _bench import Stopwatch  # noqa: E402
 from circuit_peft.arch import get_arch  # noqa: E402
-from circuit_peft.taskdata.prompts import build_prompt_ids, default_prompt_style, encode_prompts  # noqa: E402
+from circuit_peft.taskdata.prompts import build_prompt_ids, default_prompt_style  # noqa: E402
 from circuit_peft.cca.problems import TASKS, make_problems  # noqa: E402
-from circuit_peft.recipe.sft import gold_examples  # noqa: E402
+from circuit_peft.recipe.sft import gold_examples, pivotal_dataset  # noqa: E402
 from circuit_peft.locate import ProbeSpec, attribution_scan, head_ablation_scan, learn_masks, refined_head_scan  # noqa: E402
 from circuit_peft.models import load_model, load_tokenizer  # noqa: E402
 
@@ -105,13 +105,11 @@ def contrastive_records(model, tok, rows: list[dict]) -> list[dict]:
 
 
 def recipe_probe_rows(tok, rows: list[dict]) -> list[dict]:
-    """``rows`` as the recipes' ablation locator scans them: the prompt with the task's two worked examples
-    (chat template, or the few-shot style when the tokenizer has none), then the gold solution and EOS (ids)."""
+    """``rows`` as the recipes' ablation locator scans them: the tokenised SFT rows (the prompt with the task's
+    two worked examples, chat template or the few-shot style when the tokenizer has none, then the gold solution
+    and EOS; the locators read the prompt as what precedes the first label)."""
     style = default_prompt_style(tok, print)
-    examples = gold_examples(tok, rows, style, TASKS["arithmetic"]["shots"])
-    return [{"prompt_ids": encode_prompts(tok, [e["prompt"]], style)[0],
-             "solution_ids": tok(e["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]}
-            for e in examples]
+    return list(pivotal_dataset(tok, gold_examples(tok, rows, style, TASKS["arithmetic"]["shots"]), 1.0, style))
 
 
 def main() -> None:
