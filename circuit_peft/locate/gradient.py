@@ -172,7 +172,7 @@ def task_rows(model: nn.Module, tokenizer: Any, task_data: Any, spec: Any = None
     """``task_data`` as rows :func:`gradient_scan` trains on: tokenized task rows (``input_ids``, ``labels``,
     ``token_weights``, e.g. pivotal SFT rows) as given; probe rows encoded (:func:`encode_probe`, loss and
     weight 1 on every solution token)."""
-    from ..taskdata.examples import as_rows, encode_probe
+    from ..taskdata.examples import answer_example, as_rows, encode_probe
 
     rows = as_rows(task_data)
     if rows and {"input_ids", "labels", "token_weights"} <= set(rows[0]):
@@ -180,7 +180,7 @@ def task_rows(model: nn.Module, tokenizer: Any, task_data: Any, spec: Any = None
     out = []
     for e in encode_probe(tokenizer, rows, spec=spec):
         prompt = len(e.ids) - e.n_solution
-        out.append({"input_ids": e.ids, "labels": [-100] * prompt + e.ids[prompt:], "token_weights": [1.0] * len(e.ids)})
+        out.append({**answer_example(e.ids[:prompt], e.ids[prompt:]), "token_weights": [1.0] * len(e.ids)})
     return out
 
 
