@@ -6,7 +6,6 @@ Nothing here knows about prompts, circuits or tasks; ``evaluate/``, ``locate/``,
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -89,46 +88,6 @@ def continue_after_prefix(batch: dict[str, torch.Tensor], prefix_length: int) ->
     return out
 
 
-def batch_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, limit: int) -> int:
-    """Number of leading positions (at most ``limit``) where every row of ``input_ids`` (B, T) holds the same
-    real (unmasked) token: the prompt prefix a batch can run once (system message, few-shot examples)."""
-    same = (input_ids == input_ids[:1]).all(0)
-    if attention_mask is not None:
-        same &= (attention_mask == 1).all(0)
-    return int(same[: max(limit, 0)].long().cumprod(0).sum())
-
-
-def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    """Length of the longest id prefix that every sequence starts with, leaving each at least one id."""
-    if not sequences:
-        return 0
-    ids, mask = pad_batch(sequences, 0, side="right")
-    return batch_prefix_length(ids, mask, min(len(s) for s in sequences) - 1)
-
-
-def shared_prefix_ids(sequences: Sequence[Sequence[int]], min_length: int = 1) -> list[int]:
-    """The ids every sequence starts with, leaving each at least one (:func:`shared_prefix_length`); ``[]`` when
-    that is shorter than ``min_length`` (a prompt prefix too short to be worth running once on its own)."""
-    length = shared_prefix_length(sequences)
-    return list(sequences[0][:length]) if length >= max(min_length, 1) else []
-
-
-def prefix_kv_cache(model: Any, input_ids: torch.Tensor) -> Any:
-    """The KV cache of ``input_ids`` (B, P) run through ``model`` (the LM head only on the last position when the
-    model takes ``logits_to_keep``): a prompt prefix that later batches continue. Differentiable under grad."""
-    keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-    return model(input_ids=input_ids, use_cache=True, **keep).past_key_values
-
-
-def repeat_cache(cache: Any, times: int) -> Any:
-    """A copy of a KV cache (e.g. a shared prompt prefix's) with each row repeated ``times`` times in a row,
-    for a batch that continues it; the original is left as it was."""
-    out = copy.deepcopy(cache)
-    if times > 1:
-        out.batch_repeat_interleave(times)
-    return out
-
-
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Row indices grouped into batches of similar length (less padding); deterministic."""
     if batch_size < 1:
@@ -137,5 +96,5 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-__all__ = ["accepts_logits_to_keep", "batch_prefix_length", "left_pad", "length_batches", "model_device", "pad_batch", "pad_token_id", "prefix_kv_cache", "repeat_cache",
-           "shared_prefix_ids", "shared_prefix_length", "to_device"]
+__all__ = ["accepts_logits_to_keep", "continue_after_prefix", "left_pad", "length_batches", "model_device", "pad_batch",
+           "pad_token_id", "to_device"]

@@ -293,7 +293,7 @@ def _hand_greedy(model, prompt, n, stops):
 @pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])
 def test_shared_prefix_greedy_equals_generate_per_prompt(tok, family):
     """Prefix run once + padded rests + explicit positions give the tokens of one-by-one generate."""
-    from circuit_peft.batching import shared_prefix_length
+    from circuit_peft.prefix import shared_prefix_length
     from circuit_peft.evaluate.generation import generate_with_shared_prefix
 
     torch.manual_seed(0)

@@ -182,7 +182,7 @@ def test_control_models_train_what_they_say():
     assert twin.peft_config["default"].components != to_config(located).components
     lora, lora_size = control_model("lora", tiny_model("llama"), located, to_config, seed=0)
     assert lora_size["lora_rank"] == 16 and lora.peft_config["default"].peft_type.value == "LORA"
-    from circuit_peft.cca.trainers import _has_active_dropout  # no dropout: the pivotal trainer shares the prefix
+    from circuit_peft.prefix import has_active_dropout as _has_active_dropout  # no dropout: the pivotal trainer shares the prefix
 
     assert lora_size["lora_dropout"] == 0.0 and not _has_active_dropout(lora.train())
     dropped, _ = control_model("lora", tiny_model("llama"), located, to_config, seed=0, lora_dropout=0.1)

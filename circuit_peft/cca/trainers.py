@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from transformers import DataCollatorWithPadding, Trainer, default_data_collator
 
-from ..batching import accepts_logits_to_keep, batch_prefix_length, pad_token_id, prefix_kv_cache
+from ..batching import accepts_logits_to_keep, pad_token_id
 from ..errors import CircuitPeftError
+from ..prefix import prefix_kv_cache, sharable_prefix_length
 from ..compat import fused_head_outputs, keep_signature_columns
 from ..taskdata.collate import PivotalCollator
 from ..taskdata.examples import WEIGHT_COLUMNS
@@ -110,20 +111,15 @@ class PivotalLossMixin:
 
         Sharing is exact (the same loss and gradients as running every row, up to float rounding) when
         the prefix predicts no label (it ends at or before ``first_labelled``, the first position whose
-        next token has a label), nothing random acts on it (no active dropout: LoRA's ``lora_dropout``
-        would otherwise draw one mask for all rows), the model keeps a KV cache (no gradient
-        checkpointing), the adapter adds no key/value prefix of its own (no prompt learning) and the
-        parameters are whole in this process (one process or DDP, not FSDP or DeepSpeed). Otherwise, or
-        below ``min_shared_prefix`` tokens, 0.
+        next token has a label) and :func:`~circuit_peft.prefix.sharing_is_exact` holds (no active dropout,
+        a KV cache kept, no prompt learning, parameters whole in this process). Otherwise, or below
+        ``min_shared_prefix`` tokens, 0.
         """
         ids = inputs.get("input_ids")
-        if not self.share_prompt_prefix or ids is None or ids.shape[0] < 2 or set(inputs) - {"input_ids",
-                                                                                           "attention_mask"}:
+        if not self.share_prompt_prefix or ids is None or set(inputs) - {"input_ids", "attention_mask"}:
             return 0
-        if not _sharing_is_exact(model, self.accelerator):
-            return 0
-        length = batch_prefix_length(ids, inputs.get("attention_mask"), first_labelled)
-        return length if length >= self.min_shared_prefix else 0
+        return sharable_prefix_length(model, ids, inputs.get("attention_mask"), first_labelled,
+                                      self.min_shared_prefix, self.accelerator)
 
     def _forward_after_prefix(self, model, inputs: dict[str, torch.Tensor], keep: torch.Tensor, prefix: int):
         """The prefix through the model once (batch 1), its KV cache repeated per row, then every row's rest.
@@ -131,10 +127,9 @@ class PivotalLossMixin:
         sync) once a step; autograd carries the rows' gradients back through the repeated cache. None when the
         model returns no cache (it then runs the batch whole)."""
         ids = inputs["input_ids"]
-        cache = prefix_kv_cache(self.accelerator.unwrap_model(model), ids[:1, :prefix])
+        cache = prefix_kv_cache(self.accelerator.unwrap_model(model), ids[:1, :prefix], rows=ids.shape[0])
         if cache is None:
             return None
-        cache.batch_repeat_interleave(ids.shape[0])
         rest = {"input_ids": ids[:, prefix:], "attention_mask": inputs.get("attention_mask", torch.ones_like(ids)),
                 "past_key_values": cache, "use_cache": True}
         if accepts_logits_to_keep(model):
@@ -142,37 +137,6 @@ class PivotalLossMixin:
             return outputs, outputs.logits
         outputs = model(**rest)
         return outputs, outputs.logits[:, keep - prefix]
-
-
-def _sharing_is_exact(model: torch.nn.Module, accelerator) -> bool:
-    """Whether running a shared prefix once computes what the whole rows compute (see
-    :meth:`PivotalLossMixin.shared_prefix_length`)."""
-    config = getattr(accelerator.unwrap_model(model), "active_peft_config", None)
-    if getattr(config, "is_prompt_learning", False):  # prefix tuning & co. bring their own KV cache
-        return False
-    return _whole_parameters(accelerator) and not _checkpoints_activations(model) and not _has_active_dropout(model)
-
-
-def _whole_parameters(accelerator) -> bool:
-    """Whether every parameter is whole in this process (one process or DDP; not FSDP / DeepSpeed / TP)."""
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-
-
-def _checkpoints_activations(model: torch.nn.Module) -> bool:
-    """Whether activation (gradient) checkpointing is on: the model then keeps no KV cache in training."""
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-
-
-def _has_active_dropout(model: torch.nn.Module) -> bool:
-    """Whether a dropout (a module with ``p > 0`` in training mode, or the config's attention dropout) acts."""
-    from ..arch import unwrap_model
-
-    config = getattr(unwrap_model(model), "config", None)
-    if model.training and float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
-        return True
-    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in model.modules())
 
 
 def _dataset_columns(dataset: Any) -> set[str]:

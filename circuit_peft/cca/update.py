@@ -45,9 +45,8 @@ from ..arch import get_arch, unwrap_model
 from ..circuit import Circuit
 from ..errors import CircuitPeftError
 from ..interventions import capture_layer_input, forward_until, start_at_layer
-from ..batching import (
-    length_batches, pad_token_id, prefix_kv_cache, repeat_cache, shared_prefix_ids, to_device,
-)
+from ..batching import length_batches, pad_token_id, to_device
+from ..prefix import prefix_kv_cache, repeat_cache, sharable_prefix_ids
 from ..taskdata.losses import last_logits, logit_margins
 from ..taskdata.records import collate_records, validate_records
 from ..tuner import CircuitConfig, circuit_size
@@ -180,7 +179,7 @@ class _Objective:
         self.arch = get_arch(self.base)
         self.n = len(rows)
         device = next(model.parameters()).device
-        prefix = _shared_prompt_prefix([r["context_ids"] for r in rows], cfg)
+        prefix = _shared_prompt_prefix([r["context_ids"] for r in rows], cfg, model)
         self.prefix = torch.tensor([prefix], device=device) if prefix else None
         groups = length_batches([len(r["context_ids"]) for r in rows], cfg.micro_batch_size)
         self.batches = [to_device(collate_records([rows[i] for i in g], pad, len(prefix)), device) for g in groups]
@@ -206,8 +205,7 @@ class _Objective:
         b = self.batches[i]
         cache = {}
         if self.prefix is not None:
-            cache["past_key_values"] = prefix_kv_cache(self.model, self.prefix)  # under the adapter's weights
-            cache["past_key_values"].batch_repeat_interleave(len(b["desired"]))
+            cache["past_key_values"] = prefix_kv_cache(self.model, self.prefix, rows=len(b["desired"]))  # adapted
         ctx = start_at_layer(self.base, self.lowest, self.hidden[i], self.arch) if self.lowest > 0 else nullcontext()
         with ctx:
             logits = last_logits(self.model, self._inputs(b), 1, **cache)[:, -1].float()
@@ -229,10 +227,11 @@ class _Objective:
         return sum(float(self.margins(i).sum()) for i in range(len(self.batches))) / self.n
 
 
-def _shared_prompt_prefix(contexts: list[list[int]], cfg: UpdateConfig) -> list[int]:
-    """The ids every context starts with (leaving each at least one), if ``cfg.share_prompt_prefix`` and at least
-    ``cfg.min_shared_prefix`` long; else ``[]`` (every record runs whole)."""
-    return shared_prefix_ids(contexts, cfg.min_shared_prefix) if cfg.share_prompt_prefix and len(contexts) > 1 else []
+def _shared_prompt_prefix(contexts: list[list[int]], cfg: UpdateConfig, model: nn.Module | None = None) -> list[int]:
+    """The ids every context starts with (leaving each at least one), if ``cfg.share_prompt_prefix``, at least
+    ``cfg.min_shared_prefix`` long and sharing is exact for ``model`` (:func:`~circuit_peft.prefix.sharable_prefix_ids`);
+    else ``[]`` (every record runs whole)."""
+    return sharable_prefix_ids(model, contexts, cfg.min_shared_prefix) if cfg.share_prompt_prefix else []
 
 
 def _target_circuit(circuit: Circuit | CircuitConfig | None, cfg: UpdateConfig) -> Circuit | CircuitConfig | None:

@@ -9,10 +9,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..batching import (
-    accepts_logits_to_keep, continue_after_prefix, left_pad, model_device, pad_token_id, prefix_kv_cache,
-    repeat_cache, shared_prefix_ids, to_device,
-)
+from ..batching import continue_after_prefix, left_pad, model_device, pad_token_id, to_device
+from ..prefix import prefix_kv_cache, repeat_cache, sharable_prefix_ids, sharing_is_exact
 
 
 @contextmanager
@@ -61,6 +59,14 @@ def generate_batched(
                                        temperature if do_sample else None, stop_strings, progress, desc)
 
 
+# model.generate's processing knobs at their no-op values, so that a checkpoint's generation_config.json
+# (Qwen's top_k=20, repetition_penalty=1.05, ...) does not change what the evaluation decodes: greedy
+# argmax, or sampling from softmax(logits / temperature) with nothing cut
+_PLAIN_DECODING = {"num_beams": 1, "top_k": 0, "top_p": 1.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+                   "eta_cutoff": 0.0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+                   "no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0, "guidance_scale": 1.0}
+
+
 @torch.no_grad()
 def generate_with_shared_prefix(
     model: PreTrainedModel,
@@ -76,9 +82,10 @@ def generate_with_shared_prefix(
     """Completions (new ids, cut like :func:`generate_batched`; greedy when ``temperature`` is None,
     else sampled at ``temperature``) with the shared prefix run once.
 
-    The prefix every prompt starts with goes through the model once; each batch copies its KV
-    cache and runs only the rest of its prompts, padded between prefix and rest, with explicit
-    position ids (so padding changes nothing). Decoding stops when every row has stopped.
+    The prefix every prompt starts with (:func:`~circuit_peft.prefix.sharable_prefix_ids`) goes through the
+    model once; each batch copies its KV cache and ``model.generate`` continues it with the rest of its prompts,
+    padded between prefix and rest (the attention mask gives every row its own positions, so padding changes
+    nothing). Decoding stops when every row has stopped.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
@@ -86,61 +93,40 @@ def generate_with_shared_prefix(
         raise ValueError("every prompt needs at least one token")
     pad_id = pad_token_id(None, tokenizer)
     stops = _stop_ids(model, tokenizer, pad_id)
-    prefix = shared_prefix_ids(prompt_ids)
+    prefix = sharable_prefix_ids(model, prompt_ids)
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     out: list[list[int]] = [[] for _ in prompt_ids]
     device = model_device(model)
+    decoding = {**_PLAIN_DECODING, "max_new_tokens": max_new_tokens, "do_sample": temperature is not None,
+                "temperature": 1.0 if temperature is None else temperature, "pad_token_id": pad_id,
+                "eos_token_id": sorted(stops)}
+    if stop_strings:
+        decoding.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
     with eval_mode(model):
-        prefix_cache = None
-        if prefix:
-            prefix_cache = prefix_kv_cache(model, torch.tensor([prefix], device=device))
+        prefix_cache = prefix_kv_cache(model, torch.tensor([prefix], device=device)) if prefix else None
         bar = tqdm(total=len(order), desc=desc, disable=not progress, leave=False)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            rows = _decode_batch(model, [list(prompt_ids[i][len(prefix):]) for i in idx], prefix_cache, len(prefix),
-                                 pad_id, stops, max_new_tokens, temperature, tokenizer, stop_strings)
+            rows = _generate_batch(model, [list(prompt_ids[i][len(prefix):]) for i in idx], prefix, prefix_cache,
+                                   pad_id, decoding)
             for i, row in zip(idx, rows):
-                out[i] = row
+                out[i] = row[: next((j for j, t in enumerate(row) if t in stops), len(row))]
             bar.update(len(idx))
         bar.close()
     return out
 
 
-def _decode_batch(model, rests: list[list[int]], prefix_cache, prefix_len: int, pad_id: int, stops: set[int],
-                  max_new_tokens: int, temperature: float | None, tokenizer,
-                  stop_strings: Sequence[str] | None) -> list[list[int]]:
-    """New ids for one batch of prompt rests after a cached prefix of ``prefix_len`` ids."""
+def _generate_batch(model, rests: list[list[int]], prefix: list[int], prefix_cache, pad_id: int,
+                    decoding: dict) -> list[list[int]]:
+    """``model.generate``'s new ids for one batch of prompt rests after the cached ``prefix`` (uncut)."""
     device = model_device(model)
-    batch = to_device(continue_after_prefix(left_pad(rests, pad_id), prefix_len), device)
-    ids, mask, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
-    cache = repeat_cache(prefix_cache, len(rests)) if prefix_cache is not None else None
-    new: list[list[int]] = [[] for _ in rests]
-    running = [True] * len(rests)
-    last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-    for _ in range(max_new_tokens):
-        outputs = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True, **last_only)
-        cache = outputs.past_key_values
-        logits = outputs.logits[:, -1].float()
-        if temperature is None:
-            next_ids = logits.argmax(-1)
-        else:
-            next_ids = torch.multinomial(torch.softmax(logits / temperature, -1), 1)[:, 0]
-        for r, token in enumerate(next_ids.tolist()):
-            if not running[r]:
-                continue
-            if token in stops:
-                running[r] = False
-                continue
-            new[r].append(token)
-            if stop_strings and any(s in tokenizer.decode(new[r][-16:]) for s in stop_strings):
-                running[r] = False
-        if not any(running):
-            break
-        ids = next_ids[:, None]
-        positions = positions[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones(len(rests), 1, dtype=mask.dtype, device=device)], 1)
-    return new
+    batch = to_device(continue_after_prefix(left_pad(rests, pad_id), len(prefix)), device)
+    ids = batch["input_ids"]
+    if prefix_cache is not None:  # generate skips the ids its cache already holds
+        ids = torch.cat([torch.tensor([prefix], device=device).expand(len(rests), -1), ids], 1)
+        decoding = {**decoding, "past_key_values": repeat_cache(prefix_cache, len(rests))}
+    new = model.generate(input_ids=ids, attention_mask=batch["attention_mask"], **decoding)
+    return new[:, ids.shape[1]:].tolist()
 
 
 @torch.no_grad()
@@ -164,7 +150,7 @@ def continuation_logprobs(
     """
     if len(contexts) != len(continuations):
         raise ValueError("contexts and continuations must have the same length")
-    prefix = list(shared_prefix or [])
+    prefix = list(shared_prefix or []) if sharing_is_exact(model) else []  # else the contexts run whole
     pad_id = pad_token_id(None, tokenizer)
     device = model_device(model)
     scores = [0.0] * len(contexts)

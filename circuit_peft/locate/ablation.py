@@ -23,11 +23,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..batching import (
-    length_batches, model_device, pad_token_id, prefix_kv_cache, repeat_cache, shared_prefix_ids, to_device,
-)
+from ..batching import length_batches, model_device, pad_token_id, to_device
 from ..arch import Component, get_arch
 from ..circuit import Circuit
+from ..prefix import prefix_kv_cache, repeat_cache, sharable_prefix_ids
 from .registry import register_locator
 from ..interventions import (
     ABLATION_METHODS, HeadAblation, ablate_heads, capture_components, capture_layer_input, head_output_means,
@@ -62,10 +61,11 @@ def _collate_batches(model: nn.Module, encoded: list[EncodedProbe], batch_size: 
             for idx in length_batches([len(e.ids) for e in rest], batch_size)]
 
 
-def _shared_prompt_prefix(encoded: list[EncodedProbe], min_length: int) -> list[int]:
+def _shared_prompt_prefix(model: nn.Module, encoded: list[EncodedProbe], min_length: int) -> list[int]:
     """The ids every probe row's prompt starts with (leaving each prompt at least one id, so no shared
-    position predicts a solution token); empty when shorter than ``min_length``."""
-    return shared_prefix_ids([e.ids[: len(e.ids) - e.n_solution] for e in encoded], min_length)
+    position predicts a solution token); empty when shorter than ``min_length`` or where sharing would not be
+    exact for ``model`` (:func:`~circuit_peft.prefix.sharable_prefix_ids`)."""
+    return sharable_prefix_ids(model, [e.ids[: len(e.ids) - e.n_solution] for e in encoded], min_length)
 
 
 def _select_heads(arch, layers: Iterable[int] | None, heads: Iterable[tuple[int, int]] | None) -> list[tuple[int, int]]:
@@ -149,7 +149,7 @@ def head_ablation_scan(
                              chat_template=chat_template, max_length=max_length)
     encoded = encode_probe(tokenizer, probe, spec=spec)
     pad = pad_token_id(model, tokenizer)
-    prefix = _shared_prompt_prefix(encoded, min_shared_prefix) if share_prompt_prefix and not naive else []
+    prefix = _shared_prompt_prefix(model, encoded, min_shared_prefix) if share_prompt_prefix and not naive else []
     whole = _collate_batches(model, encoded, batch_size, pad)
     batches = _collate_batches(model, encoded, batch_size, pad, len(prefix)) if prefix else whole
     n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
