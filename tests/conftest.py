@@ -1,6 +1,9 @@
-"""Shared fixtures: tiny random models of every family, and the real SmolLM2 (session-scoped)."""
+"""Shared fixtures: tiny random models of every family, and the real SmolLM2 (session-scoped); a warning for a
+test that looks slow but is not marked ``slow`` (every test that loads SmolLM2/Gemma or starts processes is marked
+in its file; ``make test-fast`` skips them)."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -24,21 +27,33 @@ def smollm2():
     return load_model("smollm2"), load_tokenizer("smollm2")
 
 
-_SLOW_SIGNS = ('"smollm2"', "torchrun", "subprocess", "_run(")
+class UnmarkedSlowTestWarning(pytest.PytestWarning):
+    """A test that looks as if it loads a real model or starts processes but is not marked ``slow``."""
+
+
+# What a test that loads the real SmolLM2/Gemma-3 or starts processes says in its own source. A guess, so it
+# only warns: a test is slow because it is marked (``@pytest.mark.slow`` or a module's ``pytestmark``).
+_SLOW_SIGNS = re.compile(r"""load_model\(\s*["'](smollm2|gemma3-270m)["']|["']--model["'],\s*["'](smollm2|gemma3-270m)["']"""
+                         r"|\btorchrun\b|\bsubprocess\.|\bPopen\(|\bmultiprocessing\b")
+
+
+def _looks_slow(item: pytest.Item) -> str | None:
+    """Why ``item`` looks slow (the fixture or the sign in its source), or None."""
+    import inspect
+
+    if "smollm2" in getattr(item, "fixturenames", ()):
+        return "uses the smollm2 fixture"
+    try:
+        found = _SLOW_SIGNS.search(inspect.getsource(item.function))
+    except (OSError, TypeError, AttributeError):
+        return None
+    return f"its source has {found.group(0)!r}" if found else None
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark ``slow`` every test that loads the real SmolLM2 or starts processes (``make test`` runs
-    them all; ``make test-fast`` skips these)."""
-    import inspect
-
+    """Warn about each test that looks slow (:func:`_looks_slow`) but is not marked ``slow``: ``make test-fast``
+    (``-m "not slow"``) would run it. Marks nothing: the marks in the test files decide."""
     for item in items:
-        if "smollm2" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.slow)
-            continue
-        try:
-            source = inspect.getsource(item.function)
-        except (OSError, TypeError):
-            continue
-        if any(sign in source for sign in _SLOW_SIGNS):
-            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("slow") is None and (why := _looks_slow(item)):
+            item.warn(UnmarkedSlowTestWarning(f"{item.nodeid} {why} but is not marked slow: add @pytest.mark.slow "
+                                              "if it loads SmolLM2/Gemma or starts processes"))

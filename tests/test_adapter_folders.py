@@ -88,6 +88,7 @@ def _dead_pid() -> int:
                               text=True).stdout)
 
 
+@pytest.mark.slow
 def test_a_save_killed_between_its_two_renames_loads_as_the_new_adapter(tmp_path):
     """The state a kill between the weights' rename and the config's leaves: the new weights beside the old
     config, the new config complete in the dead writer's temporary. Loading finishes that commit."""

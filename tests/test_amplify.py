@@ -3,6 +3,7 @@ settings, on the real SmolLM2 with a handful of problems and short traces."""
 
 import json
 
+import pytest
 from peft import PeftModel
 
 from circuit_peft.circuit import Circuit
@@ -10,6 +11,7 @@ from circuit_peft.cli import build_parser, main
 from circuit_peft.models import load_model
 
 
+@pytest.mark.slow
 def test_mine_cli_resumes_and_reports_bad_gold(tmp_path, capsys):
     problems = tmp_path / "p.jsonl"
     rows = [{"id": "a", "question": "What is 63 + 55?", "answer": "#### 118"},
@@ -27,6 +29,7 @@ def test_mine_cli_resumes_and_reports_bad_gold(tmp_path, capsys):
     assert main(["mine", "--problems", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x")]) == 2
 
 
+@pytest.mark.slow
 def test_amplify_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["amplify", "--problems", "demo", "--n-problems", "6", "--n-val", "2", "--n-test", "4",

@@ -44,6 +44,7 @@ def test_the_autoload_file_is_installed():
     assert PTH.exists(), f"{PTH} is missing: `make setup` (or a normal pip install) puts it there"
 
 
+@pytest.mark.slow
 def test_interpreter_start_imports_nothing_heavy():
     out = _run("import sys; print(sorted(m for m in ('torch', 'peft', 'circuit_peft') if m in sys.modules))")
     assert out.stdout.strip() == "[]", out.stderr
@@ -68,11 +69,13 @@ LOAD = """
 """
 
 
+@pytest.mark.slow
 def test_a_fresh_interpreter_loads_the_adapter_without_importing_circuit_peft(saved):
     out = _run(LOAD.format(root=str(saved)))
     assert out.returncode == 0 and "loaded" in out.stdout, out.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_autoload_can_be_switched_off(saved):
     out = _run(LOAD.format(root=str(saved)), CIRCUIT_PEFT_NO_AUTOLOAD="1")
     assert out.returncode != 0 and "CIRCUIT" in out.stderr

@@ -177,6 +177,7 @@ def test_amplify_cli_takes_held_out_problems_of_every_generated_task():
     assert {r["op"] for r in val + test} <= {"max", "min"}
 
 
+@pytest.mark.slow
 def test_full_weight_training_is_float32_and_refuses_4bit(tmp_path, capsys):
     """--target all_weights and the compare full arm train float32 weights whatever --dtype says (bf16 weights
     round most 1e-4..1e-5 updates away) and refuse --load-in-4bit before any work."""
@@ -212,6 +213,7 @@ def test_full_weight_training_is_float32_and_refuses_4bit(tmp_path, capsys):
     assert {p.dtype for p in built.parameters() if p.requires_grad} == {torch.float32}
 
 
+@pytest.mark.slow
 def test_amplify_all_weights_writes_a_float32_model_folder_not_an_adapter(tmp_path):
     """--target all_weights saves the whole updated model as OUT/model (load_model reads it back, in float32)
     and names it so in the report; mining resumes from records already in OUT/mining."""

@@ -12,6 +12,7 @@ from circuit_peft.errors import CircuitPeftError
 from circuit_peft.runs import fingerprint
 
 
+@pytest.mark.slow
 def test_compare_is_refused_under_a_launcher_before_any_work(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(compare_cmd, "run", lambda args: pytest.fail("compare ran under WORLD_SIZE=2"))
@@ -26,6 +27,7 @@ def test_compare_is_refused_under_a_launcher_before_any_work(monkeypatch, tmp_pa
             refuse_multiprocess(command)
 
 
+@pytest.mark.slow
 def test_train_and_select_pass_the_check_under_a_launcher(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert MULTIPROCESS_COMMANDS == ("train", "select")

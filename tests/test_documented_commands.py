@@ -56,6 +56,7 @@ def _subcommand(line) -> str:
 CHEAP = [line for line in _command_lines() if _subcommand(line) in ("info", "export")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line", CHEAP)
 def test_cheap_documented_command_runs(line, tmp_path, monkeypatch):
     """The documented `info` and `export` lines run as written (export on a tiny adapter placed where the

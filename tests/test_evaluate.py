@@ -225,6 +225,7 @@ def test_side_effects_report(tok):
 # ----- accuracy -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_accuracy_matches_hand_count(smollm2):
     model, tok = smollm2
     problems = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in [(2, 3), (14, 25)]]
@@ -307,6 +308,7 @@ def test_shared_prefix_greedy_equals_generate_per_prompt(tok, family):
     assert generate_batched(model, tok, prompts, max_new_tokens=7, batch_size=3, progress=False) == got
 
 
+@pytest.mark.slow
 def test_shared_prefix_greedy_stop_strings(smollm2):
     """Decoding stops right after the token that completes a stop string, like model.generate's."""
     model, tok = smollm2

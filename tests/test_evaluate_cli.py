@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
@@ -12,6 +13,7 @@ from circuit_peft.models import load_tokenizer, tiny_model
 DATA = Path(__file__).parent / "data"
 
 
+@pytest.mark.slow
 def test_eval_cli_report(tmp_path, capsys):
     tok = load_tokenizer("smollm2")
     model_dir, adapter_dir, out = tmp_path / "model", tmp_path / "adapter", tmp_path / "report.json"

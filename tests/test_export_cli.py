@@ -1,5 +1,6 @@
 """`circuit-peft export` (issue 11): the merged model and the exact LoRA export reproduce the adapter's logits."""
 
+import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -9,6 +10,7 @@ from circuit_peft import CircuitConfig, tiny_model
 from circuit_peft.cli import main
 
 
+@pytest.mark.slow
 def test_export_merged_and_lora_reproduce_the_adapter(tmp_path, monkeypatch):
     base = tiny_model("llama")
     base.save_pretrained(tmp_path / "base")

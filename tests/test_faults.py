@@ -102,6 +102,7 @@ def test_good_files_give_the_same_rows_whatever_the_format(tmp_path):
 # ----- part 3: output folders that cannot be mixed (mine, amplify, train, select's cache) -------------------------------
 
 
+@pytest.mark.slow
 def test_mine_and_amplify_refuse_another_runs_folder_before_loading_a_model(tmp_path, capsys):
     import subprocess
     import sys
@@ -136,6 +137,7 @@ def test_mine_and_amplify_refuse_another_runs_folder_before_loading_a_model(tmp_
         writer.kill()
 
 
+@pytest.mark.slow
 def test_select_cache_dir_is_a_run_folder_of_one_pool_and_one_scoring_setting(tmp_path, capsys):
     import subprocess
     import sys

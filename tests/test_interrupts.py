@@ -63,3 +63,35 @@ def test_other_unraisable_exceptions_go_to_the_previous_hook(monkeypatch):
         Broken()
         gc.collect()
     assert [type(u.exc_value) for u in seen] == [RuntimeError] and sys.unraisablehook == seen.append
+
+
+@pytest.mark.parametrize("where", ["in the command", "in a finalizer"])
+def test_ctrl_c_of_a_command_exits_130_with_one_line_and_no_traceback(where, monkeypatch, capsys):
+    """`circuit-peft info` stopped by a real SIGINT (Python's handler raises KeyboardInterrupt), in its own code or
+    in a finalizer that drops it: exit 130 and one line on stderr saying how to resume, nothing on stdout. The
+    end-to-end Ctrl-C of a `circuit-peft train` subprocess is in tests/test_kill.py (slow)."""
+    from circuit_peft.cli import main
+    from circuit_peft.commands import info
+
+    class _SigintInFinalizer:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # the KeyboardInterrupt is raised in __del__ and dropped
+
+    def interrupted(name):
+        if where == "in a finalizer":
+            _SigintInFinalizer()
+            gc.collect()
+        else:
+            signal.raise_signal(signal.SIGINT)
+        while time.monotonic() - started < 30:  # the command's work (returning to Python often, as torch does)
+            time.sleep(0.001)
+        return "finished"
+
+    monkeypatch.setattr(info, "describe", interrupted)
+    started = time.monotonic()
+    assert main(["info", "tiny-llama"]) == 130
+    assert time.monotonic() - started < 20
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    assert err.splitlines() == ["circuit-peft info: interrupted. Finished stages and records are kept in the output "
+                                "folder; run the same command again to resume."]

@@ -42,6 +42,7 @@ def test_problem_family_is_seeded_disjoint_and_parsable():
         make_problems(3, "dev")
 
 
+@pytest.mark.slow
 def test_first_wrong_digit(smollm2):
     _, tok = smollm2
     ids = tok.encode("77 + 69 = 145\nThe answer is 145.", add_special_tokens=False)
@@ -77,6 +78,7 @@ def _completions_correct(model, tok, rec, gold):
             for t, o in zip((rec["desired_id"], rec["undesired_id"]), outs)]
 
 
+@pytest.mark.slow
 def test_prefix_and_branching_records_on_smollm2(smollm2):
     model, tok = smollm2
     rows = [RIGHT]
@@ -101,6 +103,7 @@ def test_prefix_and_branching_records_on_smollm2(smollm2):
     assert good and not bad
 
 
+@pytest.mark.slow
 def test_digit_pivot_outcome_filter_and_dataset(smollm2, tmp_path):
     model, tok = smollm2
     result = mine_pivotal_tokens(model, tok, WRONG, tmp_path / "m", pivot="digit", **FAST)
@@ -118,6 +121,7 @@ def test_digit_pivot_outcome_filter_and_dataset(smollm2, tmp_path):
         assert good and not bad
 
 
+@pytest.mark.slow
 def test_resume_after_interrupted_run_gives_same_records(smollm2, tmp_path):
     model, tok = smollm2
     rows = [RIGHT] + WRONG
@@ -136,6 +140,7 @@ def test_resume_after_interrupted_run_gives_same_records(smollm2, tmp_path):
         mine_pivotal_tokens(model, tok, rows, tmp_path / "part", **dict(kw, n_samples=2))
 
 
+@pytest.mark.slow
 def test_bad_input(smollm2):
     model, tok = smollm2
     with pytest.raises(ValueError, match="parsable gold"):

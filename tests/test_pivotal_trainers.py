@@ -47,6 +47,7 @@ def test_pivotal_trainer_loss_equals_the_full_logits_reference(tmp_path):
     assert seen["rows"] == 5  # positions 2..6 predict a labelled token: not all 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_pivotal_sft_trainer_keeps_trl_metrics_and_weights_the_loss(tmp_path, family):
     from trl import SFTConfig
@@ -154,6 +155,7 @@ def test_shared_prompt_prefix_is_not_shared_under_activation_checkpointing(tmp_p
     assert trainer.compute_loss(model, dict(batch)).item() == pytest.approx(_reference(model.eval(), batch), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_shared_prompt_prefix_under_two_process_ddp_trains_what_whole_rows_train(tmp_path):
     """Under DDP (2 CPU processes) the prefix runs once per step and rank, and both ranks end with the adapter
     that running every row whole gives (DDP's gradient sync still happens once, in backward)."""

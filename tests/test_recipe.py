@@ -91,6 +91,7 @@ def test_gradient_contrast_divides_the_task_norm_by_the_general_text_norm():
         gradient_scan(model, rows, reference=[], progress=False)
 
 
+@pytest.mark.slow
 def test_ablation_locator_scans_the_sft_rows_query_heads_only():
     """locate='ablation': the exact head-ablation scan of the prompt + gold-solution tokens SFT trains on
     (checked against the naive one-forward-per-head scan of the same rows)."""
@@ -122,6 +123,7 @@ def test_answer_spans_find_whole_numbers_only():
     assert answer_spans("185 and 85.5", "85") == []
 
 
+@pytest.mark.slow
 def test_pivotal_dataset_weights_the_answer_tokens():
     from circuit_peft.models import load_tokenizer
 
@@ -381,6 +383,7 @@ def test_one_rule_keeps_a_fraction_everywhere():
         keep_count(10, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["random", "ifd", "circuitseer"])
 def test_select_stage_keeps_the_fraction_of_the_pool(method):
     """train's selection stage returns row numbers of the pool (a quarter of it, each once)."""
@@ -460,6 +463,7 @@ def test_every_command_reads_the_generated_tasks_by_name():
     assert config_from_args(args).shots == [dict(s) for s in MULTIPLICATION_SHOTS]
 
 
+@pytest.mark.slow
 def test_train_stopped_by_ctrl_c_resumes_without_redoing_finished_stages(tmp_path, monkeypatch):
     """Ctrl-C (KeyboardInterrupt) during the training stage: the same call again reuses locate and
     before, trains, and finishes; the interrupted run's lock does not block it."""

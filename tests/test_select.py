@@ -111,6 +111,7 @@ def test_batched_equals_one_by_one_and_truncated_forward_equals_full(tiny, monke
     assert np.abs(truncated - full).max() < 1e-7
 
 
+@pytest.mark.slow
 def test_smollm2_scores_match_eager_batched_and_report_length_correlation(smollm2):
     model, tok = smollm2
     heads = [(2, 3), (9, 1), (14, 7)]
@@ -150,6 +151,7 @@ def test_raw_score_tracks_length_on_uniform_attention():
 # ----- cache and resume -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_loses_no_score(tmp_path, monkeypatch):
     model = tiny_model("llama", vocab_size=49152)
     tok = load_tokenizer("smollm2")
@@ -252,6 +254,7 @@ def test_sampler_yields_only_selected_and_ranks_are_disjoint():
 # ----- bad input -------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bad_rows_long_prompts_and_foreign_heads_are_refused(tmp_path, caplog):
     model = tiny_model("llama", vocab_size=49152)
     tok = load_tokenizer("smollm2")
@@ -346,6 +349,7 @@ def test_length_debias_removes_a_power_law_in_length_and_keeps_order_within_a_le
     assert np.isnan(debias_length([0.0, 1e-3, 2e-3, np.nan], [5, 6, 7, 8])[[0, 3]]).all()
 
 
+@pytest.mark.slow
 def test_rows_without_a_finite_score_are_refused_or_never_selected(caplog):
     """One-word questions give NaN CircuitSeer scores: too many is an error, a few are never chosen."""
     from circuit_peft.select import select_data

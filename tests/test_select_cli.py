@@ -21,6 +21,7 @@ def pool(tmp_path_factory):
     return folder, path, rows
 
 
+@pytest.mark.slow
 def test_cli_circuitseer_writes_subset_and_histogram(pool, smollm2, capsys):
     folder, path, rows = pool
     heads = ReasoningHeads.from_list([(2, 3), (5, 1)], smollm2[0]).save(folder / "heads.json")
@@ -39,6 +40,7 @@ def test_cli_circuitseer_writes_subset_and_histogram(pool, smollm2, capsys):
     assert len((folder / "random.jsonl").read_text().splitlines()) == 5
 
 
+@pytest.mark.slow
 def test_cli_max_loss(pool, capsys):
     folder, path, rows = pool
     small = folder / "small.jsonl"
@@ -51,6 +53,7 @@ def test_cli_max_loss(pool, capsys):
     assert "Spearman" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_bad_input(pool, capsys, tmp_path):
     folder, path, rows = pool
     bad = tmp_path / "bad.jsonl"

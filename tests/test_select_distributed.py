@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from circuit_peft.models import load_tokenizer, tiny_model
@@ -47,6 +48,7 @@ WORKER = textwrap.dedent("""
 """ % (HEADS,))
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_shard_gather_and_disjoint_sampler(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

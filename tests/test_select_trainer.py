@@ -46,6 +46,7 @@ def test_trainer_trains_only_on_selected_rows(tmp_path):
         use_sampler(trainer, CircuitSeerSampler(np.zeros(10), fraction=0.5))
 
 
+@pytest.mark.slow
 def test_sft_trainer_draws_batches_from_the_selection(tmp_path):
     from trl import SFTConfig, SFTTrainer
 

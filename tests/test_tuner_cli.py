@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from circuit_peft.cli import main
 from circuit_peft.commands.demo import demo_problems, run_demo
 
 
+@pytest.mark.slow
 def test_info_prints_heads_groups_and_neurons(capsys):
     assert main(["info", "smollm2"]) == 0
     out = capsys.readouterr().out
@@ -22,6 +25,7 @@ def test_info_rejects_unknown_model(capsys):
     assert "unknown tiny family" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_trains_and_saves(tmp_path):
     assert len(demo_problems()) == 8
     result = run_demo(steps=2, problems=2, max_length=48, output_dir=str(tmp_path / "adapter"))

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from peft import PeftModel, get_peft_model, save_as_lora
 
@@ -11,6 +12,7 @@ from circuit_peft import CircuitConfig, circuit_size, get_arch, load_model
 TESTS = Path(__file__).parent
 
 
+@pytest.mark.slow
 def test_smollm2_circuit_trains_exact_slices_and_round_trips(smollm2, tmp_path):
     _, tok = smollm2
     row = json.loads((TESTS / "data" / "gsm8k" / "train.jsonl").read_text().splitlines()[0])

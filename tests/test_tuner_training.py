@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
@@ -61,6 +62,7 @@ def test_trainer_checkpoints_hold_adapter_and_resume_matches(tmp_path):
         assert (loaded(x).logits - full.eval()(x).logits).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_sft_trainer_trains_smollm2_circuit(tmp_path):
     """SFTTrainer(peft_config=CircuitConfig) with gradient checkpointing (TRL's default) on the real model."""
     model, tok = load_model("smollm2"), load_tokenizer("smollm2", padding_side="right")
@@ -94,6 +96,7 @@ def _torchrun_two_ranks(script: str, out_dir):
     return tuple(torch.load(out_dir / f"rank{r}.pt") for r in (0, 1))
 
 
+@pytest.mark.slow
 def test_two_process_ddp_ranks_train_and_agree(tmp_path):
     r0, r1 = _torchrun_two_ranks("ddp_circuit_train.py", tmp_path)
     assert r0["world_size"] == 2 and r0["steps"] == r1["steps"] == 3
@@ -104,6 +107,7 @@ def test_two_process_ddp_ranks_train_and_agree(tmp_path):
         assert torch.equal(value, r1["adapter"][name]), name
 
 
+@pytest.mark.slow
 def test_two_process_fsdp2_matches_one_process_on_the_whole_batch(tmp_path):
     """FSDP2 (fully_shard, gloo, CPU): both ranks end with the adapter a single process trains on the
     concatenated batch (FSDP averages the ranks' gradients); the frozen base does not move."""
