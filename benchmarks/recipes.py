@@ -63,7 +63,8 @@ import torch
 import _bench
 from _bench import ArmBench, mean_se
 
-LOCATORS = ("attr", "grad", "gradc", "dcm", "scan")
+# the short locator tags of arm names and result files -> the registered locators (circuit_peft.locate.registry)
+LOCATORS = {"attr": "attribution", "grad": "gradient", "gradc": "gradient_contrast", "dcm": "dcm", "scan": "ablation"}
 DCM_SETTINGS = {"lambda_l1": 0.05, "lr": 0.05, "steps": 60, "check_every": 10}  # benchmarks/dcm.py: keeps 1.3 %
 SCAN_ROWS = 8  # the scan locator's default probe size: the probe size of benchmarks/locate.py
 CCA_DEFAULTS = {"cca_steps": 16, "cca_records": 48}  # results saved before the cca arm keep their keys
@@ -234,8 +235,7 @@ class Bench(ArmBench):
 
         if locator == "dcm":
             return self._dcm(seed)
-        method = {"grad": "gradient", "gradc": "gradient_contrast", "attr": "attribution", "scan": "ablation"}[locator]
-        cfg = TrainConfig(locate=method, shots=self.shots, max_new_tokens=self.args.max_new_tokens, seed=seed,
+        cfg = TrainConfig(locate=LOCATORS[locator], shots=self.shots, max_new_tokens=self.args.max_new_tokens, seed=seed,
                           side_effect_data_dir=self.args.data_dir,
                           sft=SFTSettings(pivotal_weight=self.args.pivotal_weight))
         rows = self.problems(seed)["train"][: self.args.scan_rows if locator == "scan" else None]
@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     locators = [x for x in args.locators.split(",") if x]
     bad = [x for x in locators if x not in LOCATORS]
     if bad:
-        raise SystemExit(f"--locators: unknown {bad}; choose from {LOCATORS}")
+        raise SystemExit(f"--locators: unknown {bad}; choose from {', '.join(LOCATORS)}")
     all_arms = arm_names(fractions, locators)
     groups = [all_arms] if args.arms is None else [[a for a in g.split(",") if a] for g in args.arms.split(";")]
     arms = [a for g in groups for a in g]

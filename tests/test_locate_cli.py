@@ -206,3 +206,30 @@ def get_arch_components(model, kind):
     from circuit_peft.arch import get_arch
 
     return get_arch(model).all_components((kind,))
+
+
+def test_one_locator_vocabulary_for_the_commands_and_the_benchmarks(monkeypatch):
+    """locate, train, compare, amplify, select --head-method and benchmarks/recipes.py name locators of the registry."""
+    import argparse
+    import importlib
+    from pathlib import Path
+
+    from circuit_peft.cca.pipeline import LOCATE_METHODS
+    from circuit_peft.cli import build_parser
+    from circuit_peft.commands.select import HEAD_METHODS
+    from circuit_peft.locate.registry import LOCATORS, locator_names
+    from circuit_peft.recipe.config import LOCATORS as TRAIN
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    def choices(command: str, flag: str) -> tuple:
+        return tuple(next(a for a in commands[command]._actions if flag in a.option_strings).choices)
+
+    assert choices("locate", "--method") == locator_names() and "gradient" in locator_names()
+    assert choices("train", "--locate") == TRAIN == choices("compare", "--locate")
+    assert "gradient" in TRAIN and set(TRAIN) == {n for n in LOCATORS if not LOCATORS[n].own_keep}
+    assert choices("amplify", "--locate") == LOCATE_METHODS == locator_names(reads="records")
+    assert choices("select", "--head-method") == HEAD_METHODS
+    assert set(HEAD_METHODS) - {"attribution"} <= set(locator_names(heads=True))  # "attribution": the old name
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    assert set(importlib.import_module("recipes").LOCATORS.values()) <= set(LOCATORS)

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..circuit import Circuit
 from ..fractions import keep_count
+from ..locate.registry import locator_names
 from ..files import atomic_dir, atomic_write_json
 from ..models import LoadSpec
 from .mining import MiningConfig, mine_pivotal_tokens
@@ -31,7 +32,7 @@ from .update import UpdateConfig, accuracy_validator
 
 logger = logging.getLogger(__name__)
 
-LOCATE_METHODS: tuple[str, ...] = ("attribution", "dcm")
+LOCATE_METHODS: tuple[str, ...] = locator_names(reads="records")  # attribution, dcm: the locators of records
 
 
 @dataclass
@@ -68,24 +69,23 @@ class AmplifyConfig:
 
 
 def locate_circuit(model: nn.Module, records: Any, config: AmplifyConfig, progress: bool = True) -> Circuit:
-    """The components that push toward the desired tokens: attribution of the logit difference
-    (top ``circuit_fraction`` of each kind) or DCM masks (optionally capped at ``circuit_fraction``)."""
-    kinds = ("q", "k", "v", "mlp")
-    if config.locate == "attribution":
-        from ..locate.attribution import attribution_scan
+    """The components that push toward the desired tokens, by the registered locator ``config.locate`` that reads
+    contrastive records: ``attribution`` of the logit difference (top ``circuit_fraction`` of each kind) or ``dcm``
+    masks (``m >= 0.5``, optionally capped at ``circuit_fraction`` of all components)."""
+    from ..locate.registry import get_locator
 
-        return attribution_scan(model, None, records, target="logit_diff", kinds=kinds,
-                                keep_fraction=config.circuit_fraction, progress=progress)
-    from ..locate.dcm import learn_masks
-
-    circuit = learn_masks(model, records, lambda_l1=config.dcm_lambda, epochs=config.dcm_epochs, kinds=kinds,
-                          steps=config.dcm_steps, progress=progress,
-                          **({} if config.dcm_lr is None else {"lr": config.dcm_lr}))
-    if config.circuit_fraction is not None and circuit.components:
-        cap = keep_count(circuit.total_components(), config.circuit_fraction)
-        if len(circuit.components) > cap:
-            circuit = circuit.top(k=cap)
-    return circuit
+    locator = get_locator(config.locate, "locate", among=LOCATE_METHODS)
+    options: dict[str, Any] = {"kinds": ("q", "k", "v", "mlp"), "progress": progress}
+    if locator.own_keep:  # DCM: its masks, then the cap
+        options.update(lambda_l1=config.dcm_lambda, epochs=config.dcm_epochs, steps=config.dcm_steps,
+                       **({} if config.dcm_lr is None else {"lr": config.dcm_lr}))
+        circuit = locator(model, None, records, None, **options)
+        if config.circuit_fraction is not None and circuit.components:
+            cap = keep_count(circuit.total_components(), config.circuit_fraction)
+            if len(circuit.components) > cap:
+                circuit = circuit.top(k=cap)
+        return circuit
+    return locator(model, None, records, config.circuit_fraction, **options)
 
 
 def _eval_kwargs(mining: MiningConfig, config: AmplifyConfig) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from ._args import add_side_effect_sizes, fraction, load_spec, non_negative, positive
 from ..cca.fit import KEPT_STEPS
+from ..cca.pipeline import LOCATE_METHODS
 from ._cca import (
     add_mining_args, add_problem_args, add_runtime_args, load_problem_rows, load_runtime, mining_config, open_run,
 )
@@ -73,8 +74,9 @@ def add_amplify_args(p: argparse.ArgumentParser) -> None:
     h.add_argument("--n-val", type=positive(int), default=32, help="validation problems (pick the best update step; default %(default)s)")
     h.add_argument("--n-test", type=positive(int), default=64, help="test problems (accuracy before/after; default %(default)s)")
     loc = p.add_argument_group("locate")
-    loc.add_argument("--locate", choices=("attribution", "dcm"), default="attribution",
-                     help="attribution of the logit difference (fast, default) or DCM masks (the paper's)")
+    loc.add_argument("--locate", choices=LOCATE_METHODS, default="attribution",
+                     help="the locator of contrastive records: attribution of the logit difference (fast, default) "
+                          "or DCM masks (the paper's)")
     loc.add_argument("--circuit-fraction", type=fraction, default=0.02,
                      help="share of components kept (attribution: per kind; dcm: a cap); default %(default)s")
     loc.add_argument("--dcm-lambda", type=non_negative(float), default=0.01)

@@ -194,7 +194,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="gradient: SFT-loss gradient norm per component; gradient_contrast: that norm divided by "
                         "the general-text gradient's (needs --side-effects-data); attribution: digit pivots + "
                         "logit difference; ablation: exact head-ablation scan of the gold solutions' loss "
-                        "(query heads only)")
+                        "(query heads only); ablation_estimate, refined: its estimate, the estimate re-scored "
+                        "exactly (circuit-peft locate --help lists every locator)")
     s.add_argument("--circuit-fraction", type=fraction, default=cfg.circuit_fraction,
                    help=f"share of each kind kept (default {cfg.circuit_fraction})")
     s.add_argument("--lora-rank", type=non_negative(int), default=cfg.lora_rank, help="> 0: circuit + LoRA in one adapter")

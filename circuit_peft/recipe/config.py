@@ -11,13 +11,16 @@ from typing import Any
 
 from torch import nn
 
+from ..locate.registry import LOCATORS as LOCATORS_BY_NAME, locator_names
 from ..models import LoadSpec
 from .caps import MAX_CUT_SHARE, MAX_NEW_TOKENS_LIMIT, check_cap_settings
 from .controls import CONTROLS
 from .rates import GRID_EXTENSIONS
 from .sft import SFTSettings
 
-LOCATORS: tuple[str, ...] = ("gradient", "gradient_contrast", "attribution", "ablation")
+# the registered locators train runs (circuit_peft.locate.registry): all that keep a share of each kind's scores
+# (train keeps circuit_fraction of each kind), so not DCM, whose masks choose their own kept set
+LOCATORS: tuple[str, ...] = tuple(n for n in locator_names() if not LOCATORS_BY_NAME[n].own_keep)
 SELECTORS: tuple[str, ...] = ("circuitseer", "ifd", "random")
 UPDATES: tuple[str, ...] = ("sft", "cca")
 STAGES: tuple[str, ...] = ("select", "locate", "before", "train", "after", "side_effects")
@@ -136,7 +139,8 @@ def _check_answer_settings(cfg: TrainConfig) -> None:
     if cfg.answer != "none":
         return
     needs = {"update='cca' (--update cca)": cfg.update == "cca",
-             "locate='attribution' (--locate attribution)": cfg.locate == "attribution",
+             f"locate={cfg.locate!r} (--locate {cfg.locate})":  # mined pivots: a locator of contrastive records
+                 getattr(LOCATORS_BY_NAME.get(cfg.locate), "reads", "") == "records",
              "learning_rates (--lrs)": bool(cfg.learning_rates), "controls (--controls)": bool(cfg.controls)}
     refused = [name for name, on in needs.items() if on]
     if refused:

@@ -15,45 +15,31 @@ from ..examples import gold_sft_rows
 
 def locate_for_training(model, tokenizer, rows, style: str, cfg: TrainConfig, mining_dir: str | os.PathLike,
                         keep_fraction: float | None, progress: bool = True):
-    """The circuit :func:`train` trains: ``cfg.locate`` = ``"gradient"`` (SFT-loss gradient on the gold
-    solutions, answer tokens weighted ``cfg.sft.pivotal_weight``), ``"gradient_contrast"`` (that gradient's
-    norm divided by the LM-loss gradient's on general text from ``cfg.side_effect_data_dir``), ``"attribution"`` (first-wrong-digit
-    pivots mined into ``mining_dir``, then logit-difference attribution) or ``"ablation"`` (the exact head
-    ablation scan: query heads only, scored by how much the gold solutions' loss rises when each alone
-    is ablated). ``keep_fraction`` of each kind is kept (None: every component scored, e.g. to draw
-    several sizes from one scan)."""
-    from ...locate import attribution_scan, gradient_scan
+    """The circuit :func:`train` trains, by the registered locator ``cfg.locate``
+    (:mod:`circuit_peft.locate.registry`) on the task data it reads. Probe-row locators (``gradient``: the
+    SFT-loss gradient, answer tokens weighted ``cfg.sft.pivotal_weight``; ``gradient_contrast``: that norm divided
+    by the LM-loss gradient's on general text from ``cfg.side_effect_data_dir``; ``ablation``: the exact head
+    ablation scan, query heads only; ``ablation_estimate``; ``refined``) read the gold solutions tokenised as SFT
+    trains on them; record locators (``attribution``: the logit difference) read first-wrong-digit pivots mined
+    into ``mining_dir`` (token ids: the model's own pad id, no tokenizer). ``keep_fraction`` of each kind is kept
+    (None: every component scored, e.g. to draw several sizes from one scan)."""
+    from ...locate.registry import get_locator
 
-    if cfg.locate in ("gradient", "gradient_contrast", "ablation"):
-        data = gold_sft_rows(tokenizer, rows, style, cfg)
-        if cfg.locate == "ablation":
-            return _ablation_scan(model, tokenizer, data, keep_fraction, progress)
-        reference = _reference_rows(tokenizer, cfg) if cfg.locate == "gradient_contrast" else None
-        return gradient_scan(model, data, keep_fraction=keep_fraction, pad_token_id=tokenizer.pad_token_id,
-                             progress=progress, reference=reference)
-    records = _mine_digit_pivots(model, tokenizer, rows, style, cfg, mining_dir, progress)
-    return attribution_scan(model, None, records, target="logit_diff", keep_fraction=keep_fraction,
-                            progress=progress)
+    locator = get_locator(cfg.locate, "locate")
+    if locator.reads == "records":
+        records = _mine_digit_pivots(model, tokenizer, rows, style, cfg, mining_dir, progress)
+        return locator(model, None, records, keep_fraction, progress=progress)
+    options = {"reference": _reference_text(cfg)} if cfg.locate == "gradient_contrast" else {}
+    return locator(model, tokenizer, gold_sft_rows(tokenizer, rows, style, cfg), keep_fraction, progress=progress,
+                   **options)
 
 
-def _ablation_scan(model, tokenizer, data, keep_fraction: float | None, progress: bool):
-    """:func:`~circuit_peft.locate.head_ablation_scan` of the training rows as tokenised for SFT (the
-    prompt's tokens, then the gold solution's with EOS; the scan reads the rows' labels): every query head,
-    uniform ablation."""
-    from ...locate import head_ablation_scan
-
-    return head_ablation_scan(model, tokenizer, data, keep_fraction=keep_fraction, progress=progress)
-
-
-def _reference_rows(tokenizer, cfg: TrainConfig, n_chunks: int = 32, chunk_length: int = 128) -> list[dict]:
-    """General-text rows for the contrast locator: the last ``n_chunks`` chunks of the side-effect text
-    (the KL measurement reads the first ones, so the two do not overlap on a long text)."""
+def _reference_text(cfg: TrainConfig) -> str:
+    """The general text of the contrast locator: the side-effect text (its last chunks are read,
+    :func:`~circuit_peft.locate.gradient.reference_rows`; the KL measurement reads the first ones)."""
     from ...evaluate.data import load_text
-    from ...evaluate.side_effects import text_chunks
-    from ...locate import general_text_rows
 
-    chunks = text_chunks(tokenizer, load_text(cfg.side_effect_data_dir), chunk_length, None)
-    return general_text_rows(chunks[-n_chunks:])
+    return load_text(cfg.side_effect_data_dir)
 
 
 def _mine_digit_pivots(model, tokenizer, rows, style: str, cfg: TrainConfig, mining_dir: str | os.PathLike,

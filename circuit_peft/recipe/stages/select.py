@@ -15,8 +15,8 @@ def _select(model, tokenizer, rows, cfg: TrainConfig) -> dict[str, Any]:
     heads = None
     if cfg.select == "circuitseer":
         probe = rows[: min(8, len(rows))]
-        heads = find_reasoning_heads(model, tokenizer, probe, method="attribution", prompt_field=cfg.question_field,
-                                     solution_field=cfg.answer_field)
+        heads = find_reasoning_heads(model, tokenizer, probe, method="ablation_estimate",
+                                     prompt_field=cfg.question_field, solution_field=cfg.answer_field)
     result = select_data(model, tokenizer, rows, method=cfg.select, fraction=cfg.select_fraction, heads=heads,
                          seed=cfg.seed, question_field=cfg.question_field, answer_field=cfg.answer_field)
     return {"rows": sorted(int(i) for i in result.indices), "method": cfg.select}
