@@ -130,8 +130,8 @@ class Bench(ArmBench):
             self._heads = ReasoningHeads.load(path)
         if self._heads is None:
             probe = self.pool[:: len(self.pool) // 8][:8]
-            self._heads = find_reasoning_heads(self.base, self.tok, probe, method="attribution", prompt_field="question",
-                                               solution_field="answer")
+            self._heads = find_reasoning_heads(self.base, self.tok, probe, method="ablation_estimate",
+                                               prompt_field="question", solution_field="answer")
             self._heads.save(path)
         return self._heads
 

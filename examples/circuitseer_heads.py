@@ -14,7 +14,7 @@ DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "gsm8k" / "tr
 probe = [json.loads(line) for line in DATA.read_text().splitlines()[:4]]
 
 model, tok = load_model("smollm2"), load_tokenizer("smollm2")
-heads = find_reasoning_heads(model, tok, probe, method="attribution", fraction=0.05,
+heads = find_reasoning_heads(model, tok, probe, method="ablation_estimate", fraction=0.05,
                              prompt_field="question", solution_field="answer")
 print("reasoning heads (layer, head):", heads.heads)
 path = heads.save("/tmp/smollm2_reasoning_heads.json")
