@@ -144,21 +144,28 @@ def test_gradient_scan_on_bf16_sums_batches_in_float32_and_ranks_like_float32():
     assert all(p.grad is None for p in low_model.parameters())  # the model is left as it was
 
 
-@pytest.mark.parametrize("locator", ["attribution", "dcm", "ablation"])
+def _registered_locators():
+    from circuit_peft.locate.registry import locator_names
+
+    return locator_names()
+
+
+@pytest.mark.parametrize("locator", _registered_locators())
 def test_every_locator_runs_on_a_bf16_model_with_float_scores(locator):
-    from circuit_peft.locate import attribution_scan, head_ablation_scan, learn_masks
+    """Every registered locator (circuit_peft.locate.registry) on a bfloat16 model: float scores, the dtype kept."""
+    from circuit_peft.locate import general_text_rows
+    from circuit_peft.locate.registry import LOCATORS
 
     g = torch.Generator().manual_seed(0)
     records = [{"context_ids": torch.randint(3, 120, (12,), generator=g).tolist(), "desired_id": 5,
                 "undesired_id": 7, "problem_id": str(i)} for i in range(4)]
+    probe = [{"prompt_ids": r["context_ids"][:6], "solution_ids": r["context_ids"][6:]} for r in records]
     model = tiny_model("llama").to(torch.bfloat16)
-    run = {"attribution": lambda: attribution_scan(model, None, records, target="logit_diff", keep_fraction=0.1,
-                                                   progress=False),
-           "dcm": lambda: learn_masks(model, records, epochs=2, progress=False),
-           "ablation": lambda: head_ablation_scan(model, None, [{"prompt_ids": r["context_ids"][:6],
-                                                                 "solution_ids": r["context_ids"][6:]} for r in records],
-                                                  keep_fraction=0.25, progress=False)}[locator]
-    circuit = run()
+    spec = LOCATORS[locator]
+    options = {"dcm": {"epochs": 2}, "gradient_contrast": {"reference": general_text_rows(
+        torch.randint(3, 120, (2, 10), generator=g).tolist())}}.get(locator, {})
+    keep = None if spec.own_keep else (0.25 if spec.reads == "probe" else 0.1)
+    circuit = spec(model, None, records if spec.reads == "records" else probe, keep, progress=False, **options)
     assert circuit.components and all(type(v) is float and v == v for v in circuit.scores.values())
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # the model is left in its dtype
 
