@@ -231,7 +231,7 @@ class Bench(ArmBench):
 
     def _locate(self, locator: str, seed: int):
         from circuit_peft.recipe import SFTSettings, TrainConfig
-        from circuit_peft.recipe.pipeline import locate_for_training
+        from circuit_peft.recipe.stages.locate import locate_for_training
 
         if locator == "dcm":
             return self._dcm(seed)
@@ -325,17 +325,20 @@ class Bench(ArmBench):
         return model, size
 
     def cca_update(self, arm: str, seed: int, lr: float):
-        """The CCA update of ``located_<rest of arm>``'s circuit, the best validation step kept."""
-        from circuit_peft.cca.update import accuracy_validator, amplify_update
+        """The CCA update of ``located_<rest of arm>``'s circuit (the library's one CCA update), the best
+        validation step kept."""
+        from circuit_peft.cca.fit import CCAUpdateSpec, cca_update
+        from circuit_peft.cca.update import UpdateConfig, accuracy_validator
         from circuit_peft.models import load_model
 
         circuit = self.circuit_for("located_" + arm.removeprefix("cca_"), seed)
         validate = accuracy_validator(self.tok, self.problems(seed)["val"], style=self.style, shots=self.shots,
                                       max_new_tokens=self.args.max_new_tokens, batch_size=50)
         records = self.pivot_records(seed, self.args.cca_records)
-        result = amplify_update(load_model(self.args.model), records, circuit, validate, tokenizer=self.tok,
-                                steps=self.args.cca_steps, lr=lr, optimizer="adam", loss="logsigmoid", eval_every=4,
-                                patience=2, progress=False)
+        update = UpdateConfig(steps=self.args.cca_steps, lr=lr, optimizer="adam", loss="logsigmoid", eval_every=4,
+                              patience=2)
+        result = cca_update(load_model(self.args.model), records, circuit, CCAUpdateSpec(update, "best_validated"),
+                            validate, tokenizer=self.tok, progress=False)
         return result.model, {"trainable_params": result.size["trainable_params"], "counts": circuit.counts(),
                               "cca_best_step": result.best_step, "cca_records": len(records)}
 
@@ -363,10 +366,10 @@ class Bench(ArmBench):
     def val_loss(self, model, rows: list[dict]) -> float:
         """Mean gold-solution loss of ``rows`` (nats/token, unweighted): the library's tie-break."""
         from circuit_peft.recipe import SFTSettings, TrainConfig
-        from circuit_peft.recipe.pipeline import _gold_solution_batches, _gold_solution_loss
+        from circuit_peft.recipe.examples import gold_solution_batches, gold_solution_loss
 
         cfg = TrainConfig(shots=self.shots, sft=SFTSettings(pivotal_weight=self.args.pivotal_weight))
-        return _gold_solution_loss(model, _gold_solution_batches(model, self.tok, rows, self.style, cfg))
+        return gold_solution_loss(model, gold_solution_batches(model, self.tok, rows, self.style, cfg))
 
     def val_fit(self, arm: str, seed: int, lr: float) -> dict[str, Any]:
         """Validation accuracy and :meth:`val_loss` of ``arm`` trained on seed ``seed`` at ``lr`` (saved;

@@ -10,7 +10,7 @@ never puts these problems in the test split, so a pre-registered test draw is di
 - the share of problems with a flipping trace by the paper's rule (greedy right: a wrong trace among the
   T = 1.2 samples; greedy wrong: a right one among the T = 0.8 samples);
 - records per problem of the prefix and branching pivots, built from those same traces by the miner's own
-  pivot rules (:class:`circuit_peft.cca.mining._Miner`: ``_prefix`` and ``_branching``, so one sampling pass
+  pivot rules (:meth:`circuit_peft.cca.mining.Miner.pivot`: ``prefix`` and ``branching``, so one sampling pass
   serves both methods).
 
 Candidates: the generated tasks of ``circuit_peft.cca.problems.TASKS`` (their training kinds) and
@@ -61,7 +61,7 @@ def task_problems(name: str, n: int, seed: int) -> tuple[list[dict[str, Any]], l
 
 def measure(model, tok, name: str, args: argparse.Namespace, style: str) -> dict[str, Any]:
     """Greedy and sampled traces once; accuracies, flips and the two pivot methods' records from them."""
-    from circuit_peft.cca.mining import MiningConfig, _generate, _Miner, _parse_problems
+    from circuit_peft.cca.mining import Miner, MiningConfig, generate_traces, parse_problems
     from circuit_peft.evaluate.accuracy import FEWSHOT_STOP
     from circuit_peft.evaluate.answers import NumberAnswer
 
@@ -69,13 +69,13 @@ def measure(model, tok, name: str, args: argparse.Namespace, style: str) -> dict
     cfg = MiningConfig(method="branching", n_samples=args.n_samples, max_new_tokens=args.max_new_tokens,
                        max_branch_completions=args.max_branch_completions, prompt_style=style, shots=shots,
                        seed=args.seed)
-    miner = _Miner(model, tok, cfg, NumberAnswer())
-    problems, _ = _parse_problems(tok, rows, cfg, NumberAnswer())
+    miner = Miner(model, tok, cfg, NumberAnswer())
+    problems, _ = parse_problems(tok, rows, cfg, NumberAnswer())
     prompts = [p.prompt_ids for p in problems]
     stop = [FEWSHOT_STOP] if style == "fewshot" else None
     t0 = time.perf_counter()
-    greedy = _generate(model, tok, prompts, cfg.max_new_tokens, stop_strings=stop)
-    samples = {t: _generate(model, tok, prompts, cfg.max_new_tokens, temperature=t, num_return_sequences=cfg.n_samples,
+    greedy = generate_traces(model, tok, prompts, cfg.max_new_tokens, stop_strings=stop)
+    samples = {t: generate_traces(model, tok, prompts, cfg.max_new_tokens, temperature=t, num_return_sequences=cfg.n_samples,
                             seed=args.seed + i, stop_strings=stop)
                for i, t in enumerate((cfg.temperature_if_wrong, cfg.temperature_if_right))}
     n, k = len(problems), cfg.n_samples
@@ -121,7 +121,7 @@ def _pivot_records(miner, problems) -> dict[str, Any]:
             if q.flip is None:
                 q.status = "no_flip"
             else:
-                (miner._prefix if method == "prefix" else miner._branching)(q)
+                miner.pivot(q, method)
             status = q.status if q.status != "pending" else ("ok" if q.records else "no_record")
             statuses[status] = statuses.get(status, 0) + 1
             count += len(q.records)

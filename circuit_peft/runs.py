@@ -1,7 +1,10 @@
 """Output folders that cannot be mixed: the settings and inputs that made a folder, and one writer at a time.
 
 Every command that writes a folder (``train``, ``amplify``, ``mine``, ``select --cache-dir``) opens it through :class:`OpenRun`
-before any model is loaded; ``recipe.RunFolder`` adds resumable stages on top.
+before any model is loaded; ``recipe.RunFolder`` adds resumable stages on top. What a folder is keyed by is one
+config through a :class:`RunSchema`: its fields less those that may change on a resume, and less the fields added
+after folders were made while they hold the value those folders implicitly had (so an older folder resumes);
+a change that must not resume older folders bumps the schema's version, which then enters the key.
 """
 
 from __future__ import annotations
@@ -9,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from .files import atomic_write_json, pid_alive
 
@@ -28,6 +32,37 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+@dataclass(frozen=True)
+class RunSchema:
+    """How one kind of run folder is keyed. ``volatile``: fields that may change on a resume (what they change
+    is added beside the finished stages, e.g. controls, search bounds); ``added``: fields added after version 1,
+    each with the value folders made before it implicitly had (left out of the key at that value); ``version``:
+    1 for every folder made so far; a higher version is written into the key (``schema``: ``kind/version``)."""
+
+    kind: str
+    version: int = 1
+    volatile: tuple[str, ...] = ()
+    added: Mapping[str, Any] = field(default_factory=dict)
+
+    def config(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """``values`` as keyed: volatile fields dropped, added fields dropped at their original value."""
+        return {k: v for k, v in values.items()
+                if k not in self.volatile and not (k in self.added and _same(v, self.added[k]))}
+
+    def settings(self, values: Mapping[str, Any], **inputs: Any) -> dict[str, Any]:
+        """The settings a folder is keyed by: ``inputs`` (model, fingerprints, ...) and :meth:`config` of
+        ``values`` under ``config``; the schema's version when above 1."""
+        out = {**inputs, "config": self.config(values)}
+        if self.version > 1:
+            out["schema"] = f"{self.kind}/{self.version}"
+        return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON (a tuple equals the list it is saved as)."""
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
 class OpenRun:
@@ -82,4 +117,4 @@ class OpenRun:
         (self.path / "lock").unlink(missing_ok=True)
 
 
-__all__ = ["OpenRun", "fingerprint"]
+__all__ = ["OpenRun", "RunSchema", "fingerprint"]

@@ -77,3 +77,14 @@ def test_train_takes_a_loaded_model_and_its_folder_resumes_by_name(tmp_path):
     assert again.report["after"] == result.report["after"]
     with pytest.raises(ValueError, match="no name_or_path"):
         train(tiny_model("llama"), rows, held, tmp_path / "other", cfg, log=lambda _: None)
+
+
+def test_run_schema_keys_added_fields_only_away_from_their_old_value_and_versions_enter_the_key():
+    from circuit_peft.runs import RunSchema, fingerprint
+
+    v1 = RunSchema("x", volatile=("threads",), added={"new": (), "mode": "old"})
+    assert v1.settings({"a": 1, "threads": 4, "new": [], "mode": "old"}, model="m") == {"model": "m", "config": {"a": 1}}
+    assert v1.config({"a": 1, "new": [0.1], "mode": "other"}) == {"a": 1, "new": [0.1], "mode": "other"}
+    v2 = RunSchema("x", version=2)
+    assert v2.settings({"a": 1})["schema"] == "x/2"
+    assert fingerprint(v2.settings({"a": 1})) != fingerprint(RunSchema("x").settings({"a": 1}))

@@ -105,7 +105,7 @@ class MiningResult:
 # ----- generation ----------------------------------------------------------------------------------
 
 
-def _generate(
+def generate_traces(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[Sequence[int]],
@@ -135,7 +135,10 @@ def _generate(
 
 
 @dataclass
-class _Problem:
+class Problem:
+    """One problem as the miner holds it: id, gold answer, prompt ids, then its greedy trace, the first sampled
+    trace whose correctness differs from greedy's (``flip``), its status and its records."""
+
     pid: str
     gold: str
     prompt_ids: list[int]
@@ -146,7 +149,10 @@ class _Problem:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
-class _Miner:
+class Miner:
+    """The pivot rules on traces: :meth:`run_chunk` generates and mines; :meth:`pivot` applies one method's rule
+    (``"prefix"``, ``"branching"`` or ``"digit"``) to a problem whose greedy and flipping traces are set."""
+
     def __init__(self, model: Any, tokenizer: Any, config: MiningConfig, fmt: AnswerFormat):
         self.model, self.tok, self.cfg, self.fmt = model, tokenizer, config, fmt
 
@@ -160,10 +166,10 @@ class _Miner:
         return got is not None and got == gold
 
     def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        return _generate(self.model, self.tok, prompts, max_new_tokens, batch_size=self.cfg.generation_batch_size,
+        return generate_traces(self.model, self.tok, prompts, max_new_tokens, batch_size=self.cfg.generation_batch_size,
                          stop_strings=self.stop)
 
-    def run_chunk(self, problems: list[_Problem], seed: int) -> None:
+    def run_chunk(self, problems: list[Problem], seed: int) -> None:
         cfg = self.cfg
         traces = self.greedy([p.prompt_ids for p in problems], cfg.max_new_tokens)
         for p, g in zip(problems, traces):
@@ -175,7 +181,7 @@ class _Miner:
                 continue  # the greedy trace is already the wrong one
             if not group:
                 continue
-            samples = _generate(
+            samples = generate_traces(
                 self.model, self.tok, [p.prompt_ids for p in group], cfg.max_new_tokens, temperature=temp,
                 num_return_sequences=cfg.n_samples, seed=seed * 2 + int(want_wrong),
                 batch_size=cfg.generation_batch_size, stop_strings=self.stop,
@@ -200,7 +206,14 @@ class _Miner:
             if p.status == "pending":
                 p.status = "ok" if p.records else "no_record"
 
-    def _record(self, p: _Problem, response: list[int], desired: int, undesired: int, method: str) -> None:
+    def pivot(self, p: Problem, method: str) -> None:
+        """Add ``method``'s record(s) to ``p`` (or set ``p.status`` to why there is none)."""
+        rules = {"prefix": self._prefix, "branching": self._branching, "digit": self._digit}
+        if method not in rules:
+            raise ValueError(f"method must be one of {tuple(rules)}, got {method!r}")
+        rules[method](p)
+
+    def _record(self, p: Problem, response: list[int], desired: int, undesired: int, method: str) -> None:
         if desired == undesired:
             p.status = "same_token"
             return
@@ -216,7 +229,7 @@ class _Miner:
             d += 1
         return d
 
-    def _prefix(self, p: _Problem) -> None:
+    def _prefix(self, p: Problem) -> None:
         g, s = p.greedy, p.flip
         d = self._divergence(g, s)
         if d >= len(g) or d >= len(s):
@@ -225,7 +238,7 @@ class _Miner:
         good, bad = (g, s) if p.greedy_correct else (s, g)
         self._record(p, g[:d], good[d], bad[d], "prefix")
 
-    def _branching(self, p: _Problem) -> None:
+    def _branching(self, p: Problem) -> None:
         g, s = p.greedy, p.flip
         d = self._divergence(g, s)
         ks = list(range(d, min(len(s), d + self.cfg.max_branch_completions)))
@@ -254,7 +267,7 @@ class _Miner:
             return
         p.status = "branch_no_flip"
 
-    def _digit(self, p: _Problem) -> None:
+    def _digit(self, p: Problem) -> None:
         wrong = p.flip if p.greedy_correct else p.greedy
         if wrong is None:
             p.status = "no_flip"
@@ -266,7 +279,7 @@ class _Miner:
         j, desired = found
         self._record(p, wrong[:j], desired, wrong[j], "digit")
 
-    def _filter(self, problems: list[_Problem]) -> None:
+    def _filter(self, problems: list[Problem]) -> None:
         prompts, owners = [], []
         for p in problems:
             for r in p.records:
@@ -391,11 +404,11 @@ def _chunk_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:4], "little")
 
 
-def _parse_problems(tokenizer: Any, problems: Sequence[dict[str, Any]], cfg: MiningConfig, fmt: AnswerFormat
-                    ) -> tuple[list[_Problem], list[str]]:
+def parse_problems(tokenizer: Any, problems: Sequence[dict[str, Any]], cfg: MiningConfig, fmt: AnswerFormat
+                    ) -> tuple[list[Problem], list[str]]:
     """The problems with a parsable gold answer, prompts encoded, and the ids of those without one.
     Raises on a missing question field, a duplicate id, or when no problem has a gold answer."""
-    valid: list[_Problem] = []
+    valid: list[Problem] = []
     bad_gold: list[str] = []
     ids_seen: set[str] = set()
     for i, row in enumerate(problems):
@@ -415,7 +428,7 @@ def _parse_problems(tokenizer: Any, problems: Sequence[dict[str, Any]], cfg: Min
                                 instruction=cfg.instruction)
         except ValueError as err:  # an empty or non-text question: name the problem
             raise located(f"problem {i} (id {pid!r})", str(err)) from None
-        valid.append(_Problem(pid, gold, encode_prompts(tokenizer, [prompt], cfg.prompt_style)[0]))
+        valid.append(Problem(pid, gold, encode_prompts(tokenizer, [prompt], cfg.prompt_style)[0]))
     if bad_gold:
         logger.warning("skipping %d of %d problems without a parsable gold answer (first: %s)",
                        len(bad_gold), len(problems), ", ".join(bad_gold[:5]))
@@ -425,7 +438,7 @@ def _parse_problems(tokenizer: Any, problems: Sequence[dict[str, Any]], cfg: Min
     return valid, bad_gold
 
 
-def _check_context(model: Any, tokenizer: Any, valid: list[_Problem], cfg: MiningConfig) -> None:
+def _check_context(model: Any, tokenizer: Any, valid: list[Problem], cfg: MiningConfig) -> None:
     """Refuse, before any mining, a problem whose prompt plus ``max_new_tokens`` does not fit in the model's
     context (``max_position_embeddings``): naming the problem, its prompt's length in tokens and the context."""
     within_context([len(p.prompt_ids) for p in valid], model, tokenizer, lambda i: f"problem {valid[i].pid!r}",
@@ -434,7 +447,7 @@ def _check_context(model: Any, tokenizer: Any, valid: list[_Problem], cfg: Minin
                    fix="shorten or drop those problems, use fewer shots, or lower max_new_tokens (--max-new-tokens)")
 
 
-def _mine_chunks(miner: "_Miner", valid: list[_Problem], cfg: MiningConfig, out: Path | None,
+def _mine_chunks(miner: "Miner", valid: list[Problem], cfg: MiningConfig, out: Path | None,
                  done: dict[str, dict], records: list[dict], max_problems: int | None, bar: Any) -> None:
     """Mine the problems not in ``done`` chunk by chunk, appending to ``done``/``records`` (and to the
     files under ``out``) as each problem finishes; stop after ``max_problems`` new ones."""
@@ -501,8 +514,8 @@ def mine_pivotal_tokens(
     fmt = answer_format or NumberAnswer()
     if not problems:
         raise ValueError("no problems given: pass rows with a question and a gold answer")
-    miner = _Miner(model, tokenizer, cfg, fmt)
-    valid, bad_gold = _parse_problems(tokenizer, problems, cfg, fmt)
+    miner = Miner(model, tokenizer, cfg, fmt)
+    valid, bad_gold = parse_problems(tokenizer, problems, cfg, fmt)
     _check_context(model, tokenizer, valid, cfg)
     out = Path(output_dir) if output_dir is not None else None
     done, records = _resume_state(out, cfg) if out is not None else ({}, [])

@@ -124,6 +124,8 @@ def load_runtime(args: argparse.Namespace, spec=None):
 # (--dtype is recorded resolved, by open_run: "auto" is bfloat16 on a GPU and float32 on the CPU)
 RUN_FLAGS_IGNORED = ("out", "threads", "no_progress", "verbose", "func", "command", "argv", "max_problems", "device",
                      "dtype")
+# flags added after folders were made, with the behaviour those folders had: keyed only away from it
+FLAGS_ADDED = {"kept_step": "best_validated"}
 
 
 def open_run(args: argparse.Namespace, folder_flag: str = "out", ignored: tuple[str, ...] = (), adopt=None,
@@ -131,9 +133,10 @@ def open_run(args: argparse.Namespace, folder_flag: str = "out", ignored: tuple[
     """Open the folder of flag ``folder_flag`` (default ``--out``) for this command (see :class:`circuit_peft.runs.OpenRun`):
     its settings are the command, its flags (less ``ignored`` ones, which do not change what the folder
     holds) and the fingerprints of ``inputs`` (rows); another run's folder is refused."""
-    from ..runs import OpenRun, fingerprint
+    from ..runs import OpenRun, RunSchema, fingerprint
 
-    flags = {k: v for k, v in sorted(vars(args).items()) if k not in RUN_FLAGS_IGNORED + ignored}
+    schema = RunSchema(args.command, volatile=RUN_FLAGS_IGNORED + ignored, added=FLAGS_ADDED)
+    flags = schema.config(dict(sorted(vars(args).items())))
     loading = load_spec(args).settings() if hasattr(args, "dtype") else {}  # {} in float32: older folders open
     settings = {"command": args.command, "flags": {**flags, **loading},
                 **{k: fingerprint(v) for k, v in inputs.items()}}

@@ -70,7 +70,7 @@ def run_settings(model_name: str, rows, heldout, cfg: CompareConfig) -> dict[str
         recipe.update(load.settings())
         recipe.pop("load")
     for key in ("controls", "learning_rates", "max_new_tokens_limit", "max_cut_share", "grid_extensions", "seed",
-                "select", "select_fraction", "update", "update_steps", "locate"):
+                "select", "select_fraction", "update", "update_steps", "locate", "cca_kept_step"):
         recipe.pop(key, None)
     return {"model": model_name, "recipe": recipe, "checkpoints": cfg.checkpoints, "rows": fingerprint(rows),
             "heldout": fingerprint(heldout) if heldout else None,

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..locate.registry import LOCATORS as LOCATORS_BY_NAME, locator_names
 from ..models import LoadSpec
+from ..runs import RunSchema
 from .caps import MAX_CUT_SHARE, MAX_NEW_TOKENS_LIMIT, check_cap_settings
 from .controls import CONTROLS
 from .rates import GRID_EXTENSIONS
@@ -157,31 +158,31 @@ def checker(cfg: TrainConfig):
 
 
 
+# What a train folder is keyed by (circuit_peft.runs): controls are trained after the circuit (adding them reuses a
+# finished run), the cap and grid search bounds only add measurements or rates; the other fields came later than
+# the first folders and are keyed only away from the value those folders had.
+TRAIN_SCHEMA = RunSchema("train", version=1, volatile=("controls", "max_new_tokens_limit", "max_cut_share",
+                                                       "grid_extensions"),
+                         added={"answer": "number", "cca_kept_step": "last", "learning_rates": ()})
+
+
 def run_settings(model_name: str, cfg: TrainConfig, train_rows: list[dict[str, Any]],
                  heldout_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """What a run folder of :func:`~circuit_peft.recipe.pipeline.train` is keyed by: the model, ``cfg`` less
-    what may change on a resume (device, controls, cap and grid search bounds; defaults of fields added
-    later, so a folder made before them resumes), and the inputs' fingerprints."""
+    """What a run folder of :func:`~circuit_peft.recipe.pipeline.train` is keyed by (:data:`TRAIN_SCHEMA`): the
+    model, ``cfg`` with the resolved dtype (not the device: a run may resume on another device), and the inputs'
+    fingerprints. ``validation_fraction`` counts only when validation rows are held back."""
     from dataclasses import asdict
 
     from ..runs import fingerprint
 
-    config = asdict(cfg)
-    config.update(cfg.load.settings())  # the resolved dtype, not the device: a run may resume on another device
-    config.pop("load")
-    config.pop("controls")  # trained after the circuit: adding controls to a finished run reuses it
-    if cfg.answer == "number":  # run folders made before the checker choice keep their settings
-        config.pop("answer")
-    for key in ("max_new_tokens_limit", "max_cut_share", "grid_extensions"):  # add measurements or rates only:
-        config.pop(key)  # a folder made before them resumes, its finished stages kept
-    if cfg.cca_kept_step == "last":  # run folders made before the choice keep their settings
-        config.pop("cca_kept_step")
-    if not cfg.learning_rates:  # run folders made before the grid existed keep their settings
-        config.pop("learning_rates")
+    values = asdict(cfg)
+    values.update(cfg.load.settings())
+    values.pop("load")
     if not cfg.holds_validation:
-        config.pop("validation_fraction")
-    return {"model": model_name, "config": config, "train": fingerprint(train_rows),
-            "heldout": fingerprint(heldout_rows)}
+        values.pop("validation_fraction")
+    return TRAIN_SCHEMA.settings(values, model=model_name, train=fingerprint(train_rows),
+                                 heldout=fingerprint(heldout_rows))
 
 
-__all__ = ["LOCATORS", "SELECTORS", "STAGES", "UPDATES", "TrainConfig", "TrainResult", "checker", "run_settings"]
+__all__ = ["LOCATORS", "SELECTORS", "STAGES", "TRAIN_SCHEMA", "UPDATES", "TrainConfig", "TrainResult", "checker",
+           "run_settings"]
