@@ -11,7 +11,9 @@ the tuner (``circuit_peft/tuner/``), so nothing here imports the tuner. Each wra
 installed once (a marker attribute ``_circuit_peft`` on the wrapper keeps a second install a no-op).
 
 The autoload hook's code lives in ``circuit_peft_autoload.py`` at the top level: it runs at interpreter start,
-before ``circuit_peft`` (torch, transformers) may be imported. It is recorded here with its range and tested.
+before ``circuit_peft`` (torch, transformers) may be imported. The attention-function wrapper of
+``interventions.capture_qk`` is the execution layer's (the one place that hooks a model). Both are recorded
+here with their ranges and tested.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
     Patch("signature_columns", "transformers", ">=5.16,<6",
           "Trainer._set_signature_columns_if_needed() / Trainer._signature_columns (private): the columns "
           "remove_unused_columns keeps"),
+    Patch("attention_interface", "transformers", ">=5.16,<6",
+          "ALL_ATTENTION_FUNCTIONS.get_interface(name, default) shadowed by an instance attribute while "
+          "circuit_peft.interventions.capture_qk records q/k after rotary (its code stays in interventions/attention.py)"),
     Patch("fused_head_outputs", "trl", ">=1.16,<1.17",
           "SFTTrainer.compute_loss runs model(..., fused_lm_head=True), whose output holds per-token log_probs "
           "and label_mask (B, T-1); read by a forward hook on the model"),

@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from peft.config import PeftConfigMixin
 
@@ -137,6 +138,20 @@ def test_fused_head_outputs(tmp_path):
     out = compat.fused_head_outputs(trainer.compute_loss, trainer.model, dict(batch))
     assert tuple(out.log_probs.shape) == tuple(out.label_mask.shape) == (2, 3)
     assert bool((out.log_probs < 0).all()) and bool(out.label_mask.all())
+
+
+def test_attention_interface():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from circuit_peft.interventions import capture_qk
+
+    in_bounds("attention_interface")
+    model = tiny_model("llama").eval()
+    with capture_qk(model, [1]) as store, torch.no_grad():
+        model(input_ids=torch.tensor([[5, 9, 13]]))
+    query, key = store[1]
+    assert query.shape[-2:] == key.shape[-2:] == (3, model.config.head_dim)
+    assert "get_interface" not in vars(ALL_ATTENTION_FUNCTIONS)  # removed on exit
 
 
 def test_the_public_api_is_a_small_stable_core():

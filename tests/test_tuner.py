@@ -121,6 +121,25 @@ def test_unmerge_restores_base_weights_bit_exactly():
         assert torch.equal(state[key], w), name
 
 
+def test_merge_snapshots_are_buffers_that_move_with_the_model():
+    """The base entries merge overwrote live in non-persistent buffers: ``.to()`` casts (and moves) them with the
+    weight, a state dict leaves them out, and unmerge after the cast restores the cast base bit-exactly."""
+    base = tiny_model("llama")
+    reference = {k: v.to(torch.float64) for k, v in base.state_dict().items()}
+    model = get_peft_model(base, CircuitConfig(components=COMPONENTS, init_weights=False))
+    model.merge_adapter()
+    snapshots = {n: b for n, b in model.named_buffers() if ".circuit_merged_" in n}
+    assert snapshots and not any(".circuit_merged_" in k for k in model.state_dict())
+    model.to(torch.float64)
+    assert all(b.dtype == torch.float64 for n, b in model.named_buffers() if ".circuit_merged_" in n)
+    model.unmerge_adapter()
+    assert not any(".circuit_merged_" in n for n, _ in model.named_buffers())  # dropped once restored
+    state = model.get_base_model().state_dict()
+    for name, w in reference.items():
+        key = name if name in state else name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        assert torch.equal(state[key], w), name
+
+
 @pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])  # plain, fused Linear, fused Conv1D
 def test_exported_lora_reproduces_outputs(family, tmp_path):
     base = tiny_model(family)
@@ -265,7 +284,7 @@ def test_no_gradient_below_lowest_trained_layer(checkpointing):
 
     # the cut changes no gradient: compare with the hook removed
     model.zero_grad()
-    model.base_model.__dict__.pop("_gradient_stop").remove()
+    model.base_model._gradient_stop.remove()
     model(input_ids=x, labels=x).loss.backward()
     assert calls[0] > 0
     for n, p in model.named_parameters():

@@ -113,9 +113,20 @@ class CircuitLinear4bit(CircuitLinear):
         return "circuit.4bit." + nn.Module.__repr__(self)
 
 
-def dispatch_bnb_4bit(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[CircuitLinear4bit]:
+def dispatch_bnb_4bit(target: nn.Module, adapter_name: str, module_name: str,
+                      **kwargs: Any) -> Optional[CircuitLinear4bit]:
     """A :class:`CircuitLinear4bit` around ``target`` when its base layer is a bitsandbytes 4-bit linear; else None."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     if not is_4bit(base):
         return None
     return CircuitLinear4bit(target, adapter_name, **kwargs)
+
+
+def dispatch_bnb_8bit(target: nn.Module, adapter_name: str, module_name: str, **kwargs: Any) -> None:
+    """Refuse a bitsandbytes 8-bit base (``TypeError`` naming ``module_name``): merge would add float deltas into
+    its int8 codes. None for any other base."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if type(getattr(base, "weight", None)).__name__ == "Int8Params":  # by name, so bitsandbytes is not imported
+        raise TypeError(f"module {module_name!r} is a bitsandbytes 8-bit layer: circuit adapters support 4-bit "
+                        "bases (load_in_4bit) and unquantized ones, not 8-bit")
+    return None

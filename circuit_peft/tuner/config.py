@@ -7,7 +7,7 @@ import numbers
 import os
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Union
+from typing import Any, ClassVar, Iterable, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
@@ -153,6 +153,9 @@ class CircuitConfig(PeftConfig):
     # PEFT's matcher reads these two; a circuit always targets exactly its own modules.
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "must stay None"})
     target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "must stay None"})
+    # The folder from_pretrained read this config from (not a field: never saved). The tuner checks that folder's
+    # weights at this config's first injection, then clears it (CircuitModel._prepare_model).
+    _loaded_from: ClassVar[Optional[str]] = None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):

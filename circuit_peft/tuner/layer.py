@@ -11,8 +11,12 @@ Orientation: every delta is stored in ``nn.Linear`` orientation, whatever the ba
   scaled by ``circuit_scaling[a] = lora_alpha / r``.
 
 Training forwards (gradients on, >= ``MIN_FUSED_TOKENS`` input rows, one dtype, plain base layer whose weight
-and bias are frozen) run base and slices as one matmul, :class:`_SliceLinear`; the ``index_add`` path above is
-the fallback (and the path whenever the base weight or bias is trainable: they get their gradients there).
+and bias are frozen) run base and slices as one matmul, :class:`_SliceLinear`, through the strategy
+:class:`FusedSlices` (its ``applies`` is the whole guard); the ``index_add`` path above is the fallback (and the
+path whenever the base weight or bias is trainable: they get their gradients there).
+
+Merge keeps the base entries it overwrites in non-persistent buffers (``circuit_merged_rows/cols``), which
+``.to()`` moves and casts with the weight; unmerge copies them back bit-exactly.
 
 No full-size delta and no gradient mask: the frozen entries of the base weight are never touched,
 so weight decay cannot move them and optimizer state is the size of the slices.
@@ -65,6 +69,8 @@ class CircuitLayer(BaseTunerLayer):
         "circuit_index_digest",
         "circuit_scaling",
         "circuit_lora_dropout",
+        "circuit_merged_rows",
+        "circuit_merged_cols",
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -80,7 +86,10 @@ class CircuitLayer(BaseTunerLayer):
         self.circuit_index_digest = BufferDict({}, persistent=True)
         self.circuit_scaling: dict[str, float] = {}
         self.circuit_lora_dropout = nn.ModuleDict({})
-        self._merge_snapshots: dict[str, dict[str, torch.Tensor]] = {}
+        # What merge overwrote (the chosen rows/columns of the base weight), for a bit-exact unmerge: buffers, so
+        # that ``.to()`` moves and casts them with the weight; not saved (a saved adapter is never merged).
+        self.circuit_merged_rows = BufferDict({}, persistent=False)
+        self.circuit_merged_cols = BufferDict({}, persistent=False)
         self._disable_adapters = False
         self.merged_adapters = []
         self.is_conv1d = ModelArch.weight_dim(base_layer, "out") == 1
@@ -176,11 +185,8 @@ class CircuitLayer(BaseTunerLayer):
                 continue
             with torch.no_grad():
                 w = self._linear_view(base.weight.data)
-                snap = {}
-                if adapter in self.circuit_rows:
-                    snap["rows"] = w.index_select(0, self.circuit_row_index[adapter]).clone()
-                if adapter in self.circuit_cols:
-                    snap["cols"] = w.index_select(1, self.circuit_col_index[adapter]).clone()
+                rows_before = w.index_select(0, self.circuit_row_index[adapter]) if adapter in self.circuit_rows else None
+                cols_before = w.index_select(1, self.circuit_col_index[adapter]) if adapter in self.circuit_cols else None
                 new = w.clone() if safe_merge else w
                 if adapter in self.circuit_rows:
                     new.index_add_(0, self.circuit_row_index[adapter], self.circuit_rows[adapter].to(w.dtype))
@@ -193,7 +199,10 @@ class CircuitLayer(BaseTunerLayer):
                         raise ValueError(  # PEFT's text, so that code matching it keeps working
                             f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
                     w.copy_(new)
-            self._merge_snapshots[adapter] = snap
+            if rows_before is not None:
+                self.circuit_merged_rows[adapter] = rows_before
+            if cols_before is not None:
+                self.circuit_merged_cols[adapter] = cols_before
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
@@ -204,16 +213,14 @@ class CircuitLayer(BaseTunerLayer):
         base = self.get_base_layer()
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
-            snap = self._merge_snapshots.pop(adapter, {})
             with torch.no_grad():
                 w = self._linear_view(base.weight.data)
                 if adapter in self.circuit_lora_A:
                     w -= self._lora_delta(adapter).to(w.dtype)
-                # snapshots follow the weight if the model was moved or cast after merging
-                if "cols" in snap:
-                    w.index_copy_(1, self.circuit_col_index[adapter], snap["cols"].to(w))
-                if "rows" in snap:
-                    w.index_copy_(0, self.circuit_row_index[adapter], snap["rows"].to(w))
+                if adapter in self.circuit_merged_cols:
+                    w.index_copy_(1, self.circuit_col_index[adapter], self.circuit_merged_cols.pop(adapter).to(w))
+                if adapter in self.circuit_merged_rows:
+                    w.index_copy_(0, self.circuit_row_index[adapter], self.circuit_merged_rows.pop(adapter).to(w))
 
     def _lora_delta(self, adapter: str) -> torch.Tensor:
         return self.circuit_scaling[adapter] * (self.circuit_lora_B[adapter] @ self.circuit_lora_A[adapter])
@@ -258,8 +265,47 @@ class _SliceLinear(torch.autograd.Function):
 MIN_FUSED_TOKENS = 128  # below ~this many input rows the (out, in) weight copies of the fused path cost more than they save
 
 
+class FusedSlices:
+    """The training forward of one adapter's slices as one matmul, :class:`_SliceLinear` (a strategy of
+    :class:`CircuitLinear`; the LoRA branch is added after it). :meth:`applies` is its whole guard: every
+    condition under which the result and all gradients equal the base-then-add path's."""
+
+    def __init__(self, min_tokens: Optional[int] = None) -> None:
+        self.min_tokens = min_tokens  # None: the module's MIN_FUSED_TOKENS at call time
+
+    def applies(self, layer: "CircuitLinear", x: torch.Tensor, active: list[str], args: tuple, kwargs: dict) -> bool:
+        """Whether ``layer``'s forward of ``x`` with ``active`` adapters (and extra ``args``/``kwargs`` for the base)
+        may fuse: one active adapter, unmerged and enabled, whose slices need gradients; a plain ``nn.Linear``/
+        ``Conv1D`` base without hooks, extra arguments or an accelerate hook, whose weight (a plain tensor) and bias
+        are frozen (_SliceLinear gives them no gradient); one dtype throughout, no autocast; enough rows."""
+        if len(active) != 1 or args or kwargs or layer.merged or layer.disable_adapters or not torch.is_grad_enabled():
+            return False
+        base, adapter = layer.base_layer, active[0]
+        slices = [t[adapter] for t in (layer.circuit_rows, layer.circuit_cols) if adapter in t]
+        min_tokens = MIN_FUSED_TOKENS if self.min_tokens is None else self.min_tokens
+        return (any(p.requires_grad for p in slices)
+                and type(base) in (nn.Linear, Conv1D) and not hasattr(base, "_hf_hook")
+                and type(base.weight) in (nn.Parameter, torch.Tensor)
+                and not any(p is not None and p.requires_grad for p in (base.weight, base.bias))
+                and not (base._forward_hooks or base._forward_pre_hooks)
+                and not torch.is_autocast_enabled(x.device.type)
+                and all(t.dtype == x.dtype for t in (base.weight, *slices))
+                and x.shape[-1] == layer.in_features and x.numel() >= min_tokens * layer.in_features)
+
+    def __call__(self, layer: "CircuitLinear", x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """Base output plus ``adapter``'s slices of ``layer`` in one :class:`_SliceLinear`."""
+        base = layer.base_layer
+        has_rows, has_cols = adapter in layer.circuit_rows, adapter in layer.circuit_cols
+        return _SliceLinear.apply(
+            x, layer._linear_view(base.weight), base.bias,
+            layer.circuit_row_index[adapter] if has_rows else None, layer.circuit_rows[adapter] if has_rows else None,
+            layer.circuit_col_index[adapter] if has_cols else None, layer.circuit_cols[adapter] if has_cols else None)
+
+
 class CircuitLinear(nn.Module, CircuitLayer):
     """Wraps an ``nn.Linear`` or GPT-2 ``Conv1D`` with circuit deltas (and an optional LoRA branch)."""
+
+    fused = FusedSlices()  # the one-matmul training forward (its guard: FusedSlices.applies)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         super().__init__()
@@ -278,29 +324,6 @@ class CircuitLinear(nn.Module, CircuitLayer):
                     "neuron indices than adapter_config.json lists (was the config edited?); refusing to apply "
                     "them to the wrong components")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def _can_fuse(self, x: torch.Tensor, adapter: str) -> bool:
-        """Whether a training forward of ``adapter`` can run as one :class:`_SliceLinear` matmul: slices that
-        need gradients, a frozen base weight and bias (_SliceLinear gives them no gradient), one dtype
-        throughout, no autocast, a plain ``nn.Linear``/``Conv1D`` without hooks."""
-        base = self.base_layer
-        slices = [t[adapter] for t in (self.circuit_rows, self.circuit_cols) if adapter in t]
-        return (torch.is_grad_enabled() and any(p.requires_grad for p in slices)
-                and type(base) in (nn.Linear, Conv1D) and not hasattr(base, "_hf_hook")
-                and not any(p is not None and p.requires_grad for p in (base.weight, base.bias))
-                and not (base._forward_hooks or base._forward_pre_hooks)
-                and not torch.is_autocast_enabled(x.device.type)
-                and all(t.dtype == x.dtype for t in (base.weight, *slices))
-                and x.numel() >= MIN_FUSED_TOKENS * self.in_features)
-
-    def _fused_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        """Base output plus ``adapter``'s slices in one :class:`_SliceLinear` (the LoRA branch not included)."""
-        base = self.base_layer
-        has_rows, has_cols = adapter in self.circuit_rows, adapter in self.circuit_cols
-        return _SliceLinear.apply(
-            x, self._linear_view(base.weight), base.bias,
-            self.circuit_row_index[adapter] if has_rows else None, self.circuit_rows[adapter] if has_rows else None,
-            self.circuit_col_index[adapter] if has_cols else None, self.circuit_cols[adapter] if has_cols else None)
 
     def _add_lora(self, x: torch.Tensor, result: torch.Tensor, adapter: str) -> torch.Tensor:
         """``result`` plus ``adapter``'s LoRA branch (if it has one)."""
@@ -346,8 +369,8 @@ class CircuitLinear(nn.Module, CircuitLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = [a for a in self.active_adapters if self._has_adapter(a)]
-        if len(active) == 1 and not args and not kwargs and self._can_fuse(x, active[0]):  # training: one matmul
-            return self._add_lora(x, self._fused_forward(x, active[0]), active[0])
+        if self.fused.applies(self, x, active, args, kwargs):  # training: one matmul
+            return self._add_lora(x, self.fused(self, x, active[0]), active[0])
         result = self.base_layer(x, *args, **kwargs)
         for adapter in active:
             result = self._add_adapter(x, result, adapter)
@@ -355,3 +378,12 @@ class CircuitLinear(nn.Module, CircuitLayer):
 
     def __repr__(self) -> str:
         return "circuit." + super().__repr__()
+
+
+def dispatch_default(target: nn.Module, adapter_name: str, module_name: str, **kwargs: Any) -> Optional[CircuitLinear]:
+    """A :class:`CircuitLinear` around ``target`` when its base layer is an ``nn.Linear`` or GPT-2 ``Conv1D``; else
+    None (the last of ``circuit_peft.tuner.model.DISPATCHERS``, as PEFT's LoRA ``dispatch_default``)."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if not isinstance(base, (nn.Linear, Conv1D)):
+        return None
+    return CircuitLinear(target, adapter_name, **kwargs)

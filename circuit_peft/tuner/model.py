@@ -6,20 +6,25 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+from torch.utils.hooks import RemovableHandle
 
 from ..arch import PROJECTIONS, ModelArch, fingerprint_diff, get_arch, unwrap_model
 from ..interventions import stop_gradient_below
 from .config import CircuitConfig
-from .bnb import dispatch_bnb_4bit, unpack_cpu_layouts
-from .layer import CircuitLayer, CircuitLinear, weight_shape
+from .bnb import dispatch_bnb_4bit, dispatch_bnb_8bit, unpack_cpu_layouts
+from .layer import CircuitLayer, CircuitLinear, dispatch_default, weight_shape
 from .saving import check_saved_adapter
+
+
+# Base-layer dispatchers, tried in order (as PEFT's LoRA tries its ``dispatch_*``): each returns the circuit layer
+# for a target it handles, None for one it does not, or raises for one it refuses.
+DISPATCHERS: list[Callable[..., Optional[CircuitLinear]]] = [dispatch_bnb_8bit, dispatch_bnb_4bit, dispatch_default]
 
 
 @dataclass
@@ -32,14 +37,17 @@ class ModulePlan:
     lora: bool = False
 
 
-def build_plan(config: CircuitConfig, model: nn.Module) -> dict[str, ModulePlan]:
-    """Module path (from the transformers model root) -> :class:`ModulePlan` for ``config`` on ``model``.
+def build_plan(config: CircuitConfig, model: nn.Module, layers: Optional[set[int]] = None) -> dict[str, ModulePlan]:
+    """Module path (from the transformers model root) -> :class:`ModulePlan` for ``config`` on ``model``
+    (only the modules of ``layers``, when given).
 
     Raises ``ValueError`` for an unsupported family or a component/layer index out of range.
     """
     arch = get_arch(model)
     plan: dict[str, ModulePlan] = {}
     for comp in config.component_list():
+        if layers is not None and comp.layer not in layers:
+            continue
         for s in arch.component_slices(comp, config.projections_for_kind(comp.kind), model):
             entry = plan.setdefault(s.module, ModulePlan(layer=comp.layer))
             (entry.rows if s.axis == "out" else entry.cols).update(range(s.start, s.stop))
@@ -49,17 +57,26 @@ def build_plan(config: CircuitConfig, model: nn.Module) -> dict[str, ModulePlan]
         if config.lora_target_modules is not None:
             names = PROJECTIONS if config.lora_target_modules == "all" else config.lora_target_modules
             names = [p for p in names if arch.has_projection(p)]
-            for layer in range(arch.dims.n_layers):
+            for layer in range(arch.dims.n_layers) if layers is None else sorted(layers):
                 for p in names:
                     plan.setdefault(arch.module_path(model, layer, p), ModulePlan(layer=layer)).lora = True
     return plan
 
 
-def _lowest_trained_layer(configs: list[CircuitConfig], plans: list[dict[str, ModulePlan]]) -> int:
-    """Lowest layer any adapter trains (0 when something below the layers, e.g. an embedding, trains)."""
+def module_plan(config: CircuitConfig, model: nn.Module, path: str) -> Optional[ModulePlan]:
+    """:func:`build_plan`'s entry for the one module at ``path`` (None: ``config`` puts nothing there); only the
+    components of that module's layer are laid out."""
+    prefix = get_arch(model).layers_path(model) + "."
+    index = path[len(prefix):].split(".", 1)[0] if path.startswith(prefix) else ""
+    return build_plan(config, model, layers={int(index)} if index.isdigit() else None).get(path)
+
+
+def lowest_trained_layer(configs: list[CircuitConfig], model: nn.Module) -> int:
+    """Lowest layer any of ``configs`` trains on ``model`` (0 when something below the layers, e.g. an
+    embedding, trains)."""
     if any(c.modules_to_save or c.trainable_token_indices for c in configs):
         return 0
-    layers = [e.layer for plan in plans for e in plan.values()]
+    layers = [e.layer for c in configs for e in build_plan(c, model).values()]
     return min(layers) if layers else 0
 
 
@@ -196,22 +213,16 @@ class CircuitModel(BaseTuner):
     prefix: str = "circuit_"
     tuner_layer_cls = CircuitLayer
     target_module_mapping: dict[str, list[str]] = {}
+    _gradient_stop: Optional[RemovableHandle] = None  # the cut below the lowest trained layer (None: no cut)
 
     # ----- config and plan ------------------------------------------------------------------------
-    def _plans(self) -> dict[str, dict[str, ModulePlan]]:
-        plans = self.__dict__.get("_circuit_plans")
-        if plans is None:
-            plans = {}
-            self.__dict__["_circuit_plans"] = plans
-        return plans
-
     def _prepare_adapter_config(self, peft_config: CircuitConfig, model_config: dict) -> CircuitConfig:
         return peft_config  # target_modules are derived from the model in _prepare_model
 
     def _prepare_model(self, peft_config: CircuitConfig, model: nn.Module) -> None:
         arch = get_arch(model)
         fingerprint = arch.fingerprint()
-        loaded_from = getattr(peft_config, "_loaded_from", None)
+        loaded_from = peft_config._loaded_from
         if loaded_from is not None:
             check_saved_adapter(loaded_from, peft_config.weights_sha256)  # before any weight is read
         if peft_config.base_model_fingerprint is None:
@@ -229,13 +240,12 @@ class CircuitModel(BaseTuner):
                     "this circuit adapter was made for a different base model (" + "; ".join(diffs) + "). "
                     "Load it onto the model it was trained on."
                 )
-        plan = build_plan(peft_config, model)
-        self._plans()[self.__dict__["_injecting"]] = plan  # the same config object may serve two adapters
-        peft_config.target_modules = sorted(plan)
+        peft_config.target_modules = sorted(build_plan(peft_config, model))
         # The folder was checked for the load (if any) that follows this injection; the config now describes
         # this adapter, so reusing the object seeds a new one and reads nothing from that folder (which a later
         # save may have changed: its weights would no longer match the recorded digest).
-        peft_config.__dict__.pop("_loaded_from", None)
+        if loaded_from is not None:
+            del peft_config._loaded_from
 
     def _create_and_replace(
         self,
@@ -247,7 +257,7 @@ class CircuitModel(BaseTuner):
         current_key: str,
         parameter_name: Optional[str] = None,
     ) -> None:
-        entry = self._plans()[adapter_name].get(current_key)
+        entry = module_plan(peft_config, self.model, current_key)  # from the config: no state kept between calls
         if entry is None:
             raise ValueError(f"module {current_key!r} matched the circuit's target_modules but is not in its plan")
         kwargs = dict(
@@ -261,35 +271,37 @@ class CircuitModel(BaseTuner):
         if isinstance(target, CircuitLayer):
             target.update_layer(adapter_name, inference_mode=peft_config.inference_mode, **kwargs)
             return
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, (nn.Linear, Conv1D)):  # bnb.nn.Linear4bit is an nn.Linear
-            raise TypeError(f"circuit adapters support nn.Linear and Conv1D modules, not {type(base).__name__}")
-        if type(base.weight).__name__ == "Int8Params":  # merge would add float deltas into int8 codes
-            raise TypeError(f"module {current_key!r} is a bitsandbytes 8-bit layer: circuit adapters support 4-bit "
-                            "bases (load_in_4bit) and unquantized ones, not 8-bit")
-        new_module = dispatch_bnb_4bit(target, adapter_name, **kwargs) or CircuitLinear(target, adapter_name, **kwargs)
+        new_module = self._create_new_module(target, adapter_name, current_key, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    @staticmethod
+    def _create_new_module(target: nn.Module, adapter_name: str, module_name: str, **kwargs: Any) -> CircuitLinear:
+        """The first of :data:`DISPATCHERS` that takes ``target`` builds its circuit layer (PEFT's LoRA idiom)."""
+        for dispatcher in DISPATCHERS:
+            new_module = dispatcher(target, adapter_name, module_name, **kwargs)
+            if new_module is not None:
+                return new_module
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        raise TypeError(f"circuit adapters support nn.Linear and Conv1D modules, not {type(base).__name__}")
+
     # ----- speed: no backward below the lowest trained layer ---------------------------------------
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        self.__dict__["_injecting"] = adapter_name  # read by _prepare_model, which PEFT calls without the name
-        try:
-            super().inject_adapter(model, adapter_name, *args, **kwargs)
-        finally:
-            self.__dict__.pop("_injecting", None)
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
         self._update_gradient_stop()
 
+    def _remove_gradient_stop(self) -> None:
+        if self._gradient_stop is not None:
+            self._gradient_stop.remove()
+            self._gradient_stop = None
+
     def _update_gradient_stop(self) -> None:
-        handle = self.__dict__.pop("_gradient_stop", None)
-        if handle is not None:
-            handle.remove()
-        plans = self._plans()
-        names = [n for n in self.peft_config if n in plans]
-        if not names:
+        self._remove_gradient_stop()
+        configs = [c for c in self.peft_config.values() if isinstance(c, CircuitConfig)]
+        if not configs:
             return
-        lowest = _lowest_trained_layer([self.peft_config[n] for n in names], [plans[n] for n in names])
+        lowest = lowest_trained_layer(configs, self.model)
         if lowest <= 0:
             return
         arch = get_arch(self.model)
@@ -298,17 +310,14 @@ class CircuitModel(BaseTuner):
         embeddings = self.model.get_input_embeddings()
         if embeddings is not None:
             watch += list(embeddings.parameters())
-        self.__dict__["_gradient_stop"] = stop_gradient_below(self.model, lowest, watch=watch, arch=arch)
+        self._gradient_stop = stop_gradient_below(self.model, lowest, watch=watch, arch=arch)
 
     @property
     def lowest_trained_layer(self) -> Optional[int]:
         """Layer whose input is detached during training (None: gradients reach the embeddings)."""
-        handle = self.__dict__.get("_gradient_stop")
-        if handle is None:
+        if self._gradient_stop is None:
             return None
-        plans = self._plans()
-        names = [n for n in self.peft_config if n in plans]
-        return _lowest_trained_layer([self.peft_config[n] for n in names], [plans[n] for n in names])
+        return lowest_trained_layer([c for c in self.peft_config.values() if isinstance(c, CircuitConfig)], self.model)
 
     # ----- mixed-adapter batches (as LoRA: ``model(**batch, adapter_names=[...])``) --------------------
     @contextmanager
@@ -340,7 +349,6 @@ class CircuitModel(BaseTuner):
         layer (PEFT's rule), because a CIRCUIT adapter may leave that layer holding none of the rest."""
         remaining = [a for a in self.active_adapters if a != adapter_name]
         super().delete_adapter(adapter_name)
-        self._plans().pop(adapter_name, None)
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]
         if remaining and self.active_adapters != remaining:
@@ -361,7 +369,5 @@ class CircuitModel(BaseTuner):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> torch.nn.Module:
-        handle = self.__dict__.pop("_gradient_stop", None)
-        if handle is not None:
-            handle.remove()
+        self._remove_gradient_stop()
         return super()._unload_and_optionally_merge(*args, **kwargs)
