@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from circuit_peft.batching import pad_batch
 from circuit_peft.files import atomic_write_text
 from circuit_peft.models import load_model, load_tokenizer
-from circuit_peft.taskdata import PivotalCollator, answer_example
+from circuit_peft.taskdata import PivotalCollator, answer_example, encode_text_pair
 from circuit_peft.select import (
     CircuitSeerSampler, CircuitSeerScorer, ReasoningHeads, ResponseLossScorer, debias_length, find_reasoning_heads,
     ifd_indices,
@@ -120,9 +120,7 @@ def encode_sft(tok, rows: list[dict], max_length: int = 512) -> list[dict[str, l
     the losses), loss on the solution; a longer row keeps its solution's start."""
     out = []
     for r in rows:
-        p = tok(r["question"])["input_ids"]
-        a = tok("\n" + r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        out.append(answer_example(p, a, max_length))
+        out.append(answer_example(*encode_text_pair(tok, r["question"], "\n" + r["answer"]), max_length))
     return out
 
 

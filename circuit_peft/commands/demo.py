@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 from ._args import load_spec, positive
 from ..arch import get_arch
-from ..taskdata.prompts import build_prompt_ids
+from ..taskdata.prompts import build_prompt
 from ..files import atomic_dir
 from ..models import LoadSpec, load_model, load_tokenizer
 from ..taskdata.collate import PivotalCollator
-from ..taskdata.examples import answer_example
+from ..taskdata.examples import answer_example, encode_text_pair
 from ..tuner import CircuitConfig, circuit_size
 
 
@@ -63,8 +63,8 @@ def _batch(tokenizer: Any, rows: list[dict[str, str]], max_length: int) -> dict[
     (:func:`~circuit_peft.taskdata.examples.fit_to_length`). Returns input_ids/attention_mask/labels (B, T)."""
     examples = []
     for r in rows:
-        p = build_prompt_ids(tokenizer, r["question"], style="chat")
-        a = tokenizer(r["answer"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        p, a = encode_text_pair(tokenizer, build_prompt(tokenizer, r["question"], style="chat"),
+                                r["answer"] + tokenizer.eos_token, add_special_tokens=False, add_eos=False)
         examples.append(answer_example(p, a, max_length, min_answer=max_length // 2))
     return PivotalCollator(pad_token_id=tokenizer.pad_token_id)(examples)
 

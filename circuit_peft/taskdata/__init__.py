@@ -15,7 +15,7 @@ evaluation and the benchmarks import it, never the reverse.
 from .collate import PivotalCollator, collate_probe, collate_probe_after_prefix, model_inputs
 from .examples import (
     DEFAULT_PIVOTAL_WEIGHT, WEIGHT_COLUMNS, EncodedProbe, ProbeSpec, answer_example, as_rows, build_pivotal_dataset,
-    encode_probe, fit_to_length, split_task_row,
+    encode_probe, encode_text_pair, fit_to_length, split_task_row,
 )
 from .losses import (
     IGNORE_INDEX, aligned_weighted_loss, at_least_float32, last_logits, logit_margins, mean_label_losses,
@@ -26,7 +26,7 @@ from .records import RECORD_FIELDS, collate_records, record_name, validate_recor
 __all__ = [
     "DEFAULT_PIVOTAL_WEIGHT", "EncodedProbe", "IGNORE_INDEX", "PivotalCollator", "ProbeSpec", "RECORD_FIELDS",
     "WEIGHT_COLUMNS", "aligned_weighted_loss", "answer_example", "as_rows", "at_least_float32",
-    "build_pivotal_dataset", "collate_probe", "collate_probe_after_prefix", "collate_records", "encode_probe",
+    "build_pivotal_dataset", "collate_probe", "collate_probe_after_prefix", "collate_records", "encode_probe", "encode_text_pair",
     "fit_to_length", "last_logits", "logit_margins", "mean_label_losses", "model_inputs", "pivotal_weighted_loss", "split_task_row",
     "record_name", "solution_loss_sums", "validate_records",
 ]

@@ -5,6 +5,7 @@ A tokenized example is ``input_ids`` (prompt, then answer), its loss mask (``lab
 ``completion_mask``), per-token ``token_weights`` and ``undesired_ids`` (pivotal SFT) and its prompt length.
 Every wing (SFT, the locators, CircuitSeer's baselines, the demo, the benchmarks) encodes through here:
 
+* :func:`encode_text_pair`: THE tokenization of a prompt + completion text pair;
 * :func:`fit_to_length`: THE truncation policy for a prompt + answer longer than ``max_length``;
 * :func:`answer_example`: prompt and answer ids -> ``{"input_ids", "labels"}`` (loss on the answer);
 * :func:`build_pivotal_dataset`: prompt/completion, text, token or contrastive rows -> pivotal SFT rows;
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CircuitPeftError
 from .losses import IGNORE_INDEX
-from .prompts import build_prompt_ids
+from .prompts import build_prompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -70,6 +71,20 @@ def split_task_row(row: dict[str, Any]) -> tuple[list[int], list[int]]:
     ids = [int(t) for t in row["input_ids"]]
     start = next((i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX), len(ids))
     return ids[:start], ids[start:]
+
+
+def encode_text_pair(tokenizer: Any, prompt: str, completion: str, add_special_tokens: bool = True,
+                     add_eos: bool = True) -> tuple[list[int], list[int]]:
+    """THE tokenization of a prompt + completion text pair (SFT rows, probe rows, the demo, the benchmarks):
+    ``(prompt ids, completion ids)``, the prompt with the tokenizer's special tokens (``add_special_tokens``;
+    False for chat-template prompts, which hold them), the completion without, then EOS when ``add_eos`` and the
+    tokenizer has one. The completion's ids directly follow the prompt's (tokenized apart, so the split is exact)."""
+    ids, mask, _ = _encode_text_row({"prompt": prompt, "completion": completion}, tokenizer, [], add_eos,
+                                    add_special_tokens)
+    n_prompt = mask.count(0)
+    return ids[:n_prompt], ids[n_prompt:]
+
+
 # ----- pivotal SFT rows --------------------------------------------------------------------------------
 
 
@@ -320,15 +335,10 @@ def _probe_text_ids(i: int, r: dict[str, Any], tokenizer: Any, spec: ProbeSpec,
             have = ", ".join(sorted(r)) or "nothing"
             raise CircuitPeftError(f"probe row {i} has no {what} text in field {field!r} (it has: {have}); "
                                    f"choose the field with {what}_field= / --{what}-field")
-    if use_chat:
-        prompt_ids = build_prompt_ids(tokenizer, r[spec.prompt_field], style="chat")
-    else:
-        prompt_ids = tokenizer(r[spec.prompt_field] + "\n")["input_ids"]
-    sol_ids = tokenizer(r[spec.solution_field], add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        sol_ids = sol_ids + [tokenizer.eos_token_id]
-    return list(prompt_ids), list(sol_ids)
+    prompt = r[spec.prompt_field]
+    prompt = build_prompt(tokenizer, prompt, style="chat") if use_chat else prompt + "\n"
+    return encode_text_pair(tokenizer, prompt, r[spec.solution_field], add_special_tokens=not use_chat)
 
 
 __all__ = ["DEFAULT_PIVOTAL_WEIGHT", "EncodedProbe", "ProbeSpec", "WEIGHT_COLUMNS", "answer_example", "as_rows",
-           "build_pivotal_dataset", "encode_probe", "fit_to_length", "split_task_row"]
+           "build_pivotal_dataset", "encode_probe", "encode_text_pair", "fit_to_length", "split_task_row"]
