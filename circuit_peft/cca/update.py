@@ -47,13 +47,13 @@ from ..errors import CircuitPeftError
 from ..interventions import capture_layer_input, forward_until, start_at_layer
 from ..batching import length_batches, pad_token_id, to_device
 from ..prefix import prefix_kv_cache, repeat_cache, sharable_prefix_ids
-from ..taskdata.losses import last_logits, logit_margins
+from ..taskdata.losses import MARGIN_LOSSES, last_logits, logit_margins, margin_loss
 from ..taskdata.records import collate_records, validate_records
 from ..tuner import CircuitConfig, circuit_size
 
 logger = logging.getLogger(__name__)
 
-UPDATE_LOSSES: tuple[str, ...] = ("logit_diff", "logsigmoid", "capped")
+UPDATE_LOSSES: tuple[str, ...] = MARGIN_LOSSES  # taskdata.losses.margin_loss
 UPDATE_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 UPDATE_TARGETS: tuple[str, ...] = ("circuit", "twin", "projections", "all_weights")
 # The paper's code validates after every second step in the first ten, then every eval_interval steps.
@@ -136,17 +136,6 @@ class UpdateResult:
         return {"history": self.history, "best_step": self.best_step, "best_val": self.best_val,
                 "initial_margin": self.initial_margin, "final_margin": self.final_margin, "size": self.size,
                 "seconds": self.seconds, "kept": self.kept, "components": self.config.components if self.config else "all"}
-
-
-def margin_loss(margin: torch.Tensor, loss: str, margin_cap: float = 5.0) -> torch.Tensor:
-    """Per-record loss (B,) from margins ``z_desired - z_undesired`` (B,)."""
-    if loss == "logit_diff":
-        return -margin
-    if loss == "logsigmoid":
-        return -torch.nn.functional.logsigmoid(margin)
-    if loss == "capped":
-        return -margin.clamp(max=margin_cap)
-    raise ValueError(f"loss must be one of {UPDATE_LOSSES}, got {loss!r}")
 
 
 def circuit_config_for(

@@ -31,7 +31,7 @@ from ..interventions import scale_components
 from .attribution import frozen_parameters
 from ..batching import model_device, pad_token_id, to_device
 from ..taskdata.collate import model_inputs
-from ..taskdata.losses import last_logits, logit_margins
+from ..taskdata.losses import last_logits, logit_margins, margin_loss
 from ..taskdata.records import collate_records, validate_records
 
 DCM_KINDS: tuple[str, ...] = ("q", "k", "v", "mlp")
@@ -244,7 +244,7 @@ def _mask_loss(model: nn.Module, arch, masks: dict[str, nn.Parameter], batch: di
     the batch's mean logit margin (desired - undesired)."""
     batch = to_device(batch, model_device(model))
     margin = _last_position_margins(model, arch, batch, {k: 2 * m for k, m in masks.items()})
-    task = -margin.mean() if objective == "logit_diff" else -nn.functional.logsigmoid(margin).mean()
+    task = margin_loss(margin, objective).mean()
     penalty = sum(m.abs().sum() for m in masks.values())
     return task + lambda_l1 * penalty, float(margin.detach().mean())
 

@@ -18,15 +18,15 @@ from .examples import (
     encode_probe, encode_text_pair, fit_to_length, split_task_row,
 )
 from .losses import (
-    IGNORE_INDEX, aligned_weighted_loss, at_least_float32, last_logits, logit_margins, mean_label_losses,
-    pivotal_weighted_loss, solution_loss_sums,
+    IGNORE_INDEX, MARGIN_LOSSES, aligned_weighted_loss, at_least_float32, last_logits, logit_margins, margin_loss,
+    mean_label_losses, pivotal_weighted_loss, solution_loss_sums,
 )
 from .records import RECORD_FIELDS, collate_records, record_name, validate_records
 
 __all__ = [
-    "DEFAULT_PIVOTAL_WEIGHT", "EncodedProbe", "IGNORE_INDEX", "PivotalCollator", "ProbeSpec", "RECORD_FIELDS",
+    "DEFAULT_PIVOTAL_WEIGHT", "EncodedProbe", "IGNORE_INDEX", "MARGIN_LOSSES", "PivotalCollator", "ProbeSpec", "RECORD_FIELDS",
     "WEIGHT_COLUMNS", "aligned_weighted_loss", "answer_example", "as_rows", "at_least_float32",
     "build_pivotal_dataset", "collate_probe", "collate_probe_after_prefix", "collate_records", "encode_probe", "encode_text_pair",
-    "fit_to_length", "last_logits", "logit_margins", "mean_label_losses", "model_inputs", "pivotal_weighted_loss", "split_task_row",
+    "fit_to_length", "last_logits", "logit_margins", "margin_loss", "mean_label_losses", "model_inputs", "pivotal_weighted_loss", "split_task_row",
     "record_name", "solution_loss_sums", "validate_records",
 ]

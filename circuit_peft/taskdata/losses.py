@@ -9,7 +9,8 @@ number of label tokens, as in TRL/Transformers)::
 With all weights 1 and no unlikelihood term this equals a trainer's own token-mean cross-entropy.
 
 Contrastive margin of a record: ``logit[desired] - logit[undesired]`` at its last context position (DCM,
-logit-difference attribution, the CCA update and the pivotal metrics all read it from :func:`logit_margins`).
+logit-difference attribution, the CCA update and the pivotal metrics all read it from :func:`logit_margins`), and
+its losses (the CCA update's, DCM's task term) come from :func:`margin_loss`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,22 @@ def logit_margins(logits: torch.Tensor, desired: torch.Tensor, undesired: torch.
     ``logits`` (B, V), in the logits' dtype."""
     rows = torch.arange(logits.shape[0], device=logits.device)
     return logits[rows, desired] - logits[rows, undesired]
+
+
+MARGIN_LOSSES: tuple[str, ...] = ("logit_diff", "logsigmoid", "capped")
+
+
+def margin_loss(margin: torch.Tensor, loss: str, margin_cap: float = 5.0) -> torch.Tensor:
+    """Per-record loss (B,) from margins ``z_desired - z_undesired`` (B,): ``"logit_diff"`` ``-margin`` (the CCA
+    paper's, unbounded), ``"logsigmoid"`` ``-log sigmoid(margin)``, ``"capped"`` ``-min(margin, margin_cap)``
+    (bounded variants, our choice). The CCA update and DCM's task term both take it."""
+    if loss == "logit_diff":
+        return -margin
+    if loss == "logsigmoid":
+        return -torch.nn.functional.logsigmoid(margin)
+    if loss == "capped":
+        return -margin.clamp(max=margin_cap)
+    raise ValueError(f"loss must be one of {MARGIN_LOSSES}, got {loss!r}")
 
 
 def last_logits(model: Any, inputs: dict[str, torch.Tensor], keep: int, **kwargs: Any) -> torch.Tensor:
@@ -116,5 +133,5 @@ def aligned_weighted_loss(
     return total / torch.as_tensor(denom, device=total.device).clamp(min=1)
 
 
-__all__ = ["IGNORE_INDEX", "aligned_weighted_loss", "at_least_float32", "last_logits", "logit_margins",
-           "mean_label_losses", "pivotal_weighted_loss", "solution_loss_sums"]
+__all__ = ["IGNORE_INDEX", "MARGIN_LOSSES", "aligned_weighted_loss", "at_least_float32", "last_logits", "logit_margins",
+           "margin_loss", "mean_label_losses", "pivotal_weighted_loss", "solution_loss_sums"]
