@@ -308,6 +308,23 @@ def test_shared_prefix_greedy_equals_generate_per_prompt(tok, family):
     assert generate_batched(model, tok, prompts, max_new_tokens=7, batch_size=3, progress=False) == got
 
 
+def test_shared_prefix_decoding_ignores_a_checkpoints_generation_knobs(tok):
+    """A generation_config.json's repetition penalty, n-gram ban or top-k (Qwen ships such) does not change
+    what evaluation decodes: greedy stays argmax, sampling stays softmax(logits / T) over the whole vocabulary."""
+    from circuit_peft.evaluate.generation import generate_with_shared_prefix
+
+    model = tiny_model("llama", vocab_size=len(tok)).eval()
+    prompts = [[11, 12, 13, 14, 20], [11, 12, 13, 14, 30, 31], [11, 12, 13, 14, 40]]
+    greedy = generate_with_shared_prefix(model, tok, prompts, 12, progress=False)
+    torch.manual_seed(3)
+    sampled = generate_with_shared_prefix(model, tok, prompts, 12, temperature=3.0, progress=False)
+    model.generation_config.update(repetition_penalty=3.0, no_repeat_ngram_size=1, top_k=1, min_length=40)
+    assert generate_with_shared_prefix(model, tok, prompts, 12, progress=False) == greedy
+    torch.manual_seed(3)
+    assert generate_with_shared_prefix(model, tok, prompts, 12, temperature=3.0, progress=False) == sampled
+    assert any(len(set(g)) < len(g) for g in greedy)  # some completion repeats a token: the knobs would matter
+
+
 @pytest.mark.slow
 def test_shared_prefix_greedy_stop_strings(smollm2):
     """Decoding stops right after the token that completes a stop string, like model.generate's."""

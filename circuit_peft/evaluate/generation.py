@@ -62,9 +62,9 @@ def generate_batched(
 # model.generate's processing knobs at their no-op values, so that a checkpoint's generation_config.json
 # (Qwen's top_k=20, repetition_penalty=1.05, ...) does not change what the evaluation decodes: greedy
 # argmax, or sampling from softmax(logits / temperature) with nothing cut
-_PLAIN_DECODING = {"num_beams": 1, "top_k": 0, "top_p": 1.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-                   "eta_cutoff": 0.0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
-                   "no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0, "guidance_scale": 1.0}
+_PLAIN_PROCESSING = {"num_beams": 1, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+                     "no_repeat_ngram_size": 0, "min_length": 0, "guidance_scale": 1.0}
+_PLAIN_SAMPLING = {"top_k": 0, "top_p": 1.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 
 
 @torch.no_grad()
@@ -97,9 +97,10 @@ def generate_with_shared_prefix(
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     out: list[list[int]] = [[] for _ in prompt_ids]
     device = model_device(model)
-    decoding = {**_PLAIN_DECODING, "max_new_tokens": max_new_tokens, "do_sample": temperature is not None,
-                "temperature": 1.0 if temperature is None else temperature, "pad_token_id": pad_id,
-                "eos_token_id": sorted(stops)}
+    decoding = {**_PLAIN_PROCESSING, "max_new_tokens": max_new_tokens, "pad_token_id": pad_id,
+                "eos_token_id": sorted(stops), "do_sample": temperature is not None}
+    if temperature is not None:
+        decoding.update(_PLAIN_SAMPLING, temperature=temperature)
     if stop_strings:
         decoding.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
     with eval_mode(model):
