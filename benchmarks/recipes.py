@@ -55,6 +55,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.mmlu_limit, args.truthfulqa_limit, args.kl_chunks = 15, 30, 4
         args.epochs, args.max_new_tokens = 3.0, 40  # the measured --quick (benchmarks/README.md)
     return args
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """An arm, parsed once from its name (``base``, ``lora16``, ``full``, or ``<kind>_<locator>@<f>`` with
+    ``_unweighted`` for the located circuit without pivotal weights): what is trained (``kind``), on which
+    circuit (``locator``, ``fraction`` of each kind) and with which loss weights."""
+
+    name: str
+    kind: str  # base | located | random_layer | random_anywhere | lora16 | lora_matched | full | cca
+    locator: str | None = None
+    fraction: float | None = None
+    weighted: bool = True
+
+    @classmethod
+    def parse(cls, name: str) -> "ArmSpec":
+        if "@" not in name:
+            if name not in ("base", "lora16", "full"):
+                raise SystemExit(f"unknown arm {name!r}")
+            return cls(name, name)
+        head, frac = name.split("@")
+        kind, locator = head.rsplit("_", 1)
+        return cls(name, kind, locator, float(frac.removesuffix("_unweighted")), not frac.endswith("_unweighted"))
+
+    @property
+    def located(self) -> "ArmSpec":
+        """The located circuit this arm's circuit is drawn from (or matched to)."""
+        return ArmSpec(f"located_{self.locator}@{self.fraction:g}", "located", self.locator, self.fraction)
 
 
 def arm_names(fractions: list[float], locators: list[str]) -> list[str]:
@@ -259,17 +288,13 @@ class Bench(ArmBench):
         """Where the ``attr`` locator mines seed ``seed``'s pivot records (shared with the cca arm)."""
         return self.work / f"mining-{self.locating_key}-{seed}"
 
-    def circuit_for(self, arm: str, seed: int):
+    def circuit_for(self, arm: ArmSpec, seed: int):
+        """The circuit ``arm`` trains: the located one, or its layer-matched / anywhere random draw."""
         from circuit_peft.locate import random_circuit
 
-        name, frac = arm.split("@")
-        frac = float(frac.replace("_unweighted", ""))
-        locator = name.rsplit("_", 1)[1]
-        located = self.scored_circuit(locator, seed).top_each_kind(frac)
-        if name.startswith("random_layer"):
-            return random_circuit(located, "layer", seed)
-        if name.startswith("random_anywhere"):
-            return random_circuit(located, "anywhere", seed)
+        located = self.scored_circuit(arm.locator, seed).top_each_kind(arm.fraction)
+        if arm.kind in ("random_layer", "random_anywhere"):
+            return random_circuit(located, arm.kind.removeprefix("random_"), seed)
         return located
 
     def mined_records(self, seed: int) -> list[dict]:
@@ -288,7 +313,7 @@ class Bench(ArmBench):
         return random.Random(seed).sample(rows, min(limit, len(rows)))
 
     # ----- models -------------------------------------------------------------------------------
-    def trainable(self, arm: str, seed: int):
+    def trainable(self, arm: ArmSpec, seed: int):
         """A fresh model prepared for ``arm`` and the size facts of what it trains."""
         from peft import get_peft_model
 
@@ -297,11 +322,11 @@ class Bench(ArmBench):
         from circuit_peft.tuner import circuit_size
 
         model = load_model(self.args.model)
-        if arm == "full":
+        if arm.kind == "full":
             return model, {"trainable_params": sum(p.numel() for p in model.parameters())}
-        if arm.startswith("lora"):  # the same LoRA arms as `circuit-peft train --controls lora,lora_matched`
-            circuit = None if arm == "lora16" else self.circuit_for(f"located_{arm.removeprefix('lora_matched_')}", seed)
-            return control_model("lora" if arm == "lora16" else "lora_matched", model, circuit,
+        if arm.kind in ("lora16", "lora_matched"):  # the same LoRA arms as `circuit-peft train --controls lora,lora_matched`
+            circuit = None if arm.kind == "lora16" else self.circuit_for(arm.located, seed)
+            return control_model("lora" if arm.kind == "lora16" else "lora_matched", model, circuit,
                                  lambda c: c.to_config(projections="paper"), seed, self.args.lora_dropout)
         circuit = self.circuit_for(arm, seed)
         config = circuit.to_config(projections="paper")
@@ -311,27 +336,29 @@ class Bench(ArmBench):
                        "component_fraction": size["component_fraction"], "counts": circuit.counts(),
                        "layers": sorted({c.layer for c in circuit.components})}
 
-    def train(self, arm: str, seed: int, lr: float):
+    def train(self, name: str, seed: int, lr: float):
+        """A fresh model trained as arm ``name`` says (SFT on the gold solutions, or the CCA update) at ``lr``."""
         from circuit_peft.recipe.sft import SFTSettings, gold_examples, train_sft
 
-        if arm.startswith("cca_"):
+        arm = ArmSpec.parse(name)
+        if arm.kind == "cca":
             return self.cca_update(arm, seed, lr)
         model, size = self.trainable(arm, seed)
-        weight = 1.0 if arm.endswith("_unweighted") else self.args.pivotal_weight
+        weight = self.args.pivotal_weight if arm.weighted else 1.0
         settings = SFTSettings(learning_rate=lr, epochs=self.args.epochs, batch_size=self.args.batch_size,
                                pivotal_weight=weight, seed=seed)
         examples = gold_examples(self.tok, self.problems(seed)["train"], self.style, self.shots)
         train_sft(model, self.tok, examples, settings, str(self.work / f"trainer-{os.getpid()}"), style=self.style)
         return model, size
 
-    def cca_update(self, arm: str, seed: int, lr: float):
+    def cca_update(self, arm: ArmSpec, seed: int, lr: float):
         """The CCA update of ``located_<rest of arm>``'s circuit (the library's one CCA update), the best
         validation step kept."""
         from circuit_peft.cca.fit import CCAUpdateSpec, cca_update
         from circuit_peft.cca.update import UpdateConfig, accuracy_validator
         from circuit_peft.models import load_model
 
-        circuit = self.circuit_for("located_" + arm.removeprefix("cca_"), seed)
+        circuit = self.circuit_for(arm.located, seed)
         validate = accuracy_validator(self.tok, self.problems(seed)["val"], style=self.style, shots=self.shots,
                                       max_new_tokens=self.args.max_new_tokens, batch_size=50)
         records = self.pivot_records(seed, self.args.cca_records)
