@@ -14,7 +14,7 @@ from typing import Any
 
 from ._args import add_cap_args, add_model_args, distinct_list, fraction, load_spec, non_negative, positive
 from .train import check_rows, add_data_args, load_examples
-from ..recipe.pipeline import LOCATORS, TrainConfig
+from ..recipe.config import LOCATORS, TrainConfig
 
 DEFAULT_ARMS = "base,located,twin,lora,lora_matched"
 

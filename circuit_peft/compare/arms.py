@@ -104,7 +104,7 @@ def parse_arms(text: str, default_locator: str, locators: Sequence[str]) -> list
 
 
 def _adapter_config(ctx: ArmContext) -> Callable[[Any], Any]:
-    from ..recipe.pipeline import adapter_config
+    from ..recipe.stages.fit import adapter_config
 
     return lambda circuit: adapter_config(circuit, ctx.config)
 
@@ -148,7 +148,7 @@ def train_sft_arm(model: nn.Module, spec: ArmSpec, ctx: ArmContext, lr: float, o
     ``ctx.checkpoints`` evenly spaced optimizer steps (the last one at the end)."""
     import shutil
 
-    from ..recipe.pipeline import training_examples
+    from ..recipe.examples import training_examples
     from ..recipe.sft import train_sft
 
     examples = training_examples(ctx.tokenizer, ctx.rows, ctx.style, ctx.config)

@@ -30,7 +30,8 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from ..recipe.pipeline import RunFolder, TrainConfig
+from ..recipe.config import TrainConfig
+from ..recipe.context import RunFolder
 from ..runs import fingerprint
 from .arms import ArmContext, ArmSpec
 
@@ -131,7 +132,7 @@ class Measure:
 
     def split_accuracy(self, model: nn.Module, cap: int, split: str) -> dict[str, Any]:
         """Accuracy and cut share of the ``"val"`` or ``"test"`` rows at ``cap`` (keys prefixed by the split)."""
-        from ..recipe.pipeline import measure_accuracy
+        from ..recipe.stages.evaluate import measure_accuracy
 
         rows = self.data.val if split == "val" else self.data.test
         result = measure_accuracy(model, self.tokenizer, rows, self.style, replace(self.cfg, max_new_tokens=cap))
@@ -203,7 +204,7 @@ def _base(run: RunFolder, seed: int, model: nn.Module, measure: Measure, cfg: Tr
 def _locate(run: RunFolder, locator: str, seed: int, model, tokenizer, style, data: SeedData, cfg: TrainConfig, log):
     """The circuit of ``locator`` on the fit rows of ``seed`` (located once, then read from its file)."""
     from ..circuit import Circuit
-    from ..recipe.pipeline import locate_for_training
+    from ..recipe.stages.locate import locate_for_training
 
     path = run.path / "circuits" / f"{locator}_seed{seed}.json"
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import CircuitPeftError
 from ..files import atomic_write_json, atomic_write_text
-from ..recipe.pipeline import RunFolder
+from ..recipe.context import RunFolder
 from .grid import SCRATCH_DIR, CompareConfig, GridResult, run_grid, run_settings, seed_data, text_chunk_pool
 from .verdict import resolve_budgets, verdict
 
@@ -109,7 +109,7 @@ def _chosen_point(cfg: CompareConfig, points: dict[str, dict[int, list[dict[str,
 
 def _save_chosen(run: RunFolder, cfg: CompareConfig, grid: GridResult, result: dict[str, Any], log) -> dict | None:
     """Rebuild the chosen arm (:func:`_chosen_point`), load its checkpoint's weights, write ``adapter/``."""
-    from ..recipe.pipeline import save_adapter
+    from ..recipe.report import save_adapter
     from ..recipe.rates import load_weights
     from .grid import POINTS_DIR
 
