@@ -20,6 +20,7 @@ from .models import LoadSpec, load_model, load_tokenizer, tiny_model  # noqa: E4
 # --- the adapter (tuner/; importing it registers the CIRCUIT PEFT type) and the circuit it trains ---
 from .tuner import CircuitConfig, CircuitModel, circuit_size  # noqa: E402
 from .circuit import Circuit  # noqa: E402
+from .locate.registry import register_locator, run_locator  # noqa: E402  (every locator by name: LOCATORS there)
 
 # --- the main entry points: the one-call recipe, CCA, pivotal-weighted training, data selection, evaluation ---
 from .recipe import SFTSettings, TrainConfig, TrainResult, train  # noqa: E402
@@ -31,7 +32,7 @@ from .evaluate import evaluate_accuracy  # noqa: E402
 __all__ = [
     "CircuitPeftError", "UnsupportedArchitectureError", "Component", "get_arch", "supported_families",
     "LoadSpec", "load_model", "load_tokenizer", "tiny_model",
-    "CircuitConfig", "CircuitModel", "circuit_size", "Circuit",
+    "CircuitConfig", "CircuitModel", "circuit_size", "Circuit", "run_locator", "register_locator",
     "SFTSettings", "TrainConfig", "TrainResult", "train",
     "AmplifyConfig", "amplify", "make_problems", "PivotalTrainer",
     "CircuitSeerSampler", "select_data", "evaluate_accuracy",

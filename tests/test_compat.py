@@ -157,8 +157,9 @@ def test_attention_interface():
 def test_the_public_api_is_a_small_stable_core():
     from circuit_peft import research
 
-    assert len(circuit_peft.__all__) <= 25 and all(hasattr(circuit_peft, n) for n in circuit_peft.__all__)
-    for name in ("train", "amplify", "CircuitConfig", "CircuitModel", "Circuit", "CircuitPeftError", "select_data"):
+    assert len(circuit_peft.__all__) <= 26 and all(hasattr(circuit_peft, n) for n in circuit_peft.__all__)
+    for name in ("train", "amplify", "run_locator", "CircuitConfig", "CircuitModel", "Circuit", "CircuitPeftError",
+                 "select_data"):
         assert name in circuit_peft.__all__
     assert not set(research.__all__) & set(circuit_peft.__all__)
     assert all(hasattr(research, n) for n in research.__all__)

@@ -18,6 +18,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..errors import CircuitPeftError
 from .layer import CircuitLinear, is_4bit
 
 
@@ -85,7 +86,7 @@ class CircuitLinear4bit(CircuitLinear):
                 w = _dequantized(base)
                 new = w + self._linear_delta(adapter).to(w)
                 if safe_merge and not torch.isfinite(new).all():
-                    raise ValueError(  # PEFT's text, so that code matching it keeps working
+                    raise CircuitPeftError(  # PEFT's text, so that code matching it keeps working
                         f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
                 _requantize(base, new)
             self.merged_adapters.append(adapter)

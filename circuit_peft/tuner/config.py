@@ -14,6 +14,7 @@ from peft.utils import PeftType
 
 from .. import compat
 from ..arch import COMPONENT_KINDS, PROJECTION_PRESETS, PROJECTIONS, Component
+from ..errors import CircuitPeftError
 
 PEFT_TYPE_NAME = "CIRCUIT"
 
@@ -29,16 +30,16 @@ ensure_peft_type()
 def _normalize_components(components: Any) -> dict[str, dict[str, list[int]]]:
     """``kind -> {str(layer): sorted unique indices}``; raises ``ValueError`` on malformed input."""
     if not isinstance(components, dict):
-        raise ValueError(
+        raise CircuitPeftError(
             "CircuitConfig.components must be a dict kind -> {layer: [indices]}, e.g. "
             "{'q': {'3': [0, 5]}, 'mlp': {'4': [17]}}; use CircuitConfig.from_components for a list of components"
         )
     out: dict[str, dict[str, list[int]]] = {}
     for kind, layers in components.items():
         if kind not in COMPONENT_KINDS:
-            raise ValueError(f"unknown component kind {kind!r} in CircuitConfig.components; use one of {COMPONENT_KINDS}")
+            raise CircuitPeftError(f"unknown component kind {kind!r} in CircuitConfig.components; use one of {COMPONENT_KINDS}")
         if not isinstance(layers, dict):
-            raise ValueError(f"components[{kind!r}] must be a dict layer -> [indices], got {type(layers).__name__}")
+            raise CircuitPeftError(f"components[{kind!r}] must be a dict layer -> [indices], got {type(layers).__name__}")
         per_kind: dict[str, list[int]] = {}
         for layer, indices in layers.items():
             try:
@@ -46,18 +47,18 @@ def _normalize_components(components: Any) -> dict[str, dict[str, list[int]]]:
                     raise TypeError
                 layer_int = int(layer)
             except (TypeError, ValueError):
-                raise ValueError(f"components[{kind!r}] has a non-integer layer key {layer!r}") from None
+                raise CircuitPeftError(f"components[{kind!r}] has a non-integer layer key {layer!r}") from None
             if layer_int < 0:
-                raise ValueError(f"layer {layer_int} (kind {kind!r}) is out of range: layers count from 0")
+                raise CircuitPeftError(f"layer {layer_int} (kind {kind!r}) is out of range: layers count from 0")
             if isinstance(indices, (int, str, bytes)) or not isinstance(indices, Iterable):
-                raise ValueError(f"components[{kind!r}][{layer!r}] must be a list of integer indices, got {indices!r}")
+                raise CircuitPeftError(f"components[{kind!r}][{layer!r}] must be a list of integer indices, got {indices!r}")
             bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
             if bad:
-                raise ValueError(f"components[{kind!r}][{layer!r}] holds non-integer indices {bad!r}; "
+                raise CircuitPeftError(f"components[{kind!r}][{layer!r}] holds non-integer indices {bad!r}; "
                                  "indices are whole numbers")
             idx = sorted({int(i) for i in indices})
             if any(i < 0 for i in idx):
-                raise ValueError(f"negative index in components[{kind!r}][{layer!r}]: {idx}")
+                raise CircuitPeftError(f"negative index in components[{kind!r}][{layer!r}]: {idx}")
             if idx:
                 per_kind[str(layer_int)] = idx
         if per_kind:
@@ -68,21 +69,21 @@ def _normalize_components(components: Any) -> dict[str, dict[str, list[int]]]:
 def _normalize_projections(projections: Any) -> Union[str, dict[str, list[str]]]:
     if isinstance(projections, str):
         if projections not in PROJECTION_PRESETS:
-            raise ValueError(
+            raise CircuitPeftError(
                 f"unknown projections preset {projections!r}; use one of {sorted(PROJECTION_PRESETS)} "
                 "or a dict kind -> list of projection names"
             )
         return projections
     if not isinstance(projections, dict):
-        raise ValueError("projections must be a preset name ('all' or 'paper') or a dict kind -> [projection names]")
+        raise CircuitPeftError("projections must be a preset name ('all' or 'paper') or a dict kind -> [projection names]")
     out = {}
     for kind, names in projections.items():
         if kind not in COMPONENT_KINDS:
-            raise ValueError(f"unknown component kind {kind!r} in projections; use one of {COMPONENT_KINDS}")
+            raise CircuitPeftError(f"unknown component kind {kind!r} in projections; use one of {COMPONENT_KINDS}")
         names = [names] if isinstance(names, str) else list(names)
         for n in names:
             if n not in PROJECTIONS:
-                raise ValueError(f"unknown projection {n!r} for kind {kind!r}; use names from {PROJECTIONS}")
+                raise CircuitPeftError(f"unknown projection {n!r} for kind {kind!r}; use names from {PROJECTIONS}")
         out[kind] = names
     return out
 
@@ -194,21 +195,21 @@ class CircuitConfig(PeftConfig):
         self.peft_type = PeftType.CIRCUIT
         self.components = _normalize_components(self.components)
         if not self.components:
-            raise ValueError(
+            raise CircuitPeftError(
                 "the circuit is empty: CircuitConfig needs at least one component, e.g. "
                 "components={'q': {'3': [0]}} or CircuitConfig.from_components([('q', 3, 0)])"
             )
         self.projections = _normalize_projections(self.projections)
         if isinstance(self.r, bool) or not isinstance(self.r, int):
-            raise ValueError(f"r must be an integer (0 = no LoRA branch), got {self.r!r}")
+            raise CircuitPeftError(f"r must be an integer (0 = no LoRA branch), got {self.r!r}")
         if self.r < 0:
-            raise ValueError(f"the LoRA branch needs r >= 1 (or r=0 for no LoRA branch), got r={self.r}")
+            raise CircuitPeftError(f"the LoRA branch needs r >= 1 (or r=0 for no LoRA branch), got r={self.r}")
         if self.r == 0 and (self.lora_target_modules is not None or self.lora_alpha is not None):
-            raise ValueError(
+            raise CircuitPeftError(
                 "a LoRA branch was requested (lora_target_modules or lora_alpha set) but r < 1; set r >= 1"
             )
         if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            raise CircuitPeftError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lora_target_modules is not None:
             names = [self.lora_target_modules] if isinstance(self.lora_target_modules, str) else list(
                 self.lora_target_modules
@@ -218,10 +219,10 @@ class CircuitConfig(PeftConfig):
             else:
                 for n in names:
                     if n not in PROJECTIONS:
-                        raise ValueError(f"unknown lora_target_modules entry {n!r}; use 'all' or names from {PROJECTIONS}")
+                        raise CircuitPeftError(f"unknown lora_target_modules entry {n!r}; use 'all' or names from {PROJECTIONS}")
                 self.lora_target_modules = names
         if self.exclude_modules or self.target_parameters:
-            raise ValueError(
+            raise CircuitPeftError(
                 "CircuitConfig does not take exclude_modules or target_parameters: its modules follow from components"
             )
         if isinstance(self.target_modules, set):
@@ -241,7 +242,7 @@ class CircuitConfig(PeftConfig):
             try:
                 kind, layer, index = c
             except (TypeError, ValueError):
-                raise ValueError(f"a component must be (kind, layer, index), got {c!r}") from None
+                raise CircuitPeftError(f"a component must be (kind, layer, index), got {c!r}") from None
             table.setdefault(str(kind), {}).setdefault(str(int(layer)), []).append(int(index))
         return cls(components=table, projections=projections, **kwargs)
 

@@ -37,6 +37,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..arch import ModelArch
+from ..errors import CircuitPeftError
 
 INIT_STD = 0.02  # std of the random deltas when init_weights=False
 
@@ -110,7 +111,7 @@ class CircuitLayer(BaseTunerLayer):
     ) -> None:
         """Create adapter ``adapter_name``: deltas for output features ``rows`` and input features ``cols``."""
         if any(not 0 <= i < self.out_features for i in rows) or any(not 0 <= i < self.in_features for i in cols):
-            raise ValueError(
+            raise CircuitPeftError(
                 f"circuit slice out of range for a module with {self.out_features} outputs and {self.in_features} inputs"
             )
         weight = self.get_base_layer().weight
@@ -196,7 +197,7 @@ class CircuitLayer(BaseTunerLayer):
                     new += self._lora_delta(adapter).to(w.dtype)
                 if safe_merge:
                     if not torch.isfinite(new).all():
-                        raise ValueError(  # PEFT's text, so that code matching it keeps working
+                        raise CircuitPeftError(  # PEFT's text, so that code matching it keeps working
                             f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
                     w.copy_(new)
             if rows_before is not None:
@@ -319,7 +320,7 @@ class CircuitLinear(nn.Module, CircuitLayer):
         for name, saved in ((k[len(key):], v) for k, v in state_dict.items() if k.startswith(key)):
             if name in self.circuit_index_digest and not torch.equal(saved.to(self.circuit_index_digest[name]),
                                                                      self.circuit_index_digest[name]):
-                raise ValueError(
+                raise CircuitPeftError(
                     f"adapter {name!r}, module {prefix.rstrip('.')}: the saved deltas were trained for other head/"
                     "neuron indices than adapter_config.json lists (was the config edited?); refusing to apply "
                     "them to the wrong components")
@@ -350,7 +351,7 @@ class CircuitLinear(nn.Module, CircuitLayer):
         """Row ``i`` of the batch gets adapter ``adapter_names[i]`` (``"__base__"``: none), as LoRA does."""
         result = self.base_layer(x, *args, **kwargs)
         if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows")
+            raise CircuitPeftError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows")
         for adapter in sorted(set(adapter_names) - {"__base__"}):
             if not self._has_adapter(adapter):
                 continue

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..arch import PROJECTIONS, ModelArch, fingerprint_diff, get_arch, unwrap_model
+from ..errors import CircuitPeftError
 from ..interventions import stop_gradient_below
 from .config import CircuitConfig
 from .bnb import dispatch_bnb_4bit, dispatch_bnb_8bit, unpack_cpu_layouts
@@ -227,7 +228,7 @@ class CircuitModel(BaseTuner):
             check_saved_adapter(loaded_from, peft_config.weights_sha256)  # before any weight is read
         if peft_config.base_model_fingerprint is None:
             if loaded_from is not None and peft_config.check_base_model:
-                raise ValueError(
+                raise CircuitPeftError(
                     f"the circuit adapter at {loaded_from} has no base_model_fingerprint in adapter_config.json, "
                     "so nothing shows it was made for this model (its head and neuron indices would be applied "
                     "blindly). If you know it was: config = CircuitConfig.from_pretrained(path); "
@@ -236,7 +237,7 @@ class CircuitModel(BaseTuner):
         else:
             diffs = fingerprint_diff(peft_config.base_model_fingerprint, fingerprint)
             if diffs:
-                raise ValueError(
+                raise CircuitPeftError(
                     "this circuit adapter was made for a different base model (" + "; ".join(diffs) + "). "
                     "Load it onto the model it was trained on."
                 )
@@ -259,7 +260,7 @@ class CircuitModel(BaseTuner):
     ) -> None:
         entry = module_plan(peft_config, self.model, current_key)  # from the config: no state kept between calls
         if entry is None:
-            raise ValueError(f"module {current_key!r} matched the circuit's target_modules but is not in its plan")
+            raise CircuitPeftError(f"module {current_key!r} matched the circuit's target_modules but is not in its plan")
         kwargs = dict(
             rows=sorted(entry.rows),
             cols=sorted(entry.cols),
@@ -327,13 +328,13 @@ class CircuitModel(BaseTuner):
             yield
             return
         if self.training:
-            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+            raise CircuitPeftError("Cannot pass `adapter_names` when the model is in training mode.")
         if any(m.merged for m in self.modules() if isinstance(m, CircuitLayer)):
-            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+            raise CircuitPeftError("Cannot pass `adapter_names` when there are merged adapters, please call "
                              "`unmerge_adapter` first.")
         unexpected = {n for n in adapter_names if n != "__base__"} - set(self.peft_config)
         if unexpected:
-            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unexpected))}")
+            raise CircuitPeftError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unexpected))}")
         beams = kwargs.get("num_beams")
         names = [n for n in adapter_names for _ in range(beams)] if isinstance(beams, int) and beams > 1 else adapter_names
         handles = [m.register_forward_pre_hook(partial(_inject_adapter_names, adapter_names=list(names)), with_kwargs=True)
