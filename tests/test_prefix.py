@@ -58,3 +58,17 @@ def test_decoding_a_prefix_tuned_model_runs_every_prompt_whole():
                                  do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
         stops = {0, 1, model.generation_config.eos_token_id}
         assert new == row[: next((j for j, t in enumerate(row) if t in stops), len(row))]
+
+
+def test_decoding_shares_the_prefix_of_a_model_left_in_training_mode():
+    """Decoding runs in eval mode, where LoRA's dropout does not act: the prefix is still run once (one row of
+    its 6 ids first), and the model is back in training mode afterwards."""
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1))
+    shapes = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda _m, inp, _o: shapes.append(tuple(inp[0].shape)))
+    try:
+        got = generate_with_shared_prefix(model.train(), _Tok(), PROMPTS, max_new_tokens=3, progress=False)
+    finally:
+        hook.remove()
+    assert shapes[0] == (1, len(PREFIX)) and model.training
+    assert got == generate_with_shared_prefix(model.eval(), _Tok(), PROMPTS, max_new_tokens=3, progress=False)

@@ -93,7 +93,6 @@ def generate_with_shared_prefix(
         raise ValueError("every prompt needs at least one token")
     pad_id = pad_token_id(None, tokenizer)
     stops = _stop_ids(model, tokenizer, pad_id)
-    prefix = sharable_prefix_ids(model, prompt_ids)
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     out: list[list[int]] = [[] for _ in prompt_ids]
     device = model_device(model)
@@ -104,6 +103,7 @@ def generate_with_shared_prefix(
     if stop_strings:
         decoding.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
     with eval_mode(model):
+        prefix = sharable_prefix_ids(model, prompt_ids)  # judged as decoding runs: in eval mode
         prefix_cache = prefix_kv_cache(model, torch.tensor([prefix], device=device)) if prefix else None
         bar = tqdm(total=len(order), desc=desc, disable=not progress, leave=False)
         for start in range(0, len(order), batch_size):
@@ -151,7 +151,8 @@ def continuation_logprobs(
     """
     if len(contexts) != len(continuations):
         raise ValueError("contexts and continuations must have the same length")
-    prefix = list(shared_prefix or []) if sharing_is_exact(model) else []  # else the contexts run whole
+    with eval_mode(model):  # judged as scoring runs; else the contexts run whole
+        prefix = list(shared_prefix or []) if sharing_is_exact(model) else []
     pad_id = pad_token_id(None, tokenizer)
     device = model_device(model)
     scores = [0.0] * len(contexts)
