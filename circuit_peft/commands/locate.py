@@ -10,7 +10,7 @@ from typing import Any
 
 from ..files import ROW_FILE_SUFFIXES, read_rows
 from ..interventions import ABLATION_METHODS
-from ..locate.attribution import ESTIMATES
+from ..locate.estimate import ESTIMATES
 from ..locate.registry import LOCATORS, locator_names
 from ._args import add_model_args, at_least_one, fraction, load_spec, non_negative, positive
 

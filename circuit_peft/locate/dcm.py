@@ -28,7 +28,7 @@ from ..arch import Component, get_arch
 from ..circuit import Circuit
 from .registry import register_locator
 from ..interventions import scale_components
-from .attribution import frozen_parameters
+from .firstorder import frozen_parameters
 from ..batching import model_device, pad_token_id, to_device
 from ..taskdata.collate import model_inputs
 from ..taskdata.losses import last_logits, logit_margins, margin_loss

@@ -27,7 +27,8 @@ from ..errors import CircuitPeftError
 from .registry import register_locator
 from ..fractions import keep_count
 from .ablation import DEFAULT_KEEP_FRACTION, head_ablation_scan
-from .attribution import ablation_estimates, attribution_scan
+from .attribution import attribution_scan
+from .estimate import ablation_estimates
 from ..taskdata.examples import ProbeSpec
 
 

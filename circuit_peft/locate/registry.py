@@ -52,7 +52,7 @@ class LocatorSpec:
 
 
 _REGISTRY: dict[str, LocatorSpec] = {}
-BUILTIN_MODULES = ("ablation", "attribution", "dcm", "gradient", "refine")
+BUILTIN_MODULES = ("ablation", "attribution", "dcm", "estimate", "gradient", "refine")
 
 
 def register_locator(name: str, reads: str, kinds: tuple[str, ...], summary: str, heads: bool = False,
