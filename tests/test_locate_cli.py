@@ -233,3 +233,22 @@ def test_one_locator_vocabulary_for_the_commands_and_the_benchmarks(monkeypatch)
     assert set(HEAD_METHODS) - {"attribution"} <= set(locator_names(heads=True))  # "attribution": the old name
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     assert set(importlib.import_module("recipes").LOCATORS.values()) <= set(LOCATORS)
+
+
+def test_attribution_on_probe_rows_runs_ablation_estimate_its_new_name(files, caplog, capsys):
+    """'attribution' is the logit difference on records; on probe rows the old spelling still runs the ablation
+    estimate (with a warning), and a foreign locator flag is refused or ignored, never silently taken."""
+    d, model = files
+    base = ["locate", "--model", str(d / "model"), "--out", str(d / "old.json")]
+    with caplog.at_level("WARNING"):
+        assert main(base + ["--data", str(d / "probe.jsonl"), "--method", "attribution"]) == 0
+    assert Circuit.load(d / "old.json", model=model).method == "ablation_estimate"
+    assert "runs the locator ablation_estimate" in caplog.text
+    assert main(base + ["--data", str(d / "records.jsonl"), "--method", "attribution", "--target", "ablation"]) == 2
+    assert "does not fit this data" in capsys.readouterr().err
+    assert main(base + ["--data", str(d / "probe.jsonl"), "--method", "gradient", "--naive"]) == 2
+    assert "--naive works with --method ablation, not gradient" in capsys.readouterr().err
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(base + ["--data", str(d / "probe.jsonl"), "--method", "gradient", "--seed", "3"]) == 0
+    assert "--seed is ignored: it works with --method dcm, not gradient" in caplog.text
