@@ -45,20 +45,21 @@ def shared_prefix_ids(sequences: Sequence[Sequence[int]], min_length: int = 1) -
     return list(sequences[0][:length]) if length >= max(min_length, 1) else []
 
 
-def sharing_is_exact(model: torch.nn.Module, accelerator: Any = None) -> bool:
+def sharing_is_exact(model: torch.nn.Module, accelerator: Any = None, in_eval: bool = False) -> bool:
     """THE exactness rule: whether running a shared prefix once computes what running every row whole does.
 
     True when nothing random acts on the prefix (no active dropout: LoRA's ``lora_dropout`` would otherwise
     draw one mask for all rows), the model keeps a KV cache (no activation checkpointing), the adapter adds no
     key/value prefix of its own (no prompt learning) and the parameters are whole in this process (one
     process or DDP, not FSDP or DeepSpeed; judged from ``accelerator`` when given, else from the parameters).
+    ``in_eval``: the rows will run in eval mode whatever mode the model is in now (no dropout acts).
     """
     inner = accelerator.unwrap_model(model) if accelerator is not None else getattr(model, "module", model)
     config = getattr(inner, "active_peft_config", None)
     if getattr(config, "is_prompt_learning", False):  # prefix tuning & co. bring their own KV cache
         return False
     return _whole_parameters(model, accelerator) and not checkpoints_activations(model) \
-        and not has_active_dropout(model)
+        and (in_eval or not has_active_dropout(model))
 
 
 def _whole_parameters(model: torch.nn.Module, accelerator: Any) -> bool:
@@ -99,10 +100,10 @@ def sharable_prefix_length(model: torch.nn.Module, input_ids: torch.Tensor, atte
 
 
 def sharable_prefix_ids(model: torch.nn.Module | None, sequences: Sequence[Sequence[int]], min_length: int = 1,
-                        accelerator: Any = None) -> list[int]:
+                        accelerator: Any = None, in_eval: bool = False) -> list[int]:
     """:func:`sharable_prefix_length` for id lists: the ids every sequence starts with (leaving each at least
     one), or ``[]``. ``model=None`` skips the model check (the caller runs nothing random, cached, sharded)."""
-    if len(sequences) < 2 or (model is not None and not sharing_is_exact(model, accelerator)):
+    if len(sequences) < 2 or (model is not None and not sharing_is_exact(model, accelerator, in_eval)):
         return []
     return shared_prefix_ids(sequences, min_length)
 

@@ -25,6 +25,7 @@ def test_sharing_is_exact_only_where_the_rows_compute_what_they_would_whole():
     assert sharing_is_exact(plain)
     dropped = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1))
     assert not sharing_is_exact(dropped.train()) and sharing_is_exact(dropped.eval())  # dropout acts in training
+    assert sharing_is_exact(dropped.train(), in_eval=True)  # rows that will run in eval mode (the ablation scan)
     prefix_tuned = get_peft_model(tiny_model("llama"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     assert not sharing_is_exact(prefix_tuned.eval())  # its own key/value prefix
     checkpointed = tiny_model("llama")

@@ -64,8 +64,8 @@ def _collate_batches(model: nn.Module, encoded: list[EncodedProbe], batch_size: 
 def _shared_prompt_prefix(model: nn.Module, encoded: list[EncodedProbe], min_length: int) -> list[int]:
     """The ids every probe row's prompt starts with (leaving each prompt at least one id, so no shared
     position predicts a solution token); empty when shorter than ``min_length`` or where sharing would not be
-    exact for ``model`` (:func:`~circuit_peft.prefix.sharable_prefix_ids`)."""
-    return sharable_prefix_ids(model, [e.ids[: len(e.ids) - e.n_solution] for e in encoded], min_length)
+    exact for ``model`` run in eval mode, as the scan runs it (:func:`~circuit_peft.prefix.sharable_prefix_ids`)."""
+    return sharable_prefix_ids(model, [e.ids[: len(e.ids) - e.n_solution] for e in encoded], min_length, in_eval=True)
 
 
 def _select_heads(arch, layers: Iterable[int] | None, heads: Iterable[tuple[int, int]] | None) -> list[tuple[int, int]]:
