@@ -151,8 +151,8 @@ def continuation_logprobs(
     """
     if len(contexts) != len(continuations):
         raise ValueError("contexts and continuations must have the same length")
-    with eval_mode(model):  # judged as scoring runs; else the contexts run whole
-        prefix = list(shared_prefix or []) if sharing_is_exact(model) else []
+    # scoring runs in eval mode; where sharing would not be exact the contexts run whole
+    prefix = list(shared_prefix or []) if sharing_is_exact(model, in_eval=True) else []
     pad_id = pad_token_id(None, tokenizer)
     device = model_device(model)
     scores = [0.0] * len(contexts)
