@@ -120,7 +120,7 @@ def _wrap(owner: Any, name: str, replacement: Callable[..., Any], kind: str = "m
 # ----- PEFT ----------------------------------------------------------------------------------------
 def extend_peft_type(name: str) -> None:
     """Add ``name`` to PEFT's closed ``PeftType`` enum (idempotent): ``register_peft_method`` accepts only a
-    member, and transformers' ``load_adapter`` reads ``peft_type.value`` (docs: ../shared peft notes, 1.2)."""
+    member (PEFT has no plugin entry point), and transformers' ``load_adapter`` reads ``peft_type.value``."""
     from peft.utils import PeftType
 
     if name not in PeftType.__members__:
