@@ -153,17 +153,17 @@ def test_kept_step_rule_is_stated_in_the_result():
 def test_branching_pivot_where_the_greedy_trace_ended_and_the_sample_went_on():
     """The greedy trace stops (EOS) where the flipping sample continues: the alternative token is EOS (this
     raised IndexError in mining and in benchmarks/regime.py before)."""
-    from circuit_peft.cca.mining import MiningConfig, _Miner, _Problem
+    from circuit_peft.cca.mining import Miner, MiningConfig, Problem
     from circuit_peft.evaluate.answers import NumberAnswer
 
     class Tok:
         eos_token_id = 2
 
-    miner = _Miner(None, Tok(), MiningConfig(max_new_tokens=8), NumberAnswer())
+    miner = Miner(None, Tok(), MiningConfig(max_new_tokens=8), NumberAnswer())
     miner.greedy = lambda prompts, n: [[9] for _ in prompts]
     miner.correct = lambda trace, gold: 7 in trace
-    p = _Problem("p", "1", [1, 1], greedy=[5], greedy_correct=False, flip=[5, 7])
-    miner._branching(p)
+    p = Problem("p", "1", [1, 1], greedy=[5], greedy_correct=False, flip=[5, 7])
+    miner.pivot(p, "branching")
     assert [(r["context_ids"], r["desired_id"], r["undesired_id"]) for r in p.records] == [([1, 1, 5], 7, 2)]
 
 
