@@ -9,9 +9,11 @@ from .cca import MiningConfig, UpdateConfig, amplify_update, load_records, mine_
 from .cca.weighting import PivotalMetricsCallback, PivotalWeighting
 from .evaluate import build_prompt, side_effects
 from .locate import (
-    NaNLossError, attribution_scan, circuit_margin, gradient_scan, head_ablation_scan, learn_masks,
+    LOCATORS, NaNLossError, attribution_scan, circuit_margin, gradient_scan, head_ablation_scan, learn_masks,
     random_circuit, refined_head_scan,
 )
+from .locate.estimate import ablation_estimate_scan
+from .circuits.selection import Keep
 from .recipe import train_sft
 from .taskdata import ProbeSpec, build_pivotal_dataset
 from .select import (
@@ -22,8 +24,8 @@ from .select import (
 __all__ = [
     "ModelArch",
     # locating a circuit (locate/)
-    "NaNLossError", "ProbeSpec", "attribution_scan", "circuit_margin", "gradient_scan", "head_ablation_scan",
-    "learn_masks", "random_circuit", "refined_head_scan",
+    "LOCATORS", "Keep", "NaNLossError", "ProbeSpec", "ablation_estimate_scan", "attribution_scan", "circuit_margin",
+    "gradient_scan", "head_ablation_scan", "learn_masks", "random_circuit", "refined_head_scan",
     # CCA pieces (cca/)
     "MiningConfig", "UpdateConfig", "amplify_update", "load_records", "mine_pivotal_tokens",
     "PivotalMetricsCallback", "PivotalWeighting", "build_pivotal_dataset",
