@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from torch import nn
 
@@ -167,47 +167,106 @@ def amplify(
     _check_inputs(val_problems, test_problems, config)  # before any model work
     if isinstance(model, str):
         model, tokenizer = _load_named(model, tokenizer, config, update, log)
-    from ..evaluate.accuracy import evaluate_accuracy
-
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    eval_kwargs = dict(_eval_kwargs(mining, config), answer_format=answer_format)
-    timings: dict[str, float] = {}
-    with _timed(timings, "mine_s"):
-        mined = mine_pivotal_tokens(model, tokenizer, train_problems, out / "mining", mining, answer_format,
-                                    progress=progress)
-    log(f"mined {len(mined.records)} pivotal-token records from {mined.stats['mined']} problems "
-        f"({timings['mine_s']:.0f} s; greedy right on {mined.stats['greedy_correct']})")
-    with _timed(timings, "locate_s"):
-        circuit = _locate_and_save(model, mined.records, config, out, progress)
-    log(f"located {len(circuit.components)} components by {config.locate} ({timings['locate_s']:.0f} s)")
-    with _timed(timings, "eval_before_s"):
-        before = evaluate_accuracy(model, tokenizer, test_problems, progress=progress, **eval_kwargs)
-    log(f"accuracy before: {before.accuracy:.3f} ({before.correct}/{before.count})")
-    # the update without a mask changes the model's own weights: side effects need a copy of the base
-    base = copy.deepcopy(model) if update.target == "all_weights" and config.side_effect_data_dir else None
-    spec = CCAUpdateSpec(update, kept_step=config.kept_step)  # the one CCA update, its kept step explicit
-    with _timed(timings, "update_s"):
-        validator = accuracy_validator(tokenizer, val_problems, **eval_kwargs)
-        result = cca_update(model, mined.records, circuit, spec, validator, tokenizer=tokenizer, progress=progress)
-    peft_model, size = result.model, result.size
-    saved = _save_updated(peft_model, tokenizer, out, update.target)
-    log(f"update: best step {result.best_step} (validation {result.best_val}), margin "
-        f"{result.initial_margin:.2f} -> {result.final_margin:.2f} ({timings['update_s']:.0f} s)")
-    with _timed(timings, "eval_after_s"):
-        after = evaluate_accuracy(peft_model, tokenizer, test_problems, progress=progress, **eval_kwargs)
-    log(f"accuracy after: {after.accuracy:.3f} ({after.correct}/{after.count}); changed "
-        f"{100 * size['component_fraction']:.2f} % of components, {100 * size['param_fraction']:.2f} % of parameters")
-    with _timed(timings, "side_effects_s"):
-        effects = _side_effects(peft_model, tokenizer, config, progress, log, base=base)
-    report = {"settings": {"mining": asdict(mining), "update": asdict(spec.update), "amplify": asdict(config),
+    run = _AmplifyRun(model, tokenizer, list(train_problems), list(val_problems), list(test_problems), out, mining,
+                      CCAUpdateSpec(update, kept_step=config.kept_step), config,
+                      dict(_eval_kwargs(mining, config), answer_format=answer_format), progress)
+    for key, stage in AMPLIFY_STAGES:
+        with _timed(run.timings, key):
+            line = stage(run)
+        log(line.replace("{SECONDS}", f"{run.timings[key]:.0f}"))  # the stage's wall time, where its line names it
+    report = {"settings": {"mining": asdict(mining), "update": asdict(run.spec.update), "amplify": asdict(config),
                            "n_train": len(train_problems), "n_val": len(val_problems), "n_test": len(test_problems)},
-              "mining": mined.stats, **_outcome(before, after, mined, config, circuit, size, effects, result),
-              "timings": timings, "files": {saved: str(out / saved), "circuit": str(out / "circuit.json"),
-                                            "heatmap": str(out / "circuit.png"),
-                                            "records": str(out / "mining" / "records.jsonl")}}
+              "mining": run.mined.stats, **_outcome(run), "timings": run.timings,
+              "files": {run.saved: str(out / run.saved), "circuit": str(out / "circuit.json"),
+                        "heatmap": str(out / "circuit.png"), "records": str(out / "mining" / "records.jsonl")}}
     atomic_write_json(out / "report.json", report)
-    return AmplifyResult(report=report, model=peft_model, output_dir=out)
+    return AmplifyResult(report=report, model=run.result.model, output_dir=out)
+
+
+@dataclass
+class _AmplifyRun:
+    """What the stages of :func:`amplify` share: the inputs and settings, then each stage's result."""
+
+    model: nn.Module
+    tokenizer: Any
+    train: list[dict[str, Any]]
+    val: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    out: Path
+    mining: MiningConfig
+    spec: CCAUpdateSpec  # the one CCA update (cca.fit), its kept step explicit
+    config: AmplifyConfig
+    eval_kwargs: dict[str, Any]
+    progress: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    mined: Any = None
+    circuit: Circuit | None = None
+    before: Any = None
+    result: Any = None
+    saved: str = ""
+    after: Any = None
+    effects: dict[str, Any] = field(default_factory=dict)
+
+
+def _mine_stage(r: _AmplifyRun) -> str:
+    """Pivotal-token records of the base model on the training problems (resumable, in ``mining/``)."""
+    r.mined = mine_pivotal_tokens(r.model, r.tokenizer, r.train, r.out / "mining", r.mining,
+                                  r.eval_kwargs["answer_format"], progress=r.progress)
+    return (f"mined {len(r.mined.records)} pivotal-token records from {r.mined.stats['mined']} problems "
+            f"({{SECONDS}} s; greedy right on {r.mined.stats['greedy_correct']})")
+
+
+def _locate_stage(r: _AmplifyRun) -> str:
+    r.circuit = _locate_and_save(r.model, r.mined.records, r.config, r.out, r.progress)
+    return f"located {len(r.circuit.components)} components by {r.config.locate} ({{SECONDS}} s)"
+
+
+def _before_stage(r: _AmplifyRun) -> str:
+    from ..evaluate.accuracy import evaluate_accuracy
+
+    r.before = evaluate_accuracy(r.model, r.tokenizer, r.test, progress=r.progress, **r.eval_kwargs)
+    return f"accuracy before: {r.before.accuracy:.3f} ({r.before.correct}/{r.before.count})"
+
+
+def _fit_stage(r: _AmplifyRun) -> str:
+    """The CCA update (:func:`~circuit_peft.cca.fit.cca_update`) validated on the validation problems, saved."""
+    # the update without a mask changes the model's own weights: side effects need a copy of the base
+    if r.spec.update.target == "all_weights" and r.config.side_effect_data_dir:
+        r.effects["base"] = copy.deepcopy(r.model)
+    validator = accuracy_validator(r.tokenizer, r.val, **r.eval_kwargs)
+    r.result = cca_update(r.model, r.mined.records, r.circuit, r.spec, validator, tokenizer=r.tokenizer,
+                          progress=r.progress)
+    r.saved = _save_updated(r.result.model, r.tokenizer, r.out, r.spec.update.target)
+    return (f"update: best step {r.result.best_step} (validation {r.result.best_val}), margin "
+            f"{r.result.initial_margin:.2f} -> {r.result.final_margin:.2f} ({{SECONDS}} s)")
+
+
+def _after_stage(r: _AmplifyRun) -> str:
+    from ..evaluate.accuracy import evaluate_accuracy
+
+    r.after = evaluate_accuracy(r.result.model, r.tokenizer, r.test, progress=r.progress, **r.eval_kwargs)
+    size = r.result.size
+    return (f"accuracy after: {r.after.accuracy:.3f} ({r.after.correct}/{r.after.count}); changed "
+            f"{100 * size['component_fraction']:.2f} % of components, {100 * size['param_fraction']:.2f} % of parameters")
+
+
+def _side_effects_stage(r: _AmplifyRun) -> str:
+    base = r.effects.pop("base", None)
+    r.effects = _side_effects(r.result.model, r.tokenizer, r.config, r.progress, base=base)
+    if not r.effects:
+        return "side effects: skipped (no side-effect data folder)"
+    return "side effects: " + ", ".join(f"{k} {r.effects[k]:+.4f}" if k.endswith("delta") else f"{k} {r.effects[k]:.4f}"
+                                        for k in ("mmlu_delta", "truthfulqa_delta", "kl")
+                                        if r.effects.get(k) is not None)
+
+
+# amplify's stages in order, each timed under its key: the CCA preset of mine -> locate -> evaluate -> fit -> evaluate
+# -> side effects (train's stages are recipe.stages; both fit with cca.fit.cca_update)
+AMPLIFY_STAGES: tuple[tuple[str, Callable[[_AmplifyRun], str]], ...] = (
+    ("mine_s", _mine_stage), ("locate_s", _locate_stage), ("eval_before_s", _before_stage), ("update_s", _fit_stage),
+    ("eval_after_s", _after_stage), ("side_effects_s", _side_effects_stage))
 
 
 def _check_inputs(val_problems, test_problems, config: AmplifyConfig) -> None:
@@ -242,30 +301,27 @@ def _locate_and_save(model: nn.Module, records, config: AmplifyConfig, out: Path
     return circuit
 
 
-def _side_effects(peft_model, tokenizer, config: AmplifyConfig, progress: bool, log, base=None) -> dict[str, Any]:
+def _side_effects(peft_model, tokenizer, config: AmplifyConfig, progress: bool, base=None) -> dict[str, Any]:
     """MMLU/TruthfulQA deltas and KL against ``base`` or the adapter disabled ({} without a side-effect data folder)."""
     if config.side_effect_data_dir is None or not config.side_effects:
-        log("side effects: skipped (no side-effect data folder)")
         return {}
     from ..evaluate.side_effects import side_effects
 
-    effects = side_effects(peft_model, tokenizer, config.side_effect_data_dir, base=base, tasks=config.side_effects,
-                           mmlu_subjects=config.mmlu_subjects, mmlu_limit=config.mmlu_limit,
-                           truthfulqa_limit=config.truthfulqa_limit, kl_chunks=config.kl_chunks, progress=progress)
-    log("side effects: " + ", ".join(f"{k} {effects[k]:+.4f}" if k.endswith("delta") else f"{k} {effects[k]:.4f}"
-                                     for k in ("mmlu_delta", "truthfulqa_delta", "kl") if effects.get(k) is not None))
-    return effects
+    return side_effects(peft_model, tokenizer, config.side_effect_data_dir, base=base, tasks=config.side_effects,
+                        mmlu_subjects=config.mmlu_subjects, mmlu_limit=config.mmlu_limit,
+                        truthfulqa_limit=config.truthfulqa_limit, kl_chunks=config.kl_chunks, progress=progress)
 
 
-def _outcome(before, after, mined, config: AmplifyConfig, circuit: Circuit, size, effects, result) -> dict[str, Any]:
+def _outcome(r: _AmplifyRun) -> dict[str, Any]:
     """The report's results: accuracy before/after, the circuit and its size, side effects, the update."""
+    size = r.result.size
     return {
-        "accuracy_before": before.accuracy, "accuracy_after": after.accuracy,
-        "accuracy_before_stderr": before.stderr, "accuracy_after_stderr": after.stderr,
-        "n_records": len(mined.records), "circuit": {"method": config.locate, "kept": len(circuit.components),
-                                                      "counts": circuit.counts()},
+        "accuracy_before": r.before.accuracy, "accuracy_after": r.after.accuracy,
+        "accuracy_before_stderr": r.before.stderr, "accuracy_after_stderr": r.after.stderr,
+        "n_records": len(r.mined.records), "circuit": {"method": r.config.locate, "kept": len(r.circuit.components),
+                                                        "counts": r.circuit.counts()},
         "components": size["components"], "total_components": size["total_components"],
         "component_fraction": size["component_fraction"], "trainable_params": size["trainable_params"],
-        "param_fraction": size["param_fraction"], "side_effects": {k: v for k, v in effects.items() if k != "details"},
-        "update": {k: v for k, v in result.to_dict().items() if k != "components"},
+        "param_fraction": size["param_fraction"], "side_effects": {k: v for k, v in r.effects.items() if k != "details"},
+        "update": {k: v for k, v in r.result.to_dict().items() if k != "components"},
     }
