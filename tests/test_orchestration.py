@@ -88,3 +88,12 @@ def test_run_schema_keys_added_fields_only_away_from_their_old_value_and_version
     v2 = RunSchema("x", version=2)
     assert v2.settings({"a": 1})["schema"] == "x/2"
     assert fingerprint(v2.settings({"a": 1})) != fingerprint(RunSchema("x").settings({"a": 1}))
+
+
+def test_a_model_given_loaded_is_keyed_by_how_it_was_loaded():
+    """train(model object) records the model's own dtype (not cfg.load's default) in its run folder's key."""
+    from circuit_peft.recipe.pipeline import _given_spec
+
+    model = tiny_model("llama")
+    assert _given_spec(model).settings() == {}  # float32: what a folder made by name on the CPU records
+    assert _given_spec(model.to(torch.bfloat16)).settings() == {"dtype": "bfloat16"}

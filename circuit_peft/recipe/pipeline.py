@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from torch import nn
 
 from ..distributed import end_process_group_at_exit
 from ..files import atomic_write_json
+from ..models import LoadSpec
 from .config import LOCATORS, SELECTORS, STAGES, UPDATES, TrainConfig, TrainResult, checker, run_settings
 from .context import RunContext, RunFolder
 from .examples import training_examples
@@ -64,6 +66,8 @@ def train(
         from ..evaluate.data import load_text
 
         load_text(cfg.side_effect_data_dir)
+    if not isinstance(model, str):  # the run records how the given model is loaded, not cfg.load's defaults
+        cfg = replace(cfg, load=_given_spec(model))
     model_name = model if isinstance(model, str) else _model_label(model)
     settings = run_settings(model_name, cfg, train_rows, heldout_rows)
     val_rows: list[dict[str, Any]] = []
@@ -88,6 +92,16 @@ def _model_label(model: nn.Module) -> str:
         raise ValueError("train(model=...): this model has no name_or_path to record in the run folder and load "
                          "its tokenizer from; give its name or folder instead")
     return str(name)
+
+
+def _given_spec(model: nn.Module) -> LoadSpec:
+    """The :class:`~circuit_peft.models.LoadSpec` a model given loaded was loaded with: its device, its dtype
+    (the compute dtype of a 4-bit model), and whether its weights are 4-bit."""
+    param = next(model.parameters())
+    four_bit = bool(getattr(model, "is_loaded_in_4bit", False))
+    dtype = getattr(getattr(model, "config", None), "torch_dtype", None) if four_bit else param.dtype
+    return LoadSpec(device=str(param.device), dtype=str(dtype or param.dtype).removeprefix("torch."),
+                    load_in_4bit=four_bit)
 
 
 def _context(run: RunFolder, model: str | nn.Module, tokenizer: Any, cfg: TrainConfig, train_rows, val_rows,
