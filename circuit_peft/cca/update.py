@@ -285,6 +285,7 @@ def amplify_update(
     tokenizer: Any = None,
     adapter_name: str = "default",
     progress: bool = True,
+    on_step: Callable[[nn.Module, int], None] | None = None,
     **overrides: Any,
 ) -> UpdateResult:
     """Train a circuit adapter on contrastive records; return the PEFT model holding the best step.
@@ -300,6 +301,8 @@ def amplify_update(
         validate: ``model -> score`` (higher is better), e.g. :func:`accuracy_validator`; None keeps
             the last step (no selection).
         mask: False is ``target="projections"`` (every row of the circuit's projections in every layer).
+        on_step: called as ``on_step(model, k)`` after the k-th optimizer step (after that step's validation),
+            e.g. to measure checkpoints; the model must be left as it was given.
         overrides: :class:`UpdateConfig` fields (``target`` picks what is trained: see the module doc).
 
     Raises ``ValueError`` for an empty circuit, empty or malformed records.
@@ -326,7 +329,7 @@ def amplify_update(
         raise ValueError("the adapter has no trainable parameters; check the circuit and projections")
     objective = _Objective(peft_model, rows, lowest, cfg, pad_token_id(base, tokenizer))
     best = _BestStep(params)
-    history = _update_loop(peft_model, objective, params, cfg, validate, best, progress)
+    history = _update_loop(peft_model, objective, params, cfg, validate, best, progress, on_step)
     kept = kept_step_rule(validate, cfg)
     if kept.startswith("last"):
         best.step = history[-1]["step"]
@@ -376,8 +379,10 @@ class _BestStep:
 
 
 def _update_loop(peft_model: nn.Module, objective: "_Objective", params: list[torch.Tensor], cfg: UpdateConfig,
-                 validate: Validator | None, best: _BestStep, progress: bool) -> list[dict[str, Any]]:
-    """Up to ``cfg.steps`` optimiser steps, validating every ``cfg.eval_every``; the per-step history."""
+                 validate: Validator | None, best: _BestStep, progress: bool,
+                 on_step: Callable[[nn.Module, int], None] | None = None) -> list[dict[str, Any]]:
+    """Up to ``cfg.steps`` optimiser steps, validating every ``cfg.eval_every`` (``on_step(model, step)`` after
+    each step's validation); the per-step history."""
     opt = (torch.optim.SGD(params, lr=cfg.lr) if cfg.optimizer == "sgd" else torch.optim.Adam(params, lr=cfg.lr))
     history: list[dict[str, Any]] = []
     bar = tqdm(range(cfg.steps + 1), desc="amplify update", disable=not progress)
@@ -388,6 +393,8 @@ def _update_loop(peft_model: nn.Module, objective: "_Objective", params: list[to
             entry["val"] = float(validate(peft_model))
             if step > 0 or cfg.keep_start:
                 best.observe(step, entry["val"])
+        if on_step is not None and step > 0:
+            on_step(peft_model, step)
         if step == cfg.steps or (cfg.patience is not None and best.since >= cfg.patience):
             entry["margin"] = objective.mean_margin()
             history.append(entry)

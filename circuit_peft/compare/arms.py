@@ -35,7 +35,9 @@ class ArmContext:
     """What a builder and a trainer need for one seed: the model name, tokenizer, prompt style, the fit rows
     (training rows minus the validation rows), the run's :class:`~circuit_peft.recipe.TrainConfig` (its
     seed, SFT settings, circuit fraction), ``circuit(locator)`` (the located circuit of this seed),
-    ``checkpoints`` (how many measured points per run) and a scratch folder."""
+    ``checkpoints`` (how many measured points per run) and a scratch folder; ``folder``: the run folder (files
+    an arm kind shares across its runs, kept); ``validate(model) -> validation accuracy`` and ``measure(model) ->
+    a point`` at the seed's token cap (for arms that choose a step on validation themselves)."""
 
     model_name: str
     tokenizer: Any
@@ -46,6 +48,9 @@ class ArmContext:
     checkpoints: int
     workdir: Path
     load_model: Callable[[], nn.Module]
+    folder: Path | None = None
+    validate: Callable[[nn.Module], float] | None = None
+    measure: Callable[[nn.Module], dict[str, Any]] | None = None
 
 
 Checkpoint = Callable[[nn.Module, int], None]

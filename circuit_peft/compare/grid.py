@@ -251,9 +251,12 @@ class _Seed:
             return circuits[locator]
 
         spec = getattr(cfg.train, "load", None)
+        cap = self.base["max_new_tokens"]
         self.ctx = ArmContext(model_name, tokenizer, style, data.fit, train_cfg, circuit, cfg.checkpoints,
                               run.path / SCRATCH_DIR / f"seed{seed}",
-                              lambda: load_model(model_name, **({"spec": spec} if spec is not None else {})))
+                              lambda: load_model(model_name, **({"spec": spec} if spec is not None else {})),
+                              folder=run.path, validate=lambda m: self.measure.validation(m, cap)["val_acc"],
+                              measure=lambda m: self.measure(m, cap))
 
     def base_point(self) -> dict[str, Any]:
         b = self.base
