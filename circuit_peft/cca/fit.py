@@ -33,15 +33,17 @@ class CCAUpdateSpec:
 
 
 def cca_update(model, records, circuit, spec: CCAUpdateSpec, validate: Callable[[Any], float] | None = None,
-               tokenizer: Any = None, progress: bool = True) -> UpdateResult:
+               tokenizer: Any = None, progress: bool = True,
+               on_step: Callable[[Any, int], None] | None = None) -> UpdateResult:
     """The CCA update (:func:`~circuit_peft.cca.update.amplify_update`) of ``circuit`` in ``model`` (None with a
     ``PeftModel``: its active circuit adapter, trained in place) on contrastive ``records``, keeping the step
     ``spec.kept_step`` names; ``validate`` (``model -> score``, higher is better) is required for
-    ``"best_validated"``."""
+    ``"best_validated"``; ``on_step(model, k)`` is called after the k-th step (e.g. to measure checkpoints)."""
     if spec.kept_step == "best_validated" and validate is None:
         raise CircuitPeftError("kept_step='best_validated' needs validation rows to choose the step on: give them "
                                "(a validator), or kept_step='last'")
-    return amplify_update(model, records, circuit, validate, spec.update, tokenizer=tokenizer, progress=progress)
+    return amplify_update(model, records, circuit, validate, spec.update, tokenizer=tokenizer, progress=progress,
+                          on_step=on_step)
 
 
 __all__ = ["KEPT_STEPS", "CCAUpdateSpec", "cca_update"]

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import CircuitPeftError
 from .mining import MiningConfig
-from .pipeline import AmplifyConfig
+from .config import AmplifyConfig
 from .update import UpdateConfig
 
 PRESETS: tuple[str, ...] = ("paper",)

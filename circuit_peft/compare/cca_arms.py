@@ -109,18 +109,18 @@ def _build_cca(spec: ArmSpec, ctx: ArmContext) -> tuple[nn.Module, dict[str, Any
 def train_cca_arm(model: nn.Module, spec: ArmSpec, ctx: ArmContext, lr: float, on_checkpoint: Checkpoint) -> None:
     """The preset's update at ``lr`` on the arm's target, ``on_checkpoint`` at the comparison's checkpoints; its
     best validated step (the paper's rule) and that step's measurement saved beside the run's stages."""
-    from ..cca.update import amplify_update
+    from ..cca.fit import CCAUpdateSpec, cca_update
 
     records, circuit = cca_preparation(ctx)
     update = replace(cca_settings(ctx, lr, CCA_TARGETS[spec.kind]).update, twin_seed=ctx.config.seed)
+    spec_update = CCAUpdateSpec(update, kept_step="best_validated")  # the paper's rule, beside the checkpoints
     steps = set(checkpoint_steps(update.steps, ctx.checkpoints))
 
     def on_step(m: nn.Module, step: int) -> None:
         if step in steps:
             on_checkpoint(m, step)
 
-    result = amplify_update(model, records, circuit, ctx.validate, update, tokenizer=ctx.tokenizer,
-                            progress=True, on_step=on_step)
+    result = cca_update(model, records, circuit, spec_update, ctx.validate, tokenizer=ctx.tokenizer, on_step=on_step)
     paper_rule = {"best_step": result.best_step, "best_val": result.best_val, "kept": result.kept,
                   "records": len(records), "initial_margin": result.initial_margin,
                   "final_margin": result.final_margin, "history": result.history,

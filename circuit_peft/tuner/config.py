@@ -15,8 +15,7 @@ from peft.utils import PeftType
 from .. import compat
 from ..arch import COMPONENT_KINDS, PROJECTION_PRESETS, PROJECTIONS, Component
 from ..errors import CircuitPeftError
-
-PEFT_TYPE_NAME = "CIRCUIT"
+from .saving import PEFT_TYPE_NAME, finish_killed_save, saved_weights_digest, write_config
 
 
 def ensure_peft_type() -> None:
@@ -162,8 +161,6 @@ class CircuitConfig(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
         """PEFT's loader; the returned config remembers that it was read from a saved adapter. A save into that
         folder killed between its two renames is finished first (tuner/saving.py)."""
-        from .saving import finish_killed_save
-
         path = str(pretrained_model_name_or_path)
         path = os.path.join(path, subfolder) if subfolder else path
         if os.path.isdir(path):
@@ -175,8 +172,6 @@ class CircuitConfig(PeftConfig):
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """PEFT's config save, written atomically with the sha256 of the weights that the same
         ``PeftModel.save_pretrained`` wrote beside it, renamed into place right before it (tuner/saving.py)."""
-        from .saving import saved_weights_digest, write_config
-
         if os.path.isfile(save_directory):
             raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")  # as PEFT
         auto_mapping_dict = kwargs.pop("auto_mapping_dict", None)

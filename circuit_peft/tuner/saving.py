@@ -40,8 +40,8 @@ from typing import Any, Callable, Iterator, Optional
 from .. import compat
 from ..errors import CircuitPeftError
 from ..files import ADAPTER_WEIGHT_FILES, atomic_path, check_adapter_folder, pid_alive, recover_file
-from .config import PEFT_TYPE_NAME, CircuitConfig
 
+PEFT_TYPE_NAME = "CIRCUIT"  # the adapter type's name in PEFT's enum and in every saved adapter_config.json
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FLAG = "adapter folder"  # how check_adapter_folder's messages name the folder on the API path
@@ -161,7 +161,7 @@ def _save_file(original, tensors: dict, filename: str, metadata: Optional[dict] 
 def circuit_save(model: Any, save_directory: str) -> Iterator[None]:
     """The span of one ``PeftModel.save_pretrained`` of ``model``: when it holds a CIRCUIT adapter, its files
     commit as the module docstring says (installed by :func:`install` through ``circuit_peft.compat``)."""
-    circuits = [name for name, c in model.peft_config.items() if isinstance(c, CircuitConfig)]
+    circuits = [name for name, c in model.peft_config.items() if c.peft_type == PEFT_TYPE_NAME]
     if not circuits:
         yield
         return
