@@ -2,9 +2,10 @@
 
 Every command that writes a folder (``train``, ``amplify``, ``mine``, ``select --cache-dir``) opens it through :class:`OpenRun`
 before any model is loaded; ``recipe.RunFolder`` adds resumable stages on top. What a folder is keyed by is one
-config through a :class:`RunSchema`: its fields less those that may change on a resume, and less the fields added
-after folders were made while they hold the value those folders implicitly had (so an older folder resumes);
-a change that must not resume older folders bumps the schema's version, which then enters the key.
+config through a :class:`RunSchema` (``train``'s TRAIN_SCHEMA, ``compare``'s COMPARE_SCHEMA, the CLI's per command):
+its fields less those that may change on a resume, and less the fields added after folders were made while they
+hold the value those folders implicitly had (so an older folder resumes); a change that must not resume older
+folders bumps the schema's version, which then enters the key.
 """
 
 from __future__ import annotations
@@ -38,23 +39,35 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class RunSchema:
     """How one kind of run folder is keyed. ``volatile``: fields that may change on a resume (what they change
     is added beside the finished stages, e.g. controls, search bounds); ``added``: fields added after version 1,
-    each with the value folders made before it implicitly had (left out of the key at that value); ``version``:
-    1 for every folder made so far; a higher version is written into the key (``schema``: ``kind/version``)."""
+    each with the value folders made before it implicitly had (left out of the key at that value); a dotted name
+    (``recipe.seed``) reaches into a nested config. ``version``: 1 for every folder made so far; a higher version
+    is written into the key (``schema``: ``kind/version``). ``nest``: the settings field the config sits under
+    (``None``: its fields sit beside the inputs, as in the first compare folders)."""
 
     kind: str
     version: int = 1
     volatile: tuple[str, ...] = ()
     added: Mapping[str, Any] = field(default_factory=dict)
+    nest: str | None = "config"
 
-    def config(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        """``values`` as keyed: volatile fields dropped, added fields dropped at their original value."""
-        return {k: v for k, v in values.items()
-                if k not in self.volatile and not (k in self.added and _same(v, self.added[k]))}
+    def config(self, values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        """``values`` as keyed: volatile fields dropped, added fields dropped at their original value (nested
+        dicts alike, under their dotted names)."""
+        out: dict[str, Any] = {}
+        for k, v in values.items():
+            name = f"{prefix}{k}"
+            if name in self.volatile or (name in self.added and _same(v, self.added[name])):
+                continue
+            out[k] = self.config(v, f"{name}.") if isinstance(v, dict) else v
+        return out
 
     def settings(self, values: Mapping[str, Any], **inputs: Any) -> dict[str, Any]:
         """The settings a folder is keyed by: ``inputs`` (model, fingerprints, ...) and :meth:`config` of
-        ``values`` under ``config``; the schema's version when above 1."""
-        out = {**inputs, "config": self.config(values)}
+        ``values`` under ``nest`` (or beside the inputs); the schema's version when above 1."""
+        config = self.config(values)
+        if self.nest is None and set(config) & set(inputs):
+            raise ValueError(f"{self.kind} run settings: {sorted(set(config) & set(inputs))} both input and config")
+        out = {**inputs, **(config if self.nest is None else {self.nest: config})}
         if self.version > 1:
             out["schema"] = f"{self.kind}/{self.version}"
         return out

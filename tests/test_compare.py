@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,6 +166,49 @@ def test_checkpoints_and_arms_flags():
             parse_arms(bad, "gradient", ("gradient", "ablation"))
 
 
+VERDICT_DATA = "benchmarks/preregistered/verdict_v1_data"
+VERDICT_FLAGS = [  # the pre-registered SmolLM2 command (benchmarks/preregistered/verdict_v1.md, section 10)
+    "--data", f"{VERDICT_DATA}/comparison_pool.jsonl", "--heldout", f"{VERDICT_DATA}/comparison_test.jsonl",
+    "--shots", "comparison", "--locate", "gradient_contrast", "--circuit-fraction", "0.005",
+    "--arms", "base,located,twin,lora", "--answer", "number", "--validation-fraction", "0.3333",
+    "--seeds", "0,1,2,3,4", "--checkpoints", "3", "--epochs", "3", "--batch-size", "8", "--grid-extensions", "2",
+    "--budgets", "lora,lora/10", "--kl-chunks", "4", "--side-effects-data", "/work/shared/data",
+    "--max-new-tokens", "32", "--dtype", "float32", "--threads", "1"]
+
+
+def _compare_key(*flags: str, **train_changes) -> str:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from circuit_peft.commands import compare as compare_cmd
+    from circuit_peft.compare.grid import run_settings
+    from circuit_peft.runs import fingerprint
+
+    root = Path(__file__).resolve().parents[1]
+    flags = tuple(str(root / f) if f.startswith(VERDICT_DATA) else f for f in flags)
+    args = build_parser().parse_args(["compare", "--model", "smollm2", "--out", "unused", *flags])
+    rows, heldout = compare_cmd.load_compare_rows(args)
+    cfg = compare_cmd.config_from_args(args)
+    cfg = replace(cfg, train=replace(cfg.train, **train_changes))
+    return fingerprint(run_settings("smollm2", rows, heldout, cfg))
+
+
+def test_compare_folders_keep_their_key_through_the_run_schema():
+    """compare's key through COMPARE_SCHEMA equals the one its folders were made with: the pre-registered
+    SmolLM2 folder's run.json key, and the keys the earlier hand-made settings gave; the recipe fields compare
+    does not read (or that only add stages) change nothing, data_seed counts only away from 0."""
+    assert _compare_key(*VERDICT_FLAGS) == "32bf298ff9ad2b47"  # benchmarks/results/verdict_v1/smollm2_comparison
+    small = ("--data", "arithmetic", "--n-train", "16")
+    assert _compare_key(*small) == "02f6f90e11a69eb2"
+    assert _compare_key(*small, "--dtype", "bfloat16") == "82f2d004d949fbdc"
+    assert _compare_key(*small, "--data-seed", "3") == "45366f518361b1de"
+    assert _compare_key(*small, "--heldout-fraction", "0.3", "--locate", "ablation", "--seeds", "4,5") \
+        == "dc97439410ce76be"
+    assert _compare_key(*small, controls=("lora",), learning_rates=(1e-3,), update_steps=7, select="random",
+                        cca_kept_step="best_validated", grid_extensions=5, seed=3) == "02f6f90e11a69eb2"
+    assert _compare_key(*small, kl_chunks=5) != "02f6f90e11a69eb2"
+
+
 def test_bad_compare_flags_are_refused_before_any_work(tmp_path, capsys):
     out = tmp_path / "o"
     for flags in (["--checkpoints", "0"], ["--lrs", "1e-3,-1"], ["--lrs", "located=1e-3;=2"], ["--seeds", "0,0"],
@@ -192,9 +236,22 @@ def _tiny_saved_model(tmp_path):
     return model_dir
 
 
+def _user_jsonl(folder):
+    """A user's own rows: question/answer .jsonl files (training and held-out), as `compare --data` reads them."""
+    from circuit_peft.cca.problems import make_problems
+
+    files = {}
+    for split, n in (("train", 6), ("test", 2)):
+        files[split] = folder / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n"
+                                        for r in make_problems(n, split, seed=5)))
+    return files
+
+
 def _compare_argv(model_dir, out, *extra):
-    return ["compare", "--model", str(model_dir), "--data", "arithmetic", "--n-train", "6", "--heldout", "arithmetic",
-            "--n-heldout", "2", "--epochs", "1", "--batch-size", "2", "--max-new-tokens", "3", "--circuit-fraction",
+    files = _user_jsonl(Path(model_dir).parent)
+    return ["compare", "--model", str(model_dir), "--data", str(files["train"]), "--heldout", str(files["test"]),
+            "--epochs", "1", "--batch-size", "2", "--max-new-tokens", "3", "--circuit-fraction",
             "0.1", "--arms", "base,located,twin", "--lrs", "located=1e-3,1e-2;twin=1e-2", "--grid-extensions", "1",
             "--budgets", "located,located/10", "--checkpoints", "2", "--seeds", "0,1", "--kl-chunks", "1",
             "--validation-fraction", "0.34", "--threads", "1", *extra, "--out", str(out)]

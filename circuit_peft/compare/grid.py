@@ -32,7 +32,7 @@ from torch import nn
 
 from ..recipe.config import TrainConfig
 from ..recipe.context import RunFolder
-from ..runs import fingerprint
+from ..runs import RunSchema, fingerprint
 from .arms import ArmContext, ArmSpec
 
 POINTS_DIR = "stages"
@@ -62,21 +62,28 @@ class CompareConfig:
         return tuple(self.lrs.get(arm.name, self.lrs.get(arm.kind, arm.spec.lrs)))
 
 
+# What a compare folder is keyed by (circuit_peft.runs): the recipe (TrainConfig, under "recipe"), checkpoints, the
+# held-out fraction and data seed beside the inputs, as the first compare folders were. Volatile: the recipe's
+# fields compare does not read (each arm names its locator and update, seeds are compare's own) and those that
+# only add stages (search bounds, grid widening), so arms, rates and seeds may be added to a finished folder.
+# data_seed came later: keyed only away from 0.
+COMPARE_SCHEMA = RunSchema(
+    "compare", version=1, nest=None, added={"data_seed": 0},
+    volatile=tuple(f"recipe.{name}" for name in (
+        "controls", "learning_rates", "max_new_tokens_limit", "max_cut_share", "grid_extensions", "seed", "select",
+        "select_fraction", "update", "update_steps", "locate", "cca_kept_step")))
+
+
 def run_settings(model_name: str, rows, heldout, cfg: CompareConfig) -> dict[str, Any]:
-    """What a run folder must share to be resumed: model, data, recipe and checkpoints (arms, rates, seeds,
-    budgets and comparisons may grow: their stages are added beside the finished ones)."""
-    recipe = asdict(replace(cfg.train, seed=0))
-    load = getattr(cfg.train, "load", None)
-    if load is not None:  # the resolved dtype, not the device (train's rule)
-        recipe.update(load.settings())
-        recipe.pop("load")
-    for key in ("controls", "learning_rates", "max_new_tokens_limit", "max_cut_share", "grid_extensions", "seed",
-                "select", "select_fraction", "update", "update_steps", "locate", "cca_kept_step"):
-        recipe.pop(key, None)
-    return {"model": model_name, "recipe": recipe, "checkpoints": cfg.checkpoints, "rows": fingerprint(rows),
-            "heldout": fingerprint(heldout) if heldout else None,
-            "heldout_fraction": None if heldout else cfg.heldout_fraction,
-            **({"data_seed": cfg.data_seed} if cfg.data_seed else {})}  # absent at 0: older folders still open
+    """What a run folder must share to be resumed (:data:`COMPARE_SCHEMA`): model, data, recipe (with the resolved
+    dtype, not the device: train's rule) and checkpoints; the held-out fraction only when no held-out rows are given."""
+    recipe = asdict(cfg.train)
+    recipe.update(cfg.train.load.settings())
+    recipe.pop("load")
+    values = {"recipe": recipe, "checkpoints": cfg.checkpoints, "data_seed": cfg.data_seed,
+              "heldout_fraction": None if heldout else cfg.heldout_fraction}
+    return COMPARE_SCHEMA.settings(values, model=model_name, rows=fingerprint(rows),
+                                   heldout=fingerprint(heldout) if heldout else None)
 
 
 @dataclass
@@ -314,5 +321,5 @@ def run_grid(run: RunFolder, model_name: str, tokenizer, style: str, datas: dict
     return GridResult(points, grids, edges, sizes, {s.seed: s.base for s in seeds}, {s.seed: s.ctx for s in seeds})
 
 
-__all__ = ["CompareConfig", "GridResult", "Measure", "SeedData", "run_grid", "run_settings", "seed_data",
-           "text_chunk_pool"]
+__all__ = ["COMPARE_SCHEMA", "CompareConfig", "GridResult", "Measure", "SeedData", "run_grid", "run_settings",
+           "seed_data", "text_chunk_pool"]
