@@ -185,10 +185,16 @@ def _locate_stage(r: _AmplifyRun) -> str:
     return f"located {len(r.circuit.components)} components by {r.config.locate} ({{SECONDS}} s)"
 
 
-def _before_stage(r: _AmplifyRun) -> str:
+def _test_accuracy(r: _AmplifyRun, model: nn.Module) -> Any:
+    """Greedy accuracy of ``model`` on the test problems, prompted as the problems were mined."""
     from ..evaluate.accuracy import evaluate_accuracy
 
-    r.before = evaluate_accuracy(r.model, r.tokenizer, r.test, progress=r.progress, **r.eval_kwargs)
+    # not recipe.stages' measure_accuracy: a floor above cca; its TrainConfig has no system/instruction/answer_format
+    return evaluate_accuracy(model, r.tokenizer, r.test, progress=r.progress, **r.eval_kwargs)
+
+
+def _before_stage(r: _AmplifyRun) -> str:
+    r.before = _test_accuracy(r, r.model)
     return f"accuracy before: {r.before.accuracy:.3f} ({r.before.correct}/{r.before.count})"
 
 
@@ -206,9 +212,7 @@ def _fit_stage(r: _AmplifyRun) -> str:
 
 
 def _after_stage(r: _AmplifyRun) -> str:
-    from ..evaluate.accuracy import evaluate_accuracy
-
-    r.after = evaluate_accuracy(r.result.model, r.tokenizer, r.test, progress=r.progress, **r.eval_kwargs)
+    r.after = _test_accuracy(r, r.result.model)
     size = r.result.size
     return (f"accuracy after: {r.after.accuracy:.3f} ({r.after.correct}/{r.after.count}); changed "
             f"{100 * size['component_fraction']:.2f} % of components, {100 * size['param_fraction']:.2f} % of parameters")
@@ -269,6 +273,7 @@ def _side_effects(peft_model, tokenizer, config: AmplifyConfig, progress: bool, 
         return {}
     from ..evaluate.side_effects import side_effects
 
+    # not recipe.stages.side_effects: a floor above cca; it keeps 3 deltas, amplify every score, a base copy, its tasks
     return side_effects(peft_model, tokenizer, config.side_effect_data_dir, base=base, tasks=config.side_effects,
                         mmlu_subjects=config.mmlu_subjects, mmlu_limit=config.mmlu_limit,
                         truthfulqa_limit=config.truthfulqa_limit, kl_chunks=config.kl_chunks, progress=progress)
