@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from circuit_peft.batching import pad_batch
+from circuit_peft.commands.select import HEAD_METHODS
 from circuit_peft.files import atomic_write_text
 from circuit_peft.models import load_model, load_tokenizer
 from circuit_peft.taskdata import PivotalCollator, answer_example, encode_text_pair
@@ -39,6 +40,7 @@ from circuit_peft.select import (
 )
 
 HERE = Path(__file__).resolve().parent
+OLD_HEAD_METHODS = {"attribution": "ablation_estimate"}  # the head finder's old name (results before issue 37)
 
 
 def read_jsonl(path: Path, n: int, start: int = 0) -> list[dict]:
@@ -253,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data"))
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--head-method", default="attribution", choices=["ablation", "attribution"])
+    p.add_argument("--head-method", default="ablation_estimate", choices=HEAD_METHODS,
+                   help="the registered locator that finds the reasoning heads ('attribution': the old name of "
+                        "ablation_estimate, as results/circuitseer_full20.json's head_method records it)")
     p.add_argument("--probe", type=int, default=16, help="probe problems for the reasoning-head scan")
     p.add_argument("--throughput-n", type=int, default=512, help="questions for part (1); 0 skips it")
     p.add_argument("--score-batch-size", type=int, default=16)
@@ -273,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partial", default=str(HERE / "cache" / "circuitseer_arms.json"),
                    help="finished arms are saved here after each one, and reused by a rerun with the same settings")
     args = p.parse_args(argv)
+    args.head_method = OLD_HEAD_METHODS.get(args.head_method, args.head_method)  # results record the registry's name
     torch.set_num_threads(args.threads)
     data = Path(args.data_dir) / "gsm8k"
     train_path, test_path = data / "train.jsonl", data / "test.jsonl"
