@@ -2,11 +2,13 @@
 pyproject.toml: on a TRL that changes one, its test fails with a message naming the internal, the code
 that reads it and the tested range (rather than a trainer silently training something else).
 
-Read by: ``cca/trainers.py`` (PivotalSFTTrainer: the fused LM head's ``log_probs`` / ``label_mask``,
-``SFTConfig.loss_type``, ``get_tp_size``), ``cca/trainers.py`` (``install_pivotal_columns``: signature
-columns, TRL's collator and its pre-tokenized dataset path, ``packing`` / ``padding_free`` /
-``truncation_mode``), ``select/sampler.py`` (``_get_train_sampler``) and ``mixins.py`` (``add_mixin``,
-which re-classes a TRL trainer instance).
+Read by: ``compat.py`` for the private ones, each in ``compat.PATCHES`` with its range (``fused_head_outputs``:
+the fused LM head's ``log_probs`` / ``label_mask``; ``keep_signature_columns``: ``_signature_columns``), which
+``cca/trainers.py`` calls; ``cca/trainers.py`` itself (PivotalSFTTrainer: ``SFTConfig.loss_type``,
+``average_tokens_across_devices``, ``get_tp_size``, the nll reduction it re-weights; ``install_pivotal_columns``:
+TRL's collator, ``packing`` / ``padding_free`` / ``truncation_mode``); ``taskdata/`` (``build_pivotal_dataset``'s
+pre-tokenized rows, ``PivotalCollator`` around TRL's collator); ``select/sampler.py`` (``_get_train_sampler``) and
+``mixins.py`` (``add_mixin``, which re-classes a TRL trainer instance).
 """
 
 import dataclasses
@@ -24,6 +26,9 @@ from circuit_peft.interventions import capture_module_output
 from circuit_peft.models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
+# the code that reads the private internals (circuit_peft/compat.py) and the trainer that relies on it
+FUSED_READER = "circuit_peft/compat.py fused_head_outputs (for cca/trainers.py PivotalSFTTrainer.compute_loss)"
+SIGNATURE_READER = "circuit_peft/compat.py keep_signature_columns (called by cca/trainers.py install_pivotal_columns)"
 
 
 def trl_range() -> str:
@@ -36,8 +41,8 @@ def pinned(ok: bool, internal: str, reader: str) -> None:
     """Fail loudly: TRL changed ``internal``, which ``reader`` relies on."""
     if not ok:
         pytest.fail(f"TRL {trl.__version__} changed {internal}, which {reader} reads; circuit-peft is tested on "
-                    f"{trl_range()!r} (pyproject.toml): adapt {reader} and widen the range, or install a TRL in it",
-                    pytrace=False)
+                    f"{trl_range()!r} (pyproject.toml; compat.PATCHES for compat.py's reaches): adapt {reader} "
+                    "and widen the range, or install a TRL in it", pytrace=False)
 
 
 def _rows():
@@ -79,7 +84,8 @@ def test_sft_config_fields_the_trainers_read():
                 "average_tokens_across_devices": True}
     pinned(all(fields.get(k, "MISSING") == v for k, v in expected.items()),
            f"SFTConfig fields {sorted(expected)} (defaults now { {k: fields.get(k, 'MISSING') for k in expected} })",
-           "cca/trainers.py (PivotalSFTTrainer) and cca/trainers.py (install_pivotal_columns) and taskdata/collate.py (PivotalCollator)")
+           "cca/trainers.py (PivotalSFTTrainer: loss_type, average_tokens_across_devices; install_pivotal_columns: "
+           "packing, padding_free, truncation_mode) and taskdata/collate.py (PivotalCollator)")
     pinned(SFTConfig(output_dir="x", truncation_mode="keep_end", report_to=[], use_cpu=True, bf16=False).truncation_mode == "keep_end",
            "SFTConfig.truncation_mode='keep_end'", "taskdata/collate.py (PivotalCollator slices weights the same way)")
 
@@ -107,7 +113,7 @@ def test_collator_pads_with_an_attention_mask(sft):
 def test_fused_lm_head_log_probs_and_label_mask(sft):
     """``model(..., fused_lm_head=True)`` (what SFTTrainer.compute_loss runs) returns per-token ``log_probs``
     (B, T-1), zero where the label is ignored, and ``label_mask`` (B, T-1); compute_loss's nll is their
-    mean. PivotalSFTTrainer captures that output and re-weights ``log_probs``."""
+    mean. ``compat.fused_head_outputs`` captures that output for PivotalSFTTrainer, which re-weights ``log_probs``."""
     rows = [sft.train_dataset[i] for i in range(2)]
     batch = sft.trl_collator([{k: v for k, v in r.items() if k not in WEIGHT_COLUMNS} for r in rows])
     model = sft.model
@@ -116,13 +122,12 @@ def test_fused_lm_head_log_probs_and_label_mask(sft):
         with capture_module_output(model) as captured:
             loss = sft.compute_loss(model, dict(batch))
     except Exception as err:  # noqa: BLE001  (TRL 1.15 on a CPU-only torch: its fused head needs Triton)
-        pinned(False, f"SFTTrainer.compute_loss's fused LM head (it raised {err!r})",
-               "cca/trainers.py PivotalSFTTrainer.compute_loss")
+        pinned(False, f"SFTTrainer.compute_loss's fused LM head (it raised {err!r})", FUSED_READER)
     out = captured.get("out")
     log_probs, label_mask = getattr(out, "log_probs", None), getattr(out, "label_mask", None)
     pinned(log_probs is not None and label_mask is not None,
            "the fused LM head outputs (log_probs, label_mask) of the model's forward in SFTTrainer.compute_loss",
-           "cca/trainers.py PivotalSFTTrainer.compute_loss")
+           FUSED_READER)
     labels = batch["labels"][:, 1:]
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
@@ -130,9 +135,9 @@ def test_fused_lm_head_log_probs_and_label_mask(sft):
     ref = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * valid
     pinned(tuple(log_probs.shape) == tuple(labels.shape) and torch.allclose(log_probs.detach(), ref, atol=1e-5),
            f"the meaning of outputs.log_probs (shape {tuple(log_probs.shape)}, expected per-token log p(label) "
-           f"{tuple(labels.shape)}, 0 on ignored labels)", "cca/trainers.py PivotalSFTTrainer.compute_loss")
+           f"{tuple(labels.shape)}, 0 on ignored labels)", FUSED_READER)
     pinned(torch.equal(label_mask.bool(), valid), "the meaning of outputs.label_mask (labels[:, 1:] != -100)",
-           "cca/trainers.py PivotalSFTTrainer.compute_loss")
+           FUSED_READER)
     pinned(torch.allclose(loss, -log_probs.sum() / label_mask.sum(), rtol=1e-6),
            "SFTTrainer.compute_loss's nll reduction (-sum(log_probs) / label_mask.sum())",
            "cca/trainers.py PivotalSFTTrainer.compute_loss (all weights 1 must give TRL's loss)")
@@ -146,20 +151,18 @@ def test_tensor_parallel_size(sft):
 
 def test_signature_columns(sft):
     """``_set_signature_columns_if_needed`` fills ``_signature_columns``, the list ``remove_unused_columns`` keeps:
-    install_pivotal_columns appends the weight columns to it."""
+    install_pivotal_columns appends the weight columns to it through ``compat.keep_signature_columns``."""
     from circuit_peft.cca.trainers import install_pivotal_columns
 
     sft._signature_columns = None
     sft._set_signature_columns_if_needed()
     columns = getattr(sft, "_signature_columns", None)
     pinned(isinstance(columns, list) and "input_ids" in columns and "labels" in columns,
-           f"SFTTrainer._set_signature_columns_if_needed / _signature_columns (got {columns!r})",
-           "cca/trainers.py install_pivotal_columns")
+           f"SFTTrainer._set_signature_columns_if_needed / _signature_columns (got {columns!r})", SIGNATURE_READER)
     install_pivotal_columns(sft)
     batch = next(iter(sft.get_train_dataloader()))
     pinned(all(c in batch for c in WEIGHT_COLUMNS),
-           f"how remove_unused_columns uses _signature_columns (batch columns: {sorted(batch)})",
-           "cca/trainers.py install_pivotal_columns")
+           f"how remove_unused_columns uses _signature_columns (batch columns: {sorted(batch)})", SIGNATURE_READER)
 
 
 def test_train_sampler_hook(sft):
