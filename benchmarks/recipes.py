@@ -53,16 +53,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 import _bench
-from _bench import ArmBench, mean_se
+from _bench import ArmBench
+from recipes_report import markdown_table, plot_gaps, plot_tradeoff, print_table, summarise
 
 # the short locator tags of arm names and result files -> the registered locators (circuit_peft.locate.registry)
 LOCATORS = {"attr": "attribution", "grad": "gradient", "gradc": "gradient_contrast", "dcm": "dcm", "scan": "ablation"}
@@ -70,74 +72,87 @@ DCM_SETTINGS = {"lambda_l1": 0.05, "lr": 0.05, "steps": 60, "check_every": 10}  
 SCAN_ROWS = 8  # the scan locator's default probe size: the probe size of benchmarks/locate.py
 CCA_DEFAULTS = {"cca_steps": 16, "cca_records": 48}  # results saved before the cca arm keep their keys
 
+# ----- the command line: one declarative table (flag, argparse keywords) ---------------------------------------
+FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--model", dict(default="smollm2")),
+    ("--task", dict(default="arithmetic", choices=("arithmetic", "multiplication"),
+                    help="arithmetic: two-digit + and - (SmolLM2 right ~20 %%); multiplication: digit x two-digit "
+                         "(25 %%); held-out format: word problems of the same operation")),
+    ("--data-dir", dict(default="../shared/data", help="mmlu/test, truthfulqa/, text/ (side effects)")),
+    ("--seeds", dict(default="0,1,2", help="training seed and problem draw, comma-separated")),
+    ("--n-train", dict(type=int, default=64)),
+    ("--n-val", dict(type=int, default=32)),
+    ("--n-test", dict(type=int, default=100)),
+    ("--n-transfer", dict(type=int, default=50, help="held-out-format test problems (word problems)")),
+    ("--transfer-max-new-tokens", dict(type=int, default=None,
+                                       help="token cap of the held-out-format answers (default: --max-new-tokens); a "
+                                            "larger cap checks that a held-out-format gap is not made by answers cut "
+                                            "at the cap")),
+    ("--max-new-tokens", dict(type=int, default=32)),
+    ("--also-transfer-cap", dict(type=int, default=None,
+                                 help="also measure the held-out format under this token cap (transfer_capN_acc; an "
+                                      "extra measurement, so results saved without it keep their key)")),
+    ("--epochs", dict(type=float, default=4.0)),
+    ("--batch-size", dict(type=int, default=8)),
+    ("--pivotal-weight", dict(type=float, default=5.0)),
+    ("--fractions", dict(default="0.005,0.02", help="circuit sizes (share of each kind)")),
+    ("--locators", dict(default="attr,grad")),
+    ("--arms", dict(default=None, help="comma-separated arm names, groups separated by ';' (run group by group, seed "
+                                       "by seed inside a group; default: all arms in one group)")),
+    ("--lora-dropout", dict(type=float, default=0.0,
+                            help="dropout of the LoRA arms (0: PEFT's default, the prompt prefix runs once per batch; "
+                                 "the results saved before session 18 used 0.1 and are rerun, not reused, under "
+                                 "another value)")),
+    ("--circuit-lrs", dict(default="3e-4,1e-3,3e-3", help="learning-rate grid of circuit and LoRA arms")),
+    ("--full-lrs", dict(default="1e-5,3e-5,1e-4", help="learning-rate grid of full fine-tuning")),
+    ("--cca-steps", dict(type=int, default=CCA_DEFAULTS["cca_steps"], help="cca arm: full-batch update steps")),
+    ("--cca-records", dict(type=int, default=CCA_DEFAULTS["cca_records"],
+                           help="cca arm: at most this many pivot records (seeded draw)")),
+    ("--scan-rows", dict(type=int, default=SCAN_ROWS,
+                         help="scan locator: the exact head-ablation scan reads the first N training problems (8, the "
+                              "probe size of benchmarks/locate.py: the scan costs about half a forward per head)")),
+    ("--mmlu-subjects", dict(default="elementary_mathematics,high_school_geography")),
+    ("--mmlu-limit", dict(type=int, default=10)),
+    ("--truthfulqa-limit", dict(type=int, default=30)),
+    ("--kl-chunks", dict(type=int, default=4)),
+    ("--threads", dict(type=int, default=2)),
+    ("--jobs", dict(type=int, default=1,
+                    help="worker processes: locate the circuits (seeds dealt out) and then train the arms (split by "
+                         "expected cost) in this many processes at once, --threads shared among them; then "
+                         "summarise what they saved")),
+    ("--work-dir", dict(default="/tmp/recipes_bench")),
+    ("--out", dict(default=None, help="also write the JSON result here")),
+    ("--plot", dict(default=None, help="PNG: located - layer-matched random per locator and size (mean, SE)")),
+    ("--plot-tradeoff", dict(default=None, help="PNG: test accuracy against KL drift on general text, one point per "
+                                                "trained arm (mean, SE)")),
+    ("--locate-only", dict(action="store_true",
+                           help="mine and score the circuits of --seeds and --locators (cached), then stop: lets a "
+                                "second process prepare later seeds while the first seed's learning-rate grid runs")),
+    ("--tie-break", dict(default="first", choices=("first", "loss"),
+                         help="rates of equal validation accuracy: keep the first of the grid (every saved result), "
+                              "or the lower gold-solution loss on the validation problems (`circuit-peft train "
+                              "--lrs`)")),
+    ("--val-loss-at", dict(default=None,
+                           help="comma-separated rates: no test evaluation; train each --arms arm on the first seed "
+                                "at each rate and save its validation accuracy and gold-solution loss (the loss is "
+                                "how `circuit-peft train --lrs` breaks a tie in validation accuracy; the saved arms "
+                                "were chosen before it)")),
+    ("--from-saved", dict(action="store_true",
+                          help="no model work: summarise the (arm, seed) results already saved under --work-dir")),
+    ("--quick", dict(action="store_true",
+                     help="one seed, 64 training / 32 val / 100 test / 50 transfer problems, 2 %% gradient circuit vs "
+                          "layer-matched random vs LoRA r=16, one lr")),
+)
+QUICK = {"seeds": "0", "n_train": 64, "n_val": 32, "n_test": 100, "n_transfer": 50, "fractions": "0.02",
+         "circuit_lrs": "1e-3", "full_lrs": "3e-5", "locators": "grad", "mmlu_limit": 15, "truthfulqa_limit": 30,
+         "kl_chunks": 4, "epochs": 3.0, "max_new_tokens": 40}  # the measured --quick (benchmarks/README.md)
+QUICK_ARMS = "base,located_grad@0.02,random_layer_grad@0.02,lora16"
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--task", default="arithmetic", choices=("arithmetic", "multiplication"),
-                   help="arithmetic: two-digit + and - (SmolLM2 right ~20 %%); multiplication: digit x two-digit "
-                        "(25 %%); held-out format: word problems of the same operation")
-    p.add_argument("--data-dir", default="../shared/data", help="mmlu/test, truthfulqa/, text/ (side effects)")
-    p.add_argument("--seeds", default="0,1,2", help="training seed and problem draw, comma-separated")
-    p.add_argument("--n-train", type=int, default=64)
-    p.add_argument("--n-val", type=int, default=32)
-    p.add_argument("--n-test", type=int, default=100)
-    p.add_argument("--n-transfer", type=int, default=50, help="held-out-format test problems (word problems)")
-    p.add_argument("--transfer-max-new-tokens", type=int, default=None,
-                   help="token cap of the held-out-format answers (default: --max-new-tokens); a larger cap "
-                        "checks that a held-out-format gap is not made by answers cut at the cap")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--also-transfer-cap", type=int, default=None,
-                   help="also measure the held-out format under this token cap (transfer_capN_acc; an extra "
-                        "measurement, so results saved without it keep their key)")
-    p.add_argument("--epochs", type=float, default=4.0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--pivotal-weight", type=float, default=5.0)
-    p.add_argument("--fractions", default="0.005,0.02", help="circuit sizes (share of each kind)")
-    p.add_argument("--locators", default="attr,grad")
-    p.add_argument("--arms", default=None,
-                   help="comma-separated arm names, groups separated by ';' (run group by group, seed by seed "
-                        "inside a group; default: all arms in one group)")
-    p.add_argument("--lora-dropout", type=float, default=0.0,
-                   help="dropout of the LoRA arms (0: PEFT's default, the prompt prefix runs once per batch; the "
-                        "results saved before session 18 used 0.1 and are rerun, not reused, under another value)")
-    p.add_argument("--circuit-lrs", default="3e-4,1e-3,3e-3", help="learning-rate grid of circuit and LoRA arms")
-    p.add_argument("--full-lrs", default="1e-5,3e-5,1e-4", help="learning-rate grid of full fine-tuning")
-    p.add_argument("--cca-steps", type=int, default=CCA_DEFAULTS["cca_steps"], help="cca arm: full-batch update steps")
-    p.add_argument("--cca-records", type=int, default=CCA_DEFAULTS["cca_records"],
-                   help="cca arm: at most this many pivot records (seeded draw)")
-    p.add_argument("--scan-rows", type=int, default=SCAN_ROWS,
-                   help="scan locator: the exact head-ablation scan reads the first N training problems (8, the "
-                        "probe size of benchmarks/locate.py: the scan costs about half a forward per head)")
-    p.add_argument("--mmlu-subjects", default="elementary_mathematics,high_school_geography")
-    p.add_argument("--mmlu-limit", type=int, default=10)
-    p.add_argument("--truthfulqa-limit", type=int, default=30)
-    p.add_argument("--kl-chunks", type=int, default=4)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--jobs", type=int, default=1,
-                   help="worker processes: locate the circuits (seeds dealt out) and then train the arms (split by "
-                        "expected cost) in this many processes at once, --threads shared among them; then summarise "
-                        "what they saved")
-    p.add_argument("--work-dir", default="/tmp/recipes_bench")
-    p.add_argument("--out", default=None, help="also write the JSON result here")
-    p.add_argument("--plot", default=None, help="PNG: located - layer-matched random per locator and size (mean, SE)")
-    p.add_argument("--plot-tradeoff", default=None,
-                   help="PNG: test accuracy against KL drift on general text, one point per trained arm (mean, SE)")
-    p.add_argument("--locate-only", action="store_true",
-                   help="mine and score the circuits of --seeds and --locators (cached), then stop: lets a second "
-                        "process prepare later seeds while the first seed's learning-rate grid runs")
-    p.add_argument("--tie-break", default="first", choices=("first", "loss"),
-                   help="rates of equal validation accuracy: keep the first of the grid (every saved result), or "
-                        "the lower gold-solution loss on the validation problems (`circuit-peft train --lrs`)")
-    p.add_argument("--val-loss-at", default=None,
-                   help="comma-separated rates: no test evaluation; train each --arms arm on the first seed at each "
-                        "rate and save its validation accuracy and gold-solution loss (the loss is how `circuit-peft "
-                        "train --lrs` breaks a tie in validation accuracy; the saved arms were chosen before it)")
-    p.add_argument("--from-saved", action="store_true",
-                   help="no model work: summarise the (arm, seed) results already saved under --work-dir")
-    p.add_argument("--quick", action="store_true",
-                   help="one seed, 64 training / 32 val / 100 test / 50 transfer problems, 2 %% gradient circuit vs "
-                        "layer-matched random vs LoRA r=16, one lr")
+    for flag, kwargs in FLAGS:
+        p.add_argument(flag, **kwargs)
     return p
 
 
@@ -146,11 +161,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
     if args.quick:
-        args.seeds, args.n_train, args.n_val, args.n_test, args.n_transfer = "0", 64, 32, 100, 50
-        args.fractions, args.circuit_lrs, args.full_lrs, args.locators = "0.02", "1e-3", "3e-5", "grad"
-        args.arms = args.arms or "base,located_grad@0.02,random_layer_grad@0.02,lora16"
-        args.mmlu_limit, args.truthfulqa_limit, args.kl_chunks = 15, 30, 4
-        args.epochs, args.max_new_tokens = 3.0, 40  # the measured --quick (benchmarks/README.md)
+        vars(args).update(QUICK)
+        args.arms = args.arms or QUICK_ARMS
     return args
 
 
@@ -181,6 +193,11 @@ class ArmSpec:
         """The located circuit this arm's circuit is drawn from (or matched to)."""
         return ArmSpec(f"located_{self.locator}@{self.fraction:g}", "located", self.locator, self.fraction)
 
+    @property
+    def control(self) -> str | None:
+        """The library's control (:data:`circuit_peft.recipe.controls.CONTROLS`) this arm is, if a LoRA one."""
+        return {"lora16": "lora", "lora_matched": "lora_matched"}.get(self.kind)
+
 
 def arm_names(fractions: list[float], locators: list[str]) -> list[str]:
     names = ["base"]
@@ -191,6 +208,35 @@ def arm_names(fractions: list[float], locators: list[str]) -> list[str]:
     names += [f"random_anywhere_{locators[0]}@{big:g}", f"located_{locators[0]}@{big:g}_unweighted",
               "lora16", f"lora_matched_{locators[0]}@{big:g}", "full", f"cca_{locators[0]}@{big:g}"]
     return names
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one invocation runs: ``seeds`` (the first chooses each arm's rate), circuit ``fractions``,
+    ``locators`` (short tags) and the arm ``groups`` (run group by group, seed by seed inside a group)."""
+
+    seeds: list[int]
+    fractions: list[float]
+    locators: list[str]
+    groups: list[list[str]]
+
+    @property
+    def arms(self) -> list[str]:
+        return [a for g in self.groups for a in g]
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> "Plan":
+        locators = [x for x in args.locators.split(",") if x]
+        bad = [x for x in locators if x not in LOCATORS]
+        if bad:
+            raise SystemExit(f"--locators: unknown {bad}; choose from {', '.join(LOCATORS)}")
+        fractions = [float(f) for f in args.fractions.split(",")]
+        every = arm_names(fractions, locators)
+        groups = [every] if args.arms is None else [[a for a in g.split(",") if a] for g in args.arms.split(";")]
+        unknown = [a for g in groups for a in g if a not in every]
+        if unknown:
+            raise SystemExit(f"--arms: unknown {unknown}; choose from {every}")
+        return cls([int(s) for s in args.seeds.split(",")], fractions, locators, groups)
 
 
 def settings_key(args: argparse.Namespace, locating: bool = False) -> str:
@@ -221,6 +267,7 @@ class Bench(ArmBench):
         super().__init__(args, settings_key(args))
         self.locating_key = settings_key(args, locating=True)  # records, scores, baseline: shared across caps
         self.circuits: dict[tuple[str, int], Any] = {}
+        self.subjects = tuple(s for s in args.mmlu_subjects.split(",") if s)
 
     # ----- data ---------------------------------------------------------------------------------
     def problems(self, seed: int) -> dict[str, list[dict]]:
@@ -239,6 +286,14 @@ class Bench(ArmBench):
                                  max_new_tokens=max_new_tokens or self.args.max_new_tokens, batch_size=50,
                                  progress=False)
 
+    def recipe(self):
+        """The library's :class:`~circuit_peft.recipe.TrainConfig` of this benchmark's prompts and answer weights."""
+        from circuit_peft.recipe import SFTSettings, TrainConfig
+
+        return TrainConfig(shots=self.shots, max_new_tokens=self.args.max_new_tokens,
+                           side_effect_data_dir=self.args.data_dir,
+                           sft=SFTSettings(pivotal_weight=self.args.pivotal_weight))
+
     # ----- circuits -----------------------------------------------------------------------------
     def scored_circuit(self, locator: str, seed: int):
         """Every component scored by ``locator`` on seed ``seed``'s training problems (cached)."""
@@ -252,26 +307,24 @@ class Bench(ArmBench):
             circuit = Circuit.load(path)
         else:
             t0 = time.perf_counter()
-            circuit = self._locate(locator, seed)
+            circuit = self.dcm(seed) if locator == "dcm" else self.locate(locator, seed)
             circuit.save(path)
             self.log(f"located ({locator}, seed {seed}) in {time.perf_counter() - t0:.0f} s")
         self.circuits[(locator, seed)] = circuit
         return circuit
 
-    def _locate(self, locator: str, seed: int):
-        from circuit_peft.recipe import SFTSettings, TrainConfig
+    def locate(self, locator: str, seed: int):
+        """The registered locator ``LOCATORS[locator]`` run as ``train`` runs it, every component scored."""
+        from dataclasses import replace
+
         from circuit_peft.recipe.stages.locate import locate_for_training
 
-        if locator == "dcm":
-            return self._dcm(seed)
-        cfg = TrainConfig(locate=LOCATORS[locator], shots=self.shots, max_new_tokens=self.args.max_new_tokens, seed=seed,
-                          side_effect_data_dir=self.args.data_dir,
-                          sft=SFTSettings(pivotal_weight=self.args.pivotal_weight))
+        cfg = replace(self.recipe(), locate=LOCATORS[locator], seed=seed)
         rows = self.problems(seed)["train"][: self.args.scan_rows if locator == "scan" else None]
         return locate_for_training(self.base, self.tok, rows, self.style, cfg,
                                    self.mining_dir(seed), keep_fraction=None, progress=False)
 
-    def _dcm(self, seed: int):
+    def dcm(self, seed: int):
         """DCM masks learned on every pivot record the ``attr`` locator mined for ``seed``; scores = final
         mask plus a seeded draw below 1e-6, so masks DCM left equal (e.g. clamped at 1) are ordered at random."""
         import random
@@ -289,7 +342,8 @@ class Bench(ArmBench):
         return self.work / f"mining-{self.locating_key}-{seed}"
 
     def circuit_for(self, arm: ArmSpec, seed: int):
-        """The circuit ``arm`` trains: the located one, or its layer-matched / anywhere random draw."""
+        """The circuit ``arm`` trains: the located one, or its layer-matched / anywhere random draw (the library's
+        random controls, :func:`circuit_peft.locate.random_circuit`)."""
         from circuit_peft.locate import random_circuit
 
         located = self.scored_circuit(arm.locator, seed).top_each_kind(arm.fraction)
@@ -312,68 +366,101 @@ class Bench(ArmBench):
         rows = self.mined_records(seed)
         return random.Random(seed).sample(rows, min(limit, len(rows)))
 
-    # ----- models -------------------------------------------------------------------------------
-    def trainable(self, arm: ArmSpec, seed: int):
-        """A fresh model prepared for ``arm`` and the size facts of what it trains."""
-        from peft import get_peft_model
-
+    # ----- models: built once, trained at a rate ------------------------------------------------
+    def build(self, arm: ArmSpec, seed: int):
+        """A fresh model prepared for ``arm`` (the library's LoRA controls; a circuit adapter from ``seed``) and
+        the size facts of what it trains."""
         from circuit_peft.models import load_model
         from circuit_peft.recipe import control_model
+        from circuit_peft.recipe.controls import seeded_peft_model
         from circuit_peft.tuner import circuit_size
 
         model = load_model(self.args.model)
         if arm.kind == "full":
             return model, {"trainable_params": sum(p.numel() for p in model.parameters())}
-        if arm.kind in ("lora16", "lora_matched"):  # the same LoRA arms as `circuit-peft train --controls lora,lora_matched`
-            circuit = None if arm.kind == "lora16" else self.circuit_for(arm.located, seed)
-            return control_model("lora" if arm.kind == "lora16" else "lora_matched", model, circuit,
-                                 lambda c: c.to_config(projections="paper"), seed, self.args.lora_dropout)
-        circuit = self.circuit_for(arm, seed)
+        if arm.control:  # the same LoRA arms as `circuit-peft train --controls lora,lora_matched`
+            circuit = self.circuit_for(arm.located, seed) if arm.kind == "lora_matched" else None
+            return control_model(arm.control, model, circuit, lambda c: c.to_config(projections="paper"), seed,
+                                 self.args.lora_dropout)
+        circuit = self.circuit_for(arm.located if arm.kind == "cca" else arm, seed)
         config = circuit.to_config(projections="paper")
-        model = get_peft_model(model, config)
+        model = seeded_peft_model(model, config, seed)
         size = circuit_size(config, model)
+        if arm.kind == "cca":
+            return model, {"trainable_params": size["trainable_params"], "counts": circuit.counts(),
+                           "cca_records": len(self.pivot_records(seed, self.args.cca_records))}
         return model, {"trainable_params": size["trainable_params"], "components": size["components"],
                        "component_fraction": size["component_fraction"], "counts": circuit.counts(),
                        "layers": sorted({c.layer for c in circuit.components})}
 
-    def train(self, name: str, seed: int, lr: float):
-        """A fresh model trained as arm ``name`` says (SFT on the gold solutions, or the CCA update) at ``lr``."""
-        from circuit_peft.recipe.sft import SFTSettings, gold_examples, train_sft
+    def trainer(self, arm: ArmSpec, seed: int) -> Callable[[Any, float], dict[str, Any] | None]:
+        """``train_at(model, lr)``: SFT on the gold solutions (:func:`circuit_peft.recipe.sft.train_sft`), or for a
+        ``cca`` arm the library's one CCA update (best validation step kept; returns the step)."""
+        from dataclasses import replace
 
-        arm = ArmSpec.parse(name)
+        from circuit_peft.recipe.examples import training_examples
+        from circuit_peft.recipe.sft import train_sft
+
         if arm.kind == "cca":
-            return self.cca_update(arm, seed, lr)
-        model, size = self.trainable(arm, seed)
-        weight = self.args.pivotal_weight if arm.weighted else 1.0
-        settings = SFTSettings(learning_rate=lr, epochs=self.args.epochs, batch_size=self.args.batch_size,
-                               pivotal_weight=weight, seed=seed)
-        examples = gold_examples(self.tok, self.problems(seed)["train"], self.style, self.shots)
-        train_sft(model, self.tok, examples, settings, str(self.work / f"trainer-{os.getpid()}"), style=self.style)
-        return model, size
+            return lambda model, lr: self.cca_update(model, seed, lr)
+        a = self.args
+        settings = replace(self.recipe().sft, epochs=a.epochs, batch_size=a.batch_size, seed=seed,
+                           pivotal_weight=a.pivotal_weight if arm.weighted else 1.0)
+        examples = training_examples(self.tok, self.problems(seed)["train"], self.style, self.recipe())
 
-    def cca_update(self, arm: ArmSpec, seed: int, lr: float):
-        """The CCA update of ``located_<rest of arm>``'s circuit (the library's one CCA update), the best
-        validation step kept."""
+        def train_at(model, lr: float) -> None:
+            train_sft(model, self.tok, examples, replace(settings, learning_rate=lr),
+                      str(self.work / f"trainer-{os.getpid()}"), style=self.style)
+        return train_at
+
+    def cca_update(self, model, seed: int, lr: float) -> dict[str, Any]:
+        """The CCA update (:func:`circuit_peft.cca.fit.cca_update`) of ``model``'s circuit adapter in place, on the
+        seed's pivot records, the best validation step kept."""
         from circuit_peft.cca.fit import CCAUpdateSpec, cca_update
         from circuit_peft.cca.update import UpdateConfig, accuracy_validator
-        from circuit_peft.models import load_model
 
-        circuit = self.circuit_for(arm.located, seed)
         validate = accuracy_validator(self.tok, self.problems(seed)["val"], style=self.style, shots=self.shots,
                                       max_new_tokens=self.args.max_new_tokens, batch_size=50)
-        records = self.pivot_records(seed, self.args.cca_records)
         update = UpdateConfig(steps=self.args.cca_steps, lr=lr, optimizer="adam", loss="logsigmoid", eval_every=4,
                               patience=2)
-        result = cca_update(load_model(self.args.model), records, circuit, CCAUpdateSpec(update, "best_validated"),
-                            validate, tokenizer=self.tok, progress=False)
-        return result.model, {"trainable_params": result.size["trainable_params"], "counts": circuit.counts(),
-                              "cca_best_step": result.best_step, "cca_records": len(records)}
+        result = cca_update(model, self.pivot_records(seed, self.args.cca_records), None,
+                            CCAUpdateSpec(update, "best_validated"), validate, tokenizer=self.tok, progress=False)
+        return {"cca_best_step": result.best_step}
 
-    # ----- arms ---------------------------------------------------------------------------------
-    def grid(self, arm: str) -> list[float]:
-        text = self.args.full_lrs if arm == "full" else self.args.circuit_lrs
+    # ----- the rate grid: the library's fit_on_grid ---------------------------------------------
+    def grid(self, arm: ArmSpec) -> list[float]:
+        text = self.args.full_lrs if arm.kind == "full" else self.args.circuit_lrs
         return [float(x) for x in text.split(",")]
 
+    def val_loss(self, rows: list[dict]) -> Callable[[Any], float]:
+        """``model -> mean gold-solution loss of rows`` (nats/token, unweighted): the library's tie-break."""
+        from circuit_peft.recipe.examples import gold_solution_batches, gold_solution_loss
+
+        batches: list = []
+
+        def loss(model) -> float:
+            batches[:] = batches or gold_solution_batches(model, self.tok, rows, self.style, self.recipe())
+            return gold_solution_loss(model, batches)
+        return loss
+
+    def fit_grid(self, arm: ArmSpec, seed: int, model, rates: list[float], by_loss: bool, folder: str):
+        """``model`` trained as ``arm`` at each of ``rates`` from the same start and left at the best validation
+        accuracy (ties: the first rate, or with ``by_loss`` the lower gold-solution loss): the library's
+        :func:`~circuit_peft.recipe.rates.fit_on_grid`, each rate a resumable stage of the run folder ``folder``."""
+        from circuit_peft.recipe import RunFolder, fit_on_grid
+        from circuit_peft.recipe.rates import AdapterWeights, FullWeights
+
+        val = self.problems(seed)["val"]
+        run = RunFolder(self.arms_dir / folder, {"arm": arm.name, "seed": seed, "settings": self.key}, "--work-dir")
+        run.open()
+        try:
+            return fit_on_grid(run, arm.name, model, self.trainer(arm, seed), lambda m: self.accuracy(m, val).accuracy,
+                               rates, self.log, tie_break=self.val_loss(val) if by_loss else None,
+                               weights=FullWeights() if arm.kind == "full" else AdapterWeights())
+        finally:
+            run.close()
+
+    # ----- arms ---------------------------------------------------------------------------------
     def load_arm(self, arm: str, seed: int) -> dict[str, Any] | None:
         """The saved result of ``arm`` on ``seed``; None if there is none, or if it is a LoRA arm trained at
         another ``--lora-dropout`` (results saved before the flag trained at 0.1)."""
@@ -389,95 +476,64 @@ class Bench(ArmBench):
         from circuit_peft.files import atomic_write_json
 
         atomic_write_json(self.arms_dir / f"{arm}-seed{seed}.json", result)
+        shutil.rmtree(self.arms_dir / f"grid-{arm}-seed{seed}", ignore_errors=True)  # the grid's weights: done with
 
-    def val_loss(self, model, rows: list[dict]) -> float:
-        """Mean gold-solution loss of ``rows`` (nats/token, unweighted): the library's tie-break."""
-        from circuit_peft.recipe import SFTSettings, TrainConfig
-        from circuit_peft.recipe.examples import gold_solution_batches, gold_solution_loss
+    def trained(self, arm: ArmSpec, seed: int, first_seed: int):
+        """``arm`` trained on ``seed``, and the head of its result: on the first seed at the best rate of its grid
+        (:meth:`fit_grid`), on later seeds at the rate the first seed chose."""
+        head = {"arm": arm.name, "seed": seed}
+        if arm.kind == "base":
+            return self.base, {**head, "lr": None, "val_by_lr": {}, "trainable_params": 0}
+        model, facts = self.build(arm, seed)
+        if seed != first_seed:
+            saved = self.load_arm(arm.name, first_seed)
+            lr = None if saved is None else saved.get("lr")
+            facts.update(self.trainer(arm, seed)(model, lr) or {})
+            return model, {**head, "lr": lr, "val_by_lr": {}, **facts}
+        rates = self.grid(arm)
+        choice = self.fit_grid(arm, seed, model, rates, self.args.tie_break == "loss", f"grid-{arm.name}-seed{seed}")
+        accuracy = {str(lr): choice.validation_accuracy[f"{lr:g}"] for lr in rates}
+        out = {**head, "lr": choice.lr, "val_by_lr": accuracy, **facts, **choice.facts.get(f"{choice.lr:g}", {})}
+        if choice.validation_loss:
+            out["val_loss_by_lr"] = {str(lr): choice.validation_loss[f"{lr:g}"] for lr in rates}
+        out["val_acc"] = accuracy[str(choice.lr)]  # measured while choosing the rate
+        return model, out
 
-        cfg = TrainConfig(shots=self.shots, sft=SFTSettings(pivotal_weight=self.args.pivotal_weight))
-        return gold_solution_loss(model, gold_solution_batches(model, self.tok, rows, self.style, cfg))
-
-    def val_fit(self, arm: str, seed: int, lr: float) -> dict[str, Any]:
-        """Validation accuracy and :meth:`val_loss` of ``arm`` trained on seed ``seed`` at ``lr`` (saved;
-        reused on a re-run)."""
-        from circuit_peft.files import atomic_write_json
-
-        path = self.arms_dir / f"valfit-{arm}-seed{seed}-lr{lr:g}.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        t0 = time.perf_counter()
-        model, _ = self.train(arm, seed, lr)
-        val = self.problems(seed)["val"]
-        out = {"arm": arm, "seed": seed, "lr": lr, "val_acc": self.accuracy(model, val).accuracy,
-               "val_loss": self.val_loss(model, val)}
-        out["seconds"] = time.perf_counter() - t0
-        atomic_write_json(path, out)
-        self.log(f"{arm} seed {seed} lr {lr:g}: val acc {out['val_acc']:.3f}, val loss {out['val_loss']:.4f}")
+    def measured(self, model, arm: ArmSpec, seed: int, baseline: dict[str, Any]) -> dict[str, Any]:
+        """Test and held-out-format accuracy (and the base's validation accuracy), the extra token cap, side effects."""
+        probs, out = self.problems(seed), {}
+        for split in ("val", "test", "transfer") if arm.kind == "base" else ("test", "transfer"):
+            acc = self.accuracy(model, probs[split], self.args.transfer_max_new_tokens if split == "transfer" else None)
+            out[f"{split}_acc"], out[f"{split}_capped"] = acc.accuracy, acc.capped_fraction
+        if self.args.also_transfer_cap:
+            cap = self.args.also_transfer_cap
+            acc = self.accuracy(model, probs["transfer"], cap)
+            out[f"transfer_cap{cap}_acc"], out[f"transfer_cap{cap}_capped"] = acc.accuracy, acc.capped_fraction
+        if arm.kind != "base":
+            out.update(self.effects(model, arm, baseline))
         return out
 
-    def chosen_lr(self, arm: str, first_seed: int) -> float | None:
-        saved = self.load_arm(arm, first_seed)
-        return None if saved is None else saved.get("lr")
-
     def run_arm(self, arm: str, seed: int, first_seed: int, baseline: dict[str, Any]) -> dict[str, Any]:
+        """The result of ``arm`` on ``seed``: saved earlier, or trained, measured and saved now."""
         saved = self.load_arm(arm, seed)
         if saved is not None:
             return saved
         t0 = time.perf_counter()
-        probs = self.problems(seed)
-        if arm == "base":
-            model, size, lr, val_by_lr, loss_by_lr = self.base, {"trainable_params": 0}, None, {}, {}
-        elif seed == first_seed:
-            model, size, lr, val_by_lr, loss_by_lr = self.pick_lr(arm, seed, probs["val"])
-        else:
-            lr = self.chosen_lr(arm, first_seed)
-            model, size = self.train(arm, seed, lr)
-            val_by_lr, loss_by_lr = {}, {}
-        result = {"arm": arm, "seed": seed, "lr": lr, "val_by_lr": val_by_lr, **size}
-        if loss_by_lr:
-            result["val_loss_by_lr"] = loss_by_lr
-        if val_by_lr:  # the chosen learning rate's validation accuracy was measured while choosing it
-            result["val_acc"] = val_by_lr[str(lr)]
-        splits = ("val", "test", "transfer") if arm == "base" else ("test", "transfer")
-        for split in splits:
-            acc = self.accuracy(model, probs[split], self.args.transfer_max_new_tokens if split == "transfer" else None)
-            result[f"{split}_acc"], result[f"{split}_capped"] = acc.accuracy, acc.capped_fraction
-        if self.args.also_transfer_cap:
-            cap = self.args.also_transfer_cap
-            acc = self.accuracy(model, probs["transfer"], cap)
-            result[f"transfer_cap{cap}_acc"], result[f"transfer_cap{cap}_capped"] = acc.accuracy, acc.capped_fraction
-        if arm != "base":
-            result.update(self.effects(model, arm, baseline))
+        spec = ArmSpec.parse(arm)
+        model, result = self.trained(spec, seed, first_seed)
+        result.update(self.measured(model, spec, seed, baseline))
         result["seconds"] = time.perf_counter() - t0
         self.save_arm(arm, seed, result)
         self.log(f"{arm} seed {seed}: test {result['test_acc']:.3f} (capped {result['test_capped']:.2f}), "
-                 f"transfer {result['transfer_acc']:.3f}, KL {result.get('kl', 0):.4f}, lr {lr} "
+                 f"transfer {result['transfer_acc']:.3f}, KL {result.get('kl', 0):.4f}, lr {result['lr']} "
                  f"({result['seconds']:.0f} s)")
         return result
 
-    def pick_lr(self, arm: str, seed: int, val: list[dict]):
-        """Train ``arm`` at each rate of its grid; keep the best validation accuracy (ties: the first rate of
-        the grid, or with ``--tie-break loss`` the lower :meth:`val_loss`, as ``circuit-peft train --lrs``)."""
-        from circuit_peft.recipe.rates import choose_rate
-
-        best = None
-        seen, accuracy, loss = [], {}, {}
-        for lr in self.grid(arm):
-            model, size = self.train(arm, seed, lr)
-            seen.append(lr)
-            accuracy[lr] = self.accuracy(model, val).accuracy
-            if self.args.tie_break == "loss":
-                loss[lr] = self.val_loss(model, val)
-            if choose_rate(seen, accuracy, loss) == lr:  # kept only if it beats every rate trained so far
-                best = (model, size, lr)
-        return (*best, {str(lr): a for lr, a in accuracy.items()}, {str(lr): x for lr, x in loss.items()})
-
-    def effects(self, model, arm: str, baseline: dict[str, Any]) -> dict[str, Any]:
+    def effects(self, model, arm: ArmSpec, baseline: dict[str, Any]) -> dict[str, Any]:
         from circuit_peft.evaluate.side_effects import side_effects
 
         a = self.args
-        se = side_effects(model, self.tok, a.data_dir, base=self.base if arm == "full" else None,
+        se = side_effects(model, self.tok, a.data_dir, base=self.base if arm.kind == "full" else None,
                           mmlu_subjects=self.subjects, mmlu_limit=a.mmlu_limit, truthfulqa_limit=a.truthfulqa_limit,
                           kl_chunks=a.kl_chunks, baseline=baseline, progress=False)
         return {"mmlu_delta": se["mmlu_delta"], "truthfulqa_delta": se["truthfulqa_delta"], "kl": se["kl"]}
@@ -485,6 +541,7 @@ class Bench(ArmBench):
     def baseline(self) -> dict[str, Any]:
         from circuit_peft.evaluate.data import load_mmlu, load_truthfulqa
         from circuit_peft.evaluate.side_effects import mmlu_accuracy, truthfulqa_mc1
+        from circuit_peft.files import atomic_write_json
 
         path = self.work / f"baseline-{self.locating_key}.json"
         if path.exists():
@@ -493,73 +550,9 @@ class Bench(ArmBench):
         mmlu = mmlu_accuracy(self.base, self.tok, load_mmlu(a.data_dir, self.subjects), 5, "letter", a.mmlu_limit, 8,
                              False)["accuracy"]
         tqa = truthfulqa_mc1(self.base, self.tok, load_truthfulqa(a.data_dir, a.truthfulqa_limit), 8, False)["accuracy"]
-        from circuit_peft.files import atomic_write_json
-
         out = {"mmlu_base": mmlu, "truthfulqa_base": tqa}
         atomic_write_json(path, out)
         return out
-
-
-def summarise(results: dict[str, list[dict[str, Any]]], fractions: list[float], locators: list[str]) -> dict[str, Any]:
-    """Mean and standard error over seeds per arm and metric, and the paired located - random gaps."""
-    out: dict[str, Any] = {"arms": {}}
-    for arm, rows in results.items():
-        stats = {}
-        extra = sorted({k for r in rows for k in r if k.startswith("transfer_cap") and k != "transfer_capped"})
-        for key in ("test_acc", "transfer_acc", "val_acc", "test_capped", "transfer_capped", "kl", "mmlu_delta",
-                    "truthfulqa_delta", "trainable_params", *extra):
-            vals = [r[key] for r in rows if r.get(key) is not None]
-            if vals:
-                stats[key], stats[f"{key}_se"] = mean_se(vals)
-        stats["seeds"] = [r["seed"] for r in rows]
-        stats["lr"] = rows[0].get("lr")
-        out["arms"][arm] = stats
-    capped = sorted({k.removesuffix("_acc") for rows in results.values() for r in rows for k in r
-                     if k.startswith("transfer_cap") and k.endswith("_acc")})  # --also-transfer-cap splits
-    for f in fractions:
-        for loc in locators:
-            for split in ("test", "transfer", *capped):
-                gap = _paired_gap(results, f"located_{loc}@{f:g}", f"random_layer_{loc}@{f:g}", f"{split}_acc")
-                if gap is not None:
-                    tag = f"{loc}@{f:g}" + ("" if split == "test" else f"_{split}")
-                    out[f"located_minus_random_layer_acc_{tag}"], out[f"located_minus_random_layer_acc_{tag}_se"] = gap
-    arms = out["arms"]
-    base = arms.get("base", {})
-    out["base_capped_fraction"] = base.get("test_capped")
-    main = f"located_{locators[0]}@{max(fractions):g}"
-    if main in arms:
-        out["located_minus_random_layer_acc"] = out.get(f"located_minus_random_layer_acc_{locators[0]}@{max(fractions):g}")
-        out["located_minus_random_layer_acc_se"] = out.get(
-            f"located_minus_random_layer_acc_{locators[0]}@{max(fractions):g}_se")
-        out["circuit_acc"], out["circuit_kl"] = arms[main].get("test_acc"), arms[main].get("kl")
-        if "lora16" in arms:
-            out["lora_weighted_acc"], out["lora_kl"] = arms["lora16"].get("test_acc"), arms["lora16"].get("kl")
-            out["circuit_params_fraction_of_lora"] = arms[main]["trainable_params"] / arms["lora16"]["trainable_params"]
-        out["located_minus"] = _gaps_to_every_arm(results, main)
-    return out
-
-
-def _gaps_to_every_arm(results, main: str) -> dict[str, dict[str, Any]]:
-    """Paired ``main`` - other arm accuracy (test and held-out format) over the seeds both ran."""
-    out = {}
-    for other in results:
-        if other in (main, "base"):
-            continue
-        seeds = sorted({r["seed"] for r in results[main]} & {r["seed"] for r in results[other]})
-        if seeds:
-            gaps = {split: _paired_gap(results, main, other, f"{split}_acc") for split in ("test", "transfer")}
-            out[other] = {"seeds": seeds, **{f"{k}_gap": v[0] for k, v in gaps.items()},
-                          **{f"{k}_gap_se": v[1] for k, v in gaps.items()}}
-    return out
-
-
-def _paired_gap(results, a: str, b: str, key: str) -> tuple[float, float] | None:
-    ra = {r["seed"]: r[key] for r in results.get(a, [])}
-    rb = {r["seed"]: r[key] for r in results.get(b, [])}
-    seeds = sorted(set(ra) & set(rb))
-    if not seeds:
-        return None
-    return mean_se([ra[s] - rb[s] for s in seeds])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -570,50 +563,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from circuit_peft.evaluate.data import load_mmlu, load_text, load_truthfulqa
-    from circuit_peft.files import atomic_write_text
-
-    seeds = [int(s) for s in args.seeds.split(",")]
-    fractions = [float(f) for f in args.fractions.split(",")]
-    locators = [x for x in args.locators.split(",") if x]
-    bad = [x for x in locators if x not in LOCATORS]
-    if bad:
-        raise SystemExit(f"--locators: unknown {bad}; choose from {', '.join(LOCATORS)}")
-    all_arms = arm_names(fractions, locators)
-    groups = [all_arms] if args.arms is None else [[a for a in g.split(",") if a] for g in args.arms.split(";")]
-    arms = [a for g in groups for a in g]
-    unknown = [a for a in arms if a not in all_arms]
-    if unknown:
-        raise SystemExit(f"--arms: unknown {unknown}; choose from {all_arms}")
+    plan = Plan.of(args)
     if args.from_saved:
-        return summarise_saved(args, groups, seeds, fractions, locators)
+        return summarise_saved(args, plan)
+    from circuit_peft.evaluate.data import load_mmlu, load_text, load_truthfulqa
+
     subjects = tuple(s for s in args.mmlu_subjects.split(",") if s)
     load_mmlu(args.data_dir, subjects), load_truthfulqa(args.data_dir, 1), load_text(args.data_dir)  # fail early
     bench = Bench(args)
-    bench.subjects, bench.fractions, bench.locators = subjects, fractions, locators
     if args.locate_only:
-        for seed in seeds:
-            for locator in locators:
+        for seed in plan.seeds:
+            for locator in plan.locators:
                 bench.scored_circuit(locator, seed)
-        return {"located": [[loc, seed] for seed in seeds for loc in locators]}
+        return {"located": [[loc, seed] for seed in plan.seeds for loc in plan.locators]}
     if args.val_loss_at:
-        return tie_break(bench, arms, seeds[0], [float(x) for x in args.val_loss_at.split(",")])
+        return tie_break(bench, plan.arms, plan.seeds[0], [float(x) for x in args.val_loss_at.split(",")])
     if args.jobs > 1:
-        return run_in_jobs(bench, args, arms, seeds, fractions, locators)
+        return run_in_jobs(bench, args, plan)
+    return run_groups(bench, args, plan)
+
+
+def run_groups(bench: Bench, args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
+    """Every arm of ``plan`` in this process, group by group and inside a group seed by seed (so a stopped run
+    has whole pairs), the partial summary written to ``--out`` after each seed."""
+    from circuit_peft.files import atomic_write_text
+
     baseline = bench.baseline()
     results: dict[str, list[dict[str, Any]]] = {}
-    for group in groups:  # group by group; inside a group seed by seed, so a stopped run has whole pairs
-        for seed in seeds:
+    for group in plan.groups:
+        for seed in plan.seeds:
             for arm in group:
-                results.setdefault(arm, []).append(bench.run_arm(arm, seed, seeds[0], baseline))
+                results.setdefault(arm, []).append(bench.run_arm(arm, seed, plan.seeds[0], baseline))
             if args.out:
-                partial = {"partial": True, "settings": vars(args), **summarise(results, fractions, locators)}
+                partial = {"partial": True, "settings": vars(args), **summarise(results, plan.fractions, plan.locators)}
                 atomic_write_text(args.out, json.dumps(partial, default=float) + "\n")
-    summary = summarise(results, fractions, locators)
+    summary = summarise(results, plan.fractions, plan.locators)
     res = {"model": args.model, "settings": vars(args), "baseline": baseline, **summary,
            "seconds": time.perf_counter() - bench.started}
     print_table(summary)
-    return _finish(res, args)
+    return finish(res, args)
 
 
 ARM_COST = {"lora": 1.0, "cca": 1.2, "full": 1.5, "base": 0.15}  # relative time of an arm (session 18, 3 seeds)
@@ -634,17 +622,17 @@ def split_arms(arms: list[str], jobs: int) -> list[list[str]]:
 def job_argv(args: argparse.Namespace, **overrides: str) -> list[str]:
     """The command-line options of one worker: every setting of ``args`` written out (so ``--quick``'s
     values carry over), no output files, then ``overrides`` (option dest -> value; ``""`` for a flag)."""
-    skip = {"help", "jobs", "arms", "threads", "out", "plot", "plot_tradeoff", "quick", "from_saved", "locate_only",
+    skip = {"jobs", "arms", "threads", "out", "plot", "plot_tradeoff", "quick", "from_saved", "locate_only",
             "val_loss_at", *overrides}
     out = []
-    for action in build_parser()._actions:
-        if action.dest in skip or not action.option_strings:
+    for flag, kwargs in FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if flag[2:].replace("-", "_") in skip:
             continue
-        value = getattr(args, action.dest)
-        if isinstance(action, argparse._StoreTrueAction):
-            out += [action.option_strings[0]] if value else []
+        if kwargs.get("action") == "store_true":
+            out += [flag] if value else []
         elif value is not None:
-            out += [action.option_strings[0], str(value)]
+            out += [flag, str(value)]
     for dest, value in overrides.items():
         out += ["--" + dest.replace("_", "-")] + ([value] if value != "" else [])
     return out
@@ -666,56 +654,60 @@ def run_workers(bench: Bench, args: argparse.Namespace, overrides: list[dict[str
         raise SystemExit(f"--jobs: worker(s) failed, see {', '.join(failed)}")
 
 
-def run_in_jobs(bench: Bench, args: argparse.Namespace, arms: list[str], seeds: list[int], fractions, locators):
+def run_in_jobs(bench: Bench, args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     """``args.jobs`` worker processes sharing ``--work-dir`` (``--threads`` split among them): they locate
-    the seeds' circuits (seeds dealt out in turn), then, after the baseline here, train ``arms`` (split by
+    the seeds' circuits (seeds dealt out in turn), then, after the baseline here, train the arms (split by
     expected cost); the summary is of what they saved."""
     threads = str(max(1, args.threads // args.jobs))
+    seeds = plan.seeds
     seed_groups = [seeds[i :: args.jobs] for i in range(min(args.jobs, len(seeds)))]
     run_workers(bench, args, [{"seeds": ",".join(map(str, g)), "locate_only": "", "threads": threads}
                               for g in seed_groups], "locate")
     bench.baseline()
-    run_workers(bench, args, [{"arms": ",".join(g), "threads": threads} for g in split_arms(arms, args.jobs)], "job")
-    return summarise_saved(args, [arms], seeds, fractions, locators, seconds=time.perf_counter() - bench.started)
+    run_workers(bench, args, [{"arms": ",".join(g), "threads": threads} for g in split_arms(plan.arms, args.jobs)],
+                "job")
+    return summarise_saved(args, Plan(seeds, plan.fractions, plan.locators, [plan.arms]),
+                           seconds=time.perf_counter() - bench.started)
 
 
 def tie_break(bench: Bench, arms: list[str], seed: int, lrs: list[float]) -> dict[str, Any]:
     """Per arm, the validation accuracy and loss at each rate, and the rate `circuit-peft train --lrs` would
-    keep (best accuracy, ties: the lower loss); the final line is JSON."""
-    from circuit_peft.recipe.rates import choose_rate
-
+    keep (best accuracy, ties: the lower loss): the library's rate grid with its loss tie-break, each rate a
+    resumable stage of ``valfit-<arm>-seed<seed>/`` in the arms folder; the final line is JSON."""
     res: dict[str, Any] = {"seed": seed, "arms": {}}
-    for arm in arms:
-        fits = [bench.val_fit(arm, seed, lr) for lr in lrs]
-        chosen = choose_rate(lrs, {f["lr"]: f["val_acc"] for f in fits}, {f["lr"]: f["val_loss"] for f in fits})
-        res["arms"][arm] = {"by_lr": {f"{f['lr']:g}": {k: f[k] for k in ("val_acc", "val_loss")} for f in fits},
-                            "chosen_lr": chosen}
+    for name in arms:
+        arm = ArmSpec.parse(name)
+        if arm.kind == "base":
+            raise SystemExit("--val-loss-at: the base trains nothing; name trained arms in --arms")
+        model, _ = bench.build(arm, seed)
+        choice = bench.fit_grid(arm, seed, model, lrs, True, f"valfit-{name}-seed{seed}")
+        res["arms"][name] = {"by_lr": {k: {"val_acc": acc, "val_loss": choice.validation_loss[k]}
+                                       for k, acc in choice.validation_accuracy.items()}, "chosen_lr": choice.lr}
     print(json.dumps(res))
     return res
 
 
-def summarise_saved(args: argparse.Namespace, groups, seeds, fractions, locators,
-                    seconds: float | None = None) -> dict[str, Any]:
+def summarise_saved(args: argparse.Namespace, plan: Plan, seconds: float | None = None) -> dict[str, Any]:
     """The summary of every saved (arm, seed) result of these settings (arms/seeds not run are left out);
     ``seconds``: the wall time of the run that saved them, when there was one."""
     arms_dir = Path(args.work_dir) / f"arms-{settings_key(args)}"
     results: dict[str, list[dict[str, Any]]] = {}
-    for arm in [a for g in groups for a in g]:
-        for seed in seeds:
+    for arm in plan.arms:
+        for seed in plan.seeds:
             path = arms_dir / f"{arm}-seed{seed}.json"
             if path.exists():
                 results.setdefault(arm, []).append(json.loads(path.read_text()))
     baseline_file = Path(args.work_dir) / f"baseline-{settings_key(args, locating=True)}.json"
     res = {"model": args.model, "settings": vars(args), "from_saved": seconds is None,
            "baseline": json.loads(baseline_file.read_text()) if baseline_file.exists() else None,
-           **summarise(results, fractions, locators)}
+           **summarise(results, plan.fractions, plan.locators)}
     if seconds is not None:
         res["seconds"] = seconds
     print(markdown_table(res))
-    return _finish(res, args)
+    return finish(res, args)
 
 
-def _finish(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def finish(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Plot (``--plot``), write (``--out``) and print the result as the final JSON line."""
     from circuit_peft.files import atomic_write_text
 
@@ -728,97 +720,6 @@ def _finish(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         atomic_write_text(args.out, line + "\n")
     print(line)
     return res
-
-
-def plot_gaps(summary: dict[str, Any], path: str) -> str:
-    """Bars of the paired located - layer-matched random accuracy (test and held-out format) per
-    locator and size, with one standard error; a PNG at ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    prefix = "located_minus_random_layer_acc_"
-    tags = sorted({k[len(prefix):].removesuffix("_transfer") for k in summary
-                   if k.startswith(prefix) and not k.endswith("_se")})
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.2 * len(tags) + 2), 3.2))
-    for j, (suffix, label) in enumerate((("", "test (training format)"), ("_transfer", "held-out format"))):
-        xs = [i + 0.2 * (2 * j - 1) for i in range(len(tags))]
-        ys = [summary.get(f"{prefix}{t}{suffix}", float("nan")) for t in tags]
-        es = [_finite(summary.get(f"{prefix}{t}{suffix}_se")) for t in tags]
-        ax.bar(xs, ys, width=0.4, yerr=es, capsize=3, label=label)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(tags)), [f"{t}\n{len(summary['arms'].get('located_' + t, {}).get('seeds', []))} seeds"
-                                      for t in tags], fontsize=8)
-    ax.set_ylabel("accuracy: located - random")
-    ax.set_title(f"{summary.get('model', '')} {summary.get('settings', {}).get('task', 'arithmetic')}: "
-                 "does locating beat a random circuit?", fontsize=9)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes, not over the points
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_tradeoff(summary: dict[str, Any], path: str) -> str:
-    """Test accuracy (y) against mean KL on general text (x, log scale) per trained arm, one standard
-    error both ways, the base's accuracy as a line; a PNG at ``path``. Up and left is better."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    arms = [(a, st) for a, st in summary["arms"].items() if a != "base" and st.get("kl") is not None]
-    for i, (arm, st) in enumerate(arms):  # 20 colours x 4 markers: no two arms look alike
-        lr = "" if st.get("lr") is None else f", lr {st['lr']:g}"
-        ax.errorbar(st["kl"], st["test_acc"], xerr=_finite(st.get("kl_se")), yerr=_finite(st.get("test_acc_se")),
-                    fmt="osD^"[i // 20 % 4], color=plt.cm.tab20(i % 20), capsize=3,
-                    label=f"{arm} ({len(st['seeds'])} seeds{lr})")
-    if "base" in summary["arms"]:
-        ax.axhline(summary["arms"]["base"]["test_acc"], color="grey", ls="--", lw=0.8, label="base model")
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("KL on general text (drift; lower is better)")
-    ax.set_ylabel("held-out accuracy (training format)")
-    ax.set_title(f"{summary.get('model', '')}: accuracy against drift, each arm at its own learning rate", fontsize=9)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes, not over the points
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _finite(x: float | None) -> float:
-    """An error bar's length: 0 for a missing or NaN standard error (one seed)."""
-    return 0.0 if x is None or x != x else x
-
-
-def markdown_table(summary: dict[str, Any]) -> str:
-    """The arms as a markdown table (mean +/- standard error over seeds)."""
-    def cell(stats, key, digits=3):
-        if key not in stats:
-            return "-"
-        se = stats.get(f"{key}_se")
-        return f"{stats[key]:.{digits}f}" + ("" if se is None or se != se else f" ± {se:.{digits}f}")
-
-    rows = ["| arm | seeds | trainable params | test acc | held-out-format acc | capped (test / held-out) | KL | "
-            "MMLU Δ | TruthfulQA Δ |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for arm, st in summary["arms"].items():
-        rows.append(f"| {arm} | {len(st['seeds'])} | {st.get('trainable_params', 0):,.0f} | {cell(st, 'test_acc')} | "
-                    f"{cell(st, 'transfer_acc')} | {cell(st, 'test_capped', 2)} / {cell(st, 'transfer_capped', 2)} | "
-                    f"{cell(st, 'kl', 4)} | "
-                    f"{cell(st, 'mmlu_delta')} | {cell(st, 'truthfulqa_delta')} |")
-    return "\n".join(rows)
-
-
-def print_table(summary: dict[str, Any]) -> None:
-    print(f"\n{'arm':34s} {'params':>10s} {'test acc':>15s} {'transfer acc':>15s} {'capped':>7s} {'KL':>8s}")
-    for arm, s in summary["arms"].items():
-        print(f"{arm:34s} {s.get('trainable_params', 0):10.0f} {s['test_acc']:.3f} ± {s.get('test_acc_se', 0):.3f}  "
-              f"{s['transfer_acc']:.3f} ± {s.get('transfer_acc_se', 0):.3f}  {s['test_capped']:7.3f} "
-              f"{s.get('kl', 0):8.4f}")
 
 
 if __name__ == "__main__":

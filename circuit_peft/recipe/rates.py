@@ -68,6 +68,51 @@ class RateChoice:
     validation_accuracy: dict[str, float]
     validation_loss: dict[str, float] = field(default_factory=dict)
     at_edge: bool = False  # still the grid's lowest or highest rate after widening: the optimum may lie outside
+    facts: dict[str, dict[str, Any]] = field(default_factory=dict)  # what ``train_at`` returned per rate, if anything
+
+
+class AdapterWeights:
+    """What :func:`fit_on_grid` resets between rates and saves per rate: the PEFT adapter's weights (the default)."""
+
+    def snapshot(self, model: nn.Module) -> dict[str, Any]:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+    def restore(self, model: nn.Module, state: dict[str, Any]) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, state)
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        save_weights(model, path)
+
+    def load(self, model: nn.Module, path: Path) -> None:
+        load_weights(model, path)
+
+
+class FullWeights(AdapterWeights):
+    """Every weight of a model without an adapter (full fine-tuning): ``state_dict`` in memory, and safetensors'
+    ``save_model`` / ``load_model`` on disk (tied weights stored once)."""
+
+    def snapshot(self, model: nn.Module) -> dict[str, Any]:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def restore(self, model: nn.Module, state: dict[str, Any]) -> None:
+        model.load_state_dict(state)
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        from safetensors.torch import save_model
+
+        from ..files import atomic_path
+
+        with atomic_path(path) as tmp:
+            save_model(model, str(tmp))
+
+    def load(self, model: nn.Module, path: Path) -> None:
+        from safetensors.torch import load_model
+
+        load_model(model, str(path))
 
 
 def choose_rate(rates: Sequence[float], accuracy: dict[float, float], loss: dict[float, float] | None = None) -> float:
@@ -93,41 +138,47 @@ def beyond_edge(rates: Sequence[float], chosen: float) -> float | None:
     return float(f"{ordered[0] * ordered[0] / ordered[1]:.3g}")
 
 
-def fit_on_grid(run, tag: str, model: nn.Module, train_at: Callable[[nn.Module, float], None],
+def fit_on_grid(run, tag: str, model: nn.Module, train_at: Callable[[nn.Module, float], dict[str, Any] | None],
                 measure: Callable[[nn.Module], float], rates: Sequence[float],
                 log: Callable[[str], None], tie_break: Callable[[nn.Module], float] | None = None,
-                extensions: int = 0) -> RateChoice:
+                extensions: int = 0, weights: AdapterWeights | None = None) -> RateChoice:
     """Train ``model``'s adapter at each of ``rates`` from the same initial weights, one resumable stage
     ``<tag>_lr<rate>`` of ``run`` each (its weights saved beside it), score each with ``measure`` (a
     validation accuracy) and ``tie_break`` (a validation loss, lower is better; optional), and leave
     ``model`` holding the weights of the rate :func:`choose_rate` keeps. While the kept rate is the grid's
     edge, up to ``extensions`` rates beyond it (:func:`beyond_edge`) are tried too; ``at_edge`` says
-    whether the edge was still kept at the end."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-    initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    whether the edge was still kept at the end. ``weights``: what is reset and saved (default
+    :class:`AdapterWeights`; :class:`FullWeights` for a model trained whole); a dict ``train_at`` returns (facts
+    about that fit, e.g. the step an update kept) is saved with the rate and returned in ``facts``."""
+    weights = weights or AdapterWeights()
+    initial = weights.snapshot(model)
     scores: dict[float, float] = {}
     losses: dict[float, float] = {}
+    facts: dict[str, dict[str, Any]] = {}
     rates, added = list(rates), 0
     for lr in rates:  # the list grows while the edge is chosen
         stage = f"{tag}_lr{lr:g}"
         path = run.path / "stages" / f"{stage}.safetensors"
 
         def fit_one(lr: float = lr, path: Path = path) -> dict[str, Any]:
-            set_peft_model_state_dict(model, initial)
-            train_at(model, lr)  # data-parallel on every process under a launcher
+            weights.restore(model, initial)
+            fit = train_at(model, lr)  # data-parallel on every process under a launcher
             if not getattr(run, "is_main", True):  # measured and saved once, by the main process
                 return {}
-            save_weights(model, path)
+            weights.save(model, path)
             out = {"lr": lr, "validation_accuracy": measure(model)}
             if tie_break is not None:
                 out["validation_loss"] = tie_break(model)
+            if fit:
+                out["facts"] = fit
             return out
 
         result = run.stage(stage, fit_one, log, **({"every_process": True} if hasattr(run, "is_main") else {}))
         scores[lr] = result["validation_accuracy"]
         if "validation_loss" in result:
             losses[lr] = result["validation_loss"]
+        if "facts" in result:
+            facts[f"{lr:g}"] = result["facts"]
         log(f"[{tag}] lr {lr:g}: validation accuracy {scores[lr]:.3f}"
             + (f", loss {losses[lr]:.4f}" if lr in losses else ""))
         if lr == rates[-1] and added < extensions:
@@ -137,9 +188,9 @@ def fit_on_grid(run, tag: str, model: nn.Module, train_at: Callable[[nn.Module, 
                 rates.append(wider)
                 added += 1
     best = choose_rate(rates, scores, losses)
-    load_weights(model, run.path / "stages" / f"{tag}_lr{best:g}.safetensors")
+    weights.load(model, run.path / "stages" / f"{tag}_lr{best:g}.safetensors")
     return RateChoice(best, {f"{lr:g}": scores[lr] for lr in rates}, {f"{lr:g}": losses[lr] for lr in losses},
-                      at_edge=beyond_edge(rates, best) is not None)
+                      at_edge=beyond_edge(rates, best) is not None, facts=facts)
 
 
 def arms_with_chosen_rate(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -149,5 +200,5 @@ def arms_with_chosen_rate(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {name: a for name, a in arms.items() if "validation_accuracy" in a}
 
 
-__all__ = ["GRID_EXTENSIONS", "RateChoice", "arms_with_chosen_rate", "beyond_edge", "choose_rate", "fit_on_grid", "load_weights", "save_weights", "seeded_split",
+__all__ = ["GRID_EXTENSIONS", "AdapterWeights", "FullWeights", "RateChoice", "arms_with_chosen_rate", "beyond_edge", "choose_rate", "fit_on_grid", "load_weights", "save_weights", "seeded_split",
            "validation_split"]
