@@ -27,13 +27,17 @@ measured the same way; only what is trained (and, where named, the loss weights)
   loss, ``--cca-steps`` full-batch steps, the step kept by validation accuracy).
 
 Choices are made on validation only: each arm's learning rate is picked from its grid by
-validation accuracy on the first seed, then used for every seed (ties: the first rate of the grid, the
-rule every saved arm was chosen by; with ``--tie-break loss`` the lower gold-solution loss on the validation
-problems, as ``circuit-peft train --lrs`` does; ``--val-loss-at`` measures that loss for saved arms' tied rates). Test accuracy is reported on the
-training format (``add``/``sub``: "What is 47 + 38?") and on a held-out format that training never
-saw (word problems), with the fraction of generations that hit ``--max-new-tokens``. Side effects:
+validation accuracy on the first seed, then used for every seed. The grid is the library's
+(``circuit_peft.recipe.rates.fit_on_grid``: every rate trained from the same initial weights, one resumable
+stage of a run folder ``grid-<arm>-seed<seed>/`` per rate, removed once the arm is saved); only its tie rule
+is the benchmark's by default: ties go to the first rate of the grid, the rule every saved arm was chosen by;
+with ``--tie-break loss`` to the lower gold-solution loss on the validation problems, the library's rule
+(``circuit-peft train --lrs``); ``--val-loss-at`` measures that loss for saved arms' tied rates. Test accuracy
+is reported on the training format (``add``/``sub``: "What is 47 + 38?") and on a held-out format that training
+never saw (word problems), with the fraction of generations that hit ``--max-new-tokens``. Side effects:
 mean KL on general text, MMLU and TruthfulQA deltas. Each finished (arm, seed) is saved under
-``--work-dir`` and reused on a re-run with the same settings. The last line printed is JSON.
+``--work-dir`` (``arms-<settings key>/<arm>-seed<seed>.json``) and reused on a re-run with the same settings; the
+summary, tables and plots are ``recipes_report.py``'s. The last line printed is JSON.
 
 The defaults are the settings of the SmolLM2 results in ``benchmarks/README.md`` (64 training, 32 validation,
 100 test, 50 held-out-format problems, 4 epochs, 32 new tokens, the grids {3e-4, 1e-3, 3e-3} and {1e-5, 3e-5,

@@ -19,7 +19,7 @@ def _argv(model_dir: Path, work: Path, lrs: str, seeds: str) -> list[str]:
             "--truthfulqa-limit", "2", "--kl-chunks", "1", "--threads", "1", "--work-dir", str(work)]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # three runs of the whole driver, ~20 s on 1 thread: left out of `make test-fast`
 def test_recipes_driver_two_arms_two_rates_on_a_tiny_model(tmp_path, capsys):
     """Seed 0 chooses each arm's rate on validation (the library's fit_on_grid; a tie keeps the grid's first rate)
     and is measured holding that rate's weights, not the last rate's; seed 1 trains at the chosen rate; the arm
