@@ -10,7 +10,9 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -36,35 +38,84 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def interrupt_main_thread() -> None:
+    """Raise KeyboardInterrupt in the main thread, also inside a call blocked in C (``time.sleep``, a lock, a
+    read): a real SIGINT sent to that thread wakes the call and Python's handler raises there
+    (``_thread.interrupt_main`` only sets a flag that Python reads when the call returns). Where SIGINT is not
+    Python's (ignored, or the OS default, which would kill) or no thread can be signalled: ``interrupt_main``."""
+    import _thread
+
+    if hasattr(signal, "pthread_kill") and callable(signal.getsignal(signal.SIGINT)):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    else:
+        _thread.interrupt_main()
+
+
+class _Redelivery:
+    """Dropped Ctrl-Cs raised again in the main thread: from the first drop, a daemon thread sends SIGINT
+    (:func:`interrupt_main_thread`) every ``delay_s`` until Python's SIGINT handler has run, which it watches.
+    One signal could be lost: sent after the main thread let go of the GIL for a blocking call but before the
+    call began, it trips Python's flag and the call sleeps on; the next one wakes it. Where the handler cannot
+    be watched (SIGINT not Python's, or not opened in the main thread) one interrupt per drop."""
+
+    def __init__(self, delay_s: float):
+        self.delay_s, self.dropped, self.thread = delay_s, False, None
+        self.handled, self.stopped = threading.Event(), threading.Event()
+        self.previous = signal.getsignal(signal.SIGINT)
+        self.watching = callable(self.previous) and threading.current_thread() is threading.main_thread()
+        if self.watching:
+            signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame):
+        self.handled.set()
+        return self.previous(signum, frame)
+
+    def drop(self) -> None:
+        """A KeyboardInterrupt was dropped (in a finalizer): deliver one again."""
+        self.dropped = True
+        self.handled.clear()
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="circuit-peft-interrupts", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.delay_s):
+            if not self.handled.is_set():
+                interrupt_main_thread()
+                if not self.watching:
+                    self.handled.set()
+
+    def close(self) -> None:
+        """No more signals sent; Python's SIGINT handler as it was (unless the command replaced it)."""
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join()
+        if self.watching and signal.getsignal(signal.SIGINT) == self._on_sigint:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 @contextmanager
 def interrupts_delivered(delay_s: float = 0.05) -> Iterator[None]:
     """Make Ctrl-C stop the command even when it lands in a finalizer. Python raises KeyboardInterrupt in
     whatever code runs when SIGINT arrives; inside a weakref callback or ``__del__`` (run by the garbage
     collector at any moment) it is printed as "Exception ignored" and dropped, and the command ran on to
     exit 0 (docs/reliability.md). Here such a dropped interrupt is raised again in the main thread
-    ``delay_s`` later (again, if that one is dropped too), and one still pending when the command ends is
-    raised then."""
-    import _thread
-    import threading
-
-    previous, dropped = sys.unraisablehook, []
+    ``delay_s`` later, also inside a blocking call (:class:`_Redelivery`; again, if that one is dropped too),
+    and one still pending when the command ends is raised then."""
+    previous, redelivery = sys.unraisablehook, _Redelivery(delay_s)
 
     def hook(unraisable) -> None:
         if not isinstance(unraisable.exc_value, KeyboardInterrupt):
             return previous(unraisable)
-        timer = threading.Timer(delay_s, _thread.interrupt_main)
-        timer.daemon = True
-        dropped.append(timer)
-        timer.start()
+        redelivery.drop()
 
     sys.unraisablehook = hook
     try:
         yield
     finally:
         sys.unraisablehook = previous
-        for timer in dropped:
-            timer.cancel()
-    if dropped:
+        redelivery.close()
+    if redelivery.dropped:
         raise KeyboardInterrupt
 
 

@@ -95,3 +95,22 @@ def test_ctrl_c_of_a_command_exits_130_with_one_line_and_no_traceback(where, mon
     assert out == "" and "Traceback" not in err
     assert err.splitlines() == ["circuit-peft info: interrupted. Finished stages and records are kept in the output "
                                 "folder; run the same command again to resume."]
+
+
+def test_an_interrupt_dropped_before_a_blocking_call_stops_the_command_during_it(monkeypatch, capsys):
+    """A Ctrl-C dropped in a finalizer, then a call that blocks in C for long (time.sleep(30); a lock, a read):
+    the interrupt is raised again by a real SIGINT to the main thread, which wakes the call, and the command
+    exits 130 within seconds (``_thread.interrupt_main`` only set a flag that Python reads when the call returns)."""
+    from circuit_peft.cli import main
+    from circuit_peft.commands import info
+
+    def blocked(name):
+        _drop_an_interrupt()
+        time.sleep(30)
+        return "finished"
+
+    monkeypatch.setattr(info, "describe", blocked)
+    started = time.monotonic()
+    assert main(["info", "tiny-llama"]) == 130
+    assert time.monotonic() - started < 10
+    assert capsys.readouterr().out == ""
