@@ -65,11 +65,13 @@ def test_other_unraisable_exceptions_go_to_the_previous_hook(monkeypatch):
     assert [type(u.exc_value) for u in seen] == [RuntimeError] and sys.unraisablehook == seen.append
 
 
-@pytest.mark.parametrize("where", ["in the command", "in a finalizer"])
+@pytest.mark.parametrize("where", ["in the command", "in a finalizer", "dropped, then a blocking call"])
 def test_ctrl_c_of_a_command_exits_130_with_one_line_and_no_traceback(where, monkeypatch, capsys):
     """`circuit-peft info` stopped by a real SIGINT (Python's handler raises KeyboardInterrupt), in its own code or
-    in a finalizer that drops it: exit 130 and one line on stderr saying how to resume, nothing on stdout. The
-    end-to-end Ctrl-C of a `circuit-peft train` subprocess is in tests/test_kill.py (slow)."""
+    in a finalizer that drops it, also when the command then blocks in C for 30 s (time.sleep; a lock, a read: the
+    dropped interrupt is raised again by a SIGINT to the main thread, which wakes the call, where
+    _thread.interrupt_main only set a flag read when the call returned, 30 s later): exit 130 and one line on stderr saying how to resume, nothing
+    on stdout. The end-to-end Ctrl-C of a `circuit-peft train` subprocess is in tests/test_kill.py (slow)."""
     from circuit_peft.cli import main
     from circuit_peft.commands import info
 
@@ -78,11 +80,14 @@ def test_ctrl_c_of_a_command_exits_130_with_one_line_and_no_traceback(where, mon
             signal.raise_signal(signal.SIGINT)  # the KeyboardInterrupt is raised in __del__ and dropped
 
     def interrupted(name):
-        if where == "in a finalizer":
+        if where == "in the command":
+            signal.raise_signal(signal.SIGINT)
+        elif where == "in a finalizer":
             _SigintInFinalizer()
             gc.collect()
         else:
-            signal.raise_signal(signal.SIGINT)
+            _drop_an_interrupt()
+            time.sleep(30)
         while time.monotonic() - started < 30:  # the command's work (returning to Python often, as torch does)
             time.sleep(0.001)
         return "finished"
@@ -95,22 +100,3 @@ def test_ctrl_c_of_a_command_exits_130_with_one_line_and_no_traceback(where, mon
     assert out == "" and "Traceback" not in err
     assert err.splitlines() == ["circuit-peft info: interrupted. Finished stages and records are kept in the output "
                                 "folder; run the same command again to resume."]
-
-
-def test_an_interrupt_dropped_before_a_blocking_call_stops_the_command_during_it(monkeypatch, capsys):
-    """A Ctrl-C dropped in a finalizer, then a call that blocks in C for long (time.sleep(30); a lock, a read):
-    the interrupt is raised again by a real SIGINT to the main thread, which wakes the call, and the command
-    exits 130 within seconds (``_thread.interrupt_main`` only set a flag that Python reads when the call returns)."""
-    from circuit_peft.cli import main
-    from circuit_peft.commands import info
-
-    def blocked(name):
-        _drop_an_interrupt()
-        time.sleep(30)
-        return "finished"
-
-    monkeypatch.setattr(info, "describe", blocked)
-    started = time.monotonic()
-    assert main(["info", "tiny-llama"]) == 130
-    assert time.monotonic() - started < 10
-    assert capsys.readouterr().out == ""
