@@ -11,6 +11,7 @@ from circuit_peft.compare import cca_arms
 from circuit_peft.compare.cca_arms import CCA_DIR, cca_preparation, cca_settings
 from circuit_peft.models import load_model, load_tokenizer, tiny_model
 from circuit_peft.recipe import TrainConfig
+from circuit_peft.recipe.rates import load_weights, save_weights
 
 
 def _context(tmp_path, validations):
@@ -62,12 +63,25 @@ def test_cca_arms_share_one_mask_and_are_measured_at_checkpoints(tmp_path):
         model, size = ARM_KINDS[kind].build(arm, ctx)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         steps = []
-        ARM_KINDS[kind].train(model, arm, ctx, 1e-2, lambda m, step: steps.append(step))
+        saved = {}
+
+        def on_checkpoint(m, step):
+            steps.append(step)
+            if ARM_KINDS[kind].adapter:  # as compare saves a point, to rebuild the chosen arm from it later
+                save_weights(m, tmp_path / f"{kind}_step{step}.safetensors")
+                saved[step] = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+
+        ARM_KINDS[kind].train(model, arm, ctx, 1e-2, on_checkpoint)
         assert steps == [17, 34, 50]  # 1/3, 2/3, 3/3 of the preset's 50 steps
         rule = json.loads((ctx.folder / CCA_DIR / f"{kind}_lr0.01_seed3.json").read_text())
         assert rule["best_step"] in {2, 4, 6, 8, 10, 15, 20, 25, 30, 35, 40, 45, 50} and rule["point"] == {"val_acc": 0.5}
         assert rule["records"] == 6 and len(rule["history"]) == 51
         trained[kind] = (model, size, before)
+        if saved:  # compare's _save_chosen: the arm rebuilt fresh, a checkpoint's weights loaded into it
+            rebuilt, _ = ARM_KINDS[kind].build(arm, ctx)
+            load_weights(rebuilt, tmp_path / f"{kind}_step34.safetensors")
+            got = {n: p for n, p in rebuilt.named_parameters() if p.requires_grad}
+            assert got.keys() == saved[34].keys() and all(torch.equal(got[n], saved[34][n]) for n in got)
     model, size, before = trained["cca_nomask"]  # every weight is a candidate, and the embedding moved
     assert size["trainable_params"] == sum(p.numel() for p in model.parameters())
     changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]

@@ -91,7 +91,11 @@ def _prepare(ctx: ArmContext) -> tuple[Any, Any]:
 
 
 def _build_cca(spec: ArmSpec, ctx: ArmContext) -> tuple[nn.Module, dict[str, Any]]:
-    """A fresh base model (the update wraps it) and the size of what the update will train."""
+    """``cca_mask`` / ``cca_twin``: a fresh base model wrapped with the mask's (or its layer-matched random twin's)
+    adapter, ``projections="paper"`` (so a saved checkpoint loads back into what this builds); ``cca_nomask``: the
+    fresh base model itself, every weight trained."""
+    from peft import get_peft_model
+
     from ..cca.update import circuit_config_for
     from ..locate.controls import random_circuit
     from ..tuner import circuit_size
@@ -101,9 +105,11 @@ def _build_cca(spec: ArmSpec, ctx: ArmContext) -> tuple[nn.Module, dict[str, Any
     if spec.kind == "cca_nomask":
         return model, {"trainable_params": sum(p.numel() for p in model.parameters())}
     if spec.kind == "cca_twin":
-        circuit = random_circuit(circuit, "layer", seed=ctx.config.seed)  # as update.py draws it
-    size = circuit_size(circuit_config_for(model, circuit), model)
-    return model, {"trainable_params": size["trainable_params"], "components": size["components"]}
+        circuit = random_circuit(circuit, "layer", seed=ctx.config.seed)  # as update.py's target="twin" draws it
+    config = circuit_config_for(model, circuit, projections=cca_settings(ctx).update.projections)
+    size = circuit_size(config, model)
+    return get_peft_model(model, config), {"trainable_params": size["trainable_params"],
+                                           "components": size["components"]}
 
 
 def train_cca_arm(model: nn.Module, spec: ArmSpec, ctx: ArmContext, lr: float, on_checkpoint: Checkpoint) -> None:
@@ -112,7 +118,10 @@ def train_cca_arm(model: nn.Module, spec: ArmSpec, ctx: ArmContext, lr: float, o
     from ..cca.update import amplify_update
 
     records, circuit = cca_preparation(ctx)
-    update = replace(cca_settings(ctx, lr, CCA_TARGETS[spec.kind]).update, twin_seed=ctx.config.seed)
+    target = CCA_TARGETS[spec.kind]
+    update = replace(cca_settings(ctx, lr, target).update, twin_seed=ctx.config.seed)
+    if target != "all_weights":  # the model holds the mask's or the twin's adapter (_build_cca): trained in place
+        update, circuit = replace(update, target="circuit"), None
     steps = set(checkpoint_steps(update.steps, ctx.checkpoints))
 
     def on_step(m: nn.Module, step: int) -> None:
