@@ -1,6 +1,6 @@
 #!/bin/bash
 # Run (or resume) tier 1 of the pre-registered verdict_v1 (verdict_v1.md, section 10 and Deviations 2-3) on the code it
-# started with: commit a8d7dba (in main's history through the merge of verdict-v1), checked out in its own worktree, so that later refactors of the library do not
+# started with (commit 8d70bc2, in main's history through the merges of verdict-v1), checked out in its own worktree, so that later refactors of the library do not
 # change the run halfway (evaluation decoding and sampling changed after it started). Results go into this checkout's
 # benchmarks/results/verdict_v1/<model>_comparison/ (stages/*.json as each (arm, rate, seed) finishes).
 #   usage: benchmarks/preregistered/verdict_v1_run.sh smollm2|gemma3 [DATA_DIR]   (DATA_DIR: ../shared/data)
@@ -8,7 +8,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 which=${1:?smollm2 or gemma3}
 data=$(cd "${2:-$here/../shared/data}" && pwd)
-code=a8d7dba2b5f88917418101be3e1bf929be864b4d
+code=8d70bc240adfcec70c4dd54f939ba02b6effdbeb
 tree=${VERDICT_TREE:-$here/../verdict-run}
 [ -d "$tree" ] || git -C "$here" worktree add --detach "$tree" $code
 [ "$(git -C "$tree" rev-parse HEAD)" = $code ] || { echo "$tree is not at the run's commit $code" >&2; exit 2; }
