@@ -62,6 +62,21 @@ def sharing_is_exact(model: torch.nn.Module, accelerator: Any = None, in_eval: b
         and (in_eval or not has_active_dropout(model))
 
 
+def fits_sliding_window(model: torch.nn.Module, slots: int) -> bool:
+    """Whether ``slots`` cache positions (prefix + the longest padded rest + any generated tokens) stay inside the
+    model's sliding attention window (Gemma-2/3, Mistral; True without one). Past it, a row left-padded between
+    the shared prefix and its rest would see fewer real tokens than the same row run alone: sharing is then
+    inexact. (Right-padded rows, as the pivotal trainers run them, have no padding inside the window.)"""
+    from .arch import unwrap_model
+
+    config = getattr(unwrap_model(model), "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return True
+    return slots <= int(window)
+
+
 def _whole_parameters(model: torch.nn.Module, accelerator: Any) -> bool:
     """Whether every parameter is whole in this process (one process or DDP; not FSDP / DeepSpeed / TP)."""
     if accelerator is not None:
@@ -93,17 +108,22 @@ def sharable_prefix_length(model: torch.nn.Module, input_ids: torch.Tensor, atte
     """Leading positions (at most ``limit``) of the padded batch ``input_ids`` (B, T) to run once: the real ids
     every row shares, when there are at least two rows, :func:`sharing_is_exact` and it is ``min_length`` long;
     else 0 (run the rows whole)."""
-    if input_ids.shape[0] < 2 or not sharing_is_exact(model, accelerator):
+    if input_ids.shape[0] < 2 or not sharing_is_exact(model, accelerator):  # right-padded rows: no window check
         return 0
     length = batch_prefix_length(input_ids, attention_mask, limit)
     return length if length >= max(min_length, 1) else 0
 
 
 def sharable_prefix_ids(model: torch.nn.Module | None, sequences: Sequence[Sequence[int]], min_length: int = 1,
-                        accelerator: Any = None, in_eval: bool = False) -> list[int]:
+                        accelerator: Any = None, in_eval: bool = False, slots: int | None = None) -> list[int]:
     """:func:`sharable_prefix_length` for id lists: the ids every sequence starts with (leaving each at least
-    one), or ``[]``. ``model=None`` skips the model check (the caller runs nothing random, cached, sharded)."""
+    one), or ``[]``. ``model=None`` skips the model check (the caller runs nothing random, cached, sharded).
+    ``slots``: the most cache positions a row will use (default: the longest sequence; add generated tokens or
+    the part of a row that follows the sequence given), checked against a sliding window."""
     if len(sequences) < 2 or (model is not None and not sharing_is_exact(model, accelerator, in_eval)):
+        return []
+    longest = slots if slots is not None else max(len(s) for s in sequences)
+    if model is not None and not fits_sliding_window(model, longest):
         return []
     return shared_prefix_ids(sequences, min_length)
 

@@ -1,5 +1,7 @@
 """circuit_peft.prefix: the one rule for running a shared prompt prefix once, asked by every user."""
 
+import types
+
 import pytest
 import torch
 from peft import LoraConfig, PrefixTuningConfig, get_peft_model
@@ -73,3 +75,26 @@ def test_decoding_shares_the_prefix_of_a_model_left_in_training_mode():
         hook.remove()
     assert shapes[0] == (1, len(PREFIX)) and model.training
     assert got == generate_with_shared_prefix(model.eval(), _Tok(), PROMPTS, max_new_tokens=3, progress=False)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_no_prefix_is_shared_past_a_sliding_window(family):
+    """Rows padded between a shared prefix and their rests see fewer real tokens once the cache outgrows a sliding
+    window (found by review): past the window the prefix runs with each row, and greedy decoding equals the
+    rows decoded one at a time; inside it the prefix is still shared."""
+    from circuit_peft.evaluate.generation import generate_with_shared_prefix
+    from circuit_peft.models import tiny_model
+    from circuit_peft.prefix import fits_sliding_window, sharable_prefix_ids
+
+    model = tiny_model(family).eval()
+    window = model.config.get_text_config().sliding_window
+    vocab = model.config.get_text_config().vocab_size
+    tok = types.SimpleNamespace(pad_token_id=vocab - 1, eos_token_id=vocab - 2)
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(0, vocab - 3, (window - 8,), generator=g).tolist()
+    prompts = [prefix + torch.randint(0, vocab - 3, (k,), generator=g).tolist() for k in (1, 6, 2, 5, 3)]
+    assert fits_sliding_window(model, window) and not fits_sliding_window(model, window + 1)
+    assert sharable_prefix_ids(model, prompts, slots=window) and not sharable_prefix_ids(model, prompts, slots=window + 1)
+    got = generate_with_shared_prefix(model, tok, prompts, 6, 3, progress=False)
+    alone = [generate_with_shared_prefix(model, tok, [p], 6, 1, progress=False)[0] for p in prompts]
+    assert got == alone

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..batching import continue_after_prefix, left_pad, model_device, pad_token_id, to_device
-from ..prefix import prefix_kv_cache, repeat_cache, sharable_prefix_ids, sharing_is_exact
+from ..prefix import fits_sliding_window, prefix_kv_cache, repeat_cache, sharable_prefix_ids, sharing_is_exact
 
 
 @contextmanager
@@ -103,7 +103,8 @@ def generate_with_shared_prefix(
     if stop_strings:
         decoding.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
     with eval_mode(model):
-        prefix = sharable_prefix_ids(model, prompt_ids)  # judged as decoding runs: in eval mode
+        longest = max(len(p) for p in prompt_ids) + max_new_tokens  # judged as decoding runs: in eval mode
+        prefix = sharable_prefix_ids(model, prompt_ids, slots=longest)
         prefix_cache = prefix_kv_cache(model, torch.tensor([prefix], device=device)) if prefix else None
         bar = tqdm(total=len(order), desc=desc, disable=not progress, leave=False)
         for start in range(0, len(order), batch_size):
@@ -152,7 +153,9 @@ def continuation_logprobs(
     if len(contexts) != len(continuations):
         raise ValueError("contexts and continuations must have the same length")
     # scoring runs in eval mode; where sharing would not be exact the contexts run whole
-    prefix = list(shared_prefix or []) if sharing_is_exact(model, in_eval=True) else []
+    longest = max((len(c) + len(t) for c, t in zip(contexts, continuations)), default=0)
+    exact = sharing_is_exact(model, in_eval=True) and fits_sliding_window(model, longest)
+    prefix = list(shared_prefix or []) if exact else []
     pad_id = pad_token_id(None, tokenizer)
     device = model_device(model)
     scores = [0.0] * len(contexts)

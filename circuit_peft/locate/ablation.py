@@ -65,7 +65,8 @@ def _shared_prompt_prefix(model: nn.Module, encoded: list[EncodedProbe], min_len
     """The ids every probe row's prompt starts with (leaving each prompt at least one id, so no shared
     position predicts a solution token); empty when shorter than ``min_length`` or where sharing would not be
     exact for ``model`` run in eval mode, as the scan runs it (:func:`~circuit_peft.prefix.sharable_prefix_ids`)."""
-    return sharable_prefix_ids(model, [e.ids[: len(e.ids) - e.n_solution] for e in encoded], min_length, in_eval=True)
+    return sharable_prefix_ids(model, [e.ids[: len(e.ids) - e.n_solution] for e in encoded], min_length, in_eval=True,
+                               slots=max(len(e.ids) for e in encoded))
 
 
 def _select_heads(arch, layers: Iterable[int] | None, heads: Iterable[tuple[int, int]] | None) -> list[tuple[int, int]]:
