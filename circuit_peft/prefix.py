@@ -45,7 +45,8 @@ def shared_prefix_ids(sequences: Sequence[Sequence[int]], min_length: int = 1) -
     return list(sequences[0][:length]) if length >= max(min_length, 1) else []
 
 
-def sharing_is_exact(model: torch.nn.Module, accelerator: Any = None, in_eval: bool = False) -> bool:
+def sharing_is_exact(model: torch.nn.Module, accelerator: Any = None, in_eval: bool = False,
+                     slots: int | None = None) -> bool:
     """THE exactness rule: whether running a shared prefix once computes what running every row whole does.
 
     True when nothing random acts on the prefix (no active dropout: LoRA's ``lora_dropout`` would otherwise
@@ -53,13 +54,15 @@ def sharing_is_exact(model: torch.nn.Module, accelerator: Any = None, in_eval: b
     key/value prefix of its own (no prompt learning) and the parameters are whole in this process (one
     process or DDP, not FSDP or DeepSpeed; judged from ``accelerator`` when given, else from the parameters).
     ``in_eval``: the rows will run in eval mode whatever mode the model is in now (no dropout acts).
+    ``slots``: for rows left-padded after the prefix, the most cache positions one will use; sharing then also
+    needs them inside any sliding attention window (:func:`fits_sliding_window`).
     """
     inner = accelerator.unwrap_model(model) if accelerator is not None else getattr(model, "module", model)
     config = getattr(inner, "active_peft_config", None)
     if getattr(config, "is_prompt_learning", False):  # prefix tuning & co. bring their own KV cache
         return False
     return _whole_parameters(model, accelerator) and not checkpoints_activations(model) \
-        and (in_eval or not has_active_dropout(model))
+        and (in_eval or not has_active_dropout(model)) and (slots is None or fits_sliding_window(model, slots))
 
 
 def fits_sliding_window(model: torch.nn.Module, slots: int) -> bool:
@@ -120,10 +123,8 @@ def sharable_prefix_ids(model: torch.nn.Module | None, sequences: Sequence[Seque
     one), or ``[]``. ``model=None`` skips the model check (the caller runs nothing random, cached, sharded).
     ``slots``: the most cache positions a row will use (default: the longest sequence; add generated tokens or
     the part of a row that follows the sequence given), checked against a sliding window."""
-    if len(sequences) < 2 or (model is not None and not sharing_is_exact(model, accelerator, in_eval)):
-        return []
-    longest = slots if slots is not None else max(len(s) for s in sequences)
-    if model is not None and not fits_sliding_window(model, longest):
+    longest = slots if slots is not None else max((len(s) for s in sequences), default=0)
+    if len(sequences) < 2 or (model is not None and not sharing_is_exact(model, accelerator, in_eval, longest)):
         return []
     return shared_prefix_ids(sequences, min_length)
 

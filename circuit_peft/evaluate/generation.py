@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..batching import continue_after_prefix, left_pad, model_device, pad_token_id, to_device
-from ..prefix import fits_sliding_window, prefix_kv_cache, repeat_cache, sharable_prefix_ids, sharing_is_exact
+from ..prefix import prefix_kv_cache, repeat_cache, sharable_prefix_ids, sharing_is_exact
 
 
 @contextmanager
@@ -85,7 +85,7 @@ def generate_with_shared_prefix(
     The prefix every prompt starts with (:func:`~circuit_peft.prefix.sharable_prefix_ids`) goes through the
     model once; each batch copies its KV cache and ``model.generate`` continues it with the rest of its prompts,
     padded between prefix and rest (the attention mask gives every row its own positions, so padding changes
-    nothing). Decoding stops when every row has stopped.
+    nothing; past a sliding attention window the prefix is not shared). Decoding stops when every row has stopped.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
@@ -154,8 +154,7 @@ def continuation_logprobs(
         raise ValueError("contexts and continuations must have the same length")
     # scoring runs in eval mode; where sharing would not be exact the contexts run whole
     longest = max((len(c) + len(t) for c, t in zip(contexts, continuations)), default=0)
-    exact = sharing_is_exact(model, in_eval=True) and fits_sliding_window(model, longest)
-    prefix = list(shared_prefix or []) if exact else []
+    prefix = list(shared_prefix or []) if sharing_is_exact(model, in_eval=True, slots=longest) else []
     pad_id = pad_token_id(None, tokenizer)
     device = model_device(model)
     scores = [0.0] * len(contexts)
