@@ -1,32 +1,85 @@
 #!/bin/bash
-# Run (or resume) tier 1 of the pre-registered verdict_v1 (verdict_v1.md, section 10 and Deviations 2-3) on the code it
-# started with (commit 8d70bc2, in main's history through the merges of verdict-v1), checked out in its own worktree, so that later refactors of the library do not
-# change the run halfway (evaluation decoding and sampling changed after it started). Results go into this checkout's
-# benchmarks/results/verdict_v1/<model>_comparison/ (stages/*.json as each (arm, rate, seed) finishes).
-#   usage: benchmarks/preregistered/verdict_v1_run.sh smollm2|gemma3 [DATA_DIR]   (DATA_DIR: ../shared/data)
+# Run (or resume) the pre-registered verdict_v1 (verdict_v1.md, sections 5, 9, 10 and the Deviations) on its pinned
+# code (commit $code, in main's history through the merges of verdict-v1), checked out in its own worktree, so that
+# later refactors of the library do not change the run halfway. Results go into this checkout's
+# benchmarks/results/verdict_v1/<model>_<task>[_grad2]/ (stages/*.json as each (arm, rate, seed) finishes).
+#   usage: benchmarks/preregistered/verdict_v1_run.sh smollm2|gemma3 [DATA_DIR] [TIERS]
+#     DATA_DIR: ../shared/data;  TIERS: 1,2,3 (default), this model's commands of each tier in order.
+# Tier 1 is section 10's command. Tier 2 reruns the same folder with the tier-2 arms added (the finished points are
+# reused) and, for SmolLM2, the 2 % gradient folder; tier 3 the arithmetic folders. Before a folder's tier-2 command
+# its tier-1 compare.json / table.md / frontier.png / adapter are kept in tier1/ (the tier-2 command rewrites them).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 which=${1:?smollm2 or gemma3}
 data=$(cd "${2:-$here/../shared/data}" && pwd)
-code=8d70bc240adfcec70c4dd54f939ba02b6effdbeb
+tiers=${3:-1,2,3}
+code=24c2f176d661147a0e32ba6f2c9e806434d3f99e
 tree=${VERDICT_TREE:-$here/../verdict-run}
 [ -d "$tree" ] || git -C "$here" worktree add --detach "$tree" $code
 [ "$(git -C "$tree" rev-parse HEAD)" = $code ] || { echo "$tree is not at the run's commit $code" >&2; exit 2; }
 cd "$tree"
 export PYTHONPATH="$tree" HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
-D=benchmarks/preregistered/verdict_v1_data; R="$here/benchmarks/results/verdict_v1"
+D=benchmarks/preregistered/verdict_v1_data; R=${VERDICT_RESULTS:-$here/benchmarks/results/verdict_v1}
+cli=${VERDICT_CLI:-$here/.venv/bin/circuit-peft}  # VERDICT_CLI / VERDICT_RESULTS: for checking this script
 COMMON=(--answer number --validation-fraction 0.3333 --seeds 0,1,2,3,4 --checkpoints 3 --epochs 3 --batch-size 8
         --grid-extensions 2 --budgets lora,lora/10 --kl-chunks 4 --side-effects-data "$data" --max-new-tokens 32
         --dtype float32 --threads 1)
-if [ "$which" = smollm2 ]; then
-  exec "$here/.venv/bin/circuit-peft" compare --model smollm2 --data $D/comparison_pool.jsonl \
-    --heldout $D/comparison_test.jsonl --shots comparison --locate gradient_contrast --circuit-fraction 0.005 \
-    --arms base,located,twin,lora,cca_mask,cca_nomask --lrs "3e-4,1e-3,3e-3;cca_mask=1e-4,1e-3;cca_nomask=1e-4,1e-3" \
-    --comparisons located@gradient_contrast:twin@gradient_contrast,located@gradient_contrast:lora,cca_mask:cca_nomask \
-    "${COMMON[@]}" --out "$R/smollm2_comparison"
-else
-  exec "$here/.venv/bin/circuit-peft" compare --model gemma3-270m --data $D/comparison_pool.jsonl \
-    --heldout $D/comparison_test.jsonl --shots comparison --locate ablation --circuit-fraction 0.05 \
-    --arms base,located,twin,lora --lrs "1e-4,3e-4,1e-3;lora=3e-5,1e-4,3e-4" \
-    --comparisons located@ablation:twin@ablation,located@ablation:lora "${COMMON[@]}" --out "$R/gemma3_comparison"
-fi
+CCA_LRS="cca_mask=1e-4,1e-3;cca_nomask=1e-4,1e-3;cca_twin=1e-4,1e-3"
+
+compare() {  # compare TASK FOLDER ARGS...: one folder's command
+  local task=$1 folder=$2; shift 2
+  "$cli" compare --data $D/${task}_pool.jsonl --heldout $D/${task}_test.jsonl --shots "$task" \
+    "${COMMON[@]}" "$@" --out "$R/$folder"  # a flag in ARGS overrides COMMON's
+}
+
+keep_tier1() {  # the tier-1 outputs of a folder, before its tier-2 command rewrites them
+  local f="$R/$1"
+  [ -f "$f/compare.json" ] || { echo "tier 1 of $1 has not finished (no compare.json)" >&2; exit 3; }
+  [ -d "$f/tier1" ] && return 0
+  mkdir -p "$f/tier1.tmp" && cp -r "$f/compare.json" "$f/table.md" "$f/frontier.png" "$f/tier1.tmp/"
+  [ -d "$f/adapter" ] && cp -r "$f/adapter" "$f/tier1.tmp/"
+  mv "$f/tier1.tmp" "$f/tier1"
+}
+
+tier1_budgets() {  # B1,B2 of a folder's tier 1 as numbers (nats per token): for a folder without the lora arm
+  "$here/.venv/bin/python" -c 'import json, sys; print(",".join(repr(v) for v in json.load(open(sys.argv[1]))["budgets"].values()))' \
+    "$R/$1/tier1/compare.json"
+}
+
+smollm2() {  # smollm2 TIER
+  local S=(--model smollm2)
+  case $1 in
+  1) compare comparison smollm2_comparison "${S[@]}" --locate gradient_contrast --circuit-fraction 0.005 \
+       --arms base,located,twin,lora,cca_mask,cca_nomask --lrs "3e-4,1e-3,3e-3;cca_mask=1e-4,1e-3;cca_nomask=1e-4,1e-3" \
+       --comparisons located@gradient_contrast:twin@gradient_contrast,located@gradient_contrast:lora,cca_mask:cca_nomask ;;
+  2) keep_tier1 smollm2_comparison
+     compare comparison smollm2_comparison "${S[@]}" --locate gradient_contrast --circuit-fraction 0.005 \
+       --arms base,located,twin,lora,cca_mask,cca_nomask,cca_twin,cca_sft,lora_matched,full \
+       --lrs "3e-4,1e-3,3e-3;$CCA_LRS;full=1e-5,3e-5,1e-4" \
+       --comparisons cca_mask:cca_twin,cca_sft:cca_mask,cca_sft:located@gradient_contrast,located@gradient_contrast:lora_matched@gradient_contrast,located@gradient_contrast:full
+     compare comparison smollm2_comparison_grad2 "${S[@]}" --locate gradient --circuit-fraction 0.02 \
+       --arms base,located,twin --lrs "3e-4,1e-3,3e-3" --comparisons located@gradient:twin@gradient \
+       --budgets "$(tier1_budgets smollm2_comparison)" ;;
+  3) compare arithmetic smollm2_arithmetic "${S[@]}" --locate gradient_contrast --circuit-fraction 0.005 \
+       --arms base,located,twin,lora,cca_mask,cca_nomask --lrs "3e-4,1e-3,3e-3;cca_mask=1e-4,1e-3;cca_nomask=1e-4,1e-3" \
+       --comparisons located@gradient_contrast:twin@gradient_contrast,located@gradient_contrast:lora,cca_mask:cca_nomask ;;
+  esac
+}
+
+gemma3() {  # gemma3 TIER
+  local G=(--model gemma3-270m --locate ablation --circuit-fraction 0.05)
+  case $1 in
+  1) compare comparison gemma3_comparison "${G[@]}" --arms base,located,twin,lora \
+       --lrs "1e-4,3e-4,1e-3;lora=3e-5,1e-4,3e-4" --comparisons located@ablation:twin@ablation,located@ablation:lora ;;
+  2) keep_tier1 gemma3_comparison
+     compare comparison gemma3_comparison "${G[@]}" --arms base,located,twin,lora,cca_mask,cca_nomask,cca_twin \
+       --lrs "1e-4,3e-4,1e-3;lora=3e-5,1e-4,3e-4;$CCA_LRS" --comparisons cca_mask:cca_nomask,cca_mask:cca_twin ;;
+  3) compare arithmetic gemma3_arithmetic "${G[@]}" --arms base,located,twin,lora \
+       --lrs "1e-4,3e-4,1e-3;lora=3e-5,1e-4,3e-4" --comparisons located@ablation:twin@ablation,located@ablation:lora ;;
+  esac
+}
+
+for tier in ${tiers//,/ }; do
+  echo "== verdict_v1 $which tier $tier ($(date -u +%FT%TZ))"
+  "$which" "$tier"
+done
