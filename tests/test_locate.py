@@ -339,6 +339,25 @@ def test_dcm_is_deterministic_and_seeded(planted):
     assert c.scores != a.scores  # other shuffling order
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_dcm_shared_prompt_prefix_learns_the_masks_of_whole_records(family):
+    """Records that share a 20-token prompt prefix: running it once (its KV cache continued by every batch) learns
+    the masks and margins of running each record whole, up to float rounding."""
+    model = tiny_model(family)
+    vocab = get_arch(model).dims.vocab_size
+    prefix = torch.randint(10, vocab, (20,), generator=torch.Generator().manual_seed(7)).tolist()
+    records = [{**r, "context_ids": [BOS] + prefix + r["context_ids"][1:]} for r in _records(12, vocab=vocab)]
+    kw = dict(lr=0.05, epochs=3, batch_size=4, progress=False)
+    shared, whole = (learn_masks(model, records, share_prompt_prefix=s, **kw) for s in (True, False))
+    assert shared.meta["settings"]["shared_prefix"] == 21 and whole.meta["settings"]["shared_prefix"] == 0
+    keys = list(whole.scores)
+    assert torch.allclose(torch.tensor([shared.scores[k] for k in keys]), torch.tensor([whole.scores[k] for k in keys]),
+                          atol=1e-5)
+    assert min(whole.scores.values()) < 0.99  # the masks moved (> 1000 x atol) in both runs
+    margins = [h["margin"] for h in whole.meta["history"]]
+    assert [h["margin"] for h in shared.meta["history"]] == pytest.approx(margins, rel=1e-4, abs=1e-5)
+
+
 def test_dcm_does_not_change_the_model(planted):
     before = {n: p.detach().clone() for n, p in planted.named_parameters()}
     learn_masks(planted, _records(8), lr=0.05, epochs=2, progress=False)

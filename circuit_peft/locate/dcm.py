@@ -28,7 +28,7 @@ from ..arch import Component, get_arch
 from ..circuit import Circuit
 from ..interventions import scale_components
 from .attribution import frozen_parameters
-from ..batching import model_device, pad_token_id, to_device
+from ..batching import model_device, pad_token_id, prefix_kv_cache, repeat_cache, shared_prefix_ids, to_device
 from .data import collate_records, last_logits, model_inputs, validate_records
 
 DCM_KINDS: tuple[str, ...] = ("q", "k", "v", "mlp")
@@ -57,6 +57,8 @@ def learn_masks(
     progress: bool = True,
     steps: int | None = None,
     check_every: int = 10,
+    share_prompt_prefix: bool = True,
+    min_shared_prefix: int = 16,
 ) -> Circuit:
     """Learn DCM masks on contrastive records and return the kept components (``m >= 0.5``).
 
@@ -80,6 +82,10 @@ def learn_masks(
         seed: seeds the record shuffling; on CPU the run is deterministic.
         pad_id: padding id (default: the tokenizer's or model config's pad/eos id).
         steps / check_every: the step schedule (see above).
+        share_prompt_prefix / min_shared_prefix: run the prompt prefix every record starts with (system
+            message, few-shot examples; at least ``min_shared_prefix`` tokens) once, and continue each batch
+            from its KV cache. Exact (the masks act only at the last position, after it; the same masks up to
+            float rounding) and ~context/rest times less work per step.
 
     Returns:
         a :class:`Circuit` keeping components with ``m >= 0.5``; ``scores`` holds every final
@@ -106,41 +112,72 @@ def learn_masks(
     else:
         total, per_check = steps, check_every
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
-    run = _MaskRun(model, arch, masks, optimizer, objective, lambda_l1, _PatienceStop(patience, _kept_set(masks)))
+    prefix = _PromptPrefix(model, rows, min_shared_prefix if share_prompt_prefix else None)
+    run = _MaskRun(model, arch, masks, optimizer, objective, lambda_l1, _PatienceStop(patience, _kept_set(masks)),
+                   prefix)
     was_training = model.training
     model.eval()
     try:
         with frozen_parameters(model):
-            run.train(_record_batches(rows, batch_size, seed, pad), total, per_check,
+            run.train(_record_batches(rows, batch_size, seed, pad, prefix.length), total, per_check,
                       scheduler, step_scheduler=steps is not None, progress=progress)
     finally:
         model.train(was_training)
     settings = {"lambda_l1": lambda_l1, "lr": lr, "step_size": step_size, "gamma": gamma, "batch_size": batch_size,
                 "epochs": epochs, "patience": patience, "kinds": list(kinds), "objective": objective, "seed": seed,
-                "steps": steps, "check_every": check_every, "schedule": "paper" if steps is None else "steps"}
+                "steps": steps, "check_every": check_every, "schedule": "paper" if steps is None else "steps",
+                "shared_prefix": prefix.length}
     meta = {"score": "mask value m (kept: m >= 0.5)", "settings": settings, "records": len(rows), "steps": run.step,
             "epochs_run": math.ceil(run.step / per_epoch), "checks": len(run.history),
             "stopped_early": run.stop.stopped, "history": run.history}
     return _mask_circuit(masks, arch, meta)
 
 
-def _record_batches(rows: list[dict[str, Any]], batch_size: int, seed: int, pad: int):
+class _PromptPrefix:
+    """The prompt prefix every record starts with, run once without grad (the masks act only at the last
+    position, after it) and its KV cache repeated for each batch; length 0 when not shared (also when the
+    longest record passes a sliding attention window: left padding would then sit inside the window)."""
+
+    def __init__(self, model: nn.Module, rows: list[dict[str, Any]], min_length: int | None):
+        contexts = [r["context_ids"] for r in rows]
+        ids = [] if min_length is None or len(contexts) < 2 or not _inside_window(model, max(map(len, contexts))) \
+            else shared_prefix_ids(contexts, min_length)
+        self.length, self.cache = len(ids), None
+        if ids:
+            with torch.no_grad():
+                self.cache = prefix_kv_cache(model, torch.tensor([ids], device=model_device(model)))
+
+    def inputs(self, rows: int) -> dict[str, Any]:
+        """``past_key_values`` for a batch of ``rows`` rows continuing the prefix (a copy), or ``{}``."""
+        return {} if self.cache is None else {"past_key_values": repeat_cache(self.cache, rows)}
+
+
+def _inside_window(model: nn.Module, slots: int) -> bool:
+    """Whether ``slots`` positions stay inside the model's sliding attention window (True without one)."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    return not window or getattr(config, "use_sliding_window", True) is False or slots <= int(window)
+
+
+def _record_batches(rows: list[dict[str, Any]], batch_size: int, seed: int, pad: int, prefix_length: int = 0):
     """Endless (epoch, batch index, record indices, their problem ids, collated batch), reshuffled every
-    epoch."""
+    epoch; each batch holds the records after their first ``prefix_length`` ids."""
     generator = torch.Generator().manual_seed(seed)
     for epoch in itertools.count():
         order = torch.randperm(len(rows), generator=generator).tolist()
         for bi, start in enumerate(range(0, len(order), batch_size)):
             idx = order[start : start + batch_size]
-            yield epoch, bi, idx, [rows[i]["problem_id"] for i in idx], collate_records([rows[i] for i in idx], pad)
+            yield epoch, bi, idx, [rows[i]["problem_id"] for i in idx], collate_records([rows[i] for i in idx], pad, prefix_length)
 
 
 class _MaskRun:
     """The optimisation loop of :func:`learn_masks`: steps, checks (history, early stop), NaN errors."""
 
-    def __init__(self, model, arch, masks, optimizer, objective, lambda_l1, stop: "_PatienceStop"):
+    def __init__(self, model, arch, masks, optimizer, objective, lambda_l1, stop: "_PatienceStop",
+                 prefix: _PromptPrefix):
         self.model, self.arch, self.masks, self.optimizer = model, arch, masks, optimizer
-        self.objective, self.lambda_l1, self.stop = objective, lambda_l1, stop
+        self.objective, self.lambda_l1, self.stop, self.prefix = objective, lambda_l1, stop, prefix
         self.step, self.history = 0, []
 
     def train(self, batches, total: int, per_check: int, scheduler, step_scheduler: bool, progress: bool) -> None:
@@ -148,7 +185,8 @@ class _MaskRun:
         losses, margins = [], []
         bar = tqdm(total=total, desc="DCM", disable=not progress)
         for epoch, bi, idx, problem_ids, batch in batches:
-            loss, margin = _mask_loss(self.model, self.arch, self.masks, batch, self.objective, self.lambda_l1)
+            loss, margin = _mask_loss(self.model, self.arch, self.masks, batch, self.objective, self.lambda_l1,
+                                      self.prefix)
             if not torch.isfinite(loss):
                 raise NaNLossError(
                     f"DCM loss is {float(loss.detach())} at epoch {epoch}, step {self.step} (batch {bi} of the epoch, "
@@ -207,13 +245,14 @@ def circuit_margin(
 
 
 def _last_position_margins(model: nn.Module, arch, batch: dict[str, torch.Tensor],
-                           scales: dict[str, torch.Tensor]) -> torch.Tensor:
+                           scales: dict[str, torch.Tensor], prefix: _PromptPrefix | None = None) -> torch.Tensor:
     """(B,) ``logit[desired] - logit[undesired]`` at each row's last position, with components scaled
-    there by ``scales`` (kind -> (n_layers, n) factors; empty: unmodified)."""
+    there by ``scales`` (kind -> (n_layers, n) factors; empty: unmodified); ``batch`` continues ``prefix``'s
+    cache when one is given."""
     n = batch["desired"].shape[0]
     last = torch.full((n,), -1, dtype=torch.long, device=batch["desired"].device)
     with scale_components(model, scales, positions=last, arch=arch):
-        logits = last_logits(model, model_inputs(batch), 1)[:, -1].float()
+        logits = last_logits(model, model_inputs(batch), 1, **(prefix.inputs(n) if prefix else {}))[:, -1].float()
     r = torch.arange(n, device=logits.device)
     return logits[r, batch["desired"]] - logits[r, batch["undesired"]]
 
@@ -237,11 +276,11 @@ def _kept_set(masks: dict[str, torch.Tensor]) -> frozenset[tuple[str, int, int]]
 
 
 def _mask_loss(model: nn.Module, arch, masks: dict[str, nn.Parameter], batch: dict[str, torch.Tensor],
-               objective: str, lambda_l1: float) -> tuple[torch.Tensor, float]:
+               objective: str, lambda_l1: float, prefix: _PromptPrefix | None = None) -> tuple[torch.Tensor, float]:
     """The DCM loss of one collated batch (task term at the last position + ``lambda_l1 * sum |m|``) and
     the batch's mean logit margin (desired - undesired)."""
     batch = to_device(batch, model_device(model))
-    margin = _last_position_margins(model, arch, batch, {k: 2 * m for k, m in masks.items()})
+    margin = _last_position_margins(model, arch, batch, {k: 2 * m for k, m in masks.items()}, prefix)
     task = -margin.mean() if objective == "logit_diff" else -nn.functional.logsigmoid(margin).mean()
     penalty = sum(m.abs().sum() for m in masks.values())
     return task + lambda_l1 * penalty, float(margin.detach().mean())
