@@ -4,8 +4,8 @@ run through the model once, and their KV cache serves every row.
 One rule decides when that is allowed, :func:`sharing_is_exact`: the rows then compute what they would
 compute whole (the same logits, losses and gradients up to float rounding). Every user asks it through
 :func:`sharable_prefix_length` (a padded batch) or :func:`sharable_prefix_ids` (id lists): the pivotal
-trainers (``cca/trainers.py``), the contrastive update (``cca/update.py``), the head ablation scan
-(``locate/ablation.py``) and evaluation decoding (``evaluate/generation.py``). What a caller passes in
+trainers (``cca/trainers.py``), the contrastive update (``cca/update.py``), DCM (``locate/dcm.py``), the
+head ablation scan (``locate/ablation.py``) and evaluation decoding (``evaluate/generation.py``). What a caller passes in
 keeps the other half of exactness: only positions whose next token is not scored (the prompt, not the
 answer; ``limit`` before the first labelled position) may be shared.
 """

@@ -162,7 +162,8 @@ def _record_batches(rows: list[dict[str, Any]], batch_size: int, seed: int, pad:
         order = torch.randperm(len(rows), generator=generator).tolist()
         for bi, start in enumerate(range(0, len(order), batch_size)):
             idx = order[start : start + batch_size]
-            yield epoch, bi, idx, [rows[i]["problem_id"] for i in idx], collate_records([rows[i] for i in idx], pad, prefix_length)
+            batch = collate_records([rows[i] for i in idx], pad, prefix_length)
+            yield epoch, bi, idx, [rows[i]["problem_id"] for i in idx], batch
 
 
 class _MaskRun:
