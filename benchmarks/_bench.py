@@ -28,6 +28,15 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return mean, float("nan") if se is None else se
 
 
+def final_line(result: dict, out: str | None = None) -> dict:
+    """Print ``result`` as the benchmark's final JSON line (and write it to ``out`` when given); returns it."""
+    line = json.dumps(result)
+    if out:
+        Path(out).write_text(line + "\n")
+    print(line)
+    return result
+
+
 class Stopwatch:
     """Wall and process CPU seconds of a ``with`` block. With one torch thread the CPU time is the work done,
     steady while other jobs share the box (wall time is not: the ratios below use both)."""

@@ -20,7 +20,6 @@ Usage: python benchmarks/dcm.py --records A/records.jsonl,B/records.jsonl --held
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _bench import final_line  # noqa: E402
 from circuit_peft.arch import get_arch  # noqa: E402
 from circuit_peft.circuit import Circuit  # noqa: E402
 from circuit_peft.files import read_rows  # noqa: E402
@@ -104,11 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["random_margin"] = circuit_margin(model, heldout, control)
             result["random_faithfulness"] = faithfulness(result["random_margin"], (full, empty))
             print(f"layer-matched random circuit: faithfulness {result['random_faithfulness']:.3f}")
-    line = json.dumps(result)
-    if args.out:
-        Path(args.out).write_text(line + "\n")
-    print(line)
-    return result
+    return final_line(result, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Usage: python benchmarks/dcm_prefix.py [--model smollm2] [--task comparison] [--
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _bench import Stopwatch  # noqa: E402
+from _bench import Stopwatch, final_line  # noqa: E402
 from circuit_peft.cca import TASKS, make_problems  # noqa: E402
 from circuit_peft.files import read_rows  # noqa: E402
 from circuit_peft.locate import learn_masks  # noqa: E402
@@ -86,11 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"shared prefix {result['shared']['shared_prefix']} of {result['context_tokens_mean']:.0f} tokens: "
           f"{result['shared']['cpu_s_per_step']:.2f} vs {result['whole']['cpu_s_per_step']:.2f} CPU s a step "
           f"({result['speedup_cpu']:.1f}x); masks differ by {result['max_mask_difference']:.1e}")
-    line = json.dumps(result)
-    if args.out:
-        Path(args.out).write_text(line + "\n")
-    print(line)
-    return result
+    return final_line(result, args.out)
 
 
 if __name__ == "__main__":
