@@ -2,6 +2,7 @@
 rate grids widened past a chosen edge, and the command end to end on a tiny model (killed, then resumed)."""
 
 import json
+import re
 import math
 import random
 import signal
@@ -287,6 +288,10 @@ def test_compare_end_to_end_on_a_tiny_model_killed_and_resumed(tmp_path, capsys)
     printed = capsys.readouterr().out
     for name in finished:  # every stage the killed run finished is reused, not redone
         assert f"[{name.removesuffix('.json')}] done earlier" in printed
+    counts = re.findall(r"\[compare\] point (\d+) of (\d+): (\S+)", printed)  # the points computed now, counted
+    assert int(counts[0][0]) == 1 + sum(name.startswith("point_") for name in finished)
+    assert counts[-1][:2] == ("8", "8") and counts[0][1] == "6"  # 3 + 3 planned, 2 more when located's grid widened
+    assert "h left at" in printed
     result = json.loads((out / "compare.json").read_text())
     assert set(result["arms"]) == {"base", "located@gradient", "twin@gradient"}
     assert set(result["budgets"]) == {"located@gradient", "located@gradient/10"}

@@ -24,6 +24,7 @@ up to ``grid_extensions`` times; the report says where the edge is still chosen.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -271,35 +272,75 @@ class _Seed:
                 "val_kl": 0.0, "test_kl": 0.0}
 
 
+class PointProgress:
+    """The comparison's (arm, rate, seed) points, planned and done: a line before each point it computes, with
+    the time left estimated from this process's points so far (a resumed run counts its reused points done)."""
+
+    def __init__(self, planned: int, log: Callable[[str], None]):
+        self.planned, self.computed, self.seconds, self.log = planned, 0, 0.0, log
+        self.stages: set[str] = set()  # the points done (a widened grid passes its first rates again)
+
+    @property
+    def done(self) -> int:
+        return len(self.stages)
+
+    def widen(self, points: int) -> None:
+        """A grid was widened: ``points`` more points are planned."""
+        self.planned += points
+
+    def computing(self, label: str, fn: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+        """``fn`` (a point's stage) logged and timed when the stage runs it; the stage counts as done either way."""
+
+        def timed() -> dict[str, Any]:
+            left = ""
+            if self.computed:
+                each = self.seconds / self.computed
+                left = f"; about {each * (self.planned - self.done) / 3600:.1f} h left at {each / 60:.1f} min a point"
+            self.log(f"[compare] point {self.done + 1} of {self.planned}: {label}{left}")
+            start = time.perf_counter()
+            out = fn()
+            self.seconds, self.computed = self.seconds + time.perf_counter() - start, self.computed + 1
+            return out
+
+        return timed
+
+
 def _arm_points(run: RunFolder, arm: ArmSpec, seeds: list[_Seed], rates: list[float],
-                log) -> tuple[dict[int, list[dict[str, Any]]], dict[str, Any]]:
+                progress: PointProgress) -> tuple[dict[int, list[dict[str, Any]]], dict[str, Any]]:
     """Every (rate, seed) of ``arm`` (each a stage: reused when done): ``({seed: [points]}, size facts)``."""
     out: dict[int, list[dict[str, Any]]] = {}
     size: dict[str, Any] = {}
+    log = progress.log
     for s in seeds:
         cap = s.base["max_new_tokens"]
         out[s.seed] = []
         for lr in rates:
-            done = run.stage(f"point_{arm.name}_lr{lr:g}_seed{s.seed}",
-                             lambda lr=lr, s=s: _point(run, arm, lr, s.seed, s.ctx, s.measure, cap, log), log)
+            fn = progress.computing(f"{arm.name} lr {lr:g} seed {s.seed}",
+                                    lambda lr=lr, s=s: _point(run, arm, lr, s.seed, s.ctx, s.measure, cap, log))
+            name = f"point_{arm.name}_lr{lr:g}_seed{s.seed}"
+            done = run.stage(name, fn, log)
+            progress.stages.add(name)
             out[s.seed] += done["points"]
             size = done["size"]
     return out, size
 
 
-def _run_arm(run: RunFolder, arm: ArmSpec, seeds: list[_Seed], rates: list[float], extensions: int, log):
+def _run_arm(run: RunFolder, arm: ArmSpec, seeds: list[_Seed], rates: list[float], extensions: int,
+             progress: PointProgress):
     """``arm`` over its grid, widened while a seed's best point is at the grid's edge; (points, rates, edge, size)."""
     from ..recipe.rates import beyond_edge
     from .verdict import best_at_budget
 
     rates = list(rates)
     for added in range(extensions + 1):
-        by_seed, size = _arm_points(run, arm, seeds, rates, log)
+        by_seed, size = _arm_points(run, arm, seeds, rates, progress)
         best = {best_at_budget(points, math.inf)["lr"] for points in by_seed.values() if points}
         wider = sorted({w for lr in best if (w := beyond_edge(rates, lr)) is not None} - set(rates))
         if not wider or added == extensions:
             return by_seed, sorted(rates), bool(wider), size
-        log(f"[{arm.name}] the best rate is the grid's edge on some seed: adding {', '.join(f'{w:g}' for w in wider)}")
+        progress.log(f"[{arm.name}] the best rate is the grid's edge on some seed: adding "
+                     f"{', '.join(f'{w:g}' for w in wider)}")
+        progress.widen(len(wider) * len(seeds))
         rates += wider
     raise AssertionError("unreachable")
 
@@ -314,9 +355,11 @@ def run_grid(run: RunFolder, model_name: str, tokenizer, style: str, datas: dict
     seeds = [_Seed(run, seed, model_name, tokenizer, style, base, datas[seed], cfg, log) for seed in cfg.seeds]
     points = {"base": {s.seed: [s.base_point()] for s in seeds}} if any(a.kind == "base" for a in cfg.arms) else {}
     grids, edges, sizes = {}, {}, {}
-    for arm in (a for a in cfg.arms if a.kind != "base"):
+    trained = [a for a in cfg.arms if a.kind != "base"]
+    progress = PointProgress(sum(len(cfg.grid(a)) for a in trained) * len(seeds), log)
+    for arm in trained:
         by_seed, grids[arm.name], edges[arm.name], sizes[arm.name] = _run_arm(
-            run, arm, seeds, list(cfg.grid(arm)), cfg.train.grid_extensions, log)
+            run, arm, seeds, list(cfg.grid(arm)), cfg.train.grid_extensions, progress)
         points[arm.name] = {s.seed: [s.base_point(), *by_seed[s.seed]] for s in seeds}
     return GridResult(points, grids, edges, sizes, {s.seed: s.base for s in seeds}, {s.seed: s.ctx for s in seeds})
 
