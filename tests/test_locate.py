@@ -360,6 +360,23 @@ def test_dcm_shared_prompt_prefix_learns_the_masks_of_whole_records(family):
         circuit_margin(model, records, shared, min_shared_prefix=None), rel=1e-4, abs=1e-5)
 
 
+def test_dcm_prefix_is_shared_only_where_exact():
+    """learn_masks runs in eval mode, so it shares even for a model left in training mode with attention dropout;
+    circuit_margin runs the model as it is and then does not share (dropout would draw one mask for all rows)."""
+    from circuit_peft.locate.dcm import _PromptPrefix
+
+    model = tiny_model("llama")
+    model.config.attention_dropout = 0.1
+    model.train()
+    prefix = torch.randint(10, 120, (20,), generator=torch.Generator().manual_seed(7)).tolist()
+    records = [{**r, "context_ids": [BOS] + prefix + r["context_ids"][1:]} for r in _records(8)]
+    assert _PromptPrefix(model, records, 16).length == 0
+    c = learn_masks(model, records, lr=0.05, epochs=1, progress=False)
+    assert c.meta["settings"]["shared_prefix"] == 21 and model.training
+    model.eval()
+    assert _PromptPrefix(model, records, 16).length == 21 and _PromptPrefix(model, records, None).length == 0
+
+
 def test_dcm_does_not_change_the_model(planted):
     before = {n: p.detach().clone() for n, p in planted.named_parameters()}
     learn_masks(planted, _records(8), lr=0.05, epochs=2, progress=False)

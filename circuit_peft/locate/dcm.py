@@ -116,12 +116,12 @@ def learn_masks(
     else:
         total, per_check = steps, check_every
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
-    prefix = _PromptPrefix(model, rows, min_shared_prefix if share_prompt_prefix else None)
-    run = _MaskRun(model, arch, masks, optimizer, objective, lambda_l1, _PatienceStop(patience, _kept_set(masks)),
-                   prefix)
     was_training = model.training
     model.eval()
     try:
+        prefix = _PromptPrefix(model, rows, min_shared_prefix if share_prompt_prefix else None)
+        run = _MaskRun(model, arch, masks, optimizer, objective, lambda_l1,
+                       _PatienceStop(patience, _kept_set(masks)), prefix)
         with frozen_parameters(model):
             run.train(_record_batches(rows, batch_size, seed, pad, prefix.length), total, per_check,
                       scheduler, step_scheduler=steps is not None, progress=progress)
@@ -139,11 +139,11 @@ def learn_masks(
 
 class _PromptPrefix:
     """The prompt prefix every record starts with, run once without grad (the masks act only at the last
-    position, after it) and its KV cache repeated for each batch; length 0 when not shared."""
+    position, after it) and its KV cache repeated for each batch; length 0 when not shared (also when sharing
+    is inexact for ``model`` in its current mode, e.g. a dropout acting: :func:`~circuit_peft.prefix.sharing_is_exact`)."""
 
     def __init__(self, model: nn.Module, rows: list[dict[str, Any]], min_length: int | None):
-        ids = [] if min_length is None else sharable_prefix_ids(
-            model, [r["context_ids"] for r in rows], min_length, in_eval=True)
+        ids = [] if min_length is None else sharable_prefix_ids(model, [r["context_ids"] for r in rows], min_length)
         self.length, self.cache = len(ids), None
         if ids:
             with torch.no_grad():
