@@ -2,8 +2,9 @@
 
 Records are built the way CCA's branching miner leaves them on a short-answer task: the model's prompt (its
 default style, with the task's worked examples) plus the first ``--pivot`` tokens of the gold solution, the
-gold's next token as ``desired`` and the other number's first token as ``undesired``. (Speed depends only on
-the context lengths and the batch; a mined file can be given with ``--records`` instead.) Both runs take the
+gold's next token as ``desired`` and the other number's last token as ``undesired`` (for ``comparison``, the
+answer the model could wrongly give; for other tasks just another token: speed depends only on the context
+lengths and the batch). A mined file can be given with ``--records`` instead. Both runs take the
 same ``--steps`` mask steps on the same records (the step schedule, one thread); the final JSON line has each
 run's CPU and wall seconds per step, the speedup, and the largest difference between the two runs' final
 masks (exactness: the masks act only at the last position, after the prefix).
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def task_records(model, tokenizer, task: str, n: int, pivot: int) -> list[dict]:
     """``n`` records: prompt + the gold's first ``pivot`` tokens; desired its next token, undesired the
-    other operand's first token (a wrong answer the model could give)."""
+    other operand's last token (for ``comparison``, a wrong answer the model could give)."""
     style = default_prompt_style(tokenizer)
     rows = []
     for p in make_problems(n, "train", seed=0, kinds=TASKS[task]["kinds"]):

@@ -140,6 +140,9 @@ def family_s_a(results_dir: Path) -> list[dict[str, Any]] | str:
                              _test(result, path, a, b, budget)))
     fa, a, fb, b = S_A_ACROSS
     for label, ka, kb in zip(("B1", "B2"), _budget_keys(folders[fa]), _budget_keys(folders[fb])):
+        if folders[fa]["budgets"][ka] != folders[fb]["budgets"][kb]:
+            raise SystemExit(f"{results_dir / fa / 'compare.json'}: budget {label} {folders[fa]['budgets'][ka]!r} is not "
+                             f"{fb}'s {folders[fb]['budgets'][kb]!r} (deviation 8: grad2 runs at tier 1's numbers)")
         xa, xb = folders[fa]["arms"][a][ka]["per_seed"], folders[fb]["arms"][b][kb]["per_seed"]
         seeds = sorted(set(xa) & set(xb))
         t = {**paired_t([xa[s] for s in seeds], [xb[s] for s in seeds]), "seeds": seeds}
@@ -191,13 +194,18 @@ def secondary(results_dir: Path) -> dict[str, Any]:
             "S-a": family_s_a(results_dir), "S-b": family_s_b(results_dir), "cca": cca}
 
 
+def _num(x: float | None, spec: str) -> str:
+    """``x`` formatted, or "-" (a test over fewer than two seeds has no SE or p)."""
+    return "-" if x is None else format(x, spec)
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = ["| row | model | A - B | budget (KL) | diff +/- SE | p | p (Holm, 10) | reading |",
              "| --- | --- | --- | --- | ---: | ---: | ---: | --- |"]
     for r in result["tests"]:
         lines.append(f"| {r['row']} | {r['model']} | {r['a']} - {r['b']} | {r['budget']} ({r['budget_kl']:.4g}) | "
-                     f"{r['diff']:+.3f} +/- {r['se']:.3f} | {r['p']:.3g} | {r['p_holm']:.3g} | "
-                     f"{r['decision']}, {r['equivalence']} |")
+                     f"{_num(r['diff'], '+.3f')} +/- {_num(r['se'], '.3f')} | {_num(r['p'], '.3g')} | "
+                     f"{_num(r['p_holm'], '.3g')} | {r['decision']}, {r['equivalence']} |")
     return "\n".join(lines) + "\n"
 
 

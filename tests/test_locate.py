@@ -357,7 +357,7 @@ def test_dcm_shared_prompt_prefix_learns_the_masks_of_whole_records(family):
     margins = [h["margin"] for h in whole.meta["history"]]
     assert [h["margin"] for h in shared.meta["history"]] == pytest.approx(margins, rel=1e-4, abs=1e-5)
     assert circuit_margin(model, records, shared) == pytest.approx(
-        circuit_margin(model, records, shared, min_shared_prefix=None), rel=1e-4, abs=1e-5)
+        circuit_margin(model, records, shared, share_prompt_prefix=False), rel=1e-4, abs=1e-5)
 
 
 def test_dcm_prefix_is_shared_only_where_exact():

@@ -68,7 +68,7 @@ def test_the_tier1_result_is_read_once_tier2_rewrote_compare_json(tmp_path):
 
 
 def test_secondary_families_each_get_their_own_holm(tmp_path, capsys):
-    """Section 8: S-a (8 comparisons x 2 budgets, one across the two SmolLM2 folders), S-b (P1-P5 on arithmetic),
+    """Section 8: S-a (9 comparisons x 2 budgets, one across the two SmolLM2 folders), S-b (P1-P5 on arithmetic),
     and the CCA facts; a family whose folders have not finished says so instead of a table."""
     big = ([0.70, 0.72, 0.71, 0.73, 0.70], [0.50, 0.51, 0.50, 0.52, 0.49])
     same = ([0.50, 0.51, 0.50, 0.52, 0.49], [0.50, 0.51, 0.51, 0.51, 0.49])
@@ -101,3 +101,9 @@ def test_secondary_families_each_get_their_own_holm(tmp_path, capsys):
     assert seed0["records_per_problem"] == pytest.approx(60 / 64) and seed0["dcm_epochs"] == 12
     assert result["cca"]["smollm2_comparison"]["paper_rule"]["cca_mask_lr0.0001_seed0"]["test_acc"] == 0.61
     assert "(Holm, 18)" in capsys.readouterr().out
+    grad2_result = json.loads((tmp_path / "smollm2_comparison_grad2" / "compare.json").read_text())
+    grad2_result["budgets"]["0.02"] = 0.021  # not tier 1's number: the cross-folder row refuses
+    (tmp_path / "smollm2_comparison_grad2" / "compare.json").write_text(json.dumps(grad2_result))
+    with pytest.raises(SystemExit, match="budget B1 0.021 is not"):
+        verdict_v1.secondary(tmp_path)
+    assert verdict_v1.markdown({"tests": [{**s_a[0], "se": None, "p": None, "p_holm": None}]}).count(" - |") == 3

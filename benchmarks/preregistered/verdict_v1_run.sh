@@ -11,8 +11,12 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 which=${1:?smollm2 or gemma3}
+case $which in smollm2|gemma3) ;; *) echo "first argument: smollm2 or gemma3, not '$which'" >&2; exit 2 ;; esac
 data=$(cd "${2:-$here/../shared/data}" && pwd)
 tiers=${3:-1,2,3}
+for tier in ${tiers//,/ }; do
+  case $tier in 1|2|3) ;; *) echo "TIERS: a comma-separated list of 1, 2, 3, not '$tiers'" >&2; exit 2 ;; esac
+done
 code=24c2f176d661147a0e32ba6f2c9e806434d3f99e
 tree=${VERDICT_TREE:-$here/../verdict-run}
 [ -d "$tree" ] || git -C "$here" worktree add --detach "$tree" $code
@@ -28,8 +32,12 @@ CCA_LRS="cca_mask=1e-4,1e-3;cca_nomask=1e-4,1e-3;cca_twin=1e-4,1e-3"
 
 compare() {  # compare TASK FOLDER ARGS...: one folder's command
   local task=$1 folder=$2; shift 2
+  local extra_name="VERDICT_EXTRA_$folder"
+  local extra=(${!extra_name:-})  # section 4's cap contingency for a folder, e.g. VERDICT_EXTRA_gemma3_arithmetic=
+  # "--max-new-tokens 64 --max-cut-share 1": only in a folder whose base stage never finished (remove its run.json
+  # first: the cap is part of its settings) and listed as a deviation
   "$cli" compare --data $D/${task}_pool.jsonl --heldout $D/${task}_test.jsonl --shots "$task" \
-    "${COMMON[@]}" "$@" --out "$R/$folder"  # a flag in ARGS overrides COMMON's
+    "${COMMON[@]}" "$@" "${extra[@]}" --out "$R/$folder"  # a later flag overrides an earlier one
 }
 
 keep_tier1() {  # the tier-1 outputs of a folder, before its tier-2 command rewrites them
@@ -57,9 +65,11 @@ smollm2() {  # smollm2 TIER
        --arms base,located,twin,lora,cca_mask,cca_nomask,cca_twin,cca_sft,lora_matched,full \
        --lrs "3e-4,1e-3,3e-3;$CCA_LRS;full=1e-5,3e-5,1e-4" \
        --comparisons cca_mask:cca_twin,cca_sft:cca_mask,cca_sft:located@gradient_contrast,located@gradient_contrast:lora_matched@gradient_contrast,located@gradient_contrast:full
+     local budgets
+     budgets=$(tier1_budgets smollm2_comparison)
      compare comparison smollm2_comparison_grad2 "${S[@]}" --locate gradient --circuit-fraction 0.02 \
        --arms base,located,twin --lrs "3e-4,1e-3,3e-3" --comparisons located@gradient:twin@gradient \
-       --budgets "$(tier1_budgets smollm2_comparison)" ;;
+       --budgets "$budgets" ;;
   3) compare arithmetic smollm2_arithmetic "${S[@]}" --locate gradient_contrast --circuit-fraction 0.005 \
        --arms base,located,twin,lora,cca_mask,cca_nomask --lrs "3e-4,1e-3,3e-3;cca_mask=1e-4,1e-3;cca_nomask=1e-4,1e-3" \
        --comparisons located@gradient_contrast:twin@gradient_contrast,located@gradient_contrast:lora,cca_mask:cca_nomask ;;
@@ -80,6 +90,9 @@ gemma3() {  # gemma3 TIER
 }
 
 for tier in ${tiers//,/ }; do
+  if [ "$tier" = 1 ] && [ -d "$R/${which}_comparison/tier1" ]; then
+    echo "== verdict_v1 $which tier 1: finished (its outputs are in ${which}_comparison/tier1/)"; continue
+  fi
   echo "== verdict_v1 $which tier $tier ($(date -u +%FT%TZ))"
   "$which" "$tier"
 done

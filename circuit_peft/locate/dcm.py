@@ -214,14 +214,15 @@ class _MaskRun:
 @torch.no_grad()
 def circuit_margin(
     model: nn.Module, records: Any, circuit: Circuit | None = None, kinds: Iterable[str] = DCM_KINDS,
-    batch_size: int = 8, pad_id: int | None = None, tokenizer: Any = None, min_shared_prefix: int | None = 16,
+    batch_size: int = 8, pad_id: int | None = None, tokenizer: Any = None, share_prompt_prefix: bool = True,
+    min_shared_prefix: int = 16,
 ) -> float:
     """Mean logit difference ``logit[desired] - logit[undesired]`` at each record's last position.
 
     With ``circuit``, every component of ``kinds`` that the circuit does not keep is zero-ablated at
     the last position (the kept ones run unmodified). Faithfulness is ``(circuit - empty) / (full -
     empty)`` of these margins (empty: a circuit keeping nothing), a share only when full > empty.
-    The records' shared prompt prefix runs once (as in :func:`learn_masks`; ``min_shared_prefix=None``: never).
+    The records' shared prompt prefix runs once when exact for the model as it is (see :func:`learn_masks`).
     """
     arch = get_arch(model)
     rows = validate_records(records, arch.dims.vocab_size, model=model)
@@ -233,7 +234,7 @@ def circuit_margin(
         for c in circuit.components:
             if c.kind in scales:
                 scales[c.kind][c.layer, c.index] = 1.0
-    prefix, total = _PromptPrefix(model, rows, min_shared_prefix), 0.0
+    prefix, total = _PromptPrefix(model, rows, min_shared_prefix if share_prompt_prefix else None), 0.0
     for start in range(0, len(rows), batch_size):
         batch = to_device(collate_records(rows[start : start + batch_size], pad, prefix.length), device)
         total += float(_last_position_margins(model, arch, batch, scales, prefix).sum())
