@@ -189,7 +189,8 @@ def cca_facts(folder: Path) -> dict[str, Any]:
 def secondary(results_dir: Path) -> dict[str, Any]:
     """Section 8: the S-a and S-b families (each its own Holm; a family whose folders have not finished says so)
     and the CCA facts of every folder that ran CCA arms."""
-    cca = {f.name: cca_facts(f) for f in sorted(results_dir.iterdir()) if (f / "cca").is_dir()}
+    cca = {f.name: cca_facts(f) for f in sorted(results_dir.iterdir())
+           if (f / "cca").is_dir() and not f.name.endswith("_helper")}  # a helper's copy (verdict_v1_run.sh) repeats its folder
     return {"preregistration": "benchmarks/preregistered/verdict_v1.md", "section": 8,
             "S-a": family_s_a(results_dir), "S-b": family_s_b(results_dir), "cca": cca}
 

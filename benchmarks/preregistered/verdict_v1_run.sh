@@ -5,6 +5,9 @@
 # benchmarks/results/verdict_v1/<model>_<task>[_grad2]/ (stages/*.json as each (arm, rate, seed) finishes).
 #   usage: benchmarks/preregistered/verdict_v1_run.sh smollm2|gemma3 [DATA_DIR] [TIERS]
 #     DATA_DIR: ../shared/data;  TIERS: 1,2,3 (default), this model's commands of each tier in order.
+#   or: verdict_v1_run.sh smollm2 DATA_DIR helper:ARM   (a second worker for one arm of SmolLM2's comparison folder,
+#     e.g. helper:cca_nomask once Gemma-3's tier 1 is done: it runs ARM in a copy of the folder and moves each
+#     finished stage into the folder, where the first worker reuses it; section 9's "more workers").
 # Tier 1 is section 10's command. Tier 2 reruns the same folder with the tier-2 arms added (the finished points are
 # reused) and, for SmolLM2, the 2 % gradient folder; tier 3 the arithmetic folders. Before a folder's tier-2 command
 # its tier-1 compare.json / table.md / frontier.png / adapter are kept in tier1/ (the tier-2 command rewrites them).
@@ -15,7 +18,8 @@ case $which in smollm2|gemma3) ;; *) echo "first argument: smollm2 or gemma3, no
 data=$(cd "${2:-$here/../shared/data}" && pwd)
 tiers=${3:-1,2,3}
 for tier in ${tiers//,/ }; do
-  case $tier in 1|2|3) ;; *) echo "TIERS: a comma-separated list of 1, 2, 3, not '$tiers'" >&2; exit 2 ;; esac
+  case $which:$tier in *:1|*:2|*:3|smollm2:helper:*) ;;
+    *) echo "TIERS: a comma-separated list of 1, 2, 3 (or, for smollm2, helper:ARM), not '$tiers'" >&2; exit 2 ;; esac
 done
 code=24c2f176d661147a0e32ba6f2c9e806434d3f99e
 tree=${VERDICT_TREE:-$here/../verdict-run}
@@ -52,6 +56,37 @@ keep_tier1() {  # the tier-1 outputs of a folder, before its tier-2 command rewr
 tier1_budgets() {  # B1,B2 of a folder's tier 1 as numbers (nats per token): for a folder without the lora arm
   "$here/.venv/bin/python" -c 'import json, sys; print(",".join(repr(v) for v in json.load(open(sys.argv[1]))["budgets"].values()))' \
     "$R/$1/tier1/compare.json"
+}
+
+deliver() {  # deliver FROM TO: FROM's finished point files and CCA preparations that TO lacks, each moved in whole
+  local from=$1 to=$2 f name seed
+  for f in "$from"/stages/point_*.safetensors "$from"/stages/point_*.json; do  # a point's .json last: it marks it done
+    [ -e "$f" ] || continue
+    name=$(basename "$f")
+    [ -e "$to/stages/$name" ] || { cp "$f" "$to/stages/.$name.part" && mv "$to/stages/.$name.part" "$to/stages/$name"; }
+  done
+  for f in "$from"/cca/dcm_seed*_stats.json; do  # a seed's mining and DCM mask, once both are written
+    seed=${f##*/dcm_seed}; seed=${seed%_stats.json}
+    [ -e "$from/cca/dcm_seed$seed.json" ] && [ ! -e "$to/cca/mining_seed$seed" ] || continue
+    mkdir -p "$to/cca" && cp -r "$from/cca/mining_seed$seed" "$to/cca/.mining_seed$seed.part"
+    mv "$to/cca/.mining_seed$seed.part" "$to/cca/mining_seed$seed"
+    cp "$f" "$from/cca/dcm_seed$seed.json" "$to/cca/"
+  done
+}
+
+helper() {  # helper ARM: a second worker for one arm of SmolLM2's comparison folder (see the usage above)
+  local arm=$1 main="$R/smollm2_comparison" copy="$R/smollm2_comparison_helper"
+  case $arm in cca_mask|cca_nomask) ;; *) echo "helper: cca_mask or cca_nomask (their grid is 1e-4,1e-3), not '$arm'" >&2; exit 2 ;; esac
+  [ -f "$main/run.json" ] || { echo "$main has no run.json: start its tier 1 first" >&2; exit 3; }
+  mkdir -p "$copy/stages" "$copy/cca"
+  cp "$main/run.json" "$copy/" && cp -n "$main"/stages/base_seed*.json "$copy/stages/"
+  deliver "$main" "$copy"  # preparations the first worker already has
+  compare comparison smollm2_comparison_helper --model smollm2 --locate gradient_contrast --circuit-fraction 0.005 \
+    --arms "base,$arm" --lrs "$arm=1e-4,1e-3" --budgets 1 --comparisons "$arm:base" &
+  local pid=$!
+  while kill -0 $pid 2>/dev/null; do deliver "$copy" "$main"; sleep "${VERDICT_DELIVER_EVERY:-60}"; done
+  wait $pid
+  deliver "$copy" "$main"
 }
 
 smollm2() {  # smollm2 TIER
@@ -94,5 +129,5 @@ for tier in ${tiers//,/ }; do
     echo "== verdict_v1 $which tier 1: finished (its outputs are in ${which}_comparison/tier1/)"; continue
   fi
   echo "== verdict_v1 $which tier $tier ($(date -u +%FT%TZ))"
-  "$which" "$tier"
+  case $tier in helper:*) helper "${tier#helper:}" ;; *) "$which" "$tier" ;; esac
 done
