@@ -6,8 +6,9 @@
 #   usage: benchmarks/preregistered/verdict_v1_run.sh smollm2|gemma3 [DATA_DIR] [TIERS]
 #     DATA_DIR: ../shared/data;  TIERS: 1,2,3 (default), this model's commands of each tier in order.
 #   or: verdict_v1_run.sh smollm2 DATA_DIR helper:ARM   (a second worker for one arm of SmolLM2's comparison folder,
-#     e.g. helper:cca_nomask once Gemma-3's tier 1 is done: it runs ARM in a copy of the folder and moves each
-#     finished stage into the folder, where the first worker reuses it; section 9's "more workers").
+#     e.g. helper:cca_nomask: it runs ARM in a copy of the folder, smollm2_comparison_helper (not committed), and
+#     moves each finished point and seed preparation into the folder, where the first worker reuses it; section 9's
+#     "more workers").
 # Tier 1 is section 10's command. Tier 2 reruns the same folder with the tier-2 arms added (the finished points are
 # reused) and, for SmolLM2, the 2 % gradient folder; tier 3 the arithmetic folders. Before a folder's tier-2 command
 # its tier-1 compare.json / table.md / frontier.png / adapter are kept in tier1/ (the tier-2 command rewrites them).
