@@ -81,6 +81,16 @@ def _row(row: str, model: str, a: str, b: str, label: str, kl: float, t: dict[st
             **{k: t[k] for k in ("diff", "se", "t", "df", "p", "seeds", "diffs")}}
 
 
+def _budget_rows(path: Path, row: str, a: str, b: str) -> list[dict[str, Any]]:
+    """The registered comparison A - B of the folder result at ``path``, at B1 and B2 (``BUDGETS``)."""
+    result = json.loads(path.read_text())
+    rows = []
+    for label, budget in BUDGETS:
+        t = _test(result, path, a, b, budget)
+        rows.append({**_row(row, result["model"], a, b, label, t["budget_kl"], t), "budget_arm": budget})
+    return rows
+
+
 def primary(results_dir: Path) -> dict[str, Any]:
     """The 10 primary tests with one Holm correction and their readings (see the module docstring)."""
     rows = []
@@ -88,10 +98,7 @@ def primary(results_dir: Path) -> dict[str, Any]:
         path = tier1_result(results_dir / folder)
         if not path.exists():
             raise SystemExit(f"{path}: missing; the folder's run has not finished (rerun its compare command)")
-        result = json.loads(path.read_text())
-        for label, budget in BUDGETS:
-            t = _test(result, path, a, b, budget)
-            rows.append({**_row(row, result["model"], a, b, label, t["budget_kl"], t), "budget_arm": budget})
+        rows += _budget_rows(path, row, a, b)
     return {"preregistration": "benchmarks/preregistered/verdict_v1.md", "alpha": ALPHA, "level_margin": LEVEL,
             "tests": _family(rows)}
 
@@ -155,13 +162,10 @@ def family_s_b(results_dir: Path) -> list[dict[str, Any]] | str:
     """S-b: P1-P5 on the arithmetic task, one Holm over its 10 tests."""
     rows = []
     for row, folder, a, b in S_B:
-        result = _finished(results_dir, folder)
-        if result is None:
-            return f"not finished: {folder}"
         path = results_dir / folder / "compare.json"
-        for label, budget in BUDGETS:
-            t = _test(result, path, a, b, budget)
-            rows.append(_row(row, result["model"], a, b, label, t["budget_kl"], t))
+        if not path.exists():
+            return f"not finished: {folder}"
+        rows += _budget_rows(path, row, a, b)
     return _family(rows)
 
 

@@ -62,6 +62,12 @@ def _records(n=32, seed=0, vocab=120):
              "undesired_id": UND, "problem_id": f"p{i}"} for i, L in enumerate(lengths)]
 
 
+def _prompt_prefixed_records(n, vocab=120):
+    """``_records`` whose contexts all start with BOS and the same 20 ids (a prompt prefix of 21 ids)."""
+    prefix = torch.randint(10, vocab, (20,), generator=torch.Generator().manual_seed(7)).tolist()
+    return [{**r, "context_ids": [BOS] + prefix + r["context_ids"][1:]} for r in _records(n, vocab=vocab)]
+
+
 def _probe(n=6, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [{"prompt_ids": [BOS] + torch.randint(10, 120, (int(L),), generator=g).tolist(),
@@ -344,9 +350,7 @@ def test_dcm_shared_prompt_prefix_learns_the_masks_of_whole_records(family):
     """Records that share a 20-token prompt prefix: running it once (its KV cache continued by every batch) learns
     the masks and margins of running each record whole, up to float rounding; circuit_margin agrees too."""
     model = tiny_model(family)
-    vocab = get_arch(model).dims.vocab_size
-    prefix = torch.randint(10, vocab, (20,), generator=torch.Generator().manual_seed(7)).tolist()
-    records = [{**r, "context_ids": [BOS] + prefix + r["context_ids"][1:]} for r in _records(12, vocab=vocab)]
+    records = _prompt_prefixed_records(12, get_arch(model).dims.vocab_size)
     kw = dict(lr=0.05, epochs=3, batch_size=4, progress=False)
     shared, whole = (learn_masks(model, records, share_prompt_prefix=s, **kw) for s in (True, False))
     assert shared.meta["settings"]["shared_prefix"] == 21 and whole.meta["settings"]["shared_prefix"] == 0
@@ -368,13 +372,12 @@ def test_dcm_prefix_is_shared_only_where_exact():
     model = tiny_model("llama")
     model.config.attention_dropout = 0.1
     model.train()
-    prefix = torch.randint(10, 120, (20,), generator=torch.Generator().manual_seed(7)).tolist()
-    records = [{**r, "context_ids": [BOS] + prefix + r["context_ids"][1:]} for r in _records(8)]
-    assert _PromptPrefix(model, records, 16).length == 0
+    records = _prompt_prefixed_records(8)
+    assert _PromptPrefix(model, records, True, 16).length == 0
     c = learn_masks(model, records, lr=0.05, epochs=1, progress=False)
     assert c.meta["settings"]["shared_prefix"] == 21 and model.training
     model.eval()
-    assert _PromptPrefix(model, records, 16).length == 21 and _PromptPrefix(model, records, None).length == 0
+    assert _PromptPrefix(model, records, True, 16).length == 21 and _PromptPrefix(model, records, False, 16).length == 0
 
 
 def test_dcm_does_not_change_the_model(planted):

@@ -90,12 +90,21 @@ helper() {  # helper ARM: a second worker for one arm of SmolLM2's comparison fo
   deliver "$copy" "$main"
 }
 
+smollm2_primary() {  # smollm2_primary TASK: section 10's SmolLM2 command on TASK (tier 1: comparison, tier 3: arithmetic)
+  compare "$1" "smollm2_$1" --model smollm2 --locate gradient_contrast --circuit-fraction 0.005 \
+    --arms base,located,twin,lora,cca_mask,cca_nomask --lrs "3e-4,1e-3,3e-3;cca_mask=1e-4,1e-3;cca_nomask=1e-4,1e-3" \
+    --comparisons located@gradient_contrast:twin@gradient_contrast,located@gradient_contrast:lora,cca_mask:cca_nomask
+}
+
+gemma3_primary() {  # gemma3_primary TASK: section 10's Gemma-3 command on TASK (tier 1: comparison, tier 3: arithmetic)
+  compare "$1" "gemma3_$1" --model gemma3-270m --locate ablation --circuit-fraction 0.05 --arms base,located,twin,lora \
+    --lrs "1e-4,3e-4,1e-3;lora=3e-5,1e-4,3e-4" --comparisons located@ablation:twin@ablation,located@ablation:lora
+}
+
 smollm2() {  # smollm2 TIER
   local S=(--model smollm2)
   case $1 in
-  1) compare comparison smollm2_comparison "${S[@]}" --locate gradient_contrast --circuit-fraction 0.005 \
-       --arms base,located,twin,lora,cca_mask,cca_nomask --lrs "3e-4,1e-3,3e-3;cca_mask=1e-4,1e-3;cca_nomask=1e-4,1e-3" \
-       --comparisons located@gradient_contrast:twin@gradient_contrast,located@gradient_contrast:lora,cca_mask:cca_nomask ;;
+  1) smollm2_primary comparison ;;
   2) keep_tier1 smollm2_comparison
      compare comparison smollm2_comparison "${S[@]}" --locate gradient_contrast --circuit-fraction 0.005 \
        --arms base,located,twin,lora,cca_mask,cca_nomask,cca_twin,cca_sft,lora_matched,full \
@@ -106,22 +115,18 @@ smollm2() {  # smollm2 TIER
      compare comparison smollm2_comparison_grad2 "${S[@]}" --locate gradient --circuit-fraction 0.02 \
        --arms base,located,twin --lrs "3e-4,1e-3,3e-3" --comparisons located@gradient:twin@gradient \
        --budgets "$budgets" ;;
-  3) compare arithmetic smollm2_arithmetic "${S[@]}" --locate gradient_contrast --circuit-fraction 0.005 \
-       --arms base,located,twin,lora,cca_mask,cca_nomask --lrs "3e-4,1e-3,3e-3;cca_mask=1e-4,1e-3;cca_nomask=1e-4,1e-3" \
-       --comparisons located@gradient_contrast:twin@gradient_contrast,located@gradient_contrast:lora,cca_mask:cca_nomask ;;
+  3) smollm2_primary arithmetic ;;
   esac
 }
 
 gemma3() {  # gemma3 TIER
   local G=(--model gemma3-270m --locate ablation --circuit-fraction 0.05)
   case $1 in
-  1) compare comparison gemma3_comparison "${G[@]}" --arms base,located,twin,lora \
-       --lrs "1e-4,3e-4,1e-3;lora=3e-5,1e-4,3e-4" --comparisons located@ablation:twin@ablation,located@ablation:lora ;;
+  1) gemma3_primary comparison ;;
   2) keep_tier1 gemma3_comparison
      compare comparison gemma3_comparison "${G[@]}" --arms base,located,twin,lora,cca_mask,cca_nomask,cca_twin \
        --lrs "1e-4,3e-4,1e-3;lora=3e-5,1e-4,3e-4;$CCA_LRS" --comparisons cca_mask:cca_nomask,cca_mask:cca_twin ;;
-  3) compare arithmetic gemma3_arithmetic "${G[@]}" --arms base,located,twin,lora \
-       --lrs "1e-4,3e-4,1e-3;lora=3e-5,1e-4,3e-4" --comparisons located@ablation:twin@ablation,located@ablation:lora ;;
+  3) gemma3_primary arithmetic ;;
   esac
 }
 

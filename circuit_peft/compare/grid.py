@@ -288,8 +288,8 @@ class PointProgress:
         """A grid was widened: ``points`` more points are planned."""
         self.planned += points
 
-    def computing(self, label: str, fn: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
-        """``fn`` (a point's stage) logged and timed when the stage runs it; the stage counts as done either way."""
+    def point(self, run: RunFolder, name: str, label: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The point's stage ``name`` of ``run``: reused when done, else ``fn`` run, logged and timed; done after."""
 
         def timed() -> dict[str, Any]:
             left = ""
@@ -302,7 +302,9 @@ class PointProgress:
             self.seconds, self.computed = self.seconds + time.perf_counter() - start, self.computed + 1
             return out
 
-        return timed
+        done = run.stage(name, timed, self.log)
+        self.stages.add(name)
+        return done
 
 
 def _arm_points(run: RunFolder, arm: ArmSpec, seeds: list[_Seed], rates: list[float],
@@ -315,11 +317,9 @@ def _arm_points(run: RunFolder, arm: ArmSpec, seeds: list[_Seed], rates: list[fl
         cap = s.base["max_new_tokens"]
         out[s.seed] = []
         for lr in rates:
-            fn = progress.computing(f"{arm.name} lr {lr:g} seed {s.seed}",
-                                    lambda lr=lr, s=s: _point(run, arm, lr, s.seed, s.ctx, s.measure, cap, log))
-            name = f"point_{arm.name}_lr{lr:g}_seed{s.seed}"
-            done = run.stage(name, fn, log)
-            progress.stages.add(name)
+            done = progress.point(run, f"point_{arm.name}_lr{lr:g}_seed{s.seed}",
+                                  f"{arm.name} lr {lr:g} seed {s.seed}",
+                                  lambda lr=lr, s=s: _point(run, arm, lr, s.seed, s.ctx, s.measure, cap, log))
             out[s.seed] += done["points"]
             size = done["size"]
     return out, size

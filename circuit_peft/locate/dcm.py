@@ -119,7 +119,7 @@ def learn_masks(
     was_training = model.training
     model.eval()
     try:
-        prefix = _PromptPrefix(model, rows, min_shared_prefix if share_prompt_prefix else None)
+        prefix = _PromptPrefix(model, rows, share_prompt_prefix, min_shared_prefix)
         run = _MaskRun(model, arch, masks, optimizer, objective, lambda_l1,
                        _PatienceStop(patience, _kept_set(masks)), prefix)
         with frozen_parameters(model):
@@ -142,8 +142,8 @@ class _PromptPrefix:
     position, after it) and its KV cache repeated for each batch; length 0 when not shared (also when sharing
     is inexact for ``model`` in its current mode, e.g. a dropout acting: :func:`~circuit_peft.prefix.sharing_is_exact`)."""
 
-    def __init__(self, model: nn.Module, rows: list[dict[str, Any]], min_length: int | None):
-        ids = [] if min_length is None else sharable_prefix_ids(model, [r["context_ids"] for r in rows], min_length)
+    def __init__(self, model: nn.Module, rows: list[dict[str, Any]], share: bool, min_length: int):
+        ids = sharable_prefix_ids(model, [r["context_ids"] for r in rows], min_length) if share else []
         self.length, self.cache = len(ids), None
         if ids:
             with torch.no_grad():
@@ -234,7 +234,7 @@ def circuit_margin(
         for c in circuit.components:
             if c.kind in scales:
                 scales[c.kind][c.layer, c.index] = 1.0
-    prefix, total = _PromptPrefix(model, rows, min_shared_prefix if share_prompt_prefix else None), 0.0
+    prefix, total = _PromptPrefix(model, rows, share_prompt_prefix, min_shared_prefix), 0.0
     for start in range(0, len(rows), batch_size):
         batch = to_device(collate_records(rows[start : start + batch_size], pad, prefix.length), device)
         total += float(_last_position_margins(model, arch, batch, scales, prefix).sum())
